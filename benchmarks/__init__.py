@@ -1,0 +1,1 @@
+"""Benchmarks: figures and ratios against peers (see README, Performance)."""

@@ -1,0 +1,48 @@
+"""Exact, cluster-wide cache statistics through OpenTelemetry, Redis and Prometheus.
+
+>>> stats = setup(redis_url="redis://localhost:6379/1", instance_id="api-1")
+>>> stats.record_hit("ProviderResponses", 0.0012)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import MetricReader
+
+from .client import CacheStatistics, views
+from .config import ConfigError, Settings
+from .health import Health, Status
+from .model import ResponseTimes, Statistics
+
+__version__ = "0.1.0"
+__all__ = [
+    "CacheStatistics",
+    "ConfigError",
+    "Health",
+    "ResponseTimes",
+    "Settings",
+    "Statistics",
+    "Status",
+    "setup",
+    "views",
+]
+
+
+def setup(
+    *,
+    meter_provider: MeterProvider | None = None,
+    metric_readers: Sequence[MetricReader] = (),
+    **options: Any,
+) -> CacheStatistics:
+    """Start recording cache statistics for this instance.
+
+    Every option of :class:`Settings` is a keyword here and an environment variable
+    ``CONDUIT_CACHE_STATS_<NAME>``; invalid values raise :class:`ConfigError` naming it.
+    ``metric_readers`` are added to the meter provider built here; a user's own
+    ``meter_provider`` gets the instruments instead (build it with ``views=views()``).
+    """
+    settings = Settings.load(**options)
+    return CacheStatistics(settings, meter_provider=meter_provider, metric_readers=metric_readers)

@@ -1,0 +1,169 @@
+"""The handle ``setup()`` returns: the hot path plus flush, cluster reads and shutdown."""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import math
+import threading
+import weakref
+from collections.abc import Sequence
+
+from opentelemetry import metrics
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import MetricReader, PeriodicExportingMetricReader
+from opentelemetry.sdk.resources import Resource
+
+from .aggregate import Aggregator, ClusterView
+from .config import Settings
+from .health import Health, evaluate
+from .instruments import (
+    RESPONSE_TIME_INSTRUMENT,
+    SCOPE,
+    histogram_views,
+    register_cache_instruments,
+)
+from .model import Statistics
+from .recorder import Recorder
+from .writethrough import RedisMetricExporter
+
+log = logging.getLogger(__name__)
+
+_open_handles: weakref.WeakSet[CacheStatistics] = weakref.WeakSet()
+
+
+@atexit.register
+def _shutdown_all() -> None:
+    for handle in list(_open_handles):
+        handle.shutdown()
+
+
+def views() -> list[object]:
+    """Views to pass to your own ``MeterProvider`` so it can report the response-time
+    histogram (``MeterProvider(views=conduit_otel_cache.views(), ...)``)."""
+    return list(histogram_views(RESPONSE_TIME_INSTRUMENT))
+
+
+class CacheStatistics(Recorder):
+    """Cache statistics of this instance, written through to Redis every ``flush_interval``."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        meter_provider: MeterProvider | None = None,
+        metric_readers: Sequence[MetricReader] = (),
+    ) -> None:
+        super().__init__(settings.response_time_buckets, settings.max_regions)
+        self.settings = settings
+        self.exporter: RedisMetricExporter | None = None
+        self._aggregator: Aggregator | None = None
+        self._closed = False
+        self._close_lock = threading.Lock()
+        readers = list(metric_readers)
+        self._reader: PeriodicExportingMetricReader | None = None
+        if settings.redis_url is not None:
+            self.exporter = RedisMetricExporter(settings)
+            interval = settings.flush_interval
+            self._reader = PeriodicExportingMetricReader(
+                self.exporter,
+                export_interval_millis=math.inf if interval is None else interval * 1000,
+                export_timeout_millis=max(settings.socket_timeout * 2000, 1000),
+            )
+        resource = Resource.create(
+            {"service.name": settings.service_name, "service.instance.id": settings.instance_id}
+        )
+        private_readers = [self._reader] if self._reader else []
+        if meter_provider is None:
+            provider = MeterProvider(
+                metric_readers=[*readers, *private_readers],
+                resource=resource,
+                views=histogram_views(RESPONSE_TIME_INSTRUMENT),
+                shutdown_on_exit=False,
+            )
+            self.meter_provider = provider
+            self._owned = [provider]
+            if settings.set_global:
+                metrics.set_meter_provider(provider)
+        else:
+            # The user's provider gets the instruments; the write-through gets its own.
+            self.meter_provider = meter_provider
+            self._owned = []
+            register_cache_instruments(meter_provider.get_meter(SCOPE), self.snapshot)
+            if private_readers:
+                self._owned.append(
+                    MeterProvider(
+                        metric_readers=private_readers,
+                        resource=resource,
+                        views=histogram_views(RESPONSE_TIME_INSTRUMENT),
+                        shutdown_on_exit=False,
+                    )
+                )
+        for provider in self._owned:
+            register_cache_instruments(provider.get_meter(SCOPE), self.snapshot)
+        _open_handles.add(self)
+
+    # -- this instance ------------------------------------------------------------------
+
+    def local_statistics(self, region: str) -> Statistics:
+        """This instance's statistics of ``region`` (zeros for an unknown region)."""
+        return self.snapshot().get(region, Statistics(instance_count=1))
+
+    def flush(self) -> bool:
+        """Write this instance's statistics through to Redis now; True when it succeeded."""
+        if self._reader is None or self._closed or self.exporter is None:
+            return False
+        self._reader.force_flush(timeout_millis=self.settings.socket_timeout * 2000)
+        if self._aggregator is not None:
+            self._aggregator.invalidate()
+        return self.exporter.last_ok
+
+    # -- the cluster --------------------------------------------------------------------
+
+    @property
+    def aggregator(self) -> Aggregator | None:
+        """The cluster reader (None without Redis)."""
+        if self._aggregator is None and self.exporter is not None:
+            self._aggregator = Aggregator(self.exporter.store, self.settings)
+        return self._aggregator
+
+    def cluster_view(self) -> ClusterView:
+        """The whole cluster view (cached for ``aggregation_cache_ttl``)."""
+        aggregator = self.aggregator
+        if aggregator is None:
+            local = self.snapshot()
+            return ClusterView(
+                regions=local,
+                per_instance={r: {self.settings.instance_id: s} for r, s in local.items()},
+                drift=dict.fromkeys(local, 0.0),
+                active_instances=(self.settings.instance_id,),
+                redis_up=False,
+                redis_error="no redis_url configured",
+            )
+        return aggregator.view()
+
+    def cluster_statistics(self, region: str) -> Statistics:
+        """Cluster statistics of ``region``: counters over every instance that reported,
+        gauges and ``instance_count`` over live instances."""
+        return self.cluster_view().regions.get(region, Statistics())
+
+    def per_instance_statistics(self, region: str) -> dict[str, Statistics]:
+        """``{instance_id: statistics}`` of ``region`` for every registered instance."""
+        return dict(self.cluster_view().per_instance.get(region, {}))
+
+    def health(self) -> Health:
+        """The health rules applied to the cluster view."""
+        return evaluate(self.cluster_view(), self.settings)
+
+    # -- lifecycle ----------------------------------------------------------------------
+
+    def shutdown(self) -> None:
+        """Final flush, then deregister from the heartbeat set. Safe to call twice."""
+        with self._close_lock:
+            if self._closed:
+                return
+            self.flush()
+            self._closed = True
+        _open_handles.discard(self)
+        for provider in self._owned:  # the write-through reader is always on an owned one
+            provider.shutdown()

@@ -1,0 +1,236 @@
+"""Settings: every option, its ``CONDUIT_CACHE_STATS_*`` variable, validation, instance id."""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import math
+import os
+import re
+import socket
+from collections.abc import Mapping
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+ENV_PREFIX = "CONDUIT_CACHE_STATS_"
+
+#: Region names and instance ids: safe inside a Redis key and a Prometheus label.
+NAME_PATTERN = re.compile(r"[A-Za-z0-9_.\-]{1,128}")
+#: Instance ids that would collide with the key schema.
+RESERVED_INSTANCE_IDS = frozenset({"aggregated"})
+
+DEFAULT_BUCKETS: tuple[float, ...] = (
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+)  # fmt: skip
+
+REDIS_SCHEMES = ("redis", "rediss", "unix")
+
+
+class ConfigError(ValueError):
+    """An option has an invalid value; the message names the option."""
+
+
+def redact_url(url: str | None) -> str:
+    """Return ``url`` with any password replaced by ``***``."""
+    if not url:
+        return ""
+    try:
+        parts = urlsplit(url)
+        if parts.password is None:
+            return url
+        user = parts.username or ""
+        host = parts.hostname or ""
+        if parts.port is not None:
+            host = f"{host}:{parts.port}"
+        netloc = f"{user}:***@{host}"
+        return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+    except ValueError:
+        return "<unparsable redis url>"
+
+
+def default_instance_id(environ: Mapping[str, str] | None = None) -> str:
+    """``INSTANCE_ID``, else ``HOSTNAME`` (the Kubernetes pod name), else ``<hostname>_<pid>``."""
+    env = os.environ if environ is None else environ
+    for name in ("INSTANCE_ID", "HOSTNAME"):
+        value = env.get(name, "").strip()
+        if value:
+            return value
+    host = re.sub(r"[^A-Za-z0-9_.\-]", "-", socket.gethostname()) or "host"
+    return f"{host[:100]}_{os.getpid()}"
+
+
+def valid_name(name: object) -> bool:
+    """True when ``name`` may be used as a region name or instance id."""
+    return isinstance(name, str) and NAME_PATTERN.fullmatch(name) is not None
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """Every option of the library; build with :meth:`Settings.load`."""
+
+    redis_url: str | None = None
+    instance_id: str = ""
+    flush_interval: float | None = 10.0
+    instance_timeout: float = 60.0
+    statistics_ttl: float = 86_400.0
+    retention_period: float = 3_600.0
+    cleanup_interval: float = 3_600.0
+    key_prefix: str = "conduit:"
+    aggregation_cache_ttl: float = 5.0
+    max_regions: int = 100
+    response_time_buckets: tuple[float, ...] = DEFAULT_BUCKETS
+    socket_timeout: float = 5.0
+    connect_timeout: float = 5.0
+    min_active_instances: int = 1
+    missing_instance_grace: float = 60.0
+    max_aggregation_latency: float = 0.5
+    max_drift_percent: float = 5.0
+    drift_min_requests: int = 100
+    max_memory_bytes: int = 1 << 30
+    set_global: bool = True
+    service_name: str = "conduit"
+
+    def __repr__(self) -> str:
+        fields = ", ".join(
+            f"{f.name}={redact_url(self.redis_url)!r}"
+            if f.name == "redis_url"
+            else f"{f.name}={getattr(self, f.name)!r}"
+            for f in dataclasses.fields(self)
+        )
+        return f"Settings({fields})"
+
+    @property
+    def safe_redis_url(self) -> str:
+        """The Redis URL with its password masked, for logs and output."""
+        return redact_url(self.redis_url)
+
+    @classmethod
+    def load(cls, environ: Mapping[str, str] | None = None, **options: Any) -> Settings:
+        """Settings from keywords, then ``CONDUIT_CACHE_STATS_<NAME>`` variables, then defaults.
+
+        Raises :class:`ConfigError` naming the option for any invalid value.
+        """
+        env = os.environ if environ is None else environ
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = set(options) - set(fields)
+        if unknown:
+            raise ConfigError(f"unknown option(s): {', '.join(sorted(unknown))}")
+        values: dict[str, Any] = {}
+        for name, field in fields.items():
+            var = ENV_PREFIX + name.upper()
+            if name in options and options[name] is not None:
+                values[name] = _coerce(name, field.default, options[name], source=name)
+            elif name == "flush_interval" and name in options:
+                values[name] = None  # explicit None: no background flush
+            elif var in env:
+                values[name] = _coerce(name, field.default, env[var], source=var)
+        if not values.get("instance_id"):
+            values["instance_id"] = default_instance_id(env)
+        settings = cls(**values)
+        settings.validate()
+        return settings
+
+    def validate(self) -> None:
+        """Raise :class:`ConfigError` when options are invalid or contradict each other."""
+        if self.redis_url is not None:
+            _check_url(self.redis_url)
+        if not valid_name(self.instance_id) or self.instance_id in RESERVED_INSTANCE_IDS:
+            raise ConfigError(
+                "instance_id: must be 1-128 characters of letters, digits, '.', '_' or '-' "
+                f"and not {sorted(RESERVED_INSTANCE_IDS)}, got {self.instance_id[:40]!r}"
+            )
+        positive = (
+            "instance_timeout", "statistics_ttl", "retention_period", "cleanup_interval",
+            "socket_timeout", "connect_timeout", "missing_instance_grace",
+            "max_aggregation_latency",
+        )  # fmt: skip
+        for name in positive:
+            _check_positive(name, getattr(self, name))
+        if self.flush_interval is not None:
+            _check_positive("flush_interval", self.flush_interval)
+            if self.instance_timeout < self.flush_interval:
+                raise ConfigError(
+                    f"instance_timeout: {self.instance_timeout:g}s is shorter than "
+                    f"flush_interval {self.flush_interval:g}s; live instances would look dead"
+                )
+        if self.aggregation_cache_ttl < 0 or not math.isfinite(self.aggregation_cache_ttl):
+            raise ConfigError("aggregation_cache_ttl: must be a finite number >= 0")
+        if self.max_drift_percent < 0 or not math.isfinite(self.max_drift_percent):
+            raise ConfigError("max_drift_percent: must be a finite number >= 0")
+        for name in ("max_regions", "min_active_instances", "max_memory_bytes"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name}: must be >= 1, got {getattr(self, name)}")
+        if self.drift_min_requests < 0:
+            raise ConfigError("drift_min_requests: must be >= 0")
+        if not self.key_prefix or not re.fullmatch(r"[A-Za-z0-9_.:\-]{1,64}", self.key_prefix):
+            raise ConfigError(
+                f"key_prefix: must be 1-64 characters of letters, digits, '.', '_', '-', ':', "
+                f"got {self.key_prefix[:40]!r}"
+            )
+        buckets = self.response_time_buckets
+        if (
+            not buckets
+            or any(not math.isfinite(b) or b <= 0 for b in buckets)
+            or any(a >= b for a, b in itertools.pairwise(buckets))
+        ):
+            raise ConfigError(
+                "response_time_buckets: must be strictly increasing positive finite seconds"
+            )
+
+
+def _check_positive(name: str, value: float) -> None:
+    if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+        raise ConfigError(f"{name}: must be a positive number of seconds, got {value!r}")
+
+
+def _check_url(url: str) -> None:
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - raises ValueError for a bad port
+    except ValueError:
+        raise ConfigError(f"redis_url: not a valid URL: {redact_url(url)!r}") from None
+    if parts.scheme not in REDIS_SCHEMES:
+        raise ConfigError(
+            f"redis_url: scheme must be one of {', '.join(REDIS_SCHEMES)}, got {redact_url(url)!r}"
+        )
+    if parts.scheme != "unix" and not parts.hostname:
+        raise ConfigError(f"redis_url: no host in {redact_url(url)!r}")
+
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off"}
+
+
+def _coerce(name: str, default: Any, value: Any, *, source: str) -> Any:
+    """Turn ``value`` (a keyword or an environment string) into the type of ``default``."""
+    text = value.strip() if isinstance(value, str) else None
+    try:
+        if name in ("flush_interval",) and text is not None and text.lower() in ("", "none", "off"):
+            return None
+        if isinstance(default, bool):
+            if isinstance(value, bool):
+                return value
+            if text is not None and text.lower() in _TRUE | _FALSE:
+                return text.lower() in _TRUE
+            raise ValueError
+        if isinstance(default, int):
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise ValueError
+            return int(text if text is not None else value)
+        if isinstance(default, float) or name == "flush_interval":
+            if isinstance(value, bool):
+                raise ValueError
+            number = float(text if text is not None else value)
+            if not math.isfinite(number):
+                raise ValueError
+            return number
+        if isinstance(default, tuple):
+            items = text.split(",") if text is not None else list(value)
+            return tuple(float(item) for item in items)
+        if text is None:
+            raise ValueError
+        return text
+    except (TypeError, ValueError):
+        shown = redact_url(str(value)) if name == "redis_url" else repr(value)[:60]
+        kind = type(default).__name__ if default is not None else "str"
+        raise ConfigError(f"{source}: expected {kind}, got {shown}") from None

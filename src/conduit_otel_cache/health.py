@@ -1,0 +1,103 @@
+"""Health rules: a cluster view becomes Healthy, Degraded or Unhealthy with the seed's data."""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+from datetime import datetime, timezone
+from typing import Any
+
+from .aggregate import ClusterView
+from .config import Settings
+
+
+class Status(enum.IntEnum):
+    """Health status; a larger value is worse. The CLI exits with the value."""
+
+    HEALTHY = 0
+    DEGRADED = 1
+    UNHEALTHY = 2
+
+    @property
+    def label(self) -> str:
+        """The seed's spelling: Healthy, Degraded, Unhealthy."""
+        return self.name.capitalize()
+
+
+@dataclasses.dataclass(frozen=True)
+class Health:
+    """The result of the health rules."""
+
+    status: Status
+    reasons: tuple[str, ...]
+    data: dict[str, Any]
+
+    @property
+    def http_status(self) -> int:
+        """200 when Healthy or Degraded, 503 when Unhealthy."""
+        return 503 if self.status is Status.UNHEALTHY else 200
+
+    def check_json(self) -> dict[str, Any]:
+        """The ``cache_statistics`` check in the seed's shape."""
+        return {
+            "status": self.status.label,
+            "description": "; ".join(self.reasons) or "all rules pass",
+            "data": self.data,
+        }
+
+    def report_json(self) -> dict[str, Any]:
+        """The whole ``/health`` report in the seed's shape."""
+        return {"status": self.status.label, "results": {"cache_statistics": self.check_json()}}
+
+
+def evaluate(view: ClusterView, settings: Settings) -> Health:
+    """Apply every rule; the status is the worst any rule gives."""
+    status = Status.HEALTHY
+    reasons: list[str] = []
+
+    def fail(level: Status, reason: str) -> None:
+        nonlocal status
+        status = max(status, level)
+        reasons.append(reason)
+
+    if not view.redis_up:
+        fail(Status.UNHEALTHY, f"Redis unreachable ({view.redis_error or 'no answer'})")
+    active = len(view.active_instances)
+    if active < settings.min_active_instances:
+        fail(Status.UNHEALTHY, f"{active} live instances, fewer than "
+             f"min_active_instances={settings.min_active_instances}")  # fmt: skip
+    long_missing = [
+        i for i in view.missing_instances
+        if view.missing_for(i, settings.instance_timeout) > settings.missing_instance_grace
+    ]  # fmt: skip
+    if long_missing:
+        fail(Status.DEGRADED, f"{len(long_missing)} instance(s) missing for more than "
+             f"{settings.missing_instance_grace:g}s: {', '.join(long_missing[:5])}")  # fmt: skip
+    if view.aggregation_latency > settings.max_aggregation_latency:
+        fail(Status.DEGRADED, f"aggregation took {view.aggregation_latency * 1000:.0f} ms")
+    for region, drift in sorted(view.drift.items()):
+        stats = view.regions.get(region)
+        busy = stats is not None and stats.total_requests >= settings.drift_min_requests
+        if busy and drift > settings.max_drift_percent:
+            fail(Status.DEGRADED, f"drift {drift:.1f} points in region {region}")
+    if view.redis_memory_bytes > settings.max_memory_bytes:
+        fail(Status.DEGRADED, f"Redis memory {view.redis_memory_bytes / 2**20:.0f} MB")
+    if view.data_errors:
+        fail(Status.DEGRADED, f"{len(view.data_errors)} malformed entries skipped: "
+             f"{view.data_errors[0]}")  # fmt: skip
+
+    last = view.last_successful_aggregation
+    data = {
+        "ActiveInstances": active,
+        "MissingInstances": len(view.missing_instances),
+        "RedisConnected": view.redis_up,
+        "AggregationLatencyMs": round(view.aggregation_latency * 1000, 3),
+        "RedisMemoryUsageMB": round(view.redis_memory_bytes / 2**20, 3),
+        "LastSuccessfulAggregation": (
+            datetime.fromtimestamp(last, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+            if last
+            else None
+        ),
+        "MaxDriftPercent": round(max(view.drift.values(), default=0.0), 3),
+    }
+    return Health(status, tuple(reasons), data)

@@ -1,0 +1,66 @@
+"""The WSGI app: ``/metrics``, ``/health``, ``/health/cache_statistics``; and a server for it."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterable
+from typing import Any
+from wsgiref.simple_server import WSGIRequestHandler, make_server
+
+from prometheus_client import CollectorRegistry, make_wsgi_app
+from prometheus_client.exposition import ThreadingWSGIServer
+
+from .health import Health
+
+StartResponse = Callable[..., Any]
+Environ = dict[str, Any]
+
+
+def make_app(registry: CollectorRegistry, health: Callable[[], Health]) -> Callable[..., Any]:
+    """A WSGI app serving the metrics of ``registry`` and the ``health()`` report."""
+    metrics_app = make_wsgi_app(registry)
+
+    def app(environ: Environ, start_response: StartResponse) -> Iterable[bytes]:
+        path = environ.get("PATH_INFO") or "/"
+        method = environ.get("REQUEST_METHOD", "GET")
+        routes = ("/metrics", "/health", "/health/cache_statistics")
+        if path.rstrip("/") not in routes:
+            return _reply(start_response, "404 Not Found", {"error": "not found"}, method)
+        if method not in ("GET", "HEAD"):
+            return _reply(start_response, "405 Method Not Allowed", {"error": "use GET"}, method,
+                          [("Allow", "GET, HEAD")])  # fmt: skip
+        if path.rstrip("/") == "/metrics":
+            body: Iterable[bytes] = metrics_app(environ, start_response)
+            return body
+        report = health()
+        payload = report.report_json() if path.rstrip("/") == "/health" else report.check_json()
+        status = "200 OK" if report.http_status == 200 else "503 Service Unavailable"
+        return _reply(start_response, status, payload, method)
+
+    return app
+
+
+def _reply(
+    start_response: StartResponse,
+    status: str,
+    payload: Any,
+    method: str,
+    headers: list[tuple[str, str]] | None = None,
+) -> list[bytes]:
+    body = json.dumps(payload, indent=2).encode()
+    start_response(status, [("Content-Type", "application/json"),
+                            ("Content-Length", str(len(body))), *(headers or [])])  # fmt: skip
+    return [] if method == "HEAD" else [body]
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:
+        """Do not log every request."""
+
+
+def make_http_server(app: Callable[..., Any], host: str, port: int) -> ThreadingWSGIServer:
+    """A threading HTTP server for ``app`` (``serve_forever()`` it; port 0 picks a free one)."""
+    server: ThreadingWSGIServer = make_server(
+        host, port, app, server_class=ThreadingWSGIServer, handler_class=_QuietHandler
+    )
+    return server

@@ -1,0 +1,67 @@
+-- Write one instance's cumulative statistics and apply their change to the cluster totals.
+-- KEYS: instances zset, regions set, instance meta hash, instance regions set,
+--       then per region: instance stats hash, aggregated hash.
+-- ARGV: instance id, process token, ttl seconds, instance timeout seconds,
+--       then per region: region, field count n, n pairs of field, cumulative value.
+-- Idempotent: the same values sent twice change nothing. A new token (a restarted
+-- process) or a lower value starts a new series, so cluster counters never go back.
+local now = server_time()
+local now_s = string.format('%.6f', now)
+local id, token = ARGV[1], ARGV[2]
+local ttl, timeout = tonumber(ARGV[3]), tonumber(ARGV[4])
+
+ensure_hash(KEYS[3])
+local old_token = redis.call('HGET', KEYS[3], 'token')
+local last_beat = redis.pcall('ZSCORE', KEYS[1], id)
+if type(last_beat) == 'table' then
+  redis.call('DEL', KEYS[1])
+  last_beat = false
+end
+local reset = old_token ~= token
+local duplicate = 0
+if old_token and reset and last_beat and now - num(last_beat) < timeout then duplicate = 1 end
+
+redis.call('HSET', KEYS[3], 'token', token, 'live', '1', 'last_flush', now_s)
+redis.call('EXPIRE', KEYS[3], ttl)
+redis.call('ZADD', KEYS[1], now_s, id)
+redis.call('EXPIRE', KEYS[1], ttl)
+
+local a, k = 5, 5
+while a <= #ARGV do
+  local region, n = ARGV[a], tonumber(ARGV[a + 1])
+  local skey, akey = KEYS[k], KEYS[k + 1]
+  ensure_hash(skey)
+  ensure_hash(akey)
+  local old = {}
+  local raw = redis.call('HGETALL', skey)
+  for i = 1, #raw, 2 do old[raw[i]] = raw[i + 1] end
+  local was_live = old['live'] == '1'
+
+  local flat = {'live', '1', 'last_updated', now_s}
+  for j = a + 2, a + 1 + 2 * n, 2 do
+    local f, v = ARGV[j], ARGV[j + 1]
+    local nv = tonumber(v)
+    if f == 'size_bytes' then
+      incr(akey, f, nv - (was_live and num(old[f]) or 0), false)
+    else
+      local prev = reset and 0 or num(old[f])
+      if nv < prev then prev = 0 end
+      incr(akey, f, nv - prev, f == 'rt_sum')
+    end
+    flat[#flat + 1] = f
+    flat[#flat + 1] = v
+  end
+  if not was_live then incr(akey, 'instance_count', 1, false) end
+
+  redis.call('DEL', skey)
+  redis.call('HSET', skey, unpack(flat))
+  redis.call('EXPIRE', skey, ttl)
+  redis.call('HSET', akey, 'last_aggregated', now_s)
+  redis.call('EXPIRE', akey, ttl)
+  redis.call('SADD', KEYS[2], region)
+  redis.call('SADD', KEYS[4], region)
+  a, k = a + 2 + 2 * n, k + 2
+end
+redis.call('EXPIRE', KEYS[2], ttl)
+redis.call('EXPIRE', KEYS[4], ttl)
+return {now_s, duplicate}

@@ -1,0 +1,195 @@
+"""The hot path: ``record_*`` into per-thread tallies, exact under threads, no I/O.
+
+Each thread owns one list per region and is the only writer of it, so no lock is
+taken on the hot path and no increment is lost; readers sum the lists of all
+threads. Tallies of finished threads are folded into a retired total.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+from bisect import bisect_left
+from typing import Any
+
+from .config import valid_name
+from .model import ResponseTimes, Statistics
+
+log = logging.getLogger(__name__)
+
+INVALID_REGION = "_invalid"
+OVERFLOW_REGION = "_overflow"
+
+HIT, MISS, SET, EVICT, RT_SUM, BUCKET0 = range(6)
+_INF = math.inf
+
+
+class Recorder:
+    """Local cache statistics per region; the hot path of the application."""
+
+    def __init__(self, buckets: tuple[float, ...], max_regions: int = 100) -> None:
+        self._bounds = tuple(buckets)
+        self._width = BUCKET0 + len(self._bounds) + 1
+        self._max_regions = max_regions
+        self._lock = threading.Lock()
+        self._tls = threading.local()
+        self._threads: list[tuple[threading.Thread, dict[str, list[Any]]]] = []
+        self._retired: dict[str, list[Any]] = {}
+        self._regions: set[str] = set()
+        self._sizes: dict[str, int] = {}
+        #: Events folded into ``_invalid`` / ``_overflow``, and rejected values.
+        self.invalid_events = 0
+        self.overflow_events = 0
+        self.rejected_values = 0
+        self._warned: set[str] = set()
+
+    # -- the hot path -------------------------------------------------------------------
+
+    def record_hit(self, region: str, response_time: float | None = None) -> None:
+        """Count a cache hit in ``region``, with its response time in seconds if given."""
+        try:
+            slot = self._tls.slots[region]
+        except Exception:
+            slot = self._slot(region)
+        slot[HIT] += 1
+        if response_time is not None:
+            self._time(slot, response_time)
+
+    def record_miss(self, region: str, response_time: float | None = None) -> None:
+        """Count a cache miss in ``region``, with its response time in seconds if given."""
+        try:
+            slot = self._tls.slots[region]
+        except Exception:
+            slot = self._slot(region)
+        slot[MISS] += 1
+        if response_time is not None:
+            self._time(slot, response_time)
+
+    def record_set(self, region: str) -> None:
+        """Count a cache write in ``region``."""
+        try:
+            slot = self._tls.slots[region]
+        except Exception:
+            slot = self._slot(region)
+        slot[SET] += 1
+
+    def record_eviction(self, region: str) -> None:
+        """Count an eviction (or expiry) in ``region``."""
+        try:
+            slot = self._tls.slots[region]
+        except Exception:
+            slot = self._slot(region)
+        slot[EVICT] += 1
+
+    def set_size_bytes(self, region: str, size_bytes: int) -> None:
+        """Set the current size in bytes of ``region`` (a gauge: the last value wins)."""
+        name = region if type(region) is str and region in self._regions else self._admit(region)
+        if type(size_bytes) is int and size_bytes >= 0:
+            self._sizes[name] = size_bytes
+        else:
+            self._reject("size_bytes", size_bytes)
+
+    def _time(self, slot: list[Any], seconds: float) -> None:
+        try:
+            if 0.0 <= seconds < _INF:
+                slot[RT_SUM] += seconds
+                slot[BUCKET0 + bisect_left(self._bounds, seconds)] += 1
+                return
+        except TypeError:
+            pass
+        self._reject("response_time", seconds)
+
+    # -- slow paths: first event of a thread or region, bad input -----------------------
+
+    def _slot(self, region: Any) -> list[Any]:
+        try:
+            slots = self._tls.slots
+        except AttributeError:
+            slots = self._tls.slots = {}
+            with self._lock:
+                self._threads.append((threading.current_thread(), slots))
+        name = self._admit(region)
+        # Keys are canonical names only, so bad or folded names cannot grow the dict;
+        # an admitted region's name is its key, which makes its next lookup fast.
+        slot: list[Any] | None = slots.get(name)
+        if slot is None:
+            slot = slots[name] = self._empty()
+        return slot
+
+    def _empty(self) -> list[Any]:
+        slot: list[Any] = [0] * self._width
+        slot[RT_SUM] = 0.0
+        return slot
+
+    def _admit(self, region: Any) -> str:
+        with self._lock:
+            if not valid_name(region) or region in (INVALID_REGION, OVERFLOW_REGION):
+                self.invalid_events += 1
+                self._warn_once(
+                    "invalid", "invalid cache region name %.60r counted under %s",
+                    region, INVALID_REGION,
+                )  # fmt: skip
+                return INVALID_REGION
+            if region in self._regions:
+                return str(region)
+            if len(self._regions) >= self._max_regions:
+                self.overflow_events += 1
+                self._warn_once(
+                    "overflow", "more than max_regions=%d regions; %r and later ones counted "
+                    "under %s", self._max_regions, region, OVERFLOW_REGION,
+                )  # fmt: skip
+                return OVERFLOW_REGION
+            self._regions.add(region)
+            return str(region)
+
+    def _reject(self, what: str, value: object) -> None:
+        self.rejected_values += 1
+        self._warn_once(what, "ignored invalid %s value %.60r", what, value)
+
+    def _warn_once(self, key: str, msg: str, *args: object) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            log.warning(msg, *args)
+
+    # -- readers ------------------------------------------------------------------------
+
+    def snapshot(self) -> dict[str, Statistics]:
+        """Current cumulative statistics of every region seen so far."""
+        with self._lock:
+            live = []
+            for thread, slots in self._threads:
+                if thread.is_alive():
+                    live.append((thread, slots))
+                else:
+                    self._fold(self._retired, slots)
+            self._threads = live
+            totals: dict[str, list[Any]] = {}
+            self._fold(totals, self._retired)
+            for _, slots in live:
+                self._fold(totals, slots)
+            sizes = dict(self._sizes)
+        bounds = self._bounds
+        result: dict[str, Statistics] = {}
+        for region in totals.keys() | sizes.keys():
+            t = totals.get(region) or self._empty()
+            result[region] = Statistics(
+                hit_count=t[HIT],
+                miss_count=t[MISS],
+                set_count=t[SET],
+                eviction_count=t[EVICT],
+                size_bytes=sizes.get(region, 0),
+                response_times=ResponseTimes(bounds, tuple(t[BUCKET0:]), t[RT_SUM]),
+                instance_count=1,
+            )
+        return result
+
+    @staticmethod
+    def _fold(into: dict[str, list[Any]], slots: dict[str, list[Any]]) -> None:
+        for name, slot in slots.items():  # keys are canonical names: one key per slot
+            acc = into.get(name)
+            if acc is None:
+                into[name] = list(slot)
+            else:
+                for i, v in enumerate(slot):
+                    acc[i] += v

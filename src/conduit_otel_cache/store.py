@@ -1,0 +1,227 @@
+"""The Redis key schema and every Redis call.
+
+Keys (``conduit:`` is ``key_prefix``)::
+
+    conduit:cache:instances                    zset  instance id -> last heartbeat (Redis TIME)
+    conduit:cache:regions                      set   every region reported
+    conduit:cache:stats:<instance>:<region>    hash  the instance's cumulative statistics
+    conduit:cache:stats:aggregated:<region>    hash  the cluster totals, kept at flush time
+    conduit:cache:instance:<instance>          hash  process token, live flag, last flush
+    conduit:cache:instance:<instance>:regions  set   regions the instance reported
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from importlib.resources import files
+from typing import Any
+
+import redis
+from redis.backoff import ExponentialBackoff
+from redis.retry import Retry
+
+from .config import Settings
+
+
+def _strs(reply: Any) -> list[str]:
+    """A Redis list or set reply (``decode_responses=True``) as a list of str."""
+    return [str(item) for item in reply]
+
+
+def _script_source(name: str) -> str:
+    lua = files(__package__).joinpath("lua")
+    return lua.joinpath("lib.lua").read_text() + "\n" + lua.joinpath(name).read_text()
+
+
+def connect(settings: Settings) -> redis.Redis:
+    """A Redis client for ``settings.redis_url`` with the configured timeouts."""
+    assert settings.redis_url is not None
+    return redis.Redis.from_url(
+        settings.redis_url,
+        decode_responses=True,
+        socket_timeout=settings.socket_timeout,
+        socket_connect_timeout=settings.connect_timeout,
+        socket_keepalive=True,
+        retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), retries=1),
+        health_check_interval=30,
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class FlushResult:
+    """What a flush learnt: Redis server time and whether another process shares the id."""
+
+    server_time: float
+    duplicate: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class ClusterData:
+    """Raw cluster data: server time, heartbeats and the aggregated hashes per region."""
+
+    server_time: float
+    heartbeats: dict[str, float]
+    aggregates: dict[str, dict[str, str]]
+
+
+class Store:
+    """Every Redis operation of the library, on one key schema."""
+
+    def __init__(self, client: redis.Redis, key_prefix: str = "conduit:") -> None:
+        self.client = client
+        self.prefix = key_prefix + "cache:"
+        self._flush = client.register_script(_script_source("flush.lua"))
+        self._depart = client.register_script(_script_source("depart.lua"))
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Store:
+        """A store on a new client for ``settings``."""
+        return cls(connect(settings), settings.key_prefix)
+
+    # -- keys ---------------------------------------------------------------------------
+
+    @property
+    def instances_key(self) -> str:
+        """The heartbeat sorted set."""
+        return self.prefix + "instances"
+
+    @property
+    def regions_key(self) -> str:
+        """The set of all regions."""
+        return self.prefix + "regions"
+
+    def stats_key(self, instance_id: str, region: str) -> str:
+        """One instance's statistics of one region."""
+        return f"{self.prefix}stats:{instance_id}:{region}"
+
+    def aggregate_key(self, region: str) -> str:
+        """The cluster totals of one region."""
+        return f"{self.prefix}stats:aggregated:{region}"
+
+    def meta_key(self, instance_id: str) -> str:
+        """One instance's process token and live flag."""
+        return f"{self.prefix}instance:{instance_id}"
+
+    def instance_regions_key(self, instance_id: str) -> str:
+        """The regions one instance reported."""
+        return f"{self.prefix}instance:{instance_id}:regions"
+
+    def _instance_keys(self, instance_id: str, regions: Iterable[str]) -> list[str]:
+        keys = [
+            self.instances_key,
+            self.meta_key(instance_id),
+            self.instance_regions_key(instance_id),
+        ]
+        for region in regions:
+            keys += [self.stats_key(instance_id, region), self.aggregate_key(region)]
+        return keys
+
+    # -- writes -------------------------------------------------------------------------
+
+    def flush(
+        self,
+        instance_id: str,
+        token: str,
+        regions: Mapping[str, Mapping[str, str]],
+        *,
+        ttl: float,
+        instance_timeout: float,
+    ) -> FlushResult:
+        """Write cumulative ``{region: {field: value}}`` and the heartbeat in one round trip."""
+        keys = [self.instances_key, self.regions_key, self.meta_key(instance_id),
+                self.instance_regions_key(instance_id)]  # fmt: skip
+        args: list[Any] = [instance_id, token, max(1, int(ttl)), instance_timeout]
+        for region, fields in regions.items():
+            keys += [self.stats_key(instance_id, region), self.aggregate_key(region)]
+            args += [region, len(fields)]
+            for name, value in fields.items():
+                args += [name, value]
+        now, duplicate = self._flush(keys=keys, args=args)
+        return FlushResult(float(now), bool(int(duplicate)))
+
+    def depart(
+        self, instance_id: str, *, max_age: float | None = None, remove: bool = False
+    ) -> bool:
+        """Take the instance's gauges out of the totals (if its heartbeat is older than
+        ``max_age``); with ``remove``, delete its keys and heartbeat. Counters stay."""
+        regions = _strs(self.client.smembers(self.instance_regions_key(instance_id)))
+        keys = self._instance_keys(instance_id, sorted(regions))
+        age = "" if max_age is None else repr(float(max_age))
+        return bool(self._depart(keys=keys, args=[instance_id, age, "1" if remove else "0"]))
+
+    def reap(self, instance_timeout: float) -> list[str]:
+        """Take every instance whose heartbeat expired out of the live gauges."""
+        now = self.server_time()
+        expired = _strs(
+            self.client.zrangebyscore(self.instances_key, "-inf", now - instance_timeout)
+        )
+        if not expired:
+            return []
+        pipe = self.client.pipeline(transaction=False)
+        for instance_id in expired:
+            pipe.hget(self.meta_key(instance_id), "live")
+        flags = pipe.execute(raise_on_error=False)
+        return [
+            instance_id
+            for instance_id, live in zip(expired, flags)
+            if live == "1" and self.depart(instance_id, max_age=instance_timeout)
+        ]
+
+    def cleanup(self, retention_period: float) -> list[str]:
+        """Delete instances whose heartbeat is older than ``retention_period``; returns them."""
+        now = self.server_time()
+        old = _strs(self.client.zrangebyscore(self.instances_key, "-inf", now - retention_period))
+        return [i for i in old if self.depart(i, max_age=retention_period, remove=True)]
+
+    # -- reads --------------------------------------------------------------------------
+
+    def server_time(self) -> float:
+        """Redis server time in seconds."""
+        seconds, micros = self.client.time()
+        return float(seconds) + micros / 1e6
+
+    def read_cluster(self) -> ClusterData:
+        """Heartbeats and cluster totals of every region, in two round trips."""
+        pipe = self.client.pipeline(transaction=False)
+        pipe.time()
+        pipe.zrange(self.instances_key, 0, -1, withscores=True)
+        pipe.smembers(self.regions_key)
+        (seconds, micros), beats, regions = pipe.execute()
+        regions = sorted(regions)
+        pipe = self.client.pipeline(transaction=False)
+        for region in regions:
+            pipe.hgetall(self.aggregate_key(region))
+        hashes = pipe.execute(raise_on_error=False)
+        return ClusterData(
+            server_time=float(seconds) + micros / 1e6,
+            heartbeats={member: float(score) for member, score in beats},
+            aggregates={r: h for r, h in zip(regions, hashes) if isinstance(h, dict) and h},
+        )
+
+    def read_instances(
+        self, instance_ids: Sequence[str], regions: Sequence[str]
+    ) -> dict[tuple[str, str], dict[str, str] | Exception]:
+        """Every instance's hash of every region, pipelined; errors are returned, not raised."""
+        pairs = [(i, r) for i in instance_ids for r in regions]
+        if not pairs:
+            return {}
+        pipe = self.client.pipeline(transaction=False)
+        for instance_id, region in pairs:
+            pipe.hgetall(self.stats_key(instance_id, region))
+        return dict(zip(pairs, pipe.execute(raise_on_error=False)))
+
+    def ping(self) -> float:
+        """Round-trip time of a PING in seconds (raises if Redis is unreachable)."""
+        start = time.perf_counter()
+        self.client.ping()
+        return time.perf_counter() - start
+
+    def used_memory(self) -> int:
+        """``used_memory`` of ``INFO memory`` in bytes."""
+        return int(self.client.info("memory").get("used_memory", 0))
+
+    def close(self) -> None:
+        """Release the connection pool."""
+        self.client.close()

@@ -1,0 +1,55 @@
+"""Fixtures: a real redis-server on a free loopback port for every test that needs one."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+import redis
+
+from conduit_otel_cache import CacheStatistics, setup
+from conduit_otel_cache.embedded import RedisServer
+
+
+@pytest.fixture
+def redis_server() -> Iterator[RedisServer]:
+    with RedisServer() as server:
+        yield server
+
+
+@pytest.fixture
+def redis_url(redis_server: RedisServer) -> str:
+    return redis_server.url
+
+
+@pytest.fixture
+def r(redis_url: str) -> Iterator[redis.Redis]:
+    client = redis.Redis.from_url(redis_url, decode_responses=True)
+    yield client
+    client.close()
+
+
+MakeStats = Callable[..., CacheStatistics]
+
+
+@pytest.fixture
+def make_stats(redis_url: str) -> Iterator[MakeStats]:
+    """Independent handles (no global provider, no background flush, no read cache)."""
+    handles: list[CacheStatistics] = []
+
+    def make(instance_id: str, **options: Any) -> CacheStatistics:
+        options = {
+            "redis_url": redis_url,
+            "set_global": False,
+            "flush_interval": None,
+            "aggregation_cache_ttl": 0,
+            **options,
+        }
+        handle = setup(instance_id=instance_id, **options)
+        handles.append(handle)
+        return handle
+
+    yield make
+    for handle in handles:
+        handle.shutdown()

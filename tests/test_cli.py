@@ -1,0 +1,78 @@
+"""The command line: stats, health, cleanup, demo."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import redis
+
+from conduit_otel_cache.cli import main
+from conduit_otel_cache.embedded import free_port
+
+from .conftest import MakeStats
+
+
+def test_stats_and_health(make_stats: MakeStats, redis_url: str, capsys) -> None:
+    stats = make_stats("api-1")
+    for _ in range(3):
+        stats.record_hit("ProviderResponses")
+    stats.record_miss("ProviderResponses")
+    stats.flush()
+    assert main(["stats", "--redis-url", redis_url, "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    region = out["regions"]["ProviderResponses"]
+    assert region["cluster"]["hit_count"] == 3 and region["cluster"]["hit_rate"] == 75.0
+    assert region["instances"]["api-1"]["miss_count"] == 1
+    assert main(["stats", "--redis-url", redis_url]) == 0
+    table = capsys.readouterr().out
+    assert "ProviderResponses" in table and "75.0%" in table and "api-1" in table
+    assert main(["health", "--redis-url", redis_url]) == 0
+    assert json.loads(capsys.readouterr().out)["status"] == "Healthy"
+    stats.shutdown()
+    assert main(["health", "--redis-url", redis_url]) == 2  # no live instance
+
+
+def test_cleanup_removes_instances_past_retention(
+    make_stats: MakeStats, redis_url: str, r: redis.Redis, capsys
+) -> None:
+    stats = make_stats("api-1")
+    stats.record_hit("ProviderResponses")
+    stats.set_size_bytes("ProviderResponses", 10)
+    stats.flush()
+    stats._closed = True  # crashed
+    r.zadd("conduit:cache:instances", {"api-1": float(r.time()[0]) - 7200})
+    assert main(["cleanup", "--redis-url", redis_url]) == 0
+    assert "removed 1" in capsys.readouterr().out
+    assert r.zcard("conduit:cache:instances") == 0
+    assert not r.exists("conduit:cache:stats:api-1:ProviderResponses")
+    agg = r.hgetall("conduit:cache:stats:aggregated:ProviderResponses")
+    assert agg["hit_count"] == "1" and agg["size_bytes"] == "0" and agg["instance_count"] == "0"
+
+
+def test_unreachable_redis_one_line_nonzero(capsys) -> None:
+    url = f"redis://127.0.0.1:{free_port()}/0"
+    for command in ("stats", "cleanup"):
+        assert main([command, "--redis-url", url]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error:") and "\n" not in err and "Traceback" not in err
+    assert main(["health", "--redis-url", url]) == 2
+
+
+def test_missing_url_and_version(capsys, monkeypatch) -> None:
+    monkeypatch.delenv("CONDUIT_CACHE_STATS_REDIS_URL", raising=False)
+    assert main(["stats"]) == 2
+    assert "redis_url" in capsys.readouterr().err
+
+
+def test_demo_runs_and_stops_cleanly() -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "conduit_otel_cache.cli", "demo", "--duration", "4", "--port", "0"],
+        capture_output=True, text=True, timeout=90,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert "/metrics" in proc.stdout and "demo stopped cleanly" in proc.stdout
+    final = proc.stdout.split("final cluster totals")[1]
+    assert "cluster (0 live)" in final  # every instance deregistered on SIGTERM
+    assert "Traceback" not in proc.stderr

@@ -1,0 +1,193 @@
+"""Write-through and aggregation against a real redis-server."""
+
+from __future__ import annotations
+
+import pytest
+import redis
+
+from conduit_otel_cache.embedded import RedisServer
+
+from .conftest import MakeStats
+
+REGION = "ProviderResponses"
+
+
+def record(stats, hits: int, misses: int, sets: int = 0, evictions: int = 0, size: int = 0):
+    for _ in range(hits):
+        stats.record_hit(REGION, 0.002)
+    for _ in range(misses):
+        stats.record_miss(REGION, 0.03)
+    for _ in range(sets):
+        stats.record_set(REGION)
+    for _ in range(evictions):
+        stats.record_eviction(REGION)
+    stats.set_size_bytes(REGION, size)
+
+
+def test_three_instances_exact_in_redis_and_cluster(make_stats: MakeStats, r: redis.Redis) -> None:
+    plan = {"api-1": (100, 10, 5, 1, 1000), "api-2": (200, 50, 7, 2, 2000),
+            "api-3": (50, 50, 9, 3, 4000)}  # fmt: skip
+    handles = {i: make_stats(i) for i in plan}
+    for i, counts in plan.items():
+        record(handles[i], *counts)
+        assert handles[i].flush()
+    for i, (h, m, s, e, size) in plan.items():
+        stored = r.hgetall(f"conduit:cache:stats:{i}:{REGION}")
+        assert (stored["hit_count"], stored["miss_count"], stored["set_count"],
+                stored["eviction_count"], stored["size_bytes"]) == tuple(
+                    str(x) for x in (h, m, s, e, size))  # fmt: skip
+    cluster = handles["api-1"].cluster_statistics(REGION)
+    assert cluster.hit_count == 350
+    assert cluster.miss_count == 110
+    assert cluster.set_count == 21
+    assert cluster.eviction_count == 6
+    assert cluster.size_bytes == 7000
+    assert cluster.instance_count == 3
+    assert cluster.response_times.count == 460
+    assert cluster.hit_rate == pytest.approx(100 * 350 / 460)
+    agg = r.hgetall(f"conduit:cache:stats:aggregated:{REGION}")
+    assert agg["hit_count"] == "350" and agg["instance_count"] == "3"
+    beats = dict(r.zrange("conduit:cache:instances", 0, -1, withscores=True))
+    assert set(beats) == set(plan)
+    per = handles["api-2"].per_instance_statistics(REGION)
+    assert {i: s.hit_count for i, s in per.items()} == {"api-1": 100, "api-2": 200, "api-3": 50}
+
+
+def test_every_key_has_a_ttl(make_stats: MakeStats, r: redis.Redis) -> None:
+    stats = make_stats("api-1", statistics_ttl=3600)
+    record(stats, 1, 1)
+    stats.flush()
+    keys = list(r.scan_iter("conduit:*"))
+    assert keys
+    for key in keys:
+        assert 0 < r.ttl(key) <= 3600, key
+
+
+def test_same_flush_twice_changes_nothing(make_stats: MakeStats, r: redis.Redis) -> None:
+    stats = make_stats("api-1")
+    record(stats, 10, 5, size=100)
+    stats.flush()
+    before = r.hgetall(f"conduit:cache:stats:aggregated:{REGION}")
+    stats.flush()
+    stats.flush()
+    after = r.hgetall(f"conduit:cache:stats:aggregated:{REGION}")
+    before.pop("last_aggregated"), after.pop("last_aggregated")
+    assert before == after
+    assert stats.cluster_statistics(REGION).hit_count == 10
+
+
+def test_shutdown_keeps_counters_and_drops_live_gauges(
+    make_stats: MakeStats, r: redis.Redis
+) -> None:
+    a, b = make_stats("api-1"), make_stats("api-2")
+    record(a, 10, 0, size=100)
+    record(b, 20, 0, size=200)
+    a.flush(), b.flush()
+    assert len(a.cluster_view().active_instances) == 2
+    b.shutdown()
+    b.shutdown()  # idempotent
+    cluster = a.cluster_statistics(REGION)
+    assert cluster.hit_count == 30  # what b counted stays in the total
+    assert cluster.size_bytes == 100 and cluster.instance_count == 1
+    assert a.health().data["ActiveInstances"] == 1
+    assert r.zscore("conduit:cache:instances", "api-2") is None
+    assert not r.exists(f"conduit:cache:stats:api-2:{REGION}")
+    record(b, 5, 0)  # recording after shutdown is harmless and writes nothing
+    assert not b.flush()
+    assert a.cluster_statistics(REGION).hit_count == 30
+
+
+def test_expired_heartbeat_leaves_live_gauges(make_stats: MakeStats, r: redis.Redis) -> None:
+    a, b = make_stats("api-1"), make_stats("api-2")
+    record(a, 10, 0, size=100)
+    record(b, 20, 0, size=200)
+    a.flush(), b.flush()
+    # api-2 last beat 2 minutes ago (server clock): older than instance_timeout (60 s)
+    now = float(r.time()[0])
+    r.zadd("conduit:cache:instances", {"api-2": now - 120})
+    view = a.cluster_view()
+    assert view.active_instances == ("api-1",)
+    assert view.missing_instances == ("api-2",)
+    cluster = view.regions[REGION]
+    assert cluster.hit_count == 30 and cluster.size_bytes == 100 and cluster.instance_count == 1
+    health = a.health()
+    assert health.data["MissingInstances"] == 1
+    assert health.status.label == "Degraded"  # missing for 60 s > missing_instance_grace
+    # a late flush brings it back: gauges count again, counters are not counted twice
+    b.flush()
+    cluster = a.cluster_statistics(REGION)
+    assert cluster.hit_count == 30 and cluster.size_bytes == 300 and cluster.instance_count == 2
+
+
+def test_restart_with_same_id_keeps_cluster_counter_monotonic(
+    make_stats: MakeStats, r: redis.Redis
+) -> None:
+    first = make_stats("api-1")
+    record(first, 100, 10, size=500)
+    first.flush()
+    first._closed = True  # it crashed: no more flushes, no deregistration
+    # a new process (new token) with the same id starts again from zero
+    second = make_stats("api-1")
+    record(second, 7, 3, size=50)
+    second.flush()
+    cluster = second.cluster_statistics(REGION)
+    assert cluster.hit_count == 107 and cluster.miss_count == 13
+    assert cluster.size_bytes == 50 and cluster.instance_count == 1
+    record(second, 3, 0, size=60)
+    second.flush()
+    assert second.cluster_statistics(REGION).hit_count == 110
+
+
+def test_redis_down_then_back(redis_server: RedisServer, make_stats: MakeStats) -> None:
+    stats = make_stats("api-1", socket_timeout=1, connect_timeout=1)
+    record(stats, 10, 0)
+    assert stats.flush()
+    redis_server.stop()
+    record(stats, 5, 5)  # never raises
+    assert not stats.flush()
+    assert stats.exporter.flush_errors >= 1
+    health = stats.health()
+    assert health.status.label == "Unhealthy" and health.data["RedisConnected"] is False
+    assert health.http_status == 503
+    redis_server.start()  # empty: no persistence
+    assert stats.flush()
+    cluster = stats.cluster_statistics(REGION)
+    assert (cluster.hit_count, cluster.miss_count) == (15, 5)
+    assert stats.health().data["RedisConnected"] is True
+
+
+def test_drift_with_one_instance_is_zero(make_stats: MakeStats) -> None:
+    stats = make_stats("api-1")
+    record(stats, 10, 90)
+    stats.flush()
+    assert stats.cluster_view().drift[REGION] == 0.0
+
+
+def test_drift_is_largest_distance_to_live_cluster(make_stats: MakeStats) -> None:
+    a, b = make_stats("api-1"), make_stats("api-2")
+    record(a, 90, 10)  # 90 %
+    record(b, 50, 50)  # 50 %, cluster 70 %
+    a.flush(), b.flush()
+    assert a.cluster_view().drift[REGION] == pytest.approx(20.0)
+    assert a.health().status.label == "Degraded"
+
+
+def test_key_prefix_separates_products(make_stats: MakeStats) -> None:
+    a = make_stats("api-1", key_prefix="one:")
+    b = make_stats("api-1", key_prefix="two:")
+    record(a, 3, 0)
+    record(b, 5, 0)
+    a.flush(), b.flush()
+    assert a.cluster_statistics(REGION).hit_count == 3
+    assert b.cluster_statistics(REGION).hit_count == 5
+
+
+def test_local_mode_without_redis() -> None:
+    from conduit_otel_cache import setup
+
+    stats = setup(set_global=False, instance_id="solo")
+    record(stats, 4, 1)
+    assert stats.local_statistics(REGION).hit_count == 4
+    assert stats.cluster_statistics(REGION).hit_count == 4
+    assert not stats.flush()
+    stats.shutdown()

@@ -1,0 +1,67 @@
+"""Options: keywords, CONDUIT_CACHE_STATS_* variables, validation naming the option."""
+
+from __future__ import annotations
+
+import pytest
+
+from conduit_otel_cache import ConfigError, Settings, setup
+from conduit_otel_cache.config import default_instance_id
+
+
+def test_environment_variables_are_read() -> None:
+    env = {"CONDUIT_CACHE_STATS_REDIS_URL": "redis://h:1/2",
+           "CONDUIT_CACHE_STATS_FLUSH_INTERVAL": "2.5",
+           "CONDUIT_CACHE_STATS_MAX_REGIONS": "7",
+           "CONDUIT_CACHE_STATS_SET_GLOBAL": "false",
+           "CONDUIT_CACHE_STATS_RESPONSE_TIME_BUCKETS": "0.1,1,10",
+           "INSTANCE_ID": "pod-7"}  # fmt: skip
+    s = Settings.load(env)
+    assert (s.redis_url, s.flush_interval, s.max_regions, s.set_global) == (
+        "redis://h:1/2", 2.5, 7, False)  # fmt: skip
+    assert s.response_time_buckets == (0.1, 1.0, 10.0)
+    assert s.instance_id == "pod-7"
+    assert Settings.load(env, flush_interval=None).flush_interval is None
+    assert Settings.load(env, max_regions=3).max_regions == 3  # keyword wins
+
+
+def test_instance_id_fallbacks() -> None:
+    assert default_instance_id({"HOSTNAME": "web-5d8f"}) == "web-5d8f"
+    assert default_instance_id({"INSTANCE_ID": "a", "HOSTNAME": "b"}) == "a"
+    generated = default_instance_id({})
+    assert generated.endswith(f"_{__import__('os').getpid()}")
+
+
+@pytest.mark.parametrize(
+    ("options", "env", "named"),
+    [
+        ({"flush_interval": -1}, {}, "flush_interval"),
+        ({"instance_timeout": 5, "flush_interval": 10}, {}, "instance_timeout"),
+        ({"redis_url": "http://x"}, {}, "redis_url"),
+        ({"redis_url": "redis://h:99999999"}, {}, "redis_url"),
+        ({"instance_id": "a:b"}, {}, "instance_id"),
+        ({"instance_id": "aggregated"}, {}, "instance_id"),
+        ({"instance_id": "x" * 10_000}, {}, "instance_id"),
+        ({"max_regions": 0}, {}, "max_regions"),
+        ({"key_prefix": "bad prefix"}, {}, "key_prefix"),
+        ({"response_time_buckets": (1.0, 0.5)}, {}, "response_time_buckets"),
+        ({}, {"CONDUIT_CACHE_STATS_FLUSH_INTERVAL": "soon"}, "CONDUIT_CACHE_STATS_FLUSH_INTERVAL"),
+        ({}, {"CONDUIT_CACHE_STATS_SET_GLOBAL": "maybe"}, "CONDUIT_CACHE_STATS_SET_GLOBAL"),
+        ({"no_such_option": 1}, {}, "no_such_option"),
+    ],
+)
+def test_invalid_values_fail_naming_the_option(options: dict, env: dict, named: str) -> None:
+    with pytest.raises(ConfigError, match=named):
+        Settings.load(env, **options)
+
+
+def test_setup_fails_at_start_with_the_option_named() -> None:
+    with pytest.raises(ConfigError, match="flush_interval"):
+        setup(flush_interval=0, set_global=False)
+
+
+def test_password_never_in_repr_or_errors() -> None:
+    s = Settings.load({}, redis_url="redis://user:s3cret-pw@localhost:6379/1")
+    assert "s3cret-pw" not in repr(s) and "s3cret-pw" not in s.safe_redis_url
+    with pytest.raises(ConfigError) as err:
+        Settings.load({}, redis_url="http://user:s3cret-pw@localhost:6379/1")
+    assert "s3cret-pw" not in str(err.value)

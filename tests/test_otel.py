@@ -1,0 +1,87 @@
+"""OpenTelemetry: instruments on the provider, other readers beside the write-through."""
+
+from __future__ import annotations
+
+import pytest
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import (
+    AggregationTemporality,
+    HistogramDataPoint,
+    InMemoryMetricReader,
+)
+
+from conduit_otel_cache import setup, views
+
+from .conftest import MakeStats
+
+
+def points(reader: InMemoryMetricReader) -> dict[str, dict]:
+    out: dict[str, dict] = {}
+    data = reader.get_metrics_data()
+    for rm in data.resource_metrics:
+        for sm in rm.scope_metrics:
+            for metric in sm.metrics:
+                for p in metric.data.data_points:
+                    out.setdefault(metric.name, {})[p.attributes["region"]] = p
+    return out
+
+
+def test_in_memory_reader_beside_write_through_sees_same_numbers(make_stats: MakeStats) -> None:
+    reader = InMemoryMetricReader()
+    stats = make_stats("api-1", metric_readers=[reader])
+    for _ in range(7):
+        stats.record_hit("r", 0.004)
+    stats.record_miss("r", 2.0)
+    stats.record_eviction("r")
+    stats.set_size_bytes("r", 4096)
+    assert stats.flush()
+    p = points(reader)
+    assert p["conduit.cache.hits"]["r"].value == 7
+    assert p["conduit.cache.misses"]["r"].value == 1
+    assert p["conduit.cache.evictions"]["r"].value == 1
+    assert p["conduit.cache.size"]["r"].value == 4096
+    hist = p["conduit.cache.response_time"]["r"]
+    assert isinstance(hist, HistogramDataPoint)
+    assert hist.count == 8 and hist.sum == pytest.approx(2.028)
+    assert sum(hist.bucket_counts) == 8
+    cluster = stats.cluster_statistics("r")
+    assert cluster.hit_count == 7 and cluster.response_times.counts == hist.bucket_counts
+
+
+def test_resource_identity() -> None:
+    reader = InMemoryMetricReader()
+    stats = setup(instance_id="api-9", set_global=False, metric_readers=[reader])
+    stats.record_hit("r")
+    resource = reader.get_metrics_data().resource_metrics[0].resource
+    assert resource.attributes["service.instance.id"] == "api-9"
+    stats.shutdown()
+
+
+def test_delta_temporality_histogram() -> None:
+    reader = InMemoryMetricReader(
+        preferred_temporality={cls: AggregationTemporality.DELTA for cls in _kinds()}
+    )
+    stats = setup(instance_id="d", set_global=False, metric_readers=[reader])
+    stats.record_hit("r", 0.01)
+    assert points(reader)["conduit.cache.response_time"]["r"].count == 1
+    stats.record_hit("r", 0.01)
+    stats.record_hit("r", 0.01)
+    assert points(reader)["conduit.cache.response_time"]["r"].count == 2
+    stats.shutdown()
+
+
+def test_users_own_meter_provider(make_stats: MakeStats) -> None:
+    reader = InMemoryMetricReader()
+    provider = MeterProvider(metric_readers=[reader], views=views())
+    stats = make_stats("api-1", meter_provider=provider)
+    stats.record_hit("r", 0.001)
+    assert stats.flush()
+    assert points(reader)["conduit.cache.hits"]["r"].value == 1
+    assert points(reader)["conduit.cache.response_time"]["r"].count == 1
+    assert stats.cluster_statistics("r").hit_count == 1
+
+
+def _kinds() -> list[type]:
+    from opentelemetry.sdk.metrics import ObservableCounter, ObservableGauge
+
+    return [ObservableCounter, ObservableGauge]

@@ -1,0 +1,116 @@
+"""End to end across processes: instances, `serve`, parsed /metrics and /health."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from conduit_otel_cache.embedded import free_port
+
+HERE = Path(__file__).parent
+PLAN = {"api-1": (120, 30), "api-2": (300, 100), "api-3": (45, 5)}
+
+
+def start_instance(url: str, instance_id: str, hits: int, misses: int) -> subprocess.Popen[str]:
+    proc = subprocess.Popen(
+        [sys.executable, str(HERE / "instance_process.py"), url, instance_id, str(hits),
+         str(misses)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    assert proc.stdout is not None and proc.stdout.readline().strip() == "flushed"
+    return proc
+
+
+def get(url: str) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(url, timeout=10) as resp:
+            return resp.status, resp.read().decode()
+    except urllib.error.HTTPError as err:
+        return err.code, err.read().decode()
+
+
+@pytest.fixture
+def serve(redis_url: str) -> Iterator[str]:
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "conduit_otel_cache.cli", "serve", "--redis-url", redis_url,
+         "--port", str(port)], stdout=subprocess.PIPE, text=True,
+        env={**__import__("os").environ, "CONDUIT_CACHE_STATS_AGGREGATION_CACHE_TTL": "0"},
+    )  # fmt: skip
+    assert proc.stdout is not None and proc.stdout.readline().startswith("serving")
+    yield f"http://127.0.0.1:{port}"
+    proc.terminate()  # SIGTERM: clean stop
+    assert proc.wait(10) == 0
+    assert proc.stdout.read().strip() == "stopped"
+
+
+def metrics(base: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    status, body = get(base + "/metrics")
+    assert status == 200
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(body)
+        for s in family.samples
+    }
+
+
+def test_three_processes_serve_metrics_and_health(redis_url: str, serve: str) -> None:
+    procs = {i: start_instance(redis_url, i, *counts) for i, counts in PLAN.items()}
+    try:
+        m = metrics(serve)
+        region = (("region", "ProviderResponses"),)
+        hits = sum(h for h, _ in PLAN.values())
+        misses = sum(mi for _, mi in PLAN.values())
+        assert m[("conduit_cache_hits_total", region)] == hits
+        assert m[("conduit_cache_misses_total", region)] == misses
+        assert m[("conduit_cache_sets_total", region)] == misses
+        assert m[("conduit_cache_size_bytes", region)] == 1000 * (hits + misses)
+        assert m[("conduit_cache_hit_ratio", region)] == pytest.approx(hits / (hits + misses))
+        assert m[("conduit_cache_hit_rate", region)] == pytest.approx(100 * hits / (hits + misses))
+        assert m[("conduit_cache_response_time_seconds_count", region)] == hits + misses
+        inf = (("le", "+Inf"), ("region", "ProviderResponses"))
+        assert m[("conduit_cache_response_time_seconds_bucket", inf)] == hits + misses
+        assert m[("conduit_cache_instances_active", ())] == 3
+        assert m[("conduit_cache_redis_up", ())] == 1
+        ratios = {dict(k[1])["instance_id"]: v for k, v in m.items()
+                  if k[0] == "conduit_cache_instance_hit_ratio"}  # fmt: skip
+        assert ratios == {i: pytest.approx(h / (h + mi)) for i, (h, mi) in PLAN.items()}
+        status, body = get(serve + "/health/cache_statistics")
+        check = json.loads(body)
+        assert check["data"]["ActiveInstances"] == 3 and check["data"]["RedisConnected"] is True
+        assert status == (503 if check["status"] == "Unhealthy" else 200)
+        status, body = get(serve + "/health")
+        assert json.loads(body)["results"]["cache_statistics"]["data"]["ActiveInstances"] == 3
+        # one instance shuts down cleanly, one crashes: totals stay, live count drops
+        procs["api-1"].stdin.close()  # type: ignore[union-attr]
+        assert procs["api-1"].wait(10) == 0
+        procs["api-2"].kill()
+        procs["api-2"].wait()
+        m = metrics(serve)
+        assert m[("conduit_cache_hits_total", region)] == hits
+        assert m[("conduit_cache_instances_active", ())] == 2  # api-2 until its heartbeat expires
+        assert m[("conduit_cache_size_bytes", region)] == 1000 * (
+            sum(PLAN["api-2"]) + sum(PLAN["api-3"])
+        )
+    finally:
+        for proc in procs.values():
+            proc.kill()
+            proc.wait()
+
+
+def test_http_errors(serve: str) -> None:
+    assert get(serve + "/nope")[0] == 404
+    req = urllib.request.Request(serve + "/metrics", method="POST", data=b"")
+    with pytest.raises(urllib.error.HTTPError) as err:
+        urllib.request.urlopen(req, timeout=5)
+    assert err.value.code == 405
+    status, body = get(serve + "/health")
+    assert status == 503  # no live instance: fewer than min_active_instances
+    assert json.loads(body)["status"] == "Unhealthy"

@@ -1,0 +1,114 @@
+"""The hot path: exact under threads, bad input folded and never raised."""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+import pytest
+
+from conduit_otel_cache.config import DEFAULT_BUCKETS
+from conduit_otel_cache.recorder import INVALID_REGION, OVERFLOW_REGION, Recorder
+
+
+def test_eight_threads_lose_no_increment() -> None:
+    rec = Recorder(DEFAULT_BUCKETS)
+    start = threading.Barrier(8)
+
+    def work() -> None:
+        start.wait()
+        for _ in range(100_000):
+            rec.record_hit("ProviderResponses")
+
+    threads = [threading.Thread(target=work) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert rec.snapshot()["ProviderResponses"].hit_count == 800_000
+
+
+def test_snapshot_while_threads_record_is_monotonic_and_exact_at_end() -> None:
+    rec = Recorder(DEFAULT_BUCKETS)
+    done = threading.Event()
+
+    def work() -> None:
+        for i in range(50_000):
+            rec.record_miss("r", 0.001 * (i % 7))
+
+    threads = [threading.Thread(target=work) for _ in range(4)]
+    for t in threads:
+        t.start()
+    seen = []
+    while any(t.is_alive() for t in threads):
+        seen.append(rec.snapshot().get("r"))
+    for t in threads:
+        t.join()
+    done.set()
+    counts = [s.miss_count for s in seen if s is not None]
+    assert counts == sorted(counts)
+    final = rec.snapshot()["r"]
+    assert final.miss_count == 200_000
+    assert final.response_times.count == 200_000  # finished threads' tallies were folded
+
+
+def test_counts_and_histogram() -> None:
+    rec = Recorder((0.001, 0.01))
+    rec.record_hit("a", 0.0005)
+    rec.record_hit("a", 0.001)  # upper bound is inclusive, like Prometheus' le
+    rec.record_miss("a", 0.5)
+    rec.record_set("a")
+    rec.record_eviction("a")
+    rec.set_size_bytes("a", 1024)
+    s = rec.snapshot()["a"]
+    assert (s.hit_count, s.miss_count, s.set_count, s.eviction_count, s.size_bytes) == (
+        2, 1, 1, 1, 1024)  # fmt: skip
+    assert s.response_times.counts == (2, 0, 1)
+    assert s.response_times.sum == pytest.approx(0.5015)
+    assert s.hit_rate == pytest.approx(200 / 3)
+
+
+def test_zero_traffic_hit_rate_is_zero() -> None:
+    rec = Recorder(DEFAULT_BUCKETS)
+    rec.set_size_bytes("idle", 10)
+    s = rec.snapshot()["idle"]
+    assert s.hit_rate == 0.0 and s.hit_ratio == 0.0 and s.average_response_time == 0.0
+
+
+@pytest.mark.parametrize("bad", ["a:b", "{x}", "with space", "line\nbreak", "", "x" * 10_000,
+                                 None, 42, ("t",), ["unhashable"]])  # fmt: skip
+def test_invalid_region_is_counted_under_invalid_with_one_warning(
+    bad: object, caplog: pytest.LogCaptureFixture
+) -> None:
+    rec = Recorder(DEFAULT_BUCKETS)
+    with caplog.at_level(logging.WARNING):
+        for _ in range(3):
+            rec.record_hit(bad)  # type: ignore[arg-type]
+            rec.set_size_bytes(bad, 5)  # type: ignore[arg-type]
+    snap = rec.snapshot()
+    assert snap[INVALID_REGION].hit_count == 3
+    assert snap[INVALID_REGION].size_bytes == 5
+    assert set(snap) == {INVALID_REGION}
+    assert len([r for r in caplog.records if "invalid cache region" in r.message]) == 1
+
+
+def test_regions_past_the_cap_fold_into_overflow() -> None:
+    rec = Recorder(DEFAULT_BUCKETS, max_regions=3)
+    for i in range(10):
+        rec.record_hit(f"r{i}")
+    snap = rec.snapshot()
+    assert set(snap) == {"r0", "r1", "r2", OVERFLOW_REGION}
+    assert snap[OVERFLOW_REGION].hit_count == 7
+    assert rec.overflow_events == 7
+
+
+@pytest.mark.parametrize("bad", [-1.0, float("nan"), float("inf"), "slow", object()])
+def test_bad_response_time_is_ignored_but_event_counted(bad: object) -> None:
+    rec = Recorder(DEFAULT_BUCKETS)
+    rec.record_hit("a", bad)  # type: ignore[arg-type]
+    rec.set_size_bytes("a", -5)
+    s = rec.snapshot()["a"]
+    assert s.hit_count == 1
+    assert s.response_times.count == 0 and s.response_times.sum == 0.0
+    assert s.size_bytes == 0
+    assert rec.rejected_values == 2
