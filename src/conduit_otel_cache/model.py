@@ -8,7 +8,6 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 
-
 @dataclasses.dataclass(frozen=True)
 class ResponseTimes:
     """A response-time histogram: upper bounds in seconds, per-bucket (not cumulative) counts.
