@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import urllib.error
@@ -14,6 +15,8 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from conduit_otel_cache.embedded import free_port
+
+from .conftest import wait_for
 
 HERE = Path(__file__).parent
 PLAN = {"api-1": (120, 30), "api-2": (300, 100), "api-3": (45, 5)}
@@ -42,7 +45,8 @@ def serve(redis_url: str) -> Iterator[str]:
     proc = subprocess.Popen(
         [sys.executable, "-m", "conduit_otel_cache.cli", "serve", "--redis-url", redis_url,
          "--port", str(port)], stdout=subprocess.PIPE, text=True,
-        env={**__import__("os").environ, "CONDUIT_CACHE_STATS_AGGREGATION_CACHE_TTL": "0"},
+        env={**os.environ, "CONDUIT_CACHE_STATS_AGGREGATION_CACHE_TTL": "0",
+             "CONDUIT_CACHE_STATS_AGGREGATION_INTERVAL": "0.1"},
     )  # fmt: skip
     assert proc.stdout is not None and proc.stdout.readline().startswith("serving")
     yield f"http://127.0.0.1:{port}"
@@ -79,8 +83,13 @@ def test_three_processes_serve_metrics_and_health(redis_url: str, serve: str) ->
         assert m[("conduit_cache_response_time_seconds_bucket", inf)] == hits + misses
         assert m[("conduit_cache_instances_active", ())] == 3
         assert m[("conduit_cache_redis_up", ())] == 1
-        ratios = {dict(k[1])["instance_id"]: v for k, v in m.items()
-                  if k[0] == "conduit_cache_instance_hit_ratio"}  # fmt: skip
+
+        def instance_ratios() -> dict[str, float]:
+            return {dict(k[1])["instance_id"]: v for k, v in metrics(serve).items()
+                    if k[0] == "conduit_cache_instance_hit_ratio"}  # fmt: skip
+
+        # the per-instance pass runs in the background every aggregation_interval
+        ratios = wait_for(lambda: len(instance_ratios()) == 3 and instance_ratios())
         assert ratios == {i: pytest.approx(h / (h + mi)) for i, (h, mi) in PLAN.items()}
         status, body = get(serve + "/health/cache_statistics")
         check = json.loads(body)

@@ -11,9 +11,12 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import threading
 import time
 from collections.abc import Mapping
+
+import redis
 
 from .config import Settings
 from .model import Statistics
@@ -58,57 +61,154 @@ def drift_percent(instances: Mapping[str, Statistics]) -> float:
     return max(abs(s.hit_rate - cluster) for s in serving)
 
 
-class Aggregator:
-    """Reads the cluster view from Redis; a burst of readers within
-    ``aggregation_cache_ttl`` shares one aggregation."""
+@dataclasses.dataclass(frozen=True)
+class _InstancePass:
+    per_instance: dict[str, dict[str, Statistics]] = dataclasses.field(default_factory=dict)
+    drift: dict[str, float] = dataclasses.field(default_factory=dict)
+    errors: tuple[str, ...] = ()
 
-    def __init__(self, store: Store, settings: Settings) -> None:
+
+class Aggregator:
+    """Reads the cluster view from Redis.
+
+    The cluster totals are a few reads whatever the fleet size; a burst of readers within
+    ``aggregation_cache_ttl`` shares one read, and a reader that arrives while another
+    reads gets the last view at once instead of waiting. The per-instance pass (drift,
+    per-instance hit rates) reads every instance: with ``background=True`` it runs in a
+    thread every ``aggregation_interval`` so that no reader waits for it; otherwise it
+    runs with each refresh of the totals.
+    """
+
+    def __init__(self, store: Store, settings: Settings, *, background: bool = False) -> None:
         self.store = store
         self.settings = settings
+        self.background = background
         self.errors_total = 0
-        self._lock = threading.Lock()
+        self.aggregations = 0
+        self._busy = threading.Lock()
         self._view: ClusterView | None = None
         self._read_at = -float("inf")
-        self._last_good: ClusterView = ClusterView()
+        self._instances = _InstancePass()
         self._errors = RateLimitedLog(log)
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
 
     def view(self) -> ClusterView:
         """The cached view, refreshed when older than ``aggregation_cache_ttl``."""
-        with self._lock:
-            fresh = time.monotonic() - self._read_at < self.settings.aggregation_cache_ttl
-            if self._view is None or not fresh:
-                self._view = self._aggregate()
+        view = self._view
+        if view is not None and self._fresh():
+            return view
+        if not self._busy.acquire(blocking=view is None):
+            assert view is not None
+            return view  # another reader is refreshing: do not queue behind it
+        try:
+            if self._view is None or not self._fresh():
+                self._view = self._refresh()
                 self._read_at = time.monotonic()
             return self._view
+        finally:
+            self._busy.release()
+
+    def _fresh(self) -> bool:
+        return time.monotonic() - self._read_at < self.settings.aggregation_cache_ttl
 
     def invalidate(self) -> None:
         """Make the next :meth:`view` read Redis again."""
-        with self._lock:
-            self._read_at = -float("inf")
+        self._read_at = -float("inf")
 
-    def _aggregate(self) -> ClusterView:
+    def start(self) -> None:
+        """Run the per-instance pass in a background thread every ``aggregation_interval``."""
+        if self._thread is None:
+            self._thread = threading.Thread(
+                target=self._instance_loop, daemon=True, name="conduit-instance-aggregation"
+            )
+            self._thread.start()
+
+    def stop(self) -> None:
+        """Stop the background pass."""
+        self._stop.set()
+
+    def _instance_loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.refresh_instances()
+            except Exception as exc:
+                self._errors.error("conduit-otel-cache: per-instance aggregation failed: %s", exc)
+            self._stop.wait(self.settings.aggregation_interval)
+
+    def _refresh(self) -> ClusterView:
         start = time.perf_counter()
+        self.aggregations += 1
+        previous = self._view or ClusterView()
         try:
-            self.store.reap(self.settings.instance_timeout)
+            reap_error = self._reap()
             data = self.store.read_cluster()
             memory = self.store.used_memory()
-            view = self._build(data, memory, start)
+            if not self.background:
+                self.refresh_instances(data)
         except Exception as exc:
             error = f"{type(exc).__name__}: {exc}"
             self._errors.error(
                 "conduit-otel-cache: aggregation from %s failed: %s",
                 self.settings.safe_redis_url, error,
             )  # fmt: skip
-            return dataclasses.replace(self._last_good, redis_up=False, redis_error=error)
-        self._last_good = view
-        return view
+            return dataclasses.replace(previous, redis_up=False, redis_error=error)
+        return self._build(data, memory, start, reap_error)
 
-    def _build(self, data: ClusterData, memory: int, start: float) -> ClusterView:
-        timeout = self.settings.instance_timeout
-        cutoff = data.server_time - timeout
+    def _reap(self) -> list[str]:
+        try:
+            self.store.reap(self.settings.instance_timeout)
+        except redis.ResponseError as exc:  # malformed heartbeat set: reported, not fatal
+            return [f"heartbeats: {exc}"]
+        return []
+
+    def refresh_instances(self, data: ClusterData | None = None) -> None:
+        """Read every instance's statistics (drift, per-instance hit rates) now."""
+        data = data or self.store.read_cluster()
+        active = set(self._split(data)[0])
+        bounds = self.settings.response_time_buckets
+        errors: list[str] = []
+        per_instance: dict[str, dict[str, Statistics]] = {r: {} for r in data.aggregates}
+        raw = self.store.read_instances(sorted(data.heartbeats), sorted(data.aggregates))
+        for (instance_id, region), entry in raw.items():
+            if isinstance(entry, Exception):
+                errors.append(f"instance {instance_id!r} region {region!r}: {entry}")
+                continue
+            if not entry:
+                continue
+            try:
+                per_instance[region][instance_id] = Statistics.from_fields(
+                    entry,
+                    bounds,
+                    instance_count=1,
+                    last_updated=_timestamp(entry.get("last_updated")),
+                    live=instance_id in active and entry.get("live") == "1",
+                )
+            except ValueError as exc:
+                errors.append(f"instance {instance_id!r} region {region!r}: {exc}")
+        self._count(errors)
+        self._instances = _InstancePass(
+            per_instance=per_instance,
+            drift={r: drift_percent(stats) for r, stats in per_instance.items()},
+            errors=tuple(errors),
+        )
+
+    def _split(self, data: ClusterData) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        cutoff = data.server_time - self.settings.instance_timeout
         active = tuple(sorted(i for i, beat in data.heartbeats.items() if beat >= cutoff))
         missing = tuple(sorted(i for i, beat in data.heartbeats.items() if beat < cutoff))
-        errors: list[str] = []
+        return active, missing
+
+    def _count(self, errors: list[str]) -> None:
+        self.errors_total += len(errors)
+        for error in errors[:1]:
+            self._errors.error("conduit-otel-cache: skipped malformed data: %s", error)
+
+    def _build(
+        self, data: ClusterData, memory: int, start: float, errors: list[str]
+    ) -> ClusterView:
+        active, missing = self._split(data)
+        errors = [*errors, *data.errors]
         bounds = self.settings.response_time_buckets
         regions: dict[str, Statistics] = {}
         for region, fields in data.aggregates.items():
@@ -117,37 +217,16 @@ class Aggregator:
                     fields,
                     bounds,
                     instance_count=max(0, int(fields.get("instance_count", "0"))),
-                    last_updated=float(fields.get("last_aggregated", "0")) or None,
+                    last_updated=_timestamp(fields.get("last_aggregated")),
                 )
             except ValueError as exc:
                 errors.append(f"aggregate of region {region!r}: {exc}")
-        per_instance: dict[str, dict[str, Statistics]] = {r: {} for r in regions}
-        raw = self.store.read_instances(sorted(data.heartbeats), sorted(regions))
-        for (instance_id, region), entry in raw.items():
-            if isinstance(entry, Exception):
-                errors.append(f"instance {instance_id!r} region {region!r}: {entry}")
-                continue
-            if not entry:
-                continue
-            fields = entry
-            try:
-                per_instance[region][instance_id] = Statistics.from_fields(
-                    fields,
-                    bounds,
-                    instance_count=1,
-                    last_updated=float(fields.get("last_updated", "0")) or None,
-                    live=instance_id in active and fields.get("live") == "1",
-                )
-            except ValueError as exc:
-                errors.append(f"instance {instance_id!r} region {region!r}: {exc}")
-        self.errors_total += len(errors)
-        for error in errors[:1]:
-            self._errors.error("conduit-otel-cache: skipped malformed data: %s", error)
-        now = time.time()
+        self._count(errors)
+        instances = self._instances
         return ClusterView(
             regions=regions,
-            per_instance=per_instance,
-            drift={r: drift_percent(stats) for r, stats in per_instance.items()},
+            per_instance=instances.per_instance,
+            drift=instances.drift,
             heartbeats=dict(data.heartbeats),
             active_instances=active,
             missing_instances=missing,
@@ -155,6 +234,16 @@ class Aggregator:
             redis_up=True,
             aggregation_latency=time.perf_counter() - start,
             redis_memory_bytes=memory,
-            last_successful_aggregation=now,
-            data_errors=tuple(errors),
+            last_successful_aggregation=time.time(),
+            data_errors=(*errors, *instances.errors),
         )
+
+
+def _timestamp(value: str | None) -> float | None:
+    """A stored Unix time, or None; raises ``ValueError`` when it is not a finite number."""
+    if not value:
+        return None
+    t = float(value)
+    if not math.isfinite(t) or t < 0:
+        raise ValueError(f"bad timestamp {value!r}")
+    return t

@@ -77,6 +77,7 @@ class Settings:
     cleanup_interval: float = 3_600.0
     key_prefix: str = "conduit:"
     aggregation_cache_ttl: float = 5.0
+    aggregation_interval: float = 60.0
     max_regions: int = 100
     response_time_buckets: tuple[float, ...] = DEFAULT_BUCKETS
     socket_timeout: float = 5.0
@@ -142,7 +143,7 @@ class Settings:
         positive = (
             "instance_timeout", "statistics_ttl", "retention_period", "cleanup_interval",
             "socket_timeout", "connect_timeout", "missing_instance_grace",
-            "max_aggregation_latency",
+            "max_aggregation_latency", "aggregation_interval",
         )  # fmt: skip
         for name in positive:
             _check_positive(name, getattr(self, name))

@@ -74,8 +74,10 @@ class ResponseTimes:
         buckets: dict[float, int] = dict.fromkeys(bounds, 0)
         for key, value in fields.items():
             if key.startswith("le:"):
-                n = _nonneg_int(value)
-                buckets[float(key[3:])] = n
+                bound = float(key[3:])
+                if math.isnan(bound) or bound <= 0 or bound == -math.inf:
+                    raise ValueError(f"bad bucket bound {key!r}")
+                buckets[bound] = _nonneg_int(value)
         total = _nonneg_float(fields.get("rt_sum", "0"))
         uppers = tuple(sorted(b for b in buckets if b != math.inf))
         counts = tuple(buckets.get(b, 0) for b in (*uppers, math.inf))

@@ -22,7 +22,7 @@ class ExporterService:
     def __init__(self, settings: Settings, host: str = "127.0.0.1", port: int = 9464) -> None:
         self.settings = settings
         self.store = Store.from_settings(settings)
-        self.aggregator = Aggregator(self.store, settings)
+        self.aggregator = Aggregator(self.store, settings, background=True)
         self.exporter = ClusterExporter(self.aggregator)
         self.app = make_app(self.exporter.registry, self.health)
         self.server = make_http_server(self.app, host, port)
@@ -36,6 +36,7 @@ class ExporterService:
 
     def start(self) -> ExporterService:
         """Start serving in background threads."""
+        self.aggregator.start()
         for target in (self.server.serve_forever, self._cleanup_loop):
             thread = threading.Thread(target=target, daemon=True, name=f"conduit-{target.__name__}")
             thread.start()
@@ -54,6 +55,7 @@ class ExporterService:
     def stop(self) -> None:
         """Stop serving and release Redis connections."""
         self._stop.set()
+        self.aggregator.stop()
         self.server.shutdown()
         self.server.server_close()
         self.exporter.shutdown()

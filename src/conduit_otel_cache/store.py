@@ -13,6 +13,7 @@ Keys (``conduit:`` is ``key_prefix``)::
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from importlib.resources import files
@@ -22,7 +23,7 @@ import redis
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
-from .config import Settings
+from .config import Settings, valid_name
 
 
 def _strs(reply: Any) -> list[str]:
@@ -64,6 +65,7 @@ class ClusterData:
     server_time: float
     heartbeats: dict[str, float]
     aggregates: dict[str, dict[str, str]]
+    errors: tuple[str, ...] = ()
 
 
 class Store:
@@ -146,7 +148,10 @@ class Store:
     ) -> bool:
         """Take the instance's gauges out of the totals (if its heartbeat is older than
         ``max_age``); with ``remove``, delete its keys and heartbeat. Counters stay."""
-        regions = _strs(self.client.smembers(self.instance_regions_key(instance_id)))
+        try:
+            regions = _strs(self.client.smembers(self.instance_regions_key(instance_id)))
+        except redis.ResponseError:  # not a set: nothing to take out but the heartbeat
+            regions = []
         keys = self._instance_keys(instance_id, sorted(regions))
         age = "" if max_age is None else repr(float(max_age))
         return bool(self._depart(keys=keys, args=[instance_id, age, "1" if remove else "0"]))
@@ -183,22 +188,41 @@ class Store:
         return float(seconds) + micros / 1e6
 
     def read_cluster(self) -> ClusterData:
-        """Heartbeats and cluster totals of every region, in two round trips."""
+        """Heartbeats and cluster totals of every region, in two round trips.
+
+        Keys of the wrong type or malformed entries are skipped and listed in ``errors``.
+        """
         pipe = self.client.pipeline(transaction=False)
         pipe.time()
         pipe.zrange(self.instances_key, 0, -1, withscores=True)
         pipe.smembers(self.regions_key)
-        (seconds, micros), beats, regions = pipe.execute()
-        regions = sorted(regions)
+        (seconds, micros), beats, members = pipe.execute(raise_on_error=False)
+        errors: list[str] = []
+        if isinstance(beats, Exception):
+            errors.append(f"{self.instances_key}: {beats}")
+            beats = []
+        if isinstance(members, Exception):
+            errors.append(f"{self.regions_key}: {members}")
+            members = set()
+        regions = sorted(r for r in members if valid_name(r))
+        errors += [f"{self.regions_key}: invalid region {r[:40]!r}" for r in members
+                   if not valid_name(r)]  # fmt: skip
         pipe = self.client.pipeline(transaction=False)
         for region in regions:
             pipe.hgetall(self.aggregate_key(region))
-        hashes = pipe.execute(raise_on_error=False)
-        return ClusterData(
-            server_time=float(seconds) + micros / 1e6,
-            heartbeats={member: float(score) for member, score in beats},
-            aggregates={r: h for r, h in zip(regions, hashes) if isinstance(h, dict) and h},
-        )
+        aggregates: dict[str, dict[str, str]] = {}
+        for region, reply in zip(regions, pipe.execute(raise_on_error=False) if regions else []):
+            if isinstance(reply, Exception):
+                errors.append(f"{self.aggregate_key(region)}: {reply}")
+            elif reply:
+                aggregates[region] = reply
+        heartbeats = {}
+        for member, score in beats:
+            if valid_name(member) and math.isfinite(score):
+                heartbeats[member] = float(score)
+            else:
+                errors.append(f"{self.instances_key}: invalid member {member[:40]!r}")
+        return ClusterData(float(seconds) + micros / 1e6, heartbeats, aggregates, tuple(errors))
 
     def read_instances(
         self, instance_ids: Sequence[str], regions: Sequence[str]

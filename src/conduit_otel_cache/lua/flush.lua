@@ -10,13 +10,12 @@ local now_s = string.format('%.6f', now)
 local id, token = ARGV[1], ARGV[2]
 local ttl, timeout = tonumber(ARGV[3]), tonumber(ARGV[4])
 
+ensure_type(KEYS[1], 'zset')
+ensure_type(KEYS[2], 'set')
 ensure_hash(KEYS[3])
+ensure_type(KEYS[4], 'set')
 local old_token = redis.call('HGET', KEYS[3], 'token')
-local last_beat = redis.pcall('ZSCORE', KEYS[1], id)
-if type(last_beat) == 'table' then
-  redis.call('DEL', KEYS[1])
-  last_beat = false
-end
+local last_beat = redis.call('ZSCORE', KEYS[1], id)
 local reset = old_token ~= token
 local duplicate = 0
 if old_token and reset and last_beat and now - num(last_beat) < timeout then duplicate = 1 end

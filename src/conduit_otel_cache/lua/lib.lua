@@ -16,10 +16,13 @@ local function incr(key, field, delta, is_float)
   end
 end
 
-local function ensure_hash(key)
+local function ensure_type(key, wanted)
+  -- A key of the wrong type (foreign or corrupted data) is replaced, never an error.
   local t = redis.call('TYPE', key)['ok']
-  if t ~= 'hash' and t ~= 'none' then redis.call('DEL', key) end
+  if t ~= wanted and t ~= 'none' then redis.call('DEL', key) end
 end
+
+local function ensure_hash(key) ensure_type(key, 'hash') end
 
 local function server_time()
   local t = redis.call('TIME')
