@@ -22,5 +22,8 @@ lint: $(VENV)/.installed
 test: lint
 	$(PY) -m pytest
 
+bench: $(VENV)/.installed
+	$(PY) -m benchmarks $(ARGS)
+
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache

@@ -22,7 +22,8 @@ def points(reader: InMemoryMetricReader) -> dict[str, dict]:
         for sm in rm.scope_metrics:
             for metric in sm.metrics:
                 for p in metric.data.data_points:
-                    out.setdefault(metric.name, {})[p.attributes["region"]] = p
+                    key = p.attributes.get("region") or p.attributes.get("reason") or ""
+                    out.setdefault(metric.name, {})[key] = p
     return out
 
 

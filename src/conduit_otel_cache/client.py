@@ -15,6 +15,7 @@ from opentelemetry.sdk.metrics.export import MetricReader, PeriodicExportingMetr
 from opentelemetry.sdk.resources import Resource
 
 from .aggregate import Aggregator, ClusterView
+from .autoconfig import shared_write_through
 from .config import Settings
 from .health import Health, evaluate
 from .instruments import (
@@ -22,7 +23,9 @@ from .instruments import (
     SCOPE,
     histogram_views,
     register_cache_instruments,
+    register_self_instruments,
 )
+from .integrations.lookup import TimedLookup
 from .model import Statistics
 from .recorder import Recorder
 from .writethrough import RedisMetricExporter
@@ -62,7 +65,8 @@ class CacheStatistics(Recorder):
         self._close_lock = threading.Lock()
         readers = list(metric_readers)
         self._reader: PeriodicExportingMetricReader | None = None
-        if settings.redis_url is not None:
+        shared = None if meter_provider is None else shared_write_through(meter_provider, settings)
+        if settings.redis_url is not None and shared is None:
             self.exporter = RedisMetricExporter(settings)
             interval = settings.flush_interval
             self._reader = PeriodicExportingMetricReader(
@@ -90,7 +94,9 @@ class CacheStatistics(Recorder):
             self.meter_provider = meter_provider
             self._owned = []
             register_cache_instruments(meter_provider.get_meter(SCOPE), self.snapshot)
-            if private_readers:
+            if shared is not None:  # it writes through already (conduit_redis exporter)
+                self._reader, self.exporter = shared
+            elif private_readers:
                 self._owned.append(
                     MeterProvider(
                         metric_readers=private_readers,
@@ -101,6 +107,7 @@ class CacheStatistics(Recorder):
                 )
         for provider in self._owned:
             register_cache_instruments(provider.get_meter(SCOPE), self.snapshot)
+        register_self_instruments(self.meter_provider.get_meter(SCOPE), self)
         _open_handles.add(self)
 
     # -- this instance ------------------------------------------------------------------
@@ -108,6 +115,11 @@ class CacheStatistics(Recorder):
     def local_statistics(self, region: str) -> Statistics:
         """This instance's statistics of ``region`` (zeros for an unknown region)."""
         return self.snapshot().get(region, Statistics(instance_count=1))
+
+    def timed_lookup(self, region: str) -> TimedLookup:
+        """``with stats.timed_lookup(region) as lookup:`` ... ``lookup.hit()`` or
+        ``lookup.miss()``: records the outcome with its response time (nothing if it raises)."""
+        return TimedLookup(self, region)
 
     def flush(self) -> bool:
         """Write this instance's statistics through to Redis now; True when it succeeded."""
@@ -117,6 +129,11 @@ class CacheStatistics(Recorder):
         if self._aggregator is not None:
             self._aggregator.invalidate()
         return self.exporter.last_ok
+
+    @property
+    def flush_errors(self) -> int:
+        """Failed write-throughs so far (``conduit_cache_flush_errors_total``)."""
+        return self.exporter.flush_errors if self.exporter is not None else 0
 
     # -- the cluster --------------------------------------------------------------------
 

@@ -82,6 +82,9 @@ class Settings:
     response_time_buckets: tuple[float, ...] = DEFAULT_BUCKETS
     socket_timeout: float = 5.0
     connect_timeout: float = 5.0
+    ssl_ca_certs: str | None = None
+    ssl_certfile: str | None = None
+    ssl_keyfile: str | None = None
     min_active_instances: int = 1
     missing_instance_grace: float = 60.0
     max_aggregation_latency: float = 0.5
@@ -135,6 +138,10 @@ class Settings:
         """Raise :class:`ConfigError` when options are invalid or contradict each other."""
         if self.redis_url is not None:
             _check_url(self.redis_url)
+        for name in ("ssl_ca_certs", "ssl_certfile", "ssl_keyfile"):
+            path = getattr(self, name)
+            if path is not None and not os.path.isfile(path):
+                raise ConfigError(f"{name}: no such file: {path!r}")
         if not valid_name(self.instance_id) or self.instance_id in RESERVED_INSTANCE_IDS:
             raise ConfigError(
                 "instance_id: must be 1-128 characters of letters, digits, '.', '_' or '-' "

@@ -10,6 +10,7 @@ from opentelemetry.metrics import CallbackOptions, Observation
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.resources import Resource
 from prometheus_client import CollectorRegistry
+from prometheus_client.metrics_core import Metric
 
 from .aggregate import Aggregator, ClusterView
 from .health import evaluate
@@ -29,6 +30,10 @@ class ClusterExporter:
     def __init__(self, aggregator: Aggregator) -> None:
         self.aggregator = aggregator
         self.registry = CollectorRegistry(auto_describe=False)
+        # Registered first, so each scrape takes one view that every callback then reads:
+        # one scrape costs at most one aggregation, and its series are consistent.
+        self._pinned: ClusterView | None = None
+        self.registry.register(_PinView(self))
         self._reader = PrometheusMetricReader(
             registry=self.registry, scope_info_enabled=False, disable_target_info=True
         )
@@ -78,16 +83,23 @@ class ClusterExporter:
             description="Malformed entries skipped by aggregation",
         )
 
+    def pin(self) -> None:
+        """Take the view that the callbacks of this scrape will read."""
+        self._pinned = self.aggregator.view()
+
+    def _view(self) -> ClusterView:
+        return self._pinned if self._pinned is not None else self.aggregator.view()
+
     def _regions(self) -> dict[str, Statistics]:
-        return self.aggregator.view().regions
+        return self._view().regions
 
     def _drift(self, options: CallbackOptions) -> Iterable[Observation]:
-        return [Observation(d, {"region": r}) for r, d in self.aggregator.view().drift.items()]
+        return [Observation(d, {"region": r}) for r, d in self._view().drift.items()]
 
     def _instance_ratios(self, options: CallbackOptions) -> Iterable[Observation]:
         return [
             Observation(stats.hit_ratio, {"region": region, "instance_id": instance_id})
-            for region, instances in self.aggregator.view().per_instance.items()
+            for region, instances in self._view().per_instance.items()
             for instance_id, stats in instances.items()
             if stats.live
         ]
@@ -96,7 +108,7 @@ class ClusterExporter:
         self, value: Callable[[ClusterView], float | None]
     ) -> Callable[[CallbackOptions], Iterable[Observation]]:
         def callback(options: CallbackOptions) -> Iterable[Observation]:
-            result = value(self.aggregator.view())
+            result = value(self._view())
             return [] if result is None else [Observation(result)]
 
         return callback
@@ -104,3 +116,14 @@ class ClusterExporter:
     def shutdown(self) -> None:
         """Stop the meter provider and unregister from the registry."""
         self.meter_provider.shutdown()
+
+
+class _PinView:
+    """A collector without metrics that pins the exporter's view for one scrape."""
+
+    def __init__(self, exporter: ClusterExporter) -> None:
+        self._exporter = exporter
+
+    def collect(self) -> Iterable[Metric]:
+        self._exporter.pin()
+        return []

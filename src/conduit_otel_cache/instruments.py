@@ -10,7 +10,7 @@ instrument whose :class:`PreAggregatedHistogram` view turns the observed
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any
+from typing import Any, Protocol
 
 from opentelemetry.metrics import CallbackOptions, Meter, Observation
 from opentelemetry.sdk.metrics._internal.aggregation import (
@@ -85,6 +85,40 @@ class HistogramObservation(float):
         obj = super().__new__(cls, histogram.count)
         obj.histogram = histogram
         return obj
+
+
+class _SelfState(Protocol):
+    invalid_events: int
+    overflow_events: int
+    rejected_values: int
+
+    @property
+    def flush_errors(self) -> int: ...
+
+
+def register_self_instruments(meter: Meter, state: _SelfState) -> None:
+    """Instruments about this instance's own statistics pipeline: failed flushes,
+    events folded into ``_invalid``/``_overflow``, rejected values."""
+
+    def counter(name: str, unit: str, description: str, read: Callable[[], Any]) -> None:
+        meter.create_observable_counter(
+            name, callbacks=[lambda options: [Observation(read())]], unit=unit,
+            description=description,
+        )  # fmt: skip
+
+    counter("conduit.cache.flush.errors", "{error}", "Failed write-throughs to Redis",
+            lambda: state.flush_errors)  # fmt: skip
+    counter("conduit.cache.rejected_values", "{value}", "Invalid response times or sizes dropped",
+            lambda: state.rejected_values)  # fmt: skip
+    meter.create_observable_counter(
+        "conduit.cache.folded_events",
+        callbacks=[lambda options: [
+            Observation(state.invalid_events, {"reason": "invalid_region"}),
+            Observation(state.overflow_events, {"reason": "max_regions"}),
+        ]],
+        unit="{event}",
+        description="Events counted under _invalid or _overflow instead of their region",
+    )  # fmt: skip
 
 
 def _getter(attr: str) -> Callable[[Statistics], Any]:

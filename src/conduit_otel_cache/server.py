@@ -56,7 +56,8 @@ class ExporterService:
         """Stop serving and release Redis connections."""
         self._stop.set()
         self.aggregator.stop()
-        self.server.shutdown()
+        if self._threads:  # shutdown() waits for serve_forever, which only start() runs
+            self.server.shutdown()
         self.server.server_close()
         self.exporter.shutdown()
         self.store.close()

@@ -39,14 +39,26 @@ def _script_source(name: str) -> str:
 def connect(settings: Settings) -> redis.Redis:
     """A Redis client for ``settings.redis_url`` with the configured timeouts."""
     assert settings.redis_url is not None
+    tls: dict[str, Any] = {}
+    if settings.redis_url.startswith("rediss:"):
+        tls = {"ssl_ca_certs": settings.ssl_ca_certs, "ssl_certfile": settings.ssl_certfile,
+               "ssl_keyfile": settings.ssl_keyfile}  # fmt: skip
     return redis.Redis.from_url(
         settings.redis_url,
         decode_responses=True,
         socket_timeout=settings.socket_timeout,
         socket_connect_timeout=settings.connect_timeout,
         socket_keepalive=True,
-        retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), retries=1),
+        # a dropped connection is re-established once at once; a timeout is not retried,
+        # so a hung Redis costs one socket_timeout, not several
+        retry=Retry(
+            ExponentialBackoff(cap=0.5, base=0.05),
+            retries=1,
+            supported_errors=(redis.ConnectionError,),
+        ),
+        retry_on_timeout=False,
         health_check_interval=30,
+        **tls,
     )
 
 

@@ -1,0 +1,472 @@
+"""Aggregation and scrape at fleet scale, against a real redis-server, and how they grow.
+
+``python -m benchmarks.scale [--quick]``
+
+For each N instances x R regions the fleet is written with ``Store.flush()`` (one call per
+instance, synthetic cumulative fields), then: one ``/metrics`` scrape through the public
+``ExporterService`` registry, cold (``aggregation_cache_ttl=0``) and warm (second scrape
+within the TTL), and over HTTP; the cluster totals alone (``store.read_cluster()``); the
+full per-instance pass (``Aggregator(...).view()`` with TTL 0, which reads every instance);
+Redis memory per instance per region; Redis round trips per scrape; and the seed's way to
+get totals, summing at read time over a pipelined HGETALL of every instance x region.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from prometheus_client import generate_latest
+
+from conduit_otel_cache.aggregate import Aggregator
+from conduit_otel_cache.config import DEFAULT_BUCKETS
+from conduit_otel_cache.embedded import RedisServer
+from conduit_otel_cache.model import ResponseTimes
+from conduit_otel_cache.server import ExporterService
+from conduit_otel_cache.store import Store
+
+from .common import (
+    Target,
+    Timing,
+    fmt_ms,
+    measure,
+    measure_trips,
+    plain_client,
+    settings,
+    show,
+    show_targets,
+)
+
+FULL_SCALES = [(100, 10), (1000, 10), (100, 100), (1000, 100)]
+QUICK_SCALES = [(10, 5), (100, 5), (10, 50), (100, 50)]
+SEED_BYTES_PER_INSTANCE_REGION = 100 * 1024  # the seed: "~100KB per instance per region"
+NUMERIC = ("hit_count", "miss_count", "set_count", "eviction_count", "size_bytes", "rt_sum")
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def region_name(j: int) -> str:
+    return f"region{j:03d}"
+
+
+def instance_fields(i: int, j: int) -> dict[str, str]:
+    """Cumulative fields of instance ``i`` in region ``j``; hit rates differ (drift)."""
+    hits = 800 + (i * 37 + j * 11) % 400
+    counts = [0] * (len(DEFAULT_BUCKETS) + 1)
+    counts[1], counts[3], counts[5], counts[8] = hits // 2, hits // 3, 150, 25
+    fields = {
+        "hit_count": str(hits),
+        "miss_count": "200",
+        "set_count": "180",
+        "eviction_count": str(j % 5),
+        "size_bytes": str(1_048_576 + i),
+    }
+    fields.update(ResponseTimes(DEFAULT_BUCKETS, tuple(counts), 0.0021 * hits).to_fields())
+    return fields
+
+
+def populate(store: Store, n: int, r: int) -> float:
+    """Write the fleet: one ``Store.flush`` per instance with all its regions."""
+    start = time.perf_counter()
+    for i in range(n):
+        regions = {region_name(j): instance_fields(i, j) for j in range(r)}
+        store.flush(f"inst-{i:04d}", f"token-{i}", regions, ttl=86400, instance_timeout=3600)
+    return time.perf_counter() - start
+
+
+def seed_totals(client: Any, regions: list[str]) -> dict[str, dict[str, float]]:
+    """The seed's read path: sum every instance's hash at read time (pipelined HGETALL)."""
+    ids = client.zrange("conduit:cache:instances", 0, -1)
+    pipe = client.pipeline(transaction=False)
+    for instance_id in ids:
+        for region in regions:
+            pipe.hgetall(f"conduit:cache:stats:{instance_id}:{region}")
+    replies = pipe.execute()
+    totals: dict[str, dict[str, float]] = {region: {} for region in regions}
+    k = 0
+    for _ in ids:
+        for region in regions:
+            acc = totals[region]
+            for name, value in replies[k].items():
+                if name in NUMERIC or name.startswith("le:"):
+                    acc[name] = acc.get(name, 0.0) + float(value)
+            k += 1
+    return totals
+
+
+def drift_from_fields(client: Any, regions: list[str]) -> dict[str, float]:
+    """What drift needs and no more: pipelined HMGET of hit_count, miss_count and live of
+    every instance x region, then the largest distance from the live cluster's hit rate."""
+    ids = client.zrange("conduit:cache:instances", 0, -1)
+    pipe = client.pipeline(transaction=False)
+    for instance_id in ids:
+        for region in regions:
+            pipe.hmget(
+                f"conduit:cache:stats:{instance_id}:{region}", "hit_count", "miss_count", "live"
+            )
+    replies = iter(pipe.execute())
+    rates: dict[str, list[tuple[int, int]]] = {region: [] for region in regions}
+    for _ in ids:
+        for region in regions:
+            hits, misses, live = next(replies)
+            if live == "1" and hits is not None:
+                h, m = int(hits), int(misses or 0)
+                if h + m:
+                    rates[region].append((h, h + m))
+    drift: dict[str, float] = {}
+    for region, pairs in rates.items():
+        total = sum(t for _, t in pairs)
+        cluster = 100.0 * sum(h for h, _ in pairs) / total if total else 0.0
+        drift[region] = max((abs(100.0 * h / t - cluster) for h, t in pairs), default=0.0)
+    return drift
+
+
+def service(url: str, ttl: float) -> ExporterService:
+    """A started exporter service on a free port; the per-instance pass (if it runs in the
+    background in this version) runs once at start, then not again during the run."""
+    s = settings(
+        redis_url=url,
+        aggregation_cache_ttl=ttl,
+        aggregation_interval=3600,
+        cleanup_interval=3600,
+        instance_timeout=3600,
+    )
+    return ExporterService(s, port=0).start()
+
+
+def wait_ready(svc: ExporterService, expected: int, timeout: float = 300.0) -> float:
+    """Wait until the view holds every instance x region (the per-instance pass ran)."""
+    start = time.perf_counter()
+    while time.perf_counter() - start < timeout:
+        svc.aggregator.invalidate()
+        view = svc.aggregator.view()
+        if sum(len(v) for v in view.per_instance.values()) >= expected:
+            break
+        time.sleep(0.1)
+    return time.perf_counter() - start
+
+
+def vm_status() -> dict[str, int]:
+    """VmRSS and VmHWM of this process in kB."""
+    out: dict[str, int] = {}
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(("VmRSS:", "VmHWM:")):
+                out[line.split(":")[0]] = int(line.split()[1])
+    return out
+
+
+def rss_child(url: str, expected: int) -> None:
+    """Run in a subprocess: an exporter service scraping the fleet; prints RSS as JSON."""
+    before = vm_status()
+    svc = service(url, ttl=0)
+    wait_ready(svc, expected)
+    ready = vm_status()
+    size = 0
+    for _ in range(3):
+        size = len(generate_latest(svc.exporter.registry))
+    with urllib.request.urlopen(f"http://127.0.0.1:{svc.port}/metrics", timeout=300) as resp:
+        resp.read()
+    after = vm_status()
+    svc.stop()
+    print(
+        json.dumps(
+            {
+                "before_kb": before["VmRSS"],
+                "ready_kb": ready["VmRSS"],
+                "after_kb": after["VmRSS"],
+                "peak_kb": after["VmHWM"],
+                "bytes": size,
+            }
+        )
+    )
+
+
+def measure_rss(url: str, expected: int) -> dict[str, int]:
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.scale", "--rss-child", url, "--expected", str(expected)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=ROOT,
+    )
+    if proc.returncode != 0:
+        raise RuntimeError(proc.stderr.strip()[-500:])
+    result: dict[str, int] = json.loads(proc.stdout.strip().splitlines()[-1])
+    return result
+
+
+def one_scale(n: int, r: int, quick: bool, rss: bool) -> dict[str, Any]:
+    reps, slow_reps, budget = (3, 2, 5.0) if quick else (7, 3, 8.0)
+    res: dict[str, Any] = {"n": n, "r": r}
+    with RedisServer() as server:
+        s0 = settings(redis_url=server.url, aggregation_cache_ttl=0, instance_timeout=3600)
+        store = Store.from_settings(s0)
+        mem0 = store.used_memory()
+        res["populate_s"] = populate(store, n, r)
+        mem1 = store.used_memory()
+        res["mem_per_pair"] = (mem1 - mem0) / (n * r)
+        res["used_memory"] = mem1
+        regions = [region_name(j) for j in range(r)]
+
+        res["read_cluster"], res["read_cluster_trips"] = measure_trips(
+            store.read_cluster, max(reps, 20), budget
+        )
+
+        # the full per-instance pass: a synchronous aggregator with TTL 0 reads every instance
+        sync = Aggregator(store, s0)
+        res["view_sync"], res["view_sync_trips"] = measure_trips(sync.view, slow_reps, budget)
+
+        client = plain_client(server.url)
+        client.ping()  # connect first: the handshake is not a round trip of the read
+        res["seed_totals"], res["seed_trips"] = measure_trips(
+            lambda: seed_totals(client, regions), slow_reps, budget
+        )
+        res["drift_fields"], res["drift_trips"] = measure_trips(
+            lambda: drift_from_fields(client, regions), slow_reps, budget
+        )
+        client.close()
+
+        # scrapes through the public exporter service
+        cold = service(server.url, ttl=0)
+        res["ready_s"] = wait_ready(cold, n * r)
+        registry = cold.exporter.registry
+        body = generate_latest(registry)
+        res["bytes"] = len(body)
+        res["series"] = sum(1 for line in body.splitlines() if line and not line.startswith(b"#"))
+        lines = body.splitlines()
+        res["ratio_series"] = sum(
+            1 for x in lines if x.startswith(b"conduit_cache_instance_hit_ratio{")
+        )
+        res["overflow"] = sum(1 for x in lines if b'otel_metric_overflow="true"' in x)
+        res["cold"], res["cold_trips"] = measure_trips(
+            lambda: generate_latest(registry), reps, budget
+        )
+        url = f"http://127.0.0.1:{cold.port}/metrics"
+
+        def http_get() -> None:
+            with urllib.request.urlopen(url, timeout=300) as resp:
+                resp.read()
+
+        res["http_cold"] = measure(http_get, slow_reps, budget)
+        cold.stop()
+
+        warm = service(server.url, ttl=3600)
+        wait_ready(warm, n * r)
+        wreg = warm.exporter.registry
+        generate_latest(wreg)
+        res["warm"], res["warm_trips"] = measure_trips(lambda: generate_latest(wreg), reps, budget)
+        warm.stop()
+        if rss:
+            res["rss"] = measure_rss(server.url, n * r)
+        store.close()
+    return res
+
+
+def _ms(t: Timing) -> str:
+    return f"{fmt_ms(t.min)} / {fmt_ms(t.median)}"
+
+
+def run(quick: bool = False) -> list[Target]:
+    scales = QUICK_SCALES if quick else FULL_SCALES
+    print("\n## 3. Aggregation and scrape at fleet scale (ms: min / median)", flush=True)
+    results: list[dict[str, Any]] = []
+    for n, r in scales:
+        started = time.perf_counter()
+        res = one_scale(n, r, quick, rss=(n, r) == scales[-1])
+        results.append(res)
+        print(
+            f"  {n} x {r}: populated in {res['populate_s']:.1f} s, "
+            f"measured in {time.perf_counter() - started:.1f} s",
+            flush=True,
+        )
+
+    show(
+        "Scrape (/metrics via ExporterService registry) and cluster totals",
+        [
+            "N x R",
+            "cold scrape ms",
+            "round trips",
+            "warm scrape ms",
+            "round trips",
+            "HTTP GET cold ms",
+            "read_cluster() ms",
+            "round trips",
+            "series",
+            "bytes",
+        ],
+        [
+            [
+                f"{x['n']} x {x['r']}",
+                _ms(x["cold"]),
+                f"{x['cold_trips']:g}",
+                _ms(x["warm"]),
+                f"{x['warm_trips']:g}",
+                _ms(x["http_cold"]),
+                _ms(x["read_cluster"]),
+                f"{x['read_cluster_trips']:g}",
+                f"{x['series']:,}",
+                f"{x['bytes']:,}",
+            ]
+            for x in results
+        ],
+    )
+    show(
+        "Per-instance pass, seed read-time sum, Redis memory",
+        [
+            "N x R",
+            "per-instance pass ms (view, TTL 0)",
+            "round trips",
+            "drift fields only (HMGET 3 fields) ms",
+            "seed: HGETALL every instance x region ms",
+            "round trips",
+            "seed / read_cluster (median)",
+            "Redis B / instance / region",
+            "seed's 100 KB / ours",
+        ],
+        [
+            [
+                f"{x['n']} x {x['r']}",
+                _ms(x["view_sync"]),
+                f"{x['view_sync_trips']:g}",
+                _ms(x["drift_fields"]),
+                _ms(x["seed_totals"]),
+                f"{x['seed_trips']:g}",
+                f"{x['seed_totals'].median / x['read_cluster'].median:,.0f}x",
+                f"{x['mem_per_pair']:,.0f}",
+                f"{SEED_BYTES_PER_INSTANCE_REGION / x['mem_per_pair']:,.0f}x under",
+            ]
+            for x in results
+        ],
+    )
+
+    show(
+        "Per-instance series on /metrics (one conduit_cache_instance_hit_ratio per live "
+        "instance x region expected)",
+        ["N x R", "expected", "instance_hit_ratio series", "otel_metric_overflow series"],
+        [
+            [
+                f"{x['n']} x {x['r']}",
+                f"{x['n'] * x['r']:,}",
+                f"{x['ratio_series']:,}",
+                x["overflow"],
+            ]
+            for x in results
+        ],
+    )
+
+    by = {(x["n"], x["r"]): x for x in results}
+    (n1, r1), (n2, _), (_, r2), _ = scales
+    steps = [
+        (f"N x10 at R={r1}", (n1, r1), (n2, r1)),
+        (f"N x10 at R={r2}", (n1, r2), (n2, r2)),
+        (f"R x10 at N={n1}", (n1, r1), (n1, r2)),
+        (f"R x10 at N={n2}", (n2, r1), (n2, r2)),
+    ]
+    figures: list[tuple[str, Callable[[dict[str, Any]], float]]] = [
+        ("cold scrape", lambda x: x["cold"].median),
+        ("warm scrape", lambda x: x["warm"].median),
+        ("read_cluster()", lambda x: x["read_cluster"].median),
+        ("per-instance pass", lambda x: x["view_sync"].median),
+        ("seed HGETALL sum", lambda x: x["seed_totals"].median),
+        ("drift fields only (HMGET)", lambda x: x["drift_fields"].median),
+        ("scrape series", lambda x: x["series"]),
+        ("cold scrape round trips", lambda x: x["cold_trips"]),
+        ("B / instance / region", lambda x: x["mem_per_pair"]),
+    ]
+    show(
+        "Growth: figure at 10x / figure before (median)",
+        ["figure", *[s[0] for s in steps]],
+        [
+            [name, *[f"{get(by[b]) / get(by[a]):.2f}x" if get(by[a]) else "-" for _, a, b in steps]]
+            for name, get in figures
+        ],
+    )
+
+    big = results[-1]
+    label = f"{big['n']} x {big['r']}"
+    if "rss" in big:
+        rss = big["rss"]
+        show(
+            f"Exporter process RSS at {label} (subprocess, /proc/self/status)",
+            [
+                "after imports MB",
+                "after per-instance pass MB",
+                "after 4 scrapes MB",
+                "peak (VmHWM) MB",
+                "scrape bytes",
+            ],
+            [
+                [
+                    f"{rss['before_kb'] / 1024:,.0f}",
+                    f"{rss['ready_kb'] / 1024:,.0f}",
+                    f"{rss['after_kb'] / 1024:,.0f}",
+                    f"{rss['peak_kb'] / 1024:,.0f}",
+                    f"{rss['bytes']:,}",
+                ]
+            ],
+        )
+
+    cold_ms = big["cold"].median * 1e3
+    pass_s = big["view_sync"].median
+    mem = big["mem_per_pair"]
+    targets = [
+        Target(
+            f"cold scrape < 10 ms at {label}",
+            cold_ms < 10,
+            f"{cold_ms:,.1f} ms median ({cold_ms / 10:.1f}x the target)",
+        ),
+        Target(
+            f"store.read_cluster() < 10 ms at {label}",
+            big["read_cluster"].median < 0.010,
+            f"{big['read_cluster'].median * 1e3:,.2f} ms median",
+        ),
+        Target(
+            f"per-instance pass with drift < 1 s at {label}",
+            pass_s < 1.0,
+            f"{pass_s * 1e3:,.0f} ms median ({pass_s:.2f}x the target)",
+        ),
+        Target(
+            "Redis memory < 100 KB per instance per region",
+            mem < 100 * 1024,
+            f"{mem:,.0f} B ({100 * 1024 / mem:,.0f}x under) at {label}",
+        ),
+        Target(
+            f"every per-instance series on /metrics at {label}",
+            big["ratio_series"] == big["n"] * big["r"] and not big["overflow"],
+            f"{big['ratio_series']:,} of {big['n'] * big['r']:,} instance_hit_ratio series"
+            + (" (OTel cardinality limit overflow)" if big["overflow"] else ""),
+        ),
+        Target(
+            "scrape round trips independent of N",
+            all(by[(n2, r)]["cold_trips"] == by[(n1, r)]["cold_trips"] for r in (r1, r2)),
+            ", ".join(f"{x['n']}x{x['r']}: {x['cold_trips']:g}" for x in results),
+        ),
+    ]
+    if quick:
+        targets = [Target(t.name + " (quick: sizes reduced)", None, t.detail) for t in targets]
+    show_targets("Scale targets", targets)
+    return targets
+
+
+def main() -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="smoke run: small N, few reps")
+    parser.add_argument("--rss-child", metavar="URL", help=argparse.SUPPRESS)
+    parser.add_argument("--expected", type=int, default=0, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.rss_child:
+        rss_child(args.rss_child, args.expected)
+        return
+    run(quick=args.quick)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,109 @@
+"""OpenTelemetry SDK auto-configuration: ``OTEL_METRICS_EXPORTER=conduit_redis``.
+
+The SDK's configurator (``opentelemetry-instrument``, a distro, or
+``opentelemetry.sdk._configuration``) builds :class:`ConduitRedisMetricExporter` with no
+arguments from the entry point ``conduit_redis`` of the group
+``opentelemetry_metrics_exporter`` and drives it with a ``PeriodicExportingMetricReader``
+every ``OTEL_METRIC_EXPORT_INTERVAL`` milliseconds. ``setup(meter_provider=
+metrics.get_meter_provider())`` then puts the instruments on that provider and writes
+through this exporter instead of creating its own (:func:`shared_write_through`).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from typing import Any
+
+from opentelemetry.sdk.metrics import ObservableGauge
+from opentelemetry.sdk.metrics.export import PeriodicExportingMetricReader
+from opentelemetry.sdk.metrics.view import Aggregation, DefaultAggregation
+
+from .config import ConfigError, Settings
+from .instruments import RESPONSE_TIME_INSTRUMENT, PreAggregatedHistogram
+from .writethrough import RedisMetricExporter
+
+__all__ = ["ConduitRedisMetricExporter", "shared_write_through"]
+
+
+class ConduitRedisMetricExporter(RedisMetricExporter):
+    """The write-through, configured from ``CONDUIT_CACHE_STATS_*`` environment variables.
+
+    ``CONDUIT_CACHE_STATS_REDIS_URL`` is required; ``flush_interval`` does not apply (the
+    SDK's reader exports every ``OTEL_METRIC_EXPORT_INTERVAL`` ms, default 60000, which must
+    not exceed ``instance_timeout``). Invalid settings raise :class:`ConfigError`.
+    """
+
+    def __init__(self, settings: Settings | None = None) -> None:
+        settings = Settings.load() if settings is None else settings
+        if settings.redis_url is None:
+            raise ConfigError(
+                "redis_url: the conduit_redis metrics exporter needs CONDUIT_CACHE_STATS_REDIS_URL"
+            )
+        interval = _export_interval_seconds()
+        if settings.instance_timeout < interval:
+            raise ConfigError(
+                f"instance_timeout: {settings.instance_timeout:g}s is shorter than "
+                f"OTEL_METRIC_EXPORT_INTERVAL {interval:g}s; live instances would look dead"
+            )
+        super().__init__(settings)
+        # The auto-configured provider has no views: report the pre-aggregated response
+        # times as a histogram on this exporter's reader, other gauges as usual.
+        self._preferred_aggregation = {ObservableGauge: _ResponseTimeOrDefault()}
+
+
+class _ResponseTimeOrDefault(Aggregation):
+    """``PreAggregatedHistogram`` for the response-time instrument, the default otherwise."""
+
+    def _create_aggregation(
+        self,
+        instrument: Any,
+        attributes: Any,
+        reservoir_factory: Any,
+        start_time_unix_nano: int,
+    ) -> Any:
+        chosen = (
+            PreAggregatedHistogram()
+            if getattr(instrument, "name", None) == RESPONSE_TIME_INSTRUMENT
+            else DefaultAggregation()
+        )
+        return chosen._create_aggregation(
+            instrument, attributes, reservoir_factory, start_time_unix_nano
+        )
+
+
+def _export_interval_seconds() -> float:
+    """The interval the SDK's ``PeriodicExportingMetricReader`` will use (it reads the same)."""
+    try:
+        return float(os.environ.get("OTEL_METRIC_EXPORT_INTERVAL", 60000)) / 1000
+    except ValueError:
+        return 60.0
+
+
+def shared_write_through(
+    provider: object, settings: Settings
+) -> tuple[PeriodicExportingMetricReader, RedisMetricExporter] | None:
+    """The reader and exporter of a write-through already on ``provider``, else None.
+
+    Reads private SDK attributes, so anything unexpected means "none". Raises
+    :class:`ConfigError` when that exporter writes another instance id, key prefix or Redis.
+    """
+    readers = getattr(provider, "_metric_readers", None)
+    if not isinstance(readers, Sequence):
+        return None
+    for reader in readers:
+        exporter = getattr(reader, "_exporter", None)
+        if isinstance(reader, PeriodicExportingMetricReader) and isinstance(
+            exporter, RedisMetricExporter
+        ):
+            for name in ("instance_id", "key_prefix", "redis_url"):
+                mine, theirs = getattr(settings, name), getattr(exporter.settings, name)
+                if mine is not None and mine != theirs:
+                    if name == "redis_url":
+                        mine, theirs = settings.safe_redis_url, exporter.settings.safe_redis_url
+                    raise ConfigError(
+                        f"{name}: setup() got {mine!r} but the conduit write-through "
+                        f"already on meter_provider uses {theirs!r}"
+                    )
+            return reader, exporter
+    return None

@@ -1,0 +1,35 @@
+"""The benchmarks still run (a quick smoke run, without the PyPI-installed peer)."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_benchmarks_quick_run() -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks", "--quick", "--no-peer"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = proc.stdout
+    for header in (
+        "### Hot path: ns per call",
+        "### Hot path ratios",
+        "### Redis stopped: time per event and errors raised into the caller",
+        "### Flush: us per flush, Redis round trips per flush",
+        "### Scrape (/metrics via ExporterService registry) and cluster totals",
+        "### Per-instance pass, seed read-time sum, Redis memory",
+        "### Growth: figure at 10x / figure before (median)",
+        "### Exporter process RSS",
+        "### All targets",
+    ):
+        assert header in out, f"missing {header!r} in:\n{out[-3000:]}"
+    assert re.search(r"1 EVALSHA \(1 round trip\) per flush in steady state\s*\|\s*met\s*\|", out)
