@@ -145,7 +145,7 @@ def wait_ready(svc: ExporterService, expected: int, timeout: float = 300.0) -> f
     while time.perf_counter() - start < timeout:
         svc.aggregator.invalidate()
         view = svc.aggregator.view()
-        if sum(len(v) for v in view.per_instance.values()) >= expected:
+        if sum(len(v) for v in view.instance_hit_rates.values()) >= expected:
             break
         time.sleep(0.1)
     return time.perf_counter() - start
@@ -218,7 +218,8 @@ def one_scale(n: int, r: int, quick: bool, rss: bool) -> dict[str, Any]:
             store.read_cluster, max(reps, 20), budget
         )
 
-        # the full per-instance pass: a synchronous aggregator with TTL 0 reads every instance
+        # the per-instance pass with drift: a synchronous aggregator with TTL 0 reads the
+        # totals, drift and every live instance's hit rate
         sync = Aggregator(store, s0)
         res["view_sync"], res["view_sync_trips"] = measure_trips(sync.view, slow_reps, budget)
 

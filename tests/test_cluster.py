@@ -191,3 +191,49 @@ def test_local_mode_without_redis() -> None:
     assert stats.cluster_statistics(REGION).hit_count == 4
     assert not stats.flush()
     stats.shutdown()
+
+
+def test_drift_follows_live_instances_only(make_stats: MakeStats) -> None:
+    a, b, c = make_stats("api-1"), make_stats("api-2"), make_stats("api-3")
+    record(a, 90, 10)
+    record(b, 50, 50)
+    record(c, 70, 30)  # live cluster: 210 / 300 = 70 %
+    for h in (a, b, c):
+        h.flush()
+    assert a.cluster_view().drift[REGION] == pytest.approx(20.0)
+    assert a.cluster_view().instance_hit_rates[REGION] == {
+        "api-1": pytest.approx(90.0), "api-2": pytest.approx(50.0), "api-3": pytest.approx(70.0)
+    }  # fmt: skip
+    b.shutdown()  # live cluster: 160 / 200 = 80 %; the lifetime totals keep b's events
+    view = a.cluster_view()
+    assert view.drift[REGION] == pytest.approx(10.0)
+    assert view.live_hit_rates[REGION] == pytest.approx(80.0)
+    assert view.regions[REGION].hit_count == 210
+    assert set(view.instance_hit_rates[REGION]) == {"api-1", "api-3"}
+
+
+def test_per_instance_series_are_capped_farthest_first(make_stats: MakeStats, redis_url: str):
+    from prometheus_client import generate_latest
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from conduit_otel_cache.config import Settings
+    from conduit_otel_cache.server import ExporterService
+
+    for n, hits in enumerate((50, 52, 10, 95)):  # live cluster 207/400 = 51.75 %
+        h = make_stats(f"api-{n}")
+        record(h, hits, 100 - hits)
+        h.flush()
+    settings = Settings.load(redis_url=redis_url, aggregation_cache_ttl=0, max_instance_series=2)
+    service = ExporterService(settings, port=0)
+    try:
+        service.aggregator.refresh_instances()
+        text = generate_latest(service.exporter.registry).decode()
+    finally:
+        service.stop()
+    series = {
+        s.labels["instance_id"]: s.value
+        for f in text_string_to_metric_families(text)
+        for s in f.samples
+        if s.name == "conduit_cache_instance_hit_ratio"
+    }
+    assert series == {"api-2": pytest.approx(0.10), "api-3": pytest.approx(0.95)}

@@ -12,7 +12,7 @@ from typing import Any
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import MetricReader
 
-from .client import CacheStatistics, views
+from .client import CacheStatistics, DisabledStatistics, views
 from .config import ConfigError, Settings
 from .health import Health, Status
 from .model import ResponseTimes, Statistics
@@ -21,6 +21,7 @@ __version__ = "0.1.0"
 __all__ = [
     "CacheStatistics",
     "ConfigError",
+    "DisabledStatistics",
     "Health",
     "ResponseTimes",
     "Settings",
@@ -43,6 +44,9 @@ def setup(
     ``CONDUIT_CACHE_STATS_<NAME>``; invalid values raise :class:`ConfigError` naming it.
     ``metric_readers`` are added to the meter provider built here; a user's own
     ``meter_provider`` gets the instruments instead (build it with ``views=views()``).
+    With ``enabled=False`` it returns a :class:`DisabledStatistics` whose methods do nothing.
     """
     settings = Settings.load(**options)
+    if not settings.enabled:  # no-op handle: no MeterProvider, no Redis
+        return DisabledStatistics(settings)
     return CacheStatistics(settings, meter_provider=meter_provider, metric_readers=metric_readers)

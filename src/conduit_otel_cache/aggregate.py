@@ -1,10 +1,12 @@
-"""The cluster view: totals, per-instance statistics, drift, liveness; cached briefly.
+"""The cluster view: totals, drift, per-instance hit rates, liveness; cached briefly.
 
 Cluster counters come from the aggregated hashes that every flush keeps up to date
 (so they include departed instances and never go back); gauges count live instances.
 Drift of a region is the largest distance, in percentage points, between a live
-instance's hit rate and the hit rate of all live instances together, over live
-instances that served at least one request in the region.
+instance's hit rate and the hit rate of all live instances together (their hits over
+their requests), over live instances that served the region; 0 with fewer than two.
+Every flush and departure keeps the live sums, a sorted set of live hit rates and the
+drift in Redis, so reading drift costs nothing extra whatever the fleet size.
 """
 
 from __future__ import annotations
@@ -14,7 +16,6 @@ import logging
 import math
 import threading
 import time
-from collections.abc import Mapping
 
 import redis
 
@@ -31,8 +32,11 @@ class ClusterView:
     """One aggregation of the cluster, as read from Redis."""
 
     regions: dict[str, Statistics] = dataclasses.field(default_factory=dict)
-    per_instance: dict[str, dict[str, Statistics]] = dataclasses.field(default_factory=dict)
     drift: dict[str, float] = dataclasses.field(default_factory=dict)
+    #: ``{region: {instance_id: hit rate in percent}}`` of live instances
+    instance_hit_rates: dict[str, dict[str, float]] = dataclasses.field(default_factory=dict)
+    #: ``{region: hit rate in percent}`` of all live instances together
+    live_hit_rates: dict[str, float] = dataclasses.field(default_factory=dict)
     heartbeats: dict[str, float] = dataclasses.field(default_factory=dict)
     active_instances: tuple[str, ...] = ()
     missing_instances: tuple[str, ...] = ()
@@ -49,25 +53,6 @@ class ClusterView:
         return max(0.0, self.server_time - self.heartbeats[instance_id] - instance_timeout)
 
 
-def drift_percent(instances: Mapping[str, Statistics]) -> float:
-    """Largest distance in percentage points between a live instance's hit rate and
-    the hit rate of all live instances together (0 with fewer than two)."""
-    serving = [s for s in instances.values() if s.live and s.total_requests]
-    if len(serving) < 2:
-        return 0.0
-    hits = sum(s.hit_count for s in serving)
-    total = sum(s.total_requests for s in serving)
-    cluster = 100.0 * hits / total
-    return max(abs(s.hit_rate - cluster) for s in serving)
-
-
-@dataclasses.dataclass(frozen=True)
-class _InstancePass:
-    per_instance: dict[str, dict[str, Statistics]] = dataclasses.field(default_factory=dict)
-    drift: dict[str, float] = dataclasses.field(default_factory=dict)
-    errors: tuple[str, ...] = ()
-
-
 class Aggregator:
     """Reads the cluster view from Redis.
 
@@ -76,7 +61,8 @@ class Aggregator:
     reads gets the last view at once instead of waiting. The per-instance pass (drift,
     per-instance hit rates) reads every instance: with ``background=True`` it runs in a
     thread every ``aggregation_interval`` so that no reader waits for it; otherwise it
-    runs with each refresh of the totals.
+    runs with each refresh of the totals. Full per-instance statistics are read on
+    demand by :meth:`per_instance`.
     """
 
     def __init__(self, store: Store, settings: Settings, *, background: bool = False) -> None:
@@ -88,7 +74,8 @@ class Aggregator:
         self._busy = threading.Lock()
         self._view: ClusterView | None = None
         self._read_at = -float("inf")
-        self._instances = _InstancePass()
+        self._instance_rates: dict[str, dict[str, float]] = {}
+        self._instance_errors: dict[str, tuple[str, ...]] = {}
         self._errors = RateLimitedLog(log)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -163,23 +150,28 @@ class Aggregator:
         return []
 
     def refresh_instances(self, data: ClusterData | None = None) -> None:
-        """Read every instance's statistics (drift, per-instance hit rates) now."""
+        """Read every live instance's hit rate per region (the per-instance series) now."""
         data = data or self.store.read_cluster()
+        self._instance_rates = self.store.read_hit_rates(sorted(data.aggregates))
+
+    def per_instance(self, region: str) -> dict[str, Statistics]:
+        """``{instance_id: statistics}`` of ``region`` for every registered instance,
+        read now (one pipelined read per instance); malformed entries are skipped."""
+        data = self.store.read_cluster()
         active = set(self._split(data)[0])
-        bounds = self.settings.response_time_buckets
+        result: dict[str, Statistics] = {}
         errors: list[str] = []
-        per_instance: dict[str, dict[str, Statistics]] = {r: {} for r in data.aggregates}
-        raw = self.store.read_instances(sorted(data.heartbeats), sorted(data.aggregates))
-        for (instance_id, region), entry in raw.items():
+        raw = self.store.read_instances(sorted(data.heartbeats), [region])
+        for (instance_id, _), entry in raw.items():
             if isinstance(entry, Exception):
                 errors.append(f"instance {instance_id!r} region {region!r}: {entry}")
                 continue
             if not entry:
                 continue
             try:
-                per_instance[region][instance_id] = Statistics.from_fields(
+                result[instance_id] = Statistics.from_fields(
                     entry,
-                    bounds,
+                    self.settings.response_time_buckets,
                     instance_count=1,
                     last_updated=_timestamp(entry.get("last_updated")),
                     live=instance_id in active and entry.get("live") == "1",
@@ -187,11 +179,8 @@ class Aggregator:
             except ValueError as exc:
                 errors.append(f"instance {instance_id!r} region {region!r}: {exc}")
         self._count(errors)
-        self._instances = _InstancePass(
-            per_instance=per_instance,
-            drift={r: drift_percent(stats) for r, stats in per_instance.items()},
-            errors=tuple(errors),
-        )
+        self._instance_errors[region] = tuple(errors)  # reported until a clean read
+        return result
 
     def _split(self, data: ClusterData) -> tuple[tuple[str, ...], tuple[str, ...]]:
         cutoff = data.server_time - self.settings.instance_timeout
@@ -222,11 +211,24 @@ class Aggregator:
             except ValueError as exc:
                 errors.append(f"aggregate of region {region!r}: {exc}")
         self._count(errors)
-        instances = self._instances
+        live_rates: dict[str, float] = {}
+        drift: dict[str, float] = {}
+        for region in regions:
+            fields = data.aggregates[region]
+            try:  # kept by every flush and departure (lua/lib.lua update_drift)
+                live_hits = max(0, int(fields.get("live_hit_count", "0")))
+                live_requests = live_hits + max(0, int(fields.get("live_miss_count", "0")))
+                spread = float(fields.get("drift", "0"))
+            except ValueError:
+                live_hits = live_requests = 0
+                spread = 0.0
+            live_rates[region] = 100.0 * live_hits / live_requests if live_requests else 0.0
+            drift[region] = spread if math.isfinite(spread) and 0 <= spread <= 100 else 0.0
         return ClusterView(
             regions=regions,
-            per_instance=instances.per_instance,
-            drift=instances.drift,
+            drift=drift,
+            instance_hit_rates=self._instance_rates,
+            live_hit_rates=live_rates,
             heartbeats=dict(data.heartbeats),
             active_instances=active,
             missing_instances=missing,
@@ -235,7 +237,7 @@ class Aggregator:
             aggregation_latency=time.perf_counter() - start,
             redis_memory_bytes=memory,
             last_successful_aggregation=time.time(),
-            data_errors=(*errors, *instances.errors),
+            data_errors=(*errors, *(e for es in self._instance_errors.values() for e in es)),
         )
 
 

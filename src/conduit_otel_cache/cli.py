@@ -3,21 +3,26 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import signal
 import sys
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 from . import __version__
 from .aggregate import Aggregator, ClusterView
 from .config import ConfigError, Settings
 from .health import evaluate
+from .model import Statistics
 from .store import Store
 
 log = logging.getLogger("conduit_otel_cache")
+
+#: ``{region: {instance_id: statistics}}``
+PerInstance = dict[str, dict[str, Statistics]]
 
 
 def _settings(args: argparse.Namespace, **extra: Any) -> Settings:
@@ -36,7 +41,7 @@ def _human_bytes(n: float) -> str:
     return f"{n:.1f} GiB"  # pragma: no cover
 
 
-def format_table(view: ClusterView) -> str:
+def format_table(view: ClusterView, instances: PerInstance) -> str:
     """The cluster and per-instance statistics as aligned text columns."""
     head = ("region", "instance", "hits", "misses", "hit rate", "sets", "evictions", "size",
             "p95 ms", "drift")  # fmt: skip
@@ -48,7 +53,7 @@ def format_table(view: ClusterView) -> str:
                      str(total.eviction_count), _human_bytes(total.size_bytes),
                      "-" if p95 is None else f"{p95 * 1000:.2f}",
                      f"{view.drift.get(region, 0.0):.1f}"))  # fmt: skip
-        for instance_id, s in sorted(view.per_instance.get(region, {}).items()):
+        for instance_id, s in sorted(instances.get(region, {}).items()):
             p95 = s.response_times.quantile(0.95)
             rows.append(("", instance_id + ("" if s.live else " (gone)"), str(s.hit_count),
                          str(s.miss_count), f"{s.hit_rate:.1f}%", str(s.set_count),
@@ -62,7 +67,9 @@ def format_table(view: ClusterView) -> str:
     return "\n".join(lines)
 
 
-def view_json(view: ClusterView, region: str | None = None) -> dict[str, Any]:
+def view_json(
+    view: ClusterView, instances: PerInstance, region: str | None = None
+) -> dict[str, Any]:
     """The cluster view as JSON (optionally one region)."""
     regions = {r: s for r, s in view.regions.items() if region in (None, r)}
     return {
@@ -70,7 +77,7 @@ def view_json(view: ClusterView, region: str | None = None) -> dict[str, Any]:
             r: {
                 "cluster": s.to_dict(),
                 "drift_percent": view.drift.get(r, 0.0),
-                "instances": {i: st.to_dict() for i, st in view.per_instance.get(r, {}).items()},
+                "instances": {i: st.to_dict() for i, st in instances.get(r, {}).items()},
             }
             for r, s in sorted(regions.items())
         },
@@ -79,37 +86,36 @@ def view_json(view: ClusterView, region: str | None = None) -> dict[str, Any]:
     }
 
 
-def _read_view(args: argparse.Namespace) -> tuple[Settings, ClusterView]:
+def _read_view(args: argparse.Namespace) -> tuple[Settings, ClusterView, Aggregator]:
     settings = _settings(args, aggregation_cache_ttl=0)
-    view = Aggregator(Store.from_settings(settings), settings).view()
-    return settings, view
+    aggregator = Aggregator(Store.from_settings(settings), settings)
+    return settings, aggregator.view(), aggregator
+
+
+def read_per_instance(aggregator: Aggregator, regions: Iterable[str]) -> PerInstance:
+    """Every instance's statistics of every region in ``regions``."""
+    return {region: aggregator.per_instance(region) for region in regions}
 
 
 def cmd_stats(args: argparse.Namespace) -> int:
     """Print the cluster and per-instance table (or JSON)."""
-    settings, view = _read_view(args)
+    settings, view, aggregator = _read_view(args)
     if not view.redis_up:
         print(f"error: cannot read {settings.safe_redis_url}: {view.redis_error}", file=sys.stderr)
         return 2
     if args.region:
-        view = _only_region(view, args.region)
-    print(json.dumps(view_json(view), indent=2) if args.json else format_table(view))
+        view = dataclasses.replace(
+            view, regions={k: v for k, v in view.regions.items() if k == args.region}
+        )
+    instances = read_per_instance(aggregator, view.regions)
+    print(json.dumps(view_json(view, instances), indent=2) if args.json
+          else format_table(view, instances))  # fmt: skip
     return 0
-
-
-def _only_region(view: ClusterView, region: str) -> ClusterView:
-    import dataclasses
-
-    return dataclasses.replace(
-        view,
-        regions={k: v for k, v in view.regions.items() if k == region},
-        per_instance={k: v for k, v in view.per_instance.items() if k == region},
-    )
 
 
 def cmd_health(args: argparse.Namespace) -> int:
     """Print the health JSON; exit 0 Healthy, 1 Degraded, 2 Unhealthy."""
-    settings, view = _read_view(args)
+    settings, view, _ = _read_view(args)
     health = evaluate(view, settings)
     print(json.dumps(health.report_json(), indent=2))
     return int(health.status)
@@ -130,12 +136,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
     """Run the cluster exporter until SIGINT/SIGTERM."""
     from .server import ExporterService
 
-    service = ExporterService(_settings(args), args.host, args.port)
+    service = ExporterService(
+        _settings(args), args.host, args.port, certfile=args.certfile, keyfile=args.keyfile
+    )
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     service.start()
-    print(f"serving http://{args.host}:{service.port}/metrics and /health "
+    scheme = "https" if args.certfile else "http"
+    print(f"serving {scheme}://{args.host}:{service.port}/metrics and /health "
           f"for {service.settings.safe_redis_url}", flush=True)  # fmt: skip
     stop.wait()
     service.stop()
@@ -169,6 +178,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = redis_cmd("serve", "Run the cluster exporter: /metrics, /health, /health/cache_statistics.")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=9464, help="port (default 9464)")
+    p.add_argument("--certfile", help="serve HTTPS with this certificate (PEM)")
+    p.add_argument("--keyfile", help="private key of --certfile (PEM)")
     p.set_defaults(func=cmd_serve)
     p = redis_cmd("stats", "Print cluster and per-instance statistics.")
     p.add_argument("--region", help="only this region")

@@ -15,6 +15,7 @@ from opentelemetry.sdk.metrics.export import MetricReader, PeriodicExportingMetr
 from opentelemetry.sdk.resources import Resource
 
 from .aggregate import Aggregator, ClusterView
+from .api import WSGIApp, make_stats_app
 from .autoconfig import shared_write_through
 from .config import Settings
 from .health import Health, evaluate
@@ -65,8 +66,16 @@ class CacheStatistics(Recorder):
         self._close_lock = threading.Lock()
         readers = list(metric_readers)
         self._reader: PeriodicExportingMetricReader | None = None
-        shared = None if meter_provider is None else shared_write_through(meter_provider, settings)
-        if settings.redis_url is not None and shared is None:
+        # mode "local" (or enabled=False on a direct construction): no exporter, no reader,
+        # no Redis call at all, even with a redis_url
+        distributed = settings.redis_url is not None and settings.mode != "local"
+        distributed = distributed and settings.enabled
+        shared = (
+            shared_write_through(meter_provider, settings)
+            if meter_provider is not None and distributed
+            else None
+        )
+        if distributed and shared is None:
             self.exporter = RedisMetricExporter(settings)
             interval = settings.flush_interval
             self._reader = PeriodicExportingMetricReader(
@@ -116,6 +125,11 @@ class CacheStatistics(Recorder):
         """This instance's statistics of ``region`` (zeros for an unknown region)."""
         return self.snapshot().get(region, Statistics(instance_count=1))
 
+    def wsgi_app(self) -> WSGIApp:
+        """A WSGI app serving ``GET /api/cache/stats/local`` (this instance) and
+        ``/api/cache/stats/distributed`` (the cluster view) as JSON per region."""
+        return make_stats_app(local=self.snapshot, cluster=lambda: self.cluster_view().regions)
+
     def timed_lookup(self, region: str) -> TimedLookup:
         """``with stats.timed_lookup(region) as lookup:`` ... ``lookup.hit()`` or
         ``lookup.miss()``: records the outcome with its response time (nothing if it raises)."""
@@ -151,8 +165,10 @@ class CacheStatistics(Recorder):
             local = self.snapshot()
             return ClusterView(
                 regions=local,
-                per_instance={r: {self.settings.instance_id: s} for r, s in local.items()},
                 drift=dict.fromkeys(local, 0.0),
+                instance_hit_rates={
+                    r: {self.settings.instance_id: s.hit_rate} for r, s in local.items()
+                },
                 active_instances=(self.settings.instance_id,),
                 redis_up=False,
                 redis_error="no redis_url configured",
@@ -165,8 +181,13 @@ class CacheStatistics(Recorder):
         return self.cluster_view().regions.get(region, Statistics())
 
     def per_instance_statistics(self, region: str) -> dict[str, Statistics]:
-        """``{instance_id: statistics}`` of ``region`` for every registered instance."""
-        return dict(self.cluster_view().per_instance.get(region, {}))
+        """``{instance_id: statistics}`` of ``region`` for every registered instance
+        (read now: one pipelined read per instance)."""
+        aggregator = self.aggregator
+        if aggregator is None:
+            local = self.snapshot()
+            return {self.settings.instance_id: local[region]} if region in local else {}
+        return aggregator.per_instance(region)
 
     def health(self) -> Health:
         """The health rules applied to the cluster view."""
@@ -184,3 +205,69 @@ class CacheStatistics(Recorder):
         _open_handles.discard(self)
         for provider in self._owned:  # the write-through reader is always on an owned one
             provider.shutdown()
+
+
+class DisabledStatistics(CacheStatistics):
+    """What ``setup(enabled=False)`` returns: every ``record_*`` is a no-op, reads are
+    empty, and there is no ``MeterProvider``, no exporter and no Redis connection."""
+
+    def __init__(self, settings: Settings, **_ignored: object) -> None:
+        # deliberately no super().__init__(): nothing is allocated, registered or connected
+        self.settings = settings
+        self.exporter = None
+        self._aggregator = None
+        self._reader = None
+        self._closed = True
+        self.invalid_events = self.overflow_events = self.rejected_values = 0
+
+    def record_hit(self, region: str, response_time: float | None = None) -> None:
+        pass
+
+    def record_miss(self, region: str, response_time: float | None = None) -> None:
+        pass
+
+    def record_set(self, region: str) -> None:
+        pass
+
+    def record_eviction(self, region: str) -> None:
+        pass
+
+    def set_size_bytes(self, region: str, size_bytes: int) -> None:
+        pass
+
+    def snapshot(self) -> dict[str, Statistics]:
+        """Always empty."""
+        return {}
+
+    def local_statistics(self, region: str) -> Statistics:
+        """Always zeros."""
+        return Statistics()
+
+    def flush(self) -> bool:
+        """Nothing to write: always False."""
+        return False
+
+    @property
+    def flush_errors(self) -> int:
+        """Always 0."""
+        return 0
+
+    @property
+    def aggregator(self) -> Aggregator | None:
+        """Always None."""
+        return None
+
+    def cluster_view(self) -> ClusterView:
+        """An empty view."""
+        return ClusterView(redis_error="statistics disabled (enabled=false)")
+
+    def cluster_statistics(self, region: str) -> Statistics:
+        """Always zeros."""
+        return Statistics()
+
+    def per_instance_statistics(self, region: str) -> dict[str, Statistics]:
+        """Always empty."""
+        return {}
+
+    def shutdown(self) -> None:
+        """Nothing to release."""

@@ -25,6 +25,11 @@ DEFAULT_BUCKETS: tuple[float, ...] = (
 
 REDIS_SCHEMES = ("redis", "rediss", "unix")
 
+#: ``local``: this process only; ``distributed``: write through to Redis, read the cluster;
+#: ``hybrid``: the same as ``distributed`` (both views are always available), named for the
+#: migration phase in which local and cluster numbers are compared.
+MODES = ("local", "distributed", "hybrid")
+
 
 class ConfigError(ValueError):
     """An option has an invalid value; the message names the option."""
@@ -79,6 +84,7 @@ class Settings:
     aggregation_cache_ttl: float = 5.0
     aggregation_interval: float = 60.0
     max_regions: int = 100
+    max_instance_series: int = 1000
     response_time_buckets: tuple[float, ...] = DEFAULT_BUCKETS
     socket_timeout: float = 5.0
     connect_timeout: float = 5.0
@@ -93,6 +99,14 @@ class Settings:
     max_memory_bytes: int = 1 << 30
     set_global: bool = True
     service_name: str = "conduit"
+    enabled: bool = True
+    mode: str = ""  # "": "distributed" when redis_url is given, else "local"
+
+    def __post_init__(self) -> None:
+        mode = self.mode.strip().lower() if isinstance(self.mode, str) else self.mode
+        if mode == "":
+            mode = "local" if self.redis_url is None else "distributed"
+        object.__setattr__(self, "mode", mode)
 
     def __repr__(self) -> str:
         fields = ", ".join(
@@ -138,6 +152,13 @@ class Settings:
         """Raise :class:`ConfigError` when options are invalid or contradict each other."""
         if self.redis_url is not None:
             _check_url(self.redis_url)
+        if self.mode not in MODES:
+            raise ConfigError(f"mode: must be one of {', '.join(MODES)}, got {self.mode!r:.60}")
+        if self.mode != "local" and self.redis_url is None:
+            raise ConfigError(
+                f"mode: {self.mode!r} needs redis_url (CONDUIT_CACHE_STATS_REDIS_URL); "
+                "use mode='local' for one process only"
+            )
         for name in ("ssl_ca_certs", "ssl_certfile", "ssl_keyfile"):
             path = getattr(self, name)
             if path is not None and not os.path.isfile(path):
@@ -165,7 +186,8 @@ class Settings:
             raise ConfigError("aggregation_cache_ttl: must be a finite number >= 0")
         if self.max_drift_percent < 0 or not math.isfinite(self.max_drift_percent):
             raise ConfigError("max_drift_percent: must be a finite number >= 0")
-        for name in ("max_regions", "min_active_instances", "max_memory_bytes"):
+        for name in ("max_regions", "max_instance_series", "min_active_instances",
+                     "max_memory_bytes"):  # fmt: skip
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}: must be >= 1, got {getattr(self, name)}")
         if self.drift_min_requests < 0:

@@ -11,7 +11,7 @@ import sys
 import threading
 import time
 
-from .cli import format_table
+from .cli import format_table, read_per_instance
 from .config import Settings
 from .embedded import RedisServer, free_port
 from .server import ExporterService
@@ -79,7 +79,8 @@ def run_demo(duration: float | None = None, port: int = 9464, instances: int = 3
             view = service.aggregator.view()
             health = service.health()
             print(f"\n{time.strftime('%H:%M:%S')}  health: {health.status.label}")
-            print(format_table(view), flush=True)
+            per_instance = read_per_instance(service.aggregator, view.regions)
+            print(format_table(view, per_instance), flush=True)
             if deadline is not None and time.monotonic() >= deadline:
                 break
     finally:
@@ -94,7 +95,8 @@ def run_demo(duration: float | None = None, port: int = 9464, instances: int = 3
             final = service.aggregator
             final.invalidate()
             print("\nfinal cluster totals (instances deregistered):")
-            print(format_table(final.view()), flush=True)
+            view = final.view()
+            print(format_table(view, read_per_instance(final, view.regions)), flush=True)
             service.stop()
         redis_server.close()
     print("demo stopped cleanly", flush=True)

@@ -3,11 +3,12 @@ through ``opentelemetry-exporter-prometheus`` on a private ``CollectorRegistry``
 
 from __future__ import annotations
 
+import heapq
 from collections.abc import Callable, Iterable
 
 from opentelemetry.exporter.prometheus import PrometheusMetricReader
 from opentelemetry.metrics import CallbackOptions, Observation
-from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics import MeterProvider, ObservableCounter, ObservableGauge
 from opentelemetry.sdk.resources import Resource
 from prometheus_client import CollectorRegistry
 from prometheus_client.metrics_core import Metric
@@ -34,8 +35,13 @@ class ClusterExporter:
         # one scrape costs at most one aggregation, and its series are consistent.
         self._pinned: ClusterView | None = None
         self.registry.register(_PinView(self))
+        # Series are bounded here (regions, max_instance_series), not folded by the SDK.
+        limit = max(2000, aggregator.settings.max_instance_series + 1)
         self._reader = PrometheusMetricReader(
-            registry=self.registry, scope_info_enabled=False, disable_target_info=True
+            registry=self.registry,
+            scope_info_enabled=False,
+            disable_target_info=True,
+            cardinality_limits={ObservableGauge: limit, ObservableCounter: limit},
         )
         self.meter_provider = MeterProvider(
             metric_readers=[self._reader],
@@ -97,11 +103,21 @@ class ClusterExporter:
         return [Observation(d, {"region": r}) for r, d in self._view().drift.items()]
 
     def _instance_ratios(self, options: CallbackOptions) -> Iterable[Observation]:
+        """Live instances' hit ratios, at most ``max_instance_series`` of them: those
+        farthest from their region's live hit rate first, so the cardinality stays bounded
+        and the series that matter for drift are kept."""
+        view = self._view()
+        rows = [
+            (abs(rate - view.live_hit_rates.get(region, rate)), region, instance_id, rate)
+            for region, rates in view.instance_hit_rates.items()
+            for instance_id, rate in rates.items()
+        ]
+        limit = self.aggregator.settings.max_instance_series
+        if len(rows) > limit:
+            rows = heapq.nlargest(limit, rows)
         return [
-            Observation(stats.hit_ratio, {"region": region, "instance_id": instance_id})
-            for region, instances in self._view().per_instance.items()
-            for instance_id, stats in instances.items()
-            if stats.live
+            Observation(rate / 100.0, {"region": region, "instance_id": instance_id})
+            for _, region, instance_id, rate in rows
         ]
 
     def _scalar(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import ssl
 from collections.abc import Callable, Iterable
 from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler, make_server
@@ -16,13 +17,21 @@ StartResponse = Callable[..., Any]
 Environ = dict[str, Any]
 
 
-def make_app(registry: CollectorRegistry, health: Callable[[], Health]) -> Callable[..., Any]:
-    """A WSGI app serving the metrics of ``registry`` and the ``health()`` report."""
+def make_app(
+    registry: CollectorRegistry,
+    health: Callable[[], Health],
+    api: Callable[..., Any] | None = None,
+) -> Callable[..., Any]:
+    """A WSGI app serving the metrics of ``registry`` and the ``health()`` report; every
+    path under ``/api/`` goes, unchanged, to the WSGI app ``api`` when one is given."""
     metrics_app = make_wsgi_app(registry)
 
     def app(environ: Environ, start_response: StartResponse) -> Iterable[bytes]:
         path = environ.get("PATH_INFO") or "/"
         method = environ.get("REQUEST_METHOD", "GET")
+        if api is not None and path.startswith("/api/"):
+            mounted: Iterable[bytes] = api(environ, start_response)
+            return mounted
         routes = ("/metrics", "/health", "/health/cache_statistics")
         if path.rstrip("/") not in routes:
             return _reply(start_response, "404 Not Found", {"error": "not found"}, method)
@@ -58,9 +67,20 @@ class _QuietHandler(WSGIRequestHandler):
         """Do not log every request."""
 
 
-def make_http_server(app: Callable[..., Any], host: str, port: int) -> ThreadingWSGIServer:
-    """A threading HTTP server for ``app`` (``serve_forever()`` it; port 0 picks a free one)."""
+def make_http_server(
+    app: Callable[..., Any],
+    host: str,
+    port: int,
+    certfile: str | None = None,
+    keyfile: str | None = None,
+) -> ThreadingWSGIServer:
+    """A threading HTTP server for ``app`` (``serve_forever()`` it; port 0 picks a free one);
+    HTTPS when ``certfile`` (and ``keyfile``) are given."""
     server: ThreadingWSGIServer = make_server(
         host, port, app, server_class=ThreadingWSGIServer, handler_class=_QuietHandler
     )
+    if certfile:
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        context.load_cert_chain(certfile, keyfile)
+        server.socket = context.wrap_socket(server.socket, server_side=True)
     return server

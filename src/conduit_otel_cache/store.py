@@ -8,6 +8,7 @@ Keys (``conduit:`` is ``key_prefix``)::
     conduit:cache:stats:aggregated:<region>    hash  the cluster totals, kept at flush time
     conduit:cache:instance:<instance>          hash  process token, live flag, last flush
     conduit:cache:instance:<instance>:regions  set   regions the instance reported
+    conduit:cache:hit_rates:<region>           zset  live instance id -> its hit rate (percent)
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ def connect(settings: Settings) -> redis.Redis:
     return redis.Redis.from_url(
         settings.redis_url,
         decode_responses=True,
+        encoding_errors="replace",  # foreign bytes become invalid names, reported, not raised
         socket_timeout=settings.socket_timeout,
         socket_connect_timeout=settings.connect_timeout,
         socket_keepalive=True,
@@ -122,6 +124,17 @@ class Store:
         """The regions one instance reported."""
         return f"{self.prefix}instance:{instance_id}:regions"
 
+    def hit_rates_key(self, region: str) -> str:
+        """Live instances' hit rates (percent) in one region: drift and per-instance series."""
+        return f"{self.prefix}hit_rates:{region}"
+
+    def _region_keys(self, instance_id: str, region: str) -> list[str]:
+        return [
+            self.stats_key(instance_id, region),
+            self.aggregate_key(region),
+            self.hit_rates_key(region),
+        ]
+
     def _instance_keys(self, instance_id: str, regions: Iterable[str]) -> list[str]:
         keys = [
             self.instances_key,
@@ -129,7 +142,7 @@ class Store:
             self.instance_regions_key(instance_id),
         ]
         for region in regions:
-            keys += [self.stats_key(instance_id, region), self.aggregate_key(region)]
+            keys += self._region_keys(instance_id, region)
         return keys
 
     # -- writes -------------------------------------------------------------------------
@@ -148,7 +161,7 @@ class Store:
                 self.instance_regions_key(instance_id)]  # fmt: skip
         args: list[Any] = [instance_id, token, max(1, int(ttl)), instance_timeout]
         for region, fields in regions.items():
-            keys += [self.stats_key(instance_id, region), self.aggregate_key(region)]
+            keys += self._region_keys(instance_id, region)
             args += [region, len(fields)]
             for name, value in fields.items():
                 args += [name, value]
@@ -235,6 +248,19 @@ class Store:
             else:
                 errors.append(f"{self.instances_key}: invalid member {member[:40]!r}")
         return ClusterData(float(seconds) + micros / 1e6, heartbeats, aggregates, tuple(errors))
+
+    def read_hit_rates(self, regions: Sequence[str]) -> dict[str, dict[str, float]]:
+        """``{region: {instance_id: hit rate in percent}}`` of live instances, pipelined."""
+        if not regions:
+            return {}
+        pipe = self.client.pipeline(transaction=False)
+        for region in regions:
+            pipe.zrange(self.hit_rates_key(region), 0, -1, withscores=True)
+        result: dict[str, dict[str, float]] = {}
+        for region, reply in zip(regions, pipe.execute(raise_on_error=False)):
+            if not isinstance(reply, Exception):
+                result[region] = {m: float(v) for m, v in reply if valid_name(m) and 0 <= v <= 100}
+        return result
 
     def read_instances(
         self, instance_ids: Sequence[str], regions: Sequence[str]

@@ -68,6 +68,7 @@ def test_malformed_entry_is_skipped_reported_and_rest_is_exact(
     populate(make_stats)
     CORRUPTIONS[corruption](r)
     service.aggregator.refresh_instances()
+    assert set(service.aggregator.per_instance("Other")) <= {"api-1", "api-2"}  # read, skipped
     m = scrape(service)
     assert m[("conduit_cache_hits_total", REGION)] == 30  # everything else still correct
     assert m[("conduit_cache_redis_up", "")] == 1
@@ -138,6 +139,8 @@ def test_random_garbage_never_breaks_the_exporter(writes, redis_server: RedisSer
                           port=0)  # fmt: skip
     try:
         svc.aggregator.refresh_instances()
+        for region in ("Other", REGION):
+            svc.aggregator.per_instance(region)
         text = generate_latest(svc.exporter.registry).decode()
         for family in text_string_to_metric_families(text):
             for sample in family.samples:

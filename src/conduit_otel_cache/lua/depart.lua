@@ -1,7 +1,8 @@
--- Take an instance's gauges (size, instance count) out of the cluster totals; its counted
--- events stay in the totals. With a max age, only if its heartbeat is older than that.
+-- Take an instance's live gauges (size, instance count, live hit and miss sums, hit rate)
+-- out of the cluster totals; its counted events stay. With a max age, only if its
+-- heartbeat is older than that.
 -- KEYS: instances zset, instance meta hash, instance regions set,
---       then per region: instance stats hash, aggregated hash.
+--       then per region: instance stats hash, aggregated hash, hit-rates zset.
 -- ARGV: instance id, max heartbeat age in seconds or '' (now), '1' to delete its keys.
 local id, max_age, remove = ARGV[1], ARGV[2], ARGV[3] == '1'
 if max_age ~= '' then
@@ -10,15 +11,21 @@ if max_age ~= '' then
     return 0
   end
 end
-for k = 4, #KEYS, 2 do
-  local skey, akey = KEYS[k], KEYS[k + 1]
+for k = 4, #KEYS, 3 do
+  local skey, akey, rkey = KEYS[k], KEYS[k + 1], KEYS[k + 2]
   ensure_hash(skey)
   ensure_hash(akey)
   if redis.call('HGET', skey, 'live') == '1' then
-    incr(akey, 'size_bytes', -num(redis.call('HGET', skey, 'size_bytes')), false)
+    local s = redis.call('HMGET', skey, 'size_bytes', 'hit_count', 'miss_count')
+    incr(akey, 'size_bytes', -num(s[1]), false)
+    incr(akey, 'live_hit_count', -num(s[2]), false)
+    incr(akey, 'live_miss_count', -num(s[3]), false)
     incr(akey, 'instance_count', -1, false)
     redis.call('HSET', skey, 'live', '0')
   end
+  ensure_type(rkey, 'zset')
+  redis.call('ZREM', rkey, id)
+  update_drift(akey, rkey)
   if remove then redis.call('DEL', skey) end
 end
 if remove then

@@ -28,3 +28,18 @@ local function server_time()
   local t = redis.call('TIME')
   return tonumber(t[1]) + tonumber(t[2]) / 1000000
 end
+
+local function update_drift(akey, rkey)
+  -- Drift: the largest distance (percentage points) between the live cluster hit rate
+  -- and the lowest or highest live instance hit rate; 0 with fewer than two instances.
+  local drift = 0
+  if redis.call('ZCARD', rkey) >= 2 then
+    local live = redis.call('HMGET', akey, 'live_hit_count', 'live_miss_count')
+    local hits, requests = num(live[1]), num(live[1]) + num(live[2])
+    local rate = requests > 0 and 100 * hits / requests or 0
+    local low = tonumber(redis.call('ZRANGE', rkey, 0, 0, 'WITHSCORES')[2])
+    local high = tonumber(redis.call('ZRANGE', rkey, -1, -1, 'WITHSCORES')[2])
+    drift = math.max(math.abs(high - rate), math.abs(rate - low))
+  end
+  redis.call('HSET', akey, 'drift', string.format('%.17g', drift))
+end
