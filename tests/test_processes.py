@@ -123,3 +123,22 @@ def test_http_errors(serve: str) -> None:
     status, body = get(serve + "/health")
     assert status == 503  # no live instance: fewer than min_active_instances
     assert json.loads(body)["status"] == "Unhealthy"
+
+
+def test_request_flood_costs_one_aggregation(make_stats, redis_url: str) -> None:
+    from conduit_otel_cache.config import Settings
+    from conduit_otel_cache.server import ExporterService
+
+    stats = make_stats("api-1")
+    stats.record_hit("ProviderResponses")
+    stats.flush()
+    service = ExporterService(Settings.load(redis_url=redis_url, aggregation_cache_ttl=30), port=0)
+    service.start()
+    try:
+        base = f"http://127.0.0.1:{service.port}"
+        for n in range(150):  # bounded flood on loopback
+            path = ("/metrics", "/health", "/health/cache_statistics")[n % 3]
+            assert get(base + path)[0] == 200
+    finally:
+        service.stop()
+    assert service.aggregator.aggregations == 1
