@@ -76,3 +76,42 @@ def test_demo_runs_and_stops_cleanly() -> None:
     final = proc.stdout.split("final cluster totals")[1]
     assert "cluster (0 live)" in final  # every instance deregistered on SIGTERM
     assert "Traceback" not in proc.stderr
+
+
+def test_stats_watch_refreshes_until_interrupted(make_stats: MakeStats, redis_url: str) -> None:
+    import signal
+
+    from .conftest import wait_for
+
+    stats = make_stats("api-1")
+    stats.record_hit("ProviderResponses")
+    stats.flush()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "conduit_otel_cache.cli", "stats", "--redis-url", redis_url,
+         "--watch", "0.1"], stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    lines: list[str] = []
+    try:
+        wait_for(lambda: lines.append(proc.stdout.readline()) or  # type: ignore[union-attr]
+                 sum("ProviderResponses" in line for line in lines) >= 1)  # fmt: skip
+        stats.record_hit("ProviderResponses")
+        stats.flush()  # the next refresh shows the new total
+        wait_for(lambda: lines.append(proc.stdout.readline()) or  # type: ignore[union-attr]
+                 any("ProviderResponses" in line and " 2 " in line for line in lines))  # fmt: skip
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(10) == 0
+    finally:
+        proc.kill()
+
+
+def test_help_of_every_command(capsys) -> None:
+    import pytest
+
+    for command in ("serve", "stats", "health", "cleanup", "demo"):
+        with pytest.raises(SystemExit) as done:
+            main([command, "--help"])
+        assert done.value.code == 0
+        assert "usage:" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main(["--version"])
+    assert capsys.readouterr().out.startswith("conduit-otel-cache 0.1.0")

@@ -237,3 +237,14 @@ def test_per_instance_series_are_capped_farthest_first(make_stats: MakeStats, re
         if s.name == "conduit_cache_instance_hit_ratio"
     }
     assert series == {"api-2": pytest.approx(0.10), "api-3": pytest.approx(0.95)}
+
+
+def test_two_live_processes_with_one_id_are_warned_about(
+    make_stats: MakeStats, caplog: pytest.LogCaptureFixture
+) -> None:
+    first, second = make_stats("api-1"), make_stats("api-1")  # two tokens, one id
+    record(first, 1, 0)
+    record(second, 1, 0)
+    assert first.flush() and second.flush()
+    warnings = [r for r in caplog.records if "another live process" in r.message]
+    assert len(warnings) == 1 and "api-1" in warnings[0].message

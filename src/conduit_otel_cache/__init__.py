@@ -16,17 +16,22 @@ from .client import CacheStatistics, DisabledStatistics, views
 from .config import ConfigError, Settings
 from .health import Health, Status
 from .model import ResponseTimes, Statistics
+from .strategies import AggregationStrategy, LazyStrategy, SumStrategy, WeightedStrategy
 
 __version__ = "0.1.0"
 __all__ = [
+    "AggregationStrategy",
     "CacheStatistics",
     "ConfigError",
     "DisabledStatistics",
     "Health",
+    "LazyStrategy",
     "ResponseTimes",
     "Settings",
     "Statistics",
     "Status",
+    "SumStrategy",
+    "WeightedStrategy",
     "setup",
     "views",
 ]
@@ -36,6 +41,7 @@ def setup(
     *,
     meter_provider: MeterProvider | None = None,
     metric_readers: Sequence[MetricReader] = (),
+    aggregation_strategy: str | AggregationStrategy | None = None,
     **options: Any,
 ) -> CacheStatistics:
     """Start recording cache statistics for this instance.
@@ -45,8 +51,20 @@ def setup(
     ``metric_readers`` are added to the meter provider built here; a user's own
     ``meter_provider`` gets the instruments instead (build it with ``views=views()``).
     With ``enabled=False`` it returns a :class:`DisabledStatistics` whose methods do nothing.
+    ``aggregation_strategy`` is ``"sum"``, ``"lazy"`` or a strategy object such as
+    :class:`WeightedStrategy`.
     """
+    strategy = None
+    if isinstance(aggregation_strategy, str):
+        options["aggregation_strategy"] = aggregation_strategy
+    elif aggregation_strategy is not None:
+        strategy = aggregation_strategy
     settings = Settings.load(**options)
     if not settings.enabled:  # no-op handle: no MeterProvider, no Redis
         return DisabledStatistics(settings)
-    return CacheStatistics(settings, meter_provider=meter_provider, metric_readers=metric_readers)
+    return CacheStatistics(
+        settings,
+        meter_provider=meter_provider,
+        metric_readers=metric_readers,
+        aggregation_strategy=strategy,
+    )

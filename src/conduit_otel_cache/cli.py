@@ -9,6 +9,7 @@ import logging
 import signal
 import sys
 import threading
+import time
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -98,19 +99,30 @@ def read_per_instance(aggregator: Aggregator, regions: Iterable[str]) -> PerInst
 
 
 def cmd_stats(args: argparse.Namespace) -> int:
-    """Print the cluster and per-instance table (or JSON)."""
+    """Print the cluster and per-instance table (or JSON); with ``--watch``, again and
+    again until interrupted."""
     settings, view, aggregator = _read_view(args)
-    if not view.redis_up:
-        print(f"error: cannot read {settings.safe_redis_url}: {view.redis_error}", file=sys.stderr)
-        return 2
-    if args.region:
-        view = dataclasses.replace(
-            view, regions={k: v for k, v in view.regions.items() if k == args.region}
-        )
-    instances = read_per_instance(aggregator, view.regions)
-    print(json.dumps(view_json(view, instances), indent=2) if args.json
-          else format_table(view, instances))  # fmt: skip
-    return 0
+    stop = threading.Event()
+    if args.watch:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda *_: stop.set())
+    while True:
+        if not view.redis_up:
+            print(f"error: cannot read {settings.safe_redis_url}: {view.redis_error}",
+                  file=sys.stderr)  # fmt: skip
+            return 2
+        if args.region:
+            view = dataclasses.replace(
+                view, regions={k: v for k, v in view.regions.items() if k == args.region}
+            )
+        instances = read_per_instance(aggregator, view.regions)
+        if args.watch and not args.json:
+            print(f"\n{time.strftime('%H:%M:%S')}  {settings.safe_redis_url}")
+        print(json.dumps(view_json(view, instances), indent=2) if args.json
+              else format_table(view, instances), flush=True)  # fmt: skip
+        if not args.watch or stop.wait(args.watch):
+            return 0
+        view = aggregator.view()
 
 
 def cmd_health(args: argparse.Namespace) -> int:
@@ -184,6 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = redis_cmd("stats", "Print cluster and per-instance statistics.")
     p.add_argument("--region", help="only this region")
     p.add_argument("--json", action="store_true", help="print JSON")
+    p.add_argument("--watch", type=float, metavar="SECONDS", help="refresh every SECONDS")
     p.set_defaults(func=cmd_stats)
     p = redis_cmd("health", "Print health JSON; exit 0 Healthy, 1 Degraded, 2 Unhealthy.")
     p.set_defaults(func=cmd_health)

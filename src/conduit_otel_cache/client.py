@@ -29,6 +29,7 @@ from .instruments import (
 from .integrations.lookup import TimedLookup
 from .model import Statistics
 from .recorder import Recorder
+from .strategies import AggregationStrategy, strategy_named
 from .writethrough import RedisMetricExporter
 
 log = logging.getLogger(__name__)
@@ -57,9 +58,13 @@ class CacheStatistics(Recorder):
         *,
         meter_provider: MeterProvider | None = None,
         metric_readers: Sequence[MetricReader] = (),
+        aggregation_strategy: AggregationStrategy | None = None,
     ) -> None:
         super().__init__(settings.response_time_buckets, settings.max_regions)
         self.settings = settings
+        self.strategy: AggregationStrategy = aggregation_strategy or strategy_named(
+            settings.aggregation_strategy, settings.aggregation_cache_ttl
+        )
         self.exporter: RedisMetricExporter | None = None
         self._aggregator: Aggregator | None = None
         self._closed = False
@@ -176,8 +181,13 @@ class CacheStatistics(Recorder):
         return aggregator.view()
 
     def cluster_statistics(self, region: str) -> Statistics:
-        """Cluster statistics of ``region``: counters over every instance that reported,
-        gauges and ``instance_count`` over live instances."""
+        """Cluster statistics of ``region`` as the aggregation strategy combines them; by
+        default counters over every instance that reported, gauges and ``instance_count``
+        over live instances."""
+        return self.strategy.aggregate(region, self)
+
+    def cluster_totals(self, region: str) -> Statistics:
+        """The totals kept in Redis for ``region`` (what :class:`SumStrategy` returns)."""
         return self.cluster_view().regions.get(region, Statistics())
 
     def per_instance_statistics(self, region: str) -> dict[str, Statistics]:

@@ -83,6 +83,7 @@ class Settings:
     key_prefix: str = "conduit:"
     aggregation_cache_ttl: float = 5.0
     aggregation_interval: float = 60.0
+    aggregation_strategy: str = "sum"
     max_regions: int = 100
     max_instance_series: int = 1000
     response_time_buckets: tuple[float, ...] = DEFAULT_BUCKETS
@@ -182,6 +183,11 @@ class Settings:
                     f"instance_timeout: {self.instance_timeout:g}s is shorter than "
                     f"flush_interval {self.flush_interval:g}s; live instances would look dead"
                 )
+        if self.aggregation_strategy not in ("sum", "lazy"):
+            raise ConfigError(
+                "aggregation_strategy: must be 'sum' or 'lazy' (or pass a strategy object to "
+                f"setup()), got {self.aggregation_strategy[:40]!r}"
+            )
         if self.aggregation_cache_ttl < 0 or not math.isfinite(self.aggregation_cache_ttl):
             raise ConfigError("aggregation_cache_ttl: must be a finite number >= 0")
         if self.max_drift_percent < 0 or not math.isfinite(self.max_drift_percent):

@@ -26,6 +26,12 @@ HERE = Path(__file__).parent
 REGION = "ProviderResponses"
 
 
+def report(line: str) -> None:
+    """Print a figure into the test output (not captured)."""
+    sys.__stdout__.write(line + "\n")
+    sys.__stdout__.flush()
+
+
 def cluster_totals(url: str) -> tuple[int, int]:
     settings = Settings.load(redis_url=url, aggregation_cache_ttl=0)
     store = Store.from_settings(settings)
@@ -68,7 +74,7 @@ def test_redis_killed_twice_while_three_processes_record(persist: bool) -> None:
         hits = sum(r["hits"] for r in results)
         misses = sum(r["misses"] for r in results)
         assert (hits, misses) == cluster_totals(server.url)  # nothing lost, nothing doubled
-        print(f"\nrecorded {hits} hits {misses} misses; cluster totals equal; flush errors "
+        report(f"\nrecorded {hits} hits {misses} misses; cluster totals equal; flush errors "
               f"{[r['flush_errors'] for r in results]}; slowest record_* "
               f"{max(r['max_record_seconds'] for r in results) * 1e3:.2f} ms")  # fmt: skip
         for r in results:
@@ -222,7 +228,7 @@ def test_churn_of_10000_instances_leaves_memory_bounded(
     removed = Store(r).cleanup(retention_period=3600)
     assert len(removed) == 3334
     final_keys, final_memory = r.dbsize(), int(r.info("memory")["used_memory"])
-    print(f"\nchurn 10000: peak keys {peak_keys}, final {final_keys} (live set {baseline_keys}); "
+    report(f"\nchurn 10000: peak keys {peak_keys}, final {final_keys} (live set {baseline_keys}); "
           f"used_memory peak {peak_memory} final {final_memory}")  # fmt: skip
     assert final_keys == baseline_keys
     totals = Store(r).read_cluster().aggregates[REGION]
