@@ -65,3 +65,25 @@ def test_password_never_in_repr_or_errors() -> None:
     with pytest.raises(ConfigError) as err:
         Settings.load({}, redis_url="http://user:s3cret-pw@localhost:6379/1")
     assert "s3cret-pw" not in str(err.value)
+
+
+def test_default_region_and_aggregation_cache_options(redis_url: str) -> None:
+    with pytest.raises(ConfigError, match="default_region"):
+        Settings.load({}, default_region="no spaces")
+    stats = setup(redis_url=redis_url, instance_id="a", set_global=False, flush_interval=None,
+                  default_region="Embeddings", aggregation_cache_ttl=60,
+                  enable_aggregation_cache=False)  # fmt: skip
+    stats.record_hit(None)
+    stats.flush()
+    assert stats.local_statistics("Embeddings").hit_count == 1
+    before = stats.aggregator.aggregations
+    for _ in range(3):
+        stats.cluster_statistics("Embeddings")
+    assert stats.aggregator.aggregations == before + 3  # no cache: every read aggregates
+    stats.shutdown()
+    cached = setup(redis_url=redis_url, instance_id="b", set_global=False, flush_interval=None,
+                   aggregation_cache_ttl=60)  # fmt: skip
+    for _ in range(3):
+        cached.cluster_statistics("Embeddings")
+    assert cached.aggregator.aggregations == 1
+    cached.shutdown()

@@ -76,7 +76,7 @@ def test_zero_traffic_hit_rate_is_zero() -> None:
 
 
 @pytest.mark.parametrize("bad", ["a:b", "{x}", "with space", "line\nbreak", "", "x" * 10_000,
-                                 None, 42, ("t",), ["unhashable"]])  # fmt: skip
+                                 42, ("t",), ["unhashable"]])  # fmt: skip
 def test_invalid_region_is_counted_under_invalid_with_one_warning(
     bad: object, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -112,3 +112,15 @@ def test_bad_response_time_is_ignored_but_event_counted(bad: object) -> None:
     assert s.response_times.count == 0 and s.response_times.sum == 0.0
     assert s.size_bytes == 0
     assert rec.rejected_values == 2
+
+
+def test_none_region_counts_under_default_region() -> None:
+    rec = Recorder(DEFAULT_BUCKETS, default_region="ProviderResponses")
+    rec.record_hit(None)
+    rec.record_miss(None, 0.002)
+    rec.record_hit("ProviderResponses")
+    rec.set_size_bytes(None, 7)
+    s = rec.snapshot()
+    assert set(s) == {"ProviderResponses"}
+    assert (s["ProviderResponses"].hit_count, s["ProviderResponses"].miss_count) == (2, 1)
+    assert s["ProviderResponses"].size_bytes == 7

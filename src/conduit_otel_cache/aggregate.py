@@ -97,6 +97,8 @@ class Aggregator:
             self._busy.release()
 
     def _fresh(self) -> bool:
+        if not self.settings.enable_aggregation_cache:
+            return False
         return time.monotonic() - self._read_at < self.settings.aggregation_cache_ttl
 
     def invalidate(self) -> None:

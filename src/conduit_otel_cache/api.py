@@ -13,10 +13,10 @@ every ``/api/`` request to it unchanged).
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
+from .http import json_reply
 from .model import Statistics
 
 WSGIApp = Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]
@@ -49,29 +49,21 @@ def make_stats_app(
         method = environ.get("REQUEST_METHOD", "GET")
         source = routes.get(path)
         if source is None:
-            return _reply(start_response, "404 Not Found", {"error": "not found"}, method)
+            return json_reply(start_response, "404 Not Found", {"error": "not found"}, method)
         if method not in ("GET", "HEAD"):
-            return _reply(start_response, "405 Method Not Allowed", {"error": "use GET"}, method,
-                          [("Allow", "GET, HEAD")])  # fmt: skip
+            return json_reply(
+                start_response,
+                "405 Method Not Allowed",
+                {"error": "use GET"},
+                method,
+                [("Allow", "GET, HEAD")],
+            )
         try:
             regions = source()
         except Exception as exc:
             error = {"error": f"{type(exc).__name__}: {exc}"}
-            return _reply(start_response, "503 Service Unavailable", error, method)
+            return json_reply(start_response, "503 Service Unavailable", error, method)
         payload = {region: stats_json(s) for region, s in sorted(regions.items())}
-        return _reply(start_response, "200 OK", payload, method)
+        return json_reply(start_response, "200 OK", payload, method)
 
     return app
-
-
-def _reply(
-    start_response: Callable[..., Any],
-    status: str,
-    payload: Any,
-    method: str,
-    headers: list[tuple[str, str]] | None = None,
-) -> list[bytes]:
-    body = json.dumps(payload, indent=2).encode()
-    start_response(status, [("Content-Type", "application/json"),
-                            ("Content-Length", str(len(body))), *(headers or [])])  # fmt: skip
-    return [] if method == "HEAD" else [body]

@@ -60,7 +60,9 @@ class CacheStatistics(Recorder):
         metric_readers: Sequence[MetricReader] = (),
         aggregation_strategy: AggregationStrategy | None = None,
     ) -> None:
-        super().__init__(settings.response_time_buckets, settings.max_regions)
+        super().__init__(
+            settings.response_time_buckets, settings.max_regions, settings.default_region
+        )
         self.settings = settings
         self.strategy: AggregationStrategy = aggregation_strategy or strategy_named(
             settings.aggregation_strategy, settings.aggregation_cache_ttl
@@ -230,26 +232,26 @@ class DisabledStatistics(CacheStatistics):
         self._closed = True
         self.invalid_events = self.overflow_events = self.rejected_values = 0
 
-    def record_hit(self, region: str, response_time: float | None = None) -> None:
+    def record_hit(self, region: str | None, response_time: float | None = None) -> None:
         pass
 
-    def record_miss(self, region: str, response_time: float | None = None) -> None:
+    def record_miss(self, region: str | None, response_time: float | None = None) -> None:
         pass
 
-    def record_set(self, region: str) -> None:
+    def record_set(self, region: str | None) -> None:
         pass
 
-    def record_eviction(self, region: str) -> None:
+    def record_eviction(self, region: str | None) -> None:
         pass
 
-    def set_size_bytes(self, region: str, size_bytes: int) -> None:
+    def set_size_bytes(self, region: str | None, size_bytes: int) -> None:
         pass
 
     def snapshot(self) -> dict[str, Statistics]:
         """Always empty."""
         return {}
 
-    def local_statistics(self, region: str) -> Statistics:
+    def local_statistics(self, region: str | None) -> Statistics:
         """Always zeros."""
         return Statistics()
 

@@ -10,7 +10,7 @@ import re
 import socket
 from collections.abc import Mapping
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 ENV_PREFIX = "CONDUIT_CACHE_STATS_"
 
@@ -23,7 +23,11 @@ DEFAULT_BUCKETS: tuple[float, ...] = (
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
 )  # fmt: skip
 
-REDIS_SCHEMES = ("redis", "rediss", "unix")
+#: ``redis+cluster://host:port[,host:port...]`` (``rediss+cluster://`` with TLS) names a Redis
+#: Cluster by one or more of its nodes; so does any ``redis://``/``rediss://`` URL with
+#: ``cluster=True``.
+CLUSTER_SCHEMES = ("redis+cluster", "rediss+cluster")
+REDIS_SCHEMES = ("redis", "rediss", "unix", *CLUSTER_SCHEMES)
 
 #: ``local``: this process only; ``distributed``: write through to Redis, read the cluster;
 #: ``hybrid``: the same as ``distributed`` (both views are always available), named for the
@@ -44,9 +48,7 @@ def redact_url(url: str | None) -> str:
         if parts.password is None:
             return url
         user = parts.username or ""
-        host = parts.hostname or ""
-        if parts.port is not None:
-            host = f"{host}:{parts.port}"
+        host = parts.netloc.rpartition("@")[2]  # also "h1:p1,h2:p2" of a cluster URL
         netloc = f"{user}:***@{host}"
         return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
     except ValueError:
@@ -84,6 +86,8 @@ class Settings:
     aggregation_cache_ttl: float = 5.0
     aggregation_interval: float = 60.0
     aggregation_strategy: str = "sum"
+    enable_aggregation_cache: bool = True
+    default_region: str = "default"
     max_regions: int = 100
     max_instance_series: int = 1000
     response_time_buckets: tuple[float, ...] = DEFAULT_BUCKETS
@@ -101,6 +105,8 @@ class Settings:
     set_global: bool = True
     service_name: str = "conduit"
     enabled: bool = True
+    #: ``redis_url`` names a Redis Cluster (implied by ``redis+cluster://``/``rediss+cluster://``)
+    cluster: bool = False
     mode: str = ""  # "": "distributed" when redis_url is given, else "local"
 
     def __post_init__(self) -> None:
@@ -122,6 +128,13 @@ class Settings:
     def safe_redis_url(self) -> str:
         """The Redis URL with its password masked, for logs and output."""
         return redact_url(self.redis_url)
+
+    @property
+    def is_cluster(self) -> bool:
+        """True when ``redis_url`` names a Redis Cluster."""
+        return self.redis_url is not None and (
+            self.cluster or urlsplit(self.redis_url).scheme in CLUSTER_SCHEMES
+        )
 
     @classmethod
     def load(cls, environ: Mapping[str, str] | None = None, **options: Any) -> Settings:
@@ -153,6 +166,8 @@ class Settings:
         """Raise :class:`ConfigError` when options are invalid or contradict each other."""
         if self.redis_url is not None:
             _check_url(self.redis_url)
+            if self.is_cluster:
+                cluster_address(self.redis_url)
         if self.mode not in MODES:
             raise ConfigError(f"mode: must be one of {', '.join(MODES)}, got {self.mode!r:.60}")
         if self.mode != "local" and self.redis_url is None:
@@ -183,6 +198,11 @@ class Settings:
                     f"instance_timeout: {self.instance_timeout:g}s is shorter than "
                     f"flush_interval {self.flush_interval:g}s; live instances would look dead"
                 )
+        if not valid_name(self.default_region):
+            raise ConfigError(
+                "default_region: must be 1-128 characters of letters, digits, '.', '_' or '-', "
+                f"got {self.default_region[:40]!r}"
+            )
         if self.aggregation_strategy not in ("sum", "lazy"):
             raise ConfigError(
                 "aggregation_strategy: must be 'sum' or 'lazy' (or pass a strategy object to "
@@ -219,10 +239,52 @@ def _check_positive(name: str, value: float) -> None:
         raise ConfigError(f"{name}: must be a positive number of seconds, got {value!r}")
 
 
+@dataclasses.dataclass(frozen=True)
+class ClusterAddress:
+    """Where a Redis Cluster is: its startup nodes, credentials and whether TLS is used."""
+
+    nodes: tuple[tuple[str, int], ...]
+    username: str | None
+    password: str | None
+    tls: bool
+
+
+def cluster_address(url: str) -> ClusterAddress:
+    """Parse ``redis[s]+cluster://[user:password@]host[:port][,host[:port]...][/0]`` (or a
+    ``redis[s]://`` URL used with ``cluster=True``); raises :class:`ConfigError`."""
+    shown = redact_url(url)
+    try:
+        parts = urlsplit(url)
+        nodes = []
+        for item in parts.netloc.rpartition("@")[2].split(","):
+            node = urlsplit("//" + item.strip())
+            if not node.hostname:
+                raise ValueError
+            nodes.append((node.hostname, node.port or 6379))
+        username, password = parts.username, parts.password
+    except ValueError:
+        raise ConfigError(f"redis_url: not a valid cluster URL: {shown!r}") from None
+    if parts.scheme not in ("redis", "rediss", *CLUSTER_SCHEMES):
+        raise ConfigError(
+            f"redis_url: a Redis Cluster needs a redis:// or rediss:// URL: {shown!r}"
+        )
+    if parts.path.strip("/") not in ("", "0"):
+        raise ConfigError(f"redis_url: a Redis Cluster has database 0 only: {shown!r}")
+    return ClusterAddress(
+        tuple(nodes),
+        unquote(username) if username else None,
+        unquote(password) if password is not None else None,
+        parts.scheme.startswith("rediss"),
+    )
+
+
 def _check_url(url: str) -> None:
     try:
         parts = urlsplit(url)
-        parts.port  # noqa: B018 - raises ValueError for a bad port
+        if parts.scheme in CLUSTER_SCHEMES:
+            cluster_address(url)
+        else:
+            parts.port  # noqa: B018 - raises ValueError for a bad port
     except ValueError:
         raise ConfigError(f"redis_url: not a valid URL: {redact_url(url)!r}") from None
     if parts.scheme not in REDIS_SCHEMES:

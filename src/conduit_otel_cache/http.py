@@ -34,28 +34,34 @@ def make_app(
             return mounted
         routes = ("/metrics", "/health", "/health/cache_statistics")
         if path.rstrip("/") not in routes:
-            return _reply(start_response, "404 Not Found", {"error": "not found"}, method)
+            return json_reply(start_response, "404 Not Found", {"error": "not found"}, method)
         if method not in ("GET", "HEAD"):
-            return _reply(start_response, "405 Method Not Allowed", {"error": "use GET"}, method,
-                          [("Allow", "GET, HEAD")])  # fmt: skip
+            return json_reply(
+                start_response,
+                "405 Method Not Allowed",
+                {"error": "use GET"},
+                method,
+                [("Allow", "GET, HEAD")],
+            )
         if path.rstrip("/") == "/metrics":
             body: Iterable[bytes] = metrics_app(environ, start_response)
             return body
         report = health()
         payload = report.report_json() if path.rstrip("/") == "/health" else report.check_json()
         status = "200 OK" if report.http_status == 200 else "503 Service Unavailable"
-        return _reply(start_response, status, payload, method)
+        return json_reply(start_response, status, payload, method)
 
     return app
 
 
-def _reply(
+def json_reply(
     start_response: StartResponse,
     status: str,
     payload: Any,
     method: str,
     headers: list[tuple[str, str]] | None = None,
 ) -> list[bytes]:
+    """Send ``payload`` as a JSON response (no body for HEAD)."""
     body = json.dumps(payload, indent=2).encode()
     start_response(status, [("Content-Type", "application/json"),
                             ("Content-Length", str(len(body))), *(headers or [])])  # fmt: skip

@@ -26,9 +26,15 @@ _INF = math.inf
 
 
 class Recorder:
-    """Local cache statistics per region; the hot path of the application."""
+    """Local cache statistics per region; the hot path of the application.
 
-    def __init__(self, buckets: tuple[float, ...], max_regions: int = 100) -> None:
+    ``region=None`` counts under ``default_region``.
+    """
+
+    def __init__(
+        self, buckets: tuple[float, ...], max_regions: int = 100, default_region: str = "default"
+    ) -> None:
+        self._default_region = default_region
         self._bounds = tuple(buckets)
         self._width = BUCKET0 + len(self._bounds) + 1
         self._max_regions = max_regions
@@ -46,7 +52,7 @@ class Recorder:
 
     # -- the hot path -------------------------------------------------------------------
 
-    def record_hit(self, region: str, response_time: float | None = None) -> None:
+    def record_hit(self, region: str | None, response_time: float | None = None) -> None:
         """Count a cache hit in ``region``, with its response time in seconds if given."""
         try:
             slot = self._tls.slots[region]
@@ -56,7 +62,7 @@ class Recorder:
         if response_time is not None:
             self._time(slot, response_time)
 
-    def record_miss(self, region: str, response_time: float | None = None) -> None:
+    def record_miss(self, region: str | None, response_time: float | None = None) -> None:
         """Count a cache miss in ``region``, with its response time in seconds if given."""
         try:
             slot = self._tls.slots[region]
@@ -66,7 +72,7 @@ class Recorder:
         if response_time is not None:
             self._time(slot, response_time)
 
-    def record_set(self, region: str) -> None:
+    def record_set(self, region: str | None) -> None:
         """Count a cache write in ``region``."""
         try:
             slot = self._tls.slots[region]
@@ -74,7 +80,7 @@ class Recorder:
             slot = self._slot(region)
         slot[SET] += 1
 
-    def record_eviction(self, region: str) -> None:
+    def record_eviction(self, region: str | None) -> None:
         """Count an eviction (or expiry) in ``region``."""
         try:
             slot = self._tls.slots[region]
@@ -82,8 +88,10 @@ class Recorder:
             slot = self._slot(region)
         slot[EVICT] += 1
 
-    def set_size_bytes(self, region: str, size_bytes: int) -> None:
+    def set_size_bytes(self, region: str | None, size_bytes: int) -> None:
         """Set the current size in bytes of ``region`` (a gauge: the last value wins)."""
+        if region is None:
+            region = self._default_region
         name = region if type(region) is str and region in self._regions else self._admit(region)
         if type(size_bytes) is int and size_bytes >= 0:
             self._sizes[name] = size_bytes
@@ -103,6 +111,8 @@ class Recorder:
     # -- slow paths: first event of a thread or region, bad input -----------------------
 
     def _slot(self, region: Any) -> list[Any]:
+        if region is None:  # no region given: the default region
+            region = self._default_region
         try:
             slots = self._tls.slots
         except AttributeError:

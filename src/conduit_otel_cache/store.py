@@ -9,22 +9,40 @@ Keys (``conduit:`` is ``key_prefix``)::
     conduit:cache:instance:<instance>          hash  process token, live flag, last flush
     conduit:cache:instance:<instance>:regions  set   regions the instance reported
     conduit:cache:hit_rates:<region>           zset  live instance id -> its hit rate (percent)
+
+On a Redis Cluster every script must stay in one hash slot, so the keys carry hash tags:
+the instance-level keys share ``{global}`` and a region's keys share ``{<region>}``::
+
+    conduit:cache:{global}:instances                 conduit:cache:{<region>}:stats:<instance>
+    conduit:cache:{global}:regions                   conduit:cache:{<region>}:aggregated
+    conduit:cache:{global}:instance:<instance>       conduit:cache:{<region>}:hit_rates
+    conduit:cache:{global}:instance:<instance>:regions
+
+A flush is then one pipeline: one ``lua/cluster_beat.lua`` call and one
+``lua/cluster_region.lua`` call per region (the same Lua functions as ``lua/flush.lua``).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import math
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from importlib.resources import files
-from typing import Any
+from typing import Any, TypeAlias
 
 import redis
 from redis.backoff import ExponentialBackoff
+from redis.cluster import ClusterNode, RedisCluster
+from redis.commands.core import Script
+from redis.exceptions import NoScriptError
 from redis.retry import Retry
 
-from .config import Settings, valid_name
+from .config import Settings, cluster_address, valid_name
+
+#: A standalone client or a Redis Cluster client.
+Client: TypeAlias = redis.Redis | RedisCluster
 
 
 def _strs(reply: Any) -> list[str]:
@@ -32,18 +50,66 @@ def _strs(reply: Any) -> list[str]:
     return [str(item) for item in reply]
 
 
-def _script_source(name: str) -> str:
+def _script_source(*names: str) -> str:
+    """``lib.lua`` followed by the named files of ``lua/``, as one script."""
     lua = files(__package__).joinpath("lua")
-    return lua.joinpath("lib.lua").read_text() + "\n" + lua.joinpath(name).read_text()
+    return "\n".join(lua.joinpath(name).read_text() for name in ("lib.lua", *names))
 
 
-def connect(settings: Settings) -> redis.Redis:
-    """A Redis client for ``settings.redis_url`` with the configured timeouts."""
+def _cluster_options() -> dict[str, Any]:
+    """Options of :class:`RedisCluster` that this redis-py version needs.
+
+    redis-py 7+ resolves a command's routing policy before pipelining it and, for a command
+    without one, asks the server (``COMMAND GETKEYS``, one round trip per queued command)
+    whether it has keys; ``EVALSHA`` has none listed, so give it the keyed policy: it is
+    routed by its keys like any keyed command and a pipeline stays one round trip per node.
+    (``RedisCluster.pipeline()`` does not hand the resolver on: see ``Store._pipeline``.)
+    """
+    if "policy_resolver" not in inspect.signature(RedisCluster.__init__).parameters:
+        return {}
+    from redis._parsers.commands import CommandPolicies, RequestPolicy, ResponsePolicy
+    from redis.commands.policies import StaticPolicyResolver
+
+    keyed = CommandPolicies(
+        request_policy=RequestPolicy.DEFAULT_KEYED, response_policy=ResponsePolicy.DEFAULT_KEYED
+    )
+
+    class ScriptsAreKeyed(StaticPolicyResolver):
+        def resolve(self, command_name: str) -> CommandPolicies | None:
+            if command_name.lower() in ("eval", "evalsha"):
+                return keyed
+            return super().resolve(command_name)
+
+    return {"policy_resolver": ScriptsAreKeyed()}
+
+
+def connect(settings: Settings) -> Client:
+    """A Redis client for ``settings.redis_url`` with the configured timeouts: a
+    :class:`redis.cluster.RedisCluster` when the URL names a Redis Cluster."""
     assert settings.redis_url is not None
     tls: dict[str, Any] = {}
-    if settings.redis_url.startswith("rediss:"):
+    if settings.redis_url.startswith("rediss"):
         tls = {"ssl_ca_certs": settings.ssl_ca_certs, "ssl_certfile": settings.ssl_certfile,
                "ssl_keyfile": settings.ssl_keyfile}  # fmt: skip
+    if settings.is_cluster:
+        address = cluster_address(settings.redis_url)
+        return RedisCluster(
+            startup_nodes=[
+                ClusterNode(host, port)  # type: ignore[no-untyped-call]
+                for host, port in address.nodes
+            ],
+            username=address.username,
+            password=address.password,
+            decode_responses=True,
+            encoding_errors="replace",
+            socket_timeout=settings.socket_timeout,
+            socket_connect_timeout=settings.connect_timeout,
+            socket_keepalive=True,
+            # the cluster client's own retry follows MOVED/ASK and failovers
+            health_check_interval=30,
+            **({"ssl": True, **tls} if address.tls else {}),
+            **_cluster_options(),
+        )
     return redis.Redis.from_url(
         settings.redis_url,
         decode_responses=True,
@@ -83,13 +149,24 @@ class ClusterData:
 
 
 class Store:
-    """Every Redis operation of the library, on one key schema."""
+    """Every Redis operation of the library, on one key schema (standalone or cluster)."""
 
-    def __init__(self, client: redis.Redis, key_prefix: str = "conduit:") -> None:
+    def __init__(self, client: Client, key_prefix: str = "conduit:") -> None:
         self.client = client
         self.prefix = key_prefix + "cache:"
-        self._flush = client.register_script(_script_source("flush.lua"))
-        self._depart = client.register_script(_script_source("depart.lua"))
+        #: Redis Cluster: hash-tagged keys, one script call per hash slot
+        self.cluster = isinstance(client, RedisCluster)
+        if self.cluster:
+            self._beat = self._script("instance.lua", "cluster_beat.lua")
+            self._region = self._script("region.lua", "cluster_region.lua")
+            self._depart_instance = self._script("instance.lua", "cluster_depart.lua")
+            self._depart_region = self._script("region.lua", "cluster_depart_region.lua")
+        else:
+            self._flush = self._script("region.lua", "instance.lua", "flush.lua")
+            self._depart = self._script("region.lua", "instance.lua", "depart.lua")
+
+    def _script(self, *names: str) -> Script:
+        return self.client.register_script(_script_source(*names))
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Store:
@@ -98,34 +175,48 @@ class Store:
 
     # -- keys ---------------------------------------------------------------------------
 
+    # Standalone: the schema of the module docstring. Cluster: the instance-level keys
+    # carry the hash tag {global}, a region's keys the tag {<region>} (names cannot
+    # contain braces), so that every script call stays in one hash slot.
+
+    @property
+    def _global(self) -> str:
+        return self.prefix + "{global}:" if self.cluster else self.prefix
+
     @property
     def instances_key(self) -> str:
         """The heartbeat sorted set."""
-        return self.prefix + "instances"
+        return self._global + "instances"
 
     @property
     def regions_key(self) -> str:
         """The set of all regions."""
-        return self.prefix + "regions"
+        return self._global + "regions"
 
     def stats_key(self, instance_id: str, region: str) -> str:
         """One instance's statistics of one region."""
+        if self.cluster:
+            return f"{self.prefix}{{{region}}}:stats:{instance_id}"
         return f"{self.prefix}stats:{instance_id}:{region}"
 
     def aggregate_key(self, region: str) -> str:
         """The cluster totals of one region."""
+        if self.cluster:
+            return f"{self.prefix}{{{region}}}:aggregated"
         return f"{self.prefix}stats:aggregated:{region}"
 
     def meta_key(self, instance_id: str) -> str:
         """One instance's process token and live flag."""
-        return f"{self.prefix}instance:{instance_id}"
+        return f"{self._global}instance:{instance_id}"
 
     def instance_regions_key(self, instance_id: str) -> str:
         """The regions one instance reported."""
-        return f"{self.prefix}instance:{instance_id}:regions"
+        return f"{self._global}instance:{instance_id}:regions"
 
     def hit_rates_key(self, region: str) -> str:
         """Live instances' hit rates (percent) in one region: drift and per-instance series."""
+        if self.cluster:
+            return f"{self.prefix}{{{region}}}:hit_rates"
         return f"{self.prefix}hit_rates:{region}"
 
     def _region_keys(self, instance_id: str, region: str) -> list[str]:
@@ -156,10 +247,25 @@ class Store:
         ttl: float,
         instance_timeout: float,
     ) -> FlushResult:
-        """Write cumulative ``{region: {field: value}}`` and the heartbeat in one round trip."""
+        """Write cumulative ``{region: {field: value}}`` and the heartbeat in one round trip
+        (on a Redis Cluster: one pipeline, one script call per hash slot)."""
+        ttl_s = max(1, int(ttl))
+        if self.cluster:
+            beat_keys = [self.instances_key, self.regions_key, self.meta_key(instance_id),
+                         self.instance_regions_key(instance_id)]  # fmt: skip
+            calls: list[tuple[Script, list[str], list[Any]]] = [
+                (self._beat, beat_keys, [instance_id, token, ttl_s, instance_timeout, *regions])
+            ]
+            for region, fields in regions.items():
+                args: list[Any] = [instance_id, token, ttl_s]
+                for name, value in fields.items():
+                    args += [name, value]
+                calls.append((self._region, self._region_keys(instance_id, region), args))
+            now, duplicate = self._run(calls)[0]
+            return FlushResult(float(now), bool(int(duplicate)))
         keys = [self.instances_key, self.regions_key, self.meta_key(instance_id),
                 self.instance_regions_key(instance_id)]  # fmt: skip
-        args: list[Any] = [instance_id, token, max(1, int(ttl)), instance_timeout]
+        args = [instance_id, token, ttl_s, instance_timeout]
         for region, fields in regions.items():
             keys += self._region_keys(instance_id, region)
             args += [region, len(fields)]
@@ -168,18 +274,63 @@ class Store:
         now, duplicate = self._flush(keys=keys, args=args)
         return FlushResult(float(now), bool(int(duplicate)))
 
+    def _run(self, calls: Sequence[tuple[Script, list[str], list[Any]]]) -> list[Any]:
+        """Run script calls in one non-transactional pipeline (a Redis Cluster groups them
+        per node); a node that lacks a script (new, or promoted by a failover) gets every
+        script loaded and the calls it refused run again. Raises the first error."""
+        replies = self._pipeline_scripts(calls)
+        refused = [n for n, reply in enumerate(replies) if isinstance(reply, NoScriptError)]
+        if refused:
+            for script in {id(calls[n][0]): calls[n][0] for n in refused}.values():
+                self.client.script_load(script.script)  # on every primary of a cluster
+            for n, reply in zip(refused, self._pipeline_scripts([calls[n] for n in refused])):
+                replies[n] = reply
+        for reply in replies:
+            if isinstance(reply, Exception):
+                raise reply
+        return replies
+
+    def _pipeline_scripts(self, calls: Sequence[tuple[Script, list[str], list[Any]]]) -> list[Any]:
+        pipe = self.client.pipeline(transaction=False)
+        resolver = getattr(self.client, "_policy_resolver", None)
+        if resolver is not None and hasattr(pipe, "_policy_resolver"):
+            pipe._policy_resolver = resolver  # see _cluster_options
+        for script, keys, args in calls:
+            # queued as a plain command: redis-py's cluster pipeline has no evalsha(), yet
+            # it routes EVALSHA by its keys (which must share one hash slot)
+            pipe.execute_command("EVALSHA", script.sha, len(keys), *keys, *args)
+        return list(pipe.execute(raise_on_error=False))
+
     def depart(
         self, instance_id: str, *, max_age: float | None = None, remove: bool = False
     ) -> bool:
         """Take the instance's gauges out of the totals (if its heartbeat is older than
         ``max_age``); with ``remove``, delete its keys and heartbeat. Counters stay."""
+        age = "" if max_age is None else repr(float(max_age))
+        if self.cluster:
+            return self._depart_cluster(instance_id, age, remove)
         try:
             regions = _strs(self.client.smembers(self.instance_regions_key(instance_id)))
         except redis.ResponseError:  # not a set: nothing to take out but the heartbeat
             regions = []
         keys = self._instance_keys(instance_id, sorted(regions))
-        age = "" if max_age is None else repr(float(max_age))
         return bool(self._depart(keys=keys, args=[instance_id, age, "1" if remove else "0"]))
+
+    def _depart_cluster(self, instance_id: str, age: str, remove: bool) -> bool:
+        # 1. is it due, and its regions; 2. the regions (one call per slot, pipelined);
+        # 3. only then the instance keys, so a failure in 2 leaves it to be reaped again
+        keys = [self.instances_key, self.meta_key(instance_id),
+                self.instance_regions_key(instance_id)]  # fmt: skip
+        (regions,) = self._run([(self._depart_instance, keys, [instance_id, age, "check"])])
+        if regions is None:
+            return False
+        flag = "1" if remove else "0"
+        calls = [(self._depart_region, self._region_keys(instance_id, region), [instance_id, flag])
+                 for region in sorted(set(regions)) if valid_name(region)]  # fmt: skip
+        self._run(calls)
+        phase = "remove" if remove else "keep"
+        (done,) = self._run([(self._depart_instance, keys, [instance_id, age, phase])])
+        return bool(done)
 
     def reap(self, instance_timeout: float) -> list[str]:
         """Take every instance whose heartbeat expired out of the live gauges."""
@@ -218,7 +369,7 @@ class Store:
         Keys of the wrong type or malformed entries are skipped and listed in ``errors``.
         """
         pipe = self.client.pipeline(transaction=False)
-        pipe.time()
+        pipe.execute_command("TIME")  # a cluster pipeline has no time(): one node's clock
         pipe.zrange(self.instances_key, 0, -1, withscores=True)
         pipe.smembers(self.regions_key)
         (seconds, micros), beats, members = pipe.execute(raise_on_error=False)
@@ -281,7 +432,12 @@ class Store:
         return time.perf_counter() - start
 
     def used_memory(self) -> int:
-        """``used_memory`` of ``INFO memory`` in bytes."""
+        """``used_memory`` of ``INFO memory`` in bytes (summed over a cluster's primaries)."""
+        if isinstance(self.client, RedisCluster):
+            info = self.client.info("memory", target_nodes=RedisCluster.PRIMARIES)
+            if "used_memory" in info:  # a cluster of one primary answers for it alone
+                return int(info["used_memory"])
+            return sum(int(node.get("used_memory", 0)) for node in info.values())
         return int(self.client.info("memory").get("used_memory", 0))
 
     def close(self) -> None:

@@ -1,0 +1,374 @@
+"""The same exact totals on a real Redis Cluster (3 primaries, 3 replicas, loopback).
+
+Keys are hash-tagged (``{global}`` for the instance-level keys, ``{<region>}`` for a region's
+keys) and a flush is one pipeline of one script call per hash slot; see store.py.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+import redis
+from prometheus_client import generate_latest
+from prometheus_client.parser import text_string_to_metric_families
+from redis.cluster import RedisCluster
+
+from conduit_otel_cache import CacheStatistics, setup
+from conduit_otel_cache.config import Settings
+from conduit_otel_cache.embedded import RedisClusterServers
+from conduit_otel_cache.server import ExporterService
+
+from .conftest import wait_for
+
+pytestmark = pytest.mark.cluster
+
+# Regions whose hash tags fall in the slot ranges of three different primaries
+# (0-5460, 5461-10922, 10923-16383): checked by test_regions_land_on_different_primaries.
+REGIONS = ("Users", "ProviderResponses", "Sessions")
+REGION = "ProviderResponses"
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[RedisClusterServers]:
+    with RedisClusterServers(masters=3, replicas=1) as servers:
+        yield servers
+
+
+@pytest.fixture
+def url(cluster: RedisClusterServers) -> str:
+    return f"redis+cluster://127.0.0.1:{cluster.servers[0].port}"
+
+
+@pytest.fixture
+def rc(cluster: RedisClusterServers, url: str) -> Iterator[RedisCluster]:
+    client = RedisCluster(host="127.0.0.1", port=cluster.servers[0].port, decode_responses=True)
+    client.flushall(target_nodes=RedisCluster.PRIMARIES)
+    yield client
+    client.close()
+
+
+MakeStats = Callable[..., CacheStatistics]
+
+
+@pytest.fixture
+def make_stats(url: str, rc: RedisCluster) -> Iterator[MakeStats]:
+    handles: list[CacheStatistics] = []
+
+    def make(instance_id: str, **options: Any) -> CacheStatistics:
+        options = {"redis_url": url, "set_global": False, "flush_interval": None,
+                   "aggregation_cache_ttl": 0, **options}  # fmt: skip
+        handle = setup(instance_id=instance_id, **options)
+        handles.append(handle)
+        return handle
+
+    yield make
+    for handle in handles:
+        handle.shutdown()
+
+
+def record(stats: CacheStatistics, region: str, hits: int, misses: int, sets: int = 0,
+           evictions: int = 0, size: int = 0) -> None:  # fmt: skip
+    for _ in range(hits):
+        stats.record_hit(region, 0.002)
+    for _ in range(misses):
+        stats.record_miss(region, 0.03)
+    for _ in range(sets):
+        stats.record_set(region)
+    for _ in range(evictions):
+        stats.record_eviction(region)
+    stats.set_size_bytes(region, size)
+
+
+def owner_port(rc: RedisCluster, key: str) -> int:
+    """Port of the primary that serves ``key`` now."""
+    return int(rc.get_node_from_key(key).port)
+
+
+def on_node(port: int, *args: Any) -> Any:
+    """A command sent to one node only (no redirection): MOVED if the key is elsewhere."""
+    with redis.Redis(port=port, decode_responses=True) as node:
+        return node.execute_command(*args)
+
+
+PLAN = {"api-1": (100, 10, 5, 1, 1000), "api-2": (200, 50, 7, 2, 2000),
+        "api-3": (50, 50, 9, 3, 4000)}  # fmt: skip
+
+
+def test_regions_land_on_different_primaries(make_stats: MakeStats, rc: RedisCluster) -> None:
+    stats = make_stats("api-1")
+    for region in REGIONS:
+        record(stats, region, 1, 0)
+    assert stats.flush()
+    owners = {}
+    for region in REGIONS:
+        keys = [f"conduit:cache:{{{region}}}:stats:api-1", f"conduit:cache:{{{region}}}:aggregated",
+                f"conduit:cache:{{{region}}}:hit_rates"]  # fmt: skip
+        assert len({rc.keyslot(k) for k in keys}) == 1  # one slot: one script call
+        port = owner_port(rc, keys[0])
+        assert [on_node(port, "EXISTS", k) for k in keys] == [1, 1, 1]  # really on that node
+        owners[region] = port
+    assert len(set(owners.values())) == 3
+    instance_keys = ["conduit:cache:{global}:instances", "conduit:cache:{global}:regions",
+                     "conduit:cache:{global}:instance:api-1",
+                     "conduit:cache:{global}:instance:api-1:regions"]  # fmt: skip
+    assert len({rc.keyslot(k) for k in instance_keys}) == 1
+    port = owner_port(rc, instance_keys[0])
+    assert [on_node(port, "EXISTS", k) for k in instance_keys] == [1, 1, 1, 1]
+    # the standalone schema is not written on a cluster
+    assert rc.exists(f"conduit:cache:stats:aggregated:{REGION}", "conduit:cache:instances") == 0
+
+
+def test_three_instances_exact_totals_everywhere(
+    make_stats: MakeStats, rc: RedisCluster, url: str
+) -> None:
+    handles = {i: make_stats(i) for i in PLAN}
+    for i, (h, m, s, e, size) in PLAN.items():
+        for n, region in enumerate(REGIONS):  # region n gets (n + 1) times the plan
+            record(handles[i], region, h * (n + 1), m * (n + 1), s, e, size * (n + 1))
+        assert handles[i].flush()
+    for i, (h, m, s, e, size) in PLAN.items():
+        stored = rc.hgetall(f"conduit:cache:{{{REGION}}}:stats:{i}")
+        assert (stored["hit_count"], stored["miss_count"], stored["set_count"],
+                stored["eviction_count"], stored["size_bytes"], stored["token"]) == (
+                    str(2 * h), str(2 * m), str(s), str(e), str(2 * size),
+                    handles[i].exporter.token)  # fmt: skip
+    for n, region in enumerate(REGIONS):
+        cluster = handles["api-1"].cluster_statistics(region)
+        assert (cluster.hit_count, cluster.miss_count) == (350 * (n + 1), 110 * (n + 1))
+        assert (cluster.set_count, cluster.eviction_count) == (21, 6)
+        assert cluster.size_bytes == 7000 * (n + 1) and cluster.instance_count == 3
+        assert cluster.response_times.count == 460 * (n + 1)
+        assert cluster.response_times.sum == pytest.approx(0.002 * 350 * (n + 1)
+                                                           + 0.03 * 110 * (n + 1))  # fmt: skip
+    per = handles["api-2"].per_instance_statistics(REGION)
+    assert {i: (s.hit_count, s.size_bytes, s.live) for i, s in per.items()} == {
+        "api-1": (200, 2000, True), "api-2": (400, 4000, True), "api-3": (100, 8000, True)
+    }  # fmt: skip
+    view = handles["api-3"].cluster_view()
+    assert view.active_instances == ("api-1", "api-2", "api-3") and view.redis_up
+    assert view.instance_hit_rates[REGION] == {
+        i: pytest.approx(100 * h / (h + m)) for i, (h, m, *_) in PLAN.items()
+    }
+    # memory is summed over the three primaries
+    node_memory = [int(on_node(p, "INFO", "memory")["used_memory"]) for p in primaries(rc)]
+    assert view.redis_memory_bytes > max(node_memory)
+
+    service = ExporterService(Settings.load(redis_url=url, aggregation_cache_ttl=0), port=0)
+    try:
+        service.aggregator.refresh_instances()
+        text = generate_latest(service.exporter.registry).decode()
+    finally:
+        service.stop()
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for f in text_string_to_metric_families(text) for s in f.samples}  # fmt: skip
+    for n, region in enumerate(REGIONS):
+        label = (("region", region),)
+        assert samples[("conduit_cache_hits_total", label)] == 350 * (n + 1)
+        assert samples[("conduit_cache_misses_total", label)] == 110 * (n + 1)
+        assert samples[("conduit_cache_sets_total", label)] == 21
+        assert samples[("conduit_cache_evictions_total", label)] == 6
+        assert samples[("conduit_cache_size_bytes", label)] == 7000 * (n + 1)
+        assert samples[("conduit_cache_response_time_seconds_count", label)] == 460 * (n + 1)
+    assert samples[("conduit_cache_instances_active", ())] == 3
+    assert samples[("conduit_cache_redis_up", ())] == 1
+    assert samples[("conduit_cache_health_status", ())] == 1  # Degraded: drift 26 % > 5 %
+    api_3 = (("instance_id", "api-3"), ("region", REGION))
+    assert samples[("conduit_cache_instance_hit_ratio", api_3)] == pytest.approx(0.5)
+
+
+def primaries(rc: RedisCluster) -> list[int]:
+    return sorted(int(node.port) for node in rc.get_primaries())
+
+
+def test_same_flush_twice_changes_nothing(make_stats: MakeStats, rc: RedisCluster) -> None:
+    stats = make_stats("api-1")
+    record(stats, REGION, 10, 5, size=100)
+    assert stats.flush()
+    key = f"conduit:cache:{{{REGION}}}:aggregated"
+    before = rc.hgetall(key)
+    assert stats.flush() and stats.flush()
+    after = rc.hgetall(key)
+    before.pop("last_aggregated"), after.pop("last_aggregated")
+    assert before == after and after["hit_count"] == "10" and after["instance_count"] == "1"
+    assert stats.cluster_statistics(REGION).hit_count == 10
+
+
+def test_every_key_has_a_ttl(make_stats: MakeStats, rc: RedisCluster) -> None:
+    stats = make_stats("api-1", statistics_ttl=3600)
+    for region in REGIONS:
+        record(stats, region, 1, 1)
+    assert stats.flush()
+    keys = list(rc.scan_iter("conduit:*", target_nodes=RedisCluster.PRIMARIES))
+    assert len(keys) == 4 + 3 * len(REGIONS)
+    for key in keys:
+        assert 0 < rc.ttl(key) <= 3600, key
+
+
+def test_shutdown_keeps_counters_and_drops_live_gauges(
+    make_stats: MakeStats, rc: RedisCluster
+) -> None:
+    a, b = make_stats("api-1"), make_stats("api-2")
+    record(a, REGION, 10, 0, size=100)
+    record(b, REGION, 20, 0, size=200)
+    record(b, "Users", 4, 0, size=7)
+    assert a.flush() and b.flush()
+    b.shutdown()
+    b.shutdown()  # idempotent
+    cluster = a.cluster_statistics(REGION)
+    assert (cluster.hit_count, cluster.size_bytes, cluster.instance_count) == (30, 100, 1)
+    users = a.cluster_statistics("Users")
+    assert (users.hit_count, users.size_bytes, users.instance_count) == (4, 0, 0)
+    assert a.cluster_view().active_instances == ("api-1",)
+    assert rc.zscore("conduit:cache:{global}:instances", "api-2") is None
+    assert rc.exists(f"conduit:cache:{{{REGION}}}:stats:api-2", "conduit:cache:{Users}:stats:api-2",
+                     "conduit:cache:{global}:instance:api-2",
+                     "conduit:cache:{global}:instance:api-2:regions") == 0  # fmt: skip
+    assert rc.zrange(f"conduit:cache:{{{REGION}}}:hit_rates", 0, -1) == ["api-1"]
+    record(b, REGION, 5, 0)  # after shutdown: writes nothing
+    assert not b.flush()
+    assert a.cluster_statistics(REGION).hit_count == 30
+
+
+def test_expired_heartbeat_leaves_live_gauges_then_late_flush(
+    make_stats: MakeStats, rc: RedisCluster
+) -> None:
+    a, b = make_stats("api-1"), make_stats("api-2")
+    record(a, REGION, 10, 0, size=100)
+    record(b, REGION, 20, 0, size=200)
+    assert a.flush() and b.flush()
+    # api-2 last beat 2 minutes ago (server clock): older than instance_timeout (60 s)
+    now = float(rc.time()[0])
+    rc.zadd("conduit:cache:{global}:instances", {"api-2": now - 120})
+    view = a.cluster_view()  # reaps api-2
+    assert view.active_instances == ("api-1",) and view.missing_instances == ("api-2",)
+    cluster = view.regions[REGION]
+    assert (cluster.hit_count, cluster.size_bytes, cluster.instance_count) == (30, 100, 1)
+    assert rc.hget("conduit:cache:{global}:instance:api-2", "live") == "0"
+    assert rc.hget(f"conduit:cache:{{{REGION}}}:stats:api-2", "live") == "0"
+    assert a.health().data["MissingInstances"] == 1
+    assert b.flush()  # a late flush: gauges count again, counters are not counted twice
+    cluster = a.cluster_statistics(REGION)
+    assert (cluster.hit_count, cluster.size_bytes, cluster.instance_count) == (30, 300, 2)
+
+
+def test_restart_with_same_id_keeps_counters_monotonic(make_stats: MakeStats) -> None:
+    first = make_stats("api-1")
+    record(first, REGION, 100, 10, size=500)
+    assert first.flush()
+    first._closed = True  # crashed: no more flushes, no deregistration
+    second = make_stats("api-1")  # a new token, the same id, from zero
+    record(second, REGION, 7, 3, size=50)
+    assert second.flush()
+    cluster = second.cluster_statistics(REGION)
+    assert (cluster.hit_count, cluster.miss_count) == (107, 13)
+    assert (cluster.size_bytes, cluster.instance_count) == (50, 1)
+    record(second, REGION, 3, 0, size=60)
+    assert second.flush()
+    assert second.cluster_statistics(REGION).hit_count == 110
+
+
+def test_two_live_processes_with_one_id_are_warned_about(
+    make_stats: MakeStats, caplog: pytest.LogCaptureFixture
+) -> None:
+    first, second = make_stats("api-1"), make_stats("api-1")
+    record(first, REGION, 1, 0)
+    record(second, REGION, 1, 0)
+    with caplog.at_level(logging.WARNING):
+        assert first.flush() and second.flush()
+    warnings = [r for r in caplog.records if "another live process" in r.message]
+    assert len(warnings) == 1
+
+
+def cluster_nodes(cluster: RedisClusterServers) -> list[list[str]]:
+    """``CLUSTER NODES`` rows: id, address, flags, master id, ..."""
+    out = cluster.command(cluster.servers[0].port, "CLUSTER", "NODES")
+    return [line.split() for line in out.splitlines() if line.strip()]
+
+
+def replica_of(cluster: RedisClusterServers, port: int) -> int:
+    rows = cluster_nodes(cluster)
+    master_id = next(r[0] for r in rows if r[1].split("@")[0].endswith(f":{port}"))
+    return next(int(r[1].split("@")[0].rsplit(":", 1)[1]) for r in rows if r[3] == master_id)
+
+
+def test_failover_mid_run_loses_and_doubles_nothing(
+    cluster: RedisClusterServers, make_stats: MakeStats, rc: RedisCluster
+) -> None:
+    """Instances record and flush before, during and after a manual failover of the primary
+    that holds REGION's keys (the roles stay swapped for the tests after it)."""
+    handles = [make_stats(f"api-{n}") for n in range(3)]
+    recorded = dict.fromkeys(REGIONS, 0)
+    failed = 0
+
+    def round_of_traffic(n: int) -> None:
+        nonlocal failed
+        for k, handle in enumerate(handles):
+            for region in REGIONS:
+                hits = 1 + (n + k) % 5
+                record(handle, region, hits, 1)
+                recorded[region] += hits
+            failed += not handle.flush()
+
+    for n in range(5):
+        round_of_traffic(n)
+    old_primary = owner_port(rc, f"conduit:cache:{{{REGION}}}:aggregated")
+    new_primary = replica_of(cluster, old_primary)
+    assert cluster.command(new_primary, "CLUSTER", "FAILOVER") == "OK"
+    n = 5
+    deadline = time.monotonic() + 20
+    while "role:master" not in cluster.command(new_primary, "INFO", "replication"):
+        round_of_traffic(n)  # keeps flushing while the roles switch
+        n += 1
+        assert time.monotonic() < deadline, "failover did not happen"
+    cluster.wait_ok(20)
+    for _ in range(3):
+        round_of_traffic(n)
+        n += 1
+    for handle in handles:  # every instance flushes once more once the cluster is ok
+        assert wait_for(handle.flush, timeout=10)
+    rc.nodes_manager.initialize()  # this client's slot map predates the failover
+    assert owner_port(rc, f"conduit:cache:{{{REGION}}}:aggregated") == new_primary
+    assert on_node(new_primary, "EXISTS", f"conduit:cache:{{{REGION}}}:aggregated") == 1
+    for region in REGIONS:
+        cluster_stats = handles[0].cluster_statistics(region)
+        assert cluster_stats.hit_count == recorded[region]  # nothing lost, nothing doubled
+        assert cluster_stats.miss_count == 3 * n
+        assert cluster_stats.instance_count == 3
+        per = handles[0].per_instance_statistics(region)
+        assert sum(s.hit_count for s in per.values()) == recorded[region]
+    assert failed < 3 * n  # most flushes succeeded; a failed one is resent by the next
+
+
+def test_cluster_urls_and_option() -> None:
+    from conduit_otel_cache.config import ConfigError, cluster_address
+
+    s = Settings.load({}, redis_url="redis+cluster://u:s3cret@10.0.0.1:7000,10.0.0.2,[::1]:7002/0")
+    assert s.is_cluster and "s3cret" not in s.safe_redis_url and "s3cret" not in repr(s)
+    assert s.safe_redis_url == "redis+cluster://u:***@10.0.0.1:7000,10.0.0.2,[::1]:7002/0"
+    address = cluster_address(s.redis_url or "")
+    assert address.nodes == (("10.0.0.1", 7000), ("10.0.0.2", 6379), ("::1", 7002))
+    assert (address.username, address.password, address.tls) == ("u", "s3cret", False)
+    assert cluster_address("rediss+cluster://h:1").tls
+    env = {"CONDUIT_CACHE_STATS_REDIS_URL": "redis://h:7000", "CONDUIT_CACHE_STATS_CLUSTER": "1"}
+    assert Settings.load(env).is_cluster
+    assert not Settings.load({}, redis_url="redis://h:7000").is_cluster
+    for bad in ("redis+cluster://h:1/3", "redis+cluster://h:1,:2", "redis+cluster://h:99999"):
+        with pytest.raises(ConfigError, match="redis_url"):
+            Settings.load({}, redis_url=bad)
+    with pytest.raises(ConfigError, match="redis_url"):
+        Settings.load({}, redis_url="unix:///tmp/r.sock", cluster=True)
+
+
+def test_plain_url_with_cluster_option(
+    cluster: RedisClusterServers, make_stats: MakeStats, rc: RedisCluster
+) -> None:
+    stats = make_stats("api-1", redis_url=f"redis://127.0.0.1:{cluster.servers[1].port}/0",
+                       cluster=True)  # fmt: skip
+    record(stats, REGION, 3, 1)
+    assert stats.flush()
+    assert rc.hget(f"conduit:cache:{{{REGION}}}:aggregated", "hit_count") == "3"
+    assert stats.cluster_statistics(REGION).hit_count == 3
