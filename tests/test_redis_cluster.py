@@ -203,7 +203,8 @@ def test_every_key_has_a_ttl(make_stats: MakeStats, rc: RedisCluster) -> None:
         record(stats, region, 1, 1)
     assert stats.flush()
     keys = list(rc.scan_iter("conduit:*", target_nodes=RedisCluster.PRIMARIES))
-    assert len(keys) == 4 + 3 * len(REGIONS)
+    # per region: stats hash, aggregated hash, hit-rates zset, response-time samples list
+    assert len(keys) == 4 + 4 * len(REGIONS)
     for key in keys:
         assert 0 < rc.ttl(key) <= 3600, key
 

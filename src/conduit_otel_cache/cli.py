@@ -116,6 +116,9 @@ def cmd_stats(args: argparse.Namespace) -> int:
                 view, regions={k: v for k, v in view.regions.items() if k == args.region}
             )
         instances = read_per_instance(aggregator, view.regions)
+        if args.samples:
+            print_samples(aggregator, instances, args.samples, args.json)
+            return 0
         if args.watch and not args.json:
             print(f"\n{time.strftime('%H:%M:%S')}  {settings.safe_redis_url}")
         print(json.dumps(view_json(view, instances), indent=2) if args.json
@@ -123,6 +126,23 @@ def cmd_stats(args: argparse.Namespace) -> int:
         if not args.watch or stop.wait(args.watch):
             return 0
         view = aggregator.view()
+
+
+def print_samples(
+    aggregator: Aggregator, instances: PerInstance, count: int, as_json: bool
+) -> None:
+    """The last ``count`` raw response times per instance and region (milliseconds)."""
+    samples = {
+        region: aggregator.store.read_samples(sorted(by_instance), region, count)
+        for region, by_instance in sorted(instances.items())
+    }
+    if as_json:
+        print(json.dumps({"samples_seconds": samples}, indent=2))
+        return
+    for region, by_instance in samples.items():
+        for instance_id, values in sorted(by_instance.items()):
+            shown = " ".join(f"{v * 1000:.2f}" for v in values)
+            print(f"{region}  {instance_id}  last {len(values)} ms: {shown}")
 
 
 def cmd_health(args: argparse.Namespace) -> int:
@@ -197,6 +217,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--region", help="only this region")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.add_argument("--watch", type=float, metavar="SECONDS", help="refresh every SECONDS")
+    p.add_argument("--samples", type=int, metavar="N",
+                   help="print the last N raw response times per instance and region")  # fmt: skip
     p.set_defaults(func=cmd_stats)
     p = redis_cmd("health", "Print health JSON; exit 0 Healthy, 1 Degraded, 2 Unhealthy.")
     p.set_defaults(func=cmd_health)

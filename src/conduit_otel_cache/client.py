@@ -60,8 +60,16 @@ class CacheStatistics(Recorder):
         metric_readers: Sequence[MetricReader] = (),
         aggregation_strategy: AggregationStrategy | None = None,
     ) -> None:
+        # mode "local" (or enabled=False on a direct construction): no exporter, no reader,
+        # no Redis call at all, even with a redis_url
+        distributed = settings.redis_url is not None and settings.mode != "local"
+        distributed = distributed and settings.enabled
+        keep = settings.enable_response_time_tracking and distributed
         super().__init__(
-            settings.response_time_buckets, settings.max_regions, settings.default_region
+            settings.response_time_buckets,
+            settings.max_regions,
+            settings.default_region,
+            max_samples=settings.max_response_time_samples if keep else 0,
         )
         self.settings = settings
         self.strategy: AggregationStrategy = aggregation_strategy or strategy_named(
@@ -73,10 +81,6 @@ class CacheStatistics(Recorder):
         self._close_lock = threading.Lock()
         readers = list(metric_readers)
         self._reader: PeriodicExportingMetricReader | None = None
-        # mode "local" (or enabled=False on a direct construction): no exporter, no reader,
-        # no Redis call at all, even with a redis_url
-        distributed = settings.redis_url is not None and settings.mode != "local"
-        distributed = distributed and settings.enabled
         shared = (
             shared_write_through(meter_provider, settings)
             if meter_provider is not None and distributed
@@ -124,6 +128,8 @@ class CacheStatistics(Recorder):
         for provider in self._owned:
             register_cache_instruments(provider.get_meter(SCOPE), self.snapshot)
         register_self_instruments(self.meter_provider.get_meter(SCOPE), self)
+        if self.exporter is not None:
+            self.exporter.samples = self.drain_samples
         _open_handles.add(self)
 
     # -- this instance ------------------------------------------------------------------

@@ -89,6 +89,9 @@ class Settings:
     enable_aggregation_cache: bool = True
     default_region: str = "default"
     max_regions: int = 100
+    enable_response_time_tracking: bool = True
+    max_response_time_samples: int = 1000
+    response_time_sample_ttl: float = 3_600.0
     max_instance_series: int = 1000
     response_time_buckets: tuple[float, ...] = DEFAULT_BUCKETS
     socket_timeout: float = 5.0
@@ -187,7 +190,7 @@ class Settings:
         positive = (
             "instance_timeout", "statistics_ttl", "retention_period", "cleanup_interval",
             "socket_timeout", "connect_timeout", "missing_instance_grace",
-            "max_aggregation_latency", "aggregation_interval",
+            "max_aggregation_latency", "aggregation_interval", "response_time_sample_ttl",
         )  # fmt: skip
         for name in positive:
             _check_positive(name, getattr(self, name))
@@ -213,6 +216,7 @@ class Settings:
         if self.max_drift_percent < 0 or not math.isfinite(self.max_drift_percent):
             raise ConfigError("max_drift_percent: must be a finite number >= 0")
         for name in ("max_regions", "max_instance_series", "min_active_instances",
+                     "max_response_time_samples",
                      "max_memory_bytes"):  # fmt: skip
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}: must be >= 1, got {getattr(self, name)}")

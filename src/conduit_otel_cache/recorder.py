@@ -11,6 +11,7 @@ import logging
 import math
 import threading
 from bisect import bisect_left
+from collections import deque
 from typing import Any
 
 from .config import valid_name
@@ -32,9 +33,15 @@ class Recorder:
     """
 
     def __init__(
-        self, buckets: tuple[float, ...], max_regions: int = 100, default_region: str = "default"
+        self,
+        buckets: tuple[float, ...],
+        max_regions: int = 100,
+        default_region: str = "default",
+        max_samples: int = 0,
     ) -> None:
         self._default_region = default_region
+        self._max_samples = max_samples  # raw response times kept per region (0: none)
+        self._orphans: dict[str, deque[float]] = {}
         self._bounds = tuple(buckets)
         self._width = BUCKET0 + len(self._bounds) + 1
         self._max_regions = max_regions
@@ -103,6 +110,8 @@ class Recorder:
             if 0.0 <= seconds < _INF:
                 slot[RT_SUM] += seconds
                 slot[BUCKET0 + bisect_left(self._bounds, seconds)] += 1
+                if self._max_samples:
+                    slot[-1].append(seconds)
                 return
         except TypeError:
             pass
@@ -130,6 +139,8 @@ class Recorder:
     def _empty(self) -> list[Any]:
         slot: list[Any] = [0] * self._width
         slot[RT_SUM] = 0.0
+        if self._max_samples:  # after the numbers: the last raw response times
+            slot.append(deque(maxlen=self._max_samples))
         return slot
 
     def _admit(self, region: Any) -> str:
@@ -173,6 +184,7 @@ class Recorder:
                     live.append((thread, slots))
                 else:
                     self._fold(self._retired, slots)
+                    self._adopt_samples(slots)
             self._threads = live
             totals: dict[str, list[Any]] = {}
             self._fold(totals, self._retired)
@@ -194,12 +206,35 @@ class Recorder:
             )
         return result
 
-    @staticmethod
-    def _fold(into: dict[str, list[Any]], slots: dict[str, list[Any]]) -> None:
+    def _fold(self, into: dict[str, list[Any]], slots: dict[str, list[Any]]) -> None:
+        width = self._width
         for name, slot in slots.items():  # keys are canonical names: one key per slot
             acc = into.get(name)
             if acc is None:
-                into[name] = list(slot)
+                into[name] = slot[:width]
             else:
-                for i, v in enumerate(slot):
-                    acc[i] += v
+                for i in range(width):
+                    acc[i] += slot[i]
+
+    def _adopt_samples(self, slots: dict[str, list[Any]]) -> None:
+        if self._max_samples:  # a finished thread's samples wait for the next drain
+            for name, slot in slots.items():
+                kept = self._orphans.setdefault(name, deque(maxlen=self._max_samples))
+                kept.extend(slot[-1])
+
+    def drain_samples(self) -> dict[str, list[float]]:
+        """Take the raw response times recorded since the last drain (at most
+        ``max_samples`` per region, the latest)."""
+        if not self._max_samples:
+            return {}
+        drained: dict[str, deque[float]] = {}
+        with self._lock:
+            sources = [(n, d) for n, d in self._orphans.items()]
+            self._orphans = {}
+            for _, slots in self._threads:
+                sources += [(name, slot[-1]) for name, slot in slots.items()]
+        for name, samples in sources:
+            out = drained.setdefault(name, deque(maxlen=self._max_samples))
+            while samples:  # popleft is atomic: the owner thread may append meanwhile
+                out.append(samples.popleft())
+        return {name: list(d) for name, d in drained.items() if d}

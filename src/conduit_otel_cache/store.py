@@ -425,6 +425,35 @@ class Store:
             pipe.hgetall(self.stats_key(instance_id, region))
         return dict(zip(pairs, pipe.execute(raise_on_error=False)))
 
+    def samples_key(self, instance_id: str, region: str) -> str:
+        """The last raw response times of one instance in one region (a list)."""
+        return self.stats_key(instance_id, region) + ":response_times"
+
+    def read_samples(
+        self, instance_ids: Sequence[str], region: str, count: int
+    ) -> dict[str, list[float]]:
+        """The last ``count`` raw response times (seconds) of each instance in ``region``;
+        malformed entries are skipped."""
+        if not instance_ids or count < 1:
+            return {}
+        pipe = self.client.pipeline(transaction=False)
+        for instance_id in instance_ids:
+            pipe.lrange(self.samples_key(instance_id, region), -count, -1)
+        result: dict[str, list[float]] = {}
+        for instance_id, reply in zip(instance_ids, pipe.execute(raise_on_error=False)):
+            if isinstance(reply, Exception) or not reply:
+                continue
+            values = []
+            for item in reply:
+                try:
+                    value = float(item)
+                except ValueError:
+                    continue
+                if math.isfinite(value) and value >= 0:
+                    values.append(value)
+            result[instance_id] = values
+        return result
+
     def ping(self) -> float:
         """Round-trip time of a PING in seconds (raises if Redis is unreachable)."""
         start = time.perf_counter()

@@ -7,6 +7,8 @@ import logging
 import threading
 import time
 import uuid
+from collections import deque
+from collections.abc import Callable
 from typing import Any
 
 from opentelemetry.sdk.metrics.export import (
@@ -96,6 +98,9 @@ class RedisMetricExporter(MetricExporter):
         self._closed = False
         self._errors = RateLimitedLog(log)
         self._warned_duplicate = False
+        #: where raw response times come from (set by the handle that records them)
+        self.samples: Callable[[], dict[str, list[float]]] | None = None
+        self._pending: dict[str, deque[float]] = {}
 
     def export(
         self, metrics_data: MetricsData, timeout_millis: float = 10_000, **kwargs: Any
@@ -104,11 +109,13 @@ class RedisMetricExporter(MetricExporter):
         with self._lock:
             if self._closed:
                 return MetricExportResult.FAILURE
+            fields = points_to_fields(metrics_data)
+            self._add_samples(fields)
             try:
                 result = self.store.flush(
                     self.settings.instance_id,
                     self.token,
-                    points_to_fields(metrics_data),
+                    fields,
                     ttl=self.settings.statistics_ttl,
                     instance_timeout=self.settings.instance_timeout,
                 )
@@ -122,6 +129,7 @@ class RedisMetricExporter(MetricExporter):
                 )  # fmt: skip
                 return MetricExportResult.FAILURE
             self.flush_count += 1
+            self._pending.clear()
             self.last_ok = True
             self.last_success = result.server_time
             if result.duplicate and not self._warned_duplicate:
@@ -132,6 +140,19 @@ class RedisMetricExporter(MetricExporter):
                     self.settings.instance_id,
                 )
             return MetricExportResult.SUCCESS
+
+    def _add_samples(self, fields: dict[str, dict[str, str]]) -> None:
+        """Raw response times since the last successful flush, as one field per region
+        (``samples:<max>:<ttl>``) that the flush script appends to a capped list."""
+        if self.samples is None:
+            return
+        limit = self.settings.max_response_time_samples
+        for region, new in self.samples().items():
+            self._pending.setdefault(region, deque(maxlen=limit)).extend(new)
+        ttl = max(1, int(self.settings.response_time_sample_ttl))
+        for region, pending in self._pending.items():
+            if pending and region in fields:
+                fields[region][f"samples:{limit}:{ttl}"] = ",".join(repr(x) for x in pending)
 
     def force_flush(self, timeout_millis: float = 10_000) -> bool:
         """Exports are synchronous; nothing is buffered."""

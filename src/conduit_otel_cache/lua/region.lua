@@ -4,6 +4,23 @@
 local LIVE = {size_bytes = 'size_bytes', hit_count = 'live_hit_count',
               miss_count = 'live_miss_count'}
 
+local function append_samples(lkey, csv, cap, sample_ttl)
+  -- The last `cap` raw response times (seconds) of the instance in the region, as the
+  -- design's `...:<instance>:<region>:response_times` list; same hash slot as skey.
+  ensure_type(lkey, 'list')
+  local items = {}
+  for x in string.gmatch(csv, '[^,]+') do
+    items[#items + 1] = x
+    if #items == 1000 then
+      redis.call('RPUSH', lkey, unpack(items))
+      items = {}
+    end
+  end
+  if #items > 0 then redis.call('RPUSH', lkey, unpack(items)) end
+  redis.call('LTRIM', lkey, -cap, -1)
+  redis.call('EXPIRE', lkey, sample_ttl)
+end
+
 local function flush_region(skey, akey, rkey, id, token, untokened_reset, now_s, ttl,
                             argv, first, n)
   -- Store the cumulative values argv[first], argv[first + 1], ... (n field, value pairs)
@@ -24,9 +41,14 @@ local function flush_region(skey, akey, rkey, id, token, untokened_reset, now_s,
   local flat = {'live', '1', 'last_updated', now_s, 'token', token}
   for j = first, first + 2 * n - 1, 2 do
     local f, v = argv[j], argv[j + 1]
-    new[f] = tonumber(v)
-    flat[#flat + 1] = f
-    flat[#flat + 1] = v
+    local cap, sample_ttl = string.match(f, '^samples:(%d+):(%d+)$')
+    if cap then
+      append_samples(skey .. ':response_times', v, tonumber(cap), tonumber(sample_ttl))
+    else
+      new[f] = tonumber(v)
+      flat[#flat + 1] = f
+      flat[#flat + 1] = v
+    end
   end
   for f, nv in pairs(new) do
     if f ~= 'size_bytes' then  -- a counter: add what happened since the last flush
@@ -72,5 +94,5 @@ local function depart_region(skey, akey, rkey, id, remove)
   ensure_type(rkey, 'zset')
   redis.call('ZREM', rkey, id)
   update_drift(akey, rkey)
-  if remove then redis.call('DEL', skey) end
+  if remove then redis.call('DEL', skey, skey .. ':response_times') end
 end
