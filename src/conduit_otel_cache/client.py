@@ -49,6 +49,12 @@ def views() -> list[object]:
     return list(histogram_views(RESPONSE_TIME_INSTRUMENT))
 
 
+def _beat_until(exporter: RedisMetricExporter, every: float, stop: threading.Event) -> None:
+    # a module function: the thread holds the exporter, not the handle
+    while not stop.wait(every):
+        exporter.heartbeat()
+
+
 class CacheStatistics(Recorder):
     """Cache statistics of this instance, written through to Redis every ``flush_interval``."""
 
@@ -130,6 +136,13 @@ class CacheStatistics(Recorder):
         register_self_instruments(self.meter_provider.get_meter(SCOPE), self)
         if self.exporter is not None:
             self.exporter.samples = self.drain_samples
+        self._stop_beats = threading.Event()
+        if self.exporter is not None and settings.heartbeat_interval is not None:
+            exporter, every = self.exporter, settings.heartbeat_interval
+            threading.Thread(
+                target=_beat_until, args=(exporter, every, self._stop_beats), daemon=True,
+                name="conduit-heartbeat",
+            ).start()  # fmt: skip
         _open_handles.add(self)
 
     # -- this instance ------------------------------------------------------------------
@@ -221,6 +234,7 @@ class CacheStatistics(Recorder):
             self.flush()
             self._closed = True
         _open_handles.discard(self)
+        self._stop_beats.set()
         for provider in self._owned:  # the write-through reader is always on an owned one
             provider.shutdown()
 

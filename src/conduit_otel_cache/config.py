@@ -27,6 +27,8 @@ DEFAULT_BUCKETS: tuple[float, ...] = (
 #: Cluster by one or more of its nodes; so does any ``redis://``/``rediss://`` URL with
 #: ``cluster=True``.
 CLUSTER_SCHEMES = ("redis+cluster", "rediss+cluster")
+#: Durations that may be None (no background flush / a heartbeat with every flush).
+OPTIONAL_SECONDS = ("flush_interval", "heartbeat_interval")
 REDIS_SCHEMES = ("redis", "rediss", "unix", *CLUSTER_SCHEMES)
 
 #: ``local``: this process only; ``distributed``: write through to Redis, read the cluster;
@@ -78,6 +80,7 @@ class Settings:
     redis_url: str | None = None
     instance_id: str = ""
     flush_interval: float | None = 10.0
+    heartbeat_interval: float | None = None
     instance_timeout: float = 60.0
     statistics_ttl: float = 86_400.0
     retention_period: float = 3_600.0
@@ -96,6 +99,8 @@ class Settings:
     response_time_buckets: tuple[float, ...] = DEFAULT_BUCKETS
     socket_timeout: float = 5.0
     connect_timeout: float = 5.0
+    connect_retries: int = 1
+    socket_keepalive: bool = True
     ssl_ca_certs: str | None = None
     ssl_certfile: str | None = None
     ssl_keyfile: str | None = None
@@ -155,7 +160,7 @@ class Settings:
             var = ENV_PREFIX + name.upper()
             if name in options and options[name] is not None:
                 values[name] = _coerce(name, field.default, options[name], source=name)
-            elif name == "flush_interval" and name in options:
+            elif name in OPTIONAL_SECONDS and name in options:
                 values[name] = None  # explicit None: no background flush
             elif var in env:
                 values[name] = _coerce(name, field.default, env[var], source=var)
@@ -194,13 +199,18 @@ class Settings:
         )  # fmt: skip
         for name in positive:
             _check_positive(name, getattr(self, name))
-        if self.flush_interval is not None:
-            _check_positive("flush_interval", self.flush_interval)
-            if self.instance_timeout < self.flush_interval:
-                raise ConfigError(
-                    f"instance_timeout: {self.instance_timeout:g}s is shorter than "
-                    f"flush_interval {self.flush_interval:g}s; live instances would look dead"
-                )
+        for name in OPTIONAL_SECONDS:
+            if getattr(self, name) is not None:
+                _check_positive(name, getattr(self, name))
+        # the heartbeat comes with every flush, or every heartbeat_interval when set
+        beat, beat_name = self.flush_interval, "flush_interval"
+        if self.heartbeat_interval is not None:
+            beat, beat_name = self.heartbeat_interval, "heartbeat_interval"
+        if beat is not None and self.instance_timeout < beat:
+            raise ConfigError(
+                f"instance_timeout: {self.instance_timeout:g}s is shorter than "
+                f"{beat_name} {beat:g}s; live instances would look dead"
+            )
         if not valid_name(self.default_region):
             raise ConfigError(
                 "default_region: must be 1-128 characters of letters, digits, '.', '_' or '-', "
@@ -220,6 +230,8 @@ class Settings:
                      "max_memory_bytes"):  # fmt: skip
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}: must be >= 1, got {getattr(self, name)}")
+        if self.connect_retries < 0 or self.connect_retries > 10:
+            raise ConfigError(f"connect_retries: must be 0-10, got {self.connect_retries}")
         if self.drift_min_requests < 0:
             raise ConfigError("drift_min_requests: must be >= 0")
         if not self.key_prefix or not re.fullmatch(r"[A-Za-z0-9_.:\-]{1,64}", self.key_prefix):
@@ -307,7 +319,7 @@ def _coerce(name: str, default: Any, value: Any, *, source: str) -> Any:
     """Turn ``value`` (a keyword or an environment string) into the type of ``default``."""
     text = value.strip() if isinstance(value, str) else None
     try:
-        if name in ("flush_interval",) and text is not None and text.lower() in ("", "none", "off"):
+        if name in OPTIONAL_SECONDS and text is not None and text.lower() in ("", "none", "off"):
             return None
         if isinstance(default, bool):
             if isinstance(value, bool):
@@ -319,7 +331,7 @@ def _coerce(name: str, default: Any, value: Any, *, source: str) -> Any:
             if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
                 raise ValueError
             return int(text if text is not None else value)
-        if isinstance(default, float) or name == "flush_interval":
+        if isinstance(default, float) or name in OPTIONAL_SECONDS:
             if isinstance(value, bool):
                 raise ValueError
             number = float(text if text is not None else value)

@@ -104,7 +104,7 @@ def connect(settings: Settings) -> Client:
             encoding_errors="replace",
             socket_timeout=settings.socket_timeout,
             socket_connect_timeout=settings.connect_timeout,
-            socket_keepalive=True,
+            socket_keepalive=settings.socket_keepalive,
             # the cluster client's own retry follows MOVED/ASK and failovers
             health_check_interval=30,
             **({"ssl": True, **tls} if address.tls else {}),
@@ -116,12 +116,12 @@ def connect(settings: Settings) -> Client:
         encoding_errors="replace",  # foreign bytes become invalid names, reported, not raised
         socket_timeout=settings.socket_timeout,
         socket_connect_timeout=settings.connect_timeout,
-        socket_keepalive=True,
-        # a dropped connection is re-established once at once; a timeout is not retried,
-        # so a hung Redis costs one socket_timeout, not several
+        socket_keepalive=settings.socket_keepalive,
+        # a dropped connection is re-established connect_retries times at once; a timeout
+        # is not retried, so a hung Redis costs one socket_timeout, not several
         retry=Retry(
             ExponentialBackoff(cap=0.5, base=0.05),
-            retries=1,
+            retries=settings.connect_retries,
             supported_errors=(redis.ConnectionError,),
         ),
         retry_on_timeout=False,
@@ -156,8 +156,9 @@ class Store:
         self.prefix = key_prefix + "cache:"
         #: Redis Cluster: hash-tagged keys, one script call per hash slot
         self.cluster = isinstance(client, RedisCluster)
+        # the instance part of a flush; alone, a heartbeat (its keys share one hash slot)
+        self._beat = self._script("instance.lua", "cluster_beat.lua")
         if self.cluster:
-            self._beat = self._script("instance.lua", "cluster_beat.lua")
             self._region = self._script("region.lua", "cluster_region.lua")
             self._depart_instance = self._script("instance.lua", "cluster_depart.lua")
             self._depart_region = self._script("region.lua", "cluster_depart_region.lua")
@@ -272,6 +273,17 @@ class Store:
             for name, value in fields.items():
                 args += [name, value]
         now, duplicate = self._flush(keys=keys, args=args)
+        return FlushResult(float(now), bool(int(duplicate)))
+
+    def heartbeat(
+        self, instance_id: str, token: str, *, ttl: float, instance_timeout: float
+    ) -> FlushResult:
+        """Beat the instance's heartbeat (Redis server time) without writing statistics."""
+        keys = [self.instances_key, self.regions_key, self.meta_key(instance_id),
+                self.instance_regions_key(instance_id)]  # fmt: skip
+        now, duplicate = self._beat(
+            keys=keys, args=[instance_id, token, max(1, int(ttl)), instance_timeout]
+        )
         return FlushResult(float(now), bool(int(duplicate)))
 
     def _run(self, calls: Sequence[tuple[Script, list[str], list[Any]]]) -> list[Any]:

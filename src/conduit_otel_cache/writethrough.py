@@ -154,6 +154,29 @@ class RedisMetricExporter(MetricExporter):
             if pending and region in fields:
                 fields[region][f"samples:{limit}:{ttl}"] = ",".join(repr(x) for x in pending)
 
+    def heartbeat(self) -> bool:
+        """Beat the heartbeat without a flush (``heartbeat_interval``); True on success.
+        A failure is counted with the flush errors and logged at a bounded rate."""
+        with self._lock:
+            if self._closed:
+                return False
+            try:
+                self.store.heartbeat(
+                    self.settings.instance_id,
+                    self.token,
+                    ttl=self.settings.statistics_ttl,
+                    instance_timeout=self.settings.instance_timeout,
+                )
+            except Exception as exc:
+                self.flush_errors += 1
+                self._errors.error(
+                    "conduit-otel-cache: heartbeat of instance %s to %s failed: %s: %s",
+                    self.settings.instance_id, self.settings.safe_redis_url,
+                    type(exc).__name__, exc,
+                )  # fmt: skip
+                return False
+            return True
+
     def force_flush(self, timeout_millis: float = 10_000) -> bool:
         """Exports are synchronous; nothing is buffered."""
         return True

@@ -1,5 +1,6 @@
 -- Redis Cluster flush, instance part (slot of {global}); the regions follow in the same
--- pipeline, one cluster_region.lua call each.
+-- pipeline, one cluster_region.lua call each. Alone (no regions): a heartbeat, in either
+-- mode (heartbeat_interval).
 -- KEYS: instances zset, regions set, instance meta hash, instance regions set.
 -- ARGV: instance id, process token, ttl seconds, instance timeout seconds, regions...
 local now = server_time()
