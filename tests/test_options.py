@@ -97,3 +97,32 @@ def test_database_number_in_the_url(redis_server: RedisServer) -> None:
     db3 = redis.Redis(port=redis_server.port, db=3)
     assert db0.dbsize() == 0 and db3.exists("conduit:cache:instances")
     stats.shutdown()
+
+
+@pytest.mark.parametrize(("options", "script_calls"), [
+    ({}, 1),  # default batch_size 100: one call carries every region
+    ({"batch_size": 2}, 3),  # 5 regions: 2 + 2 + 1, in one pipeline
+    ({"enable_batching": False}, 5),  # one region per call
+])  # fmt: skip
+def test_batch_size_bounds_regions_per_script_call(
+    options: dict, script_calls: int, make_stats: MakeStats, r: redis.Redis
+) -> None:
+    regions = [f"region-{n}" for n in range(5)]
+    stats = make_stats("api-1", **options)
+    for n, region in enumerate(regions):
+        for _ in range(n + 1):
+            stats.record_hit(region, 0.001)
+        stats.set_size_bytes(region, 10 * (n + 1))
+    assert stats.flush()  # loads the scripts
+    before = int(r.info("commandstats").get("cmdstat_evalsha", {}).get("calls", 0))
+    for region in regions:
+        stats.record_miss(region)
+    assert stats.flush()
+    after = int(r.info("commandstats")["cmdstat_evalsha"]["calls"])
+    assert after - before == script_calls
+    assert set(r.smembers("conduit:cache:regions")) == set(regions)
+    for n, region in enumerate(regions):
+        totals = stats.cluster_statistics(region)
+        assert (totals.hit_count, totals.miss_count, totals.size_bytes) == (n + 1, 1, 10 * (n + 1))
+    stats.flush()  # idempotent across batches too
+    assert stats.cluster_statistics("region-4").hit_count == 5

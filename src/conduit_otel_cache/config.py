@@ -99,6 +99,8 @@ class Settings:
     response_time_buckets: tuple[float, ...] = DEFAULT_BUCKETS
     socket_timeout: float = 5.0
     connect_timeout: float = 5.0
+    enable_batching: bool = True
+    batch_size: int = 100
     connect_retries: int = 1
     socket_keepalive: bool = True
     ssl_ca_certs: str | None = None
@@ -226,7 +228,7 @@ class Settings:
         if self.max_drift_percent < 0 or not math.isfinite(self.max_drift_percent):
             raise ConfigError("max_drift_percent: must be a finite number >= 0")
         for name in ("max_regions", "max_instance_series", "min_active_instances",
-                     "max_response_time_samples",
+                     "max_response_time_samples", "batch_size",
                      "max_memory_bytes"):  # fmt: skip
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}: must be >= 1, got {getattr(self, name)}")

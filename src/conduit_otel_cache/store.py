@@ -151,8 +151,11 @@ class ClusterData:
 class Store:
     """Every Redis operation of the library, on one key schema (standalone or cluster)."""
 
-    def __init__(self, client: Client, key_prefix: str = "conduit:") -> None:
+    def __init__(self, client: Client, key_prefix: str = "conduit:", batch_size: int = 100) -> None:
         self.client = client
+        #: most regions one standalone flush script call updates (the rest follow in the
+        #: same pipeline), so that no script holds Redis for long
+        self.batch_size = batch_size
         self.prefix = key_prefix + "cache:"
         #: Redis Cluster: hash-tagged keys, one script call per hash slot
         self.cluster = isinstance(client, RedisCluster)
@@ -164,6 +167,7 @@ class Store:
             self._depart_region = self._script("region.lua", "cluster_depart_region.lua")
         else:
             self._flush = self._script("region.lua", "instance.lua", "flush.lua")
+            self._regions = self._script("region.lua", "regions.lua")
             self._depart = self._script("region.lua", "instance.lua", "depart.lua")
 
     def _script(self, *names: str) -> Script:
@@ -172,7 +176,8 @@ class Store:
     @classmethod
     def from_settings(cls, settings: Settings) -> Store:
         """A store on a new client for ``settings``."""
-        return cls(connect(settings), settings.key_prefix)
+        batch = settings.batch_size if settings.enable_batching else 1
+        return cls(connect(settings), settings.key_prefix, batch)
 
     # -- keys ---------------------------------------------------------------------------
 
@@ -264,16 +269,36 @@ class Store:
                 calls.append((self._region, self._region_keys(instance_id, region), args))
             now, duplicate = self._run(calls)[0]
             return FlushResult(float(now), bool(int(duplicate)))
+        items = list(regions.items())
+        batches = [items[i : i + self.batch_size] for i in range(0, len(items), self.batch_size)]
+        first, rest = (batches[0] if batches else []), batches[1:]
         keys = [self.instances_key, self.regions_key, self.meta_key(instance_id),
                 self.instance_regions_key(instance_id)]  # fmt: skip
-        args = [instance_id, token, ttl_s, instance_timeout]
-        for region, fields in regions.items():
+        args = [instance_id, token, ttl_s, instance_timeout, *self._region_args(first)]
+        for region, _ in first:
             keys += self._region_keys(instance_id, region)
+        if not rest:
+            now, duplicate = self._flush(keys=keys, args=args)
+            return FlushResult(float(now), bool(int(duplicate)))
+        calls = [(self._flush, keys, args)]
+        for batch in rest:
+            batch_keys = [self.regions_key, self.instance_regions_key(instance_id)]
+            for region, _ in batch:
+                batch_keys += self._region_keys(instance_id, region)
+            calls.append(
+                (self._regions, batch_keys, [instance_id, token, ttl_s, *self._region_args(batch)])
+            )
+        now, duplicate = self._run(calls)[0]
+        return FlushResult(float(now), bool(int(duplicate)))
+
+    @staticmethod
+    def _region_args(batch: Sequence[tuple[str, Mapping[str, str]]]) -> list[Any]:
+        args: list[Any] = []
+        for region, fields in batch:
             args += [region, len(fields)]
             for name, value in fields.items():
                 args += [name, value]
-        now, duplicate = self._flush(keys=keys, args=args)
-        return FlushResult(float(now), bool(int(duplicate)))
+        return args
 
     def heartbeat(
         self, instance_id: str, token: str, *, ttl: float, instance_timeout: float
