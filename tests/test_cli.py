@@ -115,3 +115,46 @@ def test_help_of_every_command(capsys) -> None:
     with pytest.raises(SystemExit):
         main(["--version"])
     assert capsys.readouterr().out.startswith("conduit-otel-cache 0.1.0")
+
+
+def test_retention_period_option_decides_what_cleanup_removes(
+    make_stats: MakeStats, redis_url: str, r: redis.Redis, capsys
+) -> None:
+    for name in ("old", "older"):
+        stats = make_stats(name)
+        stats.record_hit("ProviderResponses")
+        stats.flush()
+        stats._closed = True  # crashed
+    now = float(r.time()[0])
+    r.zadd("conduit:cache:instances", {"old": now - 600, "older": now - 1200})
+    env = {"CONDUIT_CACHE_STATS_RETENTION_PERIOD": "900"}
+    import os
+
+    os.environ.update(env)
+    try:
+        assert main(["cleanup", "--redis-url", redis_url]) == 0
+    finally:
+        for key in env:
+            os.environ.pop(key)
+    assert r.zrange("conduit:cache:instances", 0, -1) == ["old"]
+
+
+def test_serve_runs_cleanup_every_cleanup_interval(make_stats: MakeStats, redis_url: str,
+                                                   r: redis.Redis) -> None:  # fmt: skip
+    from conduit_otel_cache.config import Settings
+    from conduit_otel_cache.server import ExporterService
+
+    from .conftest import wait_for
+
+    stats = make_stats("gone")
+    stats.record_hit("ProviderResponses")
+    stats.flush()
+    stats._closed = True  # crashed
+    r.zadd("conduit:cache:instances", {"gone": float(r.time()[0]) - 7200})
+    settings = Settings.load(redis_url=redis_url, cleanup_interval=0.1, retention_period=3600)
+    service = ExporterService(settings, port=0).start()
+    try:
+        wait_for(lambda: r.zcard("conduit:cache:instances") == 0)
+    finally:
+        service.stop()
+    assert not r.exists("conduit:cache:stats:gone:ProviderResponses")
