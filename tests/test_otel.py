@@ -86,3 +86,21 @@ def _kinds() -> list[type]:
     from opentelemetry.sdk.metrics import ObservableCounter, ObservableGauge
 
     return [ObservableCounter, ObservableGauge]
+
+
+def test_set_global_and_service_name() -> None:
+    import subprocess
+    import sys
+
+    code = (
+        "from opentelemetry import metrics\n"
+        "from conduit_otel_cache import setup\n"
+        "a = setup(instance_id='a', service_name='checkout')\n"
+        "assert metrics.get_meter_provider() is a.meter_provider\n"
+        "b = setup(instance_id='b', set_global=False)\n"
+        "assert metrics.get_meter_provider() is a.meter_provider\n"
+        "print(a.meter_provider._sdk_config.resource.attributes['service.name'])\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "checkout"
