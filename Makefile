@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: demo test lint bench clean
+.PHONY: demo test lint bench clean system-deps
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -19,7 +19,21 @@ lint: $(VENV)/.installed
 	$(VENV)/bin/ruff format --check src tests benchmarks
 	$(VENV)/bin/mypy
 
-test: lint
+# Servers and tools the tests run for real; installed with apt (as root) when missing.
+SYSTEM_TOOLS := redis-server redis-cli prometheus promtool openssl
+system-deps:
+	@missing=""; for t in $(SYSTEM_TOOLS); do command -v $$t >/dev/null || missing="$$missing $$t"; done; \
+	if [ -n "$$missing" ]; then \
+	  if command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+	    echo "installing system packages for:$$missing"; \
+	    export DEBIAN_FRONTEND=noninteractive; apt-get update -qq && \
+	    apt-get install -y -qq --no-install-recommends redis-server redis-tools prometheus openssl >/dev/null; \
+	  else \
+	    echo "missing:$$missing; install redis-server, redis-tools, prometheus and openssl"; exit 1; \
+	  fi; \
+	fi
+
+test: system-deps lint
 	$(PY) -m pytest
 
 bench: $(VENV)/.installed
