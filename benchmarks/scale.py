@@ -9,6 +9,7 @@ within the TTL), and over HTTP; the cluster totals alone (``store.read_cluster()
 full per-instance pass (``Aggregator(...).view()`` with TTL 0, which reads every instance);
 Redis memory per instance per region; Redis round trips per scrape; and the seed's way to
 get totals, summing at read time over a pipelined HGETALL of every instance x region.
+The largest size runs once more on a Redis Cluster of three primaries (no replicas).
 """
 
 from __future__ import annotations
@@ -18,15 +19,17 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from prometheus_client import generate_latest
+from redis.cluster import RedisCluster
 
 from conduit_otel_cache.aggregate import Aggregator
 from conduit_otel_cache.config import DEFAULT_BUCKETS, Settings
-from conduit_otel_cache.embedded import RedisServer
+from conduit_otel_cache.embedded import RedisClusterServers, RedisServer
 from conduit_otel_cache.model import ResponseTimes
 from conduit_otel_cache.server import ExporterService
 from conduit_otel_cache.store import Store
@@ -45,6 +48,10 @@ from .common import (
 
 FULL_SCALES = [(100, 10), (1000, 10), (100, 100), (1000, 100)]
 QUICK_SCALES = [(10, 5), (100, 5), (10, 50), (100, 50)]
+# the largest size again, on a Redis Cluster of this many primaries
+CLUSTER_MASTERS = 3
+FULL_CLUSTER_SCALE = (1000, 100)
+QUICK_CLUSTER_SCALE = (100, 10)
 SEED_BYTES_PER_INSTANCE_REGION = 100 * 1024  # the seed: "~100KB per instance per region"
 NUMERIC = ("hit_count", "miss_count", "set_count", "eviction_count", "size_bytes", "rt_sum")
 ROOT = Path(__file__).resolve().parent.parent
@@ -82,13 +89,14 @@ def populate(store: Store, n: int, r: int) -> float:
     return time.perf_counter() - start
 
 
-def seed_totals(client: Any, regions: list[str]) -> dict[str, dict[str, float]]:
-    """The seed's read path: sum every instance's hash at read time (pipelined HGETALL)."""
-    ids = client.zrange("conduit:cache:instances", 0, -1)
+def seed_totals(client: Any, keys: Store, regions: list[str]) -> dict[str, dict[str, float]]:
+    """The seed's read path: sum every instance's hash at read time (pipelined HGETALL;
+    ``keys`` names the keys, standalone or cluster)."""
+    ids = client.zrange(keys.instances_key, 0, -1)
     pipe = client.pipeline(transaction=False)
     for instance_id in ids:
         for region in regions:
-            pipe.hgetall(f"conduit:cache:stats:{instance_id}:{region}")
+            pipe.hgetall(keys.stats_key(instance_id, region))
     replies = pipe.execute()
     totals: dict[str, dict[str, float]] = {region: {} for region in regions}
     k = 0
@@ -102,16 +110,14 @@ def seed_totals(client: Any, regions: list[str]) -> dict[str, dict[str, float]]:
     return totals
 
 
-def drift_from_fields(client: Any, regions: list[str]) -> dict[str, float]:
+def drift_from_fields(client: Any, keys: Store, regions: list[str]) -> dict[str, float]:
     """What drift needs and no more: pipelined HMGET of hit_count, miss_count and live of
     every instance x region, then the largest distance from the live cluster's hit rate."""
-    ids = client.zrange("conduit:cache:instances", 0, -1)
+    ids = client.zrange(keys.instances_key, 0, -1)
     pipe = client.pipeline(transaction=False)
     for instance_id in ids:
         for region in regions:
-            pipe.hmget(
-                f"conduit:cache:stats:{instance_id}:{region}", "hit_count", "miss_count", "live"
-            )
+            pipe.hmget(keys.stats_key(instance_id, region), "hit_count", "miss_count", "live")
     replies = iter(pipe.execute())
     rates: dict[str, list[tuple[int, int]]] = {region: [] for region in regions}
     for _ in ids:
@@ -204,11 +210,33 @@ def measure_rss(url: str, expected: int) -> dict[str, int]:
     return result
 
 
-def one_scale(n: int, r: int, quick: bool, rss: bool) -> dict[str, Any]:
+@contextmanager
+def redis_for(cluster: bool) -> Iterator[tuple[str, Any]]:
+    """A fresh redis-server (or Redis Cluster of ``CLUSTER_MASTERS`` primaries): its URL and
+    a plain client of it (``decode_responses``)."""
+    client: Any
+    if cluster:
+        with RedisClusterServers(masters=CLUSTER_MASTERS, replicas=0) as nodes:
+            port = nodes.servers[0].port
+            client = RedisCluster(host="127.0.0.1", port=port, decode_responses=True)
+            try:
+                yield f"redis+cluster://127.0.0.1:{port}", client
+            finally:
+                client.close()
+    else:
+        with RedisServer() as server:
+            client = plain_client(server.url)
+            try:
+                yield server.url, client
+            finally:
+                client.close()
+
+
+def one_scale(n: int, r: int, quick: bool, rss: bool, cluster: bool = False) -> dict[str, Any]:
     reps, slow_reps, budget = (3, 2, 5.0) if quick else (7, 3, 8.0)
-    res: dict[str, Any] = {"n": n, "r": r}
-    with RedisServer() as server:
-        s0 = settings(redis_url=server.url, aggregation_cache_ttl=0, instance_timeout=3600)
+    res: dict[str, Any] = {"n": n, "r": r, "cluster": cluster}
+    with redis_for(cluster) as (redis_url, client):
+        s0 = settings(redis_url=redis_url, aggregation_cache_ttl=0, instance_timeout=3600)
         store = Store.from_settings(s0)
         mem0 = store.used_memory()
         res["populate_s"] = populate(store, n, r)
@@ -226,18 +254,20 @@ def one_scale(n: int, r: int, quick: bool, rss: bool) -> dict[str, Any]:
         sync = Aggregator(store, s0)
         res["view_sync"], res["view_sync_trips"] = measure_trips(sync.view, slow_reps, budget)
 
-        client = plain_client(server.url)
-        client.ping()  # connect first: the handshake is not a round trip of the read
+        # connect first (to every node): the handshake is not a round trip of the read
+        client.ping(**({"target_nodes": RedisCluster.ALL_NODES} if cluster else {}))
+        # on the cluster these take seconds at full size: one repetition there (keeps
+        # `make bench` short), more when they are fast
+        seed_budget = 1.0 if cluster else budget
         res["seed_totals"], res["seed_trips"] = measure_trips(
-            lambda: seed_totals(client, regions), slow_reps, budget
+            lambda: seed_totals(client, store, regions), slow_reps, seed_budget
         )
         res["drift_fields"], res["drift_trips"] = measure_trips(
-            lambda: drift_from_fields(client, regions), slow_reps, budget
+            lambda: drift_from_fields(client, store, regions), slow_reps, seed_budget
         )
-        client.close()
 
         # scrapes through the public exporter service
-        cold = service(server.url, ttl=0)
+        cold = service(redis_url, ttl=0)
         res["ready_s"] = wait_ready(cold, n * r)
         registry = cold.exporter.registry
         body = generate_latest(registry)
@@ -260,20 +290,25 @@ def one_scale(n: int, r: int, quick: bool, rss: bool) -> dict[str, Any]:
         res["http_cold"] = measure(http_get, slow_reps, budget)
         cold.stop()
 
-        warm = service(server.url, ttl=3600)
+        warm = service(redis_url, ttl=3600)
         wait_ready(warm, n * r)
         wreg = warm.exporter.registry
         generate_latest(wreg)
         res["warm"], res["warm_trips"] = measure_trips(lambda: generate_latest(wreg), reps, budget)
         warm.stop()
         if rss:
-            res["rss"] = measure_rss(server.url, n * r)
+            res["rss"] = measure_rss(redis_url, n * r)
         store.close()
     return res
 
 
 def _ms(t: Timing) -> str:
     return f"{fmt_ms(t.min)} / {fmt_ms(t.median)}"
+
+
+def _label(x: dict[str, Any]) -> str:
+    cluster = f" ({CLUSTER_MASTERS}-master cluster)" if x["cluster"] else ""
+    return f"{x['n']} x {x['r']}{cluster}"
 
 
 def run(quick: bool = False) -> list[Target]:
@@ -289,6 +324,16 @@ def run(quick: bool = False) -> list[Target]:
             f"measured in {time.perf_counter() - started:.1f} s",
             flush=True,
         )
+    # the same on a Redis Cluster: a row of the tables below, not part of growth or targets
+    n, r = QUICK_CLUSTER_SCALE if quick else FULL_CLUSTER_SCALE
+    started = time.perf_counter()
+    on_cluster = one_scale(n, r, quick, rss=False, cluster=True)
+    print(
+        f"  {_label(on_cluster)}: populated in {on_cluster['populate_s']:.1f} s, "
+        f"measured in {time.perf_counter() - started:.1f} s",
+        flush=True,
+    )
+    rows = [*results, on_cluster]
 
     show(
         "Scrape (/metrics via ExporterService registry) and cluster totals",
@@ -306,7 +351,7 @@ def run(quick: bool = False) -> list[Target]:
         ],
         [
             [
-                f"{x['n']} x {x['r']}",
+                _label(x),
                 _ms(x["cold"]),
                 f"{x['cold_trips']:g}",
                 _ms(x["warm"]),
@@ -317,7 +362,7 @@ def run(quick: bool = False) -> list[Target]:
                 f"{x['series']:,}",
                 f"{x['bytes']:,}",
             ]
-            for x in results
+            for x in rows
         ],
     )
     show(
@@ -335,7 +380,7 @@ def run(quick: bool = False) -> list[Target]:
         ],
         [
             [
-                f"{x['n']} x {x['r']}",
+                _label(x),
                 _ms(x["view_sync"]),
                 f"{x['view_sync_trips']:g}",
                 _ms(x["drift_fields"]),
@@ -345,7 +390,7 @@ def run(quick: bool = False) -> list[Target]:
                 f"{x['mem_per_pair']:,.0f}",
                 f"{SEED_BYTES_PER_INSTANCE_REGION / x['mem_per_pair']:,.0f}x under",
             ]
-            for x in results
+            for x in rows
         ],
     )
 
@@ -355,12 +400,12 @@ def run(quick: bool = False) -> list[Target]:
         ["N x R", "live pairs", "instance_hit_ratio series", "otel_metric_overflow series"],
         [
             [
-                f"{x['n']} x {x['r']}",
+                _label(x),
                 f"{x['n'] * x['r']:,}",
                 f"{x['ratio_series']:,}",
                 x["overflow"],
             ]
-            for x in results
+            for x in rows
         ],
     )
 
