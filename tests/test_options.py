@@ -126,3 +126,32 @@ def test_batch_size_bounds_regions_per_script_call(
         assert (totals.hit_count, totals.miss_count, totals.size_bytes) == (n + 1, 1, 10 * (n + 1))
     stats.flush()  # idempotent across batches too
     assert stats.cluster_statistics("region-4").hit_count == 5
+
+
+@pytest.mark.parametrize("batching", [True, False])
+def test_concurrent_flushes_are_batched(batching: bool, make_stats: MakeStats, r) -> None:
+    stats = make_stats("api-1", enable_batching=batching, batch_timeout=2.0)
+    stats.record_hit("ProviderResponses")
+    assert stats.flush()  # loads the script
+    before = int(r.info("commandstats")["cmdstat_evalsha"]["calls"])
+    start = threading.Barrier(8)
+    results: list[bool] = []
+
+    def record_and_flush() -> None:
+        for _ in range(100):
+            stats.record_hit("ProviderResponses")
+        start.wait()
+        results.append(stats.flush())
+
+    threads = [threading.Thread(target=record_and_flush) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    calls = int(r.info("commandstats")["cmdstat_evalsha"]["calls"]) - before
+    assert results == [True] * 8
+    assert stats.cluster_statistics("ProviderResponses").hit_count == 801  # nothing lost
+    if batching:
+        assert 1 <= calls < 8  # flushes that began after a call carried its events
+    else:
+        assert calls == 8

@@ -6,6 +6,7 @@ import atexit
 import logging
 import math
 import threading
+import time
 import weakref
 from collections.abc import Sequence
 
@@ -85,6 +86,10 @@ class CacheStatistics(Recorder):
         self._aggregator: Aggregator | None = None
         self._closed = False
         self._close_lock = threading.Lock()
+        self._flushes = threading.Condition()  # batches concurrent flush() calls
+        self._flushing = False
+        self._flush_started = -math.inf
+        self._flush_result = False
         readers = list(metric_readers)
         self._reader: PeriodicExportingMetricReader | None = None
         shared = (
@@ -162,13 +167,36 @@ class CacheStatistics(Recorder):
         return TimedLookup(self, region)
 
     def flush(self) -> bool:
-        """Write this instance's statistics through to Redis now; True when it succeeded."""
+        """Write this instance's statistics through to Redis now; True when it succeeded.
+
+        Concurrent calls are batched: a call waits up to ``batch_timeout`` for a flush in
+        progress, and when a flush that began after the call has finished, it carried the
+        call's events, so its result is shared instead of writing again.
+        """
         if self._reader is None or self._closed or self.exporter is None:
             return False
-        self._reader.force_flush(timeout_millis=self.settings.socket_timeout * 2000)
+        requested = time.monotonic()
+        wait = self.settings.batch_timeout if self.settings.enable_batching else 0.0
+        with self._flushes:
+            deadline = requested + wait
+            while self._flushing and time.monotonic() < deadline:
+                self._flushes.wait(deadline - time.monotonic())
+            if not self._flushing and self._flush_started >= requested:
+                return self._flush_result  # a later flush already wrote these events
+            self._flushing = True
+            self._flush_started = time.monotonic()
+        ok = False
+        try:
+            self._reader.force_flush(timeout_millis=self.settings.socket_timeout * 2000)
+            ok = self.exporter.last_ok
+        finally:
+            with self._flushes:
+                self._flushing = False
+                self._flush_result = ok
+                self._flushes.notify_all()
         if self._aggregator is not None:
             self._aggregator.invalidate()
-        return self.exporter.last_ok
+        return ok
 
     @property
     def flush_errors(self) -> int:

@@ -101,6 +101,7 @@ class Settings:
     connect_timeout: float = 5.0
     enable_batching: bool = True
     batch_size: int = 100
+    batch_timeout: float = 0.01
     connect_retries: int = 1
     socket_keepalive: bool = True
     ssl_ca_certs: str | None = None
@@ -198,6 +199,7 @@ class Settings:
             "instance_timeout", "statistics_ttl", "retention_period", "cleanup_interval",
             "socket_timeout", "connect_timeout", "missing_instance_grace",
             "max_aggregation_latency", "aggregation_interval", "response_time_sample_ttl",
+            "batch_timeout",
         )  # fmt: skip
         for name in positive:
             _check_positive(name, getattr(self, name))
