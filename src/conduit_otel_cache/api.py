@@ -16,7 +16,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
-from .http import json_reply
+from .http import json_reply, refuse
 from .model import Statistics
 
 WSGIApp = Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]
@@ -48,16 +48,9 @@ def make_stats_app(
         path = (environ.get("PATH_INFO") or "/").rstrip("/")
         method = environ.get("REQUEST_METHOD", "GET")
         source = routes.get(path)
-        if source is None:
-            return json_reply(start_response, "404 Not Found", {"error": "not found"}, method)
-        if method not in ("GET", "HEAD"):
-            return json_reply(
-                start_response,
-                "405 Method Not Allowed",
-                {"error": "use GET"},
-                method,
-                [("Allow", "GET, HEAD")],
-            )
+        refused = refuse(start_response, method, found=source is not None)
+        if refused is not None or source is None:
+            return refused or []
         try:
             regions = source()
         except Exception as exc:

@@ -33,16 +33,9 @@ def make_app(
             mounted: Iterable[bytes] = api(environ, start_response)
             return mounted
         routes = ("/metrics", "/health", "/health/cache_statistics")
-        if path.rstrip("/") not in routes:
-            return json_reply(start_response, "404 Not Found", {"error": "not found"}, method)
-        if method not in ("GET", "HEAD"):
-            return json_reply(
-                start_response,
-                "405 Method Not Allowed",
-                {"error": "use GET"},
-                method,
-                [("Allow", "GET, HEAD")],
-            )
+        refused = refuse(start_response, method, found=path.rstrip("/") in routes)
+        if refused is not None:
+            return refused
         if path.rstrip("/") == "/metrics":
             body: Iterable[bytes] = metrics_app(environ, start_response)
             return body
@@ -52,6 +45,17 @@ def make_app(
         return json_reply(start_response, status, payload, method)
 
     return app
+
+
+def refuse(start_response: StartResponse, method: str, *, found: bool) -> list[bytes] | None:
+    """A 404 reply for an unknown path or a 405 for methods other than GET and HEAD;
+    None when the request may go on."""
+    if not found:
+        return json_reply(start_response, "404 Not Found", {"error": "not found"}, method)
+    if method not in ("GET", "HEAD"):
+        return json_reply(start_response, "405 Method Not Allowed", {"error": "use GET"},
+                          method, [("Allow", "GET, HEAD")])  # fmt: skip
+    return None
 
 
 def json_reply(
