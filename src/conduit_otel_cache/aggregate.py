@@ -21,8 +21,8 @@ import redis
 
 from .config import Settings
 from .model import Statistics
+from .ratelimit import RateLimitedLog
 from .store import ClusterData, Store
-from .writethrough import RateLimitedLog
 
 log = logging.getLogger(__name__)
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
 import uuid
 from collections import deque
 from collections.abc import Callable
@@ -23,30 +22,12 @@ from opentelemetry.sdk.metrics.export import (
 from .config import Settings
 from .instruments import COUNTER_INSTRUMENTS, RESPONSE_TIME_INSTRUMENT, SCOPE, SIZE_INSTRUMENT
 from .model import ResponseTimes
+from .ratelimit import RateLimitedLog
 from .store import Store
 
 log = logging.getLogger(__name__)
 
 _FIELDS = {name: attr for name, _, _, attr in COUNTER_INSTRUMENTS} | {SIZE_INSTRUMENT: "size_bytes"}
-
-
-class RateLimitedLog:
-    """Logs the first failure, then at most one line per ``interval`` with a count."""
-
-    def __init__(self, logger: logging.Logger, interval: float = 60.0) -> None:
-        self._log, self._interval = logger, interval
-        self._last = -interval
-        self._suppressed = 0
-
-    def error(self, msg: str, *args: object) -> None:
-        """Log ``msg`` unless one was logged less than ``interval`` ago."""
-        now = time.monotonic()
-        if now - self._last < self._interval:
-            self._suppressed += 1
-            return
-        more = f" ({self._suppressed} similar errors suppressed)" if self._suppressed else ""
-        self._log.error(msg + more, *args)
-        self._last, self._suppressed = now, 0
 
 
 def points_to_fields(metrics_data: MetricsData) -> dict[str, dict[str, str]]:
