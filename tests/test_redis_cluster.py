@@ -296,52 +296,94 @@ def replica_of(cluster: RedisClusterServers, port: int) -> int:
     return next(int(r[1].split("@")[0].rsplit(":", 1)[1]) for r in rows if r[3] == master_id)
 
 
+class Traffic:
+    """Three instances that record in every region and flush, round after round, counting
+    what they recorded and how many flushes failed."""
+
+    def __init__(self, make_stats: MakeStats) -> None:
+        self.handles = [make_stats(f"api-{n}") for n in range(3)]
+        self.recorded = dict.fromkeys(REGIONS, 0)
+        self.rounds = 0
+        self.failed = 0
+
+    def round(self) -> None:
+        for k, handle in enumerate(self.handles):
+            for region in REGIONS:
+                hits = 1 + (self.rounds + k) % 5
+                record(handle, region, hits, 1)
+                self.recorded[region] += hits
+            self.failed += not handle.flush()
+        self.rounds += 1
+
+    def check_exact(self) -> None:
+        """Every instance flushes once more, then the totals equal what was recorded."""
+        for handle in self.handles:
+            assert wait_for(handle.flush, timeout=10)
+        for region in REGIONS:
+            totals = self.handles[0].cluster_statistics(region)
+            assert totals.hit_count == self.recorded[region]  # nothing lost, nothing doubled
+            assert totals.miss_count == 3 * self.rounds
+            assert totals.instance_count == 3
+            per = self.handles[0].per_instance_statistics(region)
+            assert sum(s.hit_count for s in per.values()) == self.recorded[region]
+        assert self.failed < 3 * self.rounds  # a failed flush is resent by the next one
+
+
 def test_failover_mid_run_loses_and_doubles_nothing(
     cluster: RedisClusterServers, make_stats: MakeStats, rc: RedisCluster
 ) -> None:
     """Instances record and flush before, during and after a manual failover of the primary
     that holds REGION's keys (the roles stay swapped for the tests after it)."""
-    handles = [make_stats(f"api-{n}") for n in range(3)]
-    recorded = dict.fromkeys(REGIONS, 0)
-    failed = 0
-
-    def round_of_traffic(n: int) -> None:
-        nonlocal failed
-        for k, handle in enumerate(handles):
-            for region in REGIONS:
-                hits = 1 + (n + k) % 5
-                record(handle, region, hits, 1)
-                recorded[region] += hits
-            failed += not handle.flush()
-
-    for n in range(5):
-        round_of_traffic(n)
+    traffic = Traffic(make_stats)
+    for _ in range(5):
+        traffic.round()
     old_primary = owner_port(rc, f"conduit:cache:{{{REGION}}}:aggregated")
     new_primary = replica_of(cluster, old_primary)
     assert cluster.command(new_primary, "CLUSTER", "FAILOVER") == "OK"
-    n = 5
     deadline = time.monotonic() + 20
     while "role:master" not in cluster.command(new_primary, "INFO", "replication"):
-        round_of_traffic(n)  # keeps flushing while the roles switch
-        n += 1
+        traffic.round()  # keeps flushing while the roles switch
         assert time.monotonic() < deadline, "failover did not happen"
     cluster.wait_ok(20)
     for _ in range(3):
-        round_of_traffic(n)
-        n += 1
-    for handle in handles:  # every instance flushes once more once the cluster is ok
-        assert wait_for(handle.flush, timeout=10)
+        traffic.round()
+    traffic.check_exact()
     rc.nodes_manager.initialize()  # this client's slot map predates the failover
     assert owner_port(rc, f"conduit:cache:{{{REGION}}}:aggregated") == new_primary
     assert on_node(new_primary, "EXISTS", f"conduit:cache:{{{REGION}}}:aggregated") == 1
-    for region in REGIONS:
-        cluster_stats = handles[0].cluster_statistics(region)
-        assert cluster_stats.hit_count == recorded[region]  # nothing lost, nothing doubled
-        assert cluster_stats.miss_count == 3 * n
-        assert cluster_stats.instance_count == 3
-        per = handles[0].per_instance_statistics(region)
-        assert sum(s.hit_count for s in per.values()) == recorded[region]
-    assert failed < 3 * n  # most flushes succeeded; a failed one is resent by the next
+
+
+def test_slot_migration_mid_run_loses_and_doubles_nothing(
+    cluster: RedisClusterServers, make_stats: MakeStats, rc: RedisCluster
+) -> None:
+    """REGION's hash slot moves to another primary key by key (CLUSTER SETSLOT IMPORTING /
+    MIGRATING, MIGRATE, SETSLOT NODE) while the instances keep recording and flushing."""
+    traffic = Traffic(make_stats)
+    for _ in range(3):
+        traffic.round()
+    key = f"conduit:cache:{{{REGION}}}:aggregated"
+    rc.nodes_manager.initialize()
+    slot = rc.keyslot(key)
+    source = owner_port(rc, key)
+    ports = [server.port for server in cluster.servers]
+    primaries = [p for p in ports if on_node(p, "ROLE")[0] == "master"]  # asked, not gossip
+    target = next(p for p in primaries if p != source)
+    source_id, target_id = (on_node(p, "CLUSTER", "MYID") for p in (source, target))
+    on_node(target, "CLUSTER", "SETSLOT", slot, "IMPORTING", source_id)
+    on_node(source, "CLUSTER", "SETSLOT", slot, "MIGRATING", target_id)
+    traffic.round()  # flushes meet a slot in migration (ASK / TRYAGAIN)
+    while keys := on_node(source, "CLUSTER", "GETKEYSINSLOT", slot, 2):
+        on_node(source, "MIGRATE", "127.0.0.1", target, "", 0, 5000, "KEYS", *keys)
+        traffic.round()  # and flush between the keys moving
+    for port in primaries:
+        on_node(port, "CLUSTER", "SETSLOT", slot, "NODE", target_id)
+    cluster.wait_ok(20)
+    for _ in range(2):
+        traffic.round()
+    traffic.check_exact()
+    rc.nodes_manager.initialize()
+    assert owner_port(rc, key) == target
+    assert on_node(target, "EXISTS", key) == 1
 
 
 def test_cluster_urls_and_option() -> None:

@@ -230,6 +230,7 @@ class Store:
             self.stats_key(instance_id, region),
             self.aggregate_key(region),
             self.hit_rates_key(region),
+            self.samples_key(instance_id, region),
         ]
 
     def _instance_keys(self, instance_id: str, regions: Iterable[str]) -> list[str]:

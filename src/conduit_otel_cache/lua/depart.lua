@@ -2,12 +2,13 @@
 -- out of the cluster totals; its counted events stay. With a max age, only if its
 -- heartbeat is older than that (standalone Redis: one script call).
 -- KEYS: instances zset, instance meta hash, instance regions set,
---       then per region: instance stats hash, aggregated hash, hit-rates zset.
+--       then per region: instance stats hash, aggregated hash, hit-rates zset,
+--       response-time samples list.
 -- ARGV: instance id, max heartbeat age in seconds or '' (now), '1' to delete its keys.
 local id, max_age, remove = ARGV[1], ARGV[2], ARGV[3] == '1'
 if not departure_due(KEYS[1], id, max_age) then return 0 end
-for k = 4, #KEYS, 3 do
-  depart_region(KEYS[k], KEYS[k + 1], KEYS[k + 2], id, remove)
+for k = 4, #KEYS, 4 do
+  depart_region(KEYS[k], KEYS[k + 1], KEYS[k + 2], KEYS[k + 3], id, remove)
 end
 depart_instance(KEYS[1], KEYS[2], KEYS[3], id, remove)
 return 1

@@ -1,7 +1,9 @@
 -- Write one instance's cumulative statistics and apply their change to the cluster totals
 -- (standalone Redis: every key in one script call, one round trip).
 -- KEYS: instances zset, regions set, instance meta hash, instance regions set,
---       then per region: instance stats hash, aggregated hash, hit-rates zset.
+--       then per region: instance stats hash, aggregated hash, hit-rates zset,
+--       response-time samples list (every key is declared, so Redis Cluster checks
+--       them all before the script runs: a script never stops half way).
 -- ARGV: instance id, process token, ttl seconds, instance timeout seconds,
 --       then per region: region, field count n, n pairs of field, cumulative value.
 -- Idempotent: the same values sent twice change nothing. A new token (a restarted
@@ -26,7 +28,8 @@ local k
 a, k = 5, 5
 while a <= #ARGV do
   local n = tonumber(ARGV[a + 1])
-  flush_region(KEYS[k], KEYS[k + 1], KEYS[k + 2], id, token, reset, now_s, ttl, ARGV, a + 2, n)
-  a, k = a + 2 + 2 * n, k + 3
+  flush_region(KEYS[k], KEYS[k + 1], KEYS[k + 2], KEYS[k + 3], id, token, reset, now_s, ttl,
+               ARGV, a + 2, n)
+  a, k = a + 2 + 2 * n, k + 4
 end
 return {now_s, duplicate}

@@ -29,11 +29,13 @@ local function server_time()
   return tonumber(t[1]) + tonumber(t[2]) / 1000000
 end
 
-local function update_drift(akey, rkey)
+local function update_drift(akey, rkey, count)
   -- Drift: the largest distance (percentage points) between the live cluster hit rate
   -- and the lowest or highest live instance hit rate; 0 with fewer than two instances.
+  -- `count` is the zset's size, known by the caller: an empty zset no longer exists and
+  -- is not touched (in a Redis Cluster slot being migrated that would fail the script).
   local drift = 0
-  if redis.call('ZCARD', rkey) >= 2 then
+  if count >= 2 then
     local live = redis.call('HMGET', akey, 'live_hit_count', 'live_miss_count')
     local hits, requests = num(live[1]), num(live[1]) + num(live[2])
     local rate = requests > 0 and 100 * hits / requests or 0

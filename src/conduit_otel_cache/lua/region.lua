@@ -6,7 +6,7 @@ local LIVE = {size_bytes = 'size_bytes', hit_count = 'live_hit_count',
 
 local function append_samples(lkey, csv, cap, sample_ttl)
   -- The last `cap` raw response times (seconds) of the instance in the region, as the
-  -- design's `...:<instance>:<region>:response_times` list; same hash slot as skey.
+  -- design's `...:<instance>:<region>:response_times` list.
   ensure_type(lkey, 'list')
   local items = {}
   for x in string.gmatch(csv, '[^,]+') do
@@ -21,7 +21,15 @@ local function append_samples(lkey, csv, cap, sample_ttl)
   redis.call('EXPIRE', lkey, sample_ttl)
 end
 
-local function flush_region(skey, akey, rkey, id, token, untokened_reset, now_s, ttl,
+local function zset_without(rkey, id)
+  -- Remove id from the hit-rates zset; returns how many members are left (the zset
+  -- is gone when none are, and must not be touched again in this script).
+  local count = redis.call('ZCARD', rkey)
+  if count > 0 and redis.call('ZREM', rkey, id) == 1 then count = count - 1 end
+  return count
+end
+
+local function flush_region(skey, akey, rkey, lkey, id, token, untokened_reset, now_s, ttl,
                             argv, first, n)
   -- Store the cumulative values argv[first], argv[first + 1], ... (n field, value pairs)
   -- and add their change since the last flush to the aggregated hash. The stats hash
@@ -43,7 +51,7 @@ local function flush_region(skey, akey, rkey, id, token, untokened_reset, now_s,
     local f, v = argv[j], argv[j + 1]
     local cap, sample_ttl = string.match(f, '^samples:(%d+):(%d+)$')
     if cap then
-      append_samples(skey .. ':response_times', v, tonumber(cap), tonumber(sample_ttl))
+      append_samples(lkey, v, tonumber(cap), tonumber(sample_ttl))
     else
       new[f] = tonumber(v)
       flat[#flat + 1] = f
@@ -63,23 +71,30 @@ local function flush_region(skey, akey, rkey, id, token, untokened_reset, now_s,
   if not was_live then incr(akey, 'instance_count', 1, false) end
 
   local requests = (new['hit_count'] or 0) + (new['miss_count'] or 0)
+  local rates = zset_without(rkey, id)
   if requests > 0 then
     redis.call('ZADD', rkey, string.format('%.17g', 100 * (new['hit_count'] or 0) / requests), id)
-  else
-    redis.call('ZREM', rkey, id)
+    rates = rates + 1
   end
+  update_drift(akey, rkey, rates)
 
-  update_drift(akey, rkey)
-
-  redis.call('DEL', skey)
+  -- Rewrite the stats hash in place: a key deleted mid-script could not be written again
+  -- in a Redis Cluster slot being migrated, and the script would stop half way.
+  local keep = {}
+  for i = 1, #flat, 2 do keep[flat[i]] = true end
+  local stale = {}
+  for f in pairs(old) do
+    if not keep[f] then stale[#stale + 1] = f end
+  end
   redis.call('HSET', skey, unpack(flat))
+  if #stale > 0 then redis.call('HDEL', skey, unpack(stale)) end
   redis.call('EXPIRE', skey, ttl)
   redis.call('HSET', akey, 'last_aggregated', now_s)
   redis.call('EXPIRE', akey, ttl)
-  redis.call('EXPIRE', rkey, ttl)
+  if rates > 0 then redis.call('EXPIRE', rkey, ttl) end
 end
 
-local function depart_region(skey, akey, rkey, id, remove)
+local function depart_region(skey, akey, rkey, lkey, id, remove)
   -- Take the instance's live gauges of this region out of the totals; counters stay.
   ensure_hash(skey)
   ensure_hash(akey)
@@ -92,7 +107,6 @@ local function depart_region(skey, akey, rkey, id, remove)
     redis.call('HSET', skey, 'live', '0')
   end
   ensure_type(rkey, 'zset')
-  redis.call('ZREM', rkey, id)
-  update_drift(akey, rkey)
-  if remove then redis.call('DEL', skey, skey .. ':response_times') end
+  update_drift(akey, rkey, zset_without(rkey, id))
+  if remove then redis.call('DEL', skey, lkey) end
 end

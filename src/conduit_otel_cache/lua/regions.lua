@@ -2,7 +2,7 @@
 -- loop without the heartbeat, sent in the same pipeline (one round trip), so that no
 -- single script call holds Redis for long.
 -- KEYS: regions set, instance regions set, then per region: instance stats hash,
---       aggregated hash, hit-rates zset.
+--       aggregated hash, hit-rates zset, response-time samples list.
 -- ARGV: instance id, process token, ttl seconds,
 --       then per region: region, field count n, n pairs of field, cumulative value.
 local now_s = string.format('%.6f', server_time())
@@ -14,8 +14,9 @@ while a <= #ARGV do
   local n = tonumber(ARGV[a + 1])
   redis.call('SADD', KEYS[1], ARGV[a])
   redis.call('SADD', KEYS[2], ARGV[a])
-  flush_region(KEYS[k], KEYS[k + 1], KEYS[k + 2], id, token, false, now_s, ttl, ARGV, a + 2, n)
-  a, k = a + 2 + 2 * n, k + 3
+  flush_region(KEYS[k], KEYS[k + 1], KEYS[k + 2], KEYS[k + 3], id, token, false, now_s, ttl,
+               ARGV, a + 2, n)
+  a, k = a + 2 + 2 * n, k + 4
 end
 redis.call('EXPIRE', KEYS[1], ttl)
 redis.call('EXPIRE', KEYS[2], ttl)
