@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -17,12 +17,12 @@ from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 from redis.cluster import RedisCluster
 
-from conduit_otel_cache import CacheStatistics, setup
+from conduit_otel_cache import CacheStatistics
 from conduit_otel_cache.config import Settings
 from conduit_otel_cache.embedded import RedisClusterServers
 from conduit_otel_cache.server import ExporterService
 
-from .conftest import wait_for
+from .conftest import MakeStats, wait_for
 
 pytestmark = pytest.mark.cluster
 
@@ -51,23 +51,10 @@ def rc(cluster: RedisClusterServers, url: str) -> Iterator[RedisCluster]:
     client.close()
 
 
-MakeStats = Callable[..., CacheStatistics]
-
-
 @pytest.fixture
-def make_stats(url: str, rc: RedisCluster) -> Iterator[MakeStats]:
-    handles: list[CacheStatistics] = []
-
-    def make(instance_id: str, **options: Any) -> CacheStatistics:
-        options = {"redis_url": url, "set_global": False, "flush_interval": None,
-                   "aggregation_cache_ttl": 0, **options}  # fmt: skip
-        handle = setup(instance_id=instance_id, **options)
-        handles.append(handle)
-        return handle
-
-    yield make
-    for handle in handles:
-        handle.shutdown()
+def redis_url(url: str, rc: RedisCluster) -> str:
+    """The cluster, for conftest's make_stats (rc has emptied it)."""
+    return url
 
 
 def record(stats: CacheStatistics, region: str, hits: int, misses: int, sets: int = 0,
