@@ -34,6 +34,21 @@ def r(redis_url: str) -> Iterator[redis.Redis]:
 MakeStats = Callable[..., CacheStatistics]
 
 
+def scrape_once(**options: Any) -> str:
+    """The /metrics text of a fresh exporter for ``options`` (its per-instance pass run)."""
+    from prometheus_client import generate_latest
+
+    from conduit_otel_cache.config import Settings
+    from conduit_otel_cache.server import ExporterService
+
+    service = ExporterService(Settings.load(aggregation_cache_ttl=0, **options), port=0)
+    try:
+        service.aggregator.refresh_instances()
+        return generate_latest(service.exporter.registry).decode()
+    finally:
+        service.stop()
+
+
 def wait_for(condition: Callable[[], Any], timeout: float = 15.0, interval: float = 0.05) -> Any:
     """Poll ``condition()`` until it returns something truthy; fail after ``timeout``."""
     deadline = time.monotonic() + timeout

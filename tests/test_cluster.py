@@ -7,7 +7,7 @@ import redis
 
 from conduit_otel_cache.embedded import RedisServer
 
-from .conftest import MakeStats
+from .conftest import MakeStats, scrape_once
 
 REGION = "ProviderResponses"
 
@@ -213,23 +213,13 @@ def test_drift_follows_live_instances_only(make_stats: MakeStats) -> None:
 
 
 def test_per_instance_series_are_capped_farthest_first(make_stats: MakeStats, redis_url: str):
-    from prometheus_client import generate_latest
     from prometheus_client.parser import text_string_to_metric_families
-
-    from conduit_otel_cache.config import Settings
-    from conduit_otel_cache.server import ExporterService
 
     for n, hits in enumerate((50, 52, 10, 95)):  # live cluster 207/400 = 51.75 %
         h = make_stats(f"api-{n}")
         record(h, hits, 100 - hits)
         h.flush()
-    settings = Settings.load(redis_url=redis_url, aggregation_cache_ttl=0, max_instance_series=2)
-    service = ExporterService(settings, port=0)
-    try:
-        service.aggregator.refresh_instances()
-        text = generate_latest(service.exporter.registry).decode()
-    finally:
-        service.stop()
+    text = scrape_once(redis_url=redis_url, max_instance_series=2)
     series = {
         s.labels["instance_id"]: s.value
         for f in text_string_to_metric_families(text)

@@ -13,16 +13,14 @@ from typing import Any
 
 import pytest
 import redis
-from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 from redis.cluster import RedisCluster
 
 from conduit_otel_cache import CacheStatistics
 from conduit_otel_cache.config import Settings
 from conduit_otel_cache.embedded import RedisClusterServers
-from conduit_otel_cache.server import ExporterService
 
-from .conftest import MakeStats, wait_for
+from .conftest import MakeStats, scrape_once, wait_for
 
 pytestmark = pytest.mark.cluster
 
@@ -144,12 +142,7 @@ def test_three_instances_exact_totals_everywhere(
     node_memory = [int(on_node(p, "INFO", "memory")["used_memory"]) for p in primaries(rc)]
     assert view.redis_memory_bytes > max(node_memory)
 
-    service = ExporterService(Settings.load(redis_url=url, aggregation_cache_ttl=0), port=0)
-    try:
-        service.aggregator.refresh_instances()
-        text = generate_latest(service.exporter.registry).decode()
-    finally:
-        service.stop()
+    text = scrape_once(redis_url=url)
     samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
                for f in text_string_to_metric_families(text) for s in f.samples}  # fmt: skip
     for n, region in enumerate(REGIONS):

@@ -16,15 +16,12 @@ from pathlib import Path
 
 import pytest
 import redis
-from prometheus_client import generate_latest
 
 from conduit_otel_cache import setup
 from conduit_otel_cache.cli import main
-from conduit_otel_cache.config import Settings
 from conduit_otel_cache.embedded import RedisServer, free_port, redis_server_binary
-from conduit_otel_cache.server import ExporterService
 
-from ..conftest import wait_for
+from ..conftest import scrape_once, wait_for
 
 REGION = "ProviderResponses"
 PASSWORD = "Sup3r-s3cret-pw"
@@ -62,12 +59,7 @@ def test_whole_product_works_under_least_privilege_acl(acl_server: RedisServer) 
     assert handles[0].cluster_statistics(REGION).hit_count == 60
     assert handles[0].per_instance_statistics(REGION)["api-2"].hit_count == 30
     assert handles[0].health().data["ActiveInstances"] == 3
-    service = ExporterService(Settings.load(redis_url=url, aggregation_cache_ttl=0), port=0)
-    try:
-        service.aggregator.refresh_instances()
-        text = generate_latest(service.exporter.registry).decode()
-    finally:
-        service.stop()
+    text = scrape_once(redis_url=url)
     assert 'conduit_cache_hits_total{region="ProviderResponses"} 60.0' in text
     assert "conduit_cache_redis_up 1.0" in text
     handles[2].shutdown()  # deregistration under the ACL
