@@ -156,10 +156,11 @@ class Aggregator:
         data = data or self.store.read_cluster()
         self._instance_rates = self.store.read_hit_rates(sorted(data.aggregates))
 
-    def per_instance(self, region: str) -> dict[str, Statistics]:
+    def per_instance(self, region: str, data: ClusterData | None = None) -> dict[str, Statistics]:
         """``{instance_id: statistics}`` of ``region`` for every registered instance,
-        read now (one pipelined read per instance); malformed entries are skipped."""
-        data = self.store.read_cluster()
+        read now (one pipelined read per instance; ``data`` saves reading the heartbeats
+        again); malformed entries are skipped."""
+        data = data or self.store.read_cluster()
         active = set(self._split(data)[0])
         result: dict[str, Statistics] = {}
         errors: list[str] = []

@@ -94,8 +94,9 @@ def _read_view(args: argparse.Namespace) -> tuple[Settings, ClusterView, Aggrega
 
 
 def read_per_instance(aggregator: Aggregator, regions: Iterable[str]) -> PerInstance:
-    """Every instance's statistics of every region in ``regions``."""
-    return {region: aggregator.per_instance(region) for region in regions}
+    """Every instance's statistics of every region in ``regions`` (heartbeats read once)."""
+    data = aggregator.store.read_cluster()
+    return {region: aggregator.per_instance(region, data) for region in regions}
 
 
 def cmd_stats(args: argparse.Namespace) -> int:
