@@ -212,6 +212,23 @@ def test_drift_follows_live_instances_only(make_stats: MakeStats) -> None:
     assert set(view.instance_hit_rates[REGION]) == {"api-1", "api-3"}
 
 
+@pytest.mark.parametrize("protocol", [2, 3])
+def test_sorted_sets_read_the_same_over_resp2_and_resp3(
+    make_stats: MakeStats, redis_url: str, protocol: int
+) -> None:
+    """Heartbeats and hit rates are read raw (flat on RESP2, nested on RESP3)."""
+    a, b = make_stats("api-1"), make_stats("api-2")
+    record(a, 3, 1)
+    record(b, 1, 3)
+    a.flush()
+    b.flush()
+    view = make_stats("reader", redis_url=f"{redis_url}?protocol={protocol}").cluster_view()
+    assert set(view.heartbeats) == {"api-1", "api-2"}
+    assert all(beat > 1.7e9 for beat in view.heartbeats.values())
+    assert view.instance_hit_rates[REGION] == {"api-1": 75.0, "api-2": 25.0}
+    assert view.drift[REGION] == pytest.approx(25.0)
+
+
 def test_per_instance_series_are_capped_farthest_first(make_stats: MakeStats, redis_url: str):
     from prometheus_client.parser import text_string_to_metric_families
 

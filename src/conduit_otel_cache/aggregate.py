@@ -12,6 +12,7 @@ drift in Redis, so reading drift costs nothing extra whatever the fleet size.
 from __future__ import annotations
 
 import dataclasses
+import heapq
 import logging
 import math
 import threading
@@ -37,6 +38,9 @@ class ClusterView:
     instance_hit_rates: dict[str, dict[str, float]] = dataclasses.field(default_factory=dict)
     #: ``{region: hit rate in percent}`` of all live instances together
     live_hit_rates: dict[str, float] = dataclasses.field(default_factory=dict)
+    #: ``(region, instance_id, hit rate in percent)`` of at most ``max_instance_series``
+    #: live instances, those farthest from their region's live hit rate first
+    instance_series: tuple[tuple[str, str, float], ...] = ()
     heartbeats: dict[str, float] = dataclasses.field(default_factory=dict)
     active_instances: tuple[str, ...] = ()
     missing_instances: tuple[str, ...] = ()
@@ -75,6 +79,7 @@ class Aggregator:
         self._view: ClusterView | None = None
         self._read_at = -float("inf")
         self._instance_rates: dict[str, dict[str, float]] = {}
+        self._instance_series: tuple[tuple[str, str, float], ...] = ()
         self._instance_errors: dict[str, tuple[str, ...]] = {}
         self._errors = RateLimitedLog(log)
         self._stop = threading.Event()
@@ -154,7 +159,19 @@ class Aggregator:
     def refresh_instances(self, data: ClusterData | None = None) -> None:
         """Read every live instance's hit rate per region (the per-instance series) now."""
         data = data or self.store.read_cluster()
-        self._instance_rates = self.store.read_hit_rates(sorted(data.aggregates))
+        rates = self.store.read_hit_rates(sorted(data.aggregates))
+        live = {region: _live(fields)[0] for region, fields in data.aggregates.items()}
+        rows = [
+            (abs(rate - live.get(region, rate)), region, instance_id, rate)
+            for region, by_instance in rates.items()
+            for instance_id, rate in by_instance.items()
+        ]
+        limit = self.settings.max_instance_series
+        if len(rows) > limit:
+            rows = heapq.nlargest(limit, rows)
+        # selected here, in the per-instance pass, so that a scrape never walks every instance
+        self._instance_series = tuple((region, i, rate) for _, region, i, rate in rows)
+        self._instance_rates = rates
 
     def per_instance(self, region: str, data: ClusterData | None = None) -> dict[str, Statistics]:
         """``{instance_id: statistics}`` of ``region`` for every registered instance,
@@ -214,24 +231,13 @@ class Aggregator:
             except ValueError as exc:
                 errors.append(f"aggregate of region {region!r}: {exc}")
         self._count(errors)
-        live_rates: dict[str, float] = {}
-        drift: dict[str, float] = {}
-        for region in regions:
-            fields = data.aggregates[region]
-            try:  # kept by every flush and departure (lua/lib.lua update_drift)
-                live_hits = max(0, int(fields.get("live_hit_count", "0")))
-                live_requests = live_hits + max(0, int(fields.get("live_miss_count", "0")))
-                spread = float(fields.get("drift", "0"))
-            except ValueError:
-                live_hits = live_requests = 0
-                spread = 0.0
-            live_rates[region] = 100.0 * live_hits / live_requests if live_requests else 0.0
-            drift[region] = spread if math.isfinite(spread) and 0 <= spread <= 100 else 0.0
+        live = {region: _live(data.aggregates[region]) for region in regions}
         return ClusterView(
             regions=regions,
-            drift=drift,
+            drift={region: drift for region, (_, drift) in live.items()},
             instance_hit_rates=self._instance_rates,
-            live_hit_rates=live_rates,
+            live_hit_rates={region: rate for region, (rate, _) in live.items()},
+            instance_series=self._instance_series,
             heartbeats=dict(data.heartbeats),
             active_instances=active,
             missing_instances=missing,
@@ -242,6 +248,19 @@ class Aggregator:
             last_successful_aggregation=time.time(),
             data_errors=(*errors, *(e for es in self._instance_errors.values() for e in es)),
         )
+
+
+def _live(fields: dict[str, str]) -> tuple[float, float]:
+    """The live hit rate and the drift of one region's aggregate (kept by every flush and
+    departure, lua/lib.lua update_drift); zeros when malformed (reported by Statistics)."""
+    try:
+        hits = max(0, int(fields.get("live_hit_count", "0")))
+        requests = hits + max(0, int(fields.get("live_miss_count", "0")))
+        drift = float(fields.get("drift", "0"))
+    except ValueError:
+        return 0.0, 0.0
+    rate = 100.0 * hits / requests if requests else 0.0
+    return rate, drift if math.isfinite(drift) and 0 <= drift <= 100 else 0.0
 
 
 def _timestamp(value: str | None) -> float | None:

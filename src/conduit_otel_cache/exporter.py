@@ -3,12 +3,16 @@ through ``opentelemetry-exporter-prometheus`` on a private ``CollectorRegistry``
 
 from __future__ import annotations
 
-import heapq
 from collections.abc import Callable, Iterable
 
 from opentelemetry.exporter.prometheus import PrometheusMetricReader
 from opentelemetry.metrics import CallbackOptions, Observation
-from opentelemetry.sdk.metrics import MeterProvider, ObservableCounter, ObservableGauge
+from opentelemetry.sdk.metrics import (
+    AlwaysOffExemplarFilter,
+    MeterProvider,
+    ObservableCounter,
+    ObservableGauge,
+)
 from opentelemetry.sdk.resources import Resource
 from prometheus_client import CollectorRegistry
 from prometheus_client.metrics_core import Metric
@@ -48,6 +52,7 @@ class ClusterExporter:
             resource=Resource.create({"service.name": "conduit-otel-cache-exporter"}),
             views=histogram_views(RESPONSE_TIME_INSTRUMENT),
             shutdown_on_exit=False,
+            exemplar_filter=AlwaysOffExemplarFilter(),  # no spans here; Prometheus text has none
         )
         meter = self.meter_provider.get_meter(SCOPE)
         regions = self._regions
@@ -103,21 +108,11 @@ class ClusterExporter:
         return [Observation(d, {"region": r}) for r, d in self._view().drift.items()]
 
     def _instance_ratios(self, options: CallbackOptions) -> Iterable[Observation]:
-        """Live instances' hit ratios, at most ``max_instance_series`` of them: those
-        farthest from their region's live hit rate first, so the cardinality stays bounded
-        and the series that matter for drift are kept."""
-        view = self._view()
-        rows = [
-            (abs(rate - view.live_hit_rates.get(region, rate)), region, instance_id, rate)
-            for region, rates in view.instance_hit_rates.items()
-            for instance_id, rate in rates.items()
-        ]
-        limit = self.aggregator.settings.max_instance_series
-        if len(rows) > limit:
-            rows = heapq.nlargest(limit, rows)
+        """Live instances' hit ratios, the ``max_instance_series`` farthest from their
+        region's live hit rate (selected by the aggregator's per-instance pass)."""
         return [
             Observation(rate / 100.0, {"region": region, "instance_id": instance_id})
-            for _, region, instance_id, rate in rows
+            for region, instance_id, rate in self._view().instance_series
         ]
 
     def _scalar(

@@ -50,6 +50,19 @@ def _strs(reply: Any) -> list[str]:
     return [str(item) for item in reply]
 
 
+def _zrange(pipe: Any, key: str) -> None:
+    """Queue ``ZRANGE key 0 -1 WITHSCORES`` with its raw reply (see :func:`_pairs`)."""
+    pipe.execute_command("ZRANGE", key, 0, -1, "WITHSCORES")
+
+
+def _pairs(reply: Any) -> list[tuple[str, float]]:
+    """``(member, score)`` of a raw ``ZRANGE ... WITHSCORES`` reply, flat (RESP2) or nested
+    (RESP3); read raw because redis-py's own score conversion costs more than the read."""
+    if reply and isinstance(reply[0], list):
+        return [(member, float(score)) for member, score in reply]
+    return [(reply[i], float(reply[i + 1])) for i in range(0, len(reply) - 1, 2)]
+
+
 def _script_source(*names: str) -> str:
     """``lib.lua`` followed by the named files of ``lua/``, as one script."""
     lua = files(__package__).joinpath("lua")
@@ -408,7 +421,7 @@ class Store:
         """
         pipe = self.client.pipeline(transaction=False)
         pipe.execute_command("TIME")  # a cluster pipeline has no time(): one node's clock
-        pipe.zrange(self.instances_key, 0, -1, withscores=True)
+        _zrange(pipe, self.instances_key)
         pipe.smembers(self.regions_key)
         (seconds, micros), beats, members = pipe.execute(raise_on_error=False)
         errors: list[str] = []
@@ -431,7 +444,7 @@ class Store:
             elif reply:
                 aggregates[region] = reply
         heartbeats = {}
-        for member, score in beats:
+        for member, score in _pairs(beats):
             if valid_name(member) and math.isfinite(score):
                 heartbeats[member] = float(score)
             else:
@@ -444,11 +457,11 @@ class Store:
             return {}
         pipe = self.client.pipeline(transaction=False)
         for region in regions:
-            pipe.zrange(self.hit_rates_key(region), 0, -1, withscores=True)
+            _zrange(pipe, self.hit_rates_key(region))
         result: dict[str, dict[str, float]] = {}
         for region, reply in zip(regions, pipe.execute(raise_on_error=False)):
             if not isinstance(reply, Exception):
-                result[region] = {m: float(v) for m, v in reply if valid_name(m) and 0 <= v <= 100}
+                result[region] = {m: v for m, v in _pairs(reply) if valid_name(m) and 0 <= v <= 100}
         return result
 
     def read_instances(
