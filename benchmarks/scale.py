@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from prometheus_client import generate_latest
+from prometheus_client.metrics_core import Metric
 from redis.cluster import RedisCluster
 
 from conduit_otel_cache.aggregate import Aggregator
@@ -246,7 +247,7 @@ def one_scale(n: int, r: int, quick: bool, rss: bool, cluster: bool = False) -> 
         regions = [region_name(j) for j in range(r)]
 
         res["read_cluster"], res["read_cluster_trips"] = measure_trips(
-            store.read_cluster, max(reps, 20), budget
+            lambda: store.read_cluster(3600), max(reps, 20), budget
         )
 
         # the per-instance pass with drift: a synchronous aggregator with TTL 0 reads the
@@ -281,6 +282,14 @@ def one_scale(n: int, r: int, quick: bool, rss: bool, cluster: bool = False) -> 
         res["cold"], res["cold_trips"] = measure_trips(
             lambda: generate_latest(registry), reps, budget
         )
+        # where a cold scrape's time goes: the aggregation (Redis read and parse of the
+        # totals), then prometheus_client's text writer over the very families the scrape
+        # produced (the floor of any exporter built on it); the rest is the OTel SDK
+        res["cold_view"] = measure(cold.aggregator.view, reps, budget)
+        families = list(registry.collect())
+        required = [f for f in families if f.name != "conduit_cache_instance_hit_ratio"]
+        res["text"] = measure(lambda: generate_latest(_Static(families)), reps, budget)
+        res["text_required"] = measure(lambda: generate_latest(_Static(required)), reps, budget)
         url = f"http://127.0.0.1:{cold.port}/metrics"
 
         def http_get() -> None:
@@ -300,6 +309,16 @@ def one_scale(n: int, r: int, quick: bool, rss: bool, cluster: bool = False) -> 
             res["rss"] = measure_rss(redis_url, n * r)
         store.close()
     return res
+
+
+class _Static:
+    """A collector that returns families collected before (for the text writer alone)."""
+
+    def __init__(self, families: list[Metric]) -> None:
+        self._families = families
+
+    def collect(self) -> list[Metric]:
+        return self._families
 
 
 def _ms(t: Timing) -> str:
@@ -366,6 +385,30 @@ def run(quick: bool = False) -> list[Target]:
         ],
     )
     show(
+        "Where a cold scrape's time goes (median ms)",
+        [
+            "N x R",
+            "cold scrape",
+            "aggregation (Redis read + parse)",
+            "OTel SDK collection + translation",
+            "text (prometheus_client)",
+            "text of the required series alone",
+            "series",
+        ],
+        [
+            [
+                _label(x),
+                fmt_ms(x["cold"].median),
+                fmt_ms(x["cold_view"].median),
+                fmt_ms(max(0.0, x["cold"].median - x["cold_view"].median - x["text"].median)),
+                fmt_ms(x["text"].median),
+                fmt_ms(x["text_required"].median),
+                f"{x['series']:,}",
+            ]
+            for x in rows
+        ],
+    )
+    show(
         "Per-instance pass, seed read-time sum, Redis memory",
         [
             "N x R",
@@ -421,6 +464,8 @@ def run(quick: bool = False) -> list[Target]:
         ("cold scrape", lambda x: x["cold"].median),
         ("warm scrape", lambda x: x["warm"].median),
         ("read_cluster()", lambda x: x["read_cluster"].median),
+        ("aggregation part of cold scrape", lambda x: x["cold_view"].median),
+        ("text exposition", lambda x: x["text"].median),
         ("per-instance pass", lambda x: x["view_sync"].median),
         ("seed HGETALL sum", lambda x: x["seed_totals"].median),
         ("drift fields only (HMGET)", lambda x: x["drift_fields"].median),
@@ -468,12 +513,16 @@ def run(quick: bool = False) -> list[Target]:
         Target(
             f"cold scrape < 10 ms at {label}",
             cold_ms < 10,
-            f"{cold_ms:,.1f} ms median ({cold_ms / 10:.1f}x the target)",
+            f"{cold_ms:,.1f} ms median ({cold_ms / 10:.1f}x the target); prometheus_client's "
+            f"text writer alone takes {big['text'].median * 1e3:,.1f} ms for these "
+            f"{big['series']:,} series, {big['text_required'].median * 1e3:,.1f} ms for the "
+            "required ones without per-instance series",
         ),
         Target(
-            f"store.read_cluster() < 10 ms at {label}",
-            big["read_cluster"].median < 0.010,
-            f"{big['read_cluster'].median * 1e3:,.2f} ms median",
+            f"aggregation part of a cold scrape < 10 ms at {label}",
+            big["cold_view"].median < 0.010,
+            f"{big['cold_view'].median * 1e3:,.2f} ms median (read_cluster() "
+            f"{big['read_cluster'].median * 1e3:,.2f} ms)",
         ),
         Target(
             f"per-instance pass with drift < 1 s at {label}",

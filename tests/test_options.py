@@ -21,7 +21,8 @@ def test_heartbeat_interval_beats_between_flushes(make_stats: MakeStats, r: redi
     first = r.zscore("conduit:cache:instances", "api-1")
     # no flush: the heartbeat alone moves the score (Redis server time)
     wait_for(lambda: r.zscore("conduit:cache:instances", "api-1") > first + 0.1)
-    assert stats.cluster_view().active_instances == ("api-1",)
+    assert stats.cluster_view().active_count == 1
+    assert stats.aggregator.instances() == (["api-1"], [])
     stats.shutdown()
     assert r.zscore("conduit:cache:instances", "api-1") is None  # no beat after shutdown
 

@@ -134,7 +134,8 @@ def test_three_instances_exact_totals_everywhere(
         "api-1": (200, 2000, True), "api-2": (400, 4000, True), "api-3": (100, 8000, True)
     }  # fmt: skip
     view = handles["api-3"].cluster_view()
-    assert view.active_instances == ("api-1", "api-2", "api-3") and view.redis_up
+    assert view.active_count == 3 and view.redis_up
+    assert handles["api-3"].aggregator.instances() == (["api-1", "api-2", "api-3"], [])
     assert view.instance_hit_rates[REGION] == {
         i: pytest.approx(100 * h / (h + m)) for i, (h, m, *_) in PLAN.items()
     }
@@ -203,7 +204,8 @@ def test_shutdown_keeps_counters_and_drops_live_gauges(
     assert (cluster.hit_count, cluster.size_bytes, cluster.instance_count) == (30, 100, 1)
     users = a.cluster_statistics("Users")
     assert (users.hit_count, users.size_bytes, users.instance_count) == (4, 0, 0)
-    assert a.cluster_view().active_instances == ("api-1",)
+    assert a.cluster_view().active_count == 1
+    assert a.aggregator.instances() == (["api-1"], [])
     assert rc.zscore("conduit:cache:{global}:instances", "api-2") is None
     assert rc.exists(f"conduit:cache:{{{REGION}}}:stats:api-2", "conduit:cache:{Users}:stats:api-2",
                      "conduit:cache:{global}:instance:api-2",
@@ -225,7 +227,8 @@ def test_expired_heartbeat_leaves_live_gauges_then_late_flush(
     now = float(rc.time()[0])
     rc.zadd("conduit:cache:{global}:instances", {"api-2": now - 120})
     view = a.cluster_view()  # reaps api-2
-    assert view.active_instances == ("api-1",) and view.missing_instances == ("api-2",)
+    assert view.active_count == 1 and view.missing_instances == ("api-2",)
+    assert a.aggregator.instances() == (["api-1"], ["api-2"])
     cluster = view.regions[REGION]
     assert (cluster.hit_count, cluster.size_bytes, cluster.instance_count) == (30, 100, 1)
     assert rc.hget("conduit:cache:{global}:instance:api-2", "live") == "0"

@@ -18,12 +18,10 @@ import math
 import threading
 import time
 
-import redis
-
 from .config import Settings
 from .model import Statistics
 from .ratelimit import RateLimitedLog
-from .store import ClusterData, Store
+from .store import ClusterData, Heartbeats, Store
 
 log = logging.getLogger(__name__)
 
@@ -41,9 +39,12 @@ class ClusterView:
     #: ``(region, instance_id, hit rate in percent)`` of at most ``max_instance_series``
     #: live instances, those farthest from their region's live hit rate first
     instance_series: tuple[tuple[str, str, float], ...] = ()
-    heartbeats: dict[str, float] = dataclasses.field(default_factory=dict)
-    active_instances: tuple[str, ...] = ()
+    #: instances whose heartbeat is at most ``instance_timeout`` old
+    active_count: int = 0
+    #: registered instances whose heartbeat expired (not yet removed by cleanup)
     missing_instances: tuple[str, ...] = ()
+    #: ``{instance_id: last heartbeat}`` of the missing instances
+    missing_heartbeats: dict[str, float] = dataclasses.field(default_factory=dict)
     server_time: float = 0.0
     redis_up: bool = False
     redis_error: str | None = None
@@ -54,7 +55,8 @@ class ClusterView:
 
     def missing_for(self, instance_id: str, instance_timeout: float) -> float:
         """Seconds an instance has been missing (since its heartbeat expired)."""
-        return max(0.0, self.server_time - self.heartbeats[instance_id] - instance_timeout)
+        beat = self.missing_heartbeats[instance_id]
+        return max(0.0, self.server_time - beat - instance_timeout)
 
 
 class Aggregator:
@@ -135,8 +137,7 @@ class Aggregator:
         self.aggregations += 1
         previous = self._view or ClusterView()
         try:
-            reap_error = self._reap()
-            data = self.store.read_cluster()
+            data = self.store.read_cluster(self.settings.instance_timeout, reap=True)
             memory = self.store.used_memory()
             if not self.background:
                 self.refresh_instances(data)
@@ -147,18 +148,12 @@ class Aggregator:
                 self.settings.safe_redis_url, error,
             )  # fmt: skip
             return dataclasses.replace(previous, redis_up=False, redis_error=error)
-        return self._build(data, memory, start, reap_error)
-
-    def _reap(self) -> list[str]:
-        try:
-            self.store.reap(self.settings.instance_timeout)
-        except redis.ResponseError as exc:  # malformed heartbeat set: reported, not fatal
-            return [f"heartbeats: {exc}"]
-        return []
+        return self._build(data, memory, start)
 
     def refresh_instances(self, data: ClusterData | None = None) -> None:
-        """Read every live instance's hit rate per region (the per-instance series) now."""
-        data = data or self.store.read_cluster()
+        """Read every live instance's hit rate per region (the per-instance series) now,
+        and check every heartbeat (malformed members are reported here)."""
+        data = data or self.store.read_cluster(self.settings.instance_timeout)
         rates = self.store.read_hit_rates(sorted(data.aggregates))
         live = {region: _live(fields)[0] for region, fields in data.aggregates.items()}
         rows = [
@@ -172,16 +167,26 @@ class Aggregator:
         # selected here, in the per-instance pass, so that a scrape never walks every instance
         self._instance_series = tuple((region, i, rate) for _, region, i, rate in rows)
         self._instance_rates = rates
+        errors = list(self.store.heartbeats().errors)
+        self._count(errors)
+        self._instance_errors[""] = tuple(errors)
 
-    def per_instance(self, region: str, data: ClusterData | None = None) -> dict[str, Statistics]:
+    def instances(self, beats: Heartbeats | None = None) -> tuple[list[str], list[str]]:
+        """Names of the live and of the missing instances, read now (lists every one)."""
+        beats = beats or self.store.heartbeats()
+        cutoff = beats.server_time - self.settings.instance_timeout
+        live = sorted(i for i, beat in beats.beats.items() if beat >= cutoff)
+        return live, sorted(i for i, beat in beats.beats.items() if beat < cutoff)
+
+    def per_instance(self, region: str, beats: Heartbeats | None = None) -> dict[str, Statistics]:
         """``{instance_id: statistics}`` of ``region`` for every registered instance,
-        read now (one pipelined read per instance; ``data`` saves reading the heartbeats
+        read now (one pipelined read per instance; ``beats`` saves reading the heartbeats
         again); malformed entries are skipped."""
-        data = data or self.store.read_cluster()
-        active = set(self._split(data)[0])
+        beats = beats or self.store.heartbeats()
+        active = set(self.instances(beats)[0])
         result: dict[str, Statistics] = {}
         errors: list[str] = []
-        raw = self.store.read_instances(sorted(data.heartbeats), [region])
+        raw = self.store.read_instances(sorted(beats.beats), [region])
         for (instance_id, _), entry in raw.items():
             if isinstance(entry, Exception):
                 errors.append(f"instance {instance_id!r} region {region!r}: {entry}")
@@ -202,22 +207,13 @@ class Aggregator:
         self._instance_errors[region] = tuple(errors)  # reported until a clean read
         return result
 
-    def _split(self, data: ClusterData) -> tuple[tuple[str, ...], tuple[str, ...]]:
-        cutoff = data.server_time - self.settings.instance_timeout
-        active = tuple(sorted(i for i, beat in data.heartbeats.items() if beat >= cutoff))
-        missing = tuple(sorted(i for i, beat in data.heartbeats.items() if beat < cutoff))
-        return active, missing
-
     def _count(self, errors: list[str]) -> None:
         self.errors_total += len(errors)
         for error in errors[:1]:
             self._errors.error("conduit-otel-cache: skipped malformed data: %s", error)
 
-    def _build(
-        self, data: ClusterData, memory: int, start: float, errors: list[str]
-    ) -> ClusterView:
-        active, missing = self._split(data)
-        errors = [*errors, *data.errors]
+    def _build(self, data: ClusterData, memory: int, start: float) -> ClusterView:
+        errors = list(data.errors)
         bounds = self.settings.response_time_buckets
         regions: dict[str, Statistics] = {}
         for region, fields in data.aggregates.items():
@@ -238,9 +234,9 @@ class Aggregator:
             instance_hit_rates=self._instance_rates,
             live_hit_rates={region: rate for region, (rate, _) in live.items()},
             instance_series=self._instance_series,
-            heartbeats=dict(data.heartbeats),
-            active_instances=active,
-            missing_instances=missing,
+            active_count=data.active,
+            missing_instances=tuple(sorted(data.missing)),
+            missing_heartbeats=data.missing,
             server_time=data.server_time,
             redis_up=True,
             aggregation_latency=time.perf_counter() - start,

@@ -63,7 +63,7 @@ def format_table(view: ClusterView, instances: PerInstance) -> str:
     widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
     lines = ["  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in
                        enumerate(zip(row, widths))) for row in rows]  # fmt: skip
-    lines.append(f"live instances: {len(view.active_instances)}, "
+    lines.append(f"live instances: {view.active_count}, "
                  f"missing: {len(view.missing_instances)}")  # fmt: skip
     return "\n".join(lines)
 
@@ -82,7 +82,7 @@ def view_json(
             }
             for r, s in sorted(regions.items())
         },
-        "active_instances": list(view.active_instances),
+        "active_instances": view.active_count,
         "missing_instances": list(view.missing_instances),
     }
 
@@ -95,8 +95,8 @@ def _read_view(args: argparse.Namespace) -> tuple[Settings, ClusterView, Aggrega
 
 def read_per_instance(aggregator: Aggregator, regions: Iterable[str]) -> PerInstance:
     """Every instance's statistics of every region in ``regions`` (heartbeats read once)."""
-    data = aggregator.store.read_cluster()
-    return {region: aggregator.per_instance(region, data) for region in regions}
+    beats = aggregator.store.heartbeats()
+    return {region: aggregator.per_instance(region, beats) for region in regions}
 
 
 def cmd_stats(args: argparse.Namespace) -> int:

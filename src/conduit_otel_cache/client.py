@@ -223,7 +223,7 @@ class CacheStatistics(Recorder):
                 instance_hit_rates={
                     r: {self.settings.instance_id: s.hit_rate} for r, s in local.items()
                 },
-                active_instances=(self.settings.instance_id,),
+                active_count=1,
                 redis_up=False,
                 redis_error="no redis_url configured",
             )

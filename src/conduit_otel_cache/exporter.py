@@ -67,7 +67,7 @@ class ClusterExporter:
             ("conduit.cache.instance.hit_ratio", "1", "Hit ratio (0-1) of one live instance",
              self._instance_ratios),
             ("conduit.cache.instances.active", "{instance}", "Live instances",
-             self._scalar(lambda v: len(v.active_instances))),
+             self._scalar(lambda v: v.active_count)),
             ("conduit.cache.instances.missing", "{instance}",
              "Registered instances whose heartbeat expired",
              self._scalar(lambda v: len(v.missing_instances))),

@@ -62,7 +62,7 @@ def evaluate(view: ClusterView, settings: Settings) -> Health:
 
     if not view.redis_up:
         fail(Status.UNHEALTHY, f"Redis unreachable ({view.redis_error or 'no answer'})")
-    active = len(view.active_instances)
+    active = view.active_count
     if active < settings.min_active_instances:
         fail(Status.UNHEALTHY, f"{active} live instances, fewer than "
              f"min_active_instances={settings.min_active_instances}")  # fmt: skip

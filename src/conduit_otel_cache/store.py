@@ -153,11 +153,23 @@ class FlushResult:
 
 @dataclasses.dataclass(frozen=True)
 class ClusterData:
-    """Raw cluster data: server time, heartbeats and the aggregated hashes per region."""
+    """Raw cluster data: server time, liveness and the aggregated hashes per region."""
 
     server_time: float
-    heartbeats: dict[str, float]
+    #: instances whose heartbeat is at most ``instance_timeout`` old
+    active: int
+    #: ``{instance_id: heartbeat}`` of registered instances whose heartbeat expired
+    missing: dict[str, float]
     aggregates: dict[str, dict[str, str]]
+    errors: tuple[str, ...] = ()
+
+
+@dataclasses.dataclass(frozen=True)
+class Heartbeats:
+    """Every registered instance's last heartbeat, at one server time."""
+
+    server_time: float
+    beats: dict[str, float]
     errors: tuple[str, ...] = ()
 
 
@@ -182,6 +194,8 @@ class Store:
             self._flush = self._script("region.lua", "instance.lua", "flush.lua")
             self._regions = self._script("region.lua", "regions.lua")
             self._depart = self._script("region.lua", "instance.lua", "depart.lua")
+            self._aggregates = self._script("aggregates.lua")
+        self._liveness = self._script("liveness.lua")
 
     def _script(self, *names: str) -> Script:
         return self.client.register_script(_script_source(*names))
@@ -383,12 +397,14 @@ class Store:
         (done,) = self._run([(self._depart_instance, keys, [instance_id, age, phase])])
         return bool(done)
 
-    def reap(self, instance_timeout: float) -> list[str]:
-        """Take every instance whose heartbeat expired out of the live gauges."""
-        now = self.server_time()
-        expired = _strs(
-            self.client.zrangebyscore(self.instances_key, "-inf", now - instance_timeout)
-        )
+    def reap(self, instance_timeout: float, expired: Sequence[str] | None = None) -> list[str]:
+        """Take every instance whose heartbeat expired (or those of ``expired``) out of the
+        live gauges; returns them."""
+        if expired is None:
+            now = self.server_time()
+            expired = _strs(
+                self.client.zrangebyscore(self.instances_key, "-inf", now - instance_timeout)
+            )
         if not expired:
             return []
         pipe = self.client.pipeline(transaction=False)
@@ -414,42 +430,87 @@ class Store:
         seconds, micros = self.client.time()
         return float(seconds) + micros / 1e6
 
-    def read_cluster(self) -> ClusterData:
-        """Heartbeats and cluster totals of every region, in two round trips.
+    def read_cluster(self, instance_timeout: float, *, reap: bool = False) -> ClusterData:
+        """Liveness and the cluster totals of every region, in two round trips whatever
+        the number of instances (live ones are counted by Redis, not listed); with
+        ``reap``, expired instances leave the live gauges before the totals are read.
 
         Keys of the wrong type or malformed entries are skipped and listed in ``errors``.
         """
-        pipe = self.client.pipeline(transaction=False)
-        pipe.execute_command("TIME")  # a cluster pipeline has no time(): one node's clock
-        _zrange(pipe, self.instances_key)
-        pipe.smembers(self.regions_key)
-        (seconds, micros), beats, members = pipe.execute(raise_on_error=False)
+        keys = [self.instances_key, self.regions_key]
+        ((seconds, micros, active, missing, members),) = self._run(
+            [(self._liveness, keys, [instance_timeout])]
+        )
         errors: list[str] = []
-        if isinstance(beats, Exception):
-            errors.append(f"{self.instances_key}: {beats}")
-            beats = []
-        if isinstance(members, Exception):
-            errors.append(f"{self.regions_key}: {members}")
-            members = set()
-        regions = sorted(r for r in members if valid_name(r))
-        errors += [f"{self.regions_key}: invalid region {r[:40]!r}" for r in members
-                   if not valid_name(r)]  # fmt: skip
-        pipe = self.client.pipeline(transaction=False)
-        for region in regions:
-            pipe.hgetall(self.aggregate_key(region))
+        for key, (ok, reply) in ((self.instances_key, missing), (self.regions_key, members)):
+            if not ok:
+                errors.append(f"{key}: {reply}")
+        regions: list[str] = []
+        if members[0]:
+            regions = sorted(r for r in members[1] if valid_name(r))
+            errors += [f"{self.regions_key}: invalid region {r[:40]!r}" for r in members[1]
+                       if not valid_name(r)]  # fmt: skip
+        expired = self._valid_beats(_pairs(missing[1]) if missing[0] else [], errors)
+        if reap and expired:
+            try:
+                self.reap(instance_timeout, sorted(expired))
+            except redis.ResponseError as exc:  # malformed instance keys: reported
+                errors.append(f"reap: {exc}")
         aggregates: dict[str, dict[str, str]] = {}
-        for region, reply in zip(regions, pipe.execute(raise_on_error=False) if regions else []):
+        for region, reply in zip(regions, self._read_aggregates(regions)):
             if isinstance(reply, Exception):
                 errors.append(f"{self.aggregate_key(region)}: {reply}")
             elif reply:
                 aggregates[region] = reply
-        heartbeats = {}
-        for member, score in _pairs(beats):
+        return ClusterData(
+            float(seconds) + int(micros) / 1e6,
+            int(active[1]) if active[0] else 0,
+            expired,
+            aggregates,
+            tuple(errors),
+        )
+
+    def _read_aggregates(self, regions: list[str]) -> list[dict[str, str] | Exception]:
+        """The aggregated hash of each region; errors are returned, not raised."""
+        if not regions:
+            return []
+        if self.cluster:
+            pipe = self.client.pipeline(transaction=False)
+            for region in regions:
+                pipe.hgetall(self.aggregate_key(region))
+            return list(pipe.execute(raise_on_error=False))
+        step = self.batch_size  # so that no script call holds Redis for long
+        calls: list[tuple[Script, list[str], list[Any]]] = [
+            (self._aggregates, [self.aggregate_key(r) for r in regions[i : i + step]], [])
+            for i in range(0, len(regions), step)
+        ]
+        return [
+            dict(zip(flat[::2], flat[1::2])) if ok else redis.ResponseError(flat)
+            for chunk in self._run(calls)
+            for ok, flat in chunk
+        ]
+
+    def heartbeats(self) -> Heartbeats:
+        """Every registered instance's heartbeat (lists them all: one round trip)."""
+        pipe = self.client.pipeline(transaction=False)
+        pipe.execute_command("TIME")  # a cluster pipeline has no time(): one node's clock
+        _zrange(pipe, self.instances_key)
+        (seconds, micros), reply = pipe.execute(raise_on_error=False)
+        errors: list[str] = []
+        if isinstance(reply, Exception):
+            errors.append(f"{self.instances_key}: {reply}")
+            reply = []
+        beats = self._valid_beats(_pairs(reply), errors)
+        return Heartbeats(float(seconds) + micros / 1e6, beats, tuple(errors))
+
+    def _valid_beats(self, pairs: list[tuple[str, float]], errors: list[str]) -> dict[str, float]:
+        beats = {}
+        for member, score in pairs:
             if valid_name(member) and math.isfinite(score):
-                heartbeats[member] = float(score)
+                beats[member] = score
             else:
                 errors.append(f"{self.instances_key}: invalid member {member[:40]!r}")
-        return ClusterData(float(seconds) + micros / 1e6, heartbeats, aggregates, tuple(errors))
+        return beats
 
     def read_hit_rates(self, regions: Sequence[str]) -> dict[str, dict[str, float]]:
         """``{region: {instance_id: hit rate in percent}}`` of live instances, pipelined."""

@@ -231,7 +231,7 @@ def test_churn_of_10000_instances_leaves_memory_bounded(
     report(f"\nchurn 10000: peak keys {peak_keys}, final {final_keys} (live set {baseline_keys}); "
           f"used_memory peak {peak_memory} final {final_memory}")  # fmt: skip
     assert final_keys == baseline_keys
-    totals = Store(r).read_cluster().aggregates[REGION]
+    totals = Store(r).read_cluster(instance_timeout=60).aggregates[REGION]
     assert totals["hit_count"] == str(10_003)  # every event counted once
     assert totals["instance_count"] == "3" and totals["size_bytes"] == "0"
     for handle in live:
