@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -72,16 +73,25 @@ class ResponseTimes:
         """Inverse of :meth:`to_fields`, with empty buckets at ``bounds`` filled in;
         raises ``ValueError`` on malformed data."""
         buckets: dict[float, int] = dict.fromkeys(bounds, 0)
+        known = len(buckets)
         for key, value in fields.items():
-            if key.startswith("le:"):
-                bound = float(key[3:])
-                if math.isnan(bound) or bound <= 0 or bound == -math.inf:
-                    raise ValueError(f"bad bucket bound {key!r}")
-                buckets[bound] = _nonneg_int(value)
+            if key[:3] == "le:":
+                buckets[_bound(key)] = _nonneg_int(value)
         total = _nonneg_float(fields.get("rt_sum", "0"))
-        uppers = tuple(sorted(b for b in buckets if b != math.inf))
-        counts = tuple(buckets.get(b, 0) for b in (*uppers, math.inf))
-        return cls(uppers, counts, total)
+        inf = buckets.pop(math.inf, 0)
+        if len(buckets) == known:  # only the configured bounds (in order): no sort
+            return cls(tuple(buckets), (*buckets.values(), inf), total)
+        uppers = tuple(sorted(buckets))
+        return cls(uppers, (*(buckets[b] for b in uppers), inf), total)
+
+
+@functools.lru_cache(maxsize=1024)
+def _bound(key: str) -> float:
+    """The upper bound of an ``le:<bound>`` field; ``ValueError`` when it is not one."""
+    bound = float(key[3:])
+    if math.isnan(bound) or bound <= 0:
+        raise ValueError(f"bad bucket bound {key!r}")
+    return bound
 
 
 def _fmt_bound(bound: float) -> str:
