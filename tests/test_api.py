@@ -8,29 +8,33 @@ import urllib.error
 import urllib.request
 import wsgiref.util
 from collections.abc import Callable, Iterator
+from email.message import Message
 from typing import Any
+from unittest.mock import ANY
 
 import pytest
+import uvicorn
 
 from conduit_otel_cache import Settings, Statistics
-from conduit_otel_cache.api import make_stats_app
+from conduit_otel_cache.api import make_stats_app, make_stats_asgi_app
 from conduit_otel_cache.embedded import RedisServer
 from conduit_otel_cache.http import make_http_server
 from conduit_otel_cache.server import ExporterService
 
-from .conftest import MakeStats
+from .conftest import MakeStats, wait_for
 
 MiB = 1024 * 1024
 
 
-def _get(url: str, method: str = "GET") -> tuple[int, dict[str, str], Any]:
+def _get(url: str, method: str = "GET") -> tuple[int, Message, Any]:
+    """Status, headers (case-insensitive) and JSON body of one request."""
     request = urllib.request.Request(url, method=method)
     try:
         with urllib.request.urlopen(request, timeout=10) as response:
             body = response.read()
-            status, headers = response.status, dict(response.headers)
+            status, headers = response.status, response.headers
     except urllib.error.HTTPError as err:
-        body, status, headers = err.read(), err.code, dict(err.headers)
+        body, status, headers = err.read(), err.code, err.headers
     return status, headers, json.loads(body) if body else None
 
 
@@ -51,8 +55,36 @@ def serve_app() -> Iterator[Callable[[Any], str]]:
         server.server_close()
 
 
+@pytest.fixture
+def serve_asgi() -> Iterator[Callable[[Any], str]]:
+    """Serve an ASGI app with uvicorn over real HTTP on a free port; returns its base URL."""
+    servers: list[tuple[uvicorn.Server, threading.Thread]] = []
+
+    def serve(app: Any) -> str:
+        config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning")
+        server = uvicorn.Server(config)
+        thread = threading.Thread(target=server.run, daemon=True)
+        thread.start()
+        servers.append((server, thread))
+        wait_for(lambda: server.started)
+        return f"http://127.0.0.1:{server.servers[0].sockets[0].getsockname()[1]}"
+
+    yield serve
+    for server, thread in servers:
+        server.should_exit = True
+        thread.join(timeout=10)
+
+
+@pytest.fixture(params=["wsgi", "asgi"])
+def kind(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
 def test_mountable_app_serves_local_and_distributed(
-    make_stats: MakeStats, serve_app: Callable[[Any], str]
+    kind: str,
+    make_stats: MakeStats,
+    serve_app: Callable[[Any], str],
+    serve_asgi: Callable[[Any], str],
 ) -> None:
     a, b = make_stats("api-1"), make_stats("api-2")
     for _ in range(3):
@@ -62,7 +94,7 @@ def test_mountable_app_serves_local_and_distributed(
     b.record_miss("ProviderResponses", 0.004)
     b.set_size_bytes("ProviderResponses", MiB)
     assert a.flush() and b.flush()
-    base = serve_app(a.wsgi_app())
+    base = serve_app(a.wsgi_app()) if kind == "wsgi" else serve_asgi(a.asgi_app())
 
     status, headers, local = _get(base + "/api/cache/stats/local")
     assert status == 200 and headers["Content-Type"] == "application/json"
@@ -85,7 +117,7 @@ def test_mountable_app_serves_local_and_distributed(
     assert status == 200 and body is None and int(headers["Content-Length"]) > 0
 
 
-def test_app_from_sources_and_a_failing_source() -> None:
+def test_wsgi_app_from_sources_and_a_failing_source() -> None:
     def boom() -> dict[str, Statistics]:
         raise ConnectionError("redis down")
 
@@ -153,3 +185,29 @@ def test_serve_answers_503_when_redis_was_never_reached() -> None:
         assert status == 503 and "error" in body
     finally:
         service.stop()
+
+
+def test_asgi_app_from_sources_and_a_failing_source(serve_asgi: Callable[[Any], str]) -> None:
+    def boom() -> dict[str, Statistics]:
+        raise ConnectionError("redis down")
+
+    base = serve_asgi(make_stats_asgi_app(
+        local=lambda: {"R": Statistics(hit_count=1, size_bytes=MiB // 2)}, cluster=boom
+    ))  # fmt: skip
+    status, _, body = _get(base + "/api/cache/stats/local")
+    assert (status, body) == (
+        200,
+        {
+            "R": {
+                "hit_rate": 100.0,
+                "total_requests": 1,
+                "avg_response_time_ms": 0.0,
+                "memory_size_mb": 0.5,
+            }
+        },
+    )
+    status, _, body = _get(base + "/api/cache/stats/distributed")
+    assert status == 503 and "redis down" in body["error"]
+    base = serve_asgi(make_stats_asgi_app(local=dict))  # no cluster source: not served
+    assert _get(base + "/api/cache/stats/distributed") == (404, ANY, {"error": "not found"})
+    assert _get(base + "/api/cache/stats/local")[::2] == (200, {})

@@ -1,4 +1,5 @@
-"""A mountable WSGI app: ``GET /api/cache/stats/local`` and ``/api/cache/stats/distributed``.
+"""Mountable WSGI and ASGI apps: ``GET /api/cache/stats/local`` and
+``/api/cache/stats/distributed``.
 
 The JSON is the design document's controller shape, per region, in snake_case::
 
@@ -7,19 +8,25 @@ The JSON is the design document's controller shape, per region, in snake_case::
 
 ``hit_rate`` is in percent (0-100), ``avg_response_time_ms`` the mean response time in
 milliseconds, ``memory_size_mb`` the region's ``size_bytes`` in MiB. The app routes on the
-full ``PATH_INFO``, so mount it at the root of a path-dispatching server (``serve`` passes
-every ``/api/`` request to it unchanged).
+full path (``PATH_INFO``, or the ASGI scope's ``path``), so mount it at the root of a
+path-dispatching server (``serve`` passes every ``/api/`` request to it unchanged).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+import asyncio
+import json
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from typing import Any
 
 from .http import json_reply, refuse
 from .model import Statistics
 
 WSGIApp = Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]
+ASGIApp = Callable[
+    [dict[str, Any], Callable[[], Awaitable[dict[str, Any]]], Callable[[Any], Awaitable[None]]],
+    Awaitable[None],
+]
 StatsSource = Callable[[], Mapping[str, Statistics]]
 
 LOCAL_PATH = "/api/cache/stats/local"
@@ -45,18 +52,54 @@ def make_stats_app(
     routes = {LOCAL_PATH: local, DISTRIBUTED_PATH: cluster}
 
     def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
-        path = (environ.get("PATH_INFO") or "/").rstrip("/")
         method = environ.get("REQUEST_METHOD", "GET")
-        source = routes.get(path)
+        source = routes.get((environ.get("PATH_INFO") or "/").rstrip("/"))
         refused = refuse(start_response, method, found=source is not None)
         if refused is not None or source is None:
             return refused or []
-        try:
-            regions = source()
-        except Exception as exc:
-            error = {"error": f"{type(exc).__name__}: {exc}"}
-            return json_reply(start_response, "503 Service Unavailable", error, method)
-        payload = {region: stats_json(s) for region, s in sorted(regions.items())}
-        return json_reply(start_response, "200 OK", payload, method)
+        status, payload = _answer(source)
+        return json_reply(start_response, status, payload, method)
 
     return app
+
+
+def make_stats_asgi_app(
+    *, local: StatsSource | None = None, cluster: StatsSource | None = None
+) -> ASGIApp:
+    """The ASGI twin of :func:`make_stats_app` (same routes, replies and JSON); the
+    sources run in a worker thread, so a Redis read never blocks the event loop."""
+    routes = {LOCAL_PATH: local, DISTRIBUTED_PATH: cluster}
+
+    async def app(
+        scope: dict[str, Any],
+        receive: Callable[[], Awaitable[dict[str, Any]]],
+        send: Callable[[Any], Awaitable[None]],
+    ) -> None:
+        if scope["type"] != "http":  # lifespan and websockets: nothing to set up or serve
+            return
+        method = scope.get("method", "GET")
+        source = routes.get((scope.get("path") or "/").rstrip("/"))
+        headers: list[tuple[str, str]] = []
+        if source is None:
+            status, payload = "404 Not Found", {"error": "not found"}
+        elif method not in ("GET", "HEAD"):
+            status, payload = "405 Method Not Allowed", {"error": "use GET"}
+            headers.append(("Allow", "GET, HEAD"))
+        else:
+            status, payload = await asyncio.to_thread(_answer, source)
+        body = json.dumps(payload, indent=2).encode()
+        headers += [("Content-Type", "application/json"), ("Content-Length", str(len(body)))]
+        await send({"type": "http.response.start", "status": int(status.split()[0]),
+                    "headers": [(k.lower().encode(), v.encode()) for k, v in headers]})  # fmt: skip
+        await send({"type": "http.response.body", "body": b"" if method == "HEAD" else body})
+
+    return app
+
+
+def _answer(source: StatsSource) -> tuple[str, Any]:
+    """The status and JSON of one GET: the regions of ``source``, or 503 when it raises."""
+    try:
+        regions = source()
+    except Exception as exc:
+        return "503 Service Unavailable", {"error": f"{type(exc).__name__}: {exc}"}
+    return "200 OK", {region: stats_json(s) for region, s in sorted(regions.items())}

@@ -16,7 +16,7 @@ from opentelemetry.sdk.metrics.export import MetricReader, PeriodicExportingMetr
 from opentelemetry.sdk.resources import Resource
 
 from .aggregate import Aggregator, ClusterView
-from .api import WSGIApp, make_stats_app
+from .api import ASGIApp, WSGIApp, make_stats_app, make_stats_asgi_app
 from .autoconfig import shared_write_through
 from .config import Settings
 from .health import Health, evaluate
@@ -160,6 +160,10 @@ class CacheStatistics(Recorder):
         """A WSGI app serving ``GET /api/cache/stats/local`` (this instance) and
         ``/api/cache/stats/distributed`` (the cluster view) as JSON per region."""
         return make_stats_app(local=self.snapshot, cluster=lambda: self.cluster_view().regions)
+
+    def asgi_app(self) -> ASGIApp:
+        """The same API as :meth:`wsgi_app` as an ASGI app (Starlette, FastAPI, uvicorn)."""
+        return make_stats_asgi_app(local=self.snapshot, cluster=lambda: self.cluster_view().regions)
 
     def timed_lookup(self, region: str) -> TimedLookup:
         """``with stats.timed_lookup(region) as lookup:`` ... ``lookup.hit()`` or
