@@ -248,7 +248,7 @@ class Aggregator:
 
 def _live(fields: dict[str, str]) -> tuple[float, float]:
     """The live hit rate and the drift of one region's aggregate (kept by every flush and
-    departure, lua/lib.lua update_drift); zeros when malformed (reported by Statistics)."""
+    departure, lua/lib.lua drift_of); zeros when malformed (reported by Statistics)."""
     try:
         hits = max(0, int(fields.get("live_hit_count", "0")))
         requests = hits + max(0, int(fields.get("live_miss_count", "0")))

@@ -7,13 +7,16 @@ local function num(x)
 end
 
 local function incr(key, field, delta, is_float)
-  if delta == 0 then return end
+  -- Add delta to a hash field; returns the new value (nil when delta is 0: nothing sent).
+  if delta == 0 then return nil end
   local arg = is_float and string.format('%.17g', delta) or string.format('%.0f', delta)
   local res = redis.pcall(is_float and 'HINCRBYFLOAT' or 'HINCRBY', key, field, arg)
   if type(res) == 'table' and res.err then
     -- the stored field is not a number: restart it from this change
     redis.call('HSET', key, field, arg)
+    return tonumber(arg)
   end
+  return tonumber(res)
 end
 
 local function ensure_type(key, wanted)
@@ -29,19 +32,20 @@ local function server_time()
   return tonumber(t[1]) + tonumber(t[2]) / 1000000
 end
 
-local function update_drift(akey, rkey, count)
+local function drift_of(akey, rkey, count, hits, misses)
   -- Drift: the largest distance (percentage points) between the live cluster hit rate
   -- and the lowest or highest live instance hit rate; 0 with fewer than two instances.
   -- `count` is the zset's size, known by the caller: an empty zset no longer exists and
   -- is not touched (in a Redis Cluster slot being migrated that would fail the script).
-  local drift = 0
-  if count >= 2 then
+  -- `hits`, `misses`: the live sums when the caller knows them (else they are read).
+  if count < 2 then return '0' end
+  if hits == nil or misses == nil then
     local live = redis.call('HMGET', akey, 'live_hit_count', 'live_miss_count')
-    local hits, requests = num(live[1]), num(live[1]) + num(live[2])
-    local rate = requests > 0 and 100 * hits / requests or 0
-    local low = tonumber(redis.call('ZRANGE', rkey, 0, 0, 'WITHSCORES')[2])
-    local high = tonumber(redis.call('ZRANGE', rkey, -1, -1, 'WITHSCORES')[2])
-    drift = math.max(math.abs(high - rate), math.abs(rate - low))
+    hits, misses = live[1], live[2]
   end
-  redis.call('HSET', akey, 'drift', string.format('%.17g', drift))
+  hits, misses = num(hits), num(misses)
+  local rate = hits + misses > 0 and 100 * hits / (hits + misses) or 0
+  local low = tonumber(redis.call('ZRANGE', rkey, 0, 0, 'WITHSCORES')[2])
+  local high = tonumber(redis.call('ZRANGE', rkey, -1, -1, 'WITHSCORES')[2])
+  return string.format('%.17g', math.max(math.abs(high - rate), math.abs(rate - low)))
 end

@@ -65,18 +65,22 @@ local function flush_region(skey, akey, rkey, lkey, id, token, untokened_reset, 
       incr(akey, f, nv - prev, f == 'rt_sum')
     end
   end
+  local sums = {}  -- the new live sums, where they changed
   for f, live_field in pairs(LIVE) do  -- a live gauge: replace the previous contribution
-    incr(akey, live_field, (new[f] or 0) - (was_live and num(old[f]) or 0), false)
+    sums[live_field] = incr(akey, live_field, (new[f] or 0) - (was_live and num(old[f]) or 0),
+                            false)
   end
   if not was_live then incr(akey, 'instance_count', 1, false) end
 
   local requests = (new['hit_count'] or 0) + (new['miss_count'] or 0)
-  local rates = zset_without(rkey, id)
-  if requests > 0 then
+  local rates
+  if requests > 0 then  -- updated in place: the zset is never emptied and written again
     redis.call('ZADD', rkey, string.format('%.17g', 100 * (new['hit_count'] or 0) / requests), id)
-    rates = rates + 1
+    rates = redis.call('ZCARD', rkey)
+  else
+    rates = zset_without(rkey, id)
   end
-  update_drift(akey, rkey, rates)
+  local drift = drift_of(akey, rkey, rates, sums['live_hit_count'], sums['live_miss_count'])
 
   -- Rewrite the stats hash in place: a key deleted mid-script could not be written again
   -- in a Redis Cluster slot being migrated, and the script would stop half way.
@@ -89,7 +93,7 @@ local function flush_region(skey, akey, rkey, lkey, id, token, untokened_reset, 
   redis.call('HSET', skey, unpack(flat))
   if #stale > 0 then redis.call('HDEL', skey, unpack(stale)) end
   redis.call('EXPIRE', skey, ttl)
-  redis.call('HSET', akey, 'last_aggregated', now_s)
+  redis.call('HSET', akey, 'drift', drift, 'last_aggregated', now_s)
   redis.call('EXPIRE', akey, ttl)
   if rates > 0 then redis.call('EXPIRE', rkey, ttl) end
 end
@@ -107,6 +111,6 @@ local function depart_region(skey, akey, rkey, lkey, id, remove)
     redis.call('HSET', skey, 'live', '0')
   end
   ensure_type(rkey, 'zset')
-  update_drift(akey, rkey, zset_without(rkey, id))
+  redis.call('HSET', akey, 'drift', drift_of(akey, rkey, zset_without(rkey, id)))
   if remove then redis.call('DEL', skey, lkey) end
 end
