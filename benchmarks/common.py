@@ -137,18 +137,26 @@ class ServerCommands:
     def _calls(self) -> dict[str, int]:
         return {k: int(v["calls"]) for k, v in self.client.info("commandstats").items()}
 
+    def _cpu_us(self) -> int:
+        cpu = self.client.info("cpu")
+        return round((float(cpu["used_cpu_user"]) + float(cpu["used_cpu_sys"])) * 1e6)
+
     @contextmanager
     def counting(self) -> Iterator[dict[str, int]]:
-        """Yields a dict filled at the end: ``total`` plus ``cmdstat_*`` call deltas."""
+        """Yields a dict filled at the end: ``total``, ``cpu_us`` (the server process's
+        CPU time, protocol handling included) plus ``cmdstat_*`` call deltas."""
         result: dict[str, int] = {}
         calls0 = self._calls()
+        cpu0 = self._cpu_us()
         total0 = self._total()
         try:
             yield result
         finally:
             total1 = self._total()
+            cpu1 = self._cpu_us()
             calls1 = self._calls()
             result["total"] = total1 - total0 - self._overhead
+            result["cpu_us"] = cpu1 - cpu0
             for name, n in calls1.items():
                 delta = n - calls0.get(name, 0)
                 if delta and name != "cmdstat_info":

@@ -45,13 +45,15 @@ def _timed_loop(step: Callable[[], object], reps: int, between: Callable[[int], 
 def _count(
     server: ServerCommands, step: Callable[[], object], between: Callable[[int], object], n: int
 ) -> tuple[float, float, dict[str, int]]:
-    """Round trips and server-side commands per ``step()`` over ``n`` steps."""
+    """Round trips, server-side commands and Redis CPU us (``cpu_us``) per ``step()``
+    over ``n`` steps."""
     with server.counting() as cmds, RoundTrips.counting() as trips:  # INFO calls not counted
         for i in range(n):
             between(i)
             step()
     # ``between`` does no Redis I/O in any caller, so every trip belongs to a step
-    per = {k: v // n for k, v in cmds.items() if k != "total"}
+    per = {k: v // n for k, v in cmds.items() if k not in ("total", "cpu_us")}
+    per["cpu_us"] = round(cmds["cpu_us"] / n)
     return trips[0] / n, cmds["total"] / n, per
 
 
@@ -127,6 +129,7 @@ def run(quick: bool = False) -> list[Target]:
                     f"{trips:g}",
                     f"{evalsha} EVALSHA",
                     f"{total:,.0f}",
+                    f"{per['cpu_us']:,}",
                 ]
             )
 
@@ -158,6 +161,7 @@ def run(quick: bool = False) -> list[Target]:
                     f"{trips:g}",
                     f"{per.get('evalsha', 0)} EVALSHA",
                     f"{total:,.0f}",
+                    f"{per['cpu_us']:,}",
                 ]
             )
 
@@ -179,8 +183,9 @@ def run(quick: bool = False) -> list[Target]:
                     f"seed: pipelined HINCRBY x field + ZADD ({n_regions} regions)",
                     *t_seed.us(),
                     f"{trips:g}",
-                    f"{sum(per.values()):,} commands ({n_fields} fields/region)",
+                    f"{sum(per.values()) - per['cpu_us']:,} commands ({n_fields} fields/region)",
                     f"{total:,.0f}",
+                    f"{per['cpu_us']:,}",
                 ]
             )
             rows.append(
@@ -188,6 +193,7 @@ def run(quick: bool = False) -> list[Target]:
                     f"ours / seed, {n_regions} regions (median)",
                     f"{t_handle.median / t_seed.median:.2f}x (handle)",
                     f"{t_raw.median / t_seed.median:.2f}x (raw)",
+                    "",
                     "",
                     "",
                     "",
@@ -206,6 +212,7 @@ def run(quick: bool = False) -> list[Target]:
             "round trips",
             "client commands",
             "server commands (incl. inside Lua)",
+            "Redis CPU us per flush",
         ],
         rows,
     )
