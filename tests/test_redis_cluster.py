@@ -139,6 +139,9 @@ def test_three_instances_exact_totals_everywhere(
     assert view.instance_hit_rates[REGION] == {
         i: pytest.approx(100 * h / (h + m)) for i, (h, m, *_) in PLAN.items()
     }
+    live = 100 * sum(h for h, *_ in PLAN.values()) / sum(h + m for h, m, *_ in PLAN.values())
+    expected = max(abs(100 * h / (h + m) - live) for h, m, *_ in PLAN.values())
+    assert view.drift[REGION] == pytest.approx(expected) and expected > 5  # read per slot
     # memory is summed over the three primaries
     node_memory = [int(on_node(p, "INFO", "memory")["used_memory"]) for p in primaries(rc)]
     assert view.redis_memory_bytes > max(node_memory)

@@ -5,8 +5,9 @@ Cluster counters come from the aggregated hashes that every flush keeps up to da
 Drift of a region is the largest distance, in percentage points, between a live
 instance's hit rate and the hit rate of all live instances together (their hits over
 their requests), over live instances that served the region; 0 with fewer than two.
-Every flush and departure keeps the live sums, a sorted set of live hit rates and the
-drift in Redis, so reading drift costs nothing extra whatever the fleet size.
+Every flush and departure keeps the live sums and a sorted set of live hit rates in Redis;
+drift is computed from them by the per-instance pass (in ``serve``, in the background every
+``aggregation_interval``), which reads every live instance's rate anyway.
 """
 
 from __future__ import annotations
@@ -82,6 +83,7 @@ class Aggregator:
         self._read_at = -float("inf")
         self._instance_rates: dict[str, dict[str, float]] = {}
         self._instance_series: tuple[tuple[str, str, float], ...] = ()
+        self._drift: dict[str, float] = {}
         self._instance_errors: dict[str, tuple[str, ...]] = {}
         self._errors = RateLimitedLog(log)
         self._stop = threading.Event()
@@ -154,8 +156,13 @@ class Aggregator:
         """Read every live instance's hit rate per region (the per-instance series) now,
         and check every heartbeat (malformed members are reported here)."""
         data = data or self.store.read_cluster(self.settings.instance_timeout)
-        rates = self.store.read_hit_rates(sorted(data.aggregates))
-        live = {region: _live(fields)[0] for region, fields in data.aggregates.items()}
+        rates, errors = self.store.read_hit_rates(sorted(data.aggregates))
+        live = {region: _live_rate(fields) for region, fields in data.aggregates.items()}
+        self._drift = {
+            region: max(abs(rate - live.get(region, rate)) for rate in by_instance.values())
+            for region, by_instance in rates.items()
+            if len(by_instance) >= 2
+        }
         rows = [
             (abs(rate - live.get(region, rate)), region, instance_id, rate)
             for region, by_instance in rates.items()
@@ -167,7 +174,7 @@ class Aggregator:
         # selected here, in the per-instance pass, so that a scrape never walks every instance
         self._instance_series = tuple((region, i, rate) for _, region, i, rate in rows)
         self._instance_rates = rates
-        errors = list(self.store.heartbeats().errors)
+        errors += self.store.heartbeats().errors
         self._count(errors)
         self._instance_errors[""] = tuple(errors)
 
@@ -227,12 +234,11 @@ class Aggregator:
             except ValueError as exc:
                 errors.append(f"aggregate of region {region!r}: {exc}")
         self._count(errors)
-        live = {region: _live(data.aggregates[region]) for region in regions}
         return ClusterView(
             regions=regions,
-            drift={region: drift for region, (_, drift) in live.items()},
+            drift={region: self._drift.get(region, 0.0) for region in regions},
             instance_hit_rates=self._instance_rates,
-            live_hit_rates={region: rate for region, (rate, _) in live.items()},
+            live_hit_rates={region: _live_rate(data.aggregates[region]) for region in regions},
             instance_series=self._instance_series,
             active_count=data.active,
             missing_instances=tuple(sorted(data.missing)),
@@ -246,17 +252,15 @@ class Aggregator:
         )
 
 
-def _live(fields: dict[str, str]) -> tuple[float, float]:
-    """The live hit rate and the drift of one region's aggregate (kept by every flush and
-    departure, lua/lib.lua drift_of); zeros when malformed (reported by Statistics)."""
+def _live_rate(fields: dict[str, str]) -> float:
+    """The hit rate (percent) of a region's live instances together, from the live sums
+    that every flush and departure keep; 0 when malformed (reported by Statistics)."""
     try:
         hits = max(0, int(fields.get("live_hit_count", "0")))
         requests = hits + max(0, int(fields.get("live_miss_count", "0")))
-        drift = float(fields.get("drift", "0"))
     except ValueError:
-        return 0.0, 0.0
-    rate = 100.0 * hits / requests if requests else 0.0
-    return rate, drift if math.isfinite(drift) and 0 <= drift <= 100 else 0.0
+        return 0.0
+    return 100.0 * hits / requests if requests else 0.0
 
 
 def _timestamp(value: str | None) -> float | None:

@@ -63,6 +63,11 @@ def _pairs(reply: Any) -> list[tuple[str, float]]:
     return [(reply[i], float(reply[i + 1])) for i in range(0, len(reply) - 1, 2)]
 
 
+def _hash(flat: list[str]) -> dict[str, str]:
+    """A hash from a flat field/value reply (``HGETALL`` inside a script)."""
+    return dict(zip(flat[::2], flat[1::2]))
+
+
 def _script_source(*names: str) -> str:
     """``lib.lua`` followed by the named files of ``lua/``, as one script."""
     lua = files(__package__).joinpath("lua")
@@ -512,18 +517,29 @@ class Store:
                 errors.append(f"{self.instances_key}: invalid member {member[:40]!r}")
         return beats
 
-    def read_hit_rates(self, regions: Sequence[str]) -> dict[str, dict[str, float]]:
-        """``{region: {instance_id: hit rate in percent}}`` of live instances, pipelined."""
+    def read_hit_rates(
+        self, regions: Sequence[str]
+    ) -> tuple[dict[str, dict[str, float]], list[str]]:
+        """``{region: {instance_id: hit rate in percent}}`` of live instances, pipelined,
+        and the malformed entries skipped."""
         if not regions:
-            return {}
+            return {}, []
         pipe = self.client.pipeline(transaction=False)
         for region in regions:
             _zrange(pipe, self.hit_rates_key(region))
         result: dict[str, dict[str, float]] = {}
+        errors: list[str] = []
         for region, reply in zip(regions, pipe.execute(raise_on_error=False)):
-            if not isinstance(reply, Exception):
-                result[region] = {m: v for m, v in _pairs(reply) if valid_name(m) and 0 <= v <= 100}
-        return result
+            if isinstance(reply, Exception):
+                errors.append(f"{self.hit_rates_key(region)}: {reply}")
+                continue
+            result[region] = rates = {}
+            for member, rate in _pairs(reply):
+                if valid_name(member) and 0 <= rate <= 100:
+                    rates[member] = rate
+                else:
+                    errors.append(f"{self.hit_rates_key(region)}: bad entry {member[:40]!r}")
+        return result, errors
 
     def read_instances(
         self, instance_ids: Sequence[str], regions: Sequence[str]

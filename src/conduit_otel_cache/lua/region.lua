@@ -21,14 +21,6 @@ local function append_samples(lkey, csv, cap, sample_ttl)
   redis.call('EXPIRE', lkey, sample_ttl)
 end
 
-local function zset_without(rkey, id)
-  -- Remove id from the hit-rates zset; returns how many members are left (the zset
-  -- is gone when none are, and must not be touched again in this script).
-  local count = redis.call('ZCARD', rkey)
-  if count > 0 and redis.call('ZREM', rkey, id) == 1 then count = count - 1 end
-  return count
-end
-
 local function flush_region(skey, akey, rkey, lkey, id, token, untokened_reset, now_s, ttl,
                             argv, first, n)
   -- Store the cumulative values argv[first], argv[first + 1], ... (n field, value pairs)
@@ -65,22 +57,21 @@ local function flush_region(skey, akey, rkey, lkey, id, token, untokened_reset, 
       incr(akey, f, nv - prev, f == 'rt_sum')
     end
   end
-  local sums = {}  -- the new live sums, where they changed
   for f, live_field in pairs(LIVE) do  -- a live gauge: replace the previous contribution
-    sums[live_field] = incr(akey, live_field, (new[f] or 0) - (was_live and num(old[f]) or 0),
-                            false)
+    incr(akey, live_field, (new[f] or 0) - (was_live and num(old[f]) or 0), false)
   end
   if not was_live then incr(akey, 'instance_count', 1, false) end
 
+  -- The instance's hit rate, updated in place; drift is computed at read time from the
+  -- lowest and highest rate. Removing the last member deletes the zset: it is then not
+  -- touched again in this script (in a Redis Cluster slot being migrated that would fail).
   local requests = (new['hit_count'] or 0) + (new['miss_count'] or 0)
-  local rates
-  if requests > 0 then  -- updated in place: the zset is never emptied and written again
+  local rated = requests > 0
+  if rated then
     redis.call('ZADD', rkey, string.format('%.17g', 100 * (new['hit_count'] or 0) / requests), id)
-    rates = redis.call('ZCARD', rkey)
   else
-    rates = zset_without(rkey, id)
+    redis.call('ZREM', rkey, id)
   end
-  local drift = drift_of(akey, rkey, rates, sums['live_hit_count'], sums['live_miss_count'])
 
   -- Rewrite the stats hash in place: a key deleted mid-script could not be written again
   -- in a Redis Cluster slot being migrated, and the script would stop half way.
@@ -93,9 +84,9 @@ local function flush_region(skey, akey, rkey, lkey, id, token, untokened_reset, 
   redis.call('HSET', skey, unpack(flat))
   if #stale > 0 then redis.call('HDEL', skey, unpack(stale)) end
   redis.call('EXPIRE', skey, ttl)
-  redis.call('HSET', akey, 'drift', drift, 'last_aggregated', now_s)
+  redis.call('HSET', akey, 'last_aggregated', now_s)
   redis.call('EXPIRE', akey, ttl)
-  if rates > 0 then redis.call('EXPIRE', rkey, ttl) end
+  if rated then redis.call('EXPIRE', rkey, ttl) end
 end
 
 local function depart_region(skey, akey, rkey, lkey, id, remove)
@@ -111,6 +102,6 @@ local function depart_region(skey, akey, rkey, lkey, id, remove)
     redis.call('HSET', skey, 'live', '0')
   end
   ensure_type(rkey, 'zset')
-  redis.call('HSET', akey, 'drift', drift_of(akey, rkey, zset_without(rkey, id)))
+  redis.call('ZREM', rkey, id)
   if remove then redis.call('DEL', skey, lkey) end
 end
