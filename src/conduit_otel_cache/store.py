@@ -63,11 +63,6 @@ def _pairs(reply: Any) -> list[tuple[str, float]]:
     return [(reply[i], float(reply[i + 1])) for i in range(0, len(reply) - 1, 2)]
 
 
-def _hash(flat: list[str]) -> dict[str, str]:
-    """A hash from a flat field/value reply (``HGETALL`` inside a script)."""
-    return dict(zip(flat[::2], flat[1::2]))
-
-
 def _script_source(*names: str) -> str:
     """``lib.lua`` followed by the named files of ``lua/``, as one script."""
     lua = files(__package__).joinpath("lua")
