@@ -42,9 +42,8 @@ class ClusterView:
     instance_series: tuple[tuple[str, str, float], ...] = ()
     #: instances whose heartbeat is at most ``instance_timeout`` old
     active_count: int = 0
-    #: registered instances whose heartbeat expired (not yet removed by cleanup)
-    missing_instances: tuple[str, ...] = ()
-    #: ``{instance_id: last heartbeat}`` of the missing instances
+    #: ``{instance_id: last heartbeat}`` of registered instances whose heartbeat expired
+    #: (not yet removed by cleanup)
     missing_heartbeats: dict[str, float] = dataclasses.field(default_factory=dict)
     server_time: float = 0.0
     redis_up: bool = False
@@ -53,6 +52,11 @@ class ClusterView:
     redis_memory_bytes: int = 0
     last_successful_aggregation: float | None = None
     data_errors: tuple[str, ...] = ()
+
+    @property
+    def missing_instances(self) -> tuple[str, ...]:
+        """Registered instances whose heartbeat expired, sorted."""
+        return tuple(sorted(self.missing_heartbeats))
 
     def missing_for(self, instance_id: str, instance_timeout: float) -> float:
         """Seconds an instance has been missing (since its heartbeat expired)."""
@@ -176,7 +180,7 @@ class Aggregator:
         self._instance_rates = rates
         errors += self.store.heartbeats().errors
         self._count(errors)
-        self._instance_errors[""] = tuple(errors)
+        self._instance_errors[""] = tuple(errors)  # "" is no region name: the pass's own
 
     def instances(self, beats: Heartbeats | None = None) -> tuple[list[str], list[str]]:
         """Names of the live and of the missing instances, read now (lists every one)."""
@@ -241,7 +245,6 @@ class Aggregator:
             live_hit_rates={region: _live_rate(data.aggregates[region]) for region in regions},
             instance_series=self._instance_series,
             active_count=data.active,
-            missing_instances=tuple(sorted(data.missing)),
             missing_heartbeats=data.missing,
             server_time=data.server_time,
             redis_up=True,

@@ -19,7 +19,7 @@ import json
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from typing import Any
 
-from .http import json_reply, refuse
+from .http import json_reply, refusal, refuse
 from .model import Statistics
 
 WSGIApp = Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]
@@ -79,16 +79,16 @@ def make_stats_asgi_app(
             return
         method = scope.get("method", "GET")
         source = routes.get((scope.get("path") or "/").rstrip("/"))
-        headers: list[tuple[str, str]] = []
-        if source is None:
-            status, payload = "404 Not Found", {"error": "not found"}
-        elif method not in ("GET", "HEAD"):
-            status, payload = "405 Method Not Allowed", {"error": "use GET"}
-            headers.append(("Allow", "GET, HEAD"))
+        refused = refusal(method, found=source is not None)
+        if refused is not None:
+            status, payload, headers = refused
         else:
+            assert source is not None  # refusal() lets only a served path through
             status, payload = await asyncio.to_thread(_answer, source)
+            headers = []
         body = json.dumps(payload, indent=2).encode()
-        headers += [("Content-Type", "application/json"), ("Content-Length", str(len(body)))]
+        headers = [*headers, ("Content-Type", "application/json"),
+                   ("Content-Length", str(len(body)))]  # fmt: skip
         await send({"type": "http.response.start", "status": int(status.split()[0]),
                     "headers": [(k.lower().encode(), v.encode()) for k, v in headers]})  # fmt: skip
         await send({"type": "http.response.body", "body": b"" if method == "HEAD" else body})

@@ -47,15 +47,26 @@ def make_app(
     return app
 
 
-def refuse(start_response: StartResponse, method: str, *, found: bool) -> list[bytes] | None:
-    """A 404 reply for an unknown path or a 405 for methods other than GET and HEAD;
-    None when the request may go on."""
+Refusal = tuple[str, Any, list[tuple[str, str]]]
+
+
+def refusal(method: str, *, found: bool) -> Refusal | None:
+    """Status, JSON and headers of a 404 for an unknown path or a 405 for methods other
+    than GET and HEAD; None when the request may go on."""
     if not found:
-        return json_reply(start_response, "404 Not Found", {"error": "not found"}, method)
+        return "404 Not Found", {"error": "not found"}, []
     if method not in ("GET", "HEAD"):
-        return json_reply(start_response, "405 Method Not Allowed", {"error": "use GET"},
-                          method, [("Allow", "GET, HEAD")])  # fmt: skip
+        return "405 Method Not Allowed", {"error": "use GET"}, [("Allow", "GET, HEAD")]
     return None
+
+
+def refuse(start_response: StartResponse, method: str, *, found: bool) -> list[bytes] | None:
+    """:func:`refusal` sent as the WSGI reply; None when the request may go on."""
+    refused = refusal(method, found=found)
+    if refused is None:
+        return None
+    status, payload, headers = refused
+    return json_reply(start_response, status, payload, method, headers)
 
 
 def json_reply(

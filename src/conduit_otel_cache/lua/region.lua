@@ -62,9 +62,10 @@ local function flush_region(skey, akey, rkey, lkey, id, token, untokened_reset, 
   end
   if not was_live then incr(akey, 'instance_count', 1, false) end
 
-  -- The instance's hit rate, updated in place; drift is computed at read time from the
-  -- lowest and highest rate. Removing the last member deletes the zset: it is then not
-  -- touched again in this script (in a Redis Cluster slot being migrated that would fail).
+  -- The instance's hit rate, updated in place (drift and the per-instance series are
+  -- computed from these rates by the reader's per-instance pass). Removing the last member
+  -- deletes the zset: it is then not touched again in this script (in a Redis Cluster slot
+  -- being migrated that would fail).
   local requests = (new['hit_count'] or 0) + (new['miss_count'] or 0)
   local rated = requests > 0
   if rated then
