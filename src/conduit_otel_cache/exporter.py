@@ -4,6 +4,7 @@ through ``opentelemetry-exporter-prometheus`` on a private ``CollectorRegistry``
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from typing import Any
 
 from opentelemetry.exporter.prometheus import PrometheusMetricReader
 from opentelemetry.metrics import CallbackOptions, Observation
@@ -14,7 +15,7 @@ from opentelemetry.sdk.metrics import (
     ObservableGauge,
 )
 from opentelemetry.sdk.resources import Resource
-from prometheus_client import CollectorRegistry
+from prometheus_client import CollectorRegistry, make_wsgi_app
 from prometheus_client.metrics_core import Metric
 
 from .aggregate import Aggregator, ClusterView
@@ -123,6 +124,10 @@ class ClusterExporter:
             return [] if result is None else [Observation(result)]
 
         return callback
+
+    def wsgi_app(self) -> Callable[..., Any]:
+        """The WSGI app that answers ``GET /metrics`` with this exporter's series."""
+        return make_wsgi_app(self.registry)
 
     def shutdown(self) -> None:
         """Stop the meter provider and unregister from the registry."""

@@ -8,7 +8,6 @@ from collections.abc import Callable, Iterable
 from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler, make_server
 
-from prometheus_client import CollectorRegistry, make_wsgi_app
 from prometheus_client.exposition import ThreadingWSGIServer
 
 from .health import Health
@@ -18,13 +17,12 @@ Environ = dict[str, Any]
 
 
 def make_app(
-    registry: CollectorRegistry,
+    metrics_app: Callable[..., Any],
     health: Callable[[], Health],
     api: Callable[..., Any] | None = None,
 ) -> Callable[..., Any]:
-    """A WSGI app serving the metrics of ``registry`` and the ``health()`` report; every
-    path under ``/api/`` goes, unchanged, to the WSGI app ``api`` when one is given."""
-    metrics_app = make_wsgi_app(registry)
+    """A WSGI app serving ``/metrics`` with the WSGI app ``metrics_app`` and the ``health()``
+    report; every path under ``/api/`` goes, unchanged, to the WSGI app ``api`` when given."""
 
     def app(environ: Environ, start_response: StartResponse) -> Iterable[bytes]:
         path = environ.get("PATH_INFO") or "/"

@@ -35,7 +35,7 @@ class ExporterService:
         self.aggregator = Aggregator(self.store, settings, background=True)
         self.exporter = ClusterExporter(self.aggregator)
         api = make_stats_app(cluster=self.cluster_regions)  # /api/cache/stats/distributed
-        self.app = make_app(self.exporter.registry, self.health, api)
+        self.app = make_app(self.exporter.wsgi_app(), self.health, api)
         self.server = make_http_server(self.app, host, port, certfile, keyfile)
         self.port: int = self.server.server_address[1]
         self._stop = threading.Event()
