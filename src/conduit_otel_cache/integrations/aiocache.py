@@ -89,7 +89,7 @@ class RecordingPlugin(BasePlugin):  # type: ignore[misc]  # aiocache is untyped
     async def post_multi_set(
         self, client: Any, pairs: Any, *args: Any, ret: Any = None, **kw: Any
     ) -> None:
-        if ret:
+        if ret and hasattr(pairs, "__len__"):  # an iterator of pairs is spent: not counted
             self._recorder(client).sets(len(pairs))
 
     async def post_increment(self, client: Any, *args: Any, **kw: Any) -> None:
