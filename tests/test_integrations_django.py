@@ -200,3 +200,26 @@ def test_failing_statistics_never_break_the_cache(caplog: pytest.LogCaptureFixtu
     ):
         exercise_sync(recorded("default"))
     assert "recording cache statistics of region 'default' failed" in caplog.text
+
+
+def test_cache_page_through_the_wrapper(make_stats: MakeStats) -> None:
+    """Django's own per-view cache goes through the wrapper: a miss and two sets (the header
+    list and the page), then two hits."""
+    from django.http import HttpRequest, HttpResponse
+    from django.test import RequestFactory
+    from django.views.decorators.cache import cache_page
+
+    stats = make_stats("api-1")
+    entry = {"BACKEND": BACKEND, "WRAPS": LOCMEM, "STATS": stats, "LOCATION": "pages"}
+    with override_settings(CACHES={"default": entry}, ALLOWED_HOSTS=["testserver"]):
+        calls: list[int] = []
+
+        @cache_page(60)
+        def view(request: HttpRequest) -> HttpResponse:
+            calls.append(1)
+            return HttpResponse("hello")
+
+        factory = RequestFactory()
+        assert [view(factory.get("/p")).content for _ in range(2)] == [b"hello", b"hello"]
+        assert calls == [1]
+        assert counts(stats, "default") == (2, 1, 2, 0, 3)

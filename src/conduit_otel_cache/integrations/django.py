@@ -84,6 +84,8 @@ class RecordingCache:
         self._record = RegionRecorder(stats, region)
 
     def __getattr__(self, name: str) -> Any:
+        if name == "backend" or name.startswith("__"):  # not set yet (copy, pickle)
+            raise AttributeError(name)
         return getattr(self.backend, name)
 
     def __contains__(self, key: Any) -> bool:

@@ -59,6 +59,8 @@ class RecordingBackend:
         self._record = RegionRecorder(stats, region)
 
     def __getattr__(self, name: str) -> Any:
+        if name == "backend" or name.startswith("__"):  # not set yet (copy, pickle)
+            raise AttributeError(name)
         return getattr(self.backend, name)
 
     @property
