@@ -59,8 +59,19 @@ class RecordingCache:
         alias = _alias_of(location, params)
         where = f"CACHES[{alias!r}]" if alias is not None else "CACHES[...]"
         inner_params = {k: v for k, v in params.items() if k not in _OWN_KEYS}
+        backend = params.get("WRAPS")
+        if not backend:
+            raise ImproperlyConfigured(
+                f"{where}['WRAPS'] must name the backend to wrap, such as "
+                "'django.core.cache.backends.locmem.LocMemCache'"
+            )
         try:
-            backend = params["WRAPS"]
+            backend_class = import_string(backend) if isinstance(backend, str) else backend
+        except ImportError as exc:
+            raise ImproperlyConfigured(f"{where}['WRAPS']: cannot import {backend!r}") from exc
+        if backend_class is RecordingCache:
+            raise ImproperlyConfigured(f"{where}['WRAPS'] cannot be RecordingCache itself")
+        try:
             stats = resolve_stats(params.get("STATS"), f"{where}['STATS']")
             region = params.get("REGION", alias)
             if region is None:
@@ -68,16 +79,8 @@ class RecordingCache:
                     f"{where}['REGION'] is needed: these settings match no single alias"
                 )
             region = resolve_region(region, f"{where}['REGION']")
-            backend_class = import_string(backend) if isinstance(backend, str) else backend
-        except KeyError:
-            raise ImproperlyConfigured(
-                f"{where}['WRAPS'] must name the backend to wrap, such as "
-                "'django.core.cache.backends.locmem.LocMemCache'"
-            ) from None
-        except (ImportError, ValueError) as exc:
+        except ValueError as exc:
             raise ImproperlyConfigured(str(exc)) from exc
-        if backend_class is RecordingCache:
-            raise ImproperlyConfigured(f"{where}['WRAPS'] cannot be RecordingCache itself")
         #: The wrapped backend.
         self.backend: Any = backend_class(location, inner_params)
         self.region = region
