@@ -85,6 +85,7 @@ def test_memory_cache_and_decorator(make_stats: MakeStats, r: redis.Redis) -> No
     assert (fields["hit_count"], fields["miss_count"], fields["set_count"]) == ("3", "5", "5")
 
 
+@pytest.mark.filterwarnings("ignore:Call to deprecated close:DeprecationWarning")  # aiocache's
 def test_redis_cache(make_stats: MakeStats, redis_server: Any) -> None:
     stats = make_stats("api-1")
 
