@@ -260,7 +260,7 @@ class CacheStatistics:
     def timed_lookup(self, region: str) -> TimedLookup:
         """``with stats.timed_lookup(region) as lookup:`` ... ``lookup.hit()`` or
         ``lookup.miss()``: records the outcome with its response time (nothing if it raises)."""
-        return TimedLookup(self, region)  # type: ignore[arg-type]
+        return TimedLookup(self, region)
 
     def flush(self) -> bool:
         """Write this instance's statistics through to Redis now; True when it succeeded.
@@ -429,7 +429,7 @@ class DisabledStatistics:
 
     def timed_lookup(self, region: str) -> TimedLookup:
         """A lookup timer that records nothing."""
-        return TimedLookup(self, region)  # type: ignore[arg-type]
+        return TimedLookup(self, region)
 
     def flush(self) -> bool:
         """Nothing to write: always False."""
