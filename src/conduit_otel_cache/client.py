@@ -8,12 +8,11 @@ import dataclasses
 import logging
 import math
 import os
-import sys
 import threading
 import time
 import weakref
 from collections.abc import Sequence
-from typing import Any, Protocol
+from typing import Protocol
 
 from opentelemetry import metrics
 from opentelemetry.metrics import MeterProvider as APIMeterProvider
@@ -37,6 +36,7 @@ from .instruments import (
 )
 from .integrations.lookup import TimedLookup
 from .model import Statistics
+from .prefork import flush_at_worker_exit, warn_if_no_threads
 from .recorder import Recorder
 from .strategies import AggregationStrategy, strategy_named
 from .writethrough import RedisMetricExporter
@@ -156,7 +156,7 @@ class CacheStatistics:
             register_cache_instruments(meter_provider.get_meter(SCOPE), recorder.snapshot)
         register_self_instruments(self.meter_provider.get_meter(SCOPE), self)
         self._start_beats()
-        _warn_if_no_threads()
+        warn_if_no_threads()
         _open_handles.add(self)
 
     def _providers(
@@ -221,7 +221,7 @@ class CacheStatistics:
             )
             exporter.after_fork(self.settings)
             self._start_beats()
-            _flush_at_worker_exit(self)
+            flush_at_worker_exit(_shutdown_all)
 
     # -- this instance ------------------------------------------------------------------
 
@@ -457,26 +457,3 @@ class DisabledStatistics:
 
     def shutdown(self) -> None:
         """Nothing to release."""
-
-
-def _flush_at_worker_exit(handle: CacheStatistics) -> None:
-    """Pre-fork pools end their workers with ``os._exit()`` after running their own exit
-    finalizers (``multiprocessing``, and Celery's ``billiard``), not ``atexit``."""
-    for name in ("multiprocessing.util", "billiard.util"):
-        util: Any = sys.modules.get(name)
-        if util is not None and hasattr(util, "Finalize"):
-            util.Finalize(None, _shutdown_all, exitpriority=100)
-
-
-def _warn_if_no_threads() -> None:
-    """uWSGI runs no Python thread unless ``enable-threads`` is set: nothing would flush."""
-    uwsgi: Any = sys.modules.get("uwsgi")
-    opt = getattr(uwsgi, "opt", None)
-    if not isinstance(opt, dict):
-        return
-    enabled = {k.decode() if isinstance(k, bytes) else k for k in opt}
-    if not enabled & {"enable-threads", "lazy-apps", "threads"}:
-        log.warning(
-            "conduit-otel-cache: uWSGI runs without --enable-threads, so statistics are "
-            "flushed only at worker exit; start uWSGI with --enable-threads"
-        )
