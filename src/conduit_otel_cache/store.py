@@ -99,11 +99,13 @@ class Writer:
     sample_cap: int = 0
     sample_ttl: float = 3600.0
 
-    def header(self) -> list[Any]:
-        """The first arguments of every write script (the layout of ``lua/lib.lua``)."""
+    def header(self, full: bool = True) -> list[Any]:
+        """The first arguments of every write script (the layout of ``lua/lib.lua``);
+        ``full``: every region of the write is whole (TTLs refreshed, key types checked)."""
         return [
             self.instance_id, self.token, self.owner, max(1, int(self.ttl)),
             self.instance_timeout, max(1, self.sample_cap), max(1, int(self.sample_ttl)),
+            "1" if full else "0",
         ]  # fmt: skip
 
 
@@ -248,21 +250,27 @@ class Store:
     # -- writes -------------------------------------------------------------------------
 
     def flush(
-        self, writer: Writer, entries: Mapping[str, Entry], *, beat_first: bool = False
+        self,
+        writer: Writer,
+        entries: Mapping[str, Entry],
+        *,
+        full: bool = True,
+        beat_first: bool = False,
     ) -> FlushResult:
         """Write ``entries`` and the heartbeat in one round trip (on a Redis Cluster: one
         pipeline, one script call per hash slot). ``beat_first`` (a Redis Cluster write
         of an incarnation not yet known to Redis) checks the instance id before any region
         is written, at the cost of a second round trip."""
         items = list(entries.items())
+        header = writer.header(full)
         if self.cluster:
             names: list[Any] = []
-            for region, _ in items:
-                names += [region, "1", 0, ""]
-            beat = (self._beat, self._beat_keys(writer.instance_id), [*writer.header(), *names])
+            for region, entry in items:
+                names += [region, "1" if entry.full else "0", 0, ""]
+            beat = (self._beat, self._beat_keys(writer.instance_id), [*header, *names])
             calls = [
                 (self._regions, self._region_keys(writer.instance_id, region),
-                 [*writer.header(), *_entry_args([(region, entry)])])
+                 [*header, *_entry_args([(region, entry)])])
                 for region, entry in items
             ]  # fmt: skip
             if beat_first and calls:
@@ -281,10 +289,10 @@ class Store:
         keys = self._beat_keys(writer.instance_id)
         for region, _ in first:
             keys += self._region_keys(writer.instance_id, region)
-        head = (self._flush, keys, [*writer.header(), *_entry_args(first)])
+        head = (self._flush, keys, [*header, *_entry_args(first)])
         rest = [
             (self._regions, self._batch_keys(writer.instance_id, [r for r, _ in batch]),
-             [*writer.header(), *_entry_args(batch)])
+             [*header, *_entry_args(batch)])
             for batch in batches[1:]
         ]  # fmt: skip
         if rest and beat_first:
@@ -323,7 +331,7 @@ class Store:
     def heartbeat(self, writer: Writer) -> FlushResult:
         """Beat the heartbeat (Redis server time) without writing statistics; an
         incarnation that has written nothing yet stays unregistered."""
-        reply = self._beat(keys=self._beat_keys(writer.instance_id), args=writer.header())
+        reply = self._beat(keys=self._beat_keys(writer.instance_id), args=writer.header(False))
         return self._beat_result(reply)
 
     def leave_stale(self, writer: Writer, regions: Sequence[str]) -> None:

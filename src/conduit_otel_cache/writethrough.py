@@ -176,11 +176,12 @@ class RedisMetricExporter(MetricExporter):
         fields = self._minus_baseline(fields)
         full = not self._confirmed or self._writes % FULL_WRITE_EVERY == 0
         entries = self._entries(fields, full)
-        result = self._send(entries)
+        result = self._send(entries, full)
         if result.status == "duplicate":
             self._move_aside()
             fields = self._minus_baseline(fields)
-            result = self._send(self._entries(fields, True))
+            entries = self._entries(fields, True)
+            result = self._send(entries, True)
         if result.status == "duplicate":
             raise RuntimeError(
                 f"instance id {self.identity.instance_id!r} is written by another live process"
@@ -188,11 +189,11 @@ class RedisMetricExporter(MetricExporter):
         lost = result.status == "unregistered" and self._confirmed and bool(fields)
         if (result.rebuild or lost) and not full:  # reaped, or Redis lost it: all whole
             again = {r: Entry(v, True, self._samples_of(r)) for r, v in fields.items()}
-            result = self._send(again)
-            entries.update(again)
+            result = self._send(again, True)
+            entries = again
         elif result.need_full:
             again = {r: Entry(fields[r], True, entries[r].samples) for r in result.need_full}
-            retry = self._send(again)
+            retry = self._send(again, False)
             entries.update(again)
             if retry.need_full:
                 raise RuntimeError(f"Redis refused full entries for {sorted(retry.need_full)}")
@@ -203,27 +204,33 @@ class RedisMetricExporter(MetricExporter):
         for region, entry in entries.items():
             acked = self._acked.setdefault(region, {})
             acked.update(entry.fields)
-            self._pending.pop(region, None)
+            if entry.samples:
+                self._pending.pop(region, None)
         self._writes += 1
         self.last_success = result.server_time
 
-    def _send(self, entries: Mapping[str, Entry]) -> FlushResult:
-        return self.store.flush(self._writer(), entries, beat_first=not self._confirmed)
+    def _send(self, entries: Mapping[str, Entry], full: bool) -> FlushResult:
+        return self.store.flush(self._writer(), entries, full=full, beat_first=not self._confirmed)
 
     def _samples_of(self, region: str) -> tuple[float, ...]:
         return tuple(self._pending.get(region, ()))
 
     def _entries(self, fields: Fields, full: bool) -> dict[str, Entry]:
+        """What to send: every region whole (``full``), else the changed fields of the
+        changed regions, with the raw samples recorded since the last write."""
         entries = {}
         for region, values in fields.items():
             pending = self._samples_of(region)
             if full:
                 entries[region] = Entry(values, True, pending)
                 continue
-            acked = self._acked.get(region, {})
+            acked = self._acked.get(region)
+            if acked is None:  # a new region: whole
+                entries[region] = Entry(values, True, pending)
+                continue
             changed = {f: v for f, v in values.items() if acked.get(f) != v}
             if changed or pending:
-                entries[region] = Entry(changed, region not in self._acked, pending)
+                entries[region] = Entry(changed, False, pending)
         return entries
 
     def _take_samples(self, fields: Fields) -> None:

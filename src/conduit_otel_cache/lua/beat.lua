@@ -6,5 +6,7 @@
 -- Returns beat()'s reply (instance.lua).
 local h = header()
 local names = {}
-for i, e in ipairs(entries()) do names[i] = e.region end
-return beat(KEYS[1], KEYS[2], KEYS[3], KEYS[4], h, server_time(), names)
+for _, e in ipairs(entries()) do
+  if e.full then names[#names + 1] = e.region end
+end
+return beat(KEYS[1], KEYS[2], KEYS[3], KEYS[4], h, server_time(), names, h.full)

@@ -11,8 +11,10 @@ local now_s = string.format('%.6f', now)
 local h = header()
 local es = entries()
 local names = {}
-for i, e in ipairs(es) do names[i] = e.region end
-local reply = beat(KEYS[1], KEYS[2], KEYS[3], KEYS[4], h, now, names)
+for _, e in ipairs(es) do
+  if e.full then names[#names + 1] = e.region end
+end
+local reply = beat(KEYS[1], KEYS[2], KEYS[3], KEYS[4], h, now, names, h.full)
 local need_full = {}
 if reply[2] == 'ok' then
   for i, e in ipairs(es) do

@@ -1,7 +1,7 @@
 -- The instance-level keys: heartbeat zset, regions set, instance meta hash and instance
 -- regions set (one hash slot in Redis Cluster: the keys share the tag {global}).
 
-local function beat(zkey, gkey, mkey, ikey, h, now, regions)
+local function beat(zkey, gkey, mkey, ikey, h, now, regions, full)
   -- Beat the heartbeat of incarnation h.token and record its regions. Returns the server
   -- time, a status, the regions an earlier incarnation under this id has yet to leave, and
   -- '1' when Redis did not hold this incarnation as live (it was reaped, or Redis lost
@@ -9,34 +9,46 @@ local function beat(zkey, gkey, mkey, ikey, h, now, regions)
   --   'ok';
   --   'duplicate': another live process (other token and owner, fresh heartbeat) writes
   --     as this id: nothing is written, the caller takes another id;
-  --   'unregistered': a new incarnation with nothing to write yet: it is not live.
+  --   'unregistered': an incarnation Redis does not know, with nothing to write yet or a
+  --     write that is not full: it is not live (the caller writes whole if it has data).
+  -- regions: the names of the full entries (recorded in the regions sets); full: the
+  -- write refreshes TTLs and checks key types (every few writes).
   local now_s = string.format('%.6f', now)
-  ensure_type(zkey, 'zset')
-  ensure_type(gkey, 'set')
-  ensure_hash(mkey)
-  ensure_type(ikey, 'set')
-  local m = redis.call('HMGET', mkey, 'token', 'live', 'owner', 'stale')
+  if full then
+    ensure_type(zkey, 'zset')
+    ensure_type(gkey, 'set')
+    ensure_type(ikey, 'set')
+  end
+  local m = redis.pcall('HMGET', mkey, 'token', 'live', 'owner', 'stale')
+  if failed(m) then
+    redis.call('DEL', mkey)
+    m = {}
+  end
   local old_token, live, owner, stale = m[1], m[2], m[3], m[4]
   if old_token ~= h.token then
     if old_token and live == '1' and owner ~= h.owner then
       local last = redis.call('ZSCORE', zkey, h.id)
       if last and now - num(last) < h.timeout then return {now_s, 'duplicate', {}, '0'} end
     end
-    if #regions == 0 then return {now_s, 'unregistered', {}, '0'} end
+    if not full or #regions == 0 then return {now_s, 'unregistered', {}, '0'} end
     -- a new incarnation: the regions of the earlier ones must leave the live gauges
     if old_token and redis.call('SCARD', ikey) > 0 then stale = '1' end
   end
   local rebuild = (old_token ~= h.token or live ~= '1') and '1' or '0'
-  redis.call('HSET', mkey, 'token', h.token, 'live', '1', 'owner', h.owner, 'last_flush', now_s)
-  if stale == '1' then redis.call('HSET', mkey, 'stale', '1') end
-  redis.call('EXPIRE', mkey, h.ttl)
-  redis.call('ZADD', zkey, now_s, h.id)
-  redis.call('EXPIRE', zkey, h.ttl)
-  for _, region in ipairs(regions) do
-    redis.call('SADD', gkey, region)
-    redis.call('SADD', ikey, region)
+  if rebuild == '1' then
+    redis.call('HSET', mkey, 'token', h.token, 'live', '1', 'owner', h.owner, 'last_flush', now_s)
+  else
+    redis.call('HSET', mkey, 'last_flush', now_s)
   end
+  if stale == '1' then redis.call('HSET', mkey, 'stale', '1') end
+  call_on(zkey, 'ZADD', zkey, now_s, h.id)
   if #regions > 0 then
+    call_on(gkey, 'SADD', gkey, unpack(regions))
+    call_on(ikey, 'SADD', ikey, unpack(regions))
+  end
+  if full then
+    redis.call('EXPIRE', mkey, h.ttl)
+    redis.call('EXPIRE', zkey, h.ttl)
     redis.call('EXPIRE', gkey, h.ttl)
     redis.call('EXPIRE', ikey, h.ttl)
   end

@@ -6,13 +6,26 @@ local function num(x)
   return n
 end
 
+local function failed(reply) return type(reply) == 'table' and reply.err ~= nil end
+
 local function incr(key, field, delta, is_float)
   if delta == 0 then return end
   local arg = is_float and string.format('%.17g', delta) or string.format('%.0f', delta)
-  local res = redis.pcall(is_float and 'HINCRBYFLOAT' or 'HINCRBY', key, field, arg)
-  if type(res) == 'table' and res.err then
-    -- the stored field is not a number: restart it from this change
-    redis.call('HSET', key, field, arg)
+  if failed(redis.pcall(is_float and 'HINCRBYFLOAT' or 'HINCRBY', key, field, arg)) then
+    -- the stored field is not a number: restart it from this change (and a key that is
+    -- no hash, foreign or corrupted data, is replaced)
+    if failed(redis.pcall('HSET', key, field, arg)) then
+      redis.call('DEL', key)
+      redis.call('HSET', key, field, arg)
+    end
+  end
+end
+
+local function call_on(key, ...)
+  -- redis.call(...) on key; a key of the wrong type is replaced first, never an error.
+  if failed(redis.pcall(...)) then
+    redis.call('DEL', key)
+    return redis.call(...)
   end
 end
 
@@ -30,15 +43,17 @@ local function server_time()
 end
 
 -- The one argument layout of the write scripts (flush.lua, beat.lua, regions.lua):
---   ARGV[1..7]  instance id, incarnation token, owner (host:pid), ttl seconds,
---               instance timeout seconds, sample cap, sample ttl seconds
+--   ARGV[1..8]  instance id, incarnation token, owner (host:pid), ttl seconds,
+--               instance timeout seconds, sample cap, sample ttl seconds, '1' for a full
+--               write (every region whole: TTLs are refreshed, key types checked)
 --   then per region: region, full ('1': every field; '0': changed fields only),
 --               field count n, n pairs of field and cumulative value, raw samples csv.
-local HEADER = 7
+local HEADER = 8
 
 local function header()
   return {id = ARGV[1], token = ARGV[2], owner = ARGV[3], ttl = tonumber(ARGV[4]),
-          timeout = tonumber(ARGV[5]), cap = tonumber(ARGV[6]), sample_ttl = tonumber(ARGV[7])}
+          timeout = tonumber(ARGV[5]), cap = tonumber(ARGV[6]), sample_ttl = tonumber(ARGV[7]),
+          full = ARGV[8] == '1'}
 end
 
 local function entries()

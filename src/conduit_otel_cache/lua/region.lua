@@ -5,23 +5,21 @@
 local LIVE = {size_bytes = 'size_bytes', hit_count = 'live_hit_count',
               miss_count = 'live_miss_count'}
 
-local function append_samples(lkey, csv, cap, sample_ttl, only_these)
+local function append_samples(lkey, csv, cap, only_these)
   -- The last `cap` raw response times (seconds) of the instance in the region
   -- (`...:<instance>:<region>:response_times`); only_these: drop what was there before.
-  ensure_type(lkey, 'list')
   local items, n = {}, 0
   for x in string.gmatch(csv, '[^,]+') do
     items[#items + 1] = x
     n = n + 1
     if #items == 1000 then
-      redis.call('RPUSH', lkey, unpack(items))
+      call_on(lkey, 'RPUSH', lkey, unpack(items))
       items = {}
     end
   end
-  if #items > 0 then redis.call('RPUSH', lkey, unpack(items)) end
+  if #items > 0 then call_on(lkey, 'RPUSH', lkey, unpack(items)) end
   if only_these and n < cap then cap = n end
   redis.call('LTRIM', lkey, -cap, -1)
-  redis.call('EXPIRE', lkey, sample_ttl)
 end
 
 local function write_region(skey, akey, rkey, lkey, h, e, now_s)
@@ -30,18 +28,25 @@ local function write_region(skey, akey, rkey, lkey, h, e, now_s)
   -- (older) write adds nothing; a field left out is unchanged. Another token (a restart
   -- under the same id) starts new series and replaces the earlier incarnation's live
   -- gauges; it needs a full entry: returns 'full' (nothing written) when e is partial.
-  ensure_hash(skey)
-  ensure_hash(akey)
-  ensure_type(rkey, 'zset')
+  -- TTLs are refreshed by full entries (every few writes), not by every write.
+  local names = {'token', 'live', 'hit_count', 'miss_count', 'size_bytes'}
+  for f in pairs(e.fields) do names[#names + 1] = f end
+  local got = redis.pcall('HMGET', skey, unpack(names))
+  if failed(got) then  -- not a hash: foreign or corrupted data, replaced
+    redis.call('DEL', skey)
+    got = {}
+  end
   local old = {}
-  local raw = redis.call('HGETALL', skey)
-  for i = 1, #raw, 2 do old[raw[i]] = raw[i + 1] end
+  for i, f in ipairs(names) do if got[i] then old[f] = got[i] end end
   local same = old['token'] == h.token
   if not same and not e.full then return 'full' end
   local was_live = old['live'] == '1'
 
   local cur = {}  -- the incarnation's values after this write
-  local flat = {'live', '1', 'last_updated', now_s, 'token', h.token}
+  local flat = {'last_updated', now_s}
+  if not (same and was_live) then
+    flat[3], flat[4], flat[5], flat[6] = 'live', '1', 'token', h.token
+  end
   for f, v in pairs(e.fields) do
     local nv = num(v)
     local prev = same and num(old[f]) or 0
@@ -65,40 +70,46 @@ local function write_region(skey, akey, rkey, lkey, h, e, now_s)
   end
   if not was_live then incr(akey, 'instance_count', 1, false) end
 
-  -- The instance's hit rate, updated in place (drift and the per-instance series are
-  -- computed from these rates by the reader's per-instance pass). Removing the last member
-  -- deletes the zset: it is then not touched again in this script (in a Redis Cluster slot
-  -- being migrated that would fail).
+  -- The instance's hit rate, updated in place when it changed (drift and the
+  -- per-instance series are computed from these rates by the reader's per-instance pass).
+  -- Removing the last member deletes the zset: it is then not touched again in this
+  -- script (in a Redis Cluster slot being migrated that would fail).
   local hits, misses = value('hit_count'), value('miss_count')
   local rated = hits + misses > 0
-  if rated then
-    redis.call('ZADD', rkey, string.format('%.17g', 100 * hits / (hits + misses)), h.id)
-  else
-    redis.call('ZREM', rkey, h.id)
+  if cur['hit_count'] or cur['miss_count'] or not (same and was_live) then
+    if rated then
+      call_on(rkey, 'ZADD', rkey, string.format('%.17g', 100 * hits / (hits + misses)), h.id)
+    else
+      redis.pcall('ZREM', rkey, h.id)
+    end
   end
 
   -- The stats hash is rewritten in place (a key deleted mid-script could not be written
   -- again in a Redis Cluster slot being migrated, and the script would stop half way);
   -- an earlier incarnation's fields that this one does not have are dropped.
-  redis.call('HSET', skey, unpack(flat))
-  if not same then
+  if not same and next(old) ~= nil then
     local stale = {}
-    for f in pairs(old) do
+    local all = redis.call('HKEYS', skey)
+    for _, f in ipairs(all) do
       if e.fields[f] == nil and f ~= 'live' and f ~= 'last_updated' and f ~= 'token' then
         stale[#stale + 1] = f
       end
     end
     if #stale > 0 then redis.call('HDEL', skey, unpack(stale)) end
   end
-  redis.call('EXPIRE', skey, h.ttl)
+  redis.call('HSET', skey, unpack(flat))
   if e.samples ~= '' then
-    append_samples(lkey, e.samples, h.cap, h.sample_ttl, not same)
+    append_samples(lkey, e.samples, h.cap, not same)
   elseif not same then
     redis.call('DEL', lkey)
   end
-  redis.call('HSET', akey, 'last_aggregated', now_s)
-  redis.call('EXPIRE', akey, h.ttl)
-  if rated then redis.call('EXPIRE', rkey, h.ttl) end
+  call_on(akey, 'HSET', akey, 'last_aggregated', now_s)
+  if e.full then
+    redis.call('EXPIRE', skey, h.ttl)
+    redis.call('EXPIRE', akey, h.ttl)
+    if rated then redis.pcall('EXPIRE', rkey, h.ttl) end
+    if e.samples ~= '' then redis.call('EXPIRE', lkey, h.sample_ttl) end
+  end
   return 'ok'
 end
 

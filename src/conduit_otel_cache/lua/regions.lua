@@ -13,12 +13,12 @@ for i, e in ipairs(entries()) do
   local k = sets + 4 * i - 3
   if write_region(KEYS[k], KEYS[k + 1], KEYS[k + 2], KEYS[k + 3], h, e, now_s) == 'full' then
     need_full[#need_full + 1] = e.region
-  elseif sets == 2 then
-    redis.call('SADD', KEYS[1], e.region)
-    redis.call('SADD', KEYS[2], e.region)
+  elseif sets == 2 and e.full then
+    call_on(KEYS[1], 'SADD', KEYS[1], e.region)
+    call_on(KEYS[2], 'SADD', KEYS[2], e.region)
   end
 end
-if sets == 2 then
+if sets == 2 and h.full then
   redis.call('EXPIRE', KEYS[1], h.ttl)
   redis.call('EXPIRE', KEYS[2], h.ttl)
 end
