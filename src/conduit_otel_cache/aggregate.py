@@ -24,7 +24,7 @@ import redis
 from .config import Settings
 from .model import Statistics
 from .ratelimit import RateLimitedLog
-from .store import ClusterData, Heartbeats, Store
+from .store import ClusterData, Heartbeats, Store, explain
 
 log = logging.getLogger(__name__)
 
@@ -152,7 +152,7 @@ class Aggregator:
             if not self.background:
                 self.refresh_instances(data)
         except Exception as exc:
-            error = f"{type(exc).__name__}: {exc}"
+            error = explain(exc)
             self._errors.error(
                 "conduit-otel-cache: aggregation from %s failed: %s",
                 self.settings.safe_redis_url, error,
@@ -168,7 +168,7 @@ class Aggregator:
         try:
             return self.store.used_memory(), None
         except redis.ResponseError as exc:  # NoPermissionError is one
-            return 0, f"{type(exc).__name__}: {exc} (allow +info)"
+            return 0, explain(exc)
 
     def refresh_instances(self, data: ClusterData | None = None) -> None:
         """Read every live instance's hit rate per region (the per-instance series) now,

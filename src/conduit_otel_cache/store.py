@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from importlib.resources import files
@@ -57,6 +58,20 @@ def _pairs(reply: Any) -> list[tuple[str, float]]:
     if reply and isinstance(reply[0], list):
         return [(member, float(score)) for member, score in reply]
     return [(reply[i], float(reply[i + 1])) for i in range(0, len(reply) - 1, 2)]
+
+
+_NOPERM = re.compile(r"NOPERM.*?'([A-Za-z|_-]+)' command|no permissions to run the '([^']+)'")
+
+
+def explain(exc: BaseException) -> str:
+    """``Type: message`` of a Redis error; an ACL refusal names the command to allow, also
+    when a script ran it (``@user_script:...``)."""
+    text = f"{type(exc).__name__}: {exc}"
+    match = _NOPERM.search(str(exc))
+    if match:
+        command = (match.group(1) or match.group(2)).split("|")[0].lower()
+        return f"the Redis user may not run {command.upper()} (allow +{command}): {text}"
+    return text
 
 
 def _entry_args(entries: Sequence[tuple[str, Entry]]) -> list[Any]:

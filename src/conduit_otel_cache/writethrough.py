@@ -38,7 +38,7 @@ from .identity import Identity
 from .instruments import COUNTER_INSTRUMENTS, RESPONSE_TIME_INSTRUMENT, SCOPE, SIZE_INSTRUMENT
 from .model import ResponseTimes
 from .ratelimit import RateLimitedLog
-from .store import Entry, FlushResult, Store, Writer
+from .store import Entry, FlushResult, Store, Writer, explain
 
 log = logging.getLogger(__name__)
 
@@ -158,7 +158,7 @@ class RedisMetricExporter(MetricExporter):
             except Exception as exc:
                 self.flush_errors += 1
                 self.last_ok = False
-                self.last_error = f"{type(exc).__name__}: {exc}"
+                self.last_error = explain(exc)
                 self._errors.error(
                     "conduit-otel-cache: flush of instance %s to %s failed: %s",
                     self.identity.instance_id, self.settings.safe_redis_url, self.last_error,
@@ -279,9 +279,8 @@ class RedisMetricExporter(MetricExporter):
             except Exception as exc:
                 self.flush_errors += 1
                 self._errors.error(
-                    "conduit-otel-cache: heartbeat of instance %s to %s failed: %s: %s",
-                    self.identity.instance_id, self.settings.safe_redis_url,
-                    type(exc).__name__, exc,
+                    "conduit-otel-cache: heartbeat of instance %s to %s failed: %s",
+                    self.identity.instance_id, self.settings.safe_redis_url, explain(exc),
                 )  # fmt: skip
                 return False
             return True
