@@ -11,6 +11,7 @@ import importlib.util
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -150,7 +151,7 @@ def test_kustomization_lists_every_exporter_manifest() -> None:
 def test_generated_manifests_are_current() -> None:
     """`make manifests` has been run after the last change of grafana/."""
     result = subprocess.run(
-        ["python3", str(ROOT / "deploy" / "manifests.py"), "--check"],
+        [sys.executable, str(ROOT / "deploy" / "manifests.py"), "--check"],
         capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
