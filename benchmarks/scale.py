@@ -33,7 +33,7 @@ from conduit_otel_cache.config import DEFAULT_BUCKETS, Settings
 from conduit_otel_cache.embedded import RedisClusterServers, RedisServer
 from conduit_otel_cache.model import ResponseTimes
 from conduit_otel_cache.server import ExporterService
-from conduit_otel_cache.store import Store
+from conduit_otel_cache.store import Entry, Store, Writer
 
 from .common import (
     Target,
@@ -86,8 +86,8 @@ def populate(store: Store, n: int, r: int) -> float:
     """Write the fleet: one ``Store.flush`` per instance with all its regions."""
     start = time.perf_counter()
     for i in range(n):
-        regions = {region_name(j): instance_fields(i, j) for j in range(r)}
-        store.flush(f"inst-{i:04d}", f"token-{i}", regions, ttl=86400, instance_timeout=3600)
+        regions = {region_name(j): Entry(instance_fields(i, j)) for j in range(r)}
+        store.flush(Writer(f"inst-{i:04d}", f"token-{i}", f"bench:{i}", 86400, 3600), regions)
     return time.perf_counter() - start
 
 

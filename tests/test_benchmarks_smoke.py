@@ -24,7 +24,7 @@ def test_benchmarks_quick_run() -> None:
         "### Hot path: ns per call",
         "### Hot path ratios",
         "### Redis stopped: time per event and errors raised into the caller",
-        "### Flush: us per flush, Redis round trips per flush",
+        "### Flush: us per flush, Redis round trips and Redis CPU per flush",
         "### Scrape (/metrics via ExporterService registry) and cluster totals",
         "### Per-instance pass, seed read-time sum, Redis memory",
         "### Growth: figure at 10x / figure before (median)",

@@ -251,12 +251,21 @@ def test_per_instance_series_are_capped_farthest_first(make_stats: MakeStats, re
     assert series == {"api-2": pytest.approx(0.10), "api-3": pytest.approx(0.95)}
 
 
-def test_two_live_processes_with_one_id_are_warned_about(
-    make_stats: MakeStats, caplog: pytest.LogCaptureFixture
-) -> None:
-    first, second = make_stats("api-1"), make_stats("api-1")  # two tokens, one id
-    record(first, 1, 0)
-    record(second, 1, 0)
-    assert first.flush() and second.flush()
-    warnings = [r for r in caplog.records if "another live process" in r.message]
-    assert len(warnings) == 1 and "api-1" in warnings[0].message
+def test_two_live_processes_with_one_id_stay_exact(redis_url: str, r: redis.Redis) -> None:
+    """The second process that finds its explicit id written by a live one moves aside
+    to <id>-<pid> before writing anything: the totals stay exact."""
+    from .test_processes import start_instance
+
+    first = start_instance(redis_url, "api-1", 30, 10)
+    second = start_instance(redis_url, "api-1", 5, 1)
+    try:
+        ids = sorted(r.zrange("conduit:cache:instances", 0, -1))
+        assert ids == ["api-1", f"api-1-{second.pid}"]
+        totals = r.hgetall("conduit:cache:stats:aggregated:ProviderResponses")
+        assert (totals["hit_count"], totals["miss_count"], totals["instance_count"]) == (
+            "35", "11", "2")  # fmt: skip
+    finally:
+        for proc in (first, second):
+            proc.communicate("", timeout=30)
+    totals = r.hgetall("conduit:cache:stats:aggregated:ProviderResponses")
+    assert (totals["hit_count"], totals["instance_count"]) == ("35", "0")

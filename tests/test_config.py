@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from conduit_otel_cache import ConfigError, Settings, setup
-from conduit_otel_cache.config import default_instance_id
+from conduit_otel_cache.identity import default_instance_id
 
 
 def test_environment_variables_are_read() -> None:
@@ -25,10 +25,12 @@ def test_environment_variables_are_read() -> None:
 
 
 def test_instance_id_fallbacks() -> None:
-    assert default_instance_id({"HOSTNAME": "web-5d8f"}) == "web-5d8f"
+    pid = __import__("os").getpid()
+    # every worker process of a pod is its own instance: the pod name plus the pid
+    assert default_instance_id({"HOSTNAME": "web-5d8f"}) == f"web-5d8f-{pid}"
     assert default_instance_id({"INSTANCE_ID": "a", "HOSTNAME": "b"}) == "a"
     generated = default_instance_id({})
-    assert generated.endswith(f"_{__import__('os').getpid()}")
+    assert generated.endswith(f"-{pid}") and len(generated) > len(f"-{pid}")
 
 
 @pytest.mark.parametrize(

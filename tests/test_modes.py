@@ -137,7 +137,11 @@ def test_disabled_handle_is_a_no_op_without_provider_or_redis(
     connections, providers, global_provider = (
         _connections(r), _meter_providers(), metrics.get_meter_provider())  # fmt: skip
     stats = setup(redis_url=redis_url, enabled=False, instance_id="off")  # set_global default
-    assert isinstance(stats, DisabledStatistics) and isinstance(stats, CacheStatistics)
+    assert isinstance(stats, DisabledStatistics)
+    public = {n for n in dir(CacheStatistics) if not n.startswith("_")}
+    public |= set(CacheStatistics.__annotations__)  # the recorder's bound methods
+    missing = {n for n in public if not hasattr(stats, n)}
+    assert not missing, f"DisabledStatistics lacks {sorted(missing)}"  # the same interface
     _record(stats)
     with stats.timed_lookup("Geo") as lookup:
         lookup.hit()

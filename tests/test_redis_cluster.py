@@ -6,7 +6,6 @@ keys) and a flush is one pipeline of one script call per hash slot; see store.py
 
 from __future__ import annotations
 
-import logging
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -258,16 +257,22 @@ def test_restart_with_same_id_keeps_counters_monotonic(make_stats: MakeStats) ->
     assert second.cluster_statistics(REGION).hit_count == 110
 
 
-def test_two_live_processes_with_one_id_are_warned_about(
-    make_stats: MakeStats, caplog: pytest.LogCaptureFixture
-) -> None:
-    first, second = make_stats("api-1"), make_stats("api-1")
-    record(first, REGION, 1, 0)
-    record(second, REGION, 1, 0)
-    with caplog.at_level(logging.WARNING):
-        assert first.flush() and second.flush()
-    warnings = [r for r in caplog.records if "another live process" in r.message]
-    assert len(warnings) == 1
+def test_two_live_processes_with_one_id_stay_exact(url: str, rc: RedisCluster) -> None:
+    """On a Redis Cluster the first write of an incarnation checks the id before any region
+    is written: the second process moves to <id>-<pid> and the totals stay exact."""
+    from .test_processes import start_instance
+
+    first = start_instance(url, "api-1", 30, 10)
+    second = start_instance(url, "api-1", 5, 1)
+    try:
+        ids = sorted(rc.zrange("conduit:cache:{global}:instances", 0, -1))
+        assert ids == ["api-1", f"api-1-{second.pid}"]
+        totals = rc.hgetall("conduit:cache:{ProviderResponses}:aggregated")
+        assert (totals["hit_count"], totals["miss_count"], totals["instance_count"]) == (
+            "35", "11", "2")  # fmt: skip
+    finally:
+        for proc in (first, second):
+            proc.communicate("", timeout=30)
 
 
 def cluster_nodes(cluster: RedisClusterServers) -> list[list[str]]:

@@ -43,7 +43,7 @@ def setup(
     metric_readers: Sequence[MetricReader] = (),
     aggregation_strategy: str | AggregationStrategy | None = None,
     **options: Any,
-) -> CacheStatistics:
+) -> CacheStatistics | DisabledStatistics:
     """Start recording cache statistics for this instance.
 
     Every option of :class:`Settings` is a keyword here and an environment variable

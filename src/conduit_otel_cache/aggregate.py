@@ -19,6 +19,8 @@ import math
 import threading
 import time
 
+import redis
+
 from .config import Settings
 from .model import Statistics
 from .ratelimit import RateLimitedLog
@@ -50,6 +52,8 @@ class ClusterView:
     redis_error: str | None = None
     aggregation_latency: float = 0.0
     redis_memory_bytes: int = 0
+    #: why ``redis_memory_bytes`` could not be read (an optional reading: ``INFO``)
+    redis_memory_error: str | None = None
     last_successful_aggregation: float | None = None
     data_errors: tuple[str, ...] = ()
 
@@ -144,7 +148,7 @@ class Aggregator:
         previous = self._view or ClusterView()
         try:
             data = self.store.read_cluster(self.settings.instance_timeout, reap=True)
-            memory = self.store.used_memory()
+            memory, memory_error = self._memory()
             if not self.background:
                 self.refresh_instances(data)
         except Exception as exc:
@@ -154,7 +158,17 @@ class Aggregator:
                 self.settings.safe_redis_url, error,
             )  # fmt: skip
             return dataclasses.replace(previous, redis_up=False, redis_error=error)
-        return self._build(data, memory, start)
+        return dataclasses.replace(
+            self._build(data, memory, start), redis_memory_error=memory_error
+        )
+
+    def _memory(self) -> tuple[int, str | None]:
+        """Redis memory, an optional reading: a refusal (an ACL without ``+info``) drops it
+        alone, with the command to allow."""
+        try:
+            return self.store.used_memory(), None
+        except redis.ResponseError as exc:  # NoPermissionError is one
+            return 0, f"{type(exc).__name__}: {exc} (allow +info)"
 
     def refresh_instances(self, data: ClusterData | None = None) -> None:
         """Read every live instance's hit rate per region (the per-instance series) now,

@@ -1,16 +1,22 @@
-"""The handle ``setup()`` returns: the hot path plus flush, cluster reads and shutdown."""
+"""The handle ``setup()`` returns, composed of the recorder (the hot path), the write-through
+(an OTel reader and exporter) and the cluster reader; and its no-op sibling."""
 
 from __future__ import annotations
 
 import atexit
+import dataclasses
 import logging
 import math
+import os
 import threading
 import time
 import weakref
 from collections.abc import Sequence
+from typing import Protocol
 
 from opentelemetry import metrics
+from opentelemetry.metrics import MeterProvider as APIMeterProvider
+from opentelemetry.metrics import NoOpMeterProvider
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import MetricReader, PeriodicExportingMetricReader
 from opentelemetry.sdk.resources import Resource
@@ -20,6 +26,7 @@ from .api import ASGIApp, WSGIApp, make_stats_app, make_stats_asgi_app
 from .autoconfig import shared_write_through
 from .config import Settings
 from .health import Health, evaluate
+from .identity import Identity
 from .instruments import (
     RESPONSE_TIME_INSTRUMENT,
     SCOPE,
@@ -29,6 +36,7 @@ from .instruments import (
 )
 from .integrations.lookup import TimedLookup
 from .model import Statistics
+from .prefork import flush_at_worker_exit, warn_if_no_threads
 from .recorder import Recorder
 from .strategies import AggregationStrategy, strategy_named
 from .writethrough import RedisMetricExporter
@@ -44,10 +52,30 @@ def _shutdown_all() -> None:
         handle.shutdown()
 
 
+def _after_fork_in_child() -> None:
+    for handle in list(_open_handles):
+        handle._after_fork()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
 def views() -> list[object]:
     """Views to pass to your own ``MeterProvider`` so it can report the response-time
     histogram (``MeterProvider(views=conduit_otel_cache.views(), ...)``)."""
     return list(histogram_views(RESPONSE_TIME_INSTRUMENT))
+
+
+class RecordTimed(Protocol):
+    def __call__(self, region: str | None, response_time: float | None = None) -> None: ...
+
+
+class RecordEvent(Protocol):
+    def __call__(self, region: str | None) -> None: ...
+
+
+class RecordSize(Protocol):
+    def __call__(self, region: str | None, size_bytes: int) -> None: ...
 
 
 def _beat_until(exporter: RedisMetricExporter, every: float, stop: threading.Event) -> None:
@@ -56,8 +84,18 @@ def _beat_until(exporter: RedisMetricExporter, every: float, stop: threading.Eve
         exporter.heartbeat()
 
 
-class CacheStatistics(Recorder):
-    """Cache statistics of this instance, written through to Redis every ``flush_interval``."""
+class CacheStatistics:
+    """Cache statistics of this instance, written through to Redis every ``flush_interval``.
+
+    ``record_hit``, ``record_miss``, ``record_set``, ``record_eviction`` and
+    ``set_size_bytes`` are the recorder's own methods (no indirection on the hot path).
+    """
+
+    record_hit: RecordTimed
+    record_miss: RecordTimed
+    record_set: RecordEvent
+    record_eviction: RecordEvent
+    set_size_bytes: RecordSize
 
     def __init__(
         self,
@@ -72,85 +110,139 @@ class CacheStatistics(Recorder):
         distributed = settings.redis_url is not None and settings.mode != "local"
         distributed = distributed and settings.enabled
         keep = settings.enable_response_time_tracking and distributed
-        super().__init__(
+        self.settings = settings
+        self.recorder = recorder = Recorder(
             settings.response_time_buckets,
             settings.max_regions,
             settings.default_region,
             max_samples=settings.max_response_time_samples if keep else 0,
         )
-        self.settings = settings
+        self.record_hit = recorder.record_hit
+        self.record_miss = recorder.record_miss
+        self.record_set = recorder.record_set
+        self.record_eviction = recorder.record_eviction
+        self.set_size_bytes = recorder.set_size_bytes
         self.strategy: AggregationStrategy = aggregation_strategy or strategy_named(
             settings.aggregation_strategy, settings.aggregation_cache_ttl
         )
         self.exporter: RedisMetricExporter | None = None
         self._aggregator: Aggregator | None = None
         self._closed = False
-        self._close_lock = threading.Lock()
-        self._flushes = threading.Condition()  # batches concurrent flush() calls
-        self._flushing = False
-        self._flush_started = -math.inf
-        self._flush_result = False
-        readers = list(metric_readers)
+        self._reset_locks()
         self._reader: PeriodicExportingMetricReader | None = None
         shared = (
             shared_write_through(meter_provider, settings)
             if meter_provider is not None and distributed
             else None
         )
-        if distributed and shared is None:
-            self.exporter = RedisMetricExporter(settings)
+        self._owns_exporter = shared is None
+        if shared is not None:  # the conduit_redis exporter writes through already
+            self._reader, self.exporter = shared
+            self.exporter.samples = recorder.drain_samples
+        elif distributed:
+            self.exporter = RedisMetricExporter(
+                settings, identity=Identity(settings.instance_id), samples=recorder.drain_samples
+            )
             interval = settings.flush_interval
             self._reader = PeriodicExportingMetricReader(
                 self.exporter,
                 export_interval_millis=math.inf if interval is None else interval * 1000,
                 export_timeout_millis=max(settings.socket_timeout * 2000, 1000),
             )
+        self.meter_provider, self._owned = self._providers(meter_provider, metric_readers, shared)
+        for provider in self._owned:
+            register_cache_instruments(provider.get_meter(SCOPE), recorder.snapshot)
+        if meter_provider is not None:
+            register_cache_instruments(meter_provider.get_meter(SCOPE), recorder.snapshot)
+        register_self_instruments(self.meter_provider.get_meter(SCOPE), self)
+        self._start_beats()
+        warn_if_no_threads()
+        _open_handles.add(self)
+
+    def _providers(
+        self,
+        meter_provider: MeterProvider | None,
+        metric_readers: Sequence[MetricReader],
+        shared: object,
+    ) -> tuple[MeterProvider, list[MeterProvider]]:
+        """The provider the instruments are on, and the providers this handle owns."""
         resource = Resource.create(
-            {"service.name": settings.service_name, "service.instance.id": settings.instance_id}
-        )
-        private_readers = [self._reader] if self._reader else []
-        if meter_provider is None:
-            provider = MeterProvider(
-                metric_readers=[*readers, *private_readers],
+            {"service.name": self.settings.service_name,
+             "service.instance.id": self.settings.instance_id}
+        )  # fmt: skip
+        private: list[MetricReader] = []
+        if self._reader is not None and shared is None:
+            private.append(self._reader)
+
+        def provider(readers: list[MetricReader]) -> MeterProvider:
+            return MeterProvider(
+                metric_readers=readers,
                 resource=resource,
                 views=histogram_views(RESPONSE_TIME_INSTRUMENT),
                 shutdown_on_exit=False,
             )
-            self.meter_provider = provider
-            self._owned = [provider]
-            if settings.set_global:
-                metrics.set_meter_provider(provider)
-        else:
-            # The user's provider gets the instruments; the write-through gets its own.
-            self.meter_provider = meter_provider
-            self._owned = []
-            register_cache_instruments(meter_provider.get_meter(SCOPE), self.snapshot)
-            if shared is not None:  # it writes through already (conduit_redis exporter)
-                self._reader, self.exporter = shared
-            elif private_readers:
-                self._owned.append(
-                    MeterProvider(
-                        metric_readers=private_readers,
-                        resource=resource,
-                        views=histogram_views(RESPONSE_TIME_INSTRUMENT),
-                        shutdown_on_exit=False,
-                    )
-                )
-        for provider in self._owned:
-            register_cache_instruments(provider.get_meter(SCOPE), self.snapshot)
-        register_self_instruments(self.meter_provider.get_meter(SCOPE), self)
-        if self.exporter is not None:
-            self.exporter.samples = self.drain_samples
+
+        if meter_provider is None:
+            own = provider([*metric_readers, *private])
+            if self.settings.set_global:
+                metrics.set_meter_provider(own)
+            return own, [own]
+        # The user's provider gets the instruments; the write-through gets its own.
+        return meter_provider, [provider(private)] if private else []
+
+    def _reset_locks(self) -> None:
+        self._close_lock = threading.Lock()
+        self._flushes = threading.Condition()  # batches concurrent flush() calls
+        self._flushing = False
+        self._flush_started = -math.inf
+        self._flush_result = False
+
+    def _start_beats(self) -> None:
         self._stop_beats = threading.Event()
-        if self.exporter is not None and settings.heartbeat_interval is not None:
-            exporter, every = self.exporter, settings.heartbeat_interval
+        if self.exporter is not None and self.settings.heartbeat_interval is not None:
             threading.Thread(
-                target=_beat_until, args=(exporter, every, self._stop_beats), daemon=True,
+                target=_beat_until,
+                args=(self.exporter, self.settings.heartbeat_interval, self._stop_beats),
+                daemon=True,
                 name="conduit-heartbeat",
-            ).start()  # fmt: skip
-        _open_handles.add(self)
+            ).start()
+
+    def _after_fork(self) -> None:
+        """In a process forked after ``setup()``: a new instance with fresh tallies, its
+        own id and token, its own flush and heartbeat (the SDK restarts its reader)."""
+        self.recorder.reset()
+        self._reset_locks()
+        self._aggregator = None
+        exporter = self.exporter
+        if exporter is not None and not self._closed:
+            exporter.identity.after_fork()
+            self.settings = dataclasses.replace(
+                self.settings, instance_id=exporter.identity.instance_id
+            )
+            exporter.after_fork(self.settings)
+            self._start_beats()
+            flush_at_worker_exit(_shutdown_all)
 
     # -- this instance ------------------------------------------------------------------
+
+    @property
+    def invalid_events(self) -> int:
+        """Events counted under ``_invalid`` (an invalid region name)."""
+        return self.recorder.invalid_events
+
+    @property
+    def overflow_events(self) -> int:
+        """Events counted under ``_overflow`` (more than ``max_regions`` regions)."""
+        return self.recorder.overflow_events
+
+    @property
+    def rejected_values(self) -> int:
+        """Invalid response times and sizes dropped."""
+        return self.recorder.rejected_values
+
+    def snapshot(self) -> dict[str, Statistics]:
+        """This instance's cumulative statistics of every region seen so far."""
+        return self.recorder.snapshot()
 
     def local_statistics(self, region: str) -> Statistics:
         """This instance's statistics of ``region`` (zeros for an unknown region)."""
@@ -179,6 +271,10 @@ class CacheStatistics(Recorder):
         """
         if self._reader is None or self._closed or self.exporter is None:
             return False
+        return self._flush()
+
+    def _flush(self) -> bool:
+        assert self._reader is not None and self.exporter is not None
         requested = time.monotonic()
         wait = self.settings.batch_timeout if self.settings.enable_batching else 0.0
         with self._flushes:
@@ -253,73 +349,91 @@ class CacheStatistics(Recorder):
         return aggregator.per_instance(region)
 
     def health(self) -> Health:
-        """The health rules applied to the cluster view."""
-        return evaluate(self.cluster_view(), self.settings)
+        """The health rules applied to the cluster view and this instance's flushes."""
+        return evaluate(self.cluster_view(), self.settings, self.exporter)
 
     # -- lifecycle ----------------------------------------------------------------------
 
     def shutdown(self) -> None:
-        """Final flush, then deregister from the heartbeat set. Safe to call twice."""
+        """Final flush, then deregister from the heartbeat set; the whole of it bounded by
+        ``shutdown_timeout``. Safe to call twice."""
         with self._close_lock:
             if self._closed:
                 return
-            self.flush()
             self._closed = True
         _open_handles.discard(self)
         self._stop_beats.set()
+        worker = threading.Thread(target=self._close, daemon=True, name="conduit-shutdown")
+        worker.start()
+        worker.join(self.settings.shutdown_timeout)
+        if worker.is_alive():
+            log.warning(
+                "conduit-otel-cache: shutdown of instance %s took longer than "
+                "shutdown_timeout=%gs; giving up (it expires after instance_timeout)",
+                self.settings.instance_id, self.settings.shutdown_timeout,
+            )  # fmt: skip
+
+    def _close(self) -> None:
+        ok = self._flush() if self._reader is not None and self.exporter is not None else False
+        if self.exporter is not None and self._owns_exporter:
+            self.exporter.close(depart=ok)  # a hung Redis costs one timeout, not three
         for provider in self._owned:  # the write-through reader is always on an owned one
             provider.shutdown()
 
 
-class DisabledStatistics(CacheStatistics):
-    """What ``setup(enabled=False)`` returns: every ``record_*`` is a no-op, reads are
-    empty, and there is no ``MeterProvider``, no exporter and no Redis connection."""
+class DisabledStatistics:
+    """What ``setup(enabled=False)`` returns: the interface of :class:`CacheStatistics`,
+    doing nothing: ``record_*`` are no-ops, reads are empty, and there is no SDK
+    ``MeterProvider``, no exporter and no Redis connection."""
+
+    invalid_events = overflow_events = rejected_values = flush_errors = 0
+    exporter: RedisMetricExporter | None = None
+    aggregator: Aggregator | None = None
 
     def __init__(self, settings: Settings, **_ignored: object) -> None:
-        # deliberately no super().__init__(): nothing is allocated, registered or connected
         self.settings = settings
-        self.exporter = None
-        self._aggregator = None
-        self._reader = None
-        self._closed = True
-        self.invalid_events = self.overflow_events = self.rejected_values = 0
+        self.recorder = Recorder(settings.response_time_buckets, 1, settings.default_region)
+        self.strategy: AggregationStrategy = strategy_named("sum", 0)
+        self.meter_provider: APIMeterProvider = NoOpMeterProvider()
 
     def record_hit(self, region: str | None, response_time: float | None = None) -> None:
-        pass
+        """Nothing."""
 
     def record_miss(self, region: str | None, response_time: float | None = None) -> None:
-        pass
+        """Nothing."""
 
     def record_set(self, region: str | None) -> None:
-        pass
+        """Nothing."""
 
     def record_eviction(self, region: str | None) -> None:
-        pass
+        """Nothing."""
 
     def set_size_bytes(self, region: str | None, size_bytes: int) -> None:
-        pass
+        """Nothing."""
 
     def snapshot(self) -> dict[str, Statistics]:
         """Always empty."""
         return {}
 
-    def local_statistics(self, region: str | None) -> Statistics:
+    def local_statistics(self, region: str) -> Statistics:
         """Always zeros."""
         return Statistics()
+
+    def wsgi_app(self) -> WSGIApp:
+        """The stats API, always empty."""
+        return make_stats_app(local=dict, cluster=dict)
+
+    def asgi_app(self) -> ASGIApp:
+        """The stats API as ASGI, always empty."""
+        return make_stats_asgi_app(local=dict, cluster=dict)
+
+    def timed_lookup(self, region: str) -> TimedLookup:
+        """A lookup timer that records nothing."""
+        return TimedLookup(self, region)
 
     def flush(self) -> bool:
         """Nothing to write: always False."""
         return False
-
-    @property
-    def flush_errors(self) -> int:
-        """Always 0."""
-        return 0
-
-    @property
-    def aggregator(self) -> Aggregator | None:
-        """Always None."""
-        return None
 
     def cluster_view(self) -> ClusterView:
         """An empty view."""
@@ -329,9 +443,17 @@ class DisabledStatistics(CacheStatistics):
         """Always zeros."""
         return Statistics()
 
+    def cluster_totals(self, region: str) -> Statistics:
+        """Always zeros."""
+        return Statistics()
+
     def per_instance_statistics(self, region: str) -> dict[str, Statistics]:
         """Always empty."""
         return {}
+
+    def health(self) -> Health:
+        """The health rules on an empty view."""
+        return evaluate(self.cluster_view(), self.settings)
 
     def shutdown(self) -> None:
         """Nothing to release."""

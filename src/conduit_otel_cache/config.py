@@ -7,10 +7,11 @@ import itertools
 import math
 import os
 import re
-import socket
 from collections.abc import Mapping
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit, urlunsplit
+
+from .identity import default_instance_id
 
 ENV_PREFIX = "CONDUIT_CACHE_STATS_"
 
@@ -61,17 +62,6 @@ def redact_url(url: str | None) -> str:
         return "<unparsable redis url>"
 
 
-def default_instance_id(environ: Mapping[str, str] | None = None) -> str:
-    """``INSTANCE_ID``, else ``HOSTNAME`` (the Kubernetes pod name), else ``<hostname>_<pid>``."""
-    env = os.environ if environ is None else environ
-    for name in ("INSTANCE_ID", "HOSTNAME"):
-        value = env.get(name, "").strip()
-        if value:
-            return value
-    host = re.sub(r"[^A-Za-z0-9_.\-]", "-", socket.gethostname()) or "host"
-    return f"{host[:100]}_{os.getpid()}"
-
-
 def valid_name(name: object) -> bool:
     """True when ``name`` may be used as a region name or instance id."""
     return isinstance(name, str) and NAME_PATTERN.fullmatch(name) is not None
@@ -102,6 +92,8 @@ class Settings:
     max_instance_series: int = 1000
     response_time_buckets: tuple[float, ...] = DEFAULT_BUCKETS
     socket_timeout: float = 5.0
+    #: the whole shutdown (final flush, deregistration) takes at most this long
+    shutdown_timeout: float = 5.0
     connect_timeout: float = 5.0
     enable_batching: bool = True
     batch_size: int = 100
@@ -203,7 +195,7 @@ class Settings:
             "instance_timeout", "statistics_ttl", "retention_period", "cleanup_interval",
             "socket_timeout", "connect_timeout", "missing_instance_grace",
             "max_aggregation_latency", "aggregation_interval", "response_time_sample_ttl",
-            "batch_timeout",
+            "batch_timeout", "shutdown_timeout",
         )  # fmt: skip
         for name in positive:
             _check_positive(name, getattr(self, name))

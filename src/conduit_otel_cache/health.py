@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 from datetime import datetime, timezone
-from typing import Any
+from typing import Any, Protocol
 
 from .aggregate import ClusterView
 from .config import Settings
@@ -50,8 +50,18 @@ class Health:
         return {"status": self.status.label, "results": {"cache_statistics": self.check_json()}}
 
 
-def evaluate(view: ClusterView, settings: Settings) -> Health:
-    """Apply every rule; the status is the worst any rule gives."""
+class Flushes(Protocol):
+    """This instance's write-through, as the health rules see it."""
+
+    last_ok: bool
+    last_error: str | None
+    flush_count: int
+    flush_errors: int
+
+
+def evaluate(view: ClusterView, settings: Settings, flushes: Flushes | None = None) -> Health:
+    """Apply every rule (with ``flushes``, also to this instance's last write-through);
+    the status is the worst any rule gives."""
     status = Status.HEALTHY
     reasons: list[str] = []
 
@@ -85,6 +95,12 @@ def evaluate(view: ClusterView, settings: Settings) -> Health:
     if view.data_errors:
         fail(Status.DEGRADED, f"{len(view.data_errors)} malformed entries skipped: "
              f"{view.data_errors[0]}")  # fmt: skip
+
+    if flushes is not None and flushes.flush_errors and not flushes.last_ok:
+        fail(Status.DEGRADED, f"the last flush failed ({flushes.last_error}); "
+             f"{flushes.flush_errors} failed so far")  # fmt: skip
+    if view.redis_memory_error:
+        fail(Status.DEGRADED, f"Redis memory not read: {view.redis_memory_error}")
 
     last = view.last_successful_aggregation
     data = {

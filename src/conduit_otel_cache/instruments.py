@@ -88,10 +88,12 @@ class HistogramObservation(float):
 
 
 class _SelfState(Protocol):
-    invalid_events: int
-    overflow_events: int
-    rejected_values: int
-
+    @property
+    def invalid_events(self) -> int: ...
+    @property
+    def overflow_events(self) -> int: ...
+    @property
+    def rejected_values(self) -> int: ...
     @property
     def flush_errors(self) -> int: ...
 

@@ -8,7 +8,6 @@ threads. Tallies of finished threads are folded into a retired total.
 from __future__ import annotations
 
 import logging
-import math
 import threading
 from bisect import bisect_left
 from collections import deque
@@ -23,7 +22,11 @@ INVALID_REGION = "_invalid"
 OVERFLOW_REGION = "_overflow"
 
 HIT, MISS, SET, EVICT, RT_SUM, BUCKET0 = range(6)
-_INF = math.inf
+#: Response times above this many seconds (or not finite, or negative) are rejected, so a
+#: region's sum of response times stays finite.
+MAX_RESPONSE_TIME = 1e6
+#: Sizes above this are rejected (a Redis integer is 64-bit).
+MAX_SIZE_BYTES = 2**62
 
 
 class Recorder:
@@ -45,17 +48,24 @@ class Recorder:
         self._bounds = tuple(buckets)
         self._width = BUCKET0 + len(self._bounds) + 1
         self._max_regions = max_regions
+        self._regions: set[str] = set()
+        self._sizes: dict[str, int] = {}
+        self._warned: set[str] = set()
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget every tally (sizes and admitted regions stay): a forked child's start.
+        Only the forking thread survives a fork, and it may have held the lock."""
         self._lock = threading.Lock()
         self._tls = threading.local()
         self._threads: list[tuple[threading.Thread, dict[str, list[Any]]]] = []
+        self._prune_at = 64  # fold finished threads when this many have registered
         self._retired: dict[str, list[Any]] = {}
-        self._regions: set[str] = set()
-        self._sizes: dict[str, int] = {}
+        self._orphans = {}
         #: Events folded into ``_invalid`` / ``_overflow``, and rejected values.
         self.invalid_events = 0
         self.overflow_events = 0
         self.rejected_values = 0
-        self._warned: set[str] = set()
 
     # -- the hot path -------------------------------------------------------------------
 
@@ -100,20 +110,21 @@ class Recorder:
         if region is None:
             region = self._default_region
         name = region if type(region) is str and region in self._regions else self._admit(region)
-        if type(size_bytes) is int and size_bytes >= 0:
+        if type(size_bytes) is int and 0 <= size_bytes <= MAX_SIZE_BYTES:
             self._sizes[name] = size_bytes
         else:
             self._reject("size_bytes", size_bytes)
 
     def _time(self, slot: list[Any], seconds: float) -> None:
         try:
-            if 0.0 <= seconds < _INF:
+            if 0.0 <= seconds <= MAX_RESPONSE_TIME:  # False for NaN
+                seconds = float(seconds)
                 slot[RT_SUM] += seconds
                 slot[BUCKET0 + bisect_left(self._bounds, seconds)] += 1
                 if self._max_samples:
                     slot[-1].append(seconds)
                 return
-        except TypeError:
+        except (TypeError, ValueError, OverflowError):
             pass
         self._reject("response_time", seconds)
 
@@ -128,6 +139,9 @@ class Recorder:
             slots = self._tls.slots = {}
             with self._lock:
                 self._threads.append((threading.current_thread(), slots))
+                if len(self._threads) >= self._prune_at:  # bounded by the live threads
+                    self._fold_finished()
+                    self._prune_at = max(64, 2 * len(self._threads))
         name = self._admit(region)
         # Keys are canonical names only, so bad or folded names cannot grow the dict;
         # an admitted region's name is its key, which makes its next lookup fast.
@@ -178,23 +192,16 @@ class Recorder:
     def snapshot(self) -> dict[str, Statistics]:
         """Current cumulative statistics of every region seen so far."""
         with self._lock:
-            live = []
-            for thread, slots in self._threads:
-                if thread.is_alive():
-                    live.append((thread, slots))
-                else:
-                    self._fold(self._retired, slots)
-                    self._adopt_samples(slots)
-            self._threads = live
+            self._fold_finished()
             totals: dict[str, list[Any]] = {}
             self._fold(totals, self._retired)
-            for _, slots in live:
+            for _, slots in self._threads:
                 self._fold(totals, slots)
             sizes = dict(self._sizes)
         bounds = self._bounds
         result: dict[str, Statistics] = {}
         for region in totals.keys() | sizes.keys():
-            t = totals.get(region) or self._empty()
+            t = totals.get(region) or self._empty()[: self._width]
             result[region] = Statistics(
                 hit_count=t[HIT],
                 miss_count=t[MISS],
@@ -205,6 +212,17 @@ class Recorder:
                 instance_count=1,
             )
         return result
+
+    def _fold_finished(self) -> None:
+        """Fold the tallies of finished threads into the retired total (under the lock)."""
+        live = []
+        for thread, slots in self._threads:
+            if thread.is_alive():
+                live.append((thread, slots))
+            else:
+                self._fold(self._retired, slots)
+                self._adopt_samples(slots)
+        self._threads = live
 
     def _fold(self, into: dict[str, list[Any]], slots: dict[str, list[Any]]) -> None:
         width = self._width

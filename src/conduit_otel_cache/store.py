@@ -18,8 +18,9 @@ the instance-level keys share ``{global}`` and a region's keys share ``{<region>
     conduit:cache:{global}:instance:<instance>       conduit:cache:{<region>}:hit_rates
     conduit:cache:{global}:instance:<instance>:regions
 
-A flush is then one pipeline: one ``lua/cluster_beat.lua`` call and one
-``lua/cluster_region.lua`` call per region (the same Lua functions as ``lua/flush.lua``).
+A write is one ``lua/flush.lua`` call on a standalone Redis; on a Redis Cluster one
+pipeline of a ``lua/beat.lua`` call and one ``lua/regions.lua`` call per region (the same
+Lua functions and the same argument layout, ``lua/lib.lua``).
 """
 
 from __future__ import annotations
@@ -58,6 +59,17 @@ def _pairs(reply: Any) -> list[tuple[str, float]]:
     return [(reply[i], float(reply[i + 1])) for i in range(0, len(reply) - 1, 2)]
 
 
+def _entry_args(entries: Sequence[tuple[str, Entry]]) -> list[Any]:
+    """Region entries as script arguments (the layout of ``lua/lib.lua``)."""
+    args: list[Any] = []
+    for region, entry in entries:
+        args += [region, "1" if entry.full else "0", len(entry.fields)]
+        for name, value in entry.fields.items():
+            args += [name, value]
+        args.append(",".join(repr(float(x)) for x in entry.samples))
+    return args
+
+
 def _script_source(*names: str) -> str:
     """``lib.lua`` followed by the named files of ``lua/``, as one script."""
     lua = files(__package__).joinpath("lua")
@@ -65,11 +77,53 @@ def _script_source(*names: str) -> str:
 
 
 @dataclasses.dataclass(frozen=True)
+class Entry:
+    """One region of a write: cumulative values of the changed (or, ``full``, all) fields,
+    and raw response times since the last write."""
+
+    fields: Mapping[str, str]
+    full: bool = True
+    samples: Sequence[float] = ()
+
+
+@dataclasses.dataclass(frozen=True)
+class Writer:
+    """Who writes: the instance id, its incarnation token and owner (``host:pid``), and
+    the limits every write carries."""
+
+    instance_id: str
+    token: str
+    owner: str
+    ttl: float
+    instance_timeout: float
+    sample_cap: int = 0
+    sample_ttl: float = 3600.0
+
+    def header(self) -> list[Any]:
+        """The first arguments of every write script (the layout of ``lua/lib.lua``)."""
+        return [
+            self.instance_id, self.token, self.owner, max(1, int(self.ttl)),
+            self.instance_timeout, max(1, self.sample_cap), max(1, int(self.sample_ttl)),
+        ]  # fmt: skip
+
+
+@dataclasses.dataclass(frozen=True)
 class FlushResult:
-    """What a flush learnt: Redis server time and whether another process shares the id."""
+    """What a write learnt from Redis.
+
+    ``status`` is ``ok``; ``duplicate`` (another live process writes as this instance id:
+    nothing was written); or ``unregistered`` (a new incarnation with nothing to write:
+    it is not live). ``stale`` lists the regions an earlier incarnation under this id
+    reported (to leave the live gauges); ``need_full`` the entries refused for being
+    partial where Redis holds no state of this incarnation (resend them whole).
+    """
 
     server_time: float
-    duplicate: bool
+    status: str = "ok"
+    stale: tuple[str, ...] = ()
+    need_full: tuple[str, ...] = ()
+    #: Redis did not hold this incarnation as live (reaped, or lost): write it whole
+    rebuild: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,14 +160,14 @@ class Store:
         #: Redis Cluster: hash-tagged keys, one script call per hash slot
         self.cluster = isinstance(client, RedisCluster)
         # the instance part of a flush; alone, a heartbeat (its keys share one hash slot)
-        self._beat = self._script("instance.lua", "cluster_beat.lua")
+        self._beat = self._script("instance.lua", "beat.lua")
+        self._regions = self._script("region.lua", "regions.lua")
+        self._depart_regions = self._script("region.lua", "depart_regions.lua")
+        self._settled = self._script("settled.lua")
         if self.cluster:
-            self._region = self._script("region.lua", "cluster_region.lua")
             self._depart_instance = self._script("instance.lua", "cluster_depart.lua")
-            self._depart_region = self._script("region.lua", "cluster_depart_region.lua")
         else:
             self._flush = self._script("region.lua", "instance.lua", "flush.lua")
-            self._regions = self._script("region.lua", "regions.lua")
             self._depart = self._script("region.lua", "instance.lua", "depart.lua")
             self._aggregates = self._script("aggregates.lua")
         self._liveness = self._script("liveness.lua")
@@ -194,71 +248,98 @@ class Store:
     # -- writes -------------------------------------------------------------------------
 
     def flush(
-        self,
-        instance_id: str,
-        token: str,
-        regions: Mapping[str, Mapping[str, str]],
-        *,
-        ttl: float,
-        instance_timeout: float,
+        self, writer: Writer, entries: Mapping[str, Entry], *, beat_first: bool = False
     ) -> FlushResult:
-        """Write cumulative ``{region: {field: value}}`` and the heartbeat in one round trip
-        (on a Redis Cluster: one pipeline, one script call per hash slot)."""
-        ttl_s = max(1, int(ttl))
+        """Write ``entries`` and the heartbeat in one round trip (on a Redis Cluster: one
+        pipeline, one script call per hash slot). ``beat_first`` (a Redis Cluster write
+        of an incarnation not yet known to Redis) checks the instance id before any region
+        is written, at the cost of a second round trip."""
+        items = list(entries.items())
         if self.cluster:
-            beat_keys = [self.instances_key, self.regions_key, self.meta_key(instance_id),
-                         self.instance_regions_key(instance_id)]  # fmt: skip
-            calls: list[tuple[Script, list[str], list[Any]]] = [
-                (self._beat, beat_keys, [instance_id, token, ttl_s, instance_timeout, *regions])
-            ]
-            for region, fields in regions.items():
-                args: list[Any] = [instance_id, token, ttl_s]
-                for name, value in fields.items():
-                    args += [name, value]
-                calls.append((self._region, self._region_keys(instance_id, region), args))
-            now, duplicate = self._run(calls)[0]
-            return FlushResult(float(now), bool(int(duplicate)))
-        items = list(regions.items())
-        batches = [items[i : i + self.batch_size] for i in range(0, len(items), self.batch_size)]
-        first, rest = (batches[0] if batches else []), batches[1:]
-        keys = [self.instances_key, self.regions_key, self.meta_key(instance_id),
-                self.instance_regions_key(instance_id)]  # fmt: skip
-        args = [instance_id, token, ttl_s, instance_timeout, *self._region_args(first)]
+            names: list[Any] = []
+            for region, _ in items:
+                names += [region, "1", 0, ""]
+            beat = (self._beat, self._beat_keys(writer.instance_id), [*writer.header(), *names])
+            calls = [
+                (self._regions, self._region_keys(writer.instance_id, region),
+                 [*writer.header(), *_entry_args([(region, entry)])])
+                for region, entry in items
+            ]  # fmt: skip
+            if beat_first and calls:
+                result = self._beat_result(self._run([beat])[0])
+                if result.status != "ok":
+                    return result
+                replies = self._run(calls)
+            else:
+                replies = self._run([beat, *calls])
+                result = self._beat_result(replies.pop(0))
+            need = tuple(str(r) for reply in replies for r in reply)
+            return dataclasses.replace(result, need_full=need)
+        step = self.batch_size
+        batches = [items[i : i + step] for i in range(0, len(items), step)] or [[]]
+        first = batches[0]
+        keys = self._beat_keys(writer.instance_id)
         for region, _ in first:
+            keys += self._region_keys(writer.instance_id, region)
+        head = (self._flush, keys, [*writer.header(), *_entry_args(first)])
+        rest = [
+            (self._regions, self._batch_keys(writer.instance_id, [r for r, _ in batch]),
+             [*writer.header(), *_entry_args(batch)])
+            for batch in batches[1:]
+        ]  # fmt: skip
+        if rest and beat_first:
+            result = self._flush_result(self._run([head])[0])
+            if result.status != "ok":
+                return result
+            replies = self._run(rest)
+        else:
+            replies = self._run([head, *rest])
+            result = self._flush_result(replies.pop(0))
+        need = (*result.need_full, *(str(r) for reply in replies for r in reply))
+        return dataclasses.replace(result, need_full=need)
+
+    def _beat_keys(self, instance_id: str) -> list[str]:
+        return [self.instances_key, self.regions_key, self.meta_key(instance_id),
+                self.instance_regions_key(instance_id)]  # fmt: skip
+
+    def _batch_keys(self, instance_id: str, regions: Iterable[str]) -> list[str]:
+        keys = [self.regions_key, self.instance_regions_key(instance_id)]
+        for region in regions:
             keys += self._region_keys(instance_id, region)
-        if not rest:
-            now, duplicate = self._flush(keys=keys, args=args)
-            return FlushResult(float(now), bool(int(duplicate)))
-        calls = [(self._flush, keys, args)]
-        for batch in rest:
-            batch_keys = [self.regions_key, self.instance_regions_key(instance_id)]
-            for region, _ in batch:
-                batch_keys += self._region_keys(instance_id, region)
-            calls.append(
-                (self._regions, batch_keys, [instance_id, token, ttl_s, *self._region_args(batch)])
-            )
-        now, duplicate = self._run(calls)[0]
-        return FlushResult(float(now), bool(int(duplicate)))
+        return keys
 
     @staticmethod
-    def _region_args(batch: Sequence[tuple[str, Mapping[str, str]]]) -> list[Any]:
-        args: list[Any] = []
-        for region, fields in batch:
-            args += [region, len(fields)]
-            for name, value in fields.items():
-                args += [name, value]
-        return args
+    def _beat_result(reply: Any) -> FlushResult:
+        now, status, stale, rebuild = reply[:4]
+        stale = tuple(str(r) for r in stale)
+        return FlushResult(float(now), str(status), stale, rebuild=rebuild == "1")
 
-    def heartbeat(
-        self, instance_id: str, token: str, *, ttl: float, instance_timeout: float
-    ) -> FlushResult:
-        """Beat the instance's heartbeat (Redis server time) without writing statistics."""
-        keys = [self.instances_key, self.regions_key, self.meta_key(instance_id),
-                self.instance_regions_key(instance_id)]  # fmt: skip
-        now, duplicate = self._beat(
-            keys=keys, args=[instance_id, token, max(1, int(ttl)), instance_timeout]
-        )
-        return FlushResult(float(now), bool(int(duplicate)))
+    @classmethod
+    def _flush_result(cls, reply: Any) -> FlushResult:
+        result = cls._beat_result(reply)
+        need = tuple(str(r) for r in reply[4])
+        return dataclasses.replace(result, need_full=need)
+
+    def heartbeat(self, writer: Writer) -> FlushResult:
+        """Beat the heartbeat (Redis server time) without writing statistics; an
+        incarnation that has written nothing yet stays unregistered."""
+        reply = self._beat(keys=self._beat_keys(writer.instance_id), args=writer.header())
+        return self._beat_result(reply)
+
+    def leave_stale(self, writer: Writer, regions: Sequence[str]) -> None:
+        """Take the regions that earlier incarnations under ``writer``'s id reported, and
+        ``writer`` has not written, out of the live gauges; then stop listing them."""
+        valid = sorted(r for r in set(regions) if valid_name(r))
+        args = [writer.instance_id, "0", writer.token]
+        if self.cluster:
+            calls = [(self._depart_regions, self._region_keys(writer.instance_id, r), args)
+                     for r in valid]  # fmt: skip
+        else:
+            keys = [k for r in valid for k in self._region_keys(writer.instance_id, r)]
+            calls = [(self._depart_regions, keys, args)] if keys else []
+        if calls:
+            self._run(calls)
+        self._run([(self._settled, [self.meta_key(writer.instance_id)], [writer.token])])
 
     def _run(self, calls: Sequence[tuple[Script, list[str], list[Any]]]) -> list[Any]:
         """Run script calls in one non-transactional pipeline (a Redis Cluster groups them
@@ -311,8 +392,11 @@ class Store:
         if regions is None:
             return False
         flag = "1" if remove else "0"
-        calls = [(self._depart_region, self._region_keys(instance_id, region), [instance_id, flag])
-                 for region in sorted(set(regions)) if valid_name(region)]  # fmt: skip
+        calls = [
+            (self._depart_regions, self._region_keys(instance_id, region), [instance_id, flag, ""])
+            for region in sorted(set(regions))
+            if valid_name(region)
+        ]
         self._run(calls)
         phase = "remove" if remove else "keep"
         (done,) = self._run([(self._depart_instance, keys, [instance_id, age, phase])])
@@ -359,10 +443,12 @@ class Store:
         Keys of the wrong type or malformed entries are skipped and listed in ``errors``.
         """
         keys = [self.instances_key, self.regions_key]
-        ((seconds, micros, active, missing, members),) = self._run(
-            [(self._liveness, keys, [instance_timeout])]
+        ((seconds, micros, active, missing, members, bad),) = self._run(
+            [(self._liveness, keys, [instance_timeout, self.meta_key("")])]
         )
-        errors: list[str] = []
+        errors: list[str] = [
+            f"{self.instances_key}: removed member {str(m)[:40]!r} (no live instance)" for m in bad
+        ]
         for key, (ok, reply) in ((self.instances_key, missing), (self.regions_key, members)):
             if not ok:
                 errors.append(f"{key}: {reply}")

@@ -1,13 +1,27 @@
 """The write-through: an OpenTelemetry ``MetricExporter`` that turns one collection of the
-``conduit.cache.*`` instruments into one Redis write (cumulative values + heartbeat)."""
+``conduit.cache.*`` instruments into one Redis write.
+
+The write protocol (what Redis applies is in ``lua/region.lua``):
+
+- values are cumulative per incarnation (see :mod:`.identity`), so a write repeated or
+  arriving late adds nothing, and a failed write loses nothing: the next one carries it;
+- a write sends only the regions, and within them the fields, that changed since the
+  last write Redis acknowledged; every ``FULL_WRITE_EVERY``-th write is whole, and so is
+  any region Redis no longer holds for this incarnation (an empty restart, a failover
+  that lost writes), resent at once, so lost data is rebuilt within that many flushes;
+- a collection older than one already written (two collections racing to the exporter)
+  is dropped, since the newer one carries everything it had;
+- the first write of an incarnation checks that no other live process writes as its
+  instance id; if one does, this process moves to another id (:meth:`Identity.move_aside`)
+  and carries on from what it had written, so totals stay exact.
+"""
 
 from __future__ import annotations
 
 import logging
 import threading
-import uuid
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from opentelemetry.sdk.metrics.export import (
@@ -20,19 +34,28 @@ from opentelemetry.sdk.metrics.export import (
 )
 
 from .config import Settings
+from .identity import Identity
 from .instruments import COUNTER_INSTRUMENTS, RESPONSE_TIME_INSTRUMENT, SCOPE, SIZE_INSTRUMENT
 from .model import ResponseTimes
 from .ratelimit import RateLimitedLog
-from .store import Store
+from .store import Entry, FlushResult, Store, Writer
 
 log = logging.getLogger(__name__)
 
 _FIELDS = {name: attr for name, _, _, attr in COUNTER_INSTRUMENTS} | {SIZE_INSTRUMENT: "size_bytes"}
+#: every this many writes, every region is sent whole
+FULL_WRITE_EVERY = 10
+#: a collection this much older than the last one written is a clock step, not a race
+_CLOCK_STEP_NS = 1_000_000_000
+
+Fields = dict[str, dict[str, str]]
 
 
-def points_to_fields(metrics_data: MetricsData) -> dict[str, dict[str, str]]:
-    """``{region: {hash field: cumulative value}}`` from the ``conduit.cache.*`` metrics."""
-    regions: dict[str, dict[str, str]] = {}
+def points_to_fields(metrics_data: MetricsData) -> tuple[Fields, int]:
+    """``{region: {hash field: cumulative value}}`` from the ``conduit.cache.*`` metrics, and
+    the collection time (ns) of the newest point."""
+    regions: Fields = {}
+    newest = 0
     for resource_metrics in metrics_data.resource_metrics:
         for scope_metrics in resource_metrics.scope_metrics:
             if scope_metrics.scope.name != SCOPE:
@@ -42,6 +65,7 @@ def points_to_fields(metrics_data: MetricsData) -> dict[str, dict[str, str]]:
                     region = str(point.attributes.get("region", "")) if point.attributes else ""
                     if not region:
                         continue
+                    newest = max(newest, point.time_unix_nano)
                     fields = regions.setdefault(region, {"size_bytes": "0"})
                     if metric.name == RESPONSE_TIME_INSTRUMENT and isinstance(
                         point, HistogramDataPoint
@@ -52,88 +76,190 @@ def points_to_fields(metrics_data: MetricsData) -> dict[str, dict[str, str]]:
                         fields.update(hist.to_fields())
                     elif metric.name in _FIELDS and isinstance(point, NumberDataPoint):
                         fields[_FIELDS[metric.name]] = str(int(point.value))
-    return regions
+    return regions, newest
 
 
 class RedisMetricExporter(MetricExporter):
     """Writes this instance's cumulative cache statistics through to Redis.
 
-    Each ``export`` is one round trip; a failed export loses nothing because the
-    next one sends the cumulative values again. Failures are counted and logged at
-    a bounded rate, never raised into the application.
+    Each ``export`` is one round trip; failures are counted and logged at a bounded rate,
+    never raised into the application. ``samples`` drains the raw response times recorded
+    since the last call.
     """
 
-    def __init__(self, settings: Settings, store: Store | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        store: Store | None = None,
+        *,
+        identity: Identity | None = None,
+        samples: Callable[[], dict[str, list[float]]] | None = None,
+    ) -> None:
         super().__init__(
             preferred_temporality={cls: AggregationTemporality.CUMULATIVE for cls in _all_kinds()}
         )
         self.settings = settings
         self.store = store if store is not None else Store.from_settings(settings)
-        self.token = uuid.uuid4().hex
+        self.identity = identity if identity is not None else Identity(settings.instance_id)
+        self.samples = samples
         self.flush_count = 0
         self.flush_errors = 0
+        self.stale_collections = 0
         self.last_error: str | None = None
         self.last_success: float | None = None
         self.last_ok = False
+        self._errors = RateLimitedLog(log)
+        self._reset()
+
+    def _reset(self) -> None:
+        """State of one incarnation (also in a forked child, whose locks may be held)."""
         self._lock = threading.Lock()
         self._closed = False
-        self._errors = RateLimitedLog(log)
-        self._warned_duplicate = False
-        #: where raw response times come from (set by the handle that records them)
-        self.samples: Callable[[], dict[str, list[float]]] | None = None
+        self._acked: Fields = {}  # what Redis holds of this incarnation, per region
+        self._baseline: dict[str, dict[str, float]] = {}  # written under earlier ids
+        self._acked_order = 0
+        self._writes = 0
+        self._confirmed = False  # Redis knows this incarnation as the id's writer
         self._pending: dict[str, deque[float]] = {}
+
+    def after_fork(self, settings: Settings) -> None:
+        """In a forked child: a new incarnation with nothing written."""
+        self.settings = settings
+        self.flush_count = self.flush_errors = self.stale_collections = 0
+        self.last_ok, self.last_error, self.last_success = False, None, None
+        self._reset()
+
+    @property
+    def token(self) -> str:
+        """The incarnation token written with every flush."""
+        return self.identity.token
+
+    def _writer(self) -> Writer:
+        s = self.settings
+        return Writer(
+            self.identity.instance_id, self.identity.token, self.identity.owner,
+            s.statistics_ttl, s.instance_timeout, s.max_response_time_samples,
+            s.response_time_sample_ttl,
+        )  # fmt: skip
 
     def export(
         self, metrics_data: MetricsData, timeout_millis: float = 10_000, **kwargs: Any
     ) -> MetricExportResult:
         """Write the collected points to Redis (one script call)."""
+        fields, order = points_to_fields(metrics_data)
         with self._lock:
             if self._closed:
                 return MetricExportResult.FAILURE
-            fields = points_to_fields(metrics_data)
-            self._add_samples(fields)
+            if 0 < order < self._acked_order and self._acked_order - order < _CLOCK_STEP_NS:
+                self.stale_collections += 1  # a newer collection was written already
+                return MetricExportResult.SUCCESS
             try:
-                result = self.store.flush(
-                    self.settings.instance_id,
-                    self.token,
-                    fields,
-                    ttl=self.settings.statistics_ttl,
-                    instance_timeout=self.settings.instance_timeout,
-                )
+                self._write(fields)
             except Exception as exc:
                 self.flush_errors += 1
                 self.last_ok = False
                 self.last_error = f"{type(exc).__name__}: {exc}"
                 self._errors.error(
                     "conduit-otel-cache: flush of instance %s to %s failed: %s",
-                    self.settings.instance_id, self.settings.safe_redis_url, self.last_error,
+                    self.identity.instance_id, self.settings.safe_redis_url, self.last_error,
                 )  # fmt: skip
                 return MetricExportResult.FAILURE
+            self._acked_order = max(order, self._acked_order) if order else self._acked_order
             self.flush_count += 1
-            self._pending.clear()
             self.last_ok = True
-            self.last_success = result.server_time
-            if result.duplicate and not self._warned_duplicate:
-                self._warned_duplicate = True
-                log.warning(
-                    "conduit-otel-cache: another live process flushes as instance %r; "
-                    "give each process its own instance_id or totals will be wrong",
-                    self.settings.instance_id,
-                )
             return MetricExportResult.SUCCESS
 
-    def _add_samples(self, fields: dict[str, dict[str, str]]) -> None:
-        """Raw response times since the last successful flush, as one field per region
-        (``samples:<max>:<ttl>``) that the flush script appends to a capped list."""
+    def _write(self, fields: Fields) -> None:
+        """One write: changed regions (all, every ``FULL_WRITE_EVERY``-th time), then the
+        regions Redis asked for whole; moves aside once from a live duplicate id."""
+        self._take_samples(fields)
+        fields = self._minus_baseline(fields)
+        full = not self._confirmed or self._writes % FULL_WRITE_EVERY == 0
+        entries = self._entries(fields, full)
+        result = self._send(entries)
+        if result.status == "duplicate":
+            self._move_aside()
+            fields = self._minus_baseline(fields)
+            result = self._send(self._entries(fields, True))
+        if result.status == "duplicate":
+            raise RuntimeError(
+                f"instance id {self.identity.instance_id!r} is written by another live process"
+            )
+        lost = result.status == "unregistered" and self._confirmed and bool(fields)
+        if (result.rebuild or lost) and not full:  # reaped, or Redis lost it: all whole
+            again = {r: Entry(v, True, self._samples_of(r)) for r, v in fields.items()}
+            result = self._send(again)
+            entries.update(again)
+        elif result.need_full:
+            again = {r: Entry(fields[r], True, entries[r].samples) for r in result.need_full}
+            retry = self._send(again)
+            entries.update(again)
+            if retry.need_full:
+                raise RuntimeError(f"Redis refused full entries for {sorted(retry.need_full)}")
+        if result.status == "ok":
+            self._confirmed = True
+            if result.stale:
+                self.store.leave_stale(self._writer(), [r for r in result.stale if r not in fields])
+        for region, entry in entries.items():
+            acked = self._acked.setdefault(region, {})
+            acked.update(entry.fields)
+            self._pending.pop(region, None)
+        self._writes += 1
+        self.last_success = result.server_time
+
+    def _send(self, entries: Mapping[str, Entry]) -> FlushResult:
+        return self.store.flush(self._writer(), entries, beat_first=not self._confirmed)
+
+    def _samples_of(self, region: str) -> tuple[float, ...]:
+        return tuple(self._pending.get(region, ()))
+
+    def _entries(self, fields: Fields, full: bool) -> dict[str, Entry]:
+        entries = {}
+        for region, values in fields.items():
+            pending = self._samples_of(region)
+            if full:
+                entries[region] = Entry(values, True, pending)
+                continue
+            acked = self._acked.get(region, {})
+            changed = {f: v for f, v in values.items() if acked.get(f) != v}
+            if changed or pending:
+                entries[region] = Entry(changed, region not in self._acked, pending)
+        return entries
+
+    def _take_samples(self, fields: Fields) -> None:
+        """Raw response times since the last successful write (at most the cap per region)."""
         if self.samples is None:
             return
         limit = self.settings.max_response_time_samples
         for region, new in self.samples().items():
             self._pending.setdefault(region, deque(maxlen=limit)).extend(new)
-        ttl = max(1, int(self.settings.response_time_sample_ttl))
-        for region, pending in self._pending.items():
-            if pending and region in fields:
-                fields[region][f"samples:{limit}:{ttl}"] = ",".join(repr(x) for x in pending)
+
+    def _move_aside(self) -> None:
+        """Another live process writes as this id: continue under another one, from the
+        values written so far (they stay counted under the old id)."""
+        old = self.identity.instance_id
+        for region, acked in self._acked.items():
+            base = self._baseline.setdefault(region, {})
+            for f, v in acked.items():
+                if f != "size_bytes":
+                    base[f] = base.get(f, 0.0) + float(v)
+        self._acked = {}
+        new = self.identity.move_aside()
+        self._confirmed = False
+        log.warning(
+            "conduit-otel-cache: another live process writes as instance %r; this process "
+            "(pid %d) continues as %r. Give each process its own instance_id, or leave it to "
+            "the default (<HOSTNAME>-<pid>)", old, self.identity.pid, new,
+        )  # fmt: skip
+
+    def _minus_baseline(self, fields: Fields) -> Fields:
+        if not self._baseline:
+            return fields
+        out: Fields = {}
+        for region, values in fields.items():
+            base = self._baseline.get(region, {})
+            out[region] = {f: _minus(v, base[f]) if f in base else v for f, v in values.items()}
+        return out
 
     def heartbeat(self) -> bool:
         """Beat the heartbeat without a flush (``heartbeat_interval``); True on success.
@@ -142,17 +268,12 @@ class RedisMetricExporter(MetricExporter):
             if self._closed:
                 return False
             try:
-                self.store.heartbeat(
-                    self.settings.instance_id,
-                    self.token,
-                    ttl=self.settings.statistics_ttl,
-                    instance_timeout=self.settings.instance_timeout,
-                )
+                self.store.heartbeat(self._writer())
             except Exception as exc:
                 self.flush_errors += 1
                 self._errors.error(
                     "conduit-otel-cache: heartbeat of instance %s to %s failed: %s: %s",
-                    self.settings.instance_id, self.settings.safe_redis_url,
+                    self.identity.instance_id, self.settings.safe_redis_url,
                     type(exc).__name__, exc,
                 )  # fmt: skip
                 return False
@@ -164,19 +285,30 @@ class RedisMetricExporter(MetricExporter):
 
     def shutdown(self, timeout_millis: float = 30_000, **kwargs: Any) -> None:
         """Deregister: take this instance's gauges out and remove its keys (counters stay)."""
+        self.close(depart=True)
+
+    def close(self, *, depart: bool) -> None:
+        """Stop writing; with ``depart``, deregister as :meth:`shutdown` does."""
         with self._lock:
             if self._closed:
                 return
             self._closed = True
             try:
-                self.store.depart(self.settings.instance_id, remove=True)
+                if depart and self._confirmed:
+                    self.store.depart(self.identity.instance_id, remove=True)
             except Exception as exc:
                 log.warning(
                     "conduit-otel-cache: could not deregister %s: %s; it expires after %gs",
-                    self.settings.instance_id, type(exc).__name__, self.settings.instance_timeout,
+                    self.identity.instance_id, type(exc).__name__, self.settings.instance_timeout,
                 )  # fmt: skip
             finally:
                 self.store.close()
+
+
+def _minus(value: str, base: float) -> str:
+    if "." in value or "e" in value or "inf" in value:
+        return repr(max(0.0, float(value) - base))
+    return str(max(0, int(value) - int(base)))
 
 
 def _all_kinds() -> list[type]:

@@ -27,7 +27,7 @@ except ImportError as exc:  # pragma: no cover - exercised in a subprocess test
         "pip install 'conduit-otel-cache[cachetools]'"
     ) from exc
 
-from ..recorder import Recorder
+from .recording import Recording
 
 __all__ = ["instrumented", "instrumented_class"]
 
@@ -44,12 +44,12 @@ else:
 class _CacheStats(_CacheBase):
     """Mixin recording lookups, sets, evictions and size of a ``cachetools.Cache``."""
 
-    _conduit_stats: Recorder
+    _conduit_stats: Recording
     _conduit_region: str
     _conduit_sized: bool
     _conduit_missed: bool
 
-    def __init__(self, *args: Any, stats: Recorder, region: str, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, stats: Recording, region: str, **kwargs: Any) -> None:
         self._conduit_stats, self._conduit_region = stats, region
         self._conduit_missed = False
         super().__init__(*args, **kwargs)
@@ -133,7 +133,7 @@ def instrumented_class(base: type[C]) -> type[C]:
     return cast("type[C]", type(name, (mixin, base), {"__module__": __name__}))
 
 
-def instrumented(base: type[C], stats: Recorder, region: str, /, *args: Any, **kwargs: Any) -> C:
+def instrumented(base: type[C], stats: Recording, region: str, /, *args: Any, **kwargs: Any) -> C:
     """A ``base(*args, **kwargs)`` cache recording into ``stats`` under ``region``."""
     cache: C = instrumented_class(base)(*args, stats=stats, region=region, **kwargs)
     return cache

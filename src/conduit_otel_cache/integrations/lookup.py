@@ -5,7 +5,7 @@ from __future__ import annotations
 from time import perf_counter
 from types import TracebackType
 
-from ..recorder import Recorder
+from .recording import Recording
 
 
 class TimedLookup:
@@ -20,7 +20,7 @@ class TimedLookup:
 
     __slots__ = ("_elapsed", "_hit", "_region", "_start", "_stats")
 
-    def __init__(self, stats: Recorder, region: str) -> None:
+    def __init__(self, stats: Recording, region: str) -> None:
         self._stats, self._region = stats, region
         self._start = perf_counter()
         self._hit: bool | None = None

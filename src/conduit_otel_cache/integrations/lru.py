@@ -8,7 +8,7 @@ from collections.abc import Callable
 from time import perf_counter
 from typing import Any, ParamSpec, Protocol, TypeVar, cast
 
-from ..recorder import Recorder
+from .recording import Recording
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -26,7 +26,7 @@ class CachedFunction(Protocol[P, R_co]):
 
 
 def cached(
-    stats: Recorder, region: str, maxsize: int | None = 128, *, typed: bool = False
+    stats: Recording, region: str, maxsize: int | None = 128, *, typed: bool = False
 ) -> Callable[[Callable[P, R]], CachedFunction[P, R]]:
     """Memoize a function with ``functools.lru_cache(maxsize, typed)`` and record each call.
 

@@ -7,7 +7,7 @@ from typing import Any
 
 import redis
 
-from ..recorder import Recorder
+from .recording import Recording
 
 
 class RedisCache:
@@ -19,7 +19,7 @@ class RedisCache:
     call that raises (Redis unreachable) counts nothing and the exception propagates.
     """
 
-    def __init__(self, client: redis.Redis, stats: Recorder, region: str) -> None:
+    def __init__(self, client: redis.Redis, stats: Recording, region: str) -> None:
         self.client, self.stats, self.region = client, stats, region
 
     def get(self, key: str) -> Any:

@@ -8,7 +8,7 @@
 local id, max_age, remove = ARGV[1], ARGV[2], ARGV[3] == '1'
 if not departure_due(KEYS[1], id, max_age) then return 0 end
 for k = 4, #KEYS, 4 do
-  depart_region(KEYS[k], KEYS[k + 1], KEYS[k + 2], KEYS[k + 3], id, remove)
+  depart_region(KEYS[k], KEYS[k + 1], KEYS[k + 2], KEYS[k + 3], id, remove, '')
 end
 depart_instance(KEYS[1], KEYS[2], KEYS[3], id, remove)
 return 1

@@ -1,33 +1,47 @@
 -- The instance-level keys: heartbeat zset, regions set, instance meta hash and instance
 -- regions set (one hash slot in Redis Cluster: the keys share the tag {global}).
 
-local function beat(zkey, gkey, mkey, ikey, id, token, ttl, timeout, now, regions)
-  -- Beat the heartbeat, record the token and the regions; returns whether the token
-  -- changed (reset) and whether another live process flushes as the same id (duplicate).
+local function beat(zkey, gkey, mkey, ikey, h, now, regions)
+  -- Beat the heartbeat of incarnation h.token and record its regions. Returns the server
+  -- time, a status, the regions an earlier incarnation under this id has yet to leave, and
+  -- '1' when Redis did not hold this incarnation as live (it was reaped, or Redis lost
+  -- it): the caller then writes every region whole. Statuses:
+  --   'ok';
+  --   'duplicate': another live process (other token and owner, fresh heartbeat) writes
+  --     as this id: nothing is written, the caller takes another id;
+  --   'unregistered': a new incarnation with nothing to write yet: it is not live.
   local now_s = string.format('%.6f', now)
   ensure_type(zkey, 'zset')
   ensure_type(gkey, 'set')
   ensure_hash(mkey)
   ensure_type(ikey, 'set')
-  local old_token = redis.call('HGET', mkey, 'token')
-  local last_beat = redis.call('ZSCORE', zkey, id)
-  local reset = old_token ~= token
-  local duplicate = 0
-  if old_token and reset and last_beat and now - num(last_beat) < timeout then duplicate = 1 end
-
-  redis.call('HSET', mkey, 'token', token, 'live', '1', 'last_flush', now_s)
-  redis.call('EXPIRE', mkey, ttl)
-  redis.call('ZADD', zkey, now_s, id)
-  redis.call('EXPIRE', zkey, ttl)
+  local m = redis.call('HMGET', mkey, 'token', 'live', 'owner', 'stale')
+  local old_token, live, owner, stale = m[1], m[2], m[3], m[4]
+  if old_token ~= h.token then
+    if old_token and live == '1' and owner ~= h.owner then
+      local last = redis.call('ZSCORE', zkey, h.id)
+      if last and now - num(last) < h.timeout then return {now_s, 'duplicate', {}, '0'} end
+    end
+    if #regions == 0 then return {now_s, 'unregistered', {}, '0'} end
+    -- a new incarnation: the regions of the earlier ones must leave the live gauges
+    if old_token and redis.call('SCARD', ikey) > 0 then stale = '1' end
+  end
+  local rebuild = (old_token ~= h.token or live ~= '1') and '1' or '0'
+  redis.call('HSET', mkey, 'token', h.token, 'live', '1', 'owner', h.owner, 'last_flush', now_s)
+  if stale == '1' then redis.call('HSET', mkey, 'stale', '1') end
+  redis.call('EXPIRE', mkey, h.ttl)
+  redis.call('ZADD', zkey, now_s, h.id)
+  redis.call('EXPIRE', zkey, h.ttl)
   for _, region in ipairs(regions) do
     redis.call('SADD', gkey, region)
     redis.call('SADD', ikey, region)
   end
   if #regions > 0 then
-    redis.call('EXPIRE', gkey, ttl)
-    redis.call('EXPIRE', ikey, ttl)
+    redis.call('EXPIRE', gkey, h.ttl)
+    redis.call('EXPIRE', ikey, h.ttl)
   end
-  return reset, duplicate
+  if stale == '1' then return {now_s, 'ok', redis.call('SMEMBERS', ikey), rebuild} end
+  return {now_s, 'ok', {}, rebuild}
 end
 
 local function departure_due(zkey, id, max_age)

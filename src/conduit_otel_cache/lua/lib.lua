@@ -28,3 +28,29 @@ local function server_time()
   local t = redis.call('TIME')
   return tonumber(t[1]) + tonumber(t[2]) / 1000000
 end
+
+-- The one argument layout of the write scripts (flush.lua, beat.lua, regions.lua):
+--   ARGV[1..7]  instance id, incarnation token, owner (host:pid), ttl seconds,
+--               instance timeout seconds, sample cap, sample ttl seconds
+--   then per region: region, full ('1': every field; '0': changed fields only),
+--               field count n, n pairs of field and cumulative value, raw samples csv.
+local HEADER = 7
+
+local function header()
+  return {id = ARGV[1], token = ARGV[2], owner = ARGV[3], ttl = tonumber(ARGV[4]),
+          timeout = tonumber(ARGV[5]), cap = tonumber(ARGV[6]), sample_ttl = tonumber(ARGV[7])}
+end
+
+local function entries()
+  -- The region entries after the header, in order.
+  local out, a = {}, HEADER + 1
+  while a <= #ARGV do
+    local n = tonumber(ARGV[a + 2])
+    local fields = {}
+    for j = a + 3, a + 2 + 2 * n, 2 do fields[ARGV[j]] = ARGV[j + 1] end
+    out[#out + 1] = {region = ARGV[a], full = ARGV[a + 1] == '1', fields = fields,
+                     samples = ARGV[a + 3 + 2 * n]}
+    a = a + 4 + 2 * n
+  end
+  return out
+end

@@ -1,8 +1,9 @@
--- Liveness at one server time without listing the live instances, so that reading the
--- cluster totals costs the same whatever the fleet size: the number of live heartbeats,
--- the expired ones with their scores, and the region names. A key of the wrong type
--- gives {false, error} in its place, so the other parts are still read.
--- KEYS: heartbeats zset, regions set.  ARGV: instance_timeout seconds.
+-- Liveness at one server time: the number of live instances, the expired ones with their
+-- scores, and the region names. Only an instance that has written statistics and not
+-- departed (its meta hash says live) counts; members that are no instance id or have no
+-- live meta hash are removed and counted as malformed. A key of the wrong type gives
+-- {false, error} in its place, so the other parts are still read.
+-- KEYS: heartbeats zset, regions set.  ARGV: instance_timeout seconds, meta key prefix.
 local t = redis.call('TIME')
 local cutoff = string.format('%.6f', tonumber(t[1]) + tonumber(t[2]) / 1e6 - tonumber(ARGV[1]))
 local function read(...)
@@ -12,6 +13,24 @@ local function read(...)
   end
   return {true, reply}
 end
-return {t[1], t[2], read('ZCOUNT', KEYS[1], cutoff, '+inf'),
+local active = read('ZRANGEBYSCORE', KEYS[1], cutoff, '+inf')
+local bad = {}
+if active[1] then
+  local n = 0
+  for _, id in ipairs(active[2]) do
+    local valid = #id <= 128 and string.match(id, '^[%w_%.%-]+$') ~= nil and id ~= 'aggregated'
+    local live = valid and redis.pcall('HGET', ARGV[2] .. id, 'live')
+    if live == '1' then
+      n = n + 1
+    elseif live ~= '0' then  -- '0': departed, still listed until cleanup
+      bad[#bad + 1] = id
+    end
+  end
+  active = {true, n}
+  for i = 1, #bad, 500 do
+    redis.call('ZREM', KEYS[1], unpack(bad, i, math.min(i + 499, #bad)))
+  end
+end
+return {t[1], t[2], active,
         read('ZRANGEBYSCORE', KEYS[1], '-inf', '(' .. cutoff, 'WITHSCORES'),
-        read('SMEMBERS', KEYS[2])}
+        read('SMEMBERS', KEYS[2]), bad}

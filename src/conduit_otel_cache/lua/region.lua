@@ -1,64 +1,67 @@
--- One region of one instance: the stats hash, the region's aggregated hash and its
--- hit-rates zset (one hash slot in Redis Cluster: the keys share the tag {<region>}).
+-- One region of one instance: the stats hash, the region's aggregated hash, its hit-rates
+-- zset and the instance's raw samples list (one hash slot in Redis Cluster: the keys share
+-- the tag {<region>}).
 
 local LIVE = {size_bytes = 'size_bytes', hit_count = 'live_hit_count',
               miss_count = 'live_miss_count'}
 
-local function append_samples(lkey, csv, cap, sample_ttl)
-  -- The last `cap` raw response times (seconds) of the instance in the region, as the
-  -- design's `...:<instance>:<region>:response_times` list.
+local function append_samples(lkey, csv, cap, sample_ttl, only_these)
+  -- The last `cap` raw response times (seconds) of the instance in the region
+  -- (`...:<instance>:<region>:response_times`); only_these: drop what was there before.
   ensure_type(lkey, 'list')
-  local items = {}
+  local items, n = {}, 0
   for x in string.gmatch(csv, '[^,]+') do
     items[#items + 1] = x
+    n = n + 1
     if #items == 1000 then
       redis.call('RPUSH', lkey, unpack(items))
       items = {}
     end
   end
   if #items > 0 then redis.call('RPUSH', lkey, unpack(items)) end
+  if only_these and n < cap then cap = n end
   redis.call('LTRIM', lkey, -cap, -1)
   redis.call('EXPIRE', lkey, sample_ttl)
 end
 
-local function flush_region(skey, akey, rkey, lkey, id, token, untokened_reset, now_s, ttl,
-                            argv, first, n)
-  -- Store the cumulative values argv[first], argv[first + 1], ... (n field, value pairs)
-  -- and add their change since the last flush to the aggregated hash. The stats hash
-  -- keeps the process token: another token (a restarted process) starts a new series.
-  -- A hash written before tokens were stored there uses untokened_reset.
+local function write_region(skey, akey, rkey, lkey, h, e, now_s)
+  -- Apply one region entry e of incarnation h.token. Counters are cumulative per
+  -- incarnation: only an increase is added to the aggregated hash, so a repeated or late
+  -- (older) write adds nothing; a field left out is unchanged. Another token (a restart
+  -- under the same id) starts new series and replaces the earlier incarnation's live
+  -- gauges; it needs a full entry: returns 'full' (nothing written) when e is partial.
   ensure_hash(skey)
   ensure_hash(akey)
   ensure_type(rkey, 'zset')
   local old = {}
   local raw = redis.call('HGETALL', skey)
   for i = 1, #raw, 2 do old[raw[i]] = raw[i + 1] end
+  local same = old['token'] == h.token
+  if not same and not e.full then return 'full' end
   local was_live = old['live'] == '1'
-  local reset = untokened_reset
-  if old['token'] ~= nil then reset = old['token'] ~= token end
 
-  local new = {}
-  local flat = {'live', '1', 'last_updated', now_s, 'token', token}
-  for j = first, first + 2 * n - 1, 2 do
-    local f, v = argv[j], argv[j + 1]
-    local cap, sample_ttl = string.match(f, '^samples:(%d+):(%d+)$')
-    if cap then
-      append_samples(lkey, v, tonumber(cap), tonumber(sample_ttl))
-    else
-      new[f] = tonumber(v)
+  local cur = {}  -- the incarnation's values after this write
+  local flat = {'live', '1', 'last_updated', now_s, 'token', h.token}
+  for f, v in pairs(e.fields) do
+    local nv = num(v)
+    local prev = same and num(old[f]) or 0
+    if f == 'size_bytes' then
+      cur[f] = nv
+    elseif nv > prev or not same then  -- a counter: add what happened since the last write
+      incr(akey, f, nv - prev, f == 'rt_sum')
+      cur[f] = nv
+    end
+    if cur[f] ~= nil then
       flat[#flat + 1] = f
       flat[#flat + 1] = v
     end
   end
-  for f, nv in pairs(new) do
-    if f ~= 'size_bytes' then  -- a counter: add what happened since the last flush
-      local prev = reset and 0 or num(old[f])
-      if nv < prev then prev = 0 end
-      incr(akey, f, nv - prev, f == 'rt_sum')
-    end
+  local function value(f)
+    if cur[f] ~= nil then return cur[f] end
+    return same and num(old[f]) or 0
   end
   for f, live_field in pairs(LIVE) do  -- a live gauge: replace the previous contribution
-    incr(akey, live_field, (new[f] or 0) - (was_live and num(old[f]) or 0), false)
+    incr(akey, live_field, value(f) - (was_live and num(old[f]) or 0), false)
   end
   if not was_live then incr(akey, 'instance_count', 1, false) end
 
@@ -66,43 +69,55 @@ local function flush_region(skey, akey, rkey, lkey, id, token, untokened_reset, 
   -- computed from these rates by the reader's per-instance pass). Removing the last member
   -- deletes the zset: it is then not touched again in this script (in a Redis Cluster slot
   -- being migrated that would fail).
-  local requests = (new['hit_count'] or 0) + (new['miss_count'] or 0)
-  local rated = requests > 0
+  local hits, misses = value('hit_count'), value('miss_count')
+  local rated = hits + misses > 0
   if rated then
-    redis.call('ZADD', rkey, string.format('%.17g', 100 * (new['hit_count'] or 0) / requests), id)
+    redis.call('ZADD', rkey, string.format('%.17g', 100 * hits / (hits + misses)), h.id)
   else
-    redis.call('ZREM', rkey, id)
+    redis.call('ZREM', rkey, h.id)
   end
 
-  -- Rewrite the stats hash in place: a key deleted mid-script could not be written again
-  -- in a Redis Cluster slot being migrated, and the script would stop half way.
-  local keep = {}
-  for i = 1, #flat, 2 do keep[flat[i]] = true end
-  local stale = {}
-  for f in pairs(old) do
-    if not keep[f] then stale[#stale + 1] = f end
-  end
+  -- The stats hash is rewritten in place (a key deleted mid-script could not be written
+  -- again in a Redis Cluster slot being migrated, and the script would stop half way);
+  -- an earlier incarnation's fields that this one does not have are dropped.
   redis.call('HSET', skey, unpack(flat))
-  if #stale > 0 then redis.call('HDEL', skey, unpack(stale)) end
-  redis.call('EXPIRE', skey, ttl)
+  if not same then
+    local stale = {}
+    for f in pairs(old) do
+      if e.fields[f] == nil and f ~= 'live' and f ~= 'last_updated' and f ~= 'token' then
+        stale[#stale + 1] = f
+      end
+    end
+    if #stale > 0 then redis.call('HDEL', skey, unpack(stale)) end
+  end
+  redis.call('EXPIRE', skey, h.ttl)
+  if e.samples ~= '' then
+    append_samples(lkey, e.samples, h.cap, h.sample_ttl, not same)
+  elseif not same then
+    redis.call('DEL', lkey)
+  end
   redis.call('HSET', akey, 'last_aggregated', now_s)
-  redis.call('EXPIRE', akey, ttl)
-  if rated then redis.call('EXPIRE', rkey, ttl) end
+  redis.call('EXPIRE', akey, h.ttl)
+  if rated then redis.call('EXPIRE', rkey, h.ttl) end
+  return 'ok'
 end
 
-local function depart_region(skey, akey, rkey, lkey, id, remove)
+local function depart_region(skey, akey, rkey, lkey, id, remove, unless_token)
   -- Take the instance's live gauges of this region out of the totals; counters stay.
+  -- With unless_token, only when the region was last written by another incarnation.
   ensure_hash(skey)
   ensure_hash(akey)
-  if redis.call('HGET', skey, 'live') == '1' then
-    local s = redis.call('HMGET', skey, 'size_bytes', 'hit_count', 'miss_count')
-    incr(akey, 'size_bytes', -num(s[1]), false)
-    incr(akey, 'live_hit_count', -num(s[2]), false)
-    incr(akey, 'live_miss_count', -num(s[3]), false)
+  local s = redis.call('HMGET', skey, 'live', 'size_bytes', 'hit_count', 'miss_count', 'token')
+  if unless_token ~= '' and s[5] == unless_token then return end
+  if s[1] == '1' then
+    incr(akey, 'size_bytes', -num(s[2]), false)
+    incr(akey, 'live_hit_count', -num(s[3]), false)
+    incr(akey, 'live_miss_count', -num(s[4]), false)
     incr(akey, 'instance_count', -1, false)
     redis.call('HSET', skey, 'live', '0')
   end
   ensure_type(rkey, 'zset')
   redis.call('ZREM', rkey, id)
-  if remove then redis.call('DEL', skey, lkey) end
+  if remove or unless_token ~= '' then redis.call('DEL', lkey) end
+  if remove then redis.call('DEL', skey) end
 end

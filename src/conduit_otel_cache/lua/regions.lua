@@ -1,23 +1,25 @@
--- Standalone flush, the regions after the first batch_size of a large flush: flush.lua's
--- loop without the heartbeat, sent in the same pipeline (one round trip), so that no
--- single script call holds Redis for long.
--- KEYS: regions set, instance regions set, then per region: instance stats hash,
---       aggregated hash, hit-rates zset, response-time samples list.
--- ARGV: instance id, process token, ttl seconds,
---       then per region: region, field count n, n pairs of field, cumulative value.
+-- Region entries of one write without the heartbeat: one call per hash slot on a Redis
+-- Cluster (after beat.lua, which records the region names, in the same pipeline), and the
+-- entries after the first batch_size of a large standalone write. Argument layout: see
+-- lib.lua.
+-- KEYS: (standalone only: regions set, instance regions set,) then per region entry:
+--       instance stats hash, aggregated hash, hit-rates zset, response-time samples list.
+-- Returns the regions that need a full entry (nothing written for them).
 local now_s = string.format('%.6f', server_time())
-local id, token, ttl = ARGV[1], ARGV[2], tonumber(ARGV[3])
-ensure_type(KEYS[1], 'set')
-ensure_type(KEYS[2], 'set')
-local a, k = 4, 3
-while a <= #ARGV do
-  local n = tonumber(ARGV[a + 1])
-  redis.call('SADD', KEYS[1], ARGV[a])
-  redis.call('SADD', KEYS[2], ARGV[a])
-  flush_region(KEYS[k], KEYS[k + 1], KEYS[k + 2], KEYS[k + 3], id, token, false, now_s, ttl,
-               ARGV, a + 2, n)
-  a, k = a + 2 + 2 * n, k + 4
+local h = header()
+local sets = #KEYS % 4 == 2 and 2 or 0
+local need_full = {}
+for i, e in ipairs(entries()) do
+  local k = sets + 4 * i - 3
+  if write_region(KEYS[k], KEYS[k + 1], KEYS[k + 2], KEYS[k + 3], h, e, now_s) == 'full' then
+    need_full[#need_full + 1] = e.region
+  elseif sets == 2 then
+    redis.call('SADD', KEYS[1], e.region)
+    redis.call('SADD', KEYS[2], e.region)
+  end
 end
-redis.call('EXPIRE', KEYS[1], ttl)
-redis.call('EXPIRE', KEYS[2], ttl)
-return 1
+if sets == 2 then
+  redis.call('EXPIRE', KEYS[1], h.ttl)
+  redis.call('EXPIRE', KEYS[2], h.ttl)
+end
+return need_full

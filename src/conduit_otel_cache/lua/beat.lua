@@ -1,0 +1,10 @@
+-- The instance part of a write on a Redis Cluster (slot of {global}); the region entries
+-- follow in regions.lua calls. With no entries: a heartbeat (heartbeat_interval), which
+-- never registers an incarnation that has written nothing. Argument layout: see lib.lua
+-- (only the region names of the entries are read here).
+-- KEYS: instances zset, regions set, instance meta hash, instance regions set.
+-- Returns beat()'s reply (instance.lua).
+local h = header()
+local names = {}
+for i, e in ipairs(entries()) do names[i] = e.region end
+return beat(KEYS[1], KEYS[2], KEYS[3], KEYS[4], h, server_time(), names)
