@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: demo test lint bench clean system-deps
+.PHONY: demo test lint bench clean system-deps manifests
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -35,6 +35,10 @@ system-deps:
 
 test: system-deps lint
 	$(PY) -m pytest
+
+# deploy/kubernetes/ manifests generated from grafana/ (tests/test_kubernetes.py checks them)
+manifests:
+	$(PYTHON) deploy/manifests.py
 
 bench: $(VENV)/.installed
 	$(PY) -m benchmarks $(ARGS)

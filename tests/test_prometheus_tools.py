@@ -4,6 +4,7 @@ server scraping `serve` runs every query of the dashboard and of the rules."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -216,6 +217,29 @@ def test_promtool_unit_tests_fire_and_stay_silent() -> None:
     assert set(alert_names()) <= firing
 
 
+def test_promtool_unit_tests_catch_rules_that_count_replicas_twice(tmp_path: Path) -> None:
+    """The two-replica cases are not vacuous: rules that sum over the replicas fail them."""
+    (tmp_path / "grafana").mkdir()
+    (tmp_path / "tests" / "promtool").mkdir(parents=True)
+    rules = ALERTS.read_text()
+    summed = rules.replace("max without (instance, pod) (", "sum without (instance, pod) (")
+    assert summed != rules
+    (tmp_path / "grafana" / "alerts.yml").write_text(summed)
+    shutil.copy(ALERTS_TEST, tmp_path / "tests" / "promtool" / "alerts_test.yml")
+    result = promtool("test", "rules", str(tmp_path / "tests" / "promtool" / "alerts_test.yml"))
+    assert result.returncode != 0
+    out = result.stdout + result.stderr
+    assert "two exporter replicas" in out
+    # doubled values, and Trickle's doubled 0.6 req/s over the 1 req/s floor
+    failing = set(re.findall(r"alertname: (\w+), time:", out))
+    assert failing == {
+        "ConduitCacheInstanceMissing",
+        "ConduitCacheRedisMemoryHigh",
+        "ConduitCacheDriftHigh",
+        "ConduitCacheLowHitRate",
+    }
+
+
 def test_promtool_unit_tests_catch_a_broken_rule(tmp_path: Path) -> None:
     """The unit tests are not vacuous: a drift rule without its threshold fails them."""
     (tmp_path / "grafana").mkdir()
@@ -312,10 +336,14 @@ def test_dashboard_panels_and_thresholds() -> None:
             steps = [s["value"] for s in defaults["thresholds"]["steps"]]
             assert threshold in steps, title
     hit_rate = by_title["Cluster hit rate per region"]["targets"][0]["expr"]
-    assert hit_rate.count("sum by (region) (rate(conduit_cache_hits_total") == 2
-    assert hit_rate.count("sum by (region) (rate(conduit_cache_misses_total") == 1
+    once = "sum by (region) (max without (instance, pod) (rate(conduit_cache_"
+    assert hit_rate.count(once + "hits_total") == 2
+    assert hit_rate.count(once + "misses_total") == 1
     quantiles = [t["expr"] for t in by_title["Response time p50 / p95 / p99"]["targets"]]
-    shape = r"histogram_quantile\((0\.\d+), sum by \(le, region\) \(rate\(conduit_cache_resp"
+    shape = (
+        r"histogram_quantile\((0\.\d+), sum by \(le, region\) "
+        r"\(max without \(instance, pod\) \(rate\(conduit_cache_resp"
+    )
     assert [m.group(1) for q in quantiles if (m := re.match(shape, q))] == ["0.5", "0.95", "0.99"]
     ops = " ".join(t["expr"] for t in by_title["Operations per second"]["targets"])
     for counter in ("hits", "misses", "sets", "evictions"):
@@ -383,55 +411,59 @@ def finite(result: list[dict[str, Any]]) -> bool:
     return any(math.isfinite(float(s["value"][1])) for s in result)
 
 
-@pytest.fixture
-def serve_port(redis_url: str) -> Iterator[int]:
+def start_serve(redis_url: str) -> tuple[subprocess.Popen[str], int]:
+    """A real `conduit-otel-cache serve` process on a free port (per-instance pass every 1 s)."""
     port = free_port()
     proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "conduit_otel_cache.cli",
-            "serve",
-            "--redis-url",
-            redis_url,
-            "--port",
-            str(port),
-        ],
+        [sys.executable, "-m", "conduit_otel_cache.cli", "serve", "--redis-url", redis_url,
+         "--port", str(port)],
         stdout=subprocess.PIPE,
         text=True,
         env={
             **os.environ,
             "CONDUIT_CACHE_STATS_AGGREGATION_CACHE_TTL": "0",
             "CONDUIT_CACHE_STATS_AGGREGATION_INTERVAL": "1",
-        },  # per-instance pass every 1 s
-    )
-    try:
-        assert proc.stdout is not None and proc.stdout.readline().startswith("serving")
-        yield port
-    finally:
-        proc.terminate()
-        proc.wait(10)
+        },
+    )  # fmt: skip
+    assert proc.stdout is not None and proc.stdout.readline().startswith("serving")
+    return proc, port
 
 
 @pytest.fixture
-def prometheus(serve_port: int, tmp_path: Path) -> Iterator[str]:
-    """A real Prometheus on loopback scraping `serve` every second, with grafana/alerts.yml."""
+def replicas() -> int:
+    """How many `serve` replicas the Prometheus of a test scrapes (parametrize to change)."""
+    return 1
+
+
+@pytest.fixture
+def serve_ports(redis_url: str, replicas: int) -> Iterator[list[int]]:
+    """``replicas`` `serve` processes of one exporter, all reading the same Redis."""
+    procs: list[subprocess.Popen[str]] = []
+    try:
+        ports = []
+        for _ in range(replicas):
+            proc, port = start_serve(redis_url)
+            procs.append(proc)
+            ports.append(port)
+        yield ports
+    finally:
+        for proc in procs:
+            proc.terminate()
+            proc.wait(10)
+
+
+@contextlib.contextmanager
+def run_prometheus(tmp_path: Path, config: str, storage: Path | None = None) -> Iterator[str]:
+    """A real Prometheus on loopback with ``config``; yields its base URL once ready."""
     binary = tool("prometheus")
     port = free_port()
-    config = tmp_path / "prometheus.yml"
-    config.write_text(
-        "global: {scrape_interval: 1s, evaluation_interval: 1s}\n"
-        f"rule_files: [{json.dumps(str(ALERTS))}]\n"
-        "scrape_configs:\n"
-        f"  - job_name: {JOB}\n"
-        f"    static_configs: [{{targets: ['127.0.0.1:{serve_port}']}}]\n"
-    )
+    (tmp_path / "prometheus.yml").write_text(config)
     log = (tmp_path / "prometheus.log").open("w")
     proc = subprocess.Popen(
         [
             binary,
-            f"--config.file={config}",
-            f"--storage.tsdb.path={tmp_path / 'data'}",
+            f"--config.file={tmp_path / 'prometheus.yml'}",
+            f"--storage.tsdb.path={storage or tmp_path / 'data'}",
             f"--web.listen-address=127.0.0.1:{port}",
             "--log.level=warn",
         ],
@@ -442,6 +474,10 @@ def prometheus(serve_port: int, tmp_path: Path) -> Iterator[str]:
     )
     base = f"http://127.0.0.1:{port}"
 
+    def log_text() -> str:
+        log.flush()
+        return (tmp_path / "prometheus.log").read_text()
+
     def ready() -> bool:
         if proc.poll() is not None:
             pytest.fail(f"prometheus exited {proc.returncode}:\n{log_text()}")
@@ -450,10 +486,6 @@ def prometheus(serve_port: int, tmp_path: Path) -> Iterator[str]:
                 return resp.status == 200
         except OSError:
             return False
-
-    def log_text() -> str:
-        log.flush()
-        return (tmp_path / "prometheus.log").read_text()
 
     try:
         wait_for("Prometheus /-/ready", ready, timeout=30)
@@ -468,13 +500,44 @@ def prometheus(serve_port: int, tmp_path: Path) -> Iterator[str]:
         log.close()
 
 
+@pytest.fixture
+def prometheus(serve_ports: list[int], tmp_path: Path) -> Iterator[str]:
+    """A real Prometheus on loopback scraping every `serve` replica each second as one job,
+    with grafana/alerts.yml."""
+    targets = ", ".join(f"'127.0.0.1:{port}'" for port in serve_ports)
+    config = (
+        "global: {scrape_interval: 1s, evaluation_interval: 1s}\n"
+        f"rule_files: [{json.dumps(str(ALERTS))}]\n"
+        "scrape_configs:\n"
+        f"  - job_name: {JOB}\n"
+        f"    static_configs: [{{targets: [{targets}]}}]\n"
+    )
+    with run_prometheus(tmp_path, config) as base:
+        yield base
+
+
 TRAFFIC = {"api-1": (8, 2), "api-2": (5, 5), "api-3": (9, 1)}  # hits, misses per step
 
 
+def over_replicas(series: str) -> str:
+    """A cluster-wide series of the exporter, once however many replicas are scraped."""
+    return f"max without (instance, pod) ({series})"
+
+
+def active_alerts(base: str, name: str) -> list[dict[str, Any]]:
+    """The pending or firing alerts named ``name`` that Prometheus holds now."""
+    reply = api(base, "/api/v1/alerts")
+    assert reply["status"] == "success", reply
+    return [a for a in reply["data"]["alerts"] if a["labels"]["alertname"] == name]
+
+
 @pytest.mark.slow
+@pytest.mark.parametrize("replicas", [1, 2], ids=["one-replica", "two-replicas"])
 def test_prometheus_runs_every_dashboard_and_rule_query(
-    redis_server: RedisServer, prometheus: str
+    redis_server: RedisServer, prometheus: str, replicas: int
 ) -> None:
+    """Run with one `serve` and with two replicas of it as targets of one job: the panels'
+    totals, the rules and the alerts are the same, and counted once."""
     procs = {
         instance_id: subprocess.Popen(
             [
@@ -523,7 +586,12 @@ def test_prometheus_runs_every_dashboard_and_rule_query(
         wait_for(missing, all_panels_have_data)
         for rule in rules:  # every rule expression runs through the query API
             query(prometheus, rule["query"])
-        by_region = query(prometheus, f'sum by (region) (conduit_cache_hits_total{{job="{JOB}"}})')
+        targets = api(prometheus, "/api/v1/targets")["data"]["activeTargets"]
+        assert len({t["labels"]["instance"] for t in targets}) == replicas
+        hits_series = query(prometheus, f'conduit_cache_hits_total{{job="{JOB}"}}')
+        assert len(hits_series) == 2 * replicas  # every replica publishes the cluster series
+        hits_total = f'conduit_cache_hits_total{{job="{JOB}"}}'
+        by_region = query(prometheus, f"sum by (region) ({over_replicas(hits_total)})")
         assert {s["metric"]["region"] for s in by_region} == {"ProviderResponses", "Sessions"}
         ratio = 'max by (instance_id) (conduit_cache_instance_hit_ratio{job=~"$job"})'
         instances = query(prometheus, grafana_to_promql(ratio))
@@ -544,7 +612,8 @@ def test_prometheus_runs_every_dashboard_and_rule_query(
                 for region in ("ProviderResponses", "Sessions")
             }
             assert all(v > 0 for v in expected.values())
-            expr = f'sum by (region) (conduit_cache_{counter}_total{{job="{JOB}"}})'
+            series = f'conduit_cache_{counter}_total{{job="{JOB}"}}'
+            expr = f"sum by (region) ({over_replicas(series)})"
 
             def scraped(expr: str = expr, expected: dict[str, float] = expected) -> bool:
                 got = {s["metric"]["region"]: float(s["value"][1]) for s in query(prometheus, expr)}
@@ -552,8 +621,8 @@ def test_prometheus_runs_every_dashboard_and_rule_query(
 
             wait_for(f"{expr} == {expected}", scraped, timeout=15)
         hits = sum(t[r]["hits"] for t in totals.values() for r in t)
-        cluster = query(prometheus, f'sum(conduit_cache_hits_total{{job="{JOB}"}})')
-        assert float(cluster[0]["value"][1]) == hits
+        total = f"sum({over_replicas(hits_total)})"
+        assert float(query(prometheus, total)[0]["value"][1]) == hits
 
         # while healthy the failure alerts' expressions select nothing ...
         by_name = {r["name"]: r["query"] for r in rules}
@@ -574,16 +643,168 @@ def test_prometheus_runs_every_dashboard_and_rule_query(
             "ConduitCacheNoLiveInstances expression to select",
             lambda: query(prometheus, by_name["ConduitCacheNoLiveInstances"]),
         )
+        # ... and Prometheus holds one alert for it, not one per replica
+        wait_for(
+            "one ConduitCacheNoLiveInstances alert",
+            lambda: len(active_alerts(prometheus, "ConduitCacheNoLiveInstances")) == 1,
+        )
         redis_server.kill()
         wait_for(
             "ConduitCacheRedisDown expression to select",
             lambda: query(prometheus, by_name["ConduitCacheRedisDown"]),
         )
+        wait_for(
+            "one ConduitCacheRedisDown alert",
+            lambda: len(active_alerts(prometheus, "ConduitCacheRedisDown")) == 1,
+        )
+        assert active_alerts(prometheus, "ConduitCacheExporterReplicaRedisDown") == []
         # the counters survive in Prometheus unchanged while Redis is down
-        cluster = query(prometheus, f'sum(conduit_cache_hits_total{{job="{JOB}"}})')
-        assert float(cluster[0]["value"][1]) == hits
+        assert float(query(prometheus, total)[0]["value"][1]) == hits
+        # Redis back (empty: no persistence): the alert clears
+        redis_server.start()
+        wait_for(
+            "ConduitCacheRedisDown to clear",
+            lambda: (
+                not active_alerts(prometheus, "ConduitCacheRedisDown")
+                and not query(prometheus, by_name["ConduitCacheRedisDown"])
+            ),
+        )
+        # an instance records again: the fleet alert clears too
+        again = setup(redis_url=redis_server.url, instance_id="api-4", set_global=False,
+                      flush_interval=None)  # fmt: skip
+        try:
+            record_traffic(again, "Sessions", 3, 1)
+            assert again.flush()
+            wait_for(
+                "ConduitCacheNoLiveInstances to clear",
+                lambda: (
+                    not active_alerts(prometheus, "ConduitCacheNoLiveInstances")
+                    and not query(prometheus, by_name["ConduitCacheNoLiveInstances"])
+                ),
+            )
+        finally:
+            again.shutdown()
     finally:
         for proc in procs.values():
             if proc.poll() is None:
                 proc.kill()
             proc.wait()
+
+
+# --- two replicas give every panel the numbers of one -------------------------------------
+
+#: Series each replica measures itself (not read from Redis): the panels show the worst one.
+REPLICA_OWN = {
+    "conduit_cache_aggregation_latency_seconds",
+    "conduit_cache_last_successful_aggregation_timestamp_seconds",
+    "conduit_cache_redis_memory_bytes",
+    "conduit_cache_health_status",
+    "conduit_cache_aggregation_errors",
+}
+STEP = 15  # seconds between the synthetic scrapes
+
+
+def scrape(port: int) -> dict[str, Any]:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as resp:
+        text = resp.read().decode()
+    return {f.name: f for f in text_string_to_metric_families(text) if f.name in SERVE_FAMILIES}
+
+
+def cluster_part(scraped: dict[str, Any]) -> dict[str, Any]:
+    return {
+        name: sorted((s.name, sorted(s.labels.items()), s.value) for s in family.samples)
+        for name, family in scraped.items()
+        if name not in REPLICA_OWN
+    }
+
+
+def openmetrics(scrapes: list[tuple[str, str, int, dict[str, Any]]]) -> str:
+    """OpenMetrics text of ``(job, instance, timestamp, families)`` scrapes, for promtool's
+    backfill: every sample at the given timestamp, a family's samples together."""
+    lines: dict[str, list[str]] = {}
+    types: dict[str, str] = {}
+    for job, instance, ts, families_ in scrapes:
+        for name, family in families_.items():
+            types[name] = family.type
+            for sample in family.samples:
+                labels = {**sample.labels, "job": job, "instance": instance}
+                text = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
+                lines.setdefault(name, []).append(f"{sample.name}{{{text}}} {sample.value} {ts}")
+    out = []
+    for name, samples in lines.items():
+        out.append(f"# TYPE {name} {types[name]}")
+        out.extend(samples)
+    return "\n".join([*out, "# EOF", ""])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("replicas", [2])
+def test_two_replicas_give_every_panel_the_numbers_of_one(
+    redis_url: str, serve_ports: list[int], tmp_path: Path
+) -> None:
+    """Two real `serve` replicas are scraped after each round of traffic (once both publish
+    the same cluster view); the scrapes go into one Prometheus TSDB at common timestamps as
+    job ``two`` (both replicas) and jobs ``one-a`` / ``one-b`` (each alone). Every panel
+    query then gives, at the same instant, exactly the same result for ``two`` as for one
+    replica; the series a replica measures itself show the worse of the two."""
+    handles = {
+        i: setup(redis_url=redis_url, instance_id=i, set_global=False, flush_interval=None)
+        for i in TRAFFIC
+    }
+    start = (int(time.time()) - 3600) // STEP * STEP
+    scrapes: list[tuple[str, str, int, dict[str, Any]]] = []
+    try:
+        recorded = {(i, r): [0, 0] for i in TRAFFIC for r in ("ProviderResponses", "Sessions")}
+        for step in range(12):
+            for i, (hits, misses) in TRAFFIC.items():
+                for region, h, m in (("ProviderResponses", hits * (1 + step % 3), misses),
+                                     ("Sessions", misses, hits)):  # fmt: skip
+                    record_traffic(handles[i], region, h, m)
+                    recorded[(i, region)][0] += h
+                    recorded[(i, region)][1] += m
+                assert handles[i].flush()
+            ratios = {key: h / (h + m) for key, (h, m) in recorded.items()}
+
+            def current(scraped: dict[str, Any], ratios: dict[Any, float] = ratios) -> bool:
+                """The background per-instance pass has seen this round's flushes."""
+                family = scraped.get("conduit_cache_instance_hit_ratio")
+                got = {(s.labels["instance_id"], s.labels["region"]): s.value
+                       for s in (family.samples if family else [])}  # fmt: skip
+                return got == pytest.approx(ratios)
+
+            def agreed() -> tuple[dict[str, Any], dict[str, Any]] | None:
+                a, b = (scrape(port) for port in serve_ports)
+                ok = cluster_part(a) == cluster_part(b) and current(a) and current(b)
+                return (a, b) if ok else None
+
+            a, b = wait_for("both replicas to publish the same cluster view", agreed)
+            ts = start + STEP * step
+            for job, replica, scraped in (("two", "a", a), ("two", "b", b),
+                                          ("one-a", "a", a), ("one-b", "b", b)):  # fmt: skip
+                scrapes.append((job, f"replica-{replica}:9464", ts, scraped))
+    finally:
+        for handle in handles.values():
+            handle.shutdown()
+    source = tmp_path / "scrapes.om"
+    source.write_text(openmetrics(scrapes))
+    storage = tmp_path / "tsdb"
+    assert_ok(promtool("tsdb", "create-blocks-from", "openmetrics", str(source), str(storage)))
+
+    at = str(start + STEP * 11)
+    with run_prometheus(tmp_path, "global: {}\n", storage) as base:
+
+        def result(expr: str, job: str) -> dict[frozenset[tuple[str, str]], str]:
+            promql = grafana_to_promql(expr.replace("$job", job)).replace(RATE_INTERVAL, "1m")
+            reply = api(base, "/api/v1/query", query=promql, time=at)
+            assert reply["status"] == "success", (promql, reply)
+            return {frozenset(s["metric"].items()): s["value"][1] for s in reply["data"]["result"]}
+
+        hits = 'sum by (region) (conduit_cache_hits_total{job=~"$job"})'
+        assert result(hits, "two") != result(hits, "one-a")  # a plain sum counts twice
+        for title, expr in panel_exprs():
+            two, one_a, one_b = (result(expr, job) for job in ("two", "one-a", "one-b"))
+            assert two and all(math.isfinite(float(v)) for v in two.values()), (title, two)
+            if any(name in expr for name in REPLICA_OWN):
+                assert two in (one_a, one_b), (title, two, one_a, one_b)
+            else:
+                assert two == one_a == one_b, (title, expr)

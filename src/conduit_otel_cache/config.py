@@ -9,7 +9,7 @@ import os
 import re
 from collections.abc import Mapping
 from typing import Any
-from urllib.parse import unquote, urlsplit, urlunsplit
+from urllib.parse import parse_qs, unquote, urlsplit, urlunsplit
 
 from .identity import default_instance_id
 
@@ -28,9 +28,13 @@ DEFAULT_BUCKETS: tuple[float, ...] = (
 #: Cluster by one or more of its nodes; so does any ``redis://``/``rediss://`` URL with
 #: ``cluster=True``.
 CLUSTER_SCHEMES = ("redis+cluster", "rediss+cluster")
+#: ``redis+sentinel://[user:password@]host:port[,host:port...]/<service>[/<db>]``
+#: (``rediss+sentinel://`` with TLS) names the primary that Redis Sentinels monitor as
+#: ``<service>``; ``?sentinel_auth=true`` sends the credentials to the sentinels too.
+SENTINEL_SCHEMES = ("redis+sentinel", "rediss+sentinel")
 #: Durations that may be None (no background flush / a heartbeat with every flush).
 OPTIONAL_SECONDS = ("flush_interval", "heartbeat_interval")
-REDIS_SCHEMES = ("redis", "rediss", "unix", *CLUSTER_SCHEMES)
+REDIS_SCHEMES = ("redis", "rediss", "unix", *CLUSTER_SCHEMES, *SENTINEL_SCHEMES)
 
 #: ``local``: this process only; ``distributed``: write through to Redis, read the cluster;
 #: ``hybrid``: the same as ``distributed`` (both views are always available), named for the
@@ -290,7 +294,71 @@ def cluster_address(url: str) -> ClusterAddress:
     )
 
 
+@dataclasses.dataclass(frozen=True)
+class SentinelAddress:
+    """Where Redis Sentinel finds the primary: the sentinels, the monitored service name,
+    the database, the credentials and whether TLS is used (to sentinels and data nodes)."""
+
+    sentinels: tuple[tuple[str, int], ...]
+    service: str
+    db: int
+    username: str | None
+    password: str | None
+    tls: bool
+    #: also authenticate to the sentinels (``?sentinel_auth=true``)
+    sentinel_auth: bool
+
+
+def sentinel_address(url: str) -> SentinelAddress:
+    """Parse ``redis[s]+sentinel://[user:password@]host[:port][,host[:port]...]/service[/db]``
+    (port 26379 by default); raises :class:`ConfigError`."""
+    shown = redact_url(url)
+    try:
+        parts = urlsplit(url)
+        sentinels = []
+        for item in parts.netloc.rpartition("@")[2].split(","):
+            node = urlsplit("//" + item.strip())
+            if not node.hostname:
+                raise ValueError
+            sentinels.append((node.hostname, node.port or 26379))
+        username, password = parts.username, parts.password
+        query = parse_qs(parts.query, keep_blank_values=True, strict_parsing=bool(parts.query))
+    except ValueError:
+        raise ConfigError(f"redis_url: not a valid sentinel URL: {shown!r}") from None
+    if parts.scheme not in SENTINEL_SCHEMES:
+        raise ConfigError(f"redis_url: not a redis+sentinel:// URL: {shown!r}")
+    path = parts.path.strip("/").split("/")
+    if not path[0] or len(path) > 2 or not valid_name(unquote(path[0])):
+        raise ConfigError(
+            "redis_url: a sentinel URL names the monitored service, "
+            f"redis+sentinel://host:26379/<service>[/<db>]: {shown!r}"
+        )
+    if len(path) == 2 and not (path[1].isdigit() and len(path[1]) <= 5):
+        raise ConfigError(f"redis_url: the database must be a number: {shown!r}")
+    unknown = set(query) - {"sentinel_auth"}
+    if unknown:
+        raise ConfigError(
+            f"redis_url: unknown sentinel URL option(s) {', '.join(sorted(unknown))} "
+            "(only sentinel_auth)"
+        )
+    auth = query.get("sentinel_auth", ["false"])[-1].strip().lower()
+    if auth not in _TRUE | _FALSE:
+        raise ConfigError(f"redis_url: sentinel_auth must be true or false: {shown!r}")
+    return SentinelAddress(
+        tuple(sentinels),
+        unquote(path[0]),
+        int(path[1]) if len(path) == 2 else 0,
+        unquote(username) if username else None,
+        unquote(password) if password is not None else None,
+        parts.scheme.startswith("rediss"),
+        auth in _TRUE,
+    )
+
+
 def _check_url(url: str) -> None:
+    if url.partition(":")[0] in SENTINEL_SCHEMES:
+        sentinel_address(url)  # its own messages
+        return
     try:
         parts = urlsplit(url)
         if parts.scheme in CLUSTER_SCHEMES:

@@ -1,4 +1,4 @@
-"""Redis connections: URLs, TLS, timeouts, retries, the Redis Cluster client."""
+"""Redis connections: URLs, TLS, timeouts, retries, the Redis Cluster and Sentinel clients."""
 
 from __future__ import annotations
 
@@ -9,8 +9,9 @@ import redis
 from redis.backoff import ExponentialBackoff
 from redis.cluster import ClusterNode, RedisCluster
 from redis.retry import Retry
+from redis.sentinel import Sentinel
 
-from .config import Settings, cluster_address
+from .config import SENTINEL_SCHEMES, Settings, cluster_address, sentinel_address
 
 #: A standalone client or a Redis Cluster client.
 Client: TypeAlias = redis.Redis | RedisCluster
@@ -43,14 +44,63 @@ def _cluster_options() -> dict[str, Any]:
     return {"policy_resolver": ScriptsAreKeyed()}
 
 
+def _retry(settings: Settings) -> Retry:
+    """A dropped connection is re-established ``connect_retries`` times at once; a timeout is
+    not retried, so a hung Redis costs one ``socket_timeout``, not several."""
+    return Retry(
+        ExponentialBackoff(cap=0.5, base=0.05),
+        retries=settings.connect_retries,
+        supported_errors=(redis.ConnectionError,),
+    )
+
+
+def _sentinel_client(settings: Settings, tls: dict[str, Any]) -> redis.Redis:
+    """The primary that the sentinels of ``settings.redis_url`` name, rediscovered from them
+    whenever a connection drops or the server it reaches was demoted to a replica."""
+    assert settings.redis_url is not None
+    address = sentinel_address(settings.redis_url)
+    sockets: dict[str, Any] = {
+        "socket_timeout": settings.socket_timeout,
+        "socket_connect_timeout": settings.connect_timeout,
+        "socket_keepalive": settings.socket_keepalive,
+        **({"ssl": True, **tls} if address.tls else {}),
+    }
+    credentials = {"username": address.username, "password": address.password}
+    sentinel = Sentinel(  # type: ignore[no-untyped-call]
+        list(address.sentinels),
+        sentinel_kwargs={
+            **sockets,
+            "retry": _retry(settings),  # not redis-py's default: seconds of backoff per sentinel
+            **(credentials if address.sentinel_auth else {}),
+        },
+        **sockets,
+    )
+    client: redis.Redis = sentinel.master_for(  # type: ignore[no-untyped-call]
+        address.service,
+        db=address.db,
+        **credentials,
+        decode_responses=True,
+        encoding_errors="replace",
+        # a failover surfaces as ConnectionError (dropped, or "now a replica"): the retry
+        # asks the sentinels for the new primary and sends the command there
+        retry=_retry(settings),
+        retry_on_timeout=False,
+        health_check_interval=30,
+    )
+    return client
+
+
 def connect(settings: Settings) -> Client:
     """A Redis client for ``settings.redis_url`` with the configured timeouts: a
-    :class:`redis.cluster.RedisCluster` when the URL names a Redis Cluster."""
+    :class:`redis.cluster.RedisCluster` when the URL names a Redis Cluster, the current
+    primary of a Redis Sentinel service for ``redis+sentinel://``."""
     assert settings.redis_url is not None
     tls: dict[str, Any] = {}
     if settings.redis_url.startswith("rediss"):
         tls = {"ssl_ca_certs": settings.ssl_ca_certs, "ssl_certfile": settings.ssl_certfile,
                "ssl_keyfile": settings.ssl_keyfile}  # fmt: skip
+    if settings.redis_url.partition(":")[0] in SENTINEL_SCHEMES:
+        return _sentinel_client(settings, tls)
     if settings.is_cluster:
         address = cluster_address(settings.redis_url)
         return RedisCluster(
@@ -77,13 +127,7 @@ def connect(settings: Settings) -> Client:
         socket_timeout=settings.socket_timeout,
         socket_connect_timeout=settings.connect_timeout,
         socket_keepalive=settings.socket_keepalive,
-        # a dropped connection is re-established connect_retries times at once; a timeout
-        # is not retried, so a hung Redis costs one socket_timeout, not several
-        retry=Retry(
-            ExponentialBackoff(cap=0.5, base=0.05),
-            retries=settings.connect_retries,
-            supported_errors=(redis.ConnectionError,),
-        ),
+        retry=_retry(settings),
         retry_on_timeout=False,
         health_check_interval=30,
         **tls,

@@ -1,0 +1,298 @@
+"""deploy/kubernetes/, offline: every manifest validates against the Kubernetes schemas
+(kubernetes-validate) and the Prometheus Operator kinds against the operator's CRD schemas
+(tests/crds/, see tests/crds/SOURCE.md); the generated manifests equal what grafana/ gives;
+the PrometheusRule passes ``promtool check rules`` and the alert unit tests; the exporter's
+pods are locked down and probed on the probe endpoints, never on the fleet's /health."""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import kubernetes_validate.utils as kv
+import pytest
+import yaml
+
+HERE = Path(__file__).parent
+ROOT = HERE.parent
+KUBE = ROOT / "deploy" / "kubernetes"
+CRDS = HERE / "crds"
+#: The oldest Kubernetes minor version the manifests are checked against, and the newest the
+#: installed kubernetes-validate knows.
+K8S_VERSIONS = ("1.29.0", kv.latest_version())
+OPERATOR_KINDS = {"ServiceMonitor": "servicemonitors", "PrometheusRule": "prometheusrules"}
+
+
+def load_manifests() -> dict[str, dict[str, Any]]:
+    """Every manifest under deploy/kubernetes/ (not the Kustomization), by relative path."""
+    found = {}
+    for path in sorted(KUBE.rglob("*.yaml")):
+        if path.name == "kustomization.yaml":
+            continue
+        docs = [d for d in yaml.safe_load_all(path.read_text()) if d is not None]
+        assert len(docs) == 1, path
+        found[str(path.relative_to(KUBE))] = docs[0]
+    return found
+
+
+MANIFESTS = load_manifests()
+
+
+def manifests_of(kind: str) -> dict[str, dict[str, Any]]:
+    return {path: m for path, m in MANIFESTS.items() if m["kind"] == kind}
+
+
+def exporter() -> dict[str, Any]:
+    deployment: dict[str, Any] = MANIFESTS["exporter-deployment.yaml"]
+    return deployment
+
+
+def generator() -> Any:
+    spec = importlib.util.spec_from_file_location("manifests", ROOT / "deploy" / "manifests.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+# --- schemas ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("version", K8S_VERSIONS)
+@pytest.mark.parametrize(
+    "path", [p for p, m in MANIFESTS.items() if m["kind"] not in OPERATOR_KINDS]
+)
+def test_manifest_validates_against_kubernetes_schema(path: str, version: str) -> None:
+    kv.validate(MANIFESTS[path], version, strict=True)  # raises ValidationError
+
+
+def test_kubernetes_validation_is_not_vacuous() -> None:
+    broken = copy.deepcopy(exporter())
+    broken["spec"]["template"]["spec"]["containers"][0]["livenessprobe"] = {}  # a typo
+    with pytest.raises(kv.ValidationError):
+        kv.validate(broken, K8S_VERSIONS[0], strict=True)
+
+
+def strict(schema: dict[str, Any]) -> dict[str, Any]:
+    """The CRD's schema with unknown fields refused where it lists the fields (the API server
+    would silently prune them: a typo would go unnoticed)."""
+    schema = dict(schema)
+    if schema.get("pattern", "").startswith("^(?i)"):  # Go regexp syntax; Python's flag goes first
+        schema["pattern"] = "(?i)^" + schema["pattern"].removeprefix("^(?i)")
+    if "properties" in schema:
+        schema["properties"] = {k: strict(v) for k, v in schema["properties"].items()}
+        if "additionalProperties" not in schema and not schema.get(
+            "x-kubernetes-preserve-unknown-fields"
+        ):
+            schema["additionalProperties"] = False
+    if isinstance(schema.get("items"), dict):
+        schema["items"] = strict(schema["items"])
+    if isinstance(schema.get("additionalProperties"), dict):
+        schema["additionalProperties"] = strict(schema["additionalProperties"])
+    return schema
+
+
+def crd_schema(kind: str) -> dict[str, Any]:
+    crd = yaml.safe_load((CRDS / f"monitoring.coreos.com_{OPERATOR_KINDS[kind]}.yaml").read_text())
+    assert crd["spec"]["names"]["kind"] == kind
+    (version,) = [v for v in crd["spec"]["versions"] if v["name"] == "v1"]
+    schema: dict[str, Any] = version["schema"]["openAPIV3Schema"]
+    return strict(schema)
+
+
+@pytest.mark.parametrize("kind", sorted(OPERATOR_KINDS))
+def test_operator_kinds_validate_against_the_crd_schema(kind: str) -> None:
+    (manifest,) = manifests_of(kind).values()
+    assert manifest["apiVersion"] == "monitoring.coreos.com/v1"
+    schema = crd_schema(kind)
+    jsonschema.validate(manifest, schema, cls=jsonschema.Draft7Validator)
+    # kubernetes-validate checks the object metadata the CRD leaves open
+    meta = {"apiVersion": "v1", "kind": "ConfigMap", "metadata": manifest["metadata"]}
+    kv.validate(meta, K8S_VERSIONS[0], strict=True)
+
+
+def test_crd_validation_is_not_vacuous() -> None:
+    monitor = copy.deepcopy(next(iter(manifests_of("ServiceMonitor").values())))
+    monitor["spec"]["endpoints"][0]["intervall"] = "30s"
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(monitor, crd_schema("ServiceMonitor"))
+    rule = copy.deepcopy(next(iter(manifests_of("PrometheusRule").values())))
+    del rule["spec"]["groups"][0]["name"]
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(rule, crd_schema("PrometheusRule"))
+
+
+def test_crds_name_their_source_and_version() -> None:
+    source = (CRDS / "SOURCE.md").read_text()
+    for kind, plural in OPERATOR_KINDS.items():
+        crd = yaml.safe_load((CRDS / f"monitoring.coreos.com_{plural}.yaml").read_text())
+        version = crd["metadata"]["annotations"]["operator.prometheus.io/version"]
+        assert f"monitoring.coreos.com_{plural}.yaml" in source and version in source, kind
+
+
+def test_kustomization_lists_every_exporter_manifest() -> None:
+    kustomization = yaml.safe_load((KUBE / "kustomization.yaml").read_text())
+    assert kustomization["kind"] == "Kustomization"
+    top_level = {p for p in MANIFESTS if "/" not in p}
+    assert set(kustomization["resources"]) == top_level
+    assert all((KUBE / r).is_file() for r in kustomization["resources"])
+
+
+# --- generated from grafana/ ---------------------------------------------------------------
+
+
+def test_generated_manifests_are_current() -> None:
+    """`make manifests` has been run after the last change of grafana/."""
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "deploy" / "manifests.py"), "--check"],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    gen = generator()
+    for name, make in gen.GENERATED.items():
+        assert (KUBE / name).read_text() == make(), name
+
+
+def test_generated_manifests_carry_the_sources_unchanged() -> None:
+    rule = MANIFESTS["prometheusrule.yaml"]
+    assert rule["spec"] == yaml.safe_load((ROOT / "grafana" / "alerts.yml").read_text())
+    board = MANIFESTS["grafana-dashboard-configmap.yaml"]
+    assert board["metadata"]["labels"]["grafana_dashboard"] == "1"
+    dashboard = ROOT / "grafana" / "conduit-cache-statistics.json"
+    assert board["data"] == {dashboard.name: dashboard.read_text()}
+
+
+def test_check_fails_on_a_stale_manifest(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    gen = generator()
+    monkeypatch.setattr(gen, "OUT", tmp_path)
+    assert gen.main([]) == 0  # writes both into tmp_path
+    assert gen.main(["--check"]) == 0
+    stale = tmp_path / "prometheusrule.yaml"
+    stale.write_text(stale.read_text().replace("> 0.5", "> 0.7"))
+    assert gen.main(["--check"]) == 1
+
+
+def promtool(*args: str) -> subprocess.CompletedProcess[str]:
+    path = shutil.which("promtool")
+    if path is None:
+        pytest.fail("promtool not found: install prometheus (apt-get install prometheus)")
+    return subprocess.run([path, *args], capture_output=True, text=True, timeout=60)
+
+
+def test_prometheusrule_passes_promtool(tmp_path: Path) -> None:
+    rules = tmp_path / "rules.yml"
+    rules.write_text(yaml.safe_dump(MANIFESTS["prometheusrule.yaml"]["spec"]))
+    checked = promtool("check", "rules", str(rules))
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    assert "SUCCESS" in checked.stdout
+    unit = (HERE / "promtool" / "alerts_test.yml").read_text()
+    assert "  - ../../grafana/alerts.yml\n" in unit
+    (tmp_path / "alerts_test.yml").write_text(unit.replace("../../grafana/alerts.yml", "rules.yml"))
+    tested = promtool("test", "rules", str(tmp_path / "alerts_test.yml"))
+    assert tested.returncode == 0, tested.stdout + tested.stderr
+
+
+# --- what the exporter's pods are ----------------------------------------------------------
+
+
+def test_exporter_runs_two_locked_down_serve_replicas() -> None:
+    spec = exporter()["spec"]
+    assert spec["replicas"] == 2
+    pod = spec["template"]["spec"]
+    (container,) = pod["containers"]
+    assert container["args"][0] == "serve" and "0.0.0.0" in container["args"]
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert pod["securityContext"]["runAsUser"] != 0
+    assert pod["automountServiceAccountToken"] is False
+    security = container["securityContext"]
+    assert security["readOnlyRootFilesystem"] is True
+    assert security["allowPrivilegeEscalation"] is False
+    assert security["capabilities"]["drop"] == ["ALL"]
+    resources = container["resources"]
+    assert set(resources["requests"]) == {"cpu", "memory"} and "memory" in resources["limits"]
+    # sized from the measured peak RSS at 1000 x 100 (README, "Performance")
+    rss = "Exporter RSS at 1000 \u00d7 100: " + r"\d+ MB after imports,\s+(\d+) MB peak"
+    measured = re.search(rss, (ROOT / "README.md").read_text())
+    assert measured is not None
+    peak = int(measured[1]) * 10**6
+    request, limit = (int(resources[k]["memory"].removesuffix("Mi")) * 2**20
+                      for k in ("requests", "limits"))  # fmt: skip
+    assert peak < request < limit
+    assert (
+        f"{measured[1]} MB peak at 1000 instances x 100"
+        in (KUBE / "exporter-deployment.yaml").read_text()
+    )
+
+
+def test_probes_use_probe_endpoints_never_the_fleet_health() -> None:
+    (container,) = exporter()["spec"]["template"]["spec"]["containers"]
+    paths = {
+        probe: container[probe]["httpGet"]["path"]
+        for probe in ("livenessProbe", "readinessProbe", "startupProbe")
+    }
+    assert paths == {"livenessProbe": "/-/healthy", "readinessProbe": "/-/ready",
+                     "startupProbe": "/-/healthy"}  # fmt: skip
+    assert "/health" not in yaml.safe_dump(exporter()).replace("/-/healthy", "")
+
+
+def test_redis_url_comes_from_the_secret() -> None:
+    (container,) = exporter()["spec"]["template"]["spec"]["containers"]
+    env = {e["name"]: e for e in container["env"]}
+    ref = env["CONDUIT_CACHE_STATS_REDIS_URL"]["valueFrom"]["secretKeyRef"]
+    secret = MANIFESTS["redis-secret.yaml"]
+    assert ref == {"name": secret["metadata"]["name"], "key": "url"}
+    assert set(secret["stringData"]) == {"url"}
+
+
+def test_service_monitor_scrapes_every_exporter_pod() -> None:
+    service = MANIFESTS["exporter-service.yaml"]
+    monitor = MANIFESTS["servicemonitor.yaml"]
+    pod_labels = exporter()["spec"]["template"]["metadata"]["labels"]
+    assert service["spec"]["selector"].items() <= pod_labels.items()
+    assert (
+        monitor["spec"]["selector"]["matchLabels"].items() <= service["metadata"]["labels"].items()
+    )
+    (endpoint,) = monitor["spec"]["endpoints"]
+    assert endpoint["port"] == service["spec"]["ports"][0]["name"] == "http-metrics"
+    assert endpoint["path"] == "/metrics"
+    (port,) = exporter()["spec"]["template"]["spec"]["containers"][0]["ports"]
+    assert port["name"] == "http-metrics" and port["containerPort"] == 9464
+
+
+def test_application_example_gives_every_worker_its_own_instance() -> None:
+    app = MANIFESTS["example-app/deployment.yaml"]
+    (container,) = app["spec"]["template"]["spec"]["containers"]
+    assert container["args"][0] == "gunicorn" and "--workers" in container["args"]
+    env = {e["name"]: e for e in container["env"]}
+    assert env["HOSTNAME"]["valueFrom"] == {"fieldRef": {"fieldPath": "metadata.name"}}
+    assert "INSTANCE_ID" not in env and "CONDUIT_CACHE_STATS_INSTANCE_ID" not in env
+    assert env["CONDUIT_CACHE_STATS_REDIS_URL"]["valueFrom"]["secretKeyRef"]["key"] == "url"
+    assert all(n.startswith("CONDUIT_CACHE_STATS_") for n in env if n != "HOSTNAME")
+    from conduit_otel_cache.config import Settings
+
+    names = {f"CONDUIT_CACHE_STATS_{n.upper()}" for n in Settings.__dataclass_fields__}
+    assert set(env) - {"HOSTNAME"} <= names  # every variable is a real option
+
+
+# --- the image ----------------------------------------------------------------------------
+
+
+def test_dockerfile_installs_as_the_readme_says() -> None:
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    readme = (ROOT / "README.md").read_text()
+    runs = re.findall(r"^RUN (.+)$", dockerfile, re.MULTILINE)
+    install = [r for r in runs if "pip install" in r]
+    assert install, dockerfile
+    for step in install:
+        assert step in readme, step
+    assert re.search(r"^USER 10001", dockerfile, re.MULTILINE)
+    assert 'ENTRYPOINT ["/opt/conduit-otel-cache/bin/conduit-otel-cache"]' in dockerfile
+    assert exporter()["spec"]["template"]["spec"]["securityContext"]["runAsUser"] == 10001
+    assert "not built by CI" in readme
