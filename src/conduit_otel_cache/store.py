@@ -74,6 +74,24 @@ def explain(exc: BaseException) -> str:
     return text
 
 
+_SCRIPT_LINE = re.compile(r"@user_script:(\d+)")
+_CALL = re.compile(r"redis\.p?call\('([A-Za-z]+)'")
+
+
+def _named(exc: Exception, script: Script) -> Exception:
+    """A script's ACL refusal (``... @user_script:41``) names the command that line runs."""
+    line = _SCRIPT_LINE.search(str(exc))
+    if not line or "can't run this command" not in str(exc):
+        return exc
+    lines = str(script.script).splitlines()
+    n = int(line.group(1))
+    call = _CALL.search(lines[n - 1]) if 0 < n <= len(lines) else None
+    if call is None:
+        return exc
+    command = call.group(1).lower()
+    return type(exc)(f"the Redis user may not run {command.upper()} (allow +{command}): {exc}")
+
+
 def _entry_args(entries: Sequence[tuple[str, Entry]]) -> list[Any]:
     """Region entries as script arguments (the layout of ``lua/lib.lua``)."""
     args: list[Any] = []
@@ -375,9 +393,9 @@ class Store:
                 self.client.script_load(script.script)  # on every primary of a cluster
             for n, reply in zip(refused, self._pipeline_scripts([calls[n] for n in refused])):
                 replies[n] = reply
-        for reply in replies:
+        for (script, _, _), reply in zip(calls, replies):
             if isinstance(reply, Exception):
-                raise reply
+                raise _named(reply, script)
         return replies
 
     def _pipeline_scripts(self, calls: Sequence[tuple[Script, list[str], list[Any]]]) -> list[Any]:
