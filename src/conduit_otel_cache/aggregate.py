@@ -54,6 +54,8 @@ class ClusterView:
     redis_memory_bytes: int = 0
     #: why ``redis_memory_bytes`` could not be read (an optional reading: ``INFO``)
     redis_memory_error: str | None = None
+    #: why expired instances could not leave the live gauges (tried again next read)
+    reap_error: str | None = None
     last_successful_aggregation: float | None = None
     data_errors: tuple[str, ...] = ()
 

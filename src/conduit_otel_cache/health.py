@@ -99,6 +99,9 @@ def evaluate(view: ClusterView, settings: Settings, flushes: Flushes | None = No
     if flushes is not None and flushes.flush_errors and not flushes.last_ok:
         fail(Status.DEGRADED, f"the last flush failed ({flushes.last_error}); "
              f"{flushes.flush_errors} failed so far")  # fmt: skip
+    if view.reap_error:
+        fail(Status.DEGRADED, f"expired instances could not leave the live gauges: "
+             f"{view.reap_error}")  # fmt: skip
     if view.redis_memory_error:
         fail(Status.DEGRADED, f"Redis memory not read: {view.redis_memory_error}")
 

@@ -172,6 +172,9 @@ class ClusterData:
     missing: dict[str, float]
     aggregates: dict[str, dict[str, str]]
     errors: tuple[str, ...] = ()
+    #: why expired instances could not be taken out of the live gauges (a write refused,
+    #: e.g. Redis out of memory); they are tried again with the next read
+    reap_error: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -499,11 +502,12 @@ class Store:
             errors += [f"{self.regions_key}: invalid region {r[:40]!r}" for r in members[1]
                        if not valid_name(r)]  # fmt: skip
         expired = self._valid_beats(_pairs(missing[1]) if missing[0] else [], errors)
+        reap_error = None
         if reap and expired:
             try:
                 self.reap(instance_timeout, sorted(expired))
-            except redis.ResponseError as exc:  # malformed instance keys: reported
-                errors.append(f"reap: {exc}")
+            except redis.ResponseError as exc:  # a refused write (OOM, READONLY, ACL)
+                reap_error = explain(exc)
         aggregates: dict[str, dict[str, str]] = {}
         for region, reply in zip(regions, self._read_aggregates(regions)):
             if isinstance(reply, Exception):
@@ -516,6 +520,7 @@ class Store:
             expired,
             aggregates,
             tuple(errors),
+            reap_error,
         )
 
     def _read_aggregates(self, regions: list[str]) -> list[dict[str, str] | Exception]:
