@@ -118,7 +118,6 @@ class Recorder:
     def _time(self, slot: list[Any], seconds: float) -> None:
         try:
             if 0.0 <= seconds <= MAX_RESPONSE_TIME:  # False for NaN
-                seconds = float(seconds)
                 slot[RT_SUM] += seconds
                 slot[BUCKET0 + bisect_left(self._bounds, seconds)] += 1
                 if self._max_samples:
