@@ -299,46 +299,30 @@ class Store:
         is written, at the cost of a second round trip."""
         items = list(entries.items())
         header = writer.header(full)
-        if self.cluster:
+        head: tuple[Script, list[str], list[Any]]
+        if self.cluster:  # the beat alone, then one call per region (its own slot)
             names: list[Any] = []
             for region, entry in items:
                 names += [region, "1" if entry.full else "0", 0, ""]
-            beat = (self._beat, self._beat_keys(writer.instance_id), [*header, *names])
-            calls = [
-                (self._regions, self._region_keys(writer.instance_id, region),
-                 [*header, *_entry_args([(region, entry)])])
-                for region, entry in items
-            ]  # fmt: skip
-            if beat_first and calls:
-                result = self._beat_result(self._run([beat])[0])
-                if result.status != "ok":
-                    return result
-                replies = self._run(calls)
-            else:
-                replies = self._run([beat, *calls])
-                result = self._beat_result(replies.pop(0))
-            need = tuple(str(r) for reply in replies for r in reply)
-            return dataclasses.replace(result, need_full=need)
-        step = self.batch_size
-        batches = [items[i : i + step] for i in range(0, len(items), step)] or [[]]
-        first = batches[0]
-        keys = self._beat_keys(writer.instance_id)
-        for region, _ in first:
-            keys += self._region_keys(writer.instance_id, region)
-        head = (self._flush, keys, [*header, *_entry_args(first)])
-        rest = [
-            (self._regions, self._batch_keys(writer.instance_id, [r for r, _ in batch]),
-             [*header, *_entry_args(batch)])
-            for batch in batches[1:]
-        ]  # fmt: skip
+            head = (self._beat, self._beat_keys(writer.instance_id), [*header, *names])
+            batches = [[item] for item in items]
+        else:  # the beat with the first batch_size regions, then the other batches
+            step = self.batch_size
+            batches = [items[i : i + step] for i in range(0, len(items), step)] or [[]]
+            keys = self._beat_keys(writer.instance_id)
+            for region, _ in batches[0]:
+                keys += self._region_keys(writer.instance_id, region)
+            head = (self._flush, keys, [*header, *_entry_args(batches.pop(0))])
+        rest = [(self._regions, self._batch_keys(writer.instance_id, [r for r, _ in batch]),
+                 [*header, *_entry_args(batch)]) for batch in batches]  # fmt: skip
         if rest and beat_first:
-            result = self._flush_result(self._run([head])[0])
+            result = self._head_result(self._run([head])[0])
             if result.status != "ok":
                 return result
             replies = self._run(rest)
         else:
             replies = self._run([head, *rest])
-            result = self._flush_result(replies.pop(0))
+            result = self._head_result(replies.pop(0))
         need = (*result.need_full, *(str(r) for reply in replies for r in reply))
         return dataclasses.replace(result, need_full=need)
 
@@ -347,7 +331,8 @@ class Store:
                 self.instance_regions_key(instance_id)]  # fmt: skip
 
     def _batch_keys(self, instance_id: str, regions: Iterable[str]) -> list[str]:
-        keys = [self.regions_key, self.instance_regions_key(instance_id)]
+        # a Redis Cluster's region calls stay in the region's slot: the beat records names
+        keys = [] if self.cluster else [self.regions_key, self.instance_regions_key(instance_id)]
         for region in regions:
             keys += self._region_keys(instance_id, region)
         return keys
@@ -359,9 +344,10 @@ class Store:
         return FlushResult(float(now), str(status), stale, rebuild=rebuild == "1")
 
     @classmethod
-    def _flush_result(cls, reply: Any) -> FlushResult:
+    def _head_result(cls, reply: Any) -> FlushResult:
+        """beat.lua's reply, or flush.lua's (which adds the regions that need a full entry)."""
         result = cls._beat_result(reply)
-        need = tuple(str(r) for r in reply[4])
+        need = tuple(str(r) for r in reply[4]) if len(reply) > 4 else ()
         return dataclasses.replace(result, need_full=need)
 
     def heartbeat(self, writer: Writer) -> FlushResult:
