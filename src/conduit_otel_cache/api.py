@@ -1,7 +1,7 @@
 """Mountable WSGI and ASGI apps: ``GET /api/cache/stats/local`` and
 ``/api/cache/stats/distributed``.
 
-The JSON is the design document's controller shape, per region, in snake_case::
+The JSON is one object per region, in snake_case::
 
     {"ProviderResponses": {"hit_rate": 75.0, "total_requests": 4,
                            "avg_response_time_ms": 1.5, "memory_size_mb": 1.0}}

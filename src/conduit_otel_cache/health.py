@@ -1,4 +1,5 @@
-"""Health rules: a cluster view becomes Healthy, Degraded or Unhealthy with the seed's data."""
+"""Health rules: a cluster view becomes Healthy, Degraded or Unhealthy, with the figures
+behind it (the shape of an ASP.NET-style health report, which dashboards already read)."""
 
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ class Status(enum.IntEnum):
 
     @property
     def label(self) -> str:
-        """The seed's spelling: Healthy, Degraded, Unhealthy."""
+        """Healthy, Degraded or Unhealthy."""
         return self.name.capitalize()
 
 
@@ -38,7 +39,7 @@ class Health:
         return 503 if self.status is Status.UNHEALTHY else 200
 
     def check_json(self) -> dict[str, Any]:
-        """The ``cache_statistics`` check in the seed's shape."""
+        """The ``cache_statistics`` check: status, description, data."""
         return {
             "status": self.status.label,
             "description": "; ".join(self.reasons) or "all rules pass",
@@ -46,7 +47,7 @@ class Health:
         }
 
     def report_json(self) -> dict[str, Any]:
-        """The whole ``/health`` report in the seed's shape."""
+        """The whole ``/health`` report: the status and the ``cache_statistics`` check."""
         return {"status": self.status.label, "results": {"cache_statistics": self.check_json()}}
 
 

@@ -4,11 +4,10 @@
   keeps in Redis, i.e. the sum over every instance that reported (departed ones included
   for counters, live ones for gauges).
 * :class:`WeightedStrategy`: each instance's counters and size multiplied by a weight that
-  a user callable computes from the per-instance statistics (the design's
-  ``WeightedAggregationStrategy``); response times are merged unweighted.
+  a user callable computes from the per-instance statistics; response times are merged
+  unweighted.
 * :class:`LazyStrategy` (``aggregation_strategy="lazy"``): answers at once with the last
-  known good result and refreshes it in the background when it is older than ``max_age``
-  (the design's ``LazyAggregationStrategy``).
+  known good result and refreshes it in the background when it is older than ``max_age``.
 """
 
 from __future__ import annotations
