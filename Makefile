@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: demo test lint bench clean system-deps manifests
+.PHONY: demo test check lint bench clean system-deps manifests
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -35,6 +35,10 @@ system-deps:
 
 test: system-deps lint
 	$(PY) -m pytest
+
+# The quick local loop: lint and every test but the slow and Redis Cluster ones.
+check: system-deps lint
+	$(PY) -m pytest -q -m "not slow and not cluster"
 
 # deploy/kubernetes/ manifests generated from grafana/ (tests/test_kubernetes.py checks them)
 manifests:
