@@ -10,20 +10,17 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 from . import __version__
 from .aggregate import Aggregator, ClusterView
 from .config import ConfigError, Settings
 from .health import evaluate
-from .model import Statistics
+from .report import PerInstance, format_table, read_per_instance, view_json
 from .store import Store
 
 log = logging.getLogger("conduit_otel_cache")
-
-#: ``{region: {instance_id: statistics}}``
-PerInstance = dict[str, dict[str, Statistics]]
 
 
 def _settings(args: argparse.Namespace, **extra: Any) -> Settings:
@@ -34,69 +31,10 @@ def _settings(args: argparse.Namespace, **extra: Any) -> Settings:
     return settings
 
 
-def _human_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} GiB"  # pragma: no cover
-
-
-def format_table(view: ClusterView, instances: PerInstance) -> str:
-    """The cluster and per-instance statistics as aligned text columns."""
-    head = ("region", "instance", "hits", "misses", "hit rate", "sets", "evictions", "size",
-            "p95 ms", "drift")  # fmt: skip
-    rows: list[tuple[str, ...]] = [head]
-    for region, total in sorted(view.regions.items()):
-        p95 = total.response_times.quantile(0.95)
-        rows.append((region, f"cluster ({total.instance_count} live)", str(total.hit_count),
-                     str(total.miss_count), f"{total.hit_rate:.1f}%", str(total.set_count),
-                     str(total.eviction_count), _human_bytes(total.size_bytes),
-                     "-" if p95 is None else f"{p95 * 1000:.2f}",
-                     f"{view.drift.get(region, 0.0):.1f}"))  # fmt: skip
-        for instance_id, s in sorted(instances.get(region, {}).items()):
-            p95 = s.response_times.quantile(0.95)
-            rows.append(("", instance_id + ("" if s.live else " (gone)"), str(s.hit_count),
-                         str(s.miss_count), f"{s.hit_rate:.1f}%", str(s.set_count),
-                         str(s.eviction_count), _human_bytes(s.size_bytes),
-                         "-" if p95 is None else f"{p95 * 1000:.2f}", ""))  # fmt: skip
-    widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
-    lines = ["  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in
-                       enumerate(zip(row, widths))) for row in rows]  # fmt: skip
-    lines.append(f"live instances: {view.active_count}, "
-                 f"missing: {len(view.missing_instances)}")  # fmt: skip
-    return "\n".join(lines)
-
-
-def view_json(
-    view: ClusterView, instances: PerInstance, region: str | None = None
-) -> dict[str, Any]:
-    """The cluster view as JSON (optionally one region)."""
-    regions = {r: s for r, s in view.regions.items() if region in (None, r)}
-    return {
-        "regions": {
-            r: {
-                "cluster": s.to_dict(),
-                "drift_percent": view.drift.get(r, 0.0),
-                "instances": {i: st.to_dict() for i, st in instances.get(r, {}).items()},
-            }
-            for r, s in sorted(regions.items())
-        },
-        "active_instances": view.active_count,
-        "missing_instances": list(view.missing_instances),
-    }
-
-
 def _read_view(args: argparse.Namespace) -> tuple[Settings, ClusterView, Aggregator]:
     settings = _settings(args, aggregation_cache_ttl=0)
     aggregator = Aggregator(Store.from_settings(settings), settings)
     return settings, aggregator.view(), aggregator
-
-
-def read_per_instance(aggregator: Aggregator, regions: Iterable[str]) -> PerInstance:
-    """Every instance's statistics of every region in ``regions`` (heartbeats read once)."""
-    beats = aggregator.store.heartbeats()
-    return {region: aggregator.per_instance(region, beats) for region in regions}
 
 
 def cmd_stats(args: argparse.Namespace) -> int:

@@ -11,9 +11,9 @@ import sys
 import threading
 import time
 
-from .cli import format_table, read_per_instance
 from .config import Settings
 from .embedded import RedisServer, free_port
+from .report import format_table, read_per_instance
 from .server import ExporterService
 
 HIT_RATIOS = (0.9, 0.75, 0.6, 0.85, 0.5)
