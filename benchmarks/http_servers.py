@@ -129,6 +129,15 @@ def slow_sockets(port: int, count: int, kind: str) -> list[socket.socket]:
     return socks
 
 
+def wait_answered(socks: list[socket.socket], timeout: float) -> None:
+    """Wait (at most ``timeout`` seconds) until every reply has begun."""
+    deadline = time.monotonic() + timeout
+    for s in socks:
+        s.settimeout(max(0.001, deadline - time.monotonic()))
+        with contextlib.suppress(OSError):
+            s.recv(1, socket.MSG_PEEK)
+
+
 def closed_by_server(socks: list[socket.socket]) -> int:
     """How many of ``socks`` the server closed (EOF or reset)."""
     n = 0
@@ -177,9 +186,7 @@ def bench(name: str, redis_url: str) -> None:
             t0 = time.monotonic()
             socks = slow_sockets(port, 2000, kind)
             if kind == "reader":  # the replies are computed: what is left is slow reading
-                for s in socks:
-                    with contextlib.suppress(OSError):
-                        s.recv(1, socket.MSG_PEEK)
+                wait_answered(socks, 15.0)
             held = proc_figures(proc.pid)
             probe = [asyncio.run(get(port, p, 10)) for p in ("/metrics", "/health") * 5]
             time.sleep(max(0.0, t0 + HEADER_TIMEOUT + 3 - time.monotonic()))
