@@ -60,6 +60,9 @@ def make_app(
     def dispatch(environ: Environ, start_response: StartResponse) -> Iterable[bytes]:
         path = environ.get("PATH_INFO") or "/"
         method = environ.get("REQUEST_METHOD", "GET")
+        if header_bytes(environ) > MAX_HEADER_BYTES:  # the server takes more in one read
+            return json_reply(start_response, "431 Request Header Fields Too Large",
+                              {"error": "request headers too large"}, method)  # fmt: skip
         if api is not None and path.startswith("/api/"):
             mounted: Iterable[bytes] = api(environ, start_response)
             return mounted
@@ -88,6 +91,15 @@ def make_app(
         return json_reply(start_response, status, payload, method)
 
     return head_as_get(dispatch)
+
+
+def header_bytes(environ: Environ) -> int:
+    """The size of the request line and headers, about as sent."""
+    size = len(environ.get("PATH_INFO", "")) + len(environ.get("QUERY_STRING", ""))
+    for name, value in environ.items():
+        if name.startswith("HTTP_") or name in ("CONTENT_TYPE", "CONTENT_LENGTH"):
+            size += len(name) + len(value) + 4
+    return size
 
 
 def head_as_get(app: Callable[..., Iterable[bytes]]) -> WSGIApp:
