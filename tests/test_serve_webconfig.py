@@ -9,9 +9,11 @@ import shutil
 import ssl
 import subprocess
 import tempfile
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -240,3 +242,42 @@ def test_real_prometheus_scrapes_over_tls_with_basic_auth(
         log.close()
     assert "Traceback" not in tls_serve.log()
     assert PASSWORD not in tls_serve.log() and HASH[7:] not in tls_serve.log()
+
+
+def test_the_documented_web_config_loads(certs: Path, tmp_path: Path) -> None:
+    docs = (Path(__file__).resolve().parent.parent / "docs" / "serve.md").read_text()
+    example = docs.split("```yaml\n", 1)[1].split("```", 1)[0]
+    for name in ("server.crt", "server.key", "ca.crt"):
+        shutil.copy(certs / name, tmp_path / name)
+    web = load_web_config(write(tmp_path, example))
+    assert web.ssl_context is not None and web.ssl_context.verify_mode == ssl.CERT_REQUIRED
+    assert bcrypt.checkpw(b"example-password", web.users["prometheus"])
+
+
+def test_a_flood_of_wrong_passwords_leaves_a_known_scraper_fast(redis_url: str) -> None:
+    costly = bcrypt.hashpw(PASSWORD.encode(), bcrypt.gensalt(12)).decode()  # ~0.2-0.5 s a check
+    web = load_web_config_text(f"basic_auth_users: {{prometheus: '{costly}'}}\n")
+    service = ExporterService(Settings.load(redis_url=redis_url), port=0, web_config=web).start()
+    url = f"http://127.0.0.1:{service.port}/-/healthy"
+
+    def status(password: str) -> tuple[int, float]:
+        authorization = {"Authorization": basic("prometheus", password)}
+        request = urllib.request.Request(url, headers=authorization)
+        start = time.perf_counter()
+        try:
+            with urllib.request.urlopen(request, timeout=30) as resp:
+                code = resp.status
+        except urllib.error.HTTPError as err:
+            code = err.code
+        return code, time.perf_counter() - start
+
+    try:
+        assert status(PASSWORD)[0] == 200  # checked once, then remembered
+        with ThreadPoolExecutor(24) as pool:
+            flood = [pool.submit(status, f"wrong-{n}") for n in range(24)]
+            known = [status(PASSWORD) for _ in range(5)]
+            codes = [f.result()[0] for f in flood]
+    finally:
+        service.stop()
+    assert all(code == 200 and seconds < 1.0 for code, seconds in known), known
+    assert set(codes) <= {401, 503} and 503 in codes, codes  # at most BCRYPT_SLOTS checks at once

@@ -47,6 +47,9 @@ TLS_KEYS = ("cert_file", "key_file", "client_auth_type", "client_ca_file", "min_
 TOP_KEYS = ("tls_server_config", "basic_auth_users")
 #: Successful verifications kept in memory (bcrypt costs tens of milliseconds by design).
 AUTH_CACHE_SIZE = 1024
+#: bcrypt checks at a time: a request that finds them all busy gets 503 at once, so that a
+#: flood of wrong passwords never takes every worker thread from the scrapers.
+BCRYPT_SLOTS = 2
 
 
 @dataclasses.dataclass(frozen=True)
@@ -202,7 +205,9 @@ class BasicAuth:
 
     An unknown user costs the same bcrypt check as a wrong password. Successful checks are
     remembered by a SHA-256 of the credentials and the hash, as exporter-toolkit does, so
-    that a scraper pays bcrypt once rather than at every scrape.
+    that a scraper pays bcrypt once rather than at every scrape. At most
+    :data:`BCRYPT_SLOTS` checks run at once; a request beyond them gets 503 and
+    ``Retry-After: 1``.
     """
 
     def __init__(self, app: Callable[..., Iterable[bytes]], users: Mapping[str, bytes]) -> None:
@@ -216,18 +221,24 @@ class BasicAuth:
         self._dummy = bcrypt.hashpw(b"not a password", bcrypt.gensalt(min(costs, default=10)))
         self._verified: set[bytes] = set()
         self._lock = threading.Lock()
+        self._slots = threading.BoundedSemaphore(BCRYPT_SLOTS)
 
     def __call__(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
-        if self.authorized(environ.get("HTTP_AUTHORIZATION", "")):
+        authorized = self.authorized(environ.get("HTTP_AUTHORIZATION", ""))
+        if authorized:
             return self.app(environ, start_response)
-        body = b"Unauthorized\n"
-        headers = [("Content-Type", "text/plain; charset=utf-8"),
-                   ("Content-Length", str(len(body))), ("WWW-Authenticate", "Basic")]  # fmt: skip
-        start_response("401 Unauthorized", headers)
+        if authorized is None:
+            status, body, extra = "503 Service Unavailable", b"Busy\n", ("Retry-After", "1")
+        else:
+            status, body = "401 Unauthorized", b"Unauthorized\n"
+            extra = ("WWW-Authenticate", "Basic")
+        start_response(status, [("Content-Type", "text/plain; charset=utf-8"),
+                                ("Content-Length", str(len(body))), extra])  # fmt: skip
         return [] if environ.get("REQUEST_METHOD") == "HEAD" else [body]
 
-    def authorized(self, header: str) -> bool:
-        """Whether the ``Authorization`` header value names a user with its password."""
+    def authorized(self, header: str) -> bool | None:
+        """Whether the ``Authorization`` header value names a user with its password; None
+        when every bcrypt slot is busy."""
         scheme, _, encoded = header.strip().partition(" ")
         if scheme.lower() != "basic":
             return False
@@ -239,10 +250,14 @@ class BasicAuth:
         key = hashlib.sha256(b"\0".join((user, password, hashed or b""))).digest()
         if hashed is not None and key in self._verified:
             return True
+        if not self._slots.acquire(blocking=False):
+            return None
         try:
             ok = self._checkpw(password, hashed or self._dummy) and hashed is not None
         except ValueError:  # e.g. a password longer than bcrypt's 72 bytes
             ok = False
+        finally:
+            self._slots.release()
         if ok:
             with self._lock:
                 if len(self._verified) >= AUTH_CACHE_SIZE:
