@@ -32,7 +32,7 @@ log = logging.getLogger(__name__)
 HEADER_TIMEOUT = 5.0
 #: Threads that run the WSGI app; every other connection waits as a coroutine.
 WORKER_THREADS = 8
-#: Largest request line plus headers, in bytes (longer ones are refused with 400).
+#: Largest request line plus headers, in bytes (longer ones are refused with 400 or 431).
 MAX_HEADER_BYTES = 16 * 1024
 #: Connections waiting to be accepted.
 BACKLOG = 1024
@@ -224,6 +224,7 @@ class HTTPServer:
         threads: int = WORKER_THREADS,
     ) -> None:
         try:
+            import hypercorn  # noqa: F401
             from a2wsgi import WSGIMiddleware
         except ImportError:  # pragma: no cover - the serve extra is not installed
             raise RuntimeError(
@@ -273,8 +274,9 @@ class HTTPServer:
         self._done.wait(15)
 
     def server_close(self) -> None:
-        """Close the listening socket."""
+        """Close the listening socket and end the app's threads."""
         self.socket.close()
+        self.asgi_app.executor.shutdown(wait=False)
 
 
 def _hypercorn_config(context: ssl.SSLContext | None) -> Any:
