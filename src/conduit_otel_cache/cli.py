@@ -186,7 +186,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         signal.signal(sig, lambda *_: stop.set())
     service.start()
     scheme = "https" if service.tls else "http"
-    print(f"serving {scheme}://{args.host}:{service.port}/metrics and /health "
+    host = f"[{args.host}]" if ":" in args.host else args.host
+    print(f"serving {scheme}://{host}:{service.port}/metrics and /health "
           f"for {service.settings.safe_redis_url}", flush=True)  # fmt: skip
     stop.wait()
     service.stop()
