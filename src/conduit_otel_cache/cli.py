@@ -106,16 +106,26 @@ def cmd_cleanup(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     """Run the cluster exporter until SIGINT/SIGTERM."""
     from .server import ExporterService
+    from .webconfig import load_web_config
 
-    service = ExporterService(
-        _settings(args), args.host, args.port, certfile=args.certfile, keyfile=args.keyfile
-    )
+    web_config = None
+    if args.web_config_file:
+        if args.certfile or args.keyfile:
+            raise ConfigError("web_config_file: give TLS in the file (tls_server_config) "
+                              "or with --certfile/--keyfile, not both")  # fmt: skip
+        web_config = load_web_config(args.web_config_file)
+    elif args.keyfile and not args.certfile:
+        raise ConfigError("keyfile: needs --certfile")
+    settings = _settings(args)
+    service = ExporterService(settings, args.host, args.port, certfile=args.certfile,
+                              keyfile=args.keyfile, web_config=web_config)  # fmt: skip
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     service.start()
-    scheme = "https" if args.certfile else "http"
-    print(f"serving {scheme}://{args.host}:{service.port}/metrics and /health "
+    scheme = "https" if service.tls else "http"
+    host = f"[{args.host}]" if ":" in args.host else args.host
+    print(f"serving {scheme}://{host}:{service.port}/metrics and /health "
           f"for {service.settings.safe_redis_url}", flush=True)  # fmt: skip
     stop.wait()
     service.stop()
@@ -146,11 +156,14 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--key-prefix", help="key prefix (default: conduit:)")
         return p
 
-    p = redis_cmd("serve", "Run the cluster exporter: /metrics, /health, /health/cache_statistics.")
+    p = redis_cmd("serve", "Run the cluster exporter: /metrics, /health, /-/healthy, /-/ready.")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=9464, help="port (default 9464)")
     p.add_argument("--certfile", help="serve HTTPS with this certificate (PEM)")
     p.add_argument("--keyfile", help="private key of --certfile (PEM)")
+    p.add_argument("--web-config-file", metavar="FILE",
+                   help="TLS and basic auth in the Prometheus exporter-toolkit web "
+                        "configuration format (YAML)")  # fmt: skip
     p.set_defaults(func=cmd_serve)
     p = redis_cmd("stats", "Print cluster and per-instance statistics.")
     p.add_argument("--region", help="only this region")

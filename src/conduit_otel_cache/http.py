@@ -1,48 +1,173 @@
-"""The WSGI app: ``/metrics``, ``/health``, ``/health/cache_statistics``; and a server for it."""
+"""The ``serve`` WSGI app (landing page, ``/metrics``, ``/health``, probes) and its server.
+
+The server is hypercorn (asyncio) with the WSGI app run by a2wsgi in a bounded thread pool:
+a connection costs a coroutine, not a thread; one that has not sent its request headers
+within ``header_timeout`` seconds is closed; a slow reader holds its (already rendered)
+reply, never a thread.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import html
 import json
+import logging
+import os
+import socket
 import ssl
+import threading
 from collections.abc import Callable, Iterable
 from typing import Any
-from wsgiref.simple_server import WSGIRequestHandler, make_server
-
-from prometheus_client.exposition import ThreadingWSGIServer
 
 from .health import Health
 
 StartResponse = Callable[..., Any]
 Environ = dict[str, Any]
+WSGIApp = Callable[[Environ, StartResponse], Iterable[bytes]]
+
+log = logging.getLogger(__name__)
+
+#: Seconds a connection may take to send its request headers (and to stay idle between
+#: keep-alive requests) before it is closed.
+HEADER_TIMEOUT = 5.0
+#: Threads that run the WSGI app; every other connection waits as a coroutine.
+WORKER_THREADS = 8
+#: Largest request line plus headers, in bytes (longer ones are refused with 400 or 431).
+MAX_HEADER_BYTES = 16 * 1024
+#: Connections waiting to be accepted.
+BACKLOG = 1024
+
+LANDING_HEADERS = [
+    ("Content-Security-Policy", "default-src 'none'; style-src 'unsafe-inline'"),
+    ("X-Content-Type-Options", "nosniff"),
+]
+ROUTES = ("/", "/metrics", "/health", "/health/cache_statistics", "/-/healthy", "/-/ready")
 
 
 def make_app(
     metrics_app: Callable[..., Any],
     health: Callable[[], Health],
     api: Callable[..., Any] | None = None,
-) -> Callable[..., Any]:
-    """A WSGI app serving ``/metrics`` with the WSGI app ``metrics_app`` and the ``health()``
-    report; every path under ``/api/`` goes, unchanged, to the WSGI app ``api`` when given."""
+    *,
+    ready: Callable[[], bool] | None = None,
+    landing: str | None = None,
+) -> WSGIApp:
+    """A WSGI app serving ``/metrics`` with the WSGI app ``metrics_app``, the ``health()``
+    report at ``/health``, the probes ``/-/healthy`` (always 200) and ``/-/ready`` (200 when
+    ``ready()``, else 503) and the HTML ``landing`` page at ``/``; every path under ``/api/``
+    goes, unchanged, to the WSGI app ``api`` when given. HEAD is GET without the body."""
 
-    def app(environ: Environ, start_response: StartResponse) -> Iterable[bytes]:
+    def dispatch(environ: Environ, start_response: StartResponse) -> Iterable[bytes]:
         path = environ.get("PATH_INFO") or "/"
         method = environ.get("REQUEST_METHOD", "GET")
+        if header_bytes(environ) > MAX_HEADER_BYTES:  # the server takes more in one read
+            return json_reply(start_response, "431 Request Header Fields Too Large",
+                              {"error": "request headers too large"}, method)  # fmt: skip
         if api is not None and path.startswith("/api/"):
             mounted: Iterable[bytes] = api(environ, start_response)
             return mounted
-        routes = ("/metrics", "/health", "/health/cache_statistics")
-        refused = refuse(start_response, method, found=path.rstrip("/") in routes)
+        route = path if path == "/" else path.rstrip("/")
+        found = route in ROUTES and (route != "/" or landing is not None)
+        refused = refuse(start_response, method, found=found)
         if refused is not None:
             return refused
-        if path.rstrip("/") == "/metrics":
+        if route == "/metrics":
             body: Iterable[bytes] = metrics_app(environ, start_response)
             return body
+        if route == "/":
+            assert landing is not None
+            return reply(start_response, "200 OK", landing.encode(), "text/html; charset=utf-8",
+                         LANDING_HEADERS)  # fmt: skip
+        if route == "/-/healthy":
+            return reply(start_response, "200 OK", b"Healthy\n")
+        if route == "/-/ready":
+            if ready is None or ready():
+                return reply(start_response, "200 OK", b"Ready\n")
+            return reply(start_response, "503 Service Unavailable", b"Not ready: Redis was "
+                         b"never reached\n")  # fmt: skip
         report = health()
-        payload = report.report_json() if path.rstrip("/") == "/health" else report.check_json()
+        payload = report.report_json() if route == "/health" else report.check_json()
         status = "200 OK" if report.http_status == 200 else "503 Service Unavailable"
         return json_reply(start_response, status, payload, method)
 
-    return app
+    return head_as_get(dispatch)
+
+
+def header_bytes(environ: Environ) -> int:
+    """The size of the request line and headers, about as sent."""
+    size = len(environ.get("PATH_INFO", "")) + len(environ.get("QUERY_STRING", ""))
+    for name, value in environ.items():
+        if name.startswith("HTTP_") or name in ("CONTENT_TYPE", "CONTENT_LENGTH"):
+            size += len(name) + len(value) + 4
+    return size
+
+
+def head_as_get(app: Callable[..., Iterable[bytes]]) -> WSGIApp:
+    """``app`` with HEAD answered as GET without the body (same status and headers, with
+    the GET's ``Content-Length``)."""
+
+    def wrapped(environ: Environ, start_response: StartResponse) -> Iterable[bytes]:
+        if environ.get("REQUEST_METHOD") != "HEAD":
+            return app(environ, start_response)
+        sent: list[tuple[str, list[tuple[str, str]]]] = []
+
+        def keep(status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> None:
+            sent.append((status, headers))
+
+        result = app({**environ, "REQUEST_METHOD": "GET"}, keep)
+        try:
+            length = sum(len(chunk) for chunk in result)
+        finally:
+            close = getattr(result, "close", None)
+            if close is not None:
+                close()
+        status, headers = sent[-1]
+        if not any(name.lower() == "content-length" for name, _ in headers):
+            headers = [*headers, ("Content-Length", str(length))]
+        start_response(status, headers)
+        return []
+
+    return wrapped
+
+
+def reply(
+    start_response: StartResponse,
+    status: str,
+    body: bytes,
+    content_type: str = "text/plain; charset=utf-8",
+    headers: list[tuple[str, str]] | None = None,
+) -> list[bytes]:
+    """Send ``body`` with its ``Content-Type`` and ``Content-Length``."""
+    start_response(status, [("Content-Type", content_type), ("Content-Length", str(len(body))),
+                            *(headers or [])])  # fmt: skip
+    return [body]
+
+
+def landing_page(version: str, redis_url: str) -> str:
+    """The HTML of ``GET /``: the exporter, its version, the (password-masked) Redis URL
+    it reads and links to every route (relative, so that a path prefix keeps working)."""
+    links = [("metrics", "Metrics"), ("health", "Health (fleet report)"),
+             ("-/healthy", "Liveness probe"), ("-/ready", "Readiness probe"),
+             ("api/cache/stats/distributed", "Cluster statistics (JSON)")]  # fmt: skip
+    items = "\n".join(f'      <li><a href="{href}">{html.escape(text)}</a></li>'
+                      for href, text in links)  # fmt: skip
+    return f"""<!DOCTYPE html>
+<html lang="en">
+  <head>
+    <meta charset="utf-8">
+    <title>conduit-otel-cache exporter</title>
+    <style>body {{ font-family: sans-serif; margin: 2em; max-width: 48em; }}</style>
+  </head>
+  <body>
+    <h1>conduit-otel-cache exporter</h1>
+    <p>Version {html.escape(version)}, cluster cache statistics from
+      <code>{html.escape(redis_url)}</code>.</p>
+    <ul>
+{items}
+    </ul>
+  </body>
+</html>
+"""
 
 
 Refusal = tuple[str, Any, list[tuple[str, str]]]
@@ -81,9 +206,93 @@ def json_reply(
     return [] if method == "HEAD" else [body]
 
 
-class _QuietHandler(WSGIRequestHandler):
-    def log_message(self, format: str, *args: Any) -> None:
-        """Do not log every request."""
+class HTTPServer:
+    """hypercorn serving the WSGI ``app`` on a socket bound at construction (port 0 picks a
+    free one; ``server_address`` is the bound address); HTTPS with ``ssl_context``.
+
+    ``serve_forever()`` in a thread, ``shutdown()`` from another, then ``server_close()``.
+    """
+
+    def __init__(
+        self,
+        app: Callable[..., Any],
+        host: str,
+        port: int,
+        ssl_context: ssl.SSLContext | None = None,
+        *,
+        header_timeout: float = HEADER_TIMEOUT,
+        threads: int = WORKER_THREADS,
+    ) -> None:
+        try:
+            import hypercorn  # noqa: F401
+            from a2wsgi import WSGIMiddleware
+        except ImportError:  # pragma: no cover - the serve extra is not installed
+            raise RuntimeError(
+                "serve needs the 'serve' extra: pip install 'conduit-otel-cache[serve]'"
+            ) from None
+
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        self.socket = socket.create_server((host, port), family=family, backlog=BACKLOG)
+        self.server_address: tuple[Any, ...] = self.socket.getsockname()
+        self.asgi_app = WSGIMiddleware(app, workers=threads)
+        self.config = _hypercorn_config(ssl_context)
+        self.config.backlog = BACKLOG
+        self.config.keep_alive_timeout = header_timeout  # also the time to send the headers
+        self.config.ssl_handshake_timeout = header_timeout
+        self.config.read_timeout = int(max(1.0, 6 * header_timeout))
+        self.config.h11_max_incomplete_size = MAX_HEADER_BYTES
+        self.config.graceful_timeout = 1.0
+        self.config.include_server_header = False
+        self.config.accesslog = None
+        self.config.errorlog = log
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stop: asyncio.Event | None = None
+        self._started = threading.Event()
+        self._done = threading.Event()
+
+    def serve_forever(self) -> None:
+        """Serve until :meth:`shutdown`."""
+        try:
+            asyncio.run(self._serve())
+        finally:
+            self._done.set()
+
+    async def _serve(self) -> None:
+        from hypercorn.asyncio import serve
+
+        self._loop = asyncio.get_running_loop()
+        self._stop = asyncio.Event()
+        self.config.bind = [f"fd://{os.dup(self.socket.fileno())}"]  # hypercorn closes its copy
+        self._started.set()
+        await serve(self.asgi_app, self.config, shutdown_trigger=self._stop.wait, mode="asgi")  # type: ignore[arg-type]
+
+    def shutdown(self) -> None:
+        """Stop :meth:`serve_forever` (closing open connections) and wait for it."""
+        if not self._started.wait(10) or self._loop is None or self._stop is None:
+            return
+        self._loop.call_soon_threadsafe(self._stop.set)
+        self._done.wait(15)
+
+    def server_close(self) -> None:
+        """Close the listening socket and end the app's threads."""
+        self.socket.close()
+        self.asgi_app.executor.shutdown(wait=False)
+
+
+def _hypercorn_config(context: ssl.SSLContext | None) -> Any:
+    """hypercorn's Config, with ``context`` (client certificates and versions as the web
+    configuration asks) as its TLS context instead of one of its own making."""
+    from hypercorn.config import Config
+
+    class TLSConfig(Config):
+        @property
+        def ssl_enabled(self) -> bool:
+            return context is not None
+
+        def create_ssl_context(self) -> ssl.SSLContext | None:
+            return context
+
+    return TLSConfig()
 
 
 def make_http_server(
@@ -92,14 +301,13 @@ def make_http_server(
     port: int,
     certfile: str | None = None,
     keyfile: str | None = None,
-) -> ThreadingWSGIServer:
-    """A threading HTTP server for ``app`` (``serve_forever()`` it; port 0 picks a free one);
-    HTTPS when ``certfile`` (and ``keyfile``) are given."""
-    server: ThreadingWSGIServer = make_server(
-        host, port, app, server_class=ThreadingWSGIServer, handler_class=_QuietHandler
-    )
-    if certfile:
-        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-        context.load_cert_chain(certfile, keyfile)
-        server.socket = context.wrap_socket(server.socket, server_side=True)
-    return server
+    *,
+    ssl_context: ssl.SSLContext | None = None,
+) -> HTTPServer:
+    """An :class:`HTTPServer` for ``app``; HTTPS when ``certfile`` (and ``keyfile``) or an
+    ``ssl_context`` are given."""
+    if ssl_context is None and certfile:
+        from .webconfig import tls_context
+
+        ssl_context = tls_context(certfile, keyfile)
+    return HTTPServer(app, host, port, ssl_context)

@@ -5,21 +5,25 @@ from __future__ import annotations
 import logging
 import threading
 
-from .aggregate import Aggregator
+from . import __version__
+from .aggregate import Aggregator, ClusterView
 from .api import make_stats_app
 from .config import Settings
 from .exporter import ClusterExporter
 from .health import Health, evaluate
-from .http import make_app, make_http_server
+from .http import landing_page, make_app, make_http_server
 from .model import Statistics
 from .store import Store
+from .webconfig import BasicAuth, WebConfig
 
 log = logging.getLogger(__name__)
 
 
 class ExporterService:
-    """Serves ``/metrics``, ``/health`` and ``/api/cache/stats/distributed`` for the cluster
-    of ``settings.redis_url`` and removes long-dead instances every ``cleanup_interval``."""
+    """Serves ``/metrics``, ``/health``, the probes ``/-/healthy`` and ``/-/ready``,
+    ``/api/cache/stats/distributed`` and a landing page for the cluster of
+    ``settings.redis_url``, and removes long-dead instances every ``cleanup_interval``.
+    ``web_config`` (``serve --web-config-file``) adds TLS and basic auth."""
 
     def __init__(
         self,
@@ -29,26 +33,44 @@ class ExporterService:
         *,
         certfile: str | None = None,
         keyfile: str | None = None,
+        web_config: WebConfig | None = None,
     ) -> None:
         self.settings = settings
         self.store = Store.from_settings(settings)
         self.aggregator = Aggregator(self.store, settings, background=True)
         self.exporter = ClusterExporter(self.aggregator)
+        self._reached = threading.Event()  # Redis answered once: /-/ready
         api = make_stats_app(cluster=self.cluster_regions)  # /api/cache/stats/distributed
-        self.app = make_app(self.exporter.wsgi_app(), self.health, api)
-        self.server = make_http_server(self.app, host, port, certfile, keyfile)
+        landing = landing_page(__version__, settings.safe_redis_url)
+        self.app = make_app(self.exporter.wsgi_app(), self.health, api,
+                            ready=self.ready, landing=landing)  # fmt: skip
+        web = web_config or WebConfig()
+        served = BasicAuth(self.app, web.users) if web.users else self.app
+        self.server = make_http_server(served, host, port, certfile, keyfile,
+                                       ssl_context=web.ssl_context)  # fmt: skip
         self.port: int = self.server.server_address[1]
+        self.tls = web.ssl_context is not None or bool(certfile)
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
 
     def health(self) -> Health:
         """The health rules applied to the current cluster view."""
-        return evaluate(self.aggregator.view(), self.settings)
+        return evaluate(self._view(), self.settings)
+
+    def ready(self) -> bool:
+        """Whether Redis was reached at least once (``/-/ready``); never waits for Redis."""
+        return self._reached.is_set()
+
+    def _view(self) -> ClusterView:
+        view = self.aggregator.view()
+        if view.last_successful_aggregation is not None:
+            self._reached.set()
+        return view
 
     def cluster_regions(self) -> dict[str, Statistics]:
         """Cluster statistics per region (the last good ones while Redis is unreachable);
         raises ``ConnectionError`` when Redis was never reached."""
-        view = self.aggregator.view()
+        view = self._view()
         if not view.redis_up and view.last_successful_aggregation is None:
             raise ConnectionError(view.redis_error or "redis unreachable")
         return dict(view.regions)
@@ -63,6 +85,9 @@ class ExporterService:
         return self
 
     def _cleanup_loop(self) -> None:
+        while not self._reached.is_set() and not self._stop.is_set():  # until Redis answers
+            self._view()
+            self._stop.wait(1.0)
         while not self._stop.wait(self.settings.cleanup_interval):
             try:
                 removed = self.store.cleanup(self.settings.retention_period)

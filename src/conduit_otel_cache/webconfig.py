@@ -1,0 +1,266 @@
+"""``serve --web-config-file``: TLS and basic auth in the Prometheus exporter-toolkit format.
+
+The same file works for this exporter and the Go ones::
+
+    tls_server_config:
+      cert_file: server.crt            # relative paths are relative to the file
+      key_file: server.key
+      client_auth_type: RequireAndVerifyClientCert   # optional
+      client_ca_file: ca.crt                         # optional
+      min_version: TLS12                             # optional (TLS10-TLS13)
+    basic_auth_users:
+      prometheus: $2y$10$...           # bcrypt hash (htpasswd -nBC 10 "" | tr -d ':\\n')
+
+Everything is checked at start-up; an error is a :class:`ConfigError` naming the setting.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import dataclasses
+import hashlib
+import ssl
+import threading
+from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+from .config import ConfigError
+
+#: exporter-toolkit's ``client_auth_type`` values Python's ``ssl`` can honour.
+CLIENT_AUTH_TYPES = {
+    "NoClientCert": ssl.CERT_NONE,
+    "VerifyClientCertIfGiven": ssl.CERT_OPTIONAL,
+    "RequireAndVerifyClientCert": ssl.CERT_REQUIRED,
+}
+#: Types that ask for a certificate without verifying it, which Python's ``ssl`` cannot do.
+UNVERIFIED_CLIENT_AUTH_TYPES = ("RequestClientCert", "RequireAnyClientCert")
+TLS_VERSIONS = {
+    "TLS10": ssl.TLSVersion.TLSv1,
+    "TLS11": ssl.TLSVersion.TLSv1_1,
+    "TLS12": ssl.TLSVersion.TLSv1_2,
+    "TLS13": ssl.TLSVersion.TLSv1_3,
+}
+TLS_KEYS = ("cert_file", "key_file", "client_auth_type", "client_ca_file", "min_version",
+            "max_version")  # fmt: skip
+TOP_KEYS = ("tls_server_config", "basic_auth_users")
+#: Successful verifications kept in memory (bcrypt costs tens of milliseconds by design).
+AUTH_CACHE_SIZE = 1024
+#: bcrypt checks at a time: a request that finds them all busy gets 503 at once, so that a
+#: flood of wrong passwords never takes every worker thread from the scrapers.
+BCRYPT_SLOTS = 2
+
+
+@dataclasses.dataclass(frozen=True)
+class WebConfig:
+    """A validated web configuration: the TLS context (None: plain HTTP) and the users."""
+
+    ssl_context: ssl.SSLContext | None = None
+    users: Mapping[str, bytes] = dataclasses.field(default_factory=dict, repr=False)
+
+
+def tls_context(
+    certfile: str,
+    keyfile: str | None = None,
+    *,
+    client_ca_file: str | None = None,
+    verify_mode: ssl.VerifyMode = ssl.CERT_NONE,
+    min_version: ssl.TLSVersion = ssl.TLSVersion.TLSv1_2,
+    max_version: ssl.TLSVersion | None = None,
+    setting: str = "certfile",
+) -> ssl.SSLContext:
+    """A server TLS context (HTTP/1.1); ``setting`` names the option in errors."""
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.minimum_version = min_version
+    if max_version is not None:
+        context.maximum_version = max_version
+    context.set_alpn_protocols(["http/1.1"])
+    try:
+        context.load_cert_chain(certfile, keyfile)
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(f"{setting}: cannot load the certificate and key: {exc}") from None
+    if client_ca_file is not None:
+        ca_setting = setting.replace("cert_file", "client_ca_file")
+        try:
+            context.load_verify_locations(client_ca_file)
+        except (OSError, ssl.SSLError) as exc:
+            raise ConfigError(f"{ca_setting}: cannot load the CA certificates: {exc}") from None
+    context.verify_mode = verify_mode
+    return context
+
+
+def load_web_config(path: str) -> WebConfig:
+    """Read and validate the exporter-toolkit web configuration file ``path``."""
+    import yaml
+
+    where = "web_config_file"
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{where}: cannot read {path!r}: {exc}") from None
+    try:
+        document = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{where}: {path!r} is not valid YAML: {exc}") from None
+    document = {} if document is None else document
+    _mapping(document, where, TOP_KEYS)
+    base = Path(path).resolve().parent
+    tls = document.get("tls_server_config")
+    context = None if tls is None else _tls(tls, base, f"{where}: tls_server_config")
+    users = _users(document.get("basic_auth_users"), f"{where}: basic_auth_users")
+    return WebConfig(context, users)
+
+
+def _mapping(value: Any, setting: str, known: Iterable[str]) -> dict[str, Any]:
+    if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+        raise ConfigError(f"{setting}: must be a mapping, got {type(value).__name__}")
+    unknown = sorted(set(value) - set(known))
+    if unknown:
+        raise ConfigError(f"{setting}: unknown or unsupported key(s): {', '.join(unknown)} "
+                          f"(supported: {', '.join(known)})")  # fmt: skip
+    return value
+
+
+def _string(tls: dict[str, Any], key: str, setting: str) -> str | None:
+    value = tls.get(key)
+    if value is not None and (not isinstance(value, str) or not value):
+        raise ConfigError(f"{setting}.{key}: must be a non-empty string")
+    return value
+
+
+def _tls(value: Any, base: Path, setting: str) -> ssl.SSLContext:
+    tls = _mapping(value, setting, TLS_KEYS)
+    files = {}
+    for key in ("cert_file", "key_file", "client_ca_file"):
+        name = _string(tls, key, setting)
+        if name is None:
+            if key != "client_ca_file":
+                raise ConfigError(f"{setting}.{key}: required")
+            continue
+        file = base / name
+        if not file.is_file():
+            raise ConfigError(f"{setting}.{key}: no such file: {str(file)!r}")
+        files[key] = str(file)
+    auth = _string(tls, "client_auth_type", setting) or "NoClientCert"
+    if auth in UNVERIFIED_CLIENT_AUTH_TYPES:
+        raise ConfigError(f"{setting}.client_auth_type: {auth} asks for a certificate without "
+                          "verifying it, which is not supported; use VerifyClientCertIfGiven "
+                          "or RequireAndVerifyClientCert with client_ca_file")  # fmt: skip
+    if auth not in CLIENT_AUTH_TYPES:
+        raise ConfigError(f"{setting}.client_auth_type: must be one of "
+                          f"{', '.join(CLIENT_AUTH_TYPES)}, got {auth!r:.60}")  # fmt: skip
+    if (auth == "NoClientCert") != ("client_ca_file" not in files):
+        raise ConfigError(f"{setting}.client_ca_file: must be given with, and only with, a "
+                          f"client_auth_type that verifies certificates (got {auth})")  # fmt: skip
+    versions = {}
+    for key, default in (("min_version", "TLS12"), ("max_version", None)):
+        name = _string(tls, key, setting) or default
+        if name is not None and name not in TLS_VERSIONS:
+            raise ConfigError(f"{setting}.{key}: must be one of {', '.join(TLS_VERSIONS)}, "
+                              f"got {name!r:.60}")  # fmt: skip
+        versions[key] = None if name is None else TLS_VERSIONS[name]
+    minimum, maximum = versions["min_version"], versions["max_version"]
+    assert minimum is not None
+    if maximum is not None and maximum < minimum:
+        raise ConfigError(f"{setting}.max_version: lower than min_version")
+    return tls_context(
+        files["cert_file"],
+        files["key_file"],
+        client_ca_file=files.get("client_ca_file"),
+        verify_mode=CLIENT_AUTH_TYPES[auth],
+        min_version=minimum,
+        max_version=maximum,
+        setting=f"{setting}.cert_file",
+    )
+
+
+def _users(value: Any, setting: str) -> dict[str, bytes]:
+    import bcrypt
+
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ConfigError(f"{setting}: must be a mapping of user name to bcrypt hash")
+    users = {}
+    for user, hashed in value.items():
+        if not isinstance(user, str) or not user or ":" in user:
+            raise ConfigError(f"{setting}: user names must be non-empty strings without ':'")
+        if not isinstance(hashed, str):
+            raise ConfigError(f"{setting}.{user}: must be a bcrypt hash string")
+        try:
+            bcrypt.checkpw(b"", hashed.encode())  # rejects anything that is not a bcrypt hash
+        except ValueError:
+            raise ConfigError(f"{setting}.{user}: not a valid bcrypt hash") from None
+        users[user] = hashed.encode()
+    return users
+
+
+StartResponse = Callable[..., Any]
+
+
+class BasicAuth:
+    """WSGI middleware: answers 401 (``WWW-Authenticate: Basic``, no detail) unless the
+    request carries the credentials of one of ``users`` (name to bcrypt hash).
+
+    An unknown user costs the same bcrypt check as a wrong password. Successful checks are
+    remembered by a SHA-256 of the credentials and the hash, as exporter-toolkit does, so
+    that a scraper pays bcrypt once rather than at every scrape. At most
+    :data:`BCRYPT_SLOTS` checks run at once; a request beyond them gets 503 and
+    ``Retry-After: 1``.
+    """
+
+    def __init__(self, app: Callable[..., Iterable[bytes]], users: Mapping[str, bytes]) -> None:
+        import bcrypt
+
+        self.app = app
+        self._users = dict(users)
+        self._checkpw = bcrypt.checkpw
+        # an unknown user costs a check at the users' cost, like a wrong password
+        costs = [int(h[4:6]) for h in self._users.values() if h[4:6].isdigit()]
+        self._dummy = bcrypt.hashpw(b"not a password", bcrypt.gensalt(min(costs, default=10)))
+        self._verified: set[bytes] = set()
+        self._lock = threading.Lock()
+        self._slots = threading.BoundedSemaphore(BCRYPT_SLOTS)
+
+    def __call__(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
+        authorized = self.authorized(environ.get("HTTP_AUTHORIZATION", ""))
+        if authorized:
+            return self.app(environ, start_response)
+        if authorized is None:
+            status, body, extra = "503 Service Unavailable", b"Busy\n", ("Retry-After", "1")
+        else:
+            status, body = "401 Unauthorized", b"Unauthorized\n"
+            extra = ("WWW-Authenticate", "Basic")
+        start_response(status, [("Content-Type", "text/plain; charset=utf-8"),
+                                ("Content-Length", str(len(body))), extra])  # fmt: skip
+        return [] if environ.get("REQUEST_METHOD") == "HEAD" else [body]
+
+    def authorized(self, header: str) -> bool | None:
+        """Whether the ``Authorization`` header value names a user with its password; None
+        when every bcrypt slot is busy."""
+        scheme, _, encoded = header.strip().partition(" ")
+        if scheme.lower() != "basic":
+            return False
+        try:
+            user, sep, password = base64.b64decode(encoded.strip(), validate=True).partition(b":")
+        except (binascii.Error, ValueError):
+            return False
+        hashed = self._users.get(user.decode("utf-8", "replace")) if sep else None
+        key = hashlib.sha256(b"\0".join((user, password, hashed or b""))).digest()
+        if hashed is not None and key in self._verified:
+            return True
+        if not self._slots.acquire(blocking=False):
+            return None
+        try:
+            ok = self._checkpw(password, hashed or self._dummy) and hashed is not None
+        except ValueError:  # e.g. a password longer than bcrypt's 72 bytes
+            ok = False
+        finally:
+            self._slots.release()
+        if ok:
+            with self._lock:
+                if len(self._verified) >= AUTH_CACHE_SIZE:
+                    self._verified.clear()
+                self._verified.add(key)
+        return ok
