@@ -9,6 +9,9 @@ Nothing public does these jobs:
   was built without one.
 - :func:`collecting_readers` and :func:`exporter_of` tell which exporter a ``MeterProvider``
   already drives (``MeterProvider`` lists no readers publicly).
+- :func:`prometheus_reader` builds a ``PrometheusMetricReader`` on a private registry with
+  the options each supported ``opentelemetry-exporter-prometheus`` version has (before
+  0.63b0 the reader always registers on the global registry: its collector is moved).
 
 Each hook verifies, on first use, the signatures and attributes it relies on, and the
 histogram hook runs an end-to-end self-test through a real ``MeterProvider``. A mismatch
@@ -24,7 +27,13 @@ from collections.abc import Mapping, Sequence
 from importlib.metadata import PackageNotFoundError, version
 from typing import TYPE_CHECKING, Any
 
-from opentelemetry.sdk.metrics import AlignedHistogramBucketExemplarReservoir, MeterProvider
+from opentelemetry.exporter.prometheus import PrometheusMetricReader
+from opentelemetry.sdk.metrics import (
+    AlignedHistogramBucketExemplarReservoir,
+    MeterProvider,
+    ObservableCounter,
+    ObservableGauge,
+)
 from opentelemetry.sdk.metrics._internal.aggregation import _ExplicitBucketHistogramAggregation
 from opentelemetry.sdk.metrics.export import (
     AggregationTemporality,
@@ -34,6 +43,7 @@ from opentelemetry.sdk.metrics.export import (
     PeriodicExportingMetricReader,
 )
 from opentelemetry.sdk.metrics.view import Aggregation
+from prometheus_client import REGISTRY, CollectorRegistry
 
 from .model import ResponseTimes
 
@@ -48,6 +58,7 @@ __all__ = [
     "collecting_readers",
     "exporter_of",
     "prefer_aggregation",
+    "prometheus_reader",
 ]
 
 
@@ -55,17 +66,17 @@ class SdkCompatibilityError(RuntimeError):
     """The installed opentelemetry-sdk lacks a private API this package relies on."""
 
 
-def sdk_version() -> str:
+def sdk_version(package: str = "opentelemetry-sdk") -> str:
     try:
-        return version("opentelemetry-sdk")
+        return version(package)
     except PackageNotFoundError:  # pragma: no cover - the SDK is a dependency
         return "unknown"
 
 
-def _incompatible(what: str) -> SdkCompatibilityError:
+def _incompatible(what: str, package: str = "opentelemetry-sdk") -> SdkCompatibilityError:
     return SdkCompatibilityError(
-        f"conduit-otel-cache does not support opentelemetry-sdk {sdk_version()}: {what}. "
-        "Install an opentelemetry-sdk version in the range this package declares "
+        f"conduit-otel-cache does not support {package} {sdk_version(package)}: {what}. "
+        f"Install a {package} version in the range this package declares "
         "(pip show conduit-otel-cache) or upgrade conduit-otel-cache."
     )
 
@@ -276,8 +287,6 @@ def _points(reader: Any) -> list[tuple[Any, ...]]:
 
 
 def _observable_kinds() -> list[type]:
-    from opentelemetry.sdk.metrics import ObservableCounter, ObservableGauge
-
     return [ObservableCounter, ObservableGauge]
 
 
@@ -314,3 +323,38 @@ def exporter_of(reader: MetricReader) -> MetricExporter | None:
     if not isinstance(exporter, MetricExporter):
         raise _incompatible("PeriodicExportingMetricReader._exporter is not its exporter")
     return exporter
+
+
+def prometheus_reader(registry: CollectorRegistry, series_limit: int) -> PrometheusMetricReader:
+    """A reader whose series only ``registry`` serves, without ``target_info`` or scope
+    labels, keeping up to ``series_limit`` series per observable instrument."""
+    parameters = inspect.signature(PrometheusMetricReader.__init__).parameters
+    options: dict[str, Any] = {"disable_target_info": True}
+    if "scope_info_enabled" in parameters:  # since 0.64b0; no scope labels before
+        options["scope_info_enabled"] = False
+    if "cardinality_limits" in parameters:  # since 0.66b2 (sdk 1.45.2); no limit before
+        options["cardinality_limits"] = dict.fromkeys(_observable_kinds(), series_limit)
+    if "registry" in parameters:  # since 0.63b0
+        return PrometheusMetricReader(registry=registry, **options)
+    return _MovedPrometheusReader(registry, **options)
+
+
+class _MovedPrometheusReader(PrometheusMetricReader):
+    """A reader of ``opentelemetry-exporter-prometheus`` < 0.63b0, whose collector always
+    registers on the global registry: moved to ``registry`` (and taken off it at shutdown)."""
+
+    def __init__(self, registry: CollectorRegistry, **options: Any) -> None:
+        super().__init__(**options)
+        collector = getattr(self, "_collector", None)
+        if collector is None or not callable(getattr(collector, "collect", None)):
+            raise _incompatible(
+                "PrometheusMetricReader has no registry option and no _collector",
+                "opentelemetry-exporter-prometheus",
+            )
+        REGISTRY.unregister(collector)
+        registry.register(collector)
+        self._moved_to = (registry, collector)
+
+    def shutdown(self, timeout_millis: float = 30_000, **kwargs: Any) -> None:
+        registry, collector = self._moved_to
+        registry.unregister(collector)
