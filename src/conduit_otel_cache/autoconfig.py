@@ -17,15 +17,18 @@ from __future__ import annotations
 
 import os
 import weakref
-from typing import Any
 
 from opentelemetry.sdk.metrics import ObservableGauge
 from opentelemetry.sdk.metrics.export import PeriodicExportingMetricReader
-from opentelemetry.sdk.metrics.view import Aggregation, DefaultAggregation
 
 from .config import ConfigError, Settings
 from .instruments import RESPONSE_TIME_INSTRUMENT
-from .sdk_hook import PreAggregatedHistogram, collecting_readers, exporter_of, prefer_aggregation
+from .sdk_hook import (
+    PreAggregatedHistogramFor,
+    collecting_readers,
+    exporter_of,
+    prefer_aggregation,
+)
 from .writethrough import RedisMetricExporter
 
 __all__ = ["ConduitRedisMetricExporter", "shared_write_through"]
@@ -57,31 +60,10 @@ class ConduitRedisMetricExporter(RedisMetricExporter):
         super().__init__(settings)
         # The auto-configured provider has no views: report the pre-aggregated response
         # times as a histogram on this exporter's reader, other gauges as usual.
-        prefer_aggregation(self, {ObservableGauge: _ResponseTimeOrDefault()})
+        prefer_aggregation(
+            self, {ObservableGauge: PreAggregatedHistogramFor(RESPONSE_TIME_INSTRUMENT)}
+        )
         _exporters.add(self)
-
-
-class _ResponseTimeOrDefault(Aggregation):
-    """``PreAggregatedHistogram`` for the response-time instrument, the default otherwise."""
-
-    def __init__(self) -> None:
-        self._histogram = PreAggregatedHistogram()  # checks the private hook now
-
-    def _create_aggregation(
-        self,
-        instrument: Any,
-        attributes: Any,
-        reservoir_factory: Any,
-        start_time_unix_nano: int,
-    ) -> Any:
-        chosen = (
-            self._histogram
-            if getattr(instrument, "name", None) == RESPONSE_TIME_INSTRUMENT
-            else DefaultAggregation()
-        )
-        return chosen._create_aggregation(
-            instrument, attributes, reservoir_factory, start_time_unix_nano
-        )
 
 
 def _export_interval_seconds() -> float:

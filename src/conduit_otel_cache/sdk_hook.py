@@ -1,10 +1,11 @@
-"""The one module that uses private ``opentelemetry-sdk`` API, each use checked first.
+"""The one module that uses private OpenTelemetry SDK API, each use checked first.
 
 Nothing public does these jobs:
 
 - :class:`PreAggregatedHistogram` reports an observable instrument whose observations are
   whole histograms (the API has no asynchronous histogram) by subclassing the SDK's
-  ``_ExplicitBucketHistogramAggregation`` and implementing ``Aggregation._create_aggregation``.
+  ``_ExplicitBucketHistogramAggregation`` and implementing ``Aggregation._create_aggregation``
+  (:class:`PreAggregatedHistogramFor` chooses it for one instrument on a reader).
 - :func:`prefer_aggregation` sets an exporter's preferred aggregation after its base class
   was built without one.
 - :func:`collecting_readers` and :func:`exporter_of` tell which exporter a ``MeterProvider``
@@ -42,7 +43,7 @@ from opentelemetry.sdk.metrics.export import (
     MetricReader,
     PeriodicExportingMetricReader,
 )
-from opentelemetry.sdk.metrics.view import Aggregation
+from opentelemetry.sdk.metrics.view import Aggregation, DefaultAggregation
 from prometheus_client import REGISTRY, CollectorRegistry
 
 from .model import ResponseTimes
@@ -53,6 +54,7 @@ if TYPE_CHECKING:  # no public path for the measurement type
 __all__ = [
     "HistogramObservation",
     "PreAggregatedHistogram",
+    "PreAggregatedHistogramFor",
     "SdkCompatibilityError",
     "check_histogram_hook",
     "collecting_readers",
@@ -63,7 +65,7 @@ __all__ = [
 
 
 class SdkCompatibilityError(RuntimeError):
-    """The installed opentelemetry-sdk lacks a private API this package relies on."""
+    """The installed OpenTelemetry SDK lacks a private API this package relies on."""
 
 
 def sdk_version(package: str = "opentelemetry-sdk") -> str:
@@ -76,8 +78,8 @@ def sdk_version(package: str = "opentelemetry-sdk") -> str:
 def _incompatible(what: str, package: str = "opentelemetry-sdk") -> SdkCompatibilityError:
     return SdkCompatibilityError(
         f"conduit-otel-cache does not support {package} {sdk_version(package)}: {what}. "
-        f"Install a {package} version in the range this package declares "
-        "(pip show conduit-otel-cache) or upgrade conduit-otel-cache."
+        f"Install a {package} version that conduit-otel-cache supports "
+        "(README, Supported versions) or upgrade conduit-otel-cache."
     )
 
 
@@ -116,6 +118,29 @@ class PreAggregatedHistogram(Aggregation):
             reservoir_factory(_ExplicitBucketHistogramAggregation),
             boundaries=(),
             record_min_max=False,
+        )
+
+
+class PreAggregatedHistogramFor(Aggregation):
+    """:class:`PreAggregatedHistogram` for the instrument named ``name``, the SDK's default
+    aggregation for every other instrument (for a reader whose provider has no views)."""
+
+    def __init__(self, name: str) -> None:
+        self._name = name
+        self._histogram = PreAggregatedHistogram()
+        self._default = DefaultAggregation()
+
+    def _create_aggregation(
+        self,
+        instrument: Any,
+        attributes: Any,
+        reservoir_factory: Any,
+        start_time_unix_nano: int,
+    ) -> Any:
+        named = getattr(instrument, "name", None) == self._name
+        chosen: Aggregation = self._histogram if named else self._default
+        return chosen._create_aggregation(
+            instrument, attributes, reservoir_factory, start_time_unix_nano
         )
 
 
