@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: demo test check lint bench clean system-deps manifests
+.PHONY: demo test check test-lowest lint bench clean system-deps manifests
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -44,8 +44,23 @@ check: system-deps lint
 manifests:
 	$(PYTHON) deploy/manifests.py
 
+# The suite once more with the lowest versions of the core dependencies that pyproject.toml
+# declares (constraints/lowest.txt), in a venv of its own. LOWEST_PYTHON picks the interpreter
+# (e.g. the oldest supported one), PYTEST_ARGS passes options (e.g. -m "not slow").
+LOWEST_VENV ?= .venv-lowest
+LOWEST_PYTHON ?= $(PYTHON)
+$(LOWEST_VENV)/.installed: pyproject.toml constraints/lowest.txt
+	$(LOWEST_PYTHON) -m venv $(LOWEST_VENV)
+	$(LOWEST_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(LOWEST_VENV)/bin/python -m pip install --quiet -c constraints/lowest.txt -e '.[test]'
+	touch $@
+
+test-lowest: system-deps $(LOWEST_VENV)/.installed
+	$(LOWEST_VENV)/bin/python -m pip freeze | grep -iE '^(opentelemetry|redis|prometheus|hiredis)'
+	$(LOWEST_VENV)/bin/python -m pytest $(PYTEST_ARGS)
+
 bench: $(VENV)/.installed
 	$(PY) -m benchmarks $(ARGS)
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(LOWEST_VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache

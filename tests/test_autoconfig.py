@@ -15,7 +15,7 @@ import pytest
 import redis
 from opentelemetry.sdk._configuration import _import_exporters
 from opentelemetry.sdk.metrics import MeterProvider
-from opentelemetry.sdk.metrics.export import PeriodicExportingMetricReader
+from opentelemetry.sdk.metrics.export import InMemoryMetricReader, PeriodicExportingMetricReader
 
 from conduit_otel_cache import ConfigError, Settings, setup
 from conduit_otel_cache.autoconfig import ConduitRedisMetricExporter
@@ -80,6 +80,55 @@ def test_setup_reuses_the_write_through_on_the_provider(redis_url: str, r: redis
     assert r.hget("conduit:cache:stats:aggregated:r", "hit_count") == "1"
 
 
+def test_write_through_on_another_provider_is_not_shared(redis_url: str, r: redis.Redis) -> None:
+    settings = Settings.load(redis_url=redis_url, instance_id="other", flush_interval=None)
+    exporter = ConduitRedisMetricExporter(settings)
+    other = MeterProvider(
+        metric_readers=[PeriodicExportingMetricReader(exporter, export_interval_millis=math.inf)]
+    )
+    mine = MeterProvider(metric_readers=[InMemoryMetricReader()])
+    try:
+        stats = setup(
+            meter_provider=mine, redis_url=redis_url, instance_id="mine", set_global=False,
+            flush_interval=None, aggregation_cache_ttl=0,
+        )  # fmt: skip
+        assert stats.exporter is not exporter  # its own write-through: `mine` has none
+        for _ in range(10):
+            stats.record_hit("r", 0.001)
+        for _ in range(3):
+            assert stats.flush()
+            other.force_flush()
+        assert r.hget("conduit:cache:stats:aggregated:r", "hit_count") == "10"
+        assert r.hget("conduit:cache:instance:mine", "token") == stats.exporter.token
+        stats.shutdown()
+    finally:
+        other.shutdown()
+        mine.shutdown()
+
+
+def _run_app(source: str, tmp_path: Path, redis_url: str) -> subprocess.Popen[str]:
+    """``source`` in a fresh interpreter configured by the SDK for ``conduit_redis``."""
+    script = tmp_path / "app.py"
+    script.write_text(source)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OTEL_", "CONDUIT_"))}
+    env |= {
+        "OTEL_METRICS_EXPORTER": "conduit_redis",
+        "OTEL_TRACES_EXPORTER": "none",
+        "OTEL_LOGS_EXPORTER": "none",
+        "OTEL_METRIC_EXPORT_INTERVAL": "10000",
+        "CONDUIT_CACHE_STATS_REDIS_URL": redis_url,
+        "CONDUIT_CACHE_STATS_INSTANCE_ID": "auto-1",
+    }
+    return subprocess.Popen(
+        [sys.executable, str(script)],
+        env=env,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
 APP = textwrap.dedent(
     """
     import json, sys
@@ -117,25 +166,7 @@ APP = textwrap.dedent(
 def test_auto_configured_sdk_writes_through_once(
     tmp_path: Path, redis_url: str, r: redis.Redis
 ) -> None:
-    script = tmp_path / "app.py"
-    script.write_text(APP)
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("OTEL_", "CONDUIT_"))}
-    env |= {
-        "OTEL_METRICS_EXPORTER": "conduit_redis",
-        "OTEL_TRACES_EXPORTER": "none",
-        "OTEL_LOGS_EXPORTER": "none",
-        "OTEL_METRIC_EXPORT_INTERVAL": "10000",
-        "CONDUIT_CACHE_STATS_REDIS_URL": redis_url,
-        "CONDUIT_CACHE_STATS_INSTANCE_ID": "auto-1",
-    }
-    proc = subprocess.Popen(
-        [sys.executable, str(script)],
-        env=env,
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    proc = _run_app(APP, tmp_path, redis_url)
     try:
         assert proc.stdout is not None and proc.stdin is not None
         line = proc.stdout.readline()
@@ -169,3 +200,45 @@ def test_auto_configured_sdk_writes_through_once(
     total = r.hgetall("conduit:cache:stats:aggregated:Users")
     assert (total["hit_count"], total["miss_count"]) == ("5", "2")
     assert (total["instance_count"], total["size_bytes"]) == ("0", "0")
+
+
+REPEATED_FLUSHES = textwrap.dedent(
+    """
+    import json
+    from opentelemetry import metrics
+    from opentelemetry.sdk._configuration import _OTelSDKConfigurator
+
+    _OTelSDKConfigurator().configure()
+    from conduit_otel_cache import setup
+
+    provider = metrics.get_meter_provider()
+    stats = setup(meter_provider=provider, aggregation_cache_ttl=0)
+    for _ in range(10):
+        stats.record_hit("Users", 0.001)
+    hits = []
+    for _ in range(3):  # the SDK's reader and the handle's flush, alternately
+        provider.force_flush()
+        stats.flush()
+        hits.append(stats.cluster_statistics("Users").hit_count)
+    print(json.dumps({"hits": hits, "token": stats.exporter.token}), flush=True)
+    """
+)
+
+
+def test_auto_configured_sdk_counts_each_hit_once_over_many_flushes(
+    tmp_path: Path, redis_url: str, r: redis.Redis
+) -> None:
+    """Two write paths with two tokens made every flush look like a restart that adds the
+    cumulative values again (10 hits became 60 with opentelemetry-sdk 1.42.1)."""
+    proc = _run_app(REPEATED_FLUSHES, tmp_path, redis_url)
+    try:
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, err
+    report = json.loads(out)
+    assert report["hits"] == [10, 10, 10]
+    assert r.hget("conduit:cache:stats:aggregated:Users", "hit_count") == "10"  # after exit
+    assert "another live process" not in err

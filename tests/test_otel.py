@@ -94,12 +94,16 @@ def test_set_global_and_service_name() -> None:
 
     code = (
         "from opentelemetry import metrics\n"
+        "from opentelemetry.sdk.metrics.export import InMemoryMetricReader\n"
         "from conduit_otel_cache import setup\n"
-        "a = setup(instance_id='a', service_name='checkout')\n"
+        "reader = InMemoryMetricReader()\n"
+        "a = setup(instance_id='a', service_name='checkout', metric_readers=[reader])\n"
         "assert metrics.get_meter_provider() is a.meter_provider\n"
         "b = setup(instance_id='b', set_global=False)\n"
         "assert metrics.get_meter_provider() is a.meter_provider\n"
-        "print(a.meter_provider._sdk_config.resource.attributes['service.name'])\n"
+        "a.record_hit('r')\n"
+        "resource = reader.get_metrics_data().resource_metrics[0].resource\n"
+        "print(resource.attributes['service.name'])\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr

@@ -7,23 +7,34 @@ arguments from the entry point ``conduit_redis`` of the group
 every ``OTEL_METRIC_EXPORT_INTERVAL`` milliseconds. ``setup(meter_provider=
 metrics.get_meter_provider())`` then puts the instruments on that provider and writes
 through this exporter instead of creating its own (:func:`shared_write_through`).
+
+Every such exporter is kept in a weak registry when it is built, so a ``setup()`` in a
+process without one never looks into a provider; with one, the provider's readers are read
+through :mod:`conduit_otel_cache.sdk_hook`, which fails loudly if the SDK changed.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
-from typing import Any
+import weakref
 
 from opentelemetry.sdk.metrics import ObservableGauge
 from opentelemetry.sdk.metrics.export import PeriodicExportingMetricReader
-from opentelemetry.sdk.metrics.view import Aggregation, DefaultAggregation
 
 from .config import ConfigError, Settings
-from .instruments import RESPONSE_TIME_INSTRUMENT, PreAggregatedHistogram
+from .instruments import RESPONSE_TIME_INSTRUMENT
+from .sdk_hook import (
+    PreAggregatedHistogramFor,
+    collecting_readers,
+    exporter_of,
+    prefer_aggregation,
+)
 from .writethrough import RedisMetricExporter
 
 __all__ = ["ConduitRedisMetricExporter", "shared_write_through"]
+
+#: every live exporter built from this module (by the SDK's configurator or by hand)
+_exporters: weakref.WeakSet[ConduitRedisMetricExporter] = weakref.WeakSet()
 
 
 class ConduitRedisMetricExporter(RedisMetricExporter):
@@ -49,27 +60,10 @@ class ConduitRedisMetricExporter(RedisMetricExporter):
         super().__init__(settings)
         # The auto-configured provider has no views: report the pre-aggregated response
         # times as a histogram on this exporter's reader, other gauges as usual.
-        self._preferred_aggregation = {ObservableGauge: _ResponseTimeOrDefault()}
-
-
-class _ResponseTimeOrDefault(Aggregation):
-    """``PreAggregatedHistogram`` for the response-time instrument, the default otherwise."""
-
-    def _create_aggregation(
-        self,
-        instrument: Any,
-        attributes: Any,
-        reservoir_factory: Any,
-        start_time_unix_nano: int,
-    ) -> Any:
-        chosen = (
-            PreAggregatedHistogram()
-            if getattr(instrument, "name", None) == RESPONSE_TIME_INSTRUMENT
-            else DefaultAggregation()
+        prefer_aggregation(
+            self, {ObservableGauge: PreAggregatedHistogramFor(RESPONSE_TIME_INSTRUMENT)}
         )
-        return chosen._create_aggregation(
-            instrument, attributes, reservoir_factory, start_time_unix_nano
-        )
+        _exporters.add(self)
 
 
 def _export_interval_seconds() -> float:
@@ -83,27 +77,33 @@ def _export_interval_seconds() -> float:
 def shared_write_through(
     provider: object, settings: Settings
 ) -> tuple[PeriodicExportingMetricReader, RedisMetricExporter] | None:
-    """The reader and exporter of a write-through already on ``provider``, else None.
+    """The reader and exporter of a :class:`ConduitRedisMetricExporter` that ``provider``
+    collects for, else None.
 
-    Reads private SDK attributes, so anything unexpected means "none". Raises
-    :class:`ConfigError` when that exporter writes another instance id, key prefix or Redis.
+    Raises :class:`ConfigError` when that exporter writes another instance id, key prefix or
+    Redis, and :class:`~conduit_otel_cache.sdk_hook.SdkCompatibilityError` when such an
+    exporter exists but the SDK no longer lets us see the provider's readers.
     """
-    readers = getattr(provider, "_metric_readers", None)
-    if not isinstance(readers, Sequence):
+    live = set(_exporters)
+    if not live:
         return None
-    for reader in readers:
-        exporter = getattr(reader, "_exporter", None)
-        if isinstance(reader, PeriodicExportingMetricReader) and isinstance(
-            exporter, RedisMetricExporter
-        ):
-            for name in ("instance_id", "key_prefix", "redis_url"):
-                mine, theirs = getattr(settings, name), getattr(exporter.settings, name)
-                if mine is not None and mine != theirs:
-                    if name == "redis_url":
-                        mine, theirs = settings.safe_redis_url, exporter.settings.safe_redis_url
-                    raise ConfigError(
-                        f"{name}: setup() got {mine!r} but the conduit write-through "
-                        f"already on meter_provider uses {theirs!r}"
-                    )
+    for reader in collecting_readers(provider):
+        exporter = exporter_of(reader)
+        if exporter in live:
+            assert isinstance(reader, PeriodicExportingMetricReader)
+            assert isinstance(exporter, ConduitRedisMetricExporter)
+            _check_same_target(settings, exporter.settings)
             return reader, exporter
     return None
+
+
+def _check_same_target(mine: Settings, theirs: Settings) -> None:
+    for name in ("instance_id", "key_prefix", "redis_url"):
+        wanted, used = getattr(mine, name), getattr(theirs, name)
+        if wanted is not None and wanted != used:
+            if name == "redis_url":
+                wanted, used = mine.safe_redis_url, theirs.safe_redis_url
+            raise ConfigError(
+                f"{name}: setup() got {wanted!r} but the conduit write-through "
+                f"already on meter_provider uses {used!r}"
+            )

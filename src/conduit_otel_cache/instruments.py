@@ -3,8 +3,9 @@
 Counters and gauges are observable instruments whose callbacks read the tallies.
 The OpenTelemetry API has no asynchronous histogram, so a response-time histogram
 that is already aggregated (exact bucket counts) is reported through an observable
-instrument whose :class:`PreAggregatedHistogram` view turns the observed
-:class:`~conduit_otel_cache.model.ResponseTimes` into a histogram data point.
+instrument whose :class:`~conduit_otel_cache.sdk_hook.PreAggregatedHistogram` view turns
+the observed :class:`~conduit_otel_cache.model.ResponseTimes` into a histogram data point
+(the one private SDK hook, kept and checked in :mod:`conduit_otel_cache.sdk_hook`).
 """
 
 from __future__ import annotations
@@ -13,15 +14,10 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Protocol
 
 from opentelemetry.metrics import CallbackOptions, Meter, Observation
-from opentelemetry.sdk.metrics._internal.aggregation import (
-    AggregationTemporality,
-    _ExplicitBucketHistogramAggregation,
-)
-from opentelemetry.sdk.metrics._internal.measurement import Measurement
-from opentelemetry.sdk.metrics._internal.point import HistogramDataPoint
-from opentelemetry.sdk.metrics.view import Aggregation, View
+from opentelemetry.sdk.metrics.view import View
 
-from .model import ResponseTimes, Statistics
+from .model import Statistics
+from .sdk_hook import HistogramObservation, PreAggregatedHistogram
 
 SCOPE = "conduit_otel_cache"
 
@@ -72,21 +68,6 @@ def register_cache_instruments(meter: Meter, snapshot: Snapshot) -> None:
     )
 
 
-class HistogramObservation(float):
-    """An observed value that carries a whole histogram.
-
-    Its float value is the observation count, which is what a reader without the
-    :class:`PreAggregatedHistogram` view reports (as a gauge).
-    """
-
-    histogram: ResponseTimes
-
-    def __new__(cls, histogram: ResponseTimes) -> HistogramObservation:
-        obj = super().__new__(cls, histogram.count)
-        obj.histogram = histogram
-        return obj
-
-
 class _SelfState(Protocol):
     @property
     def invalid_events(self) -> int: ...
@@ -130,71 +111,3 @@ def _getter(attr: str) -> Callable[[Statistics], Any]:
 def histogram_views(*names: str) -> list[View]:
     """Views that report the named observable instruments as histograms."""
     return [View(instrument_name=name, aggregation=PreAggregatedHistogram()) for name in names]
-
-
-class PreAggregatedHistogram(Aggregation):
-    """Aggregation for an observable instrument whose observations are whole histograms."""
-
-    def _create_aggregation(
-        self,
-        instrument: Any,
-        attributes: Any,
-        reservoir_factory: Any,
-        start_time_unix_nano: int,
-    ) -> _PreAggregatedHistogramAggregation:
-        return _PreAggregatedHistogramAggregation(
-            attributes,
-            AggregationTemporality.CUMULATIVE,
-            start_time_unix_nano,
-            reservoir_factory(_ExplicitBucketHistogramAggregation),
-            boundaries=(),
-            record_min_max=False,
-        )
-
-
-class _PreAggregatedHistogramAggregation(_ExplicitBucketHistogramAggregation):
-    """Keeps the last observed cumulative histogram; reports it cumulative or as a delta."""
-
-    _latest: ResponseTimes | None = None
-    _reported: ResponseTimes | None = None
-
-    def aggregate(self, measurement: Measurement, should_sample_exemplar: bool = True) -> None:
-        value: Any = measurement.value
-        if isinstance(value, HistogramObservation):
-            with self._lock:
-                self._latest = value.histogram
-
-    def collect(  # type: ignore[override]
-        self,
-        collection_aggregation_temporality: AggregationTemporality,
-        collection_start_nano: int,
-    ) -> HistogramDataPoint | None:
-        with self._lock:
-            latest, self._latest = self._latest, None
-            if latest is None:
-                return None
-            start = self._start_time_unix_nano
-            point = latest
-            if collection_aggregation_temporality is AggregationTemporality.DELTA:
-                previous = self._reported
-                start = self._previous_collection_start_nano
-                self._previous_collection_start_nano = collection_start_nano
-                self._reported = latest
-                if previous is not None and previous.bounds == latest.bounds:
-                    point = ResponseTimes(
-                        latest.bounds,
-                        tuple(a - b for a, b in zip(latest.counts, previous.counts)),
-                        latest.sum - previous.sum,
-                    )
-            return HistogramDataPoint(
-                attributes=self._attributes,
-                exemplars=[],
-                start_time_unix_nano=start,
-                time_unix_nano=collection_start_nano,
-                count=point.count,
-                sum=point.sum,
-                bucket_counts=point.counts,
-                explicit_bounds=point.bounds,
-                min=float("inf"),
-                max=float("-inf"),
-            )

@@ -1,0 +1,130 @@
+"""The private SDK hooks check what they rely on and fail loudly, naming the SDK version."""
+
+from __future__ import annotations
+
+from importlib.metadata import version
+from typing import Any
+
+import pytest
+from opentelemetry.metrics import Observation
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics._internal.aggregation import _ExplicitBucketHistogramAggregation
+from opentelemetry.sdk.metrics.export import (
+    AggregationTemporality,
+    InMemoryMetricReader,
+    PeriodicExportingMetricReader,
+)
+from prometheus_client import REGISTRY, CollectorRegistry, generate_latest
+from prometheus_client.parser import text_string_to_metric_families
+
+from conduit_otel_cache import sdk_hook, setup
+from conduit_otel_cache.sdk_hook import (
+    SdkCompatibilityError,
+    check_histogram_hook,
+    collecting_readers,
+    exporter_of,
+    prometheus_reader,
+)
+
+from .conftest import MakeStats
+
+SDK = f"opentelemetry-sdk {version('opentelemetry-sdk')}"
+
+
+def test_installed_sdk_passes_the_check_and_the_self_test() -> None:
+    check_histogram_hook()
+    # the end-to-end self-test: known histograms through a real provider, cumulative and delta
+    assert sdk_hook._self_test() is None
+
+
+class _CollectChanged(_ExplicitBucketHistogramAggregation):
+    def collect(  # type: ignore[override]
+        self, collection_aggregation_temporality: AggregationTemporality
+    ) -> Any:
+        return None
+
+
+class _StateRenamed(_ExplicitBucketHistogramAggregation):
+    def __init__(
+        self,
+        attributes: Any,
+        instrument_aggregation_temporality: Any,
+        start_time_unix_nano: int,
+        reservoir_builder: Any,
+        boundaries: Any = None,
+        record_min_max: bool = True,
+    ) -> None:
+        super().__init__(attributes, instrument_aggregation_temporality, start_time_unix_nano,
+                         reservoir_builder, boundaries, record_min_max)  # fmt: skip
+        self._previous_collection_start = self.__dict__.pop("_previous_collection_start_nano")
+
+
+class _InitChanged(_ExplicitBucketHistogramAggregation):
+    def __init__(self, attributes: Any, temporality: Any, start: int, builder: Any) -> None:
+        super().__init__(attributes, temporality, start, builder)
+
+
+@pytest.mark.parametrize(
+    ("base", "names"),
+    [
+        (_CollectChanged, "_CollectChanged.collect"),
+        (_StateRenamed, "_StateRenamed has no _previous_collection_start_nano"),
+        (_InitChanged, "_InitChanged.__init__"),
+    ],
+)
+def test_a_changed_private_api_is_refused_with_the_sdk_version(base: type, names: str) -> None:
+    with pytest.raises(SdkCompatibilityError) as info:
+        check_histogram_hook(base)
+    message = str(info.value)
+    assert SDK in message and names in message
+    with pytest.raises(SdkCompatibilityError):  # every later use fails the same way
+        check_histogram_hook(base)
+
+
+def test_setup_fails_at_start_when_the_sdk_changed(monkeypatch: pytest.MonkeyPatch) -> None:
+    # what a future SDK with another collect() signature looks like to setup()
+    monkeypatch.setattr(_ExplicitBucketHistogramAggregation, "collect", _CollectChanged.collect)
+    monkeypatch.setattr(sdk_hook, "_checked", {})
+    with pytest.raises(SdkCompatibilityError, match=SDK.replace(".", r"\.")):
+        setup(instance_id="x", set_global=False)
+
+
+def test_readers_and_exporters_of_a_provider(make_stats: MakeStats) -> None:
+    memory = InMemoryMetricReader()
+    stats = make_stats("a", metric_readers=[memory])
+    assert stats.exporter is not None
+    readers = collecting_readers(stats.meter_provider)
+    assert memory in readers and len(readers) == 2
+    assert exporter_of(memory) is None
+    (periodic,) = [r for r in readers if isinstance(r, PeriodicExportingMetricReader)]
+    assert exporter_of(periodic) is stats.exporter
+    assert collecting_readers(object()) == ()  # not the SDK's provider: it holds none of ours
+
+
+def test_a_provider_whose_readers_cannot_be_seen_is_refused() -> None:
+    provider = MeterProvider(metric_readers=[InMemoryMetricReader()], shutdown_on_exit=False)
+    provider._measurement_consumer = object()  # as if the SDK had moved its readers
+    with pytest.raises(SdkCompatibilityError, match="_reader_storages"):
+        collecting_readers(provider)
+
+
+def test_prometheus_reader_serves_only_its_registry_without_scope_labels() -> None:
+    registry = CollectorRegistry(auto_describe=False)
+    reader = prometheus_reader(registry, series_limit=3000)
+    provider = MeterProvider(metric_readers=[reader], shutdown_on_exit=False)
+    series = 2500  # above the SDK's default cardinality limit of 2000, where it has one
+    provider.get_meter("conduit_otel_cache").create_observable_gauge(
+        "probe.values",
+        callbacks=[lambda options: [Observation(i, {"n": str(i)}) for i in range(series)]],
+    )
+    try:
+        text = generate_latest(registry).decode()
+        families = {f.name: f for f in text_string_to_metric_families(text)}
+        assert set(families) == {"probe_values"}  # no target_info
+        samples = families["probe_values"].samples
+        assert len(samples) == series
+        assert {s.labels["n"] for s in samples} == {str(i) for i in range(series)}
+        assert all(set(s.labels) == {"n"} for s in samples)  # no otel_scope_* labels
+        assert b"probe_values" not in generate_latest(REGISTRY)
+    finally:
+        provider.shutdown()
