@@ -27,7 +27,6 @@ from .sdk_hook import (
     PreAggregatedHistogramFor,
     collecting_readers,
     exporter_of,
-    prefer_aggregation,
 )
 from .writethrough import RedisMetricExporter
 
@@ -57,11 +56,13 @@ class ConduitRedisMetricExporter(RedisMetricExporter):
                 f"instance_timeout: {settings.instance_timeout:g}s is shorter than "
                 f"OTEL_METRIC_EXPORT_INTERVAL {interval:g}s; live instances would look dead"
             )
-        super().__init__(settings)
         # The auto-configured provider has no views: report the pre-aggregated response
         # times as a histogram on this exporter's reader, other gauges as usual.
-        prefer_aggregation(
-            self, {ObservableGauge: PreAggregatedHistogramFor(RESPONSE_TIME_INSTRUMENT)}
+        super().__init__(
+            settings,
+            preferred_aggregation={
+                ObservableGauge: PreAggregatedHistogramFor(RESPONSE_TIME_INSTRUMENT)
+            },
         )
         _exporters.add(self)
 

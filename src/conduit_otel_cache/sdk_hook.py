@@ -6,8 +6,6 @@ Nothing public does these jobs:
   whole histograms (the API has no asynchronous histogram) by subclassing the SDK's
   ``_ExplicitBucketHistogramAggregation`` and implementing ``Aggregation._create_aggregation``
   (:class:`PreAggregatedHistogramFor` chooses it for one instrument on a reader).
-- :func:`prefer_aggregation` sets an exporter's preferred aggregation after its base class
-  was built without one.
 - :func:`collecting_readers` and :func:`exporter_of` tell which exporter a ``MeterProvider``
   already drives (``MeterProvider`` lists no readers publicly).
 - :func:`prometheus_reader` builds a ``PrometheusMetricReader`` on a private registry with
@@ -59,7 +57,6 @@ __all__ = [
     "check_histogram_hook",
     "collecting_readers",
     "exporter_of",
-    "prefer_aggregation",
     "prometheus_reader",
 ]
 
@@ -316,15 +313,6 @@ def _observable_kinds() -> list[type]:
 
 
 # -- exporters and readers ----------------------------------------------------------------
-
-
-def prefer_aggregation(exporter: MetricExporter, preferred: Mapping[type, Aggregation]) -> None:
-    """Add ``preferred`` to the aggregations ``exporter`` asks its reader for (what
-    ``MetricExporter(preferred_aggregation=...)`` sets, when a base class did not pass it)."""
-    current = getattr(exporter, "_preferred_aggregation", ())
-    if current is not None and not isinstance(current, dict):
-        raise _incompatible("MetricExporter has no _preferred_aggregation mapping")
-    exporter._preferred_aggregation = {**(current or {}), **preferred}
 
 
 def collecting_readers(provider: object) -> Sequence[MetricReader]:

@@ -32,6 +32,7 @@ from opentelemetry.sdk.metrics.export import (
     MetricsData,
     NumberDataPoint,
 )
+from opentelemetry.sdk.metrics.view import Aggregation
 
 from .config import Settings
 from .identity import Identity
@@ -94,9 +95,11 @@ class RedisMetricExporter(MetricExporter):
         *,
         identity: Identity | None = None,
         samples: Callable[[], dict[str, list[float]]] | None = None,
+        preferred_aggregation: dict[type, Aggregation] | None = None,
     ) -> None:
         super().__init__(
-            preferred_temporality={cls: AggregationTemporality.CUMULATIVE for cls in _all_kinds()}
+            preferred_temporality={cls: AggregationTemporality.CUMULATIVE for cls in _all_kinds()},
+            preferred_aggregation=preferred_aggregation,
         )
         self.settings = settings
         self.store = store if store is not None else Store.from_settings(settings)
