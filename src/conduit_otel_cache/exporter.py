@@ -370,16 +370,13 @@ class ClusterExporter:
         ``name[]``, as prometheus_client negotiates them."""
 
         def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
-            self._enter()  # until the server closes the reply: the refresh gives way meanwhile
-            try:
-                return _Reply(self._answer(environ, start_response), self._leave)
-            except BaseException:
-                self._leave()
-                raise
+            return self._answer(environ, start_response)
 
         return app
 
-    def _answer(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> list[bytes]:
+    def _answer(
+        self, environ: dict[str, Any], start_response: Callable[..., Any]
+    ) -> Iterable[bytes]:
         method = environ.get("REQUEST_METHOD", "GET")
         if method == "OPTIONS":
             start_response("200 OK", [("Allow", "OPTIONS, GET, HEAD")])
@@ -406,8 +403,13 @@ class ClusterExporter:
         headers += [("Content-Type", content_type), ("Content-Length", str(len(body)))]
         if gzipped:
             headers.append(("Content-Encoding", "gzip"))
-        start_response("200 OK", headers)
-        return [] if method == "HEAD" else [body]
+        self._enter()  # until the server closes the reply: a refresh gives way meanwhile
+        try:
+            start_response("200 OK", headers)
+        except BaseException:
+            self._leave()
+            raise
+        return _Reply([] if method == "HEAD" else [body], self._leave)
 
     @staticmethod
     def _filtered(
