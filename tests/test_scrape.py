@@ -221,3 +221,28 @@ def test_formats_gzip_name_filter_head_and_own_series(make_stats: MakeStats, ser
 
     body, headers = get(service, method="HEAD")
     assert body == b"" and headers["Content-Type"].startswith("text/plain")
+
+
+def test_scrapes_do_not_wait_for_a_stalled_redis(make_stats: MakeStats, serve: Any, r: Any) -> None:
+    """While Redis stalls (``CLIENT PAUSE``) the background refresh waits; scrapes keep
+    getting the last rendering at once, and its age tells how old it is."""
+    ttl = 0.2
+    stats = make_stats("app-1")
+    stats.record_hit("Orders")
+    assert stats.flush()
+    service = serve(ttl)
+    get(service, **PROMETHEUS)
+    r.client_pause(2500)
+    try:
+        paused = time.monotonic()
+        ages: list[float] = []
+        while time.monotonic() - paused < 2.0:
+            start = time.monotonic()
+            body, headers = get(service, **PROMETHEUS)
+            assert time.monotonic() - start < 1.0, "a scrape waited for Redis"
+            assert hits(samples(body, headers), "Orders") == 1
+            ages.append(float(headers[DATA_AGE_HEADER]))
+            time.sleep(0.05)  # the poll interval of this test
+    finally:
+        r.client_unpause()
+    assert max(ages) > 1.5, ages  # the refresh was stalled: the data aged past the TTL

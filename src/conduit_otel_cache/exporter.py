@@ -348,15 +348,21 @@ class ClusterExporter:
 
     def _rendering(self) -> _Rendering:
         """The rendering a scrape answers from: the current one, or a new one when there
-        is none yet or the background thread has not refreshed it in time (it was idle)."""
+        is none yet or the background thread has not refreshed it in time (it was idle).
+        While another refresh runs (a slow Redis), the current one (its age tells)."""
         current = self._current
         if current is not None and not self._outdated(current):
             return current
-        with self._refreshing:
+        if not self._refreshing.acquire(blocking=current is None):
+            assert current is not None
+            return current
+        try:
             current = self._current
             if current is None or self._outdated(current):
                 current = self._current = self._render_now()
             return current
+        finally:
+            self._refreshing.release()
 
     def _outdated(self, rendering: _Rendering) -> bool:
         late = time.monotonic() - rendering.published
