@@ -69,6 +69,7 @@ _EARLY = 0.01  # seconds a refresh starts before the data reaches its TTL (timer
 #: switches threads at least every _SWITCH seconds, so that a scrape that arrives during a
 #: refresh waits for the interpreter lock for fractions of a millisecond, not 5 ms a time.
 _GIVE_WAY = 0.02
+_PATIENCE = 0.25  # seconds one refresh gives way in all (it must end: the data age bound)
 _SWITCH = 0.0001
 
 Encoder = Callable[[Any], bytes]
@@ -104,6 +105,7 @@ class ClusterExporter:
         self._in_flight = 0  # scrapes being answered (until the server closes the reply)
         self._quiet = threading.Event()  # set while none is
         self._quiet.set()
+        self._patience = 0.0  # seconds the current background refresh may still give way
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._errors = RateLimitedLog(log)
@@ -282,8 +284,10 @@ class ClusterExporter:
 
     def _give_way(self) -> None:
         """In the background refresh: wait (a little) while scrapes are being answered."""
-        if self._in_flight and threading.current_thread() is self._thread:
-            self._quiet.wait(_GIVE_WAY)
+        if self._in_flight and self._patience > 0 and threading.current_thread() is self._thread:
+            start = time.perf_counter()
+            self._quiet.wait(min(_GIVE_WAY, self._patience))
+            self._patience -= time.perf_counter() - start
 
     def _enter(self) -> None:
         with self._lock:
@@ -335,6 +339,7 @@ class ClusterExporter:
             if self._current is not current:
                 return  # a scrape refreshed meanwhile
             unless = None if current is None else current.view
+            self._patience = _PATIENCE
             switch = sys.getswitchinterval()
             sys.setswitchinterval(min(switch, _SWITCH))
             try:
