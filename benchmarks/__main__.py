@@ -15,7 +15,7 @@ import time
 
 from conduit_otel_cache.embedded import redis_server_binary
 
-from . import flush, hot_path, scale
+from . import flush, hot_path, scale, scrape
 from .common import Target, show_targets
 
 
@@ -41,10 +41,13 @@ def main() -> None:
         "--no-peer", action="store_true", help="skip prometheus-distributed-client (needs PyPI)"
     )
     parser.add_argument(
-        "--only", choices=["hot", "flush", "scale"], action="append", help="run only these"
+        "--only",
+        choices=["hot", "flush", "scale", "scrape"],
+        action="append",
+        help="run only these",
     )
     args = parser.parse_args()
-    only = set(args.only or ["hot", "flush", "scale"])
+    only = set(args.only or ["hot", "flush", "scale", "scrape"])
     started = time.perf_counter()
     print(f"# conduit-otel-cache benchmarks{' (--quick)' if args.quick else ''}")
     print(f"machine: {machine()}")
@@ -56,6 +59,8 @@ def main() -> None:
         targets += flush.run(quick=args.quick)
     if "scale" in only:
         targets += scale.run(quick=args.quick)
+    if "scrape" in only:
+        targets += scrape.run(quick=args.quick)
     print("\n## Summary")
     show_targets("All targets", targets)
     met = sum(1 for t in targets if t.met)

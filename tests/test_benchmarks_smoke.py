@@ -29,6 +29,10 @@ def test_benchmarks_quick_run() -> None:
         "### Per-instance pass, seed read-time sum, Redis memory",
         "### Growth: figure at 10x / figure before (median)",
         "### Exporter process RSS",
+        "### GET /metrics at 100 x 10: ms p50 / p99",
+        "### Data age a scrape sees",
+        "### serve's cost at 100 x 10",
+        "### Peer: prometheus_client multiprocess mode",
         "### All targets",
     ):
         assert header in out, f"missing {header!r} in:\n{out[-3000:]}"

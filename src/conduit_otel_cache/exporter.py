@@ -1,10 +1,28 @@
 """The cluster view as observable OpenTelemetry instruments, exposed to Prometheus
-through ``opentelemetry-exporter-prometheus`` on a private ``CollectorRegistry``."""
+through ``opentelemetry-exporter-prometheus`` on a private ``CollectorRegistry``, next to
+prometheus_client's process, platform and GC collectors and a build-info series.
+
+Scrapes are served from finished bytes: once a format (text or OpenMetrics, gzipped or
+not, as the scrape negotiates) has been asked for, a background thread reads the view and
+renders it every ``aggregation_cache_ttl``, and a scrape returns the last rendering whole,
+so that concurrent scrapes each see one consistent view and no scrape waits for the
+OpenTelemetry collection. The data a scrape sees (header ``X-Conduit-Data-Age``) is at
+most ``aggregation_cache_ttl`` plus one refresh (Redis read and rendering) old. With
+``aggregation_cache_ttl`` 0 (or ``prerender=False``) every scrape collects and renders
+on demand. A name filter (``?name[]=...``) is rendered on demand by prometheus_client.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+import gzip
+import logging
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator
+from importlib import metadata
 from typing import Any
+from urllib.parse import parse_qs
 
 from opentelemetry.exporter.prometheus import PrometheusMetricReader
 from opentelemetry.metrics import CallbackOptions, Observation
@@ -15,7 +33,15 @@ from opentelemetry.sdk.metrics import (
     ObservableGauge,
 )
 from opentelemetry.sdk.resources import Resource
-from prometheus_client import CollectorRegistry, make_wsgi_app
+from prometheus_client import (
+    CollectorRegistry,
+    GCCollector,
+    Info,
+    PlatformCollector,
+    ProcessCollector,
+    make_wsgi_app,
+)
+from prometheus_client.exposition import choose_encoder, gzip_accepted
 from prometheus_client.metrics_core import Metric
 
 from .aggregate import Aggregator, ClusterView
@@ -28,22 +54,65 @@ from .instruments import (
     register_cache_instruments,
 )
 from .model import Statistics
+from .ratelimit import RateLimitedLog
+
+log = logging.getLogger(__name__)
+
+#: the response header with the age in seconds of the Redis read a scrape reflects
+DATA_AGE_HEADER = "X-Conduit-Data-Age"
+#: seconds a format stays rendered in the background after the last scrape that asked for it
+KEEP_WARM = 300.0
+_RETRY = 0.005  # seconds before asking again when another reader is refreshing the view
+_EARLY = 0.01  # seconds a refresh starts before the data reaches its TTL (timer slack)
+#: A background refresh gives way to scrapes in flight (between callbacks and between metric
+#: families, for at most this many seconds each time) and, while it runs, the interpreter
+#: switches threads at least every _SWITCH seconds, so that a scrape that arrives during a
+#: refresh waits for the interpreter lock for fractions of a millisecond, not 5 ms a time.
+_GIVE_WAY = 0.02
+_PATIENCE = 0.25  # seconds one refresh gives way in all (it must end: the data age bound)
+_SWITCH = 0.0001
+
+Encoder = Callable[[Any], bytes]
+Variant = tuple[str, bool]  # (content type, gzipped)
 
 
 class ClusterExporter:
     """Publishes cluster totals, hit rates, drift and health for Prometheus to scrape."""
 
-    def __init__(self, aggregator: Aggregator) -> None:
+    def __init__(
+        self, aggregator: Aggregator, *, prerender: bool = True, keep_warm: float = KEEP_WARM
+    ) -> None:
+        settings = aggregator.settings
         self.aggregator = aggregator
+        self.ttl = settings.aggregation_cache_ttl if settings.enable_aggregation_cache else 0.0
+        #: render in the background and serve finished bytes (needs a TTL above 0)
+        self.prerender = prerender and self.ttl > 0
+        self.keep_warm = keep_warm
+        #: duration in seconds of the last refresh (view read, collection, rendering)
+        self.refresh_seconds = 0.0
+        self.refresh_seconds_max = 0.0
+        self.refreshes = 0
+        #: every series /metrics serves (collecting it directly is safe from any thread)
         self.registry = CollectorRegistry(auto_describe=False)
-        # Registered first, so each scrape takes one view that every callback then reads:
-        # one scrape costs at most one aggregation, and its series are consistent.
+        self._otel = CollectorRegistry(auto_describe=False)
+        self._collecting = threading.RLock()  # one collection at a time, of one view
         self._pinned: ClusterView | None = None
-        self.registry.register(_PinView(self))
+        self._refreshing = threading.Lock()  # one refresh at a time
+        self._lock = threading.Lock()
+        self._current: _Rendering | None = None
+        self._wanted: dict[Variant, tuple[Encoder, float]] = {}
+        self._wake = threading.Event()
+        self._in_flight = 0  # scrapes being answered (until the server closes the reply)
+        self._quiet = threading.Event()  # set while none is
+        self._quiet.set()
+        self._patience = 0.0  # seconds the current background refresh may still give way
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._errors = RateLimitedLog(log)
         # Series are bounded here (regions, max_instance_series), not folded by the SDK.
-        limit = max(2000, aggregator.settings.max_instance_series + 1)
+        limit = max(2000, settings.max_instance_series + 1)
         self._reader = PrometheusMetricReader(
-            registry=self.registry,
+            registry=self._otel,
             scope_info_enabled=False,
             disable_target_info=True,
             cardinality_limits={ObservableGauge: limit, ObservableCounter: limit},
@@ -83,6 +152,10 @@ class ClusterExporter:
              self._scalar(lambda v: v.last_successful_aggregation)),
             ("conduit.cache.health.status", "1", "0 Healthy, 1 Degraded, 2 Unhealthy",
              self._scalar(lambda v: int(evaluate(v, aggregator.settings).status))),
+            ("conduit.cache.exporter.data_age", "s",
+             "Seconds from the Redis read these series reflect to their collection (a "
+             f"scrape's own data age is its {DATA_AGE_HEADER} header)",
+             self._scalar(lambda v: _age(v, time.time()))),
         ]  # fmt: skip
         for name, unit, description, callback in gauges:
             meter.create_observable_gauge(
@@ -95,12 +168,20 @@ class ClusterExporter:
             description="Malformed entries skipped by aggregation",
         )
 
-    def pin(self) -> None:
-        """Take the view that the callbacks of this scrape will read."""
-        self._pinned = self.aggregator.view()
+        self.registry.register(_Series(self))
+        ProcessCollector(registry=self.registry)
+        PlatformCollector(registry=self.registry)
+        GCCollector(registry=self.registry)
+        Info("conduit_cache_exporter_build", "The exporter's version", registry=self.registry).info(
+            {"version": _version()}
+        )
 
     def _view(self) -> ClusterView:
-        return self._pinned if self._pinned is not None else self.aggregator.view()
+        view = self._pinned
+        if view is None:
+            return self.aggregator.view()
+        self._give_way()
+        return view
 
     def _regions(self) -> dict[str, Statistics]:
         return self._view().regions
@@ -125,21 +206,362 @@ class ClusterExporter:
 
         return callback
 
+    # -- collection ---------------------------------------------------------------------
+
+    def _otel_families(self) -> list[Metric]:
+        """The OpenTelemetry series of the pinned view (of the aggregator's when none is)."""
+        with self._collecting:
+            outer = self._pinned
+            if outer is None:
+                self._pinned = self.aggregator.view()
+            try:
+                return list(self._otel.collect())
+            finally:
+                self._pinned = outer
+
+    def collect(self, view: ClusterView) -> list[Metric]:
+        """Every series of :attr:`registry`, the cluster's from ``view``."""
+        with self._collecting:
+            self._pinned = view
+            try:
+                return list(self.registry.collect())
+            finally:
+                self._pinned = None
+
+    def _refresh(
+        self,
+        variants: dict[Variant, Encoder],
+        *,
+        invalidate: bool = False,
+        unless: ClusterView | None = None,
+    ) -> _Rendering | None:
+        """Read the view (again when ``invalidate``), collect it and render ``variants``;
+        None when the view read is ``unless`` (another reader is refreshing it)."""
+        start, wall = time.perf_counter(), time.time()
+        if invalidate:
+            self.aggregator.invalidate()
+        view = self.aggregator.view()
+        if view is unless:
+            return None
+        rendering = _Rendering(self.collect(view), view, wall, self.collect)
+        for (content_type, gzipped), encoder in variants.items():
+            rendering.body(content_type, encoder, gzipped, self._give_way)
+        if variants:
+            rendering.seal()  # keep the bytes only (fewer objects for the garbage collector)
+        rendering.duration = time.perf_counter() - start
+        rendering.published = time.monotonic()
+        self.refresh_seconds = rendering.duration
+        self.refresh_seconds_max = max(self.refresh_seconds_max, rendering.duration)
+        self.refreshes += 1
+        return rendering
+
+    def _render_now(self) -> _Rendering:
+        rendering = self._refresh({})
+        assert rendering is not None
+        return rendering
+
+    # -- background rendering -----------------------------------------------------------
+
+    def start(self) -> None:
+        """Start the background rendering (the first scrape also starts it)."""
+        with self._lock:
+            if self._thread is None and self.prerender and not self._stop.is_set():
+                self._thread = threading.Thread(
+                    target=self._loop, daemon=True, name="conduit-metrics-render"
+                )
+                self._thread.start()
+
+    def _want(self, variant: Variant, encoder: Encoder) -> None:
+        """Note that a scrape asked for ``variant``: render it in the background from now on."""
+        now = time.monotonic()
+        with self._lock:
+            seen = self._wanted.get(variant)
+            self._wanted[variant] = (encoder, now)
+        if self._thread is None:
+            self.start()
+        if seen is None or now - seen[1] > self.keep_warm:
+            self._wake.set()
+
+    def _give_way(self) -> None:
+        """In the background refresh: wait (a little) while scrapes are being answered."""
+        if self._in_flight and self._patience > 0 and threading.current_thread() is self._thread:
+            start = time.perf_counter()
+            self._quiet.wait(min(_GIVE_WAY, self._patience))
+            self._patience -= time.perf_counter() - start
+
+    def _enter(self) -> None:
+        with self._lock:
+            self._in_flight += 1
+            self._quiet.clear()
+
+    def _leave(self) -> None:
+        with self._lock:
+            self._in_flight -= 1
+            if not self._in_flight:
+                self._quiet.set()
+
+    def _warm(self) -> dict[Variant, Encoder]:
+        """The variants asked for within ``keep_warm``."""
+        now = time.monotonic()
+        with self._lock:
+            return {v: e for v, (e, at) in self._wanted.items() if now - at <= self.keep_warm}
+
+    def _due(self, rendering: _Rendering) -> float:
+        """Unix time of the next refresh: just before the data reaches
+        ``aggregation_cache_ttl`` age (while Redis fails, one ``aggregation_cache_ttl``
+        after the last attempt)."""
+        data_time = rendering.data_time
+        if data_time is None or not rendering.view.redis_up:
+            data_time = rendering.started
+        return data_time + self.ttl - min(_EARLY, self.ttl / 10)
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self._step()
+            except Exception as exc:
+                self._errors.error("conduit-otel-cache: rendering /metrics failed: %s", exc)
+                self._stop.wait(self.ttl)
+
+    def _step(self) -> None:
+        variants = self._warm()
+        if not variants:  # nobody scrapes: idle until a scrape asks again
+            self._wake.wait()
+            self._wake.clear()
+            return
+        current = self._current
+        delay = 0.0 if current is None else self._due(current) - time.time()
+        if delay > 0:
+            self._wake.wait(delay)
+            self._wake.clear()
+            return
+        with self._refreshing:
+            if self._current is not current:
+                return  # a scrape refreshed meanwhile
+            unless = None if current is None else current.view
+            self._patience = _PATIENCE
+            switch = sys.getswitchinterval()
+            sys.setswitchinterval(min(switch, _SWITCH))
+            try:
+                rendering = self._refresh(variants, invalidate=True, unless=unless)
+            finally:
+                sys.setswitchinterval(switch)
+            if rendering is None:
+                self._stop.wait(_RETRY)  # another reader is refreshing the view
+                return
+            self._current = rendering
+
+    def _rendering(self) -> _Rendering:
+        """The rendering a scrape answers from: the current one, or a new one when there
+        is none yet or the background thread has not refreshed it in time (it was idle).
+        While another refresh runs (a slow Redis), the current one (its age tells)."""
+        current = self._current
+        if current is not None and not self._outdated(current):
+            return current
+        if not self._refreshing.acquire(blocking=current is None):
+            assert current is not None
+            return current
+        try:
+            current = self._current
+            if current is None or self._outdated(current):
+                current = self._current = self._render_now()
+            return current
+        finally:
+            self._refreshing.release()
+
+    def _outdated(self, rendering: _Rendering) -> bool:
+        late = time.monotonic() - rendering.published
+        return late > self.ttl + max(1.0, 2 * rendering.duration)
+
+    # -- HTTP ---------------------------------------------------------------------------
+
     def wsgi_app(self) -> Callable[..., Any]:
-        """The WSGI app that answers ``GET /metrics`` with this exporter's series."""
-        return make_wsgi_app(self.registry)
+        """The WSGI app that answers ``GET /metrics`` (and HEAD) with this exporter's series:
+        text or OpenMetrics by ``Accept``, gzip by ``Accept-Encoding``, filtered by
+        ``name[]``, as prometheus_client negotiates them."""
+
+        def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+            return self._answer(environ, start_response)
+
+        return app
+
+    def _answer(
+        self, environ: dict[str, Any], start_response: Callable[..., Any]
+    ) -> Iterable[bytes]:
+        method = environ.get("REQUEST_METHOD", "GET")
+        if method == "OPTIONS":
+            start_response("200 OK", [("Allow", "OPTIONS, GET, HEAD")])
+            return []
+        if method not in ("GET", "HEAD"):
+            start_response("405 Method Not Allowed", [("Allow", "OPTIONS, GET, HEAD")])
+            return []
+        encoder, content_type = choose_encoder(environ.get("HTTP_ACCEPT") or "")
+        gzipped = gzip_accepted(environ.get("HTTP_ACCEPT_ENCODING") or "")
+        filtered = "name[]" in parse_qs(environ.get("QUERY_STRING") or "")
+        if not self.prerender:
+            rendering = self._render_now()
+        else:
+            if not filtered:
+                self._want((content_type, gzipped), encoder)
+            rendering = self._rendering()
+        headers = [("Vary", "Accept, Accept-Encoding")]
+        age = _age(rendering.view, time.time())
+        if age is not None:
+            headers.append((DATA_AGE_HEADER, f"{age:.3f}"))
+        if filtered:  # rare: prometheus_client renders it from this rendering's series
+            return self._filtered(rendering, environ, start_response, headers)
+        body = rendering.body(content_type, encoder, gzipped)
+        headers += [("Content-Type", content_type), ("Content-Length", str(len(body)))]
+        if gzipped:
+            headers.append(("Content-Encoding", "gzip"))
+        self._enter()  # until the server closes the reply: a refresh gives way meanwhile
+        try:
+            start_response("200 OK", headers)
+        except BaseException:
+            self._leave()
+            raise
+        return _Reply([] if method == "HEAD" else [body], self._leave)
+
+    @staticmethod
+    def _filtered(
+        rendering: _Rendering,
+        environ: dict[str, Any],
+        start_response: Callable[..., Any],
+        extra: list[tuple[str, str]],
+    ) -> list[bytes]:
+        def respond(status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> Any:
+            return start_response(status, [*headers, *extra], exc_info)
+
+        head = environ.get("REQUEST_METHOD") == "HEAD"
+        body: list[bytes] = make_wsgi_app(rendering.registry())(
+            {**environ, "REQUEST_METHOD": "GET"}, respond
+        )
+        return [] if head else body
 
     def shutdown(self) -> None:
-        """Stop the meter provider and unregister from the registry."""
+        """Stop the background rendering and the meter provider."""
+        self._stop.set()
+        self._wake.set()
+        thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout=5.0)
         self.meter_provider.shutdown()
 
 
-class _PinView:
-    """A collector without metrics that pins the exporter's view for one scrape."""
+class _Series:
+    """The collector of the OpenTelemetry series on :attr:`ClusterExporter.registry`."""
 
     def __init__(self, exporter: ClusterExporter) -> None:
         self._exporter = exporter
 
     def collect(self) -> Iterable[Metric]:
-        self._exporter.pin()
-        return []
+        return self._exporter._otel_families()
+
+
+class _Reply:
+    """A WSGI reply that calls ``done()`` when the server closes it (after sending it)."""
+
+    def __init__(self, parts: list[bytes], done: Callable[[], None]) -> None:
+        self._parts = parts
+        self._done: Callable[[], None] | None = done
+
+    def __iter__(self) -> Iterator[bytes]:
+        return iter(self._parts)
+
+    def __len__(self) -> int:
+        return len(self._parts)
+
+    def close(self) -> None:
+        done, self._done = self._done, None
+        if done is not None:
+            done()
+
+
+class _Fixed:
+    """A collector that returns families collected before (calling ``pause()`` after each)."""
+
+    def __init__(self, families: list[Metric], pause: Callable[[], None] | None = None) -> None:
+        self._families = families
+        self._pause = pause
+
+    def collect(self) -> Iterator[Metric]:
+        for family in self._families:
+            yield family
+            if self._pause is not None:
+                self._pause()
+
+
+class _Rendering:
+    """One collection of every series, and its expositions (rendered once, when first
+    asked for); never changes once published, so a scrape reads one view."""
+
+    def __init__(
+        self,
+        families: list[Metric],
+        view: ClusterView,
+        started: float,
+        collect: Callable[[ClusterView], list[Metric]],
+    ) -> None:
+        self.view = view
+        self._collect = collect  # collects ``view`` again once sealed
+        self.started = started  # Unix time the refresh began
+        self.data_time = _data_time(view)
+        self.duration = 0.0
+        self.published = time.monotonic()
+        self._families: list[Metric] | None = families
+        self._bodies: dict[Variant, bytes] = {}
+        self._lock = threading.Lock()
+
+    def seal(self) -> None:
+        """Drop the collected series: a format asked for later collects the view again."""
+        self._families = None
+
+    def _series(self) -> list[Metric]:
+        families = self._families
+        return families if families is not None else self._collect(self.view)
+
+    def body(
+        self,
+        content_type: str,
+        encoder: Encoder,
+        gzipped: bool,
+        pause: Callable[[], None] | None = None,
+    ) -> bytes:
+        """The exposition as ``content_type`` (as ``encoder`` writes it), gzipped or not;
+        ``pause()`` runs after each family while rendering."""
+        found = self._bodies.get((content_type, gzipped))
+        if found is not None:
+            return found
+        with self._lock:
+            plain = self._bodies.get((content_type, False))
+            if plain is None:
+                plain = self._bodies[(content_type, False)] = encoder(_Fixed(self._series(), pause))
+            found = self._bodies.get((content_type, gzipped))
+            if found is None:
+                found = self._bodies[(content_type, True)] = gzip.compress(plain, 6)
+            return found
+
+    def registry(self) -> CollectorRegistry:
+        """A registry of these series that knows their names (for ``restricted_registry``)."""
+        registry = CollectorRegistry(auto_describe=True)
+        registry.register(_Fixed(self._series()))
+        return registry
+
+
+def _data_time(view: ClusterView) -> float | None:
+    """Unix time of the Redis read ``view`` reflects (when its last good aggregation began)."""
+    if view.last_successful_aggregation is None:
+        return None
+    return view.last_successful_aggregation - view.aggregation_latency
+
+
+def _age(view: ClusterView, now: float) -> float | None:
+    data_time = _data_time(view)
+    return None if data_time is None else max(0.0, now - data_time)
+
+
+def _version() -> str:
+    try:
+        return metadata.version("conduit-otel-cache")
+    except metadata.PackageNotFoundError:
+        return "unknown"

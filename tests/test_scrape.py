@@ -1,0 +1,248 @@
+"""``GET /metrics`` of ``serve``: finished bytes rendered in the background, data age
+within ``aggregation_cache_ttl`` plus one refresh, one view per scrape under concurrency,
+formats, gzip, the name filter, and the exporter's own process and build-info series."""
+
+from __future__ import annotations
+
+import gzip
+import sys
+import threading
+import time
+import urllib.request
+from collections.abc import Iterator
+from importlib import metadata
+from typing import Any
+
+import pytest
+from prometheus_client.openmetrics.parser import (
+    text_string_to_metric_families as openmetrics_families,
+)
+from prometheus_client.parser import text_string_to_metric_families
+
+from conduit_otel_cache import Settings
+from conduit_otel_cache.exporter import DATA_AGE_HEADER
+from conduit_otel_cache.server import ExporterService
+
+from .conftest import MakeStats
+from .test_prometheus_tools import assert_ok, promtool
+
+OPENMETRICS = "application/openmetrics-text; version=1.0.0"
+PROMETHEUS = {  # what Prometheus 2.x sends
+    "Accept": "application/openmetrics-text;version=1.0.0,application/openmetrics-text;"
+    "version=0.0.1;q=0.75,text/plain;version=0.0.4;q=0.5,*/*;q=0.1",
+    "Accept-Encoding": "gzip",
+}
+#: scheduler slack allowed on top of the bound on a shared CI machine
+SLACK = 0.1
+
+
+@pytest.fixture
+def serve(redis_url: str) -> Iterator[Any]:
+    """Start ``serve`` (an ``ExporterService``) with the given ``aggregation_cache_ttl``."""
+    services: list[ExporterService] = []
+
+    def start(ttl: float) -> ExporterService:
+        settings = Settings.load(redis_url=redis_url, aggregation_cache_ttl=ttl)
+        service = ExporterService(settings, port=0).start()
+        services.append(service)
+        return service
+
+    yield start
+    for service in services:
+        service.stop()
+
+
+def get(
+    service: ExporterService, query: str = "", method: str = "GET", **headers: str
+) -> tuple[bytes, dict[str, str]]:
+    """The body (decompressed when gzipped) and the headers of one request."""
+    url = f"http://127.0.0.1:{service.port}/metrics{query}"
+    request = urllib.request.Request(url, headers=headers, method=method)
+    with urllib.request.urlopen(request, timeout=30) as resp:
+        body, found = resp.read(), dict(resp.headers)
+    if found.get("Content-Encoding") == "gzip":
+        body = gzip.decompress(body)
+    return body, found
+
+
+def samples(body: bytes, headers: dict[str, str]) -> dict[tuple[str, tuple[Any, ...]], float]:
+    """``{(sample name, sorted labels): value}`` parsed by prometheus_client."""
+    openmetrics = headers["Content-Type"].startswith("application/openmetrics-text")
+    parse = openmetrics_families if openmetrics else text_string_to_metric_families
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in parse(body.decode())
+        for s in family.samples
+    }
+
+
+def hits(found: dict[tuple[str, tuple[Any, ...]], float], region: str) -> float | None:
+    return found.get(("conduit_cache_hits_total", (("region", region),)))
+
+
+def test_flushed_events_appear_within_ttl_plus_one_refresh(
+    make_stats: MakeStats, serve: Any
+) -> None:
+    ttl = 0.5
+    stats = make_stats("app-1")
+    stats.record_hit("Orders")
+    assert stats.flush()
+    service = serve(ttl)
+    exporter = service.exporter
+    get(service, **PROMETHEUS)  # Prometheus scrapes: from now on rendered in the background
+    ages: list[float] = []
+    for round_ in range(1, 4):
+        for _ in range(10):
+            stats.record_hit("Orders")
+        assert stats.flush()
+        flushed = time.monotonic()
+        expected = 1 + 10 * round_
+        deadline = flushed + 10 * (ttl + 1.0)  # bounded; the assertion below is the bound
+        while True:
+            body, headers = get(service, **PROMETHEUS)
+            ages.append(float(headers[DATA_AGE_HEADER]))
+            if hits(samples(body, headers), "Orders") == expected:
+                break
+            assert time.monotonic() < deadline, f"{expected} hits never appeared on /metrics"
+            time.sleep(0.01)  # the poll interval of this test, not a wait for a flush
+        elapsed = time.monotonic() - flushed
+        bound = ttl + exporter.refresh_seconds_max + SLACK
+        assert elapsed <= bound, f"round {round_}: {elapsed:.3f} s > {bound:.3f} s"
+    assert exporter.prerender and exporter.refreshes >= 3  # served from background refreshes
+    assert max(ages) <= ttl + exporter.refresh_seconds_max + SLACK, ages
+    # a name filter on a background rendering (which keeps bytes only) collects its view again
+    body, headers = get(service, "?name[]=conduit_cache_hits_total", **PROMETHEUS)
+    found = samples(body, headers)
+    assert set(found) == {("conduit_cache_hits_total", (("region", "Orders"),))}
+    assert hits(found, "Orders") == 31
+
+
+@pytest.mark.parametrize("ttl", [0.0, 0.05], ids=["on demand", "background"])
+def test_concurrent_scrapes_each_see_one_view(
+    make_stats: MakeStats, serve: Any, ttl: float
+) -> None:
+    """While the view changes, every body of 4 concurrent scrapers is one whole view: in
+    every region the hit ratio on it matches the hits and misses on it."""
+    regions = [f"R{j:02d}" for j in range(40)]
+    stats = make_stats("app-1")
+    for region in regions:
+        stats.record_miss(region)
+    assert stats.flush()
+    service = serve(ttl)
+    stop = threading.Event()
+    bodies: list[dict[tuple[str, tuple[Any, ...]], float]] = []
+    errors: list[BaseException] = []
+
+    def writer() -> None:
+        while not stop.is_set():
+            for region in regions:
+                stats.record_hit(region)
+            stats.flush()
+
+    def scraper() -> None:
+        try:
+            while not stop.is_set():
+                bodies.append(samples(*get(service, **PROMETHEUS)))
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=writer)] + [
+        threading.Thread(target=scraper) for _ in range(4)
+    ]
+    switch = sys.getswitchinterval()
+    sys.setswitchinterval(1e-5)  # threads interleave often: a shared pin shows at once
+    try:
+        for t in threads:
+            t.start()
+        deadline = time.monotonic() + 15
+        while len(bodies) < 60 and time.monotonic() < deadline and not errors:
+            time.sleep(0.05)
+    finally:
+        stop.set()
+        sys.setswitchinterval(switch)
+    for t in threads:
+        t.join(timeout=30)
+    assert not errors, errors
+    assert len({hits(found, "R00") for found in bodies}) >= 5, "the view did not change"
+    for found in bodies:
+        for region in regions:
+            labels = (("region", region),)
+            h = found[("conduit_cache_hits_total", labels)]
+            m = found[("conduit_cache_misses_total", labels)]
+            ratio = found[("conduit_cache_hit_ratio", labels)]
+            assert ratio == pytest.approx(h / (h + m)), (region, h, m, ratio)
+
+
+def test_formats_gzip_name_filter_head_and_own_series(make_stats: MakeStats, serve: Any) -> None:
+    stats = make_stats("app-1")
+    for _ in range(3):
+        stats.record_hit("Orders")
+    stats.record_hit("Users")
+    assert stats.flush()
+    service = serve(5.0)
+
+    text, headers = get(service)
+    assert headers["Content-Type"].startswith("text/plain; version=0.0.4")
+    assert float(headers[DATA_AGE_HEADER]) >= 0
+    found = samples(text, headers)
+    assert hits(found, "Orders") == 3 and hits(found, "Users") == 1
+    version = metadata.version("conduit-otel-cache")
+    assert found[("conduit_cache_exporter_build_info", (("version", version),))] == 1
+    names = {name for name, _ in found}
+    for name in (
+        "process_cpu_seconds_total",
+        "process_resident_memory_bytes",
+        "python_gc_objects_collected_total",
+        "python_info",
+        "conduit_cache_exporter_data_age_seconds",
+    ):
+        assert name in names, name
+    assert_ok(promtool("check", "metrics", stdin=text))
+
+    om, headers = get(service, Accept=OPENMETRICS, **{"Accept-Encoding": "gzip"})
+    assert headers["Content-Type"].startswith("application/openmetrics-text; version=1.0.0")
+    assert headers["Content-Encoding"] == "gzip" and om.endswith(b"# EOF\n")
+    assert hits(samples(om, headers), "Orders") == 3
+
+    body, headers = get(service, "?name[]=conduit_cache_hits_total")
+    found = samples(body, headers)
+    assert {name for name, _ in found} == {"conduit_cache_hits_total"}
+    assert hits(found, "Orders") == 3 and hits(found, "Users") == 1
+    body, headers = get(
+        service,
+        "?name[]=conduit_cache_hits_total&name[]=conduit_cache_exporter_build_info",
+        Accept=OPENMETRICS,
+    )
+    assert {name for name, _ in samples(body, headers)} == {
+        "conduit_cache_hits_total",
+        "conduit_cache_exporter_build_info",
+    }
+    assert DATA_AGE_HEADER in headers
+
+    body, headers = get(service, method="HEAD")
+    assert body == b"" and headers["Content-Type"].startswith("text/plain")
+
+
+def test_scrapes_do_not_wait_for_a_stalled_redis(make_stats: MakeStats, serve: Any, r: Any) -> None:
+    """While Redis stalls (``CLIENT PAUSE``) the background refresh waits; scrapes keep
+    getting the last rendering at once, and its age tells how old it is."""
+    ttl = 0.2
+    stats = make_stats("app-1")
+    stats.record_hit("Orders")
+    assert stats.flush()
+    service = serve(ttl)
+    get(service, **PROMETHEUS)
+    r.client_pause(2500)
+    try:
+        paused = time.monotonic()
+        ages: list[float] = []
+        while time.monotonic() - paused < 2.0:
+            start = time.monotonic()
+            body, headers = get(service, **PROMETHEUS)
+            assert time.monotonic() - start < 1.0, "a scrape waited for Redis"
+            assert hits(samples(body, headers), "Orders") == 1
+            ages.append(float(headers[DATA_AGE_HEADER]))
+            time.sleep(0.05)  # the poll interval of this test
+    finally:
+        r.client_unpause()
+    assert max(ages) > 1.5, ages  # the refresh was stalled: the data aged past the TTL
