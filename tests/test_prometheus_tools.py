@@ -22,7 +22,7 @@ from typing import Any
 
 import pytest
 from opentelemetry.exporter.prometheus import PrometheusMetricReader
-from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client import REGISTRY, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from conduit_otel_cache import Settings, setup
@@ -160,9 +160,9 @@ def test_promtool_accepts_serve_metrics(redis_url: str) -> None:
 
 
 def test_promtool_accepts_application_exposition() -> None:
-    registry = CollectorRegistry()
+    registry = REGISTRY  # what an application serves (registry= exists only since 0.63b0)
     handle = setup(
-        metric_readers=[PrometheusMetricReader(registry=registry)],
+        metric_readers=[PrometheusMetricReader()],
         set_global=False,
         flush_interval=None,
         instance_id="app-1",

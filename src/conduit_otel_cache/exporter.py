@@ -24,14 +24,8 @@ from importlib import metadata
 from typing import Any
 from urllib.parse import parse_qs
 
-from opentelemetry.exporter.prometheus import PrometheusMetricReader
 from opentelemetry.metrics import CallbackOptions, Observation
-from opentelemetry.sdk.metrics import (
-    AlwaysOffExemplarFilter,
-    MeterProvider,
-    ObservableCounter,
-    ObservableGauge,
-)
+from opentelemetry.sdk.metrics import AlwaysOffExemplarFilter, MeterProvider
 from opentelemetry.sdk.resources import Resource
 from prometheus_client import (
     CollectorRegistry,
@@ -55,6 +49,7 @@ from .instruments import (
 )
 from .model import Statistics
 from .ratelimit import RateLimitedLog
+from .sdk_hook import prometheus_reader
 
 log = logging.getLogger(__name__)
 
@@ -111,12 +106,7 @@ class ClusterExporter:
         self._errors = RateLimitedLog(log)
         # Series are bounded here (regions, max_instance_series), not folded by the SDK.
         limit = max(2000, settings.max_instance_series + 1)
-        self._reader = PrometheusMetricReader(
-            registry=self._otel,
-            scope_info_enabled=False,
-            disable_target_info=True,
-            cardinality_limits={ObservableGauge: limit, ObservableCounter: limit},
-        )
+        self._reader = prometheus_reader(self._otel, series_limit=limit)
         self.meter_provider = MeterProvider(
             metric_readers=[self._reader],
             resource=Resource.create({"service.name": "conduit-otel-cache-exporter"}),
