@@ -217,9 +217,9 @@ def test_exporter_runs_two_locked_down_serve_replicas() -> None:
     assert security["capabilities"]["drop"] == ["ALL"]
     resources = container["resources"]
     assert set(resources["requests"]) == {"cpu", "memory"} and "memory" in resources["limits"]
-    # sized from the measured peak RSS at 1000 x 100 (README, "Performance")
+    # sized from the measured peak RSS at 1000 x 100 (docs/performance.md)
     rss = "Exporter RSS at 1000 \u00d7 100: " + r"\d+ MB after imports,\s+(\d+) MB peak"
-    measured = re.search(rss, (ROOT / "README.md").read_text())
+    measured = re.search(rss, (ROOT / "docs" / "performance.md").read_text())
     assert measured is not None
     peak = int(measured[1]) * 10**6
     request, limit = (int(resources[k]["memory"].removesuffix("Mi")) * 2**20
