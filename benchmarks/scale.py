@@ -31,6 +31,7 @@ from redis.cluster import RedisCluster
 from conduit_otel_cache.aggregate import Aggregator
 from conduit_otel_cache.config import DEFAULT_BUCKETS, Settings
 from conduit_otel_cache.embedded import RedisClusterServers, RedisServer
+from conduit_otel_cache.keys import KeySchema
 from conduit_otel_cache.model import ResponseTimes
 from conduit_otel_cache.server import ExporterService
 from conduit_otel_cache.store import Entry, Store, Writer
@@ -91,14 +92,14 @@ def populate(store: Store, n: int, r: int) -> float:
     return time.perf_counter() - start
 
 
-def seed_totals(client: Any, keys: Store, regions: list[str]) -> dict[str, dict[str, float]]:
+def seed_totals(client: Any, keys: KeySchema, regions: list[str]) -> dict[str, dict[str, float]]:
     """The seed's read path: sum every instance's hash at read time (pipelined HGETALL;
     ``keys`` names the keys, standalone or cluster)."""
-    ids = client.zrange(keys.instances_key, 0, -1)
+    ids = client.zrange(keys.instances, 0, -1)
     pipe = client.pipeline(transaction=False)
     for instance_id in ids:
         for region in regions:
-            pipe.hgetall(keys.stats_key(instance_id, region))
+            pipe.hgetall(keys.stats(instance_id, region))
     replies = pipe.execute()
     totals: dict[str, dict[str, float]] = {region: {} for region in regions}
     k = 0
@@ -112,14 +113,14 @@ def seed_totals(client: Any, keys: Store, regions: list[str]) -> dict[str, dict[
     return totals
 
 
-def drift_from_fields(client: Any, keys: Store, regions: list[str]) -> dict[str, float]:
+def drift_from_fields(client: Any, keys: KeySchema, regions: list[str]) -> dict[str, float]:
     """What drift needs and no more: pipelined HMGET of hit_count, miss_count and live of
     every instance x region, then the largest distance from the live cluster's hit rate."""
-    ids = client.zrange(keys.instances_key, 0, -1)
+    ids = client.zrange(keys.instances, 0, -1)
     pipe = client.pipeline(transaction=False)
     for instance_id in ids:
         for region in regions:
-            pipe.hmget(keys.stats_key(instance_id, region), "hit_count", "miss_count", "live")
+            pipe.hmget(keys.stats(instance_id, region), "hit_count", "miss_count", "live")
     replies = iter(pipe.execute())
     rates: dict[str, list[tuple[int, int]]] = {region: [] for region in regions}
     for _ in ids:
@@ -262,10 +263,10 @@ def one_scale(n: int, r: int, quick: bool, rss: bool, cluster: bool = False) -> 
         # `make bench` short), more when they are fast
         seed_budget = 1.0 if cluster else budget
         res["seed_totals"], res["seed_trips"] = measure_trips(
-            lambda: seed_totals(client, store, regions), slow_reps, seed_budget
+            lambda: seed_totals(client, store.keys, regions), slow_reps, seed_budget
         )
         res["drift_fields"], res["drift_trips"] = measure_trips(
-            lambda: drift_from_fields(client, store, regions), slow_reps, seed_budget
+            lambda: drift_from_fields(client, store.keys, regions), slow_reps, seed_budget
         )
 
         # scrapes through the public exporter service

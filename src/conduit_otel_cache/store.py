@@ -1,22 +1,5 @@
-"""The Redis key schema and every Redis call.
-
-Keys (``conduit:`` is ``key_prefix``)::
-
-    conduit:cache:instances                    zset  instance id -> last heartbeat (Redis TIME)
-    conduit:cache:regions                      set   every region reported
-    conduit:cache:stats:<instance>:<region>    hash  the instance's cumulative statistics
-    conduit:cache:stats:aggregated:<region>    hash  the cluster totals, kept at flush time
-    conduit:cache:instance:<instance>          hash  process token, live flag, last flush
-    conduit:cache:instance:<instance>:regions  set   regions the instance reported
-    conduit:cache:hit_rates:<region>           zset  live instance id -> its hit rate (percent)
-
-On a Redis Cluster every script must stay in one hash slot, so the keys carry hash tags:
-the instance-level keys share ``{global}`` and a region's keys share ``{<region>}``::
-
-    conduit:cache:{global}:instances                 conduit:cache:{<region>}:stats:<instance>
-    conduit:cache:{global}:regions                   conduit:cache:{<region>}:aggregated
-    conduit:cache:{global}:instance:<instance>       conduit:cache:{<region>}:hit_rates
-    conduit:cache:{global}:instance:<instance>:regions
+"""Every Redis call of the library, through the scripts of ``lua/`` and the key schema of
+:mod:`.keys`.
 
 A write is one ``lua/flush.lua`` call on a standalone Redis; on a Redis Cluster one
 pipeline of a ``lua/beat.lua`` call and one ``lua/regions.lua`` call per region (the same
@@ -29,7 +12,7 @@ import dataclasses
 import math
 import re
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from importlib.resources import files
 from typing import Any
 
@@ -40,6 +23,7 @@ from redis.exceptions import NoScriptError
 
 from .config import Settings, valid_name
 from .connection import Client, connect
+from .keys import KeySchema
 
 
 def _strs(reply: Any) -> list[str]:
@@ -194,9 +178,9 @@ class Store:
         #: most regions one standalone flush script call updates (the rest follow in the
         #: same pipeline), so that no script holds Redis for long
         self.batch_size = batch_size
-        self.prefix = key_prefix + "cache:"
         #: Redis Cluster: hash-tagged keys, one script call per hash slot
         self.cluster = isinstance(client, RedisCluster)
+        self.keys = KeySchema(key_prefix, cluster=self.cluster)
         # the instance part of a flush; alone, a heartbeat (its keys share one hash slot)
         self._beat = self._script("instance.lua", "beat.lua")
         self._regions = self._script("region.lua", "regions.lua")
@@ -219,70 +203,6 @@ class Store:
         batch = settings.batch_size if settings.enable_batching else 1
         return cls(connect(settings), settings.key_prefix, batch)
 
-    # -- keys ---------------------------------------------------------------------------
-
-    # Standalone: the schema of the module docstring. Cluster: the instance-level keys
-    # carry the hash tag {global}, a region's keys the tag {<region>} (names cannot
-    # contain braces), so that every script call stays in one hash slot.
-
-    @property
-    def _global(self) -> str:
-        return self.prefix + "{global}:" if self.cluster else self.prefix
-
-    @property
-    def instances_key(self) -> str:
-        """The heartbeat sorted set."""
-        return self._global + "instances"
-
-    @property
-    def regions_key(self) -> str:
-        """The set of all regions."""
-        return self._global + "regions"
-
-    def stats_key(self, instance_id: str, region: str) -> str:
-        """One instance's statistics of one region."""
-        if self.cluster:
-            return f"{self.prefix}{{{region}}}:stats:{instance_id}"
-        return f"{self.prefix}stats:{instance_id}:{region}"
-
-    def aggregate_key(self, region: str) -> str:
-        """The cluster totals of one region."""
-        if self.cluster:
-            return f"{self.prefix}{{{region}}}:aggregated"
-        return f"{self.prefix}stats:aggregated:{region}"
-
-    def meta_key(self, instance_id: str) -> str:
-        """One instance's process token and live flag."""
-        return f"{self._global}instance:{instance_id}"
-
-    def instance_regions_key(self, instance_id: str) -> str:
-        """The regions one instance reported."""
-        return f"{self._global}instance:{instance_id}:regions"
-
-    def hit_rates_key(self, region: str) -> str:
-        """Live instances' hit rates (percent) in one region: drift and per-instance series."""
-        if self.cluster:
-            return f"{self.prefix}{{{region}}}:hit_rates"
-        return f"{self.prefix}hit_rates:{region}"
-
-    def _region_keys(self, instance_id: str, region: str) -> list[str]:
-        return [
-            self.stats_key(instance_id, region),
-            self.aggregate_key(region),
-            self.hit_rates_key(region),
-            self.samples_key(instance_id, region),
-        ]
-
-    def _instance_keys(self, instance_id: str, regions: Iterable[str]) -> list[str]:
-        keys = [
-            self.instances_key,
-            self.meta_key(instance_id),
-            self.instance_regions_key(instance_id),
-        ]
-        for region in regions:
-            keys += self._region_keys(instance_id, region)
-        return keys
-
     # -- writes -------------------------------------------------------------------------
 
     def flush(
@@ -304,16 +224,16 @@ class Store:
             names: list[Any] = []
             for region, entry in items:
                 names += [region, "1" if entry.full else "0", 0, ""]
-            head = (self._beat, self._beat_keys(writer.instance_id), [*header, *names])
+            head = (self._beat, self.keys.beat(writer.instance_id), [*header, *names])
             batches = [[item] for item in items]
         else:  # the beat with the first batch_size regions, then the other batches
             step = self.batch_size
             batches = [items[i : i + step] for i in range(0, len(items), step)] or [[]]
-            keys = self._beat_keys(writer.instance_id)
+            keys = self.keys.beat(writer.instance_id)
             for region, _ in batches[0]:
-                keys += self._region_keys(writer.instance_id, region)
+                keys += self.keys.region(writer.instance_id, region)
             head = (self._flush, keys, [*header, *_entry_args(batches.pop(0))])
-        rest = [(self._regions, self._batch_keys(writer.instance_id, [r for r, _ in batch]),
+        rest = [(self._regions, self.keys.batch(writer.instance_id, [r for r, _ in batch]),
                  [*header, *_entry_args(batch)]) for batch in batches]  # fmt: skip
         if rest and beat_first:
             result = self._head_result(self._run([head])[0])
@@ -325,17 +245,6 @@ class Store:
             result = self._head_result(replies.pop(0))
         need = (*result.need_full, *(str(r) for reply in replies for r in reply))
         return dataclasses.replace(result, need_full=need)
-
-    def _beat_keys(self, instance_id: str) -> list[str]:
-        return [self.instances_key, self.regions_key, self.meta_key(instance_id),
-                self.instance_regions_key(instance_id)]  # fmt: skip
-
-    def _batch_keys(self, instance_id: str, regions: Iterable[str]) -> list[str]:
-        # a Redis Cluster's region calls stay in the region's slot: the beat records names
-        keys = [] if self.cluster else [self.regions_key, self.instance_regions_key(instance_id)]
-        for region in regions:
-            keys += self._region_keys(instance_id, region)
-        return keys
 
     @staticmethod
     def _beat_result(reply: Any) -> FlushResult:
@@ -353,7 +262,7 @@ class Store:
     def heartbeat(self, writer: Writer) -> FlushResult:
         """Beat the heartbeat (Redis server time) without writing statistics; an
         incarnation that has written nothing yet stays unregistered."""
-        reply = self._beat(keys=self._beat_keys(writer.instance_id), args=writer.header(False))
+        reply = self._beat(keys=self.keys.beat(writer.instance_id), args=writer.header(False))
         return self._beat_result(reply)
 
     def leave_stale(self, writer: Writer, regions: Sequence[str]) -> None:
@@ -362,14 +271,14 @@ class Store:
         valid = sorted(r for r in set(regions) if valid_name(r))
         args = [writer.instance_id, "0", writer.token]
         if self.cluster:
-            calls = [(self._depart_regions, self._region_keys(writer.instance_id, r), args)
+            calls = [(self._depart_regions, self.keys.region(writer.instance_id, r), args)
                      for r in valid]  # fmt: skip
         else:
-            keys = [k for r in valid for k in self._region_keys(writer.instance_id, r)]
+            keys = [k for r in valid for k in self.keys.region(writer.instance_id, r)]
             calls = [(self._depart_regions, keys, args)] if keys else []
         if calls:
             self._run(calls)
-        self._run([(self._settled, [self.meta_key(writer.instance_id)], [writer.token])])
+        self._run([(self._settled, [self.keys.meta(writer.instance_id)], [writer.token])])
 
     def _run(self, calls: Sequence[tuple[Script, list[str], list[Any]]]) -> list[Any]:
         """Run script calls in one non-transactional pipeline (a Redis Cluster groups them
@@ -407,23 +316,23 @@ class Store:
         if self.cluster:
             return self._depart_cluster(instance_id, age, remove)
         try:
-            regions = _strs(self.client.smembers(self.instance_regions_key(instance_id)))
+            regions = _strs(self.client.smembers(self.keys.instance_regions(instance_id)))
         except redis.ResponseError:  # not a set: nothing to take out but the heartbeat
             regions = []
-        keys = self._instance_keys(instance_id, sorted(regions))
+        keys = self.keys.instance(instance_id, sorted(regions))
         return bool(self._depart(keys=keys, args=[instance_id, age, "1" if remove else "0"]))
 
     def _depart_cluster(self, instance_id: str, age: str, remove: bool) -> bool:
         # 1. is it due, and its regions; 2. the regions (one call per slot, pipelined);
         # 3. only then the instance keys, so a failure in 2 leaves it to be reaped again
-        keys = [self.instances_key, self.meta_key(instance_id),
-                self.instance_regions_key(instance_id)]  # fmt: skip
+        keys = [self.keys.instances, self.keys.meta(instance_id),
+                self.keys.instance_regions(instance_id)]  # fmt: skip
         (regions,) = self._run([(self._depart_instance, keys, [instance_id, age, "check"])])
         if regions is None:
             return False
         flag = "1" if remove else "0"
         calls = [
-            (self._depart_regions, self._region_keys(instance_id, region), [instance_id, flag, ""])
+            (self._depart_regions, self.keys.region(instance_id, region), [instance_id, flag, ""])
             for region in sorted(set(regions))
             if valid_name(region)
         ]
@@ -438,13 +347,13 @@ class Store:
         if expired is None:
             now = self.server_time()
             expired = _strs(
-                self.client.zrangebyscore(self.instances_key, "-inf", now - instance_timeout)
+                self.client.zrangebyscore(self.keys.instances, "-inf", now - instance_timeout)
             )
         if not expired:
             return []
         pipe = self.client.pipeline(transaction=False)
         for instance_id in expired:
-            pipe.hget(self.meta_key(instance_id), "live")
+            pipe.hget(self.keys.meta(instance_id), "live")
         flags = pipe.execute(raise_on_error=False)
         return [
             instance_id
@@ -455,7 +364,7 @@ class Store:
     def cleanup(self, retention_period: float) -> list[str]:
         """Delete instances whose heartbeat is older than ``retention_period``; returns them."""
         now = self.server_time()
-        old = _strs(self.client.zrangebyscore(self.instances_key, "-inf", now - retention_period))
+        old = _strs(self.client.zrangebyscore(self.keys.instances, "-inf", now - retention_period))
         return [i for i in old if self.depart(i, max_age=retention_period, remove=True)]
 
     # -- reads --------------------------------------------------------------------------
@@ -472,20 +381,20 @@ class Store:
 
         Keys of the wrong type or malformed entries are skipped and listed in ``errors``.
         """
-        keys = [self.instances_key, self.regions_key]
+        keys = [self.keys.instances, self.keys.regions]
         ((seconds, micros, active, missing, members, bad),) = self._run(
-            [(self._liveness, keys, [instance_timeout, self.meta_key("")])]
+            [(self._liveness, keys, [instance_timeout, self.keys.meta("")])]
         )
         errors: list[str] = [
-            f"{self.instances_key}: removed member {str(m)[:40]!r} (no live instance)" for m in bad
+            f"{self.keys.instances}: removed member {str(m)[:40]!r} (no live instance)" for m in bad
         ]
-        for key, (ok, reply) in ((self.instances_key, missing), (self.regions_key, members)):
+        for key, (ok, reply) in ((self.keys.instances, missing), (self.keys.regions, members)):
             if not ok:
                 errors.append(f"{key}: {reply}")
         regions: list[str] = []
         if members[0]:
             regions = sorted(r for r in members[1] if valid_name(r))
-            errors += [f"{self.regions_key}: invalid region {r[:40]!r}" for r in members[1]
+            errors += [f"{self.keys.regions}: invalid region {r[:40]!r}" for r in members[1]
                        if not valid_name(r)]  # fmt: skip
         expired = self._valid_beats(_pairs(missing[1]) if missing[0] else [], errors)
         reap_error = None
@@ -497,7 +406,7 @@ class Store:
         aggregates: dict[str, dict[str, str]] = {}
         for region, reply in zip(regions, self._read_aggregates(regions)):
             if isinstance(reply, Exception):
-                errors.append(f"{self.aggregate_key(region)}: {reply}")
+                errors.append(f"{self.keys.aggregate(region)}: {reply}")
             elif reply:
                 aggregates[region] = reply
         return ClusterData(
@@ -516,11 +425,11 @@ class Store:
         if self.cluster:
             pipe = self.client.pipeline(transaction=False)
             for region in regions:
-                pipe.hgetall(self.aggregate_key(region))
+                pipe.hgetall(self.keys.aggregate(region))
             return list(pipe.execute(raise_on_error=False))
         step = self.batch_size  # so that no script call holds Redis for long
         calls: list[tuple[Script, list[str], list[Any]]] = [
-            (self._aggregates, [self.aggregate_key(r) for r in regions[i : i + step]], [])
+            (self._aggregates, [self.keys.aggregate(r) for r in regions[i : i + step]], [])
             for i in range(0, len(regions), step)
         ]
         return [
@@ -533,11 +442,11 @@ class Store:
         """Every registered instance's heartbeat (lists them all: one round trip)."""
         pipe = self.client.pipeline(transaction=False)
         pipe.execute_command("TIME")  # a cluster pipeline has no time(): one node's clock
-        _zrange(pipe, self.instances_key)
+        _zrange(pipe, self.keys.instances)
         (seconds, micros), reply = pipe.execute(raise_on_error=False)
         errors: list[str] = []
         if isinstance(reply, Exception):
-            errors.append(f"{self.instances_key}: {reply}")
+            errors.append(f"{self.keys.instances}: {reply}")
             reply = []
         beats = self._valid_beats(_pairs(reply), errors)
         return Heartbeats(float(seconds) + micros / 1e6, beats, tuple(errors))
@@ -548,7 +457,7 @@ class Store:
             if valid_name(member) and math.isfinite(score):
                 beats[member] = score
             else:
-                errors.append(f"{self.instances_key}: invalid member {member[:40]!r}")
+                errors.append(f"{self.keys.instances}: invalid member {member[:40]!r}")
         return beats
 
     def read_hit_rates(
@@ -560,19 +469,19 @@ class Store:
             return {}, []
         pipe = self.client.pipeline(transaction=False)
         for region in regions:
-            _zrange(pipe, self.hit_rates_key(region))
+            _zrange(pipe, self.keys.hit_rates(region))
         result: dict[str, dict[str, float]] = {}
         errors: list[str] = []
         for region, reply in zip(regions, pipe.execute(raise_on_error=False)):
             if isinstance(reply, Exception):
-                errors.append(f"{self.hit_rates_key(region)}: {reply}")
+                errors.append(f"{self.keys.hit_rates(region)}: {reply}")
                 continue
             result[region] = rates = {}
             for member, rate in _pairs(reply):
                 if valid_name(member) and 0 <= rate <= 100:
                     rates[member] = rate
                 else:
-                    errors.append(f"{self.hit_rates_key(region)}: bad entry {member[:40]!r}")
+                    errors.append(f"{self.keys.hit_rates(region)}: bad entry {member[:40]!r}")
         return result, errors
 
     def read_instances(
@@ -584,12 +493,8 @@ class Store:
             return {}
         pipe = self.client.pipeline(transaction=False)
         for instance_id, region in pairs:
-            pipe.hgetall(self.stats_key(instance_id, region))
+            pipe.hgetall(self.keys.stats(instance_id, region))
         return dict(zip(pairs, pipe.execute(raise_on_error=False)))
-
-    def samples_key(self, instance_id: str, region: str) -> str:
-        """The last raw response times of one instance in one region (a list)."""
-        return self.stats_key(instance_id, region) + ":response_times"
 
     def read_samples(
         self, instance_ids: Sequence[str], region: str, count: int
@@ -600,7 +505,7 @@ class Store:
             return {}
         pipe = self.client.pipeline(transaction=False)
         for instance_id in instance_ids:
-            pipe.lrange(self.samples_key(instance_id, region), -count, -1)
+            pipe.lrange(self.keys.samples(instance_id, region), -count, -1)
         result: dict[str, list[float]] = {}
         for instance_id, reply in zip(instance_ids, pipe.execute(raise_on_error=False)):
             if isinstance(reply, Exception) or not reply:

@@ -1,0 +1,111 @@
+"""The Redis key schema: the only module that knows key names, for both topologies.
+
+Keys (``conduit:`` is ``key_prefix``)::
+
+    conduit:cache:instances                    zset  instance id -> last heartbeat (Redis TIME)
+    conduit:cache:regions                      set   every region reported
+    conduit:cache:stats:<instance>:<region>    hash  the instance's cumulative statistics
+    conduit:cache:stats:aggregated:<region>    hash  the cluster totals, kept at flush time
+    conduit:cache:instance:<instance>          hash  incarnation token, owner, live flag, last flush
+    conduit:cache:instance:<instance>:regions  set   regions the instance reported
+    conduit:cache:hit_rates:<region>           zset  live instance id -> its hit rate (percent)
+    conduit:cache:stats:<instance>:<region>:response_times  list  the last raw response times
+
+On a Redis Cluster every script must stay in one hash slot, so the keys carry hash tags:
+the instance-level keys share ``{global}`` and a region's keys share ``{<region>}``::
+
+    conduit:cache:{global}:instances                 conduit:cache:{<region>}:stats:<instance>
+    conduit:cache:{global}:regions                   conduit:cache:{<region>}:aggregated
+    conduit:cache:{global}:instance:<instance>       conduit:cache:{<region>}:hit_rates
+    conduit:cache:{global}:instance:<instance>:regions
+
+Every key a script touches is named here and passed to it in ``KEYS`` (``lua/liveness.lua``
+alone derives instance meta keys from :meth:`KeySchema.meta` of an empty id, in the same slot).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+
+class KeySchema:
+    """Key names under ``key_prefix``; hash-tagged on a Redis Cluster (the instance-level
+    keys share ``{global}``, a region's keys ``{<region>}``; names cannot contain braces), so
+    that every script call stays in one hash slot."""
+
+    def __init__(self, key_prefix: str = "conduit:", *, cluster: bool = False) -> None:
+        self.prefix = key_prefix + "cache:"
+        self.cluster = cluster
+        self._global = self.prefix + "{global}:" if cluster else self.prefix
+
+    @property
+    def instances(self) -> str:
+        """The heartbeat sorted set."""
+        return self._global + "instances"
+
+    @property
+    def regions(self) -> str:
+        """The set of all regions."""
+        return self._global + "regions"
+
+    def stats(self, instance_id: str, region: str) -> str:
+        """One instance's statistics of one region."""
+        if self.cluster:
+            return f"{self.prefix}{{{region}}}:stats:{instance_id}"
+        return f"{self.prefix}stats:{instance_id}:{region}"
+
+    def aggregate(self, region: str) -> str:
+        """The cluster totals of one region."""
+        if self.cluster:
+            return f"{self.prefix}{{{region}}}:aggregated"
+        return f"{self.prefix}stats:aggregated:{region}"
+
+    def meta(self, instance_id: str) -> str:
+        """One instance's incarnation token, owner and live flag."""
+        return f"{self._global}instance:{instance_id}"
+
+    def instance_regions(self, instance_id: str) -> str:
+        """The regions one instance reported."""
+        return f"{self._global}instance:{instance_id}:regions"
+
+    def hit_rates(self, region: str) -> str:
+        """Live instances' hit rates (percent) in one region: drift and per-instance series."""
+        if self.cluster:
+            return f"{self.prefix}{{{region}}}:hit_rates"
+        return f"{self.prefix}hit_rates:{region}"
+
+    def samples(self, instance_id: str, region: str) -> str:
+        """The last raw response times of one instance in one region (a list)."""
+        return self.stats(instance_id, region) + ":response_times"
+
+    # -- the KEYS of the scripts (lua/lib.lua) --------------------------------------------
+
+    def region(self, instance_id: str, region: str) -> list[str]:
+        """One region of one instance: stats hash, aggregated hash, hit rates, samples."""
+        return [
+            self.stats(instance_id, region),
+            self.aggregate(region),
+            self.hit_rates(region),
+            self.samples(instance_id, region),
+        ]
+
+    def beat(self, instance_id: str) -> list[str]:
+        """The instance-level keys of a write (``beat()`` in ``lua/instance.lua``)."""
+        return [self.instances, self.regions, self.meta(instance_id),
+                self.instance_regions(instance_id)]  # fmt: skip
+
+    def batch(self, instance_id: str, regions: Iterable[str]) -> list[str]:
+        """A ``lua/regions.lua`` call: the regions sets (standalone only: a Redis Cluster's
+        region calls stay in the region's slot, the beat records the names), then each
+        region's keys."""
+        keys = [] if self.cluster else [self.regions, self.instance_regions(instance_id)]
+        for region in regions:
+            keys += self.region(instance_id, region)
+        return keys
+
+    def instance(self, instance_id: str, regions: Iterable[str]) -> list[str]:
+        """A departure (``lua/depart.lua``): the instance's keys, then each region's."""
+        keys = [self.instances, self.meta(instance_id), self.instance_regions(instance_id)]
+        for region in regions:
+            keys += self.region(instance_id, region)
+        return keys
