@@ -54,18 +54,19 @@ def serve(redis_url: str) -> Iterator[Any]:
 
 def get(
     service: ExporterService, query: str = "", method: str = "GET", **headers: str
-) -> tuple[bytes, dict[str, str]]:
-    """The body (decompressed when gzipped) and the headers of one request."""
+) -> tuple[bytes, Any]:
+    """The body (decompressed when gzipped) and the headers (case-insensitive) of one
+    request."""
     url = f"http://127.0.0.1:{service.port}/metrics{query}"
     request = urllib.request.Request(url, headers=headers, method=method)
     with urllib.request.urlopen(request, timeout=30) as resp:
-        body, found = resp.read(), dict(resp.headers)
+        body, found = resp.read(), resp.headers  # header names are case-insensitive
     if found.get("Content-Encoding") == "gzip":
         body = gzip.decompress(body)
     return body, found
 
 
-def samples(body: bytes, headers: dict[str, str]) -> dict[tuple[str, tuple[Any, ...]], float]:
+def samples(body: bytes, headers: Any) -> dict[tuple[str, tuple[Any, ...]], float]:
     """``{(sample name, sorted labels): value}`` parsed by prometheus_client."""
     openmetrics = headers["Content-Type"].startswith("application/openmetrics-text")
     parse = openmetrics_families if openmetrics else text_string_to_metric_families
