@@ -181,7 +181,7 @@ def rss_child(url: str, expected: int) -> None:
     ready = vm_status()
     size = 0
     for _ in range(3):
-        size = len(generate_latest(svc.exporter.registry))
+        size = len(generate_latest(svc.exposition.registry))
     with urllib.request.urlopen(f"http://127.0.0.1:{svc.port}/metrics", timeout=300) as resp:
         resp.read()
     after = vm_status()
@@ -272,7 +272,7 @@ def one_scale(n: int, r: int, quick: bool, rss: bool, cluster: bool = False) -> 
         # scrapes through the public exporter service
         cold = service(redis_url, ttl=0)
         res["ready_s"] = wait_ready(cold, n * r)
-        registry = cold.exporter.registry
+        registry = cold.exposition.registry
         body = generate_latest(registry)
         res["bytes"] = len(body)
         res["series"] = sum(1 for line in body.splitlines() if line and not line.startswith(b"#"))
@@ -306,7 +306,7 @@ def one_scale(n: int, r: int, quick: bool, rss: bool, cluster: bool = False) -> 
 
         warm = service(redis_url, ttl=3600)
         wait_ready(warm, n * r)
-        wreg = warm.exporter.registry
+        wreg = warm.exposition.registry
         generate_latest(wreg)
         res["warm"], res["warm_trips"] = measure_trips(lambda: generate_latest(wreg), reps, budget)
         warm.stop()

@@ -82,7 +82,7 @@ def serve_child(url: str, mode: str, ttl: float) -> None:
     )
     svc = ExporterService(s, port=0)
     if mode == "old":
-        svc.exporter.prerender = False
+        svc.exposition.prerender = False
     svc.start()
     deadline = time.monotonic() + 300
     while not svc.aggregator.view().instance_series and time.monotonic() < deadline:
@@ -90,7 +90,7 @@ def serve_child(url: str, mode: str, ttl: float) -> None:
         svc.aggregator.invalidate()
     print(json.dumps({"port": svc.port}), flush=True)
     sys.stdin.read()
-    exporter = svc.exporter
+    exporter = svc.exposition
     print(
         json.dumps(
             {

@@ -44,7 +44,7 @@ def scrape_once(**options: Any) -> str:
     service = ExporterService(Settings.load(aggregation_cache_ttl=0, **options), port=0)
     try:
         service.aggregator.refresh_instances()
-        return generate_latest(service.exporter.registry).decode()
+        return generate_latest(service.exposition.registry).decode()
     finally:
         service.stop()
 

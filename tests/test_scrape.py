@@ -20,7 +20,7 @@ from prometheus_client.openmetrics.parser import (
 from prometheus_client.parser import text_string_to_metric_families
 
 from conduit_otel_cache import Settings
-from conduit_otel_cache.exporter import DATA_AGE_HEADER
+from conduit_otel_cache.exposition import DATA_AGE_HEADER
 from conduit_otel_cache.server import ExporterService
 
 from .conftest import MakeStats
@@ -89,7 +89,7 @@ def test_flushed_events_appear_within_ttl_plus_one_refresh(
     stats.record_hit("Orders")
     assert stats.flush()
     service = serve(ttl)
-    exporter = service.exporter
+    exporter = service.exposition
     get(service, **PROMETHEUS)  # Prometheus scrapes: from now on rendered in the background
     ages: list[float] = []
     for round_ in range(1, 4):

@@ -9,7 +9,7 @@ from . import __version__
 from .aggregate import Aggregator, ClusterView
 from .api import make_stats_app
 from .config import Settings
-from .exporter import ClusterExporter
+from .exposition import Exposition
 from .health import Health, evaluate
 from .http import landing_page, make_app, make_http_server
 from .model import Statistics
@@ -38,11 +38,11 @@ class ExporterService:
         self.settings = settings
         self.store = Store.from_settings(settings)
         self.aggregator = Aggregator(self.store, settings, background=True)
-        self.exporter = ClusterExporter(self.aggregator)
+        self.exposition = Exposition(self.aggregator)
         self._reached = threading.Event()  # Redis answered once: /-/ready
         api = make_stats_app(cluster=self.cluster_regions)  # /api/cache/stats/distributed
         landing = landing_page(__version__, settings.safe_redis_url)
-        self.app = make_app(self.exporter.wsgi_app(), self.health, api,
+        self.app = make_app(self.exposition.wsgi_app(), self.health, api,
                             ready=self.ready, landing=landing)  # fmt: skip
         web = web_config or WebConfig()
         served = BasicAuth(self.app, web.users) if web.users else self.app
@@ -103,5 +103,5 @@ class ExporterService:
         if self._threads:  # shutdown() waits for serve_forever, which only start() runs
             self.server.shutdown()
         self.server.server_close()
-        self.exporter.shutdown()
+        self.exposition.shutdown()
         self.store.close()

@@ -21,7 +21,7 @@ REGION = "ProviderResponses"
 
 
 def scrape(service: ExporterService) -> dict[tuple[str, str], float]:
-    text = generate_latest(service.exporter.registry).decode()
+    text = generate_latest(service.exposition.registry).decode()
     return {
         (s.name, s.labels.get("region", "")): s.value
         for family in text_string_to_metric_families(text)
@@ -144,7 +144,7 @@ def test_random_garbage_never_breaks_the_exporter(writes, redis_server: RedisSer
         svc.aggregator.refresh_instances()
         for region in ("Other", REGION):
             svc.aggregator.per_instance(region)
-        text = generate_latest(svc.exporter.registry).decode()
+        text = generate_latest(svc.exposition.registry).decode()
         for family in text_string_to_metric_families(text):
             for sample in family.samples:
                 assert math.isfinite(sample.value) and sample.value >= 0, sample

@@ -123,7 +123,7 @@ def test_hung_redis_times_out_and_scrapes_answer_with_last_good(
     service = ExporterService(settings, port=0).start()
     from prometheus_client import generate_latest
 
-    assert b"conduit_cache_hits_total" in generate_latest(service.exporter.registry)
+    assert b"conduit_cache_hits_total" in generate_latest(service.exposition.registry)
     threads_before = threading.active_count()
     r.execute_command("CLIENT", "PAUSE", "4000", "ALL")
     try:
@@ -133,7 +133,7 @@ def test_hung_redis_times_out_and_scrapes_answer_with_last_good(
         assert time.monotonic() - start < 1.5
         for _ in range(5):  # a burst of scrapes while Redis hangs
             t0 = time.monotonic()
-            text = generate_latest(service.exporter.registry).decode()
+            text = generate_latest(service.exposition.registry).decode()
             assert time.monotonic() - t0 < 1.0  # one socket_timeout at most
             assert 'conduit_cache_hits_total{region="ProviderResponses"} 1.0' in text
             assert "conduit_cache_redis_up 0.0" in text

@@ -71,7 +71,7 @@ Encoder = Callable[[Any], bytes]
 Variant = tuple[str, bool]  # (content type, gzipped)
 
 
-class ClusterExporter:
+class Exposition:
     """Publishes cluster totals, hit rates, drift and health for Prometheus to scrape."""
 
     def __init__(
@@ -439,9 +439,9 @@ class ClusterExporter:
 
 
 class _Series:
-    """The collector of the OpenTelemetry series on :attr:`ClusterExporter.registry`."""
+    """The collector of the OpenTelemetry series on :attr:`Exposition.registry`."""
 
-    def __init__(self, exporter: ClusterExporter) -> None:
+    def __init__(self, exporter: Exposition) -> None:
         self._exporter = exporter
 
     def collect(self) -> Iterable[Metric]:
