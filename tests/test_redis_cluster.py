@@ -339,8 +339,12 @@ def test_failover_mid_run_loses_and_doubles_nothing(
     for _ in range(3):
         traffic.round()
     traffic.check_exact()
-    rc.nodes_manager.initialize()  # this client's slot map predates the failover
-    assert owner_port(rc, f"conduit:cache:{{{REGION}}}:aggregated") == new_primary
+
+    def moved() -> bool:
+        rc.nodes_manager.initialize()  # this client's slot map predates the failover
+        return owner_port(rc, f"conduit:cache:{{{REGION}}}:aggregated") == new_primary
+
+    wait_for(moved, timeout=20)  # every node's view of the slot agrees eventually
     assert on_node(new_primary, "EXISTS", f"conduit:cache:{{{REGION}}}:aggregated") == 1
 
 
