@@ -11,8 +11,9 @@ from typing import Any
 
 from conduit_otel_cache import setup
 
-REGION = "Pages"
-HITS, MISSES = 3, 1
+from .prefork_support import HITS, MISSES, REGION
+
+__all__ = ["HITS", "MISSES", "REGION", "application", "stats"]
 
 stats = setup()
 

@@ -26,6 +26,8 @@ POD = "pod-a"
 FLUSH_INTERVAL = 0.5
 INSTANCE_TIMEOUT = 3.0
 REGION = "Pages"
+#: what one request or task records in ``REGION``
+HITS, MISSES = 3, 1
 #: bound of every wait for flushes, reaps and server starts (polled, not slept)
 DEADLINE = 30.0
 
@@ -67,12 +69,14 @@ class Server:
     """A server started in its own session; :meth:`close` kills whatever is left of it
     (the master and its workers), so that a failing test stops it too."""
 
-    def __init__(self, argv: Sequence[str], env: dict[str, str], log: Path) -> None:
+    def __init__(
+        self, argv: Sequence[str], env: dict[str, str], log: Path, stdin: int | None = None
+    ) -> None:
         self.log_path = log
         self._log = log.open("w")
         self.proc = subprocess.Popen(
-            list(argv), cwd=REPO, env=env, stdout=self._log, stderr=subprocess.STDOUT,
-            start_new_session=True,
+            list(argv), cwd=REPO, env=env, stdin=stdin, stdout=self._log,
+            stderr=subprocess.STDOUT, start_new_session=True,
         )  # fmt: skip
         self._tree: set[int] = {self.proc.pid}
 
@@ -106,6 +110,8 @@ class Server:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(self.proc.pid, signal.SIGKILL)
         self.proc.wait(10)
+        if self.proc.stdin is not None:
+            self.proc.stdin.close()
         self._log.close()
 
     def __enter__(self) -> Server:

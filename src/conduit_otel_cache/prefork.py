@@ -1,7 +1,7 @@
 """What pre-fork servers need beyond ``os.register_at_fork``.
 
-- ``multiprocessing`` and Celery's ``billiard`` end forked workers with ``os._exit()``
-  after their own exit finalizers, not ``atexit``: :func:`flush_at_worker_exit`.
+- ``multiprocessing`` and Celery's pool (``billiard``) end forked workers with
+  ``os._exit()``, not through ``atexit``: :func:`flush_at_worker_exit`.
 - uWSGI loads the app in the master and forks its workers with the C ``fork()``, so no
   ``os.register_at_fork`` hook runs in them (unless ``--py-call-uwsgi-fork-hooks``), and
   the OpenTelemetry reader's thread is not restarted either: :func:`at_setup` chains
@@ -46,14 +46,37 @@ class _UwsgiHooks:
 _uwsgi_hooks = _UwsgiHooks()
 
 
+class _Anchor:
+    """What ``register_after_fork`` holds weakly (it lives as long as this module)."""
+
+
+_anchor = _Anchor()
+
+
 def flush_at_worker_exit(shutdown: Callable[[], None]) -> None:
     """In a forked worker: run ``shutdown`` when the worker exits. Pre-fork pools end their
-    workers with ``os._exit()`` after running their own exit finalizers (``multiprocessing``
-    and Celery's ``billiard``), not ``atexit``."""
+    workers with ``os._exit()``, not through ``atexit``: ``multiprocessing`` after its exit
+    finalizers (which it clears when the process starts, after the fork hooks),
+    Celery's pool (``billiard``) right after the ``worker_process_shutdown`` signal, which
+    it sends in the pool process."""
     for name in ("multiprocessing.util", "billiard.util"):
         util: Any = sys.modules.get(name)
-        if util is not None and hasattr(util, "Finalize"):
-            util.Finalize(None, shutdown, exitpriority=100)
+        if util is None or not hasattr(util, "Finalize"):
+            continue
+        util.Finalize(None, shutdown, exitpriority=100)
+        # a Process started by fork clears the finalizers after the fork hooks ran, then
+        # runs its after-fork callbacks: register the finalizer again from there
+        if hasattr(util, "register_after_fork"):
+            util.register_after_fork(
+                _anchor, lambda _, util=util: util.Finalize(None, shutdown, exitpriority=100)
+            )
+    celery_signals: Any = sys.modules.get("celery.signals")
+    if celery_signals is not None and hasattr(celery_signals, "worker_process_shutdown"):
+
+        def on_exit(*args: object, **kwargs: object) -> None:
+            shutdown()
+
+        celery_signals.worker_process_shutdown.connect(on_exit, weak=False)
 
 
 def at_setup(
