@@ -270,3 +270,4 @@ def assert_clean_exit(server: Server) -> None:
     out = server.output()
     assert "shutdown_timeout" not in out, out
     assert "Traceback" not in out, out
+    assert "NO MERCY" not in out, out  # uWSGI: a worker that did not exit in time

@@ -29,6 +29,8 @@ from .prefork_support import (
 )
 
 WORKERS = 3
+#: what README advises for uWSGI with the app loaded in the master
+FORK_HOOKS = ("--py-call-uwsgi-fork-hooks",)
 
 pytestmark = pytest.mark.slow
 
@@ -85,9 +87,9 @@ def test_uwsgi_max_requests_recycles_workers(
     )
     with server:
         wait_ready(url, server)
-        served = drive(url, 150)
+        served = drive(url, 120)
         n = len(served)
-        assert len(set(served)) >= 150 // 10 // 2  # recycled
+        assert len(set(served)) > WORKERS  # recycled
         during = cluster.expect(HITS * n, MISSES * n, lambda: served_and_alive(server, served))
         eventually(cluster.instance_keys, set(during.live))
         assert server.stop() == 0, server.output()
