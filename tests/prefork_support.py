@@ -163,7 +163,7 @@ def drive(url: str, count: int, concurrency: int = 6) -> list[int]:
 
 
 def drive_until_all_served(
-    url: str, server: Server, workers: int, batch: int = 30, limit: int = 3000
+    url: str, server: Server, workers: int, batch: int = 30, limit: int = 900
 ) -> list[int]:
     """Requests in batches until every one of ``workers`` live workers has served one."""
     served: list[int] = []

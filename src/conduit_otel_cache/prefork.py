@@ -94,6 +94,7 @@ def at_setup(
         return
     if options & _FORK_HOOK_OPTIONS:
         return
+    _stop_threads(handle)
     hooks = _uwsgi_hooks
     hooks.handles.add(handle)
     if not hooks.post_fork_installed:
@@ -109,6 +110,22 @@ def at_setup(
         hooks.post_fork_installed = True
     if flush_interval is not None and hooks.signal is None:
         hooks.signal = _flush_timer(uwsgi, max(1, round(flush_interval)))
+
+
+def _stop_threads(handle: object) -> None:
+    """Stop the handle's flush and heartbeat threads in a uWSGI master that forks without
+    the fork hooks: a worker forked while such a thread holds the GIL waits for it for
+    ever (seen in tests as workers respawned by ``max-requests`` that never serve). The
+    workers flush on the timer; a master serves nothing. (The OTel reader's thread has no
+    public stop but its shutdown, which would close the exporter of the workers too.)"""
+    reader = getattr(handle, "_reader", None)
+    for owner, name in ((reader, "_shutdown_event"), (handle, "_stop_beats")):
+        event = getattr(owner, name, None)
+        if isinstance(event, threading.Event):
+            event.set()
+    thread = getattr(reader, "_daemon_thread", None)
+    if isinstance(thread, threading.Thread) and thread.is_alive():
+        thread.join(1.0)
 
 
 def _threads_after_fork() -> None:
