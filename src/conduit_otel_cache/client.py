@@ -36,7 +36,7 @@ from .instruments import (
 )
 from .integrations.lookup import TimedLookup
 from .model import Statistics
-from .prefork import flush_at_worker_exit, warn_if_no_threads
+from .prefork import at_setup, flush_at_worker_exit
 from .recorder import Recorder
 from .strategies import AggregationStrategy, strategy_named
 from .writethrough import RedisMetricExporter
@@ -156,7 +156,7 @@ class CacheStatistics:
             register_cache_instruments(meter_provider.get_meter(SCOPE), recorder.snapshot)
         register_self_instruments(self.meter_provider.get_meter(SCOPE), self)
         self._start_beats()
-        warn_if_no_threads()
+        at_setup(self, settings.flush_interval, _after_fork_in_child)
         _open_handles.add(self)
 
     def _providers(

@@ -153,6 +153,9 @@ class RedisMetricExporter(MetricExporter):
         with self._lock:
             if self._closed:
                 return MetricExportResult.FAILURE
+            if not fields and not self._confirmed:
+                self.last_ok = True  # nothing recorded yet: no write (and no lock held on I/O
+                return MetricExportResult.SUCCESS  # in a pre-fork master while it forks)
             if 0 < order < self._acked_order and self._acked_order - order < _CLOCK_STEP_NS:
                 self.stale_collections += 1  # a newer collection was written already
                 return MetricExportResult.SUCCESS
