@@ -10,6 +10,7 @@ import time
 import pytest
 import redis
 
+from conduit_otel_cache import setup
 from conduit_otel_cache.health import evaluate
 from conduit_otel_cache.store import Entry, Store, Writer
 from conduit_otel_cache.writethrough import FULL_WRITE_EVERY
@@ -190,3 +191,26 @@ def test_fork_after_setup_makes_the_child_its_own_instance(
     assert totals["instance_count"] == "1"  # the child departed; the parent lives
     parent.record_hit(REGION)
     assert parent.flush() and parent.cluster_statistics(REGION).hit_count == 13
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_a_fork_during_a_flush_never_leaves_the_child_a_held_lock(redis_url: str) -> None:
+    """A master that records and flushes every 20 ms forks 60 children: none may inherit a
+    write half done (its locks taken) and hang at its first flush (14 of 150 did)."""
+    stats = setup(redis_url=redis_url, instance_id="m", set_global=False, flush_interval=0.02)
+    try:
+        stats.record_hit("Master")
+        hung = 0
+        for _ in range(60):
+            stats.record_hit("Master")
+            pid = os.fork()
+            if pid == 0:
+                worker = threading.Thread(target=stats.flush, daemon=True)
+                worker.start()
+                worker.join(5)
+                os._exit(3 if worker.is_alive() else 0)
+            _, status = os.waitpid(pid, 0)
+            hung += os.waitstatus_to_exitcode(status) == 3
+        assert hung == 0
+    finally:
+        stats.shutdown()

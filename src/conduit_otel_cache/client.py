@@ -12,7 +12,7 @@ import threading
 import time
 import weakref
 from collections.abc import Sequence
-from typing import Protocol
+from typing import Any, Protocol
 
 from opentelemetry import metrics
 from opentelemetry.metrics import MeterProvider as APIMeterProvider
@@ -38,6 +38,7 @@ from .integrations.lookup import TimedLookup
 from .model import Statistics
 from .prefork import at_setup, flush_at_worker_exit
 from .recorder import Recorder
+from .sdk_hook import export_lock
 from .strategies import AggregationStrategy, strategy_named
 from .writethrough import RedisMetricExporter
 
@@ -52,12 +53,32 @@ def _shutdown_all() -> None:
         handle.shutdown()
 
 
+_held_at_fork: list[Any] = []
+
+
+def _before_fork() -> None:
+    # No write may be half done when the process forks: a child would inherit its locks
+    # taken and hang at its first flush. Taken in the order an export takes them.
+    for handle in list(_open_handles):
+        for lock in handle._write_locks():
+            lock.acquire()
+            _held_at_fork.append(lock)
+
+
+def _release_fork_locks() -> None:
+    while _held_at_fork:
+        _held_at_fork.pop().release()
+
+
 def _after_fork_in_child() -> None:
+    _release_fork_locks()
     for handle in list(_open_handles):
         handle._after_fork()
 
 
-os.register_at_fork(after_in_child=_after_fork_in_child)
+os.register_at_fork(
+    before=_before_fork, after_in_parent=_release_fork_locks, after_in_child=_after_fork_in_child
+)
 
 
 def views() -> list[object]:
@@ -206,6 +227,13 @@ class CacheStatistics:
                 daemon=True,
                 name="conduit-heartbeat",
             ).start()
+
+    def _write_locks(self) -> list[Any]:
+        """The locks a write holds, in the order it takes them (see ``_before_fork``)."""
+        if self.exporter is None or self._closed or not self._owns_exporter:
+            return []
+        locks = [export_lock(self._reader)] if self._reader is not None else []
+        return [lock for lock in (*locks, self.exporter._lock) if lock is not None]
 
     def _after_fork(self) -> None:
         """In a process forked after ``setup()``: a new instance with fresh tallies, its

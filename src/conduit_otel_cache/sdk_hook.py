@@ -56,6 +56,7 @@ __all__ = [
     "SdkCompatibilityError",
     "check_histogram_hook",
     "collecting_readers",
+    "export_lock",
     "exporter_of",
     "prometheus_reader",
 ]
@@ -336,6 +337,13 @@ def exporter_of(reader: MetricReader) -> MetricExporter | None:
     if not isinstance(exporter, MetricExporter):
         raise _incompatible("PeriodicExportingMetricReader._exporter is not its exporter")
     return exporter
+
+
+def export_lock(reader: MetricReader) -> Any:
+    """The lock a ``PeriodicExportingMetricReader`` holds while it exports (held across a
+    fork, a child would inherit it locked and hang at its first flush); None if absent."""
+    lock = getattr(reader, "_export_lock", None)
+    return lock if hasattr(lock, "acquire") and hasattr(lock, "release") else None
 
 
 def prometheus_reader(registry: CollectorRegistry, series_limit: int) -> PrometheusMetricReader:
