@@ -1,10 +1,11 @@
 """One model-based test of the write protocol through the public API: instances start,
 record in random regions (some regions only ever get a size), flush (also from many
-threads at once), stop, crash, restart under the same id; Redis restarts empty. After
+threads at once), fork, stop, crash, restart under the same id; Redis restarts empty. After
 every step the cluster counters and live gauges in Redis equal a simple model."""
 
 from __future__ import annotations
 
+import os
 import threading
 from collections import Counter
 from collections.abc import Iterator
@@ -135,6 +136,32 @@ class Fleet(RuleBasedStateMachine):
                 self.crashed.pop(instance_id, None)
             inc.regions_written = set()
             self.ended.append(inc)
+
+    @rule(instance_id=IDS, region=REGIONS, hits=st.integers(1, 5))
+    def fork(self, instance_id: str, region: str, hits: int) -> None:
+        """The process forks after setup(): the child is a new instance with fresh tallies;
+        it records, then exits cleanly (final flush, departure). The parent is unchanged."""
+        if instance_id not in self.live:
+            return
+        handle = self.live[instance_id].handle
+        read, write = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            try:
+                for _ in range(hits):
+                    handle.record_hit(region, 0.001)
+                handle.shutdown()
+                os.write(write, handle.settings.instance_id.encode())
+            finally:
+                os._exit(0)
+        os.close(write)
+        child_id = os.read(read, 200).decode()
+        os.close(read)
+        os.waitpid(pid, 0)
+        assert child_id == f"{instance_id}-{pid}"
+        child = Incarnation(handle)  # what Redis holds of it: its events, no live gauges
+        child.written[region] = hits
+        self.ended.append(child)
 
     @rule(instance_id=IDS)
     def crash(self, instance_id: str) -> None:

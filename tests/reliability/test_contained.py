@@ -33,6 +33,7 @@ def acl_redis() -> Iterator[RedisServer]:
         "--user", "default", "on", "nopass", "~*", "&*", "+@all",
         "--user", "noinfo", "on", f">{PASSWORD}", *BASE_ACL, "-info",
         "--user", "notime", "on", f">{PASSWORD}", *BASE_ACL, "-time",
+        "--user", "noscripting", "on", f">{PASSWORD}", *BASE_ACL, "-@scripting",
     )  # fmt: skip
     with server:
         yield server
@@ -55,17 +56,20 @@ def test_a_missing_optional_permission_drops_that_reading_only(acl_redis: RedisS
         stats.shutdown()
 
 
-def test_a_missing_required_permission_is_named(acl_redis: RedisServer) -> None:
-    url = f"redis://notime:{PASSWORD}@127.0.0.1:{acl_redis.port}/0"
+@pytest.mark.parametrize(("user", "allow"), [("notime", "+time"), ("noscripting", "+evalsha")])
+def test_a_missing_required_permission_is_named(
+    acl_redis: RedisServer, user: str, allow: str
+) -> None:
+    url = f"redis://{user}:{PASSWORD}@127.0.0.1:{acl_redis.port}/0"
     stats = setup(redis_url=url, instance_id="a", set_global=False, flush_interval=None,
                   aggregation_cache_ttl=0)  # fmt: skip
     try:
         stats.record_hit("R")
         assert not stats.flush()
-        assert stats.exporter is not None and "allow +time" in (stats.exporter.last_error or "")
+        assert stats.exporter is not None and f"allow {allow}" in (stats.exporter.last_error or "")
         health = stats.health()
         assert health.status.label == "Unhealthy"
-        assert any("allow +time" in reason for reason in health.reasons), health.reasons
+        assert any(f"allow {allow}" in reason for reason in health.reasons), health.reasons
     finally:
         stats.shutdown()
 
