@@ -206,9 +206,13 @@ def test_noeviction_advice_a_flush_refused_for_memory_loses_nothing(
         r.config_set("maxmemory", 1)  # every write is refused: out of memory
         stats.record_hit("R")
         assert stats.flush() is False and stats.flush_errors == 1
+        health = stats.health()  # failing flushes show at once, not when heartbeats expire
+        assert health.status.label == "Degraded", health.reasons
+        assert any("the last flush failed (OutOfMemoryError" in x for x in health.reasons)
         r.config_set("maxmemory", 0)
         stats.record_hit("R")
         assert stats.flush()
+        assert stats.health().status.label == "Healthy"
         assert r.hget("conduit:cache:stats:aggregated:R", "hit_count") == "3"  # exact
     finally:
         stats.shutdown()
