@@ -38,7 +38,7 @@ from .integrations.lookup import TimedLookup
 from .model import Statistics
 from .prefork import at_setup, flush_at_worker_exit
 from .recorder import Recorder
-from .sdk_hook import export_lock
+from .sdk_hook import collection_lock, export_lock
 from .strategies import AggregationStrategy, strategy_named
 from .writethrough import RedisMetricExporter
 
@@ -233,7 +233,9 @@ class CacheStatistics:
         if self.exporter is None or self._closed or not self._owns_exporter:
             return []
         locks = [export_lock(self._reader)] if self._reader is not None else []
-        return [lock for lock in (*locks, self.exporter._lock) if lock is not None]
+        locks.append(self.exporter._lock)
+        locks += [collection_lock(provider) for provider in self._owned]  # taken alone
+        return [lock for lock in locks if lock is not None]
 
     def _after_fork(self) -> None:
         """In a process forked after ``setup()``: a new instance with fresh tallies, its

@@ -56,6 +56,7 @@ __all__ = [
     "SdkCompatibilityError",
     "check_histogram_hook",
     "collecting_readers",
+    "collection_lock",
     "export_lock",
     "exporter_of",
     "prometheus_reader",
@@ -343,6 +344,14 @@ def export_lock(reader: MetricReader) -> Any:
     """The lock a ``PeriodicExportingMetricReader`` holds while it exports (held across a
     fork, a child would inherit it locked and hang at its first flush); None if absent."""
     lock = getattr(reader, "_export_lock", None)
+    return lock if hasattr(lock, "acquire") and hasattr(lock, "release") else None
+
+
+def collection_lock(provider: object) -> Any:
+    """The lock a ``MeterProvider`` holds while it collects (runs the callbacks); None if
+    absent. Held across a fork, it would leave a child unable to collect."""
+    consumer = getattr(provider, "_measurement_consumer", None)
+    lock = getattr(consumer, "_lock", None)
     return lock if hasattr(lock, "acquire") and hasattr(lock, "release") else None
 
 
