@@ -179,13 +179,13 @@ class RedisMetricExporter(MetricExporter):
         """One write: changed regions (all, every ``FULL_WRITE_EVERY``-th time), then the
         regions Redis asked for whole; moves aside once from a live duplicate id."""
         self._take_samples(fields)
-        fields = self._minus_baseline(fields)
+        raw, fields = fields, self._minus_baseline(fields)
         full = not self._confirmed or self._writes % FULL_WRITE_EVERY == 0
         entries = self._entries(fields, full)
         result = self._send(entries, full)
         if result.status == "duplicate":
             self._move_aside()
-            fields = self._minus_baseline(fields)
+            fields = self._minus_baseline(raw)
             entries = self._entries(fields, True)
             result = self._send(entries, True)
         if result.status == "duplicate":
