@@ -37,6 +37,16 @@ def r(redis_url: str) -> Iterator[redis.Redis]:
 MakeStats = Callable[..., CacheStatistics]
 
 
+@pytest.fixture
+def fleet(redis_url: str) -> Iterator[Any]:
+    """A reader of the fleet's totals and live instances (the pre-fork server tests)."""
+    from .prefork_support import Cluster
+
+    reader = Cluster(redis_url)
+    yield reader
+    reader.close()
+
+
 @pytest.fixture(scope="session")
 def certs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A test CA and a server and a client certificate it signed (for 127.0.0.1), by openssl."""

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -28,13 +27,6 @@ TASKS = 90
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture
-def cluster(redis_url: str) -> Iterator[Cluster]:
-    reader = Cluster(redis_url)
-    yield reader
-    reader.close()
-
-
 def report(server: Server) -> Any:
     def line() -> str:
         if server.proc.poll() is not None:
@@ -48,7 +40,7 @@ def report(server: Server) -> Any:
 
 @pytest.mark.parametrize("method", ["fork", "spawn"])
 def test_pool_totals_and_live_workers(
-    redis_url: str, cluster: Cluster, tmp_path: Path, method: str
+    redis_url: str, fleet: Cluster, tmp_path: Path, method: str
 ) -> None:
     argv = [sys.executable, "-m", "tests.prefork_pool", method, str(TASKS)]
     log = tmp_path / "pool.log"
@@ -57,14 +49,14 @@ def test_pool_totals_and_live_workers(
         pids, workers = ran["pids"], set(ran["workers"])
         assert len(pids) == TASKS and set(pids) == workers and len(workers) == 3
         live = {instance_id(pid) for pid in workers}
-        during = cluster.expect(HITS * TASKS, MISSES * TASKS, lambda: live)
+        during = fleet.expect(HITS * TASKS, MISSES * TASKS, lambda: live)
         assert instance_id(server.proc.pid) not in during.live  # the parent records nothing
-        assert cluster.instance_keys() == live
+        assert fleet.instance_keys() == live
         assert server.proc.stdin is not None
         server.proc.stdin.write(b"stop\n")
         server.proc.stdin.flush()
         assert server.proc.wait(30) == 0
         assert server.output().rstrip().endswith("stopped")
         assert_clean_exit(server)
-        cluster.expect(HITS * TASKS, MISSES * TASKS, set)
-        assert cluster.instance_keys() == set()  # every worker departed at exit
+        fleet.expect(HITS * TASKS, MISSES * TASKS, set)
+        assert fleet.instance_keys() == set()  # every worker departed at exit

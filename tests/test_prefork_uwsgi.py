@@ -5,7 +5,6 @@ the workers), with ``--lazy-apps``, with ``max-requests`` and with the fork hook
 from __future__ import annotations
 
 import signal
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -35,13 +34,6 @@ FORK_HOOKS = ("--py-call-uwsgi-fork-hooks",)
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture
-def cluster(redis_url: str) -> Iterator[Cluster]:
-    reader = Cluster(redis_url)
-    yield reader
-    reader.close()
-
-
 def uwsgi(redis_url: str, log: Path, *options: str) -> tuple[Server, str]:
     port = free_port()
     argv = [bin_path("uwsgi"), "--http-socket", f"127.0.0.1:{port}", "--master",
@@ -60,28 +52,28 @@ def served_and_alive(server: Server, served: list[int]) -> set[str]:
     ids=["forked", "lazy-apps", "fork-hooks"],
 )
 def test_uwsgi_totals_and_live_workers(
-    redis_url: str, cluster: Cluster, tmp_path: Path, options: tuple[str, ...]
+    redis_url: str, fleet: Cluster, tmp_path: Path, options: tuple[str, ...]
 ) -> None:
     server, url = uwsgi(redis_url, tmp_path / "uwsgi.log", *options)
     with server:
         wait_ready(url, server)
         served = drive_until_all_served(url, server, WORKERS)
         n = len(served)
-        during = cluster.expect(HITS * n, MISSES * n, lambda: served_and_alive(server, served))
+        during = fleet.expect(HITS * n, MISSES * n, lambda: served_and_alive(server, served))
         assert during.active_count == WORKERS  # every worker, never the master
         assert instance_id(server.proc.pid) not in during.live
-        assert cluster.instance_keys() == during.live
+        assert fleet.instance_keys() == during.live
         # idle workers keep beating: still live for twice the timeout
-        steady(lambda: cluster.state(), during, 2 * INSTANCE_TIMEOUT)
+        steady(lambda: fleet.state(), during, 2 * INSTANCE_TIMEOUT)
         assert server.stop() == 0, server.output()
         assert_clean_exit(server)
-        cluster.expect(HITS * n, MISSES * n, set)
-        assert cluster.instance_keys() == set()
+        fleet.expect(HITS * n, MISSES * n, set)
+        assert fleet.instance_keys() == set()
 
 
 @pytest.mark.parametrize("options", [(), FORK_HOOKS], ids=["forked", "fork-hooks"])
 def test_uwsgi_max_requests_recycles_workers(
-    redis_url: str, cluster: Cluster, tmp_path: Path, options: tuple[str, ...]
+    redis_url: str, fleet: Cluster, tmp_path: Path, options: tuple[str, ...]
 ) -> None:
     """Workers exit after 20 requests (``min-worker-lifetime`` 0: at once) and are forked
     again from the master: departed workers' counts stay, no keys are left behind, and
@@ -93,22 +85,22 @@ def test_uwsgi_max_requests_recycles_workers(
         served = drive(url, 120)
         n = len(served)
         assert len(set(served)) > WORKERS  # recycled
-        during = cluster.expect(HITS * n, MISSES * n, lambda: served_and_alive(server, served))
-        eventually(cluster.instance_keys, set(during.live))
+        during = fleet.expect(HITS * n, MISSES * n, lambda: served_and_alive(server, served))
+        eventually(fleet.instance_keys, set(during.live))
         # uWSGI itself leaves a worker respawned during its shutdown waiting for the mercy
         # timeout: stop once every respawn is done
         eventually(lambda: len(server.workers()), WORKERS)
         served += drive_until_all_served(url, server, WORKERS)
         n = len(served)
-        cluster.expect(HITS * n, MISSES * n, lambda: served_and_alive(server, served))
+        fleet.expect(HITS * n, MISSES * n, lambda: served_and_alive(server, served))
         eventually(lambda: len(server.workers()), WORKERS)
         assert server.stop() == 0, server.output()
         assert_clean_exit(server)
-        cluster.expect(HITS * n, MISSES * n, set)
-        assert cluster.instance_keys() == set()
+        fleet.expect(HITS * n, MISSES * n, set)
+        assert fleet.instance_keys() == set()
 
 
-def test_uwsgi_sigint_stops_cleanly(redis_url: str, cluster: Cluster, tmp_path: Path) -> None:
+def test_uwsgi_sigint_stops_cleanly(redis_url: str, fleet: Cluster, tmp_path: Path) -> None:
     """SIGINT (uWSGI's own "kill") also ends with the final flush and departures."""
     server, url = uwsgi(redis_url, tmp_path / "uwsgi.log")
     with server:
@@ -117,4 +109,4 @@ def test_uwsgi_sigint_stops_cleanly(redis_url: str, cluster: Cluster, tmp_path: 
         n = len(served)
         assert server.stop(signal.SIGINT) == 0, server.output()
         assert_clean_exit(server)
-        cluster.expect(HITS * n, MISSES * n, set)
+        fleet.expect(HITS * n, MISSES * n, set)
