@@ -13,7 +13,7 @@ import redis
 from conduit_otel_cache import setup
 from conduit_otel_cache.health import evaluate
 from conduit_otel_cache.store import Entry, Store, Writer
-from conduit_otel_cache.writethrough import FULL_WRITE_EVERY
+from conduit_otel_cache.writethrough import CHECK_EVERY
 
 from .conftest import MakeStats
 
@@ -59,7 +59,7 @@ def test_a_field_left_out_is_unchanged_and_a_late_write_adds_nothing(r: redis.Re
     full = {"hit_count": "100", "le:0.0025": "100", "rt_sum": "0.2", "size_bytes": "5"}
     store.flush(writer(), {REGION: Entry(full)})
     # a write without the histogram fields (it only saw the hits change)
-    store.flush(writer(), {REGION: Entry({"hit_count": "110"}, full=False)}, full=False)
+    store.flush(writer(), {REGION: Entry({"hit_count": "110"}, full=False)}, refresh=False)
     # then the whole region again, histogram included
     again = {**full, "hit_count": "110", "le:0.0025": "110", "rt_sum": "0.22"}
     store.flush(writer(), {REGION: Entry(again)})
@@ -86,14 +86,63 @@ def test_a_partial_write_redis_does_not_know_is_refused_then_rebuilt(
     stats.record_hit("Other", 0.001)  # a partial write of Other, which Redis lost
     assert stats.flush()
     assert stats.cluster_statistics("Other").hit_count == 11  # resent whole at once
-    # REGION did not change, so it waits for the next whole write (within FULL_WRITE_EVERY)
+    # REGION did not change, so it waits for the next whole write (within CHECK_EVERY)
     r.delete(f"conduit:cache:stats:aggregated:{REGION}")
     flushes = 0
     while stats.cluster_statistics(REGION).hit_count != 10:
-        assert flushes < FULL_WRITE_EVERY
+        assert flushes < CHECK_EVERY
         assert stats.flush()
         flushes += 1
     assert stats.cluster_statistics("Other").hit_count == 11
+
+
+def test_a_failover_that_lost_writes_is_rebuilt(make_stats: MakeStats, redis_url: str) -> None:
+    """A replica promoted without the last write (every key back as it was before it):
+    a region that changes again is refused as partial and resent whole at once; one that
+    does not is found by the next check (within CHECK_EVERY writes) and resent whole."""
+    raw = redis.Redis.from_url(redis_url)
+    stats = make_stats("api-1")
+    for _ in range(10):
+        stats.record_hit("A", 0.001)
+        stats.record_hit("B", 0.001)
+    assert stats.flush()
+    for _ in range(3):
+        assert stats.flush()  # past the first check
+    replica = {key: raw.dump(key) for key in raw.keys("conduit:*")}
+    for _ in range(5):
+        stats.record_hit("A", 0.001)
+        stats.record_hit("B", 0.001)
+    assert stats.flush()  # acknowledged, then lost by the failover
+    raw.flushall()
+    for key, value in replica.items():
+        raw.restore(key, 0, value)
+    assert stats.cluster_statistics("B").hit_count == 10  # the loss
+    stats.record_miss("A")
+    assert stats.flush()
+    a = stats.cluster_statistics("A")
+    assert (a.hit_count, a.miss_count) == (15, 1)
+    flushes = 0
+    while stats.cluster_statistics("B").hit_count != 15:
+        assert flushes < CHECK_EVERY
+        assert stats.flush()
+        flushes += 1
+    assert stats.cluster_statistics("A").hit_count == 15
+    raw.close()
+
+
+def test_ttls_of_unchanged_regions_are_renewed(make_stats: MakeStats, r: redis.Redis) -> None:
+    """A region that never changes again keeps its keys while the instance lives: TTLs are
+    renewed every quarter of the shortest TTL, whatever changed."""
+    stats = make_stats("api-1", statistics_ttl=4, response_time_sample_ttl=4, instance_timeout=2)
+    stats.record_hit("Quiet", 0.001)
+    stats.record_hit("Busy", 0.001)
+    assert stats.flush()
+    quiet = [k for k in r.scan_iter("conduit:*") if "Quiet" in k]
+    assert len(quiet) >= 3  # stats hash, aggregated hash, hit rates (and samples)
+    time.sleep(1.1)  # past the renewal interval (4 s / 4): the clock is what is tested
+    stats.record_hit("Busy", 0.001)
+    assert stats.flush()
+    assert all(r.pttl(k) > 3500 for k in quiet), {k: r.pttl(k) for k in quiet}
 
 
 def test_restart_in_place_clears_every_live_gauge_of_the_dead_incarnation(

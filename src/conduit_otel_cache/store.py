@@ -80,7 +80,7 @@ def _entry_args(entries: Sequence[tuple[str, Entry]]) -> list[Any]:
     """Region entries as script arguments (the layout of ``lua/lib.lua``)."""
     args: list[Any] = []
     for region, entry in entries:
-        args += [region, "1" if entry.full else "0", len(entry.fields)]
+        args += [region, "1" if entry.full else "0", entry.after, len(entry.fields)]
         for name, value in entry.fields.items():
             args += [name, value]
         args.append(",".join(repr(float(x)) for x in entry.samples))
@@ -96,11 +96,15 @@ def _script_source(*names: str) -> str:
 @dataclasses.dataclass(frozen=True)
 class Entry:
     """One region of a write: cumulative values of the changed (or, ``full``, all) fields,
-    and raw response times since the last write."""
+    and raw response times since the last write. ``after``: the number of the region's
+    last write Redis acknowledged, which a partial entry continues from (Redis refuses it
+    when it does not hold that write). A partial entry with no fields and no samples is a
+    check: Redis only confirms it holds the region up to ``after``."""
 
     fields: Mapping[str, str]
     full: bool = True
     samples: Sequence[float] = ()
+    after: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -116,13 +120,14 @@ class Writer:
     sample_cap: int = 0
     sample_ttl: float = 3600.0
 
-    def header(self, full: bool = True) -> list[Any]:
+    def header(self, refresh: bool = True, seq: int = 0) -> list[Any]:
         """The first arguments of every write script (the layout of ``lua/lib.lua``);
-        ``full``: every region of the write is whole (TTLs refreshed, key types checked)."""
+        ``refresh``: renew the TTLs of every key the write names and check key types;
+        ``seq``: the write's number."""
         return [
             self.instance_id, self.token, self.owner, max(1, int(self.ttl)),
             self.instance_timeout, max(1, self.sample_cap), max(1, int(self.sample_ttl)),
-            "1" if full else "0",
+            "1" if refresh else "0", seq,
         ]  # fmt: skip
 
 
@@ -210,20 +215,22 @@ class Store:
         writer: Writer,
         entries: Mapping[str, Entry],
         *,
-        full: bool = True,
+        refresh: bool = True,
+        seq: int = 0,
         beat_first: bool = False,
     ) -> FlushResult:
         """Write ``entries`` and the heartbeat in one round trip (on a Redis Cluster: one
-        pipeline, one script call per hash slot). ``beat_first`` (a Redis Cluster write
-        of an incarnation not yet known to Redis) checks the instance id before any region
-        is written, at the cost of a second round trip."""
+        pipeline, one script call per hash slot). ``refresh`` renews TTLs; ``seq`` is the
+        write's number (see :class:`Entry`). ``beat_first`` (a Redis Cluster write of an
+        incarnation not yet known to Redis) checks the instance id before any region is
+        written, at the cost of a second round trip."""
         items = list(entries.items())
-        header = writer.header(full)
+        header = writer.header(refresh, seq)
         head: tuple[Script, list[str], list[Any]]
         if self.cluster:  # the beat alone, then one call per region (its own slot)
             names: list[Any] = []
             for region, entry in items:
-                names += [region, "1" if entry.full else "0", 0, ""]
+                names += [region, "1" if entry.full else "0", 0, 0, ""]
             head = (self._beat, self.keys.beat(writer.instance_id), [*header, *names])
             batches = [[item] for item in items]
         else:  # the beat with the first batch_size regions, then the other batches

@@ -6,9 +6,11 @@ The write protocol (what Redis applies is in ``lua/region.lua``):
 - values are cumulative per incarnation (see :mod:`.identity`), so a write repeated or
   arriving late adds nothing, and a failed write loses nothing: the next one carries it;
 - a write sends only the regions, and within them the fields, that changed since the
-  last write Redis acknowledged; every ``FULL_WRITE_EVERY``-th write is whole, and so is
-  any region Redis no longer holds for this incarnation (an empty restart, a failover
-  that lost writes), resent at once, so lost data is rebuilt within that many flushes;
+  last write Redis acknowledged, each naming the write it continues from; every
+  ``CHECK_EVERY``-th write also asks Redis to confirm it still holds every other region
+  up to its last acknowledged write. A region Redis no longer holds (an empty restart, an
+  evicted key, a failover that lost writes) is resent whole at once, so lost data is
+  rebuilt within that many flushes; TTLs are renewed every quarter of the shortest TTL;
 - a collection older than one already written (two collections racing to the exporter)
   is dropped, since the newer one carries everything it had;
 - the first write of an incarnation checks that no other live process writes as its
@@ -19,7 +21,9 @@ The write protocol (what Redis applies is in ``lua/region.lua``):
 from __future__ import annotations
 
 import logging
+import math
 import threading
+import time
 from collections import deque
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -44,8 +48,8 @@ from .store import Entry, FlushResult, Store, Writer, explain
 log = logging.getLogger(__name__)
 
 _FIELDS = {name: attr for name, _, _, attr in COUNTER_INSTRUMENTS} | {SIZE_INSTRUMENT: "size_bytes"}
-#: every this many writes, every region is sent whole
-FULL_WRITE_EVERY = 10
+#: every this many writes, Redis confirms it holds every unchanged region
+CHECK_EVERY = 10
 #: a collection this much older than the last one written is a clock step, not a race
 _CLOCK_STEP_NS = 1_000_000_000
 
@@ -119,6 +123,9 @@ class RedisMetricExporter(MetricExporter):
         self._lock = threading.Lock()
         self._closed = False
         self._acked: Fields = {}  # what Redis holds of this incarnation, per region
+        self._acked_seq: dict[str, int] = {}  # per region: its last acknowledged write
+        self._seq = 0  # the number of the last write sent (every attempt has its own)
+        self._refreshed = -math.inf  # time.monotonic() of the last TTL refresh
         self._baseline: dict[str, dict[str, float]] = {}  # written under earlier ids
         self._acked_order = 0
         self._writes = 0
@@ -176,17 +183,21 @@ class RedisMetricExporter(MetricExporter):
             return MetricExportResult.SUCCESS
 
     def _write(self, fields: Fields) -> None:
-        """One write: changed regions (all, every ``FULL_WRITE_EVERY``-th time), then the
-        regions Redis asked for whole; moves aside once from a live duplicate id."""
+        """One write: changed regions (all whole for a new incarnation; checks of the
+        others every ``CHECK_EVERY``-th time or when TTLs are due), then the regions Redis
+        asked for whole; moves aside once from a live duplicate id."""
         self._take_samples(fields)
         raw, fields = fields, self._minus_baseline(fields)
-        full = not self._confirmed or self._writes % FULL_WRITE_EVERY == 0
-        entries = self._entries(fields, full)
-        result = self._send(entries, full)
+        full = not self._confirmed
+        now = time.monotonic()
+        refresh = full or now - self._refreshed >= self._refresh_every()
+        check = refresh or self._writes % CHECK_EVERY == 0
+        entries = self._entries(fields, full, check)
+        result = self._send(entries, refresh)
         if result.status == "duplicate":
             self._move_aside()
             fields = self._minus_baseline(raw)
-            entries = self._entries(fields, True)
+            entries = self._entries(fields, True, True)
             result = self._send(entries, True)
         if result.status == "duplicate":
             raise RuntimeError(
@@ -195,48 +206,64 @@ class RedisMetricExporter(MetricExporter):
         lost = result.status == "unregistered" and self._confirmed and bool(fields)
         if (result.rebuild or lost) and not full:  # reaped, or Redis lost it: all whole
             again = {r: Entry(v, True, self._samples_of(r)) for r, v in fields.items()}
-            result = self._send(again, True)
+            refresh = True
+            result = self._send(again, refresh)
             entries = again
         elif result.need_full:
             again = {r: Entry(fields[r], True, entries[r].samples) for r in result.need_full}
+            sent = self._seq
             retry = self._send(again, False)
-            entries.update(again)
             if retry.need_full:
                 raise RuntimeError(f"Redis refused full entries for {sorted(retry.need_full)}")
+            self._ack({r: e for r, e in entries.items() if r not in again}, sent)
+            entries = again
         if result.status == "ok":
             self._confirmed = True
             if result.stale:
                 self.store.leave_stale(self._writer(), [r for r in result.stale if r not in fields])
-        for region, entry in entries.items():
-            acked = self._acked.setdefault(region, {})
-            acked.update(entry.fields)
-            if entry.samples:
-                self._pending.pop(region, None)
+        self._ack(entries, self._seq)
+        if refresh:
+            self._refreshed = now
         self._writes += 1
         self.last_success = result.server_time
 
-    def _send(self, entries: Mapping[str, Entry], full: bool) -> FlushResult:
-        return self.store.flush(self._writer(), entries, full=full, beat_first=not self._confirmed)
+    def _ack(self, entries: Mapping[str, Entry], seq: int) -> None:
+        """Redis applied ``entries`` with write number ``seq``."""
+        for region, entry in entries.items():
+            if entry.full or entry.fields or entry.samples:  # not a check
+                self._acked.setdefault(region, {}).update(entry.fields)
+                self._acked_seq[region] = seq
+            if entry.samples:
+                self._pending.pop(region, None)
+
+    def _send(self, entries: Mapping[str, Entry], refresh: bool) -> FlushResult:
+        self._seq += 1
+        return self.store.flush(
+            self._writer(), entries, refresh=refresh, seq=self._seq, beat_first=not self._confirmed
+        )
+
+    def _refresh_every(self) -> float:
+        """Seconds between TTL renewals: a quarter of the shortest TTL."""
+        s = self.settings
+        return min(s.statistics_ttl, s.response_time_sample_ttl) / 4
 
     def _samples_of(self, region: str) -> tuple[float, ...]:
         return tuple(self._pending.get(region, ()))
 
-    def _entries(self, fields: Fields, full: bool) -> dict[str, Entry]:
+    def _entries(self, fields: Fields, full: bool, check: bool) -> dict[str, Entry]:
         """What to send: every region whole (``full``), else the changed fields of the
-        changed regions, with the raw samples recorded since the last write."""
+        changed regions, with the raw samples recorded since the last write, and (``check``)
+        a check of every other region."""
         entries = {}
         for region, values in fields.items():
             pending = self._samples_of(region)
-            if full:
-                entries[region] = Entry(values, True, pending)
-                continue
             acked = self._acked.get(region)
-            if acked is None:  # a new region: whole
+            if full or acked is None:  # a new region: whole
                 entries[region] = Entry(values, True, pending)
                 continue
             changed = {f: v for f, v in values.items() if acked.get(f) != v}
-            if changed or pending:
-                entries[region] = Entry(changed, False, pending)
+            if changed or pending or check:
+                entries[region] = Entry(changed, False, pending, self._acked_seq[region])
         return entries
 
     def _take_samples(self, fields: Fields) -> None:

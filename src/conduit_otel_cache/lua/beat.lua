@@ -9,4 +9,4 @@ local names = {}
 for _, e in ipairs(entries()) do
   if e.full then names[#names + 1] = e.region end
 end
-return beat(KEYS[1], KEYS[2], KEYS[3], KEYS[4], h, server_time(), names, h.full)
+return beat(KEYS[1], KEYS[2], KEYS[3], KEYS[4], h, server_time(), names, h.refresh)

@@ -14,7 +14,7 @@ local names = {}
 for _, e in ipairs(es) do
   if e.full then names[#names + 1] = e.region end
 end
-local reply = beat(KEYS[1], KEYS[2], KEYS[3], KEYS[4], h, now, names, h.full)
+local reply = beat(KEYS[1], KEYS[2], KEYS[3], KEYS[4], h, now, names, h.refresh)
 local need_full = {}
 if reply[2] == 'ok' then
   for i, e in ipairs(es) do

@@ -1,7 +1,7 @@
 -- The instance-level keys: heartbeat zset, regions set, instance meta hash and instance
 -- regions set (one hash slot in Redis Cluster: the keys share the tag {global}).
 
-local function beat(zkey, gkey, mkey, ikey, h, now, regions, full)
+local function beat(zkey, gkey, mkey, ikey, h, now, regions, refresh)
   -- Beat the heartbeat of incarnation h.token and record its regions. Returns the server
   -- time, a status, the regions an earlier incarnation under this id has yet to leave, and
   -- '1' when Redis did not hold this incarnation as live (it was reaped, or Redis lost
@@ -11,10 +11,10 @@ local function beat(zkey, gkey, mkey, ikey, h, now, regions, full)
   --     as this id: nothing is written, the caller takes another id;
   --   'unregistered': an incarnation Redis does not know, with nothing to write yet or a
   --     write that is not full: it is not live (the caller writes whole if it has data).
-  -- regions: the names of the full entries (recorded in the regions sets); full: the
-  -- write refreshes TTLs and checks key types (every few writes).
+  -- regions: the names of the full entries (recorded in the regions sets); refresh: the
+  -- write renews TTLs and checks key types (a new incarnation registers only so).
   local now_s = string.format('%.6f', now)
-  if full then
+  if refresh then
     ensure_type(zkey, 'zset')
     ensure_type(gkey, 'set')
     ensure_type(ikey, 'set')
@@ -30,7 +30,7 @@ local function beat(zkey, gkey, mkey, ikey, h, now, regions, full)
       local last = redis.call('ZSCORE', zkey, h.id)
       if last and now - num(last) < h.timeout then return {now_s, 'duplicate', {}, '0'} end
     end
-    if not full or #regions == 0 then return {now_s, 'unregistered', {}, '0'} end
+    if not refresh or #regions == 0 then return {now_s, 'unregistered', {}, '0'} end
     -- a new incarnation: the regions of the earlier ones must leave the live gauges
     if old_token and redis.call('SCARD', ikey) > 0 then stale = '1' end
   end
@@ -46,7 +46,7 @@ local function beat(zkey, gkey, mkey, ikey, h, now, regions, full)
     call_on(gkey, 'SADD', gkey, unpack(regions))
     call_on(ikey, 'SADD', ikey, unpack(regions))
   end
-  if full then
+  if refresh then
     redis.call('EXPIRE', mkey, h.ttl)
     redis.call('EXPIRE', zkey, h.ttl)
     redis.call('EXPIRE', gkey, h.ttl)

@@ -43,29 +43,32 @@ local function server_time()
 end
 
 -- The one argument layout of the write scripts (flush.lua, beat.lua, regions.lua):
---   ARGV[1..8]  instance id, incarnation token, owner (host:pid), ttl seconds,
---               instance timeout seconds, sample cap, sample ttl seconds, '1' for a full
---               write (every region whole: TTLs are refreshed, key types checked)
---   then per region: region, full ('1': every field; '0': changed fields only),
---               field count n, n pairs of field and cumulative value, raw samples csv.
-local HEADER = 8
+--   ARGV[1..9]  instance id, incarnation token, owner (host:pid), ttl seconds,
+--               instance timeout seconds, sample cap, sample ttl seconds, '1' to refresh
+--               (TTLs of every key the write names are renewed, key types checked), and
+--               the write's number (it increases with every write of the incarnation)
+--   then per region: region, full ('1': every field; '0': changed fields only), after
+--               (the number of the last write of the region the writer knows Redis
+--               applied; 0: none), field count n, n pairs of field and cumulative value,
+--               raw samples csv. A '0' entry with no field and no sample is a check.
+local HEADER = 9
 
 local function header()
   return {id = ARGV[1], token = ARGV[2], owner = ARGV[3], ttl = tonumber(ARGV[4]),
           timeout = tonumber(ARGV[5]), cap = tonumber(ARGV[6]), sample_ttl = tonumber(ARGV[7]),
-          full = ARGV[8] == '1'}
+          refresh = ARGV[8] == '1', seq = ARGV[9]}
 end
 
 local function entries()
   -- The region entries after the header, in order.
   local out, a = {}, HEADER + 1
   while a <= #ARGV do
-    local n = tonumber(ARGV[a + 2])
+    local n = tonumber(ARGV[a + 3])
     local fields = {}
-    for j = a + 3, a + 2 + 2 * n, 2 do fields[ARGV[j]] = ARGV[j + 1] end
-    out[#out + 1] = {region = ARGV[a], full = ARGV[a + 1] == '1', fields = fields,
-                     samples = ARGV[a + 3 + 2 * n]}
-    a = a + 4 + 2 * n
+    for j = a + 4, a + 3 + 2 * n, 2 do fields[ARGV[j]] = ARGV[j + 1] end
+    out[#out + 1] = {region = ARGV[a], full = ARGV[a + 1] == '1', after = tonumber(ARGV[a + 2]),
+                     fields = fields, n = n, samples = ARGV[a + 4 + 2 * n]}
+    a = a + 5 + 2 * n
   end
   return out
 end

@@ -22,14 +22,34 @@ local function append_samples(lkey, csv, cap, only_these)
   redis.call('LTRIM', lkey, -cap, -1)
 end
 
+local function refresh_region(skey, akey, rkey, lkey, h)
+  redis.call('EXPIRE', skey, h.ttl)
+  redis.call('EXPIRE', akey, h.ttl)
+  redis.pcall('EXPIRE', rkey, h.ttl)
+  redis.pcall('EXPIRE', lkey, h.sample_ttl)
+end
+
+local function check_region(skey, akey, rkey, lkey, h, e)
+  -- A check: Redis still holds every write of the region up to e.after for h.token (an
+  -- evicted or deleted key, or a failover that lost writes, fails it: 'full').
+  local got = redis.pcall('HMGET', skey, 'token', 'seq')
+  if failed(got) or got[1] ~= h.token or num(got[2]) < e.after then return 'full' end
+  if h.refresh then refresh_region(skey, akey, rkey, lkey, h) end
+  return 'ok'
+end
+
 local function write_region(skey, akey, rkey, lkey, h, e, now_s)
   -- Apply one region entry e of incarnation h.token. Counters are cumulative per
   -- incarnation: only an increase is added to the aggregated hash, so a repeated or late
   -- (older) write adds nothing; a field left out is unchanged. Another token (a restart
   -- under the same id) starts new series and replaces the earlier incarnation's live
-  -- gauges; it needs a full entry: returns 'full' (nothing written) when e is partial.
-  -- TTLs are refreshed by full entries (every few writes), not by every write.
-  local names = {'token', 'live', 'hit_count', 'miss_count', 'size_bytes'}
+  -- gauges; it needs a full entry: returns 'full' (nothing written) when e is partial, and
+  -- so does a partial entry that continues from a write Redis does not hold (e.after).
+  -- TTLs are renewed by new regions and by refreshing writes (h.refresh), not by every write.
+  if not e.full and e.n == 0 and e.samples == '' then
+    return check_region(skey, akey, rkey, lkey, h, e)
+  end
+  local names = {'token', 'live', 'hit_count', 'miss_count', 'size_bytes', 'seq'}
   for f in pairs(e.fields) do names[#names + 1] = f end
   local got = redis.pcall('HMGET', skey, unpack(names))
   if failed(got) then  -- not a hash: foreign or corrupted data, replaced
@@ -39,13 +59,13 @@ local function write_region(skey, akey, rkey, lkey, h, e, now_s)
   local old = {}
   for i, f in ipairs(names) do if got[i] then old[f] = got[i] end end
   local same = old['token'] == h.token
-  if not same and not e.full then return 'full' end
+  if not e.full and not (same and num(old['seq']) >= e.after) then return 'full' end
   local was_live = old['live'] == '1'
 
   local cur = {}  -- the incarnation's values after this write
-  local flat = {'last_updated', now_s}
+  local flat = {'last_updated', now_s, 'seq', h.seq}
   if not (same and was_live) then
-    flat[3], flat[4], flat[5], flat[6] = 'live', '1', 'token', h.token
+    flat[5], flat[6], flat[7], flat[8] = 'live', '1', 'token', h.token
   end
   for f, v in pairs(e.fields) do
     local nv = num(v)
@@ -91,7 +111,8 @@ local function write_region(skey, akey, rkey, lkey, h, e, now_s)
     local stale = {}
     local all = redis.call('HKEYS', skey)
     for _, f in ipairs(all) do
-      if e.fields[f] == nil and f ~= 'live' and f ~= 'last_updated' and f ~= 'token' then
+      if e.fields[f] == nil and f ~= 'live' and f ~= 'last_updated' and f ~= 'token'
+         and f ~= 'seq' then
         stale[#stale + 1] = f
       end
     end
@@ -104,12 +125,7 @@ local function write_region(skey, akey, rkey, lkey, h, e, now_s)
     redis.call('DEL', lkey)
   end
   call_on(akey, 'HSET', akey, 'last_aggregated', now_s)
-  if e.full then
-    redis.call('EXPIRE', skey, h.ttl)
-    redis.call('EXPIRE', akey, h.ttl)
-    if rated then redis.pcall('EXPIRE', rkey, h.ttl) end
-    if e.samples ~= '' then redis.call('EXPIRE', lkey, h.sample_ttl) end
-  end
+  if e.full or h.refresh then refresh_region(skey, akey, rkey, lkey, h) end
   return 'ok'
 end
 

@@ -18,7 +18,7 @@ for i, e in ipairs(entries()) do
     call_on(KEYS[2], 'SADD', KEYS[2], e.region)
   end
 end
-if sets == 2 and h.full then
+if sets == 2 and h.refresh then
   redis.call('EXPIRE', KEYS[1], h.ttl)
   redis.call('EXPIRE', KEYS[2], h.ttl)
 end
