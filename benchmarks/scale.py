@@ -37,6 +37,7 @@ from conduit_otel_cache.server import ExporterService
 from conduit_otel_cache.store import Entry, Store, Writer
 
 from .common import (
+    ServerCommands,
     Target,
     Timing,
     fmt_ms,
@@ -268,6 +269,17 @@ def one_scale(n: int, r: int, quick: bool, rss: bool, cluster: bool = False) -> 
         res["drift_fields"], res["drift_trips"] = measure_trips(
             lambda: drift_from_fields(client, store.keys, regions), slow_reps, seed_budget
         )
+        if not cluster:  # Redis CPU of one read of the cluster view, each design
+            cmds = ServerCommands(client)
+            for name, read in (
+                ("totals", lambda: store.read_cluster(3600)),
+                ("pass", sync.view),
+                ("seed", lambda: seed_totals(client, store.keys, regions)),
+            ):
+                with cmds.counting() as used:
+                    for _ in range(3):
+                        read()
+                res[f"cpu_read_{name}"] = used["cpu_us"] / 3  # fmt: skip
 
         # scrapes through the public exporter service
         cold = service(redis_url, ttl=0)
@@ -491,6 +503,19 @@ def run(quick: bool = False) -> list[Target]:
 
     big = results[-1]
     label = f"{big['n']} x {big['r']}"
+    replicas, every = 2, 5.0  # two serve replicas, each reading every aggregation_cache_ttl
+    show(
+        "Redis CPU of reading the cluster view (INFO cpu), and of "
+        f"{replicas} serve replicas reading every {every:g} s",
+        ["N x R", "ours: totals (read_cluster) ms", "ours: with the per-instance pass ms",
+         "seed: HGETALL every instance x region ms", f"ours, {replicas} replicas: % of a core",
+         f"seed, {replicas} replicas: % of a core"],
+        [[_label(x), f"{x['cpu_read_totals'] / 1e3:,.2f}", f"{x['cpu_read_pass'] / 1e3:,.2f}",
+          f"{x['cpu_read_seed'] / 1e3:,.1f}",
+          f"{replicas * x['cpu_read_pass'] / 1e6 / every * 100:,.2f}",
+          f"{replicas * x['cpu_read_seed'] / 1e6 / every * 100:,.1f}"]
+         for x in results],
+    )  # fmt: skip
     if "rss" in big:
         rss = big["rss"]
         show(
