@@ -33,10 +33,10 @@ class KeySchema:
     keys share ``{global}``, a region's keys ``{<region>}``; names cannot contain braces), so
     that every script call stays in one hash slot."""
 
-    def __init__(self, key_prefix: str = "conduit:", *, cluster: bool = False) -> None:
+    def __init__(self, key_prefix: str = "conduit:", *, redis_cluster: bool = False) -> None:
         self.prefix = key_prefix + "cache:"
-        self.cluster = cluster
-        self._global = self.prefix + "{global}:" if cluster else self.prefix
+        self.redis_cluster = redis_cluster
+        self._global = self.prefix + "{global}:" if redis_cluster else self.prefix
 
     @property
     def instances(self) -> str:
@@ -50,13 +50,13 @@ class KeySchema:
 
     def stats(self, instance_id: str, region: str) -> str:
         """One instance's statistics of one region."""
-        if self.cluster:
+        if self.redis_cluster:
             return f"{self.prefix}{{{region}}}:stats:{instance_id}"
         return f"{self.prefix}stats:{instance_id}:{region}"
 
     def aggregate(self, region: str) -> str:
         """The cluster totals of one region."""
-        if self.cluster:
+        if self.redis_cluster:
             return f"{self.prefix}{{{region}}}:aggregated"
         return f"{self.prefix}stats:aggregated:{region}"
 
@@ -70,7 +70,7 @@ class KeySchema:
 
     def hit_rates(self, region: str) -> str:
         """Live instances' hit rates (percent) in one region: drift and per-instance series."""
-        if self.cluster:
+        if self.redis_cluster:
             return f"{self.prefix}{{{region}}}:hit_rates"
         return f"{self.prefix}hit_rates:{region}"
 
@@ -98,7 +98,7 @@ class KeySchema:
         """A ``lua/regions.lua`` call: the regions sets (standalone only: a Redis Cluster's
         region calls stay in the region's slot, the beat records the names), then each
         region's keys."""
-        keys = [] if self.cluster else [self.regions, self.instance_regions(instance_id)]
+        keys = [] if self.redis_cluster else [self.regions, self.instance_regions(instance_id)]
         for region in regions:
             keys += self.region(instance_id, region)
         return keys
