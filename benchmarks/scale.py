@@ -1,8 +1,8 @@
-"""Aggregation and scrape at fleet scale, against a real redis-server, and how they grow.
+"""Aggregation and scrape at cluster scale, against a real redis-server, and how they grow.
 
 ``python -m benchmarks.scale [--quick]``
 
-For each N instances x R regions the fleet is written with ``Store.flush()`` (one call per
+For each N instances x R regions the cluster is written with ``Store.flush()`` (one call per
 instance, synthetic cumulative fields), then: one ``/metrics`` scrape through the public
 ``ExporterService`` registry, cold (``aggregation_cache_ttl=0``) and warm (second scrape
 within the TTL), and over HTTP; the cluster totals alone (``store.read_cluster()``); the
@@ -84,7 +84,7 @@ def instance_fields(i: int, j: int) -> dict[str, str]:
 
 
 def populate(store: Store, n: int, r: int) -> float:
-    """Write the fleet: one ``Store.flush`` per instance with all its regions."""
+    """Write the cluster: one ``Store.flush`` per instance with all its regions."""
     start = time.perf_counter()
     for i in range(n):
         regions = {region_name(j): Entry(instance_fields(i, j)) for j in range(r)}
@@ -174,7 +174,7 @@ def vm_status() -> dict[str, int]:
 
 
 def rss_child(url: str, expected: int) -> None:
-    """Run in a subprocess: an exporter service scraping the fleet; prints RSS as JSON."""
+    """Run in a subprocess: an exporter service scraping the cluster; prints RSS as JSON."""
     before = vm_status()
     svc = service(url, ttl=0)
     wait_ready(svc, expected)
@@ -339,7 +339,7 @@ def _label(x: dict[str, Any]) -> str:
 
 def run(quick: bool = False) -> list[Target]:
     scales = QUICK_SCALES if quick else FULL_SCALES
-    print("\n## 3. Aggregation and scrape at fleet scale (ms: min / median)", flush=True)
+    print("\n## 3. Aggregation and scrape at cluster scale (ms: min / median)", flush=True)
     results: list[dict[str, Any]] = []
     for n, r in scales:
         started = time.perf_counter()

@@ -669,7 +669,7 @@ def test_prometheus_runs_every_dashboard_and_rule_query(
                 and not query(prometheus, by_name["ConduitCacheRedisDown"])
             ),
         )
-        # an instance records again: the fleet alert clears too
+        # an instance records again: the cluster alert clears too
         again = setup(redis_url=redis_server.url, instance_id="api-4", set_global=False,
                       flush_interval=None)  # fmt: skip
         try:

@@ -1,4 +1,4 @@
-"""The fleet: write-through and aggregation of many instances against a real redis-server
+"""The cluster: write-through and aggregation of many instances against a real redis-server
 (tests/test_redis_cluster.py runs the same on a real Redis Cluster)."""
 
 from __future__ import annotations
