@@ -68,7 +68,7 @@ def region_name(j: int) -> str:
 
 
 def instance_fields(i: int, j: int) -> dict[str, str]:
-    """Cumulative fields of instance ``i`` in region ``j``; hit rates differ (drift)."""
+    """Cumulative fields of instance ``i`` in region ``j``; hit ratios differ (drift)."""
     hits = 800 + (i * 37 + j * 11) % 400
     counts = [0] * (len(DEFAULT_BUCKETS) + 1)
     counts[1], counts[3], counts[5], counts[8] = hits // 2, hits // 3, 150, 25
@@ -115,7 +115,7 @@ def seed_totals(client: Any, keys: KeySchema, regions: list[str]) -> dict[str, d
 
 def drift_from_fields(client: Any, keys: KeySchema, regions: list[str]) -> dict[str, float]:
     """What drift needs and no more: pipelined HMGET of hit_count, miss_count and live of
-    every instance x region, then the largest distance from the live cluster's hit rate."""
+    every instance x region, then the largest distance from the live cluster's hit ratio."""
     ids = client.zrange(keys.instances, 0, -1)
     pipe = client.pipeline(transaction=False)
     for instance_id in ids:
@@ -255,7 +255,7 @@ def one_scale(
         )
 
         # the per-instance pass with drift: a synchronous aggregator with TTL 0 reads the
-        # totals, drift and every live instance's hit rate
+        # totals, drift and every live instance's hit ratio
         sync = Aggregator(store, s0)
         res["view_sync"], res["view_sync_trips"] = measure_trips(sync.view, slow_reps, budget)
 

@@ -185,7 +185,7 @@ def render(results: dict[str, Any], start: float, end: float, out: Path) -> None
                 if float(s["values"][-1][0]) >= end - 2  # an instant query at the end
             )  # fmt: skip
             ax.axis("off")
-            table = ax.table(cellText=rows, colLabels=["Region", "Instance", "Hit rate"],
+            table = ax.table(cellText=rows, colLabels=["Region", "Instance", "Hit ratio"],
                              loc="upper center", cellLoc="left")  # fmt: skip
             for cell in table.get_celld().values():
                 cell.set_facecolor("#181b1f")

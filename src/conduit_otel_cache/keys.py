@@ -8,7 +8,7 @@ Keys (``conduit:`` is ``key_prefix``)::
     conduit:cache:stats:aggregated:<region>    hash  the cluster totals, kept at flush time
     conduit:cache:instance:<instance>          hash  incarnation token, owner, live flag, last flush
     conduit:cache:instance:<instance>:regions  set   regions the instance reported
-    conduit:cache:hit_rates:<region>           zset  live instance id -> its hit rate (percent)
+    conduit:cache:hit_rates:<region>           zset  live instance id -> hit ratio x 100 (percent)
     conduit:cache:stats:<instance>:<region>:response_times  list  the last raw response times
 
 On a Redis Cluster every script must stay in one hash slot, so the keys carry hash tags:
@@ -69,7 +69,8 @@ class KeySchema:
         return f"{self._global}instance:{instance_id}:regions"
 
     def hit_rates(self, region: str) -> str:
-        """Live instances' hit rates (percent) in one region: drift and per-instance series."""
+        """Live instances' hit ratios x 100 (percent) in one region: drift and per-instance
+        series (the key keeps its name ``hit_rates``)."""
         if self.redis_cluster:
             return f"{self.prefix}{{{region}}}:hit_rates"
         return f"{self.prefix}hit_rates:{region}"
@@ -81,7 +82,7 @@ class KeySchema:
     # -- the KEYS of the scripts (lua/lib.lua) --------------------------------------------
 
     def region(self, instance_id: str, region: str) -> list[str]:
-        """One region of one instance: stats hash, aggregated hash, hit rates, samples."""
+        """One region of one instance: stats hash, aggregated hash, hit ratios, samples."""
         return [
             self.stats(instance_id, region),
             self.aggregate(region),
