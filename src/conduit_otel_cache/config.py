@@ -9,7 +9,7 @@ import os
 import re
 from collections.abc import Mapping
 from typing import Any
-from urllib.parse import parse_qs, unquote, urlsplit, urlunsplit
+from urllib.parse import SplitResult, parse_qs, unquote, urlsplit, urlunsplit
 
 from .identity import default_instance_id
 
@@ -269,6 +269,22 @@ def redis_cluster_address(url: str) -> RedisClusterAddress:
     """Parse ``redis[s]+cluster://[user:password@]host[:port][,host[:port]...][/0]`` (or a
     ``redis[s]://`` URL used with ``redis_cluster=True``); raises :class:`ConfigError`."""
     shown = redact_url(url)
+    parts, nodes = _split_nodes(url, 6379, "Redis Cluster")
+    if parts.scheme not in ("redis", "rediss", *REDIS_CLUSTER_SCHEMES):
+        raise ConfigError(
+            f"redis_url: a Redis Cluster needs a redis:// or rediss:// URL: {shown!r}"
+        )
+    if parts.path.strip("/") not in ("", "0"):
+        raise ConfigError(f"redis_url: a Redis Cluster has database 0 only: {shown!r}")
+    return RedisClusterAddress(nodes, *_credentials(parts), parts.scheme.startswith("rediss"))
+
+
+def _split_nodes(
+    url: str, default_port: int, kind: str
+) -> tuple[SplitResult, tuple[tuple[str, int], ...]]:
+    """``url`` split, and the ``(host, port)`` of each node of its
+    ``[user:password@]host[:port][,host[:port]...]`` part; raises :class:`ConfigError`
+    ("not a valid <kind> URL") for an empty host or a bad port."""
     try:
         parts = urlsplit(url)
         nodes = []
@@ -276,21 +292,18 @@ def redis_cluster_address(url: str) -> RedisClusterAddress:
             node = urlsplit("//" + item.strip())
             if not node.hostname:
                 raise ValueError
-            nodes.append((node.hostname, node.port or 6379))
-        username, password = parts.username, parts.password
+            nodes.append((node.hostname, node.port or default_port))
     except ValueError:
-        raise ConfigError(f"redis_url: not a valid Redis Cluster URL: {shown!r}") from None
-    if parts.scheme not in ("redis", "rediss", *REDIS_CLUSTER_SCHEMES):
-        raise ConfigError(
-            f"redis_url: a Redis Cluster needs a redis:// or rediss:// URL: {shown!r}"
-        )
-    if parts.path.strip("/") not in ("", "0"):
-        raise ConfigError(f"redis_url: a Redis Cluster has database 0 only: {shown!r}")
-    return RedisClusterAddress(
-        tuple(nodes),
+        raise ConfigError(f"redis_url: not a valid {kind} URL: {redact_url(url)!r}") from None
+    return parts, tuple(nodes)
+
+
+def _credentials(parts: SplitResult) -> tuple[str | None, str | None]:
+    """The URL's user name and password, percent-decoded (None when absent)."""
+    username, password = parts.username, parts.password
+    return (
         unquote(username) if username else None,
         unquote(password) if password is not None else None,
-        parts.scheme.startswith("rediss"),
     )
 
 
@@ -313,15 +326,8 @@ def sentinel_address(url: str) -> SentinelAddress:
     """Parse ``redis[s]+sentinel://[user:password@]host[:port][,host[:port]...]/service[/db]``
     (port 26379 by default); raises :class:`ConfigError`."""
     shown = redact_url(url)
+    parts, sentinels = _split_nodes(url, 26379, "sentinel")
     try:
-        parts = urlsplit(url)
-        sentinels = []
-        for item in parts.netloc.rpartition("@")[2].split(","):
-            node = urlsplit("//" + item.strip())
-            if not node.hostname:
-                raise ValueError
-            sentinels.append((node.hostname, node.port or 26379))
-        username, password = parts.username, parts.password
         query = parse_qs(parts.query, keep_blank_values=True, strict_parsing=bool(parts.query))
     except ValueError:
         raise ConfigError(f"redis_url: not a valid sentinel URL: {shown!r}") from None
@@ -345,11 +351,10 @@ def sentinel_address(url: str) -> SentinelAddress:
     if auth not in _TRUE | _FALSE:
         raise ConfigError(f"redis_url: sentinel_auth must be true or false: {shown!r}")
     return SentinelAddress(
-        tuple(sentinels),
+        sentinels,
         unquote(path[0]),
         int(path[1]) if len(path) == 2 else 0,
-        unquote(username) if username else None,
-        unquote(password) if password is not None else None,
+        *_credentials(parts),
         parts.scheme.startswith("rediss"),
         auth in _TRUE,
     )
