@@ -38,7 +38,7 @@ test: system-deps lint
 
 # The quick local loop: lint and every test but the slow and Redis Cluster ones.
 check: system-deps lint
-	$(PY) -m pytest -q -m "not slow and not cluster"
+	$(PY) -m pytest -q -m "not slow and not redis_cluster"
 
 # deploy/kubernetes/ manifests generated from grafana/ (tests/test_kubernetes.py checks them)
 manifests:

@@ -188,7 +188,7 @@ def run(quick: bool = False) -> list[Target]:
     per_core = 0.5 * 10 / (ours / 1e6)
     targets.append(
         Target(
-            "Fleet: 1000 instances x 100 regions (10 % active), flush every 10 s, "
+            "Cluster: 1000 instances x 100 regions (10 % active), flush every 10 s, "
             "<= 10 % of one Redis core",
             share <= 10,
             f"{share:.1f} % of a core; one Redis core at 50 % carries {per_core:,.0f} instances",

@@ -1,8 +1,8 @@
-"""Aggregation and scrape at fleet scale, against a real redis-server, and how they grow.
+"""Aggregation and scrape at cluster scale, against a real redis-server, and how they grow.
 
 ``python -m benchmarks.scale [--quick]``
 
-For each N instances x R regions the fleet is written with ``Store.flush()`` (one call per
+For each N instances x R regions the cluster is written with ``Store.flush()`` (one call per
 instance, synthetic cumulative fields), then: one ``/metrics`` scrape through the public
 ``ExporterService`` registry, cold (``aggregation_cache_ttl=0``) and warm (second scrape
 within the TTL), and over HTTP; the cluster totals alone (``store.read_cluster()``); the
@@ -52,9 +52,9 @@ from .common import (
 FULL_SCALES = [(100, 10), (1000, 10), (100, 100), (1000, 100)]
 QUICK_SCALES = [(10, 5), (100, 5), (10, 50), (100, 50)]
 # the largest size again, on a Redis Cluster of this many primaries
-CLUSTER_MASTERS = 3
-FULL_CLUSTER_SCALE = (1000, 100)
-QUICK_CLUSTER_SCALE = (100, 10)
+REDIS_CLUSTER_MASTERS = 3
+FULL_REDIS_CLUSTER_SCALE = (1000, 100)
+QUICK_REDIS_CLUSTER_SCALE = (100, 10)
 SEED_BYTES_PER_INSTANCE_REGION = 100 * 1024  # the seed: "~100KB per instance per region"
 NUMERIC = ("hit_count", "miss_count", "set_count", "eviction_count", "size_bytes", "rt_sum")
 ROOT = Path(__file__).resolve().parent.parent
@@ -69,7 +69,7 @@ def region_name(j: int) -> str:
 
 
 def instance_fields(i: int, j: int) -> dict[str, str]:
-    """Cumulative fields of instance ``i`` in region ``j``; hit rates differ (drift)."""
+    """Cumulative fields of instance ``i`` in region ``j``; hit ratios differ (drift)."""
     hits = 800 + (i * 37 + j * 11) % 400
     counts = [0] * (len(DEFAULT_BUCKETS) + 1)
     counts[1], counts[3], counts[5], counts[8] = hits // 2, hits // 3, 150, 25
@@ -85,7 +85,7 @@ def instance_fields(i: int, j: int) -> dict[str, str]:
 
 
 def populate(store: Store, n: int, r: int) -> float:
-    """Write the fleet: one ``Store.flush`` per instance with all its regions."""
+    """Write the cluster: one ``Store.flush`` per instance with all its regions."""
     start = time.perf_counter()
     for i in range(n):
         regions = {region_name(j): Entry(instance_fields(i, j)) for j in range(r)}
@@ -95,7 +95,7 @@ def populate(store: Store, n: int, r: int) -> float:
 
 def seed_totals(client: Any, keys: KeySchema, regions: list[str]) -> dict[str, dict[str, float]]:
     """The seed's read path: sum every instance's hash at read time (pipelined HGETALL;
-    ``keys`` names the keys, standalone or cluster)."""
+    ``keys`` names the keys, standalone or Redis Cluster)."""
     ids = client.zrange(keys.instances, 0, -1)
     pipe = client.pipeline(transaction=False)
     for instance_id in ids:
@@ -116,7 +116,7 @@ def seed_totals(client: Any, keys: KeySchema, regions: list[str]) -> dict[str, d
 
 def drift_from_fields(client: Any, keys: KeySchema, regions: list[str]) -> dict[str, float]:
     """What drift needs and no more: pipelined HMGET of hit_count, miss_count and live of
-    every instance x region, then the largest distance from the live cluster's hit rate."""
+    every instance x region, then the largest distance from the live cluster's hit ratio."""
     ids = client.zrange(keys.instances, 0, -1)
     pipe = client.pipeline(transaction=False)
     for instance_id in ids:
@@ -175,7 +175,7 @@ def vm_status() -> dict[str, int]:
 
 
 def rss_child(url: str, expected: int) -> None:
-    """Run in a subprocess: an exporter service scraping the fleet; prints RSS as JSON."""
+    """Run in a subprocess: an exporter service scraping the cluster; prints RSS as JSON."""
     before = vm_status()
     svc = service(url, ttl=0)
     wait_ready(svc, expected)
@@ -215,12 +215,12 @@ def measure_rss(url: str, expected: int) -> dict[str, int]:
 
 
 @contextmanager
-def redis_for(cluster: bool) -> Iterator[tuple[str, Any]]:
-    """A fresh redis-server (or Redis Cluster of ``CLUSTER_MASTERS`` primaries): its URL and
+def redis_for(redis_cluster: bool) -> Iterator[tuple[str, Any]]:
+    """A fresh redis-server (or Redis Cluster of ``REDIS_CLUSTER_MASTERS`` primaries): its URL and
     a plain client of it (``decode_responses``)."""
     client: Any
-    if cluster:
-        with RedisClusterServers(masters=CLUSTER_MASTERS, replicas=0) as nodes:
+    if redis_cluster:
+        with RedisClusterServers(masters=REDIS_CLUSTER_MASTERS, replicas=0) as nodes:
             port = nodes.servers[0].port
             client = RedisCluster(host="127.0.0.1", port=port, decode_responses=True)
             try:
@@ -236,10 +236,12 @@ def redis_for(cluster: bool) -> Iterator[tuple[str, Any]]:
                 client.close()
 
 
-def one_scale(n: int, r: int, quick: bool, rss: bool, cluster: bool = False) -> dict[str, Any]:
+def one_scale(
+    n: int, r: int, quick: bool, rss: bool, redis_cluster: bool = False
+) -> dict[str, Any]:
     reps, slow_reps, budget = (3, 2, 5.0) if quick else (7, 3, 8.0)
-    res: dict[str, Any] = {"n": n, "r": r, "cluster": cluster}
-    with redis_for(cluster) as (redis_url, client):
+    res: dict[str, Any] = {"n": n, "r": r, "redis_cluster": redis_cluster}
+    with redis_for(redis_cluster) as (redis_url, client):
         s0 = settings(redis_url=redis_url, aggregation_cache_ttl=0, instance_timeout=3600)
         store = Store.from_settings(s0)
         mem0 = store.used_memory()
@@ -254,15 +256,15 @@ def one_scale(n: int, r: int, quick: bool, rss: bool, cluster: bool = False) -> 
         )
 
         # the per-instance pass with drift: a synchronous aggregator with TTL 0 reads the
-        # totals, drift and every live instance's hit rate
+        # totals, drift and every live instance's hit ratio
         sync = Aggregator(store, s0)
         res["view_sync"], res["view_sync_trips"] = measure_trips(sync.view, slow_reps, budget)
 
         # connect first (to every node): the handshake is not a round trip of the read
-        client.ping(**({"target_nodes": RedisCluster.ALL_NODES} if cluster else {}))
-        # on the cluster these take seconds at full size: one repetition there (keeps
+        client.ping(**({"target_nodes": RedisCluster.ALL_NODES} if redis_cluster else {}))
+        # on the Redis Cluster these take seconds at full size: one repetition there (keeps
         # `make bench` short), more when they are fast
-        seed_budget = 1.0 if cluster else budget
+        seed_budget = 1.0 if redis_cluster else budget
         res["seed_totals"], res["seed_trips"] = measure_trips(
             lambda: seed_totals(client, store.keys, regions), slow_reps, seed_budget
         )
@@ -343,13 +345,13 @@ def _ms(t: Timing) -> str:
 
 
 def _label(x: dict[str, Any]) -> str:
-    cluster = f" ({CLUSTER_MASTERS}-master cluster)" if x["cluster"] else ""
-    return f"{x['n']} x {x['r']}{cluster}"
+    topology = f" ({REDIS_CLUSTER_MASTERS}-master Redis Cluster)" if x["redis_cluster"] else ""
+    return f"{x['n']} x {x['r']}{topology}"
 
 
 def run(quick: bool = False) -> list[Target]:
     scales = QUICK_SCALES if quick else FULL_SCALES
-    print("\n## 3. Aggregation and scrape at fleet scale (ms: min / median)", flush=True)
+    print("\n## 3. Aggregation and scrape at cluster scale (ms: min / median)", flush=True)
     results: list[dict[str, Any]] = []
     for n, r in scales:
         started = time.perf_counter()
@@ -361,15 +363,15 @@ def run(quick: bool = False) -> list[Target]:
             flush=True,
         )
     # the same on a Redis Cluster: a row of the tables below, not part of growth or targets
-    n, r = QUICK_CLUSTER_SCALE if quick else FULL_CLUSTER_SCALE
+    n, r = QUICK_REDIS_CLUSTER_SCALE if quick else FULL_REDIS_CLUSTER_SCALE
     started = time.perf_counter()
-    on_cluster = one_scale(n, r, quick, rss=False, cluster=True)
+    on_redis_cluster = one_scale(n, r, quick, rss=False, redis_cluster=True)
     print(
-        f"  {_label(on_cluster)}: populated in {on_cluster['populate_s']:.1f} s, "
+        f"  {_label(on_redis_cluster)}: populated in {on_redis_cluster['populate_s']:.1f} s, "
         f"measured in {time.perf_counter() - started:.1f} s",
         flush=True,
     )
-    rows = [*results, on_cluster]
+    rows = [*results, on_redis_cluster]
 
     show(
         "Scrape (/metrics via ExporterService registry) and cluster totals",

@@ -1,4 +1,4 @@
-"""``GET /metrics`` of ``serve`` at fleet scale over real HTTP, the new way (finished bytes,
+"""``GET /metrics`` of ``serve`` at cluster scale over real HTTP, the new way (finished bytes,
 rendered in the background once per ``aggregation_cache_ttl``) beside the old way
 (collected and rendered on demand, for every scrape) in the same run; and the peer,
 prometheus_client's multiprocess mode, at the same sizes.
@@ -7,7 +7,7 @@ prometheus_client's multiprocess mode, at the same sizes.
 
 Each ``serve`` runs in its own process (``ExporterService``, default ``aggregation_cache_ttl``
 5 s; the old way sets ``exporter.prerender = False``) against one redis-server holding the
-fleet (written as in ``benchmarks.scale``). Figures: p50 / p99 of ``GET /metrics`` with 4
+cluster (written as in ``benchmarks.scale``). Figures: p50 / p99 of ``GET /metrics`` with 4
 clients scraping back to back (text, OpenMetrics, gzip, and the headers Prometheus sends);
 the data age each answer reports (``X-Conduit-Data-Age``); CPU seconds per minute and RSS
 of the ``serve`` process while two scrapers each scrape every 15 s as Prometheus replicas
@@ -327,7 +327,7 @@ def peer(files: int, regions: int, reps: int) -> dict[str, Any]:
 
 
 @contextmanager
-def fleet(n: int, r: int) -> Iterator[str]:
+def populated_cluster(n: int, r: int) -> Iterator[str]:
     """A redis-server holding ``n`` instances x ``r`` regions; yields its URL."""
     with RedisServer() as server:
         store = Store.from_settings(settings(redis_url=server.url, instance_timeout=3600))
@@ -351,14 +351,14 @@ def run(quick: bool = False) -> list[Target]:
     print(f"\n## 4. GET /metrics of serve over HTTP at {label}, new way beside old", flush=True)
     started = time.perf_counter()
     res: dict[str, Any] = {}
-    with fleet(*big) as url:
+    with populated_cluster(*big) as url:
         for mode in MODES:
             res[mode] = latency(url, mode, seconds if mode == "new" else old_seconds, variants)
         res["floor"] = latency(url, "new", old_seconds, variants, ttl=3600.0)
         for mode in MODES:
             res[f"cost_{mode}"] = cost(url, mode, window, interval)
     print(f"  {label}: measured in {time.perf_counter() - started:.0f} s", flush=True)
-    with fleet(*small) as url:
+    with populated_cluster(*small) as url:
         for mode in MODES:
             res[f"small_{mode}"] = latency(url, mode, old_seconds, [PROMETHEUS])
     peers = {f: peer(f, peer_regions, 1 if f >= 1000 else 3) for f in peer_files}

@@ -2,7 +2,7 @@
 
 Starts what the end-to-end test starts (a private redis-server, `serve`, a real Prometheus
 scraping it every second, instances recording traffic with tests/traffic_process.py), changes
-the fleet while it runs (a third instance joins, one shuts down), then runs every query of
+the cluster while it runs (a third instance joins, one shuts down), then runs every query of
 grafana/conduit-cache-statistics.json through Prometheus's /api/v1/query_range and draws the
 panels at their dashboard positions with matplotlib. matplotlib is a dev-time tool, not a
 dependency of the package:
@@ -116,14 +116,14 @@ def collect(seconds: float) -> tuple[dict[str, Any], float, float]:
             base = f"http://127.0.0.1:{prom_port}"
             wait("Prometheus", lambda: urllib.request.urlopen(base + "/-/ready").status == 200)
             start = time.time()
-            fleet = {"api-1": start_instance(redis_server.url, "api-1", 8, 2),
+            instances = {"api-1": start_instance(redis_server.url, "api-1", 8, 2),
                      "api-2": start_instance(redis_server.url, "api-2", 4, 6)}  # fmt: skip
-            procs.extend(fleet.values())
+            procs.extend(instances.values())
             time.sleep(seconds / 3)  # a scenario in real time, not a wait for a condition
-            fleet["api-3"] = start_instance(redis_server.url, "api-3", 9, 1)
-            procs.append(fleet["api-3"])
+            instances["api-3"] = start_instance(redis_server.url, "api-3", 9, 1)
+            procs.append(instances["api-3"])
             time.sleep(seconds / 3)
-            stop_instance(fleet["api-2"])
+            stop_instance(instances["api-2"])
             time.sleep(seconds / 3)
             end = time.time()
             results = {}
@@ -185,7 +185,7 @@ def render(results: dict[str, Any], start: float, end: float, out: Path) -> None
                 if float(s["values"][-1][0]) >= end - 2  # an instant query at the end
             )  # fmt: skip
             ax.axis("off")
-            table = ax.table(cellText=rows, colLabels=["Region", "Instance", "Hit rate"],
+            table = ax.table(cellText=rows, colLabels=["Region", "Instance", "Hit ratio"],
                              loc="upper center", cellLoc="left")  # fmt: skip
             for cell in table.get_celld().values():
                 cell.set_facecolor("#181b1f")

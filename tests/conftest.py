@@ -38,11 +38,11 @@ MakeStats = Callable[..., CacheStatistics]
 
 
 @pytest.fixture
-def fleet(redis_url: str) -> Iterator[Any]:
-    """A reader of the fleet's totals and live instances (the pre-fork server tests)."""
-    from .prefork_support import Cluster
+def cluster_reader(redis_url: str) -> Iterator[Any]:
+    """A reader of the cluster's totals and live instances (the pre-fork server tests)."""
+    from .prefork_support import ClusterReader
 
-    reader = Cluster(redis_url)
+    reader = ClusterReader(redis_url)
     yield reader
     reader.close()
 

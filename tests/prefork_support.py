@@ -186,7 +186,7 @@ class State:
     live: frozenset[str]
 
 
-class Cluster:
+class ClusterReader:
     """The cluster read with a fresh handle (which records nothing and never registers)."""
 
     def __init__(self, redis_url: str) -> None:

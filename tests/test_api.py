@@ -98,14 +98,14 @@ def test_mountable_app_serves_local_and_distributed(
 
     status, headers, local = _get(base + "/api/cache/stats/local")
     assert status == 200 and headers["Content-Type"] == "application/json"
-    assert local == {"ProviderResponses": {"hit_rate": 75.0, "total_requests": 4,
+    assert local == {"ProviderResponses": {"hit_ratio": 0.75, "total_requests": 4,
                                            "avg_response_time_ms": 1.5,
                                            "memory_size_mb": 2.0}}  # fmt: skip
 
     status, _, cluster = _get(base + "/api/cache/stats/distributed")
     assert status == 200
     region = cluster["ProviderResponses"]
-    assert region["total_requests"] == 5 and region["hit_rate"] == 60.0
+    assert region["total_requests"] == 5 and region["hit_ratio"] == 0.6
     assert region["avg_response_time_ms"] == pytest.approx((3 * 1 + 3 + 4) / 5)
     assert region["memory_size_mb"] == 3.0  # both live instances
 
@@ -134,7 +134,7 @@ def test_wsgi_app_from_sources_and_a_failing_source() -> None:
 
     status, body = call("/api/cache/stats/local")
     assert status == "200 OK"
-    assert body == {"R": {"hit_rate": 100.0, "total_requests": 1, "avg_response_time_ms": 0.0,
+    assert body == {"R": {"hit_ratio": 1.0, "total_requests": 1, "avg_response_time_ms": 0.0,
                           "memory_size_mb": 0.5}}  # fmt: skip
     status, body = call("/api/cache/stats/distributed")
     assert status.startswith("503") and "redis down" in body["error"]
@@ -161,7 +161,7 @@ def test_serve_routes_distributed_to_the_cluster_view(
         assert status == 200
         assert body == {
             "Sessions": {
-                "hit_rate": pytest.approx(66.6667),
+                "hit_ratio": pytest.approx(0.666667),
                 "total_requests": 3,
                 "avg_response_time_ms": 4.0,
                 "memory_size_mb": 3.0,
@@ -199,7 +199,7 @@ def test_asgi_app_from_sources_and_a_failing_source(serve_asgi: Callable[[Any], 
         200,
         {
             "R": {
-                "hit_rate": 100.0,
+                "hit_ratio": 1.0,
                 "total_requests": 1,
                 "avg_response_time_ms": 0.0,
                 "memory_size_mb": 0.5,

@@ -23,7 +23,7 @@ def test_stats_and_health(make_stats: MakeStats, redis_url: str, capsys) -> None
     assert main(["stats", "--redis-url", redis_url, "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     region = out["regions"]["ProviderResponses"]
-    assert region["cluster"]["hit_count"] == 3 and region["cluster"]["hit_rate"] == 75.0
+    assert region["cluster"]["hit_count"] == 3 and region["cluster"]["hit_ratio"] == 0.75
     assert region["instances"]["api-1"]["miss_count"] == 1
     assert main(["stats", "--redis-url", redis_url]) == 0
     table = capsys.readouterr().out

@@ -2,7 +2,7 @@
 (kubernetes-validate) and the Prometheus Operator kinds against the operator's CRD schemas
 (tests/crds/, see tests/crds/SOURCE.md); the generated manifests equal what grafana/ gives;
 the PrometheusRule passes ``promtool check rules`` and the alert unit tests; the exporter's
-pods are locked down and probed on the probe endpoints, never on the fleet's /health."""
+pods are locked down and probed on the probe endpoints, never on the cluster's /health."""
 
 from __future__ import annotations
 
@@ -231,7 +231,7 @@ def test_exporter_runs_two_locked_down_serve_replicas() -> None:
     )
 
 
-def test_probes_use_probe_endpoints_never_the_fleet_health() -> None:
+def test_probes_use_probe_endpoints_never_the_cluster_health() -> None:
     (container,) = exporter()["spec"]["template"]["spec"]["containers"]
     paths = {
         probe: container[probe]["httpGet"]["path"]

@@ -53,7 +53,7 @@ def server() -> Iterator[RedisServer]:
         yield s
 
 
-class Fleet(RuleBasedStateMachine):
+class Cluster(RuleBasedStateMachine):
     url = ""
 
     def __init__(self) -> None:
@@ -206,7 +206,7 @@ class Fleet(RuleBasedStateMachine):
 
 
 def test_write_protocol_model(server: RedisServer) -> None:
-    Fleet.url = server.url
+    Cluster.url = server.url
     run_state_machine_as_test(
-        Fleet, settings=settings(max_examples=60, stateful_step_count=40, deadline=None)
+        Cluster, settings=settings(max_examples=60, stateful_step_count=40, deadline=None)
     )

@@ -16,7 +16,7 @@ from .prefork_support import (
     HITS,
     MISSES,
     POD,
-    Cluster,
+    ClusterReader,
     Server,
     assert_clean_exit,
     eventually,
@@ -70,7 +70,7 @@ def served_and_alive(server: Server, served: list[int]) -> set[str]:
 
 
 def test_celery_prefork_totals_and_live_processes(
-    redis_url: str, fleet: Cluster, client: Celery, tmp_path: Path
+    redis_url: str, cluster_reader: ClusterReader, client: Celery, tmp_path: Path
 ) -> None:
     with worker(redis_url, tmp_path / "celery.log") as server:
         served: list[int] = []
@@ -78,18 +78,20 @@ def test_celery_prefork_totals_and_live_processes(
             served += run_tasks(client, server, 30)
         assert len(server.workers()) == PROCESSES
         n = len(served)
-        during = fleet.expect(HITS * n, MISSES * n, lambda: served_and_alive(server, served))
+        during = cluster_reader.expect(
+            HITS * n, MISSES * n, lambda: served_and_alive(server, served)
+        )
         assert during.active_count == PROCESSES  # the pool, never the main process
         assert instance_id(server.proc.pid) not in during.live
-        assert fleet.instance_keys() == during.live
+        assert cluster_reader.instance_keys() == during.live
         server.stop()
         assert_clean_exit(server)
-        fleet.expect(HITS * n, MISSES * n, set)
-        assert fleet.instance_keys() == set()
+        cluster_reader.expect(HITS * n, MISSES * n, set)
+        assert cluster_reader.instance_keys() == set()
 
 
 def test_celery_max_tasks_per_child(
-    redis_url: str, fleet: Cluster, client: Celery, tmp_path: Path
+    redis_url: str, cluster_reader: ClusterReader, client: Celery, tmp_path: Path
 ) -> None:
     """Pool processes exit after 5 tasks (billiard's exit finalizers, then ``os._exit``)
     and are forked again: their counts stay, their live gauges and keys go."""
@@ -97,9 +99,11 @@ def test_celery_max_tasks_per_child(
         served = run_tasks(client, server, 90)
         n = len(served)
         assert len(set(served)) >= 90 // 5 // 2  # recycled
-        during = fleet.expect(HITS * n, MISSES * n, lambda: served_and_alive(server, served))
-        eventually(fleet.instance_keys, set(during.live))
+        during = cluster_reader.expect(
+            HITS * n, MISSES * n, lambda: served_and_alive(server, served)
+        )
+        eventually(cluster_reader.instance_keys, set(during.live))
         server.stop()
         assert_clean_exit(server)
-        fleet.expect(HITS * n, MISSES * n, set)
-        assert fleet.instance_keys() == set()
+        cluster_reader.expect(HITS * n, MISSES * n, set)
+        assert cluster_reader.instance_keys() == set()

@@ -15,7 +15,7 @@ from conduit_otel_cache.embedded import free_port
 
 from .prefork_app import HITS, MISSES
 from .prefork_support import (
-    Cluster,
+    ClusterReader,
     Server,
     assert_clean_exit,
     drive,
@@ -53,25 +53,27 @@ def served_and_alive(server: Server, served: list[int]) -> set[str]:
     ids=["sync", "sync-preload", "gthread", "gthread-preload"],
 )
 def test_gunicorn_totals_and_live_workers(
-    redis_url: str, fleet: Cluster, tmp_path: Path, options: tuple[str, ...]
+    redis_url: str, cluster_reader: ClusterReader, tmp_path: Path, options: tuple[str, ...]
 ) -> None:
     server, url = gunicorn(redis_url, tmp_path / "gunicorn.log", *options)
     with server:
         wait_ready(url, server)
         served = drive_until_all_served(url, server, WORKERS)
         n = len(served)
-        during = fleet.expect(HITS * n, MISSES * n, lambda: served_and_alive(server, served))
+        during = cluster_reader.expect(
+            HITS * n, MISSES * n, lambda: served_and_alive(server, served)
+        )
         assert during.active_count == WORKERS  # every worker, never the master
         assert instance_id(server.proc.pid) not in during.live
-        assert fleet.instance_keys() == during.live
+        assert cluster_reader.instance_keys() == during.live
         assert server.stop() == 0
         assert_clean_exit(server)
-        fleet.expect(HITS * n, MISSES * n, set)
-        assert fleet.instance_keys() == set()  # departed workers leave no keys
+        cluster_reader.expect(HITS * n, MISSES * n, set)
+        assert cluster_reader.instance_keys() == set()  # departed workers leave no keys
 
 
 def test_gunicorn_max_requests_recycles_workers(
-    redis_url: str, fleet: Cluster, tmp_path: Path
+    redis_url: str, cluster_reader: ClusterReader, tmp_path: Path
 ) -> None:
     """Workers exit after 10 requests and are replaced: every departed worker's counts stay,
     the gauges follow the live ones, and no departed worker leaves keys behind."""
@@ -84,17 +86,21 @@ def test_gunicorn_max_requests_recycles_workers(
         served = drive(url, 150)
         n = len(served)
         assert len(set(served)) >= 150 // 10  # recycled many times
-        during = fleet.expect(HITS * n, MISSES * n, lambda: served_and_alive(server, served))
-        eventually(fleet.instance_keys, set(during.live))
-        keys_during = fleet.key_count()
+        during = cluster_reader.expect(
+            HITS * n, MISSES * n, lambda: served_and_alive(server, served)
+        )
+        eventually(cluster_reader.instance_keys, set(during.live))
+        keys_during = cluster_reader.key_count()
         assert server.stop() == 0
         assert_clean_exit(server)
-        fleet.expect(HITS * n, MISSES * n, set)
-        assert fleet.instance_keys() == set()
-        assert fleet.key_count() <= keys_during
+        cluster_reader.expect(HITS * n, MISSES * n, set)
+        assert cluster_reader.instance_keys() == set()
+        assert cluster_reader.key_count() <= keys_during
 
 
-def test_gunicorn_worker_sigkilled(redis_url: str, fleet: Cluster, tmp_path: Path) -> None:
+def test_gunicorn_worker_sigkilled(
+    redis_url: str, cluster_reader: ClusterReader, tmp_path: Path
+) -> None:
     """A worker SIGKILLed mid-run keeps what it flushed and leaves the live gauges after
     ``instance_timeout``, reaped by a reader; its replacement and the others carry on."""
     server, url = gunicorn(redis_url, tmp_path / "gunicorn.log", "--preload")
@@ -102,18 +108,20 @@ def test_gunicorn_worker_sigkilled(redis_url: str, fleet: Cluster, tmp_path: Pat
         wait_ready(url, server)
         served = drive_until_all_served(url, server, WORKERS)
         n = len(served)
-        fleet.expect(HITS * n, MISSES * n, lambda: served_and_alive(server, served))
+        cluster_reader.expect(HITS * n, MISSES * n, lambda: served_and_alive(server, served))
         victim = sorted(set(served))[0]
         os.kill(victim, signal.SIGKILL)
         eventually(lambda: victim in server.workers(), False)
         # until its heartbeat is instance_timeout old the victim still counts as live
-        assert instance_id(victim) in fleet.state().live
+        assert instance_id(victim) in cluster_reader.state().live
         served += drive(url, 60)
         n = len(served)
-        state = fleet.expect(HITS * n, MISSES * n, lambda: served_and_alive(server, served))
+        state = cluster_reader.expect(
+            HITS * n, MISSES * n, lambda: served_and_alive(server, served)
+        )
         assert instance_id(victim) not in state.live
         assert server.stop() == 0
         assert_clean_exit(server)
-        after = fleet.expect(HITS * n, MISSES * n, set)
+        after = cluster_reader.expect(HITS * n, MISSES * n, set)
         assert after.live == frozenset()
-        assert fleet.instance_keys() <= {instance_id(victim)}  # kept until cleanup
+        assert cluster_reader.instance_keys() <= {instance_id(victim)}  # kept until cleanup

@@ -14,7 +14,7 @@ import pytest
 from .prefork_support import (
     HITS,
     MISSES,
-    Cluster,
+    ClusterReader,
     Server,
     assert_clean_exit,
     eventually,
@@ -40,7 +40,7 @@ def report(server: Server) -> Any:
 
 @pytest.mark.parametrize("method", ["fork", "spawn"])
 def test_pool_totals_and_live_workers(
-    redis_url: str, fleet: Cluster, tmp_path: Path, method: str
+    redis_url: str, cluster_reader: ClusterReader, tmp_path: Path, method: str
 ) -> None:
     argv = [sys.executable, "-m", "tests.prefork_pool", method, str(TASKS)]
     log = tmp_path / "pool.log"
@@ -49,14 +49,14 @@ def test_pool_totals_and_live_workers(
         pids, workers = ran["pids"], set(ran["workers"])
         assert len(pids) == TASKS and set(pids) == workers and len(workers) == 3
         live = {instance_id(pid) for pid in workers}
-        during = fleet.expect(HITS * TASKS, MISSES * TASKS, lambda: live)
+        during = cluster_reader.expect(HITS * TASKS, MISSES * TASKS, lambda: live)
         assert instance_id(server.proc.pid) not in during.live  # the parent records nothing
-        assert fleet.instance_keys() == live
+        assert cluster_reader.instance_keys() == live
         assert server.proc.stdin is not None
         server.proc.stdin.write(b"stop\n")
         server.proc.stdin.flush()
         assert server.proc.wait(30) == 0
         assert server.output().rstrip().endswith("stopped")
         assert_clean_exit(server)
-        fleet.expect(HITS * TASKS, MISSES * TASKS, set)
-        assert fleet.instance_keys() == set()  # every worker departed at exit
+        cluster_reader.expect(HITS * TASKS, MISSES * TASKS, set)
+        assert cluster_reader.instance_keys() == set()  # every worker departed at exit

@@ -14,7 +14,7 @@ from conduit_otel_cache.embedded import free_port
 from .prefork_app import HITS, MISSES
 from .prefork_support import (
     INSTANCE_TIMEOUT,
-    Cluster,
+    ClusterReader,
     Server,
     assert_clean_exit,
     bin_path,
@@ -52,28 +52,30 @@ def served_and_alive(server: Server, served: list[int]) -> set[str]:
     ids=["forked", "lazy-apps", "fork-hooks"],
 )
 def test_uwsgi_totals_and_live_workers(
-    redis_url: str, fleet: Cluster, tmp_path: Path, options: tuple[str, ...]
+    redis_url: str, cluster_reader: ClusterReader, tmp_path: Path, options: tuple[str, ...]
 ) -> None:
     server, url = uwsgi(redis_url, tmp_path / "uwsgi.log", *options)
     with server:
         wait_ready(url, server)
         served = drive_until_all_served(url, server, WORKERS)
         n = len(served)
-        during = fleet.expect(HITS * n, MISSES * n, lambda: served_and_alive(server, served))
+        during = cluster_reader.expect(
+            HITS * n, MISSES * n, lambda: served_and_alive(server, served)
+        )
         assert during.active_count == WORKERS  # every worker, never the master
         assert instance_id(server.proc.pid) not in during.live
-        assert fleet.instance_keys() == during.live
+        assert cluster_reader.instance_keys() == during.live
         # idle workers keep beating: still live for twice the timeout
-        steady(lambda: fleet.state(), during, 2 * INSTANCE_TIMEOUT)
+        steady(lambda: cluster_reader.state(), during, 2 * INSTANCE_TIMEOUT)
         assert server.stop() == 0, server.output()
         assert_clean_exit(server)
-        fleet.expect(HITS * n, MISSES * n, set)
-        assert fleet.instance_keys() == set()
+        cluster_reader.expect(HITS * n, MISSES * n, set)
+        assert cluster_reader.instance_keys() == set()
 
 
 @pytest.mark.parametrize("options", [(), FORK_HOOKS], ids=["forked", "fork-hooks"])
 def test_uwsgi_max_requests_recycles_workers(
-    redis_url: str, fleet: Cluster, tmp_path: Path, options: tuple[str, ...]
+    redis_url: str, cluster_reader: ClusterReader, tmp_path: Path, options: tuple[str, ...]
 ) -> None:
     """Workers exit after 20 requests (``min-worker-lifetime`` 0: at once) and are forked
     again from the master: departed workers' counts stay, no keys are left behind, and
@@ -85,22 +87,26 @@ def test_uwsgi_max_requests_recycles_workers(
         served = drive(url, 120)
         n = len(served)
         assert len(set(served)) > WORKERS  # recycled
-        during = fleet.expect(HITS * n, MISSES * n, lambda: served_and_alive(server, served))
-        eventually(fleet.instance_keys, set(during.live))
+        during = cluster_reader.expect(
+            HITS * n, MISSES * n, lambda: served_and_alive(server, served)
+        )
+        eventually(cluster_reader.instance_keys, set(during.live))
         # uWSGI itself leaves a worker respawned during its shutdown waiting for the mercy
         # timeout: stop once every respawn is done
         eventually(lambda: len(server.workers()), WORKERS)
         served += drive_until_all_served(url, server, WORKERS)
         n = len(served)
-        fleet.expect(HITS * n, MISSES * n, lambda: served_and_alive(server, served))
+        cluster_reader.expect(HITS * n, MISSES * n, lambda: served_and_alive(server, served))
         eventually(lambda: len(server.workers()), WORKERS)
         assert server.stop() == 0, server.output()
         assert_clean_exit(server)
-        fleet.expect(HITS * n, MISSES * n, set)
-        assert fleet.instance_keys() == set()
+        cluster_reader.expect(HITS * n, MISSES * n, set)
+        assert cluster_reader.instance_keys() == set()
 
 
-def test_uwsgi_sigint_stops_cleanly(redis_url: str, fleet: Cluster, tmp_path: Path) -> None:
+def test_uwsgi_sigint_stops_cleanly(
+    redis_url: str, cluster_reader: ClusterReader, tmp_path: Path
+) -> None:
     """SIGINT (uWSGI's own "kill") also ends with the final flush and departures."""
     server, url = uwsgi(redis_url, tmp_path / "uwsgi.log")
     with server:
@@ -109,4 +115,4 @@ def test_uwsgi_sigint_stops_cleanly(redis_url: str, fleet: Cluster, tmp_path: Pa
         n = len(served)
         assert server.stop(signal.SIGINT) == 0, server.output()
         assert_clean_exit(server)
-        fleet.expect(HITS * n, MISSES * n, set)
+        cluster_reader.expect(HITS * n, MISSES * n, set)

@@ -45,7 +45,7 @@ REQUIRED_ALERTS = {
     "ConduitCacheAggregationStale",
     "ConduitCacheAggregationSlow",
     "ConduitCacheDriftHigh",
-    "ConduitCacheLowHitRate",
+    "ConduitCacheLowHitRatio",
 }
 #: Series published by `serve` that carry a `region` label.
 REGION_SERIES = {
@@ -56,7 +56,6 @@ REGION_SERIES = {
     "conduit_cache_size_bytes",
     "conduit_cache_response_time_seconds_bucket",
     "conduit_cache_hit_ratio",
-    "conduit_cache_hit_rate",
     "conduit_cache_drift_percent",
     "conduit_cache_instance_hit_ratio",
 }
@@ -68,7 +67,6 @@ SERVE_FAMILIES = {
     "conduit_cache_evictions",
     "conduit_cache_size_bytes",
     "conduit_cache_hit_ratio",
-    "conduit_cache_hit_rate",
     "conduit_cache_response_time_seconds",
     "conduit_cache_drift_percent",
     "conduit_cache_instance_hit_ratio",
@@ -236,7 +234,7 @@ def test_promtool_unit_tests_catch_rules_that_count_replicas_twice(tmp_path: Pat
         "ConduitCacheInstanceMissing",
         "ConduitCacheRedisMemoryHigh",
         "ConduitCacheDriftHigh",
-        "ConduitCacheLowHitRate",
+        "ConduitCacheLowHitRatio",
     }
 
 
@@ -309,14 +307,14 @@ def test_dashboard_follows_linter_conventions() -> None:
             if metric.endswith(("_total", "_bucket")):
                 assert window, (title, metric)
                 assert re.search(rf"\b(rate|increase)\({metric}\{{", expr), (title, metric)
-        # the lifetime gauges are never used for a hit rate over time
+        # the lifetime gauges are never used for a hit ratio over time
         assert not re.search(r"conduit_cache_hit_(ratio|rate)\b", expr), title
 
 
 def test_dashboard_panels_and_thresholds() -> None:
     by_title = {p["title"]: p for p in panels()}
     expected = {
-        "Cluster hit rate per region": ("percentunit", None),
+        "Cluster hit ratio per region": ("percentunit", None),
         "Operations per second": ("ops", None),
         "Cache size": ("bytes", None),
         "Response time p50 / p95 / p99": ("s", None),
@@ -327,7 +325,7 @@ def test_dashboard_panels_and_thresholds() -> None:
         "Aggregation latency": ("s", 0.5),
         "Redis memory": ("bytes", 1024**3),
         "Time since last successful aggregation": ("s", 120),
-        "Per-instance hit rate": ("percentunit", None),
+        "Per-instance hit ratio": ("percentunit", None),
     }
     for title, (unit, threshold) in expected.items():
         defaults = by_title[title]["fieldConfig"]["defaults"]
@@ -335,10 +333,10 @@ def test_dashboard_panels_and_thresholds() -> None:
         if threshold is not None:
             steps = [s["value"] for s in defaults["thresholds"]["steps"]]
             assert threshold in steps, title
-    hit_rate = by_title["Cluster hit rate per region"]["targets"][0]["expr"]
+    hit_ratio = by_title["Cluster hit ratio per region"]["targets"][0]["expr"]
     once = "sum by (region) (max without (instance, pod) (rate(conduit_cache_"
-    assert hit_rate.count(once + "hits_total") == 2
-    assert hit_rate.count(once + "misses_total") == 1
+    assert hit_ratio.count(once + "hits_total") == 2
+    assert hit_ratio.count(once + "misses_total") == 1
     quantiles = [t["expr"] for t in by_title["Response time p50 / p95 / p99"]["targets"]]
     shape = (
         r"histogram_quantile\((0\.\d+), sum by \(le, region\) "
@@ -350,7 +348,7 @@ def test_dashboard_panels_and_thresholds() -> None:
         assert f"rate(conduit_cache_{counter}_total{{" in ops
     age = by_title["Time since last successful aggregation"]["targets"][0]["expr"]
     assert age.startswith("time() - ")
-    table = by_title["Per-instance hit rate"]
+    table = by_title["Per-instance hit ratio"]
     assert table["type"] == "table" and table["targets"][0]["format"] == "table"
     assert "by (region, instance_id)" in table["targets"][0]["expr"]
 
@@ -669,7 +667,7 @@ def test_prometheus_runs_every_dashboard_and_rule_query(
                 and not query(prometheus, by_name["ConduitCacheRedisDown"])
             ),
         )
-        # an instance records again: the fleet alert clears too
+        # an instance records again: the cluster alert clears too
         again = setup(redis_url=redis_server.url, instance_id="api-4", set_global=False,
                       flush_interval=None)  # fmt: skip
         try:

@@ -65,14 +65,14 @@ def test_counts_and_histogram() -> None:
         2, 1, 1, 1, 1024)  # fmt: skip
     assert s.response_times.counts == (2, 0, 1)
     assert s.response_times.sum == pytest.approx(0.5015)
-    assert s.hit_rate == pytest.approx(200 / 3)
+    assert s.hit_ratio == pytest.approx(2 / 3)
 
 
-def test_zero_traffic_hit_rate_is_zero() -> None:
+def test_zero_traffic_hit_ratio_is_zero() -> None:
     rec = Recorder(DEFAULT_BUCKETS)
     rec.set_size_bytes("idle", 10)
     s = rec.snapshot()["idle"]
-    assert s.hit_rate == 0.0 and s.hit_ratio == 0.0 and s.average_response_time == 0.0
+    assert s.hit_ratio == 0.0 and s.average_response_time == 0.0
 
 
 @pytest.mark.parametrize("bad", ["a:b", "{x}", "with space", "line\nbreak", "", "x" * 10_000,

@@ -21,7 +21,7 @@ from conduit_otel_cache.embedded import RedisClusterServers
 
 from .conftest import MakeStats, scrape_once, wait_for
 
-pytestmark = pytest.mark.cluster
+pytestmark = pytest.mark.redis_cluster
 
 # Regions whose hash tags fall in the slot ranges of three different primaries
 # (0-5460, 5461-10922, 10923-16383): checked by test_regions_land_on_different_primaries.
@@ -30,19 +30,21 @@ REGION = "ProviderResponses"
 
 
 @pytest.fixture(scope="module")
-def cluster() -> Iterator[RedisClusterServers]:
+def redis_cluster() -> Iterator[RedisClusterServers]:
     with RedisClusterServers(masters=3, replicas=1) as servers:
         yield servers
 
 
 @pytest.fixture
-def url(cluster: RedisClusterServers) -> str:
-    return f"redis+cluster://127.0.0.1:{cluster.servers[0].port}"
+def url(redis_cluster: RedisClusterServers) -> str:
+    return f"redis+cluster://127.0.0.1:{redis_cluster.servers[0].port}"
 
 
 @pytest.fixture
-def rc(cluster: RedisClusterServers, url: str) -> Iterator[RedisCluster]:
-    client = RedisCluster(host="127.0.0.1", port=cluster.servers[0].port, decode_responses=True)
+def rc(redis_cluster: RedisClusterServers, url: str) -> Iterator[RedisCluster]:
+    client = RedisCluster(
+        host="127.0.0.1", port=redis_cluster.servers[0].port, decode_responses=True
+    )
     client.flushall(target_nodes=RedisCluster.PRIMARIES)
     yield client
     client.close()
@@ -50,7 +52,7 @@ def rc(cluster: RedisClusterServers, url: str) -> Iterator[RedisCluster]:
 
 @pytest.fixture
 def redis_url(url: str, rc: RedisCluster) -> str:
-    """The cluster, for conftest's make_stats (rc has emptied it)."""
+    """The Redis Cluster, for conftest's make_stats (rc has emptied it)."""
     return url
 
 
@@ -102,7 +104,7 @@ def test_regions_land_on_different_primaries(make_stats: MakeStats, rc: RedisClu
     assert len({rc.keyslot(k) for k in instance_keys}) == 1
     port = owner_port(rc, instance_keys[0])
     assert [on_node(port, "EXISTS", k) for k in instance_keys] == [1, 1, 1, 1]
-    # the standalone schema is not written on a cluster
+    # the standalone schema is not written on a Redis Cluster
     assert rc.exists(f"conduit:cache:stats:aggregated:{REGION}", "conduit:cache:instances") == 0
 
 
@@ -275,14 +277,14 @@ def test_two_live_processes_with_one_id_stay_exact(url: str, rc: RedisCluster) -
             proc.communicate("", timeout=30)
 
 
-def cluster_nodes(cluster: RedisClusterServers) -> list[list[str]]:
+def redis_cluster_nodes(redis_cluster: RedisClusterServers) -> list[list[str]]:
     """``CLUSTER NODES`` rows: id, address, flags, master id, ..."""
-    out = cluster.command(cluster.servers[0].port, "CLUSTER", "NODES")
+    out = redis_cluster.command(redis_cluster.servers[0].port, "CLUSTER", "NODES")
     return [line.split() for line in out.splitlines() if line.strip()]
 
 
-def replica_of(cluster: RedisClusterServers, port: int) -> int:
-    rows = cluster_nodes(cluster)
+def replica_of(redis_cluster: RedisClusterServers, port: int) -> int:
+    rows = redis_cluster_nodes(redis_cluster)
     master_id = next(r[0] for r in rows if r[1].split("@")[0].endswith(f":{port}"))
     return next(int(r[1].split("@")[0].rsplit(":", 1)[1]) for r in rows if r[3] == master_id)
 
@@ -321,7 +323,7 @@ class Traffic:
 
 
 def test_failover_mid_run_loses_and_doubles_nothing(
-    cluster: RedisClusterServers, make_stats: MakeStats, rc: RedisCluster
+    redis_cluster: RedisClusterServers, make_stats: MakeStats, rc: RedisCluster
 ) -> None:
     """Instances record and flush before, during and after a manual failover of the primary
     that holds REGION's keys (the roles stay swapped for the tests after it)."""
@@ -329,13 +331,13 @@ def test_failover_mid_run_loses_and_doubles_nothing(
     for _ in range(5):
         traffic.round()
     old_primary = owner_port(rc, f"conduit:cache:{{{REGION}}}:aggregated")
-    new_primary = replica_of(cluster, old_primary)
-    assert cluster.command(new_primary, "CLUSTER", "FAILOVER") == "OK"
+    new_primary = replica_of(redis_cluster, old_primary)
+    assert redis_cluster.command(new_primary, "CLUSTER", "FAILOVER") == "OK"
     deadline = time.monotonic() + 20
-    while "role:master" not in cluster.command(new_primary, "INFO", "replication"):
+    while "role:master" not in redis_cluster.command(new_primary, "INFO", "replication"):
         traffic.round()  # keeps flushing while the roles switch
         assert time.monotonic() < deadline, "failover did not happen"
-    cluster.wait_ok(20)
+    redis_cluster.wait_ok(20)
     for _ in range(3):
         traffic.round()
     traffic.check_exact()
@@ -349,7 +351,7 @@ def test_failover_mid_run_loses_and_doubles_nothing(
 
 
 def test_slot_migration_mid_run_loses_and_doubles_nothing(
-    cluster: RedisClusterServers, make_stats: MakeStats, rc: RedisCluster
+    redis_cluster: RedisClusterServers, make_stats: MakeStats, rc: RedisCluster
 ) -> None:
     """REGION's hash slot moves to another primary key by key (CLUSTER SETSLOT IMPORTING /
     MIGRATING, MIGRATE, SETSLOT NODE) while the instances keep recording and flushing."""
@@ -360,7 +362,7 @@ def test_slot_migration_mid_run_loses_and_doubles_nothing(
     rc.nodes_manager.initialize()
     slot = rc.keyslot(key)
     source = owner_port(rc, key)
-    ports = [server.port for server in cluster.servers]
+    ports = [server.port for server in redis_cluster.servers]
     primaries = [p for p in ports if on_node(p, "ROLE")[0] == "master"]  # asked, not gossip
     target = next(p for p in primaries if p != source)
     source_id, target_id = (on_node(p, "CLUSTER", "MYID") for p in (source, target))
@@ -372,7 +374,7 @@ def test_slot_migration_mid_run_loses_and_doubles_nothing(
         traffic.round()  # and flush between the keys moving
     for port in primaries:
         on_node(port, "CLUSTER", "SETSLOT", slot, "NODE", target_id)
-    cluster.wait_ok(20)
+    redis_cluster.wait_ok(20)
     for _ in range(2):
         traffic.round()
     traffic.check_exact()
@@ -382,30 +384,33 @@ def test_slot_migration_mid_run_loses_and_doubles_nothing(
 
 
 def test_cluster_urls_and_option() -> None:
-    from conduit_otel_cache.config import ConfigError, cluster_address
+    from conduit_otel_cache.config import ConfigError, redis_cluster_address
 
     s = Settings.load({}, redis_url="redis+cluster://u:s3cret@10.0.0.1:7000,10.0.0.2,[::1]:7002/0")
-    assert s.is_cluster and "s3cret" not in s.safe_redis_url and "s3cret" not in repr(s)
+    assert s.is_redis_cluster and "s3cret" not in s.safe_redis_url and "s3cret" not in repr(s)
     assert s.safe_redis_url == "redis+cluster://u:***@10.0.0.1:7000,10.0.0.2,[::1]:7002/0"
-    address = cluster_address(s.redis_url or "")
+    address = redis_cluster_address(s.redis_url or "")
     assert address.nodes == (("10.0.0.1", 7000), ("10.0.0.2", 6379), ("::1", 7002))
     assert (address.username, address.password, address.tls) == ("u", "s3cret", False)
-    assert cluster_address("rediss+cluster://h:1").tls
-    env = {"CONDUIT_CACHE_STATS_REDIS_URL": "redis://h:7000", "CONDUIT_CACHE_STATS_CLUSTER": "1"}
-    assert Settings.load(env).is_cluster
-    assert not Settings.load({}, redis_url="redis://h:7000").is_cluster
+    assert redis_cluster_address("rediss+cluster://h:1").tls
+    env = {
+        "CONDUIT_CACHE_STATS_REDIS_URL": "redis://h:7000",
+        "CONDUIT_CACHE_STATS_REDIS_CLUSTER": "1",
+    }
+    assert Settings.load(env).is_redis_cluster
+    assert not Settings.load({}, redis_url="redis://h:7000").is_redis_cluster
     for bad in ("redis+cluster://h:1/3", "redis+cluster://h:1,:2", "redis+cluster://h:99999"):
         with pytest.raises(ConfigError, match="redis_url"):
             Settings.load({}, redis_url=bad)
     with pytest.raises(ConfigError, match="redis_url"):
-        Settings.load({}, redis_url="unix:///tmp/r.sock", cluster=True)
+        Settings.load({}, redis_url="unix:///tmp/r.sock", redis_cluster=True)
 
 
 def test_plain_url_with_cluster_option(
-    cluster: RedisClusterServers, make_stats: MakeStats, rc: RedisCluster
+    redis_cluster: RedisClusterServers, make_stats: MakeStats, rc: RedisCluster
 ) -> None:
-    stats = make_stats("api-1", redis_url=f"redis://127.0.0.1:{cluster.servers[1].port}/0",
-                       cluster=True)  # fmt: skip
+    stats = make_stats("api-1", redis_url=f"redis://127.0.0.1:{redis_cluster.servers[1].port}/0",
+                       redis_cluster=True)  # fmt: skip
     record(stats, REGION, 3, 1)
     assert stats.flush()
     assert rc.hget(f"conduit:cache:{{{REGION}}}:aggregated", "hit_count") == "3"

@@ -18,7 +18,7 @@ from conduit_otel_cache import embedded
 from conduit_otel_cache.embedded import RedisServer
 
 from .test_cli import test_cleanup_removes_instances_past_retention, test_stats_and_health
-from .test_fleet import (
+from .test_cluster_totals import (
     test_every_key_has_a_ttl,
     test_expired_heartbeat_leaves_live_gauges,
     test_redis_down_then_back,

@@ -210,7 +210,7 @@ def test_sentinel_url_forms() -> None:
         "app", "p@ss", True, True
     )  # fmt: skip
     assert address.db == 0
-    assert Settings.load(redis_url="redis+sentinel://h1:1/svc/0").is_cluster is False
+    assert Settings.load(redis_url="redis+sentinel://h1:1/svc/0").is_redis_cluster is False
 
 
 @pytest.mark.parametrize(
@@ -241,7 +241,7 @@ def test_sentinel_password_never_shown() -> None:
     assert PASSWORD not in str(err.value)
     assert PASSWORD not in repr(Settings.load(redis_url=url))
     with pytest.raises(ConfigError, match="Redis Cluster needs a redis://"):
-        Settings.load(redis_url=url, cluster=True)
+        Settings.load(redis_url=url, redis_cluster=True)
 
 
 # --- real sentinels ------------------------------------------------------------------------

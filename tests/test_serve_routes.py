@@ -80,7 +80,7 @@ def test_landing_page_names_the_exporter_version_and_masked_redis() -> None:
         assert f'href="{href}"' in page
 
 
-def test_probes_apart_from_the_fleet_report() -> None:
+def test_probes_apart_from_the_cluster_report() -> None:
     redis = RedisServer()  # not started yet: Redis was never reached
     settings = Settings.load(redis_url=redis.url, connect_timeout=0.2, socket_timeout=0.2,
                              aggregation_cache_ttl=0, connect_retries=0)  # fmt: skip
@@ -89,7 +89,7 @@ def test_probes_apart_from_the_fleet_report() -> None:
     try:
         assert call(base + "/-/healthy")[::2] == (200, b"Healthy\n")  # the process serves
         assert call(base + "/-/ready")[0] == 503
-        assert call(base + "/health")[0] == 503  # the fleet report: Unhealthy
+        assert call(base + "/health")[0] == 503  # the cluster report: Unhealthy
         with redis:
             wait_for(lambda: call(base + "/-/ready")[0] == 200)
             assert call(base + "/-/ready")[2] == b"Ready\n"

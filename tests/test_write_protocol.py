@@ -184,7 +184,7 @@ def test_garbage_in_the_heartbeat_set_is_no_live_instance(
     assert r.zcard("conduit:cache:instances") == 1  # reaped by the read
     stats.shutdown()
     view = make_stats("reader").cluster_view()
-    assert view.active_count == 0  # the fleet is down: ConduitCacheNoLiveInstances fires
+    assert view.active_count == 0  # the cluster is down: ConduitCacheNoLiveInstances fires
 
 
 def test_an_instance_that_recorded_nothing_is_not_live(

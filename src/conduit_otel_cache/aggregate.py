@@ -73,7 +73,7 @@ class ClusterView:
 class Aggregator:
     """Reads the cluster view from Redis.
 
-    The cluster totals are a few reads whatever the fleet size; a burst of readers within
+    The cluster totals are a few reads whatever the cluster size; a burst of readers within
     ``aggregation_cache_ttl`` shares one read, and a reader that arrives while another
     reads gets the last view at once instead of waiting. The per-instance pass (drift,
     per-instance hit rates) reads every instance: with ``background=True`` it runs in a

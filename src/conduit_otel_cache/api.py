@@ -3,10 +3,10 @@
 
 The JSON is one object per region, in snake_case::
 
-    {"ProviderResponses": {"hit_rate": 75.0, "total_requests": 4,
+    {"ProviderResponses": {"hit_ratio": 0.75, "total_requests": 4,
                            "avg_response_time_ms": 1.5, "memory_size_mb": 1.0}}
 
-``hit_rate`` is in percent (0-100), ``avg_response_time_ms`` the mean response time in
+``hit_ratio`` is hits over requests (0-1), ``avg_response_time_ms`` the mean response time in
 milliseconds, ``memory_size_mb`` the region's ``size_bytes`` in MiB. The app routes on the
 full path (``PATH_INFO``, or the ASGI scope's ``path``), so mount it at the root of a
 path-dispatching server (``serve`` passes every ``/api/`` request to it unchanged).
@@ -36,7 +36,7 @@ DISTRIBUTED_PATH = "/api/cache/stats/distributed"
 def stats_json(statistics: Statistics) -> dict[str, Any]:
     """One region in the controller shape (snake_case keys)."""
     return {
-        "hit_rate": round(statistics.hit_rate, 4),
+        "hit_ratio": round(statistics.hit_ratio, 6),
         "total_requests": statistics.total_requests,
         "avg_response_time_ms": round(statistics.average_response_time * 1000, 4),
         "memory_size_mb": round(statistics.size_bytes / (1024 * 1024), 6),

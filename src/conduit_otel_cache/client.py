@@ -351,7 +351,7 @@ class CacheStatistics:
                 regions=local,
                 drift=dict.fromkeys(local, 0.0),
                 instance_hit_rates={
-                    r: {self.settings.instance_id: s.hit_rate} for r, s in local.items()
+                    r: {self.settings.instance_id: 100.0 * s.hit_ratio} for r, s in local.items()
                 },
                 active_count=1,
                 redis_up=False,

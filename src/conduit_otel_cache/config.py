@@ -9,7 +9,7 @@ import os
 import re
 from collections.abc import Mapping
 from typing import Any
-from urllib.parse import parse_qs, unquote, urlsplit, urlunsplit
+from urllib.parse import SplitResult, parse_qs, unquote, urlsplit, urlunsplit
 
 from .identity import default_instance_id
 
@@ -26,15 +26,15 @@ DEFAULT_BUCKETS: tuple[float, ...] = (
 
 #: ``redis+cluster://host:port[,host:port...]`` (``rediss+cluster://`` with TLS) names a Redis
 #: Cluster by one or more of its nodes; so does any ``redis://``/``rediss://`` URL with
-#: ``cluster=True``.
-CLUSTER_SCHEMES = ("redis+cluster", "rediss+cluster")
+#: ``redis_cluster=True``.
+REDIS_CLUSTER_SCHEMES = ("redis+cluster", "rediss+cluster")
 #: ``redis+sentinel://[user:password@]host:port[,host:port...]/<service>[/<db>]``
 #: (``rediss+sentinel://`` with TLS) names the primary that Redis Sentinels monitor as
 #: ``<service>``; ``?sentinel_auth=true`` sends the credentials to the sentinels too.
 SENTINEL_SCHEMES = ("redis+sentinel", "rediss+sentinel")
 #: Durations that may be None (no background flush / a heartbeat with every flush).
 OPTIONAL_SECONDS = ("flush_interval", "heartbeat_interval")
-REDIS_SCHEMES = ("redis", "rediss", "unix", *CLUSTER_SCHEMES, *SENTINEL_SCHEMES)
+REDIS_SCHEMES = ("redis", "rediss", "unix", *REDIS_CLUSTER_SCHEMES, *SENTINEL_SCHEMES)
 
 #: ``local``: this process only; ``distributed``: write through to Redis, read the cluster;
 #: ``hybrid``: the same as ``distributed`` (both views are always available), named for the
@@ -55,7 +55,7 @@ def redact_url(url: str | None) -> str:
         if parts.password is None:
             return url
         user = parts.username or ""
-        host = parts.netloc.rpartition("@")[2]  # also "h1:p1,h2:p2" of a cluster URL
+        host = parts.netloc.rpartition("@")[2]  # also "h1:p1,h2:p2" of a Redis Cluster URL
         netloc = f"{user}:***@{host}"
         return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
     except ValueError:
@@ -113,7 +113,7 @@ class Settings:
     service_name: str = "conduit"
     enabled: bool = True
     #: ``redis_url`` names a Redis Cluster (implied by ``redis+cluster://``/``rediss+cluster://``)
-    cluster: bool = False
+    redis_cluster: bool = False
     mode: str = ""  # "": "distributed" when redis_url is given, else "local"
 
     def __post_init__(self) -> None:
@@ -137,10 +137,10 @@ class Settings:
         return redact_url(self.redis_url)
 
     @property
-    def is_cluster(self) -> bool:
+    def is_redis_cluster(self) -> bool:
         """True when ``redis_url`` names a Redis Cluster."""
         return self.redis_url is not None and (
-            self.cluster or urlsplit(self.redis_url).scheme in CLUSTER_SCHEMES
+            self.redis_cluster or urlsplit(self.redis_url).scheme in REDIS_CLUSTER_SCHEMES
         )
 
     @classmethod
@@ -173,8 +173,8 @@ class Settings:
         """Raise :class:`ConfigError` when options are invalid or contradict each other."""
         if self.redis_url is not None:
             _check_url(self.redis_url)
-            if self.is_cluster:
-                cluster_address(self.redis_url)
+            if self.is_redis_cluster:
+                redis_cluster_address(self.redis_url)
         if self.mode not in MODES:
             raise ConfigError(f"mode: must be one of {', '.join(MODES)}, got {self.mode!r:.60}")
         if self.mode != "local" and self.redis_url is None:
@@ -256,7 +256,7 @@ def _check_positive(name: str, value: float) -> None:
 
 
 @dataclasses.dataclass(frozen=True)
-class ClusterAddress:
+class RedisClusterAddress:
     """Where a Redis Cluster is: its startup nodes, credentials and whether TLS is used."""
 
     nodes: tuple[tuple[str, int], ...]
@@ -265,10 +265,26 @@ class ClusterAddress:
     tls: bool
 
 
-def cluster_address(url: str) -> ClusterAddress:
+def redis_cluster_address(url: str) -> RedisClusterAddress:
     """Parse ``redis[s]+cluster://[user:password@]host[:port][,host[:port]...][/0]`` (or a
-    ``redis[s]://`` URL used with ``cluster=True``); raises :class:`ConfigError`."""
+    ``redis[s]://`` URL used with ``redis_cluster=True``); raises :class:`ConfigError`."""
     shown = redact_url(url)
+    parts, nodes = _split_nodes(url, 6379, "Redis Cluster")
+    if parts.scheme not in ("redis", "rediss", *REDIS_CLUSTER_SCHEMES):
+        raise ConfigError(
+            f"redis_url: a Redis Cluster needs a redis:// or rediss:// URL: {shown!r}"
+        )
+    if parts.path.strip("/") not in ("", "0"):
+        raise ConfigError(f"redis_url: a Redis Cluster has database 0 only: {shown!r}")
+    return RedisClusterAddress(nodes, *_credentials(parts), parts.scheme.startswith("rediss"))
+
+
+def _split_nodes(
+    url: str, default_port: int, kind: str
+) -> tuple[SplitResult, tuple[tuple[str, int], ...]]:
+    """``url`` split, and the ``(host, port)`` of each node of its
+    ``[user:password@]host[:port][,host[:port]...]`` part; raises :class:`ConfigError`
+    ("not a valid <kind> URL") for an empty host or a bad port."""
     try:
         parts = urlsplit(url)
         nodes = []
@@ -276,21 +292,18 @@ def cluster_address(url: str) -> ClusterAddress:
             node = urlsplit("//" + item.strip())
             if not node.hostname:
                 raise ValueError
-            nodes.append((node.hostname, node.port or 6379))
-        username, password = parts.username, parts.password
+            nodes.append((node.hostname, node.port or default_port))
     except ValueError:
-        raise ConfigError(f"redis_url: not a valid cluster URL: {shown!r}") from None
-    if parts.scheme not in ("redis", "rediss", *CLUSTER_SCHEMES):
-        raise ConfigError(
-            f"redis_url: a Redis Cluster needs a redis:// or rediss:// URL: {shown!r}"
-        )
-    if parts.path.strip("/") not in ("", "0"):
-        raise ConfigError(f"redis_url: a Redis Cluster has database 0 only: {shown!r}")
-    return ClusterAddress(
-        tuple(nodes),
+        raise ConfigError(f"redis_url: not a valid {kind} URL: {redact_url(url)!r}") from None
+    return parts, tuple(nodes)
+
+
+def _credentials(parts: SplitResult) -> tuple[str | None, str | None]:
+    """The URL's user name and password, percent-decoded (None when absent)."""
+    username, password = parts.username, parts.password
+    return (
         unquote(username) if username else None,
         unquote(password) if password is not None else None,
-        parts.scheme.startswith("rediss"),
     )
 
 
@@ -313,15 +326,8 @@ def sentinel_address(url: str) -> SentinelAddress:
     """Parse ``redis[s]+sentinel://[user:password@]host[:port][,host[:port]...]/service[/db]``
     (port 26379 by default); raises :class:`ConfigError`."""
     shown = redact_url(url)
+    parts, sentinels = _split_nodes(url, 26379, "sentinel")
     try:
-        parts = urlsplit(url)
-        sentinels = []
-        for item in parts.netloc.rpartition("@")[2].split(","):
-            node = urlsplit("//" + item.strip())
-            if not node.hostname:
-                raise ValueError
-            sentinels.append((node.hostname, node.port or 26379))
-        username, password = parts.username, parts.password
         query = parse_qs(parts.query, keep_blank_values=True, strict_parsing=bool(parts.query))
     except ValueError:
         raise ConfigError(f"redis_url: not a valid sentinel URL: {shown!r}") from None
@@ -345,11 +351,10 @@ def sentinel_address(url: str) -> SentinelAddress:
     if auth not in _TRUE | _FALSE:
         raise ConfigError(f"redis_url: sentinel_auth must be true or false: {shown!r}")
     return SentinelAddress(
-        tuple(sentinels),
+        sentinels,
         unquote(path[0]),
         int(path[1]) if len(path) == 2 else 0,
-        unquote(username) if username else None,
-        unquote(password) if password is not None else None,
+        *_credentials(parts),
         parts.scheme.startswith("rediss"),
         auth in _TRUE,
     )
@@ -361,8 +366,8 @@ def _check_url(url: str) -> None:
         return
     try:
         parts = urlsplit(url)
-        if parts.scheme in CLUSTER_SCHEMES:
-            cluster_address(url)
+        if parts.scheme in REDIS_CLUSTER_SCHEMES:
+            redis_cluster_address(url)
         else:
             parts.port  # noqa: B018 - raises ValueError for a bad port
     except ValueError:

@@ -11,13 +11,13 @@ from redis.cluster import ClusterNode, RedisCluster
 from redis.retry import Retry
 from redis.sentinel import Sentinel
 
-from .config import SENTINEL_SCHEMES, Settings, cluster_address, sentinel_address
+from .config import SENTINEL_SCHEMES, Settings, redis_cluster_address, sentinel_address
 
 #: A standalone client or a Redis Cluster client.
 Client: TypeAlias = redis.Redis | RedisCluster
 
 
-def _cluster_options() -> dict[str, Any]:
+def _redis_cluster_options() -> dict[str, Any]:
     """Options of :class:`RedisCluster` that this redis-py version needs.
 
     redis-py 7+ resolves a command's routing policy before pipelining it and, for a command
@@ -101,8 +101,8 @@ def connect(settings: Settings) -> Client:
                "ssl_keyfile": settings.ssl_keyfile}  # fmt: skip
     if settings.redis_url.partition(":")[0] in SENTINEL_SCHEMES:
         return _sentinel_client(settings, tls)
-    if settings.is_cluster:
-        address = cluster_address(settings.redis_url)
+    if settings.is_redis_cluster:
+        address = redis_cluster_address(settings.redis_url)
         return RedisCluster(
             startup_nodes=[
                 ClusterNode(host, port)  # type: ignore[no-untyped-call]
@@ -115,10 +115,10 @@ def connect(settings: Settings) -> Client:
             socket_timeout=settings.socket_timeout,
             socket_connect_timeout=settings.connect_timeout,
             socket_keepalive=settings.socket_keepalive,
-            # the cluster client's own retry follows MOVED/ASK and failovers
+            # the Redis Cluster client's own retry follows MOVED/ASK and failovers
             health_check_interval=30,
             **({"ssl": True, **tls} if address.tls else {}),
-            **_cluster_options(),
+            **_redis_cluster_options(),
         )
     return redis.Redis.from_url(
         settings.redis_url,

@@ -15,7 +15,6 @@ import tempfile
 import time
 from collections.abc import Callable, Collection
 from pathlib import Path
-from types import TracebackType
 from typing import BinaryIO
 
 
@@ -111,17 +110,12 @@ class RedisServer:
     def __enter__(self) -> RedisServer:
         return self.start()
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    def __exit__(self, *exc_info: object) -> None:
         self.close()
 
 
-def free_cluster_port(taken: Collection[int] = ()) -> int:
-    """A port that is free on 127.0.0.1 together with its cluster bus port (port + 10000)."""
+def free_redis_cluster_port(taken: Collection[int] = ()) -> int:
+    """A port that is free on 127.0.0.1 together with its Redis Cluster bus port (port + 10000)."""
     for _ in range(1000):
         port = random.randrange(20000, 30000)
         if port in taken or port + 10000 in taken:
@@ -136,7 +130,7 @@ def free_cluster_port(taken: Collection[int] = ()) -> int:
     raise RuntimeError("no free port pair for a Redis Cluster node")
 
 
-CLUSTER_NODE_ARGS = ("--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
+REDIS_CLUSTER_NODE_ARGS = ("--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
                      "--cluster-node-timeout", "2000", "--appendonly", "no",
                      "--repl-diskless-sync-delay", "0")  # fmt: skip
 
@@ -150,8 +144,8 @@ class RedisClusterServers:
         self.masters, self.replicas = masters, replicas
         ports: list[int] = []
         for _ in range(masters * (1 + replicas)):
-            ports.append(free_cluster_port(ports))
-        self.servers = [RedisServer(port, *CLUSTER_NODE_ARGS) for port in ports]
+            ports.append(free_redis_cluster_port(ports))
+        self.servers = [RedisServer(port, *REDIS_CLUSTER_NODE_ARGS) for port in ports]
 
     @property
     def url(self) -> str:
@@ -216,12 +210,7 @@ class RedisClusterServers:
             self.close()
             raise
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    def __exit__(self, *exc_info: object) -> None:
         self.close()
 
 

@@ -72,7 +72,7 @@ Variant = tuple[str, bool]  # (content type, gzipped)
 
 
 class Exposition:
-    """Publishes cluster totals, hit rates, drift and health for Prometheus to scrape."""
+    """Publishes cluster totals, hit ratios, drift and health for Prometheus to scrape."""
 
     def __init__(
         self, aggregator: Aggregator, *, prerender: bool = True, keep_warm: float = KEEP_WARM
@@ -120,10 +120,8 @@ class Exposition:
         gauges: list[tuple[str, str, str, Callable[[CallbackOptions], Iterable[Observation]]]] = [
             ("conduit.cache.hit_ratio", "1", "Cluster hit ratio (0-1) over the lifetime totals",
              observe(regions, lambda s: s.hit_ratio)),
-            ("conduit.cache.hit_rate", "{percent}", "Cluster hit rate in percent (0-100)",
-             observe(regions, lambda s: s.hit_rate)),
-            ("conduit.cache.drift", "%", "Largest distance in percentage points between a live "
-             "instance's hit rate and the live cluster's", self._drift),
+            ("conduit.cache.drift", "%", "Largest distance between a live instance's hit ratio "
+             "and the live cluster's, in percentage points (hit ratio x 100)", self._drift),
             ("conduit.cache.instance.hit_ratio", "1", "Hit ratio (0-1) of one live instance",
              self._instance_ratios),
             ("conduit.cache.instances.active", "{instance}", "Live instances",
@@ -181,7 +179,7 @@ class Exposition:
 
     def _instance_ratios(self, options: CallbackOptions) -> Iterable[Observation]:
         """Live instances' hit ratios, the ``max_instance_series`` farthest from their
-        region's live hit rate (selected by the aggregator's per-instance pass)."""
+        region's live hit ratio (selected by the aggregator's per-instance pass)."""
         return [
             Observation(rate / 100.0, {"region": region, "instance_id": instance_id})
             for region, instance_id, rate in self._view().instance_series

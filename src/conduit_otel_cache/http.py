@@ -146,7 +146,7 @@ def reply(
 def landing_page(version: str, redis_url: str) -> str:
     """The HTML of ``GET /``: the exporter, its version, the (password-masked) Redis URL
     it reads and links to every route (relative, so that a path prefix keeps working)."""
-    links = [("metrics", "Metrics"), ("health", "Health (fleet report)"),
+    links = [("metrics", "Metrics"), ("health", "Health (cluster report)"),
              ("-/healthy", "Liveness probe"), ("-/ready", "Readiness probe"),
              ("api/cache/stats/distributed", "Cluster statistics (JSON)")]  # fmt: skip
     items = "\n".join(f'      <li><a href="{href}">{html.escape(text)}</a></li>'

@@ -8,7 +8,7 @@ Keys (``conduit:`` is ``key_prefix``)::
     conduit:cache:stats:aggregated:<region>    hash  the cluster totals, kept at flush time
     conduit:cache:instance:<instance>          hash  incarnation token, owner, live flag, last flush
     conduit:cache:instance:<instance>:regions  set   regions the instance reported
-    conduit:cache:hit_rates:<region>           zset  live instance id -> its hit rate (percent)
+    conduit:cache:hit_rates:<region>           zset  live instance id -> hit ratio x 100 (percent)
     conduit:cache:stats:<instance>:<region>:response_times  list  the last raw response times
 
 On a Redis Cluster every script must stay in one hash slot, so the keys carry hash tags:
@@ -33,10 +33,10 @@ class KeySchema:
     keys share ``{global}``, a region's keys ``{<region>}``; names cannot contain braces), so
     that every script call stays in one hash slot."""
 
-    def __init__(self, key_prefix: str = "conduit:", *, cluster: bool = False) -> None:
+    def __init__(self, key_prefix: str = "conduit:", *, redis_cluster: bool = False) -> None:
         self.prefix = key_prefix + "cache:"
-        self.cluster = cluster
-        self._global = self.prefix + "{global}:" if cluster else self.prefix
+        self.redis_cluster = redis_cluster
+        self._global = self.prefix + "{global}:" if redis_cluster else self.prefix
 
     @property
     def instances(self) -> str:
@@ -50,13 +50,13 @@ class KeySchema:
 
     def stats(self, instance_id: str, region: str) -> str:
         """One instance's statistics of one region."""
-        if self.cluster:
+        if self.redis_cluster:
             return f"{self.prefix}{{{region}}}:stats:{instance_id}"
         return f"{self.prefix}stats:{instance_id}:{region}"
 
     def aggregate(self, region: str) -> str:
         """The cluster totals of one region."""
-        if self.cluster:
+        if self.redis_cluster:
             return f"{self.prefix}{{{region}}}:aggregated"
         return f"{self.prefix}stats:aggregated:{region}"
 
@@ -69,8 +69,9 @@ class KeySchema:
         return f"{self._global}instance:{instance_id}:regions"
 
     def hit_rates(self, region: str) -> str:
-        """Live instances' hit rates (percent) in one region: drift and per-instance series."""
-        if self.cluster:
+        """Live instances' hit ratios x 100 (percent) in one region: drift and per-instance
+        series (the key keeps its name ``hit_rates``)."""
+        if self.redis_cluster:
             return f"{self.prefix}{{{region}}}:hit_rates"
         return f"{self.prefix}hit_rates:{region}"
 
@@ -81,7 +82,7 @@ class KeySchema:
     # -- the KEYS of the scripts (lua/lib.lua) --------------------------------------------
 
     def region(self, instance_id: str, region: str) -> list[str]:
-        """One region of one instance: stats hash, aggregated hash, hit rates, samples."""
+        """One region of one instance: stats hash, aggregated hash, hit ratios, samples."""
         return [
             self.stats(instance_id, region),
             self.aggregate(region),
@@ -98,7 +99,7 @@ class KeySchema:
         """A ``lua/regions.lua`` call: the regions sets (standalone only: a Redis Cluster's
         region calls stay in the region's slot, the beat records the names), then each
         region's keys."""
-        keys = [] if self.cluster else [self.regions, self.instance_regions(instance_id)]
+        keys = [] if self.redis_cluster else [self.regions, self.instance_regions(instance_id)]
         for region in regions:
             keys += self.region(instance_id, region)
         return keys

@@ -138,18 +138,13 @@ class Statistics:
         return self.hit_count / total if total else 0.0
 
     @property
-    def hit_rate(self) -> float:
-        """Hits over requests in percent, 0-100 (0 with no traffic)."""
-        return self.hit_ratio * 100.0
-
-    @property
     def average_response_time(self) -> float:
         """Mean response time in seconds (0 with no samples)."""
         n = self.response_times.count
         return self.response_times.sum / n if n else 0.0
 
     def to_dict(self) -> dict[str, Any]:
-        """A JSON-ready view (counts, hit rate, latency quantiles)."""
+        """A JSON-ready view (counts, hit ratio, latency quantiles)."""
         rt = self.response_times
         return {
             "hit_count": self.hit_count,
@@ -157,7 +152,7 @@ class Statistics:
             "set_count": self.set_count,
             "eviction_count": self.eviction_count,
             "size_bytes": self.size_bytes,
-            "hit_rate": round(self.hit_rate, 4),
+            "hit_ratio": round(self.hit_ratio, 6),
             "total_requests": self.total_requests,
             "instance_count": self.instance_count,
             "avg_response_time_ms": round(self.average_response_time * 1000, 4),

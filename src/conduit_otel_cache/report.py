@@ -22,20 +22,20 @@ def _human_bytes(n: float) -> str:
 
 def format_table(view: ClusterView, instances: PerInstance) -> str:
     """The cluster and per-instance statistics as aligned text columns."""
-    head = ("region", "instance", "hits", "misses", "hit rate", "sets", "evictions", "size",
+    head = ("region", "instance", "hits", "misses", "hit ratio", "sets", "evictions", "size",
             "p95 ms", "drift")  # fmt: skip
     rows: list[tuple[str, ...]] = [head]
     for region, total in sorted(view.regions.items()):
         p95 = total.response_times.quantile(0.95)
         rows.append((region, f"cluster ({total.instance_count} live)", str(total.hit_count),
-                     str(total.miss_count), f"{total.hit_rate:.1f}%", str(total.set_count),
+                     str(total.miss_count), f"{total.hit_ratio:.1%}", str(total.set_count),
                      str(total.eviction_count), _human_bytes(total.size_bytes),
                      "-" if p95 is None else f"{p95 * 1000:.2f}",
                      f"{view.drift.get(region, 0.0):.1f}"))  # fmt: skip
         for instance_id, s in sorted(instances.get(region, {}).items()):
             p95 = s.response_times.quantile(0.95)
             rows.append(("", instance_id + ("" if s.live else " (gone)"), str(s.hit_count),
-                         str(s.miss_count), f"{s.hit_rate:.1f}%", str(s.set_count),
+                         str(s.miss_count), f"{s.hit_ratio:.1%}", str(s.set_count),
                          str(s.eviction_count), _human_bytes(s.size_bytes),
                          "-" if p95 is None else f"{p95 * 1000:.2f}", ""))  # fmt: skip
     widths = [max(len(row[i]) for row in rows) for i in range(len(head))]

@@ -176,7 +176,7 @@ class Heartbeats:
 
 
 class Store:
-    """Every Redis operation of the library, on one key schema (standalone or cluster)."""
+    """Every Redis operation of the library, on one key schema (standalone or Redis Cluster)."""
 
     def __init__(self, client: Client, key_prefix: str = "conduit:", batch_size: int = 100) -> None:
         self.client = client
@@ -184,15 +184,15 @@ class Store:
         #: same pipeline), so that no script holds Redis for long
         self.batch_size = batch_size
         #: Redis Cluster: hash-tagged keys, one script call per hash slot
-        self.cluster = isinstance(client, RedisCluster)
-        self.keys = KeySchema(key_prefix, cluster=self.cluster)
+        self.redis_cluster = isinstance(client, RedisCluster)
+        self.keys = KeySchema(key_prefix, redis_cluster=self.redis_cluster)
         # the instance part of a flush; alone, a heartbeat (its keys share one hash slot)
         self._beat = self._script("instance.lua", "beat.lua")
         self._regions = self._script("region.lua", "regions.lua")
         self._depart_regions = self._script("region.lua", "depart_regions.lua")
         self._settled = self._script("settled.lua")
-        if self.cluster:
-            self._depart_instance = self._script("instance.lua", "cluster_depart.lua")
+        if self.redis_cluster:
+            self._depart_instance = self._script("instance.lua", "redis_cluster_depart.lua")
         else:
             self._flush = self._script("region.lua", "instance.lua", "flush.lua")
             self._depart = self._script("region.lua", "instance.lua", "depart.lua")
@@ -227,7 +227,7 @@ class Store:
         items = list(entries.items())
         header = writer.header(refresh, seq)
         head: tuple[Script, list[str], list[Any]]
-        if self.cluster:  # the beat alone, then one call per region (its own slot)
+        if self.redis_cluster:  # the beat alone, then one call per region (its own slot)
             names: list[Any] = []
             for region, entry in items:
                 names += [region, "1" if entry.full else "0", 0, 0, ""]
@@ -277,7 +277,7 @@ class Store:
         ``writer`` has not written, out of the live gauges; then stop listing them."""
         valid = sorted(r for r in set(regions) if valid_name(r))
         args = [writer.instance_id, "0", writer.token]
-        if self.cluster:
+        if self.redis_cluster:
             calls = [(self._depart_regions, self.keys.region(writer.instance_id, r), args)
                      for r in valid]  # fmt: skip
         else:
@@ -295,7 +295,7 @@ class Store:
         refused = [n for n, reply in enumerate(replies) if isinstance(reply, NoScriptError)]
         if refused:
             for script in {id(calls[n][0]): calls[n][0] for n in refused}.values():
-                self.client.script_load(script.script)  # on every primary of a cluster
+                self.client.script_load(script.script)  # on every primary of a Redis Cluster
             for n, reply in zip(refused, self._pipeline_scripts([calls[n] for n in refused])):
                 replies[n] = reply
         for (script, _, _), reply in zip(calls, replies):
@@ -307,9 +307,9 @@ class Store:
         pipe = self.client.pipeline(transaction=False)
         resolver = getattr(self.client, "_policy_resolver", None)
         if resolver is not None and hasattr(pipe, "_policy_resolver"):
-            pipe._policy_resolver = resolver  # see _cluster_options
+            pipe._policy_resolver = resolver  # see _redis_cluster_options
         for script, keys, args in calls:
-            # queued as a plain command: redis-py's cluster pipeline has no evalsha(), yet
+            # queued as a plain command: redis-py's Redis Cluster pipeline has no evalsha(), yet
             # it routes EVALSHA by its keys (which must share one hash slot)
             pipe.execute_command("EVALSHA", script.sha, len(keys), *keys, *args)
         return list(pipe.execute(raise_on_error=False))
@@ -320,8 +320,8 @@ class Store:
         """Take the instance's gauges out of the totals (if its heartbeat is older than
         ``max_age``); with ``remove``, delete its keys and heartbeat. Counters stay."""
         age = "" if max_age is None else repr(float(max_age))
-        if self.cluster:
-            return self._depart_cluster(instance_id, age, remove)
+        if self.redis_cluster:
+            return self._depart_redis_cluster(instance_id, age, remove)
         try:
             regions = _strs(self.client.smembers(self.keys.instance_regions(instance_id)))
         except redis.ResponseError:  # not a set: nothing to take out but the heartbeat
@@ -329,7 +329,7 @@ class Store:
         keys = self.keys.instance(instance_id, sorted(regions))
         return bool(self._depart(keys=keys, args=[instance_id, age, "1" if remove else "0"]))
 
-    def _depart_cluster(self, instance_id: str, age: str, remove: bool) -> bool:
+    def _depart_redis_cluster(self, instance_id: str, age: str, remove: bool) -> bool:
         # 1. is it due, and its regions; 2. the regions (one call per slot, pipelined);
         # 3. only then the instance keys, so a failure in 2 leaves it to be reaped again
         keys = [self.keys.instances, self.keys.meta(instance_id),
@@ -429,7 +429,7 @@ class Store:
         """The aggregated hash of each region; errors are returned, not raised."""
         if not regions:
             return []
-        if self.cluster:
+        if self.redis_cluster:
             pipe = self.client.pipeline(transaction=False)
             for region in regions:
                 pipe.hgetall(self.keys.aggregate(region))
@@ -448,7 +448,7 @@ class Store:
     def heartbeats(self) -> Heartbeats:
         """Every registered instance's heartbeat (lists them all: one round trip)."""
         pipe = self.client.pipeline(transaction=False)
-        pipe.execute_command("TIME")  # a cluster pipeline has no time(): one node's clock
+        pipe.execute_command("TIME")  # a Redis Cluster pipeline has no time(): one node's clock
         _zrange(pipe, self.keys.instances)
         (seconds, micros), reply = pipe.execute(raise_on_error=False)
         errors: list[str] = []
@@ -535,10 +535,10 @@ class Store:
         return time.perf_counter() - start
 
     def used_memory(self) -> int:
-        """``used_memory`` of ``INFO memory`` in bytes (summed over a cluster's primaries)."""
+        """``used_memory`` of ``INFO memory`` in bytes (summed over a Redis Cluster's primaries)."""
         if isinstance(self.client, RedisCluster):
             info = self.client.info("memory", target_nodes=RedisCluster.PRIMARIES)
-            if "used_memory" in info:  # a cluster of one primary answers for it alone
+            if "used_memory" in info:  # a Redis Cluster of one primary answers for it alone
                 return int(info["used_memory"])
             return sum(int(node.get("used_memory", 0)) for node in info.values())
         return int(self.client.info("memory").get("used_memory", 0))

@@ -23,15 +23,12 @@ import contextlib
 import weakref
 from typing import Any
 
+from .recording import Recording, RegionRecorder, missing_extra, resolve_region, resolve_stats
+
 try:
     from aiocache.plugins import BasePlugin
 except ImportError as exc:  # pragma: no cover - exercised in a subprocess test
-    raise ImportError(
-        "conduit_otel_cache.integrations.aiocache needs aiocache>=0.12: "
-        "pip install 'conduit-otel-cache[aiocache]'"
-    ) from exc
-
-from .recording import Recording, RegionRecorder, resolve_region, resolve_stats
+    raise missing_extra(__name__, "aiocache>=0.12", "aiocache") from exc
 
 __all__ = ["RecordingPlugin"]
 

@@ -19,15 +19,12 @@ import functools
 from time import perf_counter
 from typing import TYPE_CHECKING, Any, TypeVar, cast
 
+from .recording import Recording, missing_extra
+
 try:
     import cachetools
 except ImportError as exc:  # pragma: no cover - exercised in a subprocess test
-    raise ImportError(
-        "conduit_otel_cache.integrations.cachetools needs cachetools>=5: "
-        "pip install 'conduit-otel-cache[cachetools]'"
-    ) from exc
-
-from .recording import Recording
+    raise missing_extra(__name__, "cachetools>=5", "cachetools") from exc
 
 __all__ = ["instrumented", "instrumented_class"]
 

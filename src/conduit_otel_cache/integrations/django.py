@@ -32,18 +32,15 @@ from collections.abc import Callable, Iterable, Mapping
 from time import perf_counter
 from typing import Any, TypeVar
 
+from .recording import RegionRecorder, missing_extra, resolve_region, resolve_stats
+
 try:
     from django.conf import settings
     from django.core.cache.backends.base import DEFAULT_TIMEOUT
     from django.core.exceptions import ImproperlyConfigured
     from django.utils.module_loading import import_string
 except ImportError as exc:  # pragma: no cover - exercised in a subprocess test
-    raise ImportError(
-        "conduit_otel_cache.integrations.django needs Django>=4.2: "
-        "pip install 'conduit-otel-cache[django]'"
-    ) from exc
-
-from .recording import RegionRecorder, resolve_region, resolve_stats
+    raise missing_extra(__name__, "Django>=4.2", "django") from exc
 
 __all__ = ["RecordingCache"]
 

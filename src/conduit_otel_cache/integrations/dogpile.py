@@ -20,21 +20,18 @@ evictions. A call that raises counts nothing.
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from time import perf_counter
 from typing import Any
+
+from .recording import Recording, RegionRecorder, missing_extra, resolve_region, resolve_stats
 
 try:
     from dogpile.cache.api import NO_VALUE, CacheMutex
     from dogpile.cache.proxy import ProxyBackend
     from dogpile.cache.region import CacheRegion
 except ImportError as exc:  # pragma: no cover - exercised in a subprocess test
-    raise ImportError(
-        "conduit_otel_cache.integrations.dogpile needs dogpile.cache>=1.1: "
-        "pip install 'conduit-otel-cache[dogpile]'"
-    ) from exc
-
-from .recording import Recording, RegionRecorder, resolve_region, resolve_stats
+    raise missing_extra(__name__, "dogpile.cache>=1.1", "dogpile") from exc
 
 __all__ = ["RecordingProxy", "instrument"]
 
@@ -58,18 +55,21 @@ class RecordingProxy(ProxyBackend):
         return self._held.get(key) == threading.get_ident()
 
     def _one(self, value: Any, start: float) -> Any:
-        elapsed = perf_counter() - start
-        if value is NO_VALUE:
-            self._record.miss(elapsed)
-        else:
-            self._record.hit(elapsed)
+        self._record.lookup(value is not NO_VALUE, perf_counter() - start)
         return value
 
-    def _many(self, keys: list[Any], values: Sequence[Any], start: float) -> None:
+    def _read_many(
+        self, read: Callable[[list[Any]], Sequence[Any]], keys: Iterable[Any]
+    ) -> Sequence[Any]:
+        """``read(keys)``, recording each key not being re-checked (see ``get_mutex``)."""
+        keys = list(keys)
+        start = perf_counter()
+        values = read(keys)
         elapsed = perf_counter() - start
         counted = [v for k, v in zip(keys, values) if not self._rechecks(k)]
         hits = sum(v is not NO_VALUE for v in counted)
         self._record.lookups(hits, len(counted), elapsed * len(counted) / max(len(keys), 1))
+        return values
 
     def get(self, key: Any) -> Any:
         if self._rechecks(key):
@@ -84,18 +84,10 @@ class RecordingProxy(ProxyBackend):
         return self._one(self.proxied.get_serialized(key), start)
 
     def get_multi(self, keys: Iterable[Any]) -> Sequence[Any]:
-        keys = list(keys)
-        start = perf_counter()
-        values = self.proxied.get_multi(keys)
-        self._many(keys, values, start)
-        return values
+        return self._read_many(self.proxied.get_multi, keys)
 
     def get_serialized_multi(self, keys: Iterable[Any]) -> Sequence[Any]:
-        keys = list(keys)
-        start = perf_counter()
-        values = self.proxied.get_serialized_multi(keys)
-        self._many(keys, values, start)
-        return values
+        return self._read_many(self.proxied.get_serialized_multi, keys)
 
     def set(self, key: Any, value: Any) -> None:
         self.proxied.set(key, value)

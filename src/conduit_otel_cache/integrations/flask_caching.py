@@ -29,17 +29,14 @@ from collections.abc import Mapping
 from time import perf_counter
 from typing import Any
 
+from .recording import Recording, RegionRecorder, missing_extra, resolve_region, resolve_stats
+
 try:
     from flask import Flask
     from flask_caching.backends.base import BaseCache
     from werkzeug.utils import import_string
 except ImportError as exc:  # pragma: no cover - exercised in a subprocess test
-    raise ImportError(
-        "conduit_otel_cache.integrations.flask_caching needs Flask-Caching>=2: "
-        "pip install 'conduit-otel-cache[flask]'"
-    ) from exc
-
-from .recording import Recording, RegionRecorder, resolve_region, resolve_stats
+    raise missing_extra(__name__, "Flask-Caching>=2", "flask") from exc
 
 __all__ = ["RecordingBackend", "recording"]
 
@@ -79,11 +76,7 @@ class RecordingBackend:
         start = perf_counter()
         value = self.backend.get(key)
         if _counted(key):
-            elapsed = perf_counter() - start
-            if value is None:
-                self._record.miss(elapsed)
-            else:
-                self._record.hit(elapsed)
+            self._record.lookup(value is not None, perf_counter() - start)
         return value
 
     def get_many(self, *keys: str) -> list[Any]:

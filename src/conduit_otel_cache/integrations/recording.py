@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import importlib
 import logging
+from collections.abc import Callable
 from typing import Protocol, runtime_checkable
 
 from ..config import valid_name
 from ..ratelimit import RateLimitedLog
 
-__all__ = ["Recording", "RegionRecorder", "resolve_region", "resolve_stats"]
+__all__ = ["Recording", "RegionRecorder", "missing_extra", "resolve_region", "resolve_stats"]
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +63,13 @@ class RegionRecorder:
         except Exception as exc:
             self._failed(exc)
 
+    def lookup(self, found: bool, seconds: float) -> None:
+        """One lookup taking ``seconds``: a hit when ``found``, else a miss."""
+        if found:
+            self.hit(seconds)
+        else:
+            self.miss(seconds)
+
     def lookups(self, hits: int, total: int, seconds: float) -> None:
         """``total`` lookups made in one call of ``seconds``, ``hits`` of them found; each
         is recorded with an equal share of the call's time."""
@@ -78,19 +86,23 @@ class RegionRecorder:
 
     def sets(self, count: int = 1) -> None:
         """``count`` values written."""
-        try:
-            for _ in range(count):
-                self.stats.record_set(self.region)
-        except Exception as exc:
-            self._failed(exc)
+        self._repeat(self.stats.record_set, count)
 
     def evictions(self, count: int = 1) -> None:
         """``count`` values evicted or expired."""
+        self._repeat(self.stats.record_eviction, count)
+
+    def _repeat(self, record: Callable[[str], None], count: int) -> None:
         try:
             for _ in range(count):
-                self.stats.record_eviction(self.region)
+                record(self.region)
         except Exception as exc:
             self._failed(exc)
+
+
+def missing_extra(module: str, requirement: str, extra: str) -> ImportError:
+    """The error an integration module raises when the library it wraps is missing."""
+    return ImportError(f"{module} needs {requirement}: pip install 'conduit-otel-cache[{extra}]'")
 
 
 def resolve_stats(value: object, setting: str) -> Recording:

@@ -27,11 +27,7 @@ class AsyncRedisCache:
         """The cached value of ``key``, or ``None``."""
         start = perf_counter()
         value = await self.client.get(key)
-        elapsed = perf_counter() - start
-        if value is None:
-            self._record.miss(elapsed)
-        else:
-            self._record.hit(elapsed)
+        self._record.lookup(value is not None, perf_counter() - start)
         return value
 
     async def set(self, key: str, value: Any, ex: int | None = None, **kwargs: Any) -> bool:

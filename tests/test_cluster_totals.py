@@ -1,4 +1,4 @@
-"""The fleet: write-through and aggregation of many instances against a real redis-server
+"""The cluster: write-through and aggregation of many instances against a real redis-server
 (tests/test_redis_cluster.py runs the same on a real Redis Cluster)."""
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ def test_three_instances_exact_in_redis_and_cluster(make_stats: MakeStats, r: re
     assert cluster.size_bytes == 7000
     assert cluster.instance_count == 3
     assert cluster.response_times.count == 460
-    assert cluster.hit_rate == pytest.approx(100 * 350 / 460)
+    assert cluster.hit_ratio == pytest.approx(350 / 460)
     agg = r.hgetall(f"conduit:cache:stats:aggregated:{REGION}")
     assert agg["hit_count"] == "350" and agg["instance_count"] == "3"
     beats = dict(r.zrange("conduit:cache:instances", 0, -1, withscores=True))
@@ -219,7 +219,7 @@ def test_drift_follows_live_instances_only(make_stats: MakeStats) -> None:
 def test_sorted_sets_read_the_same_over_resp2_and_resp3(
     make_stats: MakeStats, redis_url: str, protocol: int
 ) -> None:
-    """Heartbeats and hit rates are read raw (flat on RESP2, nested on RESP3)."""
+    """Heartbeats and hit ratios are read raw (flat on RESP2, nested on RESP3)."""
     a, b = make_stats("api-1"), make_stats("api-2")
     record(a, 3, 1)
     record(b, 1, 3)
