@@ -271,7 +271,7 @@ def one_scale(
         res["drift_fields"], res["drift_trips"] = measure_trips(
             lambda: drift_from_fields(client, store.keys, regions), slow_reps, seed_budget
         )
-        if not cluster:  # Redis CPU of one read of the cluster view, each design
+        if not redis_cluster:  # Redis CPU of one read of the cluster view, each design
             cmds = ServerCommands(client)
             for name, read in (
                 ("totals", lambda: store.read_cluster(3600)),
