@@ -158,7 +158,7 @@ def wait_ready(svc: ExporterService, expected: int, timeout: float = 300.0) -> f
     while time.perf_counter() - start < timeout:
         svc.aggregator.invalidate()
         view = svc.aggregator.view()
-        if sum(len(v) for v in view.instance_hit_rates.values()) >= expected:
+        if sum(len(v) for v in view.instance_hit_ratios.values()) >= expected:
             break
         time.sleep(0.1)
     return time.perf_counter() - start

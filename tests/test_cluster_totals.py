@@ -204,15 +204,15 @@ def test_drift_follows_live_instances_only(make_stats: MakeStats) -> None:
     for h in (a, b, c):
         h.flush()
     assert a.cluster_view().drift[REGION] == pytest.approx(20.0)
-    assert a.cluster_view().instance_hit_rates[REGION] == {
-        "api-1": pytest.approx(90.0), "api-2": pytest.approx(50.0), "api-3": pytest.approx(70.0)
+    assert a.cluster_view().instance_hit_ratios[REGION] == {
+        "api-1": pytest.approx(0.9), "api-2": pytest.approx(0.5), "api-3": pytest.approx(0.7)
     }  # fmt: skip
     b.shutdown()  # live cluster: 160 / 200 = 80 %; the lifetime totals keep b's events
     view = a.cluster_view()
     assert view.drift[REGION] == pytest.approx(10.0)
-    assert view.live_hit_rates[REGION] == pytest.approx(80.0)
+    assert view.live_hit_ratios[REGION] == pytest.approx(0.8)
     assert view.regions[REGION].hit_count == 210
-    assert set(view.instance_hit_rates[REGION]) == {"api-1", "api-3"}
+    assert set(view.instance_hit_ratios[REGION]) == {"api-1", "api-3"}
 
 
 @pytest.mark.parametrize("protocol", [2, 3])
@@ -231,7 +231,7 @@ def test_sorted_sets_read_the_same_over_resp2_and_resp3(
     assert all(abs(beat - beats.server_time) < 60 for beat in beats.beats.values())
     view = reader.cluster_view()
     assert view.active_count == 2 and view.missing_instances == ()
-    assert view.instance_hit_rates[REGION] == {"api-1": 75.0, "api-2": 25.0}
+    assert view.instance_hit_ratios[REGION] == {"api-1": 0.75, "api-2": 0.25}
     assert view.drift[REGION] == pytest.approx(25.0)
 
 

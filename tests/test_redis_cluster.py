@@ -137,8 +137,8 @@ def test_three_instances_exact_totals_everywhere(
     view = handles["api-3"].cluster_view()
     assert view.active_count == 3 and view.redis_up
     assert handles["api-3"].aggregator.instances() == (["api-1", "api-2", "api-3"], [])
-    assert view.instance_hit_rates[REGION] == {
-        i: pytest.approx(100 * h / (h + m)) for i, (h, m, *_) in PLAN.items()
+    assert view.instance_hit_ratios[REGION] == {
+        i: pytest.approx(h / (h + m)) for i, (h, m, *_) in PLAN.items()
     }
     live = 100 * sum(h for h, *_ in PLAN.values()) / sum(h + m for h, m, *_ in PLAN.values())
     expected = max(abs(100 * h / (h + m) - live) for h, m, *_ in PLAN.values())

@@ -1,13 +1,13 @@
-"""The cluster view: totals, drift, per-instance hit rates, liveness; cached briefly.
+"""The cluster view: totals, drift, per-instance hit ratios, liveness; cached briefly.
 
 Cluster counters come from the aggregated hashes that every flush keeps up to date
 (so they include departed instances and never go back); gauges count live instances.
-Drift of a region is the largest distance, in percentage points, between a live
-instance's hit rate and the hit rate of all live instances together (their hits over
-their requests), over live instances that served the region; 0 with fewer than two.
-Every flush and departure keeps the live sums and a sorted set of live hit rates in Redis;
-drift is computed from them by the per-instance pass (in ``serve``, in the background every
-``aggregation_interval``), which reads every live instance's rate anyway.
+Drift of a region is the largest distance, in percentage points (hit ratio x 100), between
+a live instance's hit ratio and the hit ratio of all live instances together (their hits
+over their requests), over live instances that served the region; 0 with fewer than two.
+Every flush and departure keeps the live sums and a sorted set of live hit ratios (stored
+x 100) in Redis; drift is computed from them by the per-instance pass (in ``serve``, in the
+background every ``aggregation_interval``), which reads every live instance's ratio anyway.
 """
 
 from __future__ import annotations
@@ -35,12 +35,12 @@ class ClusterView:
 
     regions: dict[str, Statistics] = dataclasses.field(default_factory=dict)
     drift: dict[str, float] = dataclasses.field(default_factory=dict)
-    #: ``{region: {instance_id: hit rate in percent}}`` of live instances
-    instance_hit_rates: dict[str, dict[str, float]] = dataclasses.field(default_factory=dict)
-    #: ``{region: hit rate in percent}`` of all live instances together
-    live_hit_rates: dict[str, float] = dataclasses.field(default_factory=dict)
-    #: ``(region, instance_id, hit rate in percent)`` of at most ``max_instance_series``
-    #: live instances, those farthest from their region's live hit rate first
+    #: ``{region: {instance_id: hit ratio}}`` of live instances
+    instance_hit_ratios: dict[str, dict[str, float]] = dataclasses.field(default_factory=dict)
+    #: ``{region: hit ratio}`` of all live instances together
+    live_hit_ratios: dict[str, float] = dataclasses.field(default_factory=dict)
+    #: ``(region, instance_id, hit ratio)`` of at most ``max_instance_series`` live
+    #: instances, those farthest from their region's live hit ratio first
     instance_series: tuple[tuple[str, str, float], ...] = ()
     #: instances whose heartbeat is at most ``instance_timeout`` old
     active_count: int = 0
@@ -76,7 +76,7 @@ class Aggregator:
     The cluster totals are a few reads whatever the cluster size; a burst of readers within
     ``aggregation_cache_ttl`` shares one read, and a reader that arrives while another
     reads gets the last view at once instead of waiting. The per-instance pass (drift,
-    per-instance hit rates) reads every instance: with ``background=True`` it runs in a
+    per-instance hit ratios) reads every instance: with ``background=True`` it runs in a
     thread every ``aggregation_interval`` so that no reader waits for it; otherwise it
     runs with each refresh of the totals. Full per-instance statistics are read on
     demand by :meth:`per_instance`.
@@ -91,7 +91,7 @@ class Aggregator:
         self._busy = threading.Lock()
         self._view: ClusterView | None = None
         self._read_at = -float("inf")
-        self._instance_rates: dict[str, dict[str, float]] = {}
+        self._instance_ratios: dict[str, dict[str, float]] = {}
         self._instance_series: tuple[tuple[str, str, float], ...] = ()
         self._drift: dict[str, float] = {}
         self._instance_errors: dict[str, tuple[str, ...]] = {}
@@ -173,13 +173,13 @@ class Aggregator:
             return 0, explain(exc)
 
     def refresh_instances(self, data: ClusterData | None = None) -> None:
-        """Read every live instance's hit rate per region (the per-instance series) now,
+        """Read every live instance's hit ratio per region (the per-instance series) now,
         and check every heartbeat (malformed members are reported here)."""
         data = data or self.store.read_cluster(self.settings.instance_timeout)
-        rates, errors = self.store.read_hit_rates(sorted(data.aggregates))
-        live = {region: _live_rate(fields) for region, fields in data.aggregates.items()}
-        self._drift = {
-            region: max(abs(rate - live.get(region, rate)) for rate in by_instance.values())
+        rates, errors = self.store.read_hit_ratios(sorted(data.aggregates))
+        live = {region: _live_ratio(fields) for region, fields in data.aggregates.items()}
+        self._drift = {  # in percentage points
+            region: 100 * max(abs(rate - live.get(region, rate)) for rate in by_instance.values())
             for region, by_instance in rates.items()
             if len(by_instance) >= 2
         }
@@ -193,7 +193,7 @@ class Aggregator:
             rows = heapq.nlargest(limit, rows)
         # selected here, in the per-instance pass, so that a scrape never walks every instance
         self._instance_series = tuple((region, i, rate) for _, region, i, rate in rows)
-        self._instance_rates = rates
+        self._instance_ratios = rates
         errors += self.store.heartbeats().errors
         self._count(errors)
         self._instance_errors[""] = tuple(errors)  # "" is no region name: the pass's own
@@ -257,8 +257,8 @@ class Aggregator:
         return ClusterView(
             regions=regions,
             drift={region: self._drift.get(region, 0.0) for region in regions},
-            instance_hit_rates=self._instance_rates,
-            live_hit_rates={region: _live_rate(data.aggregates[region]) for region in regions},
+            instance_hit_ratios=self._instance_ratios,
+            live_hit_ratios={region: _live_ratio(data.aggregates[region]) for region in regions},
             instance_series=self._instance_series,
             active_count=data.active,
             missing_heartbeats=data.missing,
@@ -271,15 +271,15 @@ class Aggregator:
         )
 
 
-def _live_rate(fields: dict[str, str]) -> float:
-    """The hit rate (percent) of a region's live instances together, from the live sums
+def _live_ratio(fields: dict[str, str]) -> float:
+    """The hit ratio of a region's live instances together, from the live sums
     that every flush and departure keep; 0 when malformed (reported by Statistics)."""
     try:
         hits = max(0, int(fields.get("live_hit_count", "0")))
         requests = hits + max(0, int(fields.get("live_miss_count", "0")))
     except ValueError:
         return 0.0
-    return 100.0 * hits / requests if requests else 0.0
+    return hits / requests if requests else 0.0
 
 
 def _timestamp(value: str | None) -> float | None:

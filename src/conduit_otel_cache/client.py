@@ -350,8 +350,8 @@ class CacheStatistics:
             return ClusterView(
                 regions=local,
                 drift=dict.fromkeys(local, 0.0),
-                instance_hit_rates={
-                    r: {self.settings.instance_id: 100.0 * s.hit_ratio} for r, s in local.items()
+                instance_hit_ratios={
+                    r: {self.settings.instance_id: s.hit_ratio} for r, s in local.items()
                 },
                 active_count=1,
                 redis_up=False,

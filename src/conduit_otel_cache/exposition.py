@@ -181,7 +181,7 @@ class Exposition:
         """Live instances' hit ratios, the ``max_instance_series`` farthest from their
         region's live hit ratio (selected by the aggregator's per-instance pass)."""
         return [
-            Observation(rate / 100.0, {"region": region, "instance_id": instance_id})
+            Observation(rate, {"region": region, "instance_id": instance_id})
             for region, instance_id, rate in self._view().instance_series
         ]
 

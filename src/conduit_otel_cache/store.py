@@ -467,10 +467,10 @@ class Store:
                 errors.append(f"{self.keys.instances}: invalid member {member[:40]!r}")
         return beats
 
-    def read_hit_rates(
+    def read_hit_ratios(
         self, regions: Sequence[str]
     ) -> tuple[dict[str, dict[str, float]], list[str]]:
-        """``{region: {instance_id: hit rate in percent}}`` of live instances, pipelined,
+        """``{region: {instance_id: hit ratio}}`` of live instances (stored x 100), pipelined,
         and the malformed entries skipped."""
         if not regions:
             return {}, []
@@ -486,7 +486,7 @@ class Store:
             result[region] = rates = {}
             for member, rate in _pairs(reply):
                 if valid_name(member) and 0 <= rate <= 100:
-                    rates[member] = rate
+                    rates[member] = rate / 100
                 else:
                     errors.append(f"{self.keys.hit_rates(region)}: bad entry {member[:40]!r}")
         return result, errors

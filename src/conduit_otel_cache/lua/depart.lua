@@ -1,4 +1,4 @@
--- Take an instance's live gauges (size, instance count, live hit and miss sums, hit rate)
+-- Take an instance's live gauges (size, instance count, live hit and miss sums, hit ratio)
 -- out of the cluster totals; its counted events stay. With a max age, only if its
 -- heartbeat is older than that (standalone Redis: one script call).
 -- KEYS: instances zset, instance meta hash, instance regions set,

@@ -90,7 +90,7 @@ local function write_region(skey, akey, rkey, lkey, h, e, now_s)
   end
   if not was_live then incr(akey, 'instance_count', 1, false) end
 
-  -- The instance's hit rate, updated in place when it changed (drift and the
+  -- The instance's hit ratio (x 100), updated in place when it changed (drift and the
   -- per-instance series are computed from these rates by the reader's per-instance pass).
   -- Removing the last member deletes the zset: it is then not touched again in this
   -- script (in a Redis Cluster slot being migrated that would fail).
