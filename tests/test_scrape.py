@@ -21,6 +21,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from conduit_otel_cache import Settings
 from conduit_otel_cache.exposition import DATA_AGE_HEADER
+from conduit_otel_cache.http import WORKER_THREADS
 from conduit_otel_cache.server import ExporterService
 
 from .conftest import MakeStats
@@ -247,3 +248,31 @@ def test_scrapes_do_not_wait_for_a_stalled_redis(make_stats: MakeStats, serve: A
     finally:
         r.client_unpause()
     assert max(ages) > 1.5, ages  # the refresh was stalled: the data aged past the TTL
+
+
+def test_rendered_scrapes_are_answered_without_the_app_threads(
+    make_stats: MakeStats, serve: Any
+) -> None:
+    """Once a format is rendered, ``GET /metrics`` is answered from its bytes on the event
+    loop: it still answers, the same bytes, while every thread of the WSGI app is busy."""
+    stats = make_stats("api-1")
+    stats.record_hit("Busy", 0.001)
+    assert stats.flush()
+    service = serve(60.0)  # one rendering for the whole test
+    first = {name: get(service, **h) for name, h in (("text", {}), ("prometheus", PROMETHEUS))}
+    release = threading.Event()
+    executor = service.server.wsgi.executor
+    blockers = [executor.submit(release.wait, 30) for _ in range(WORKER_THREADS)]
+    try:
+        for name, h in (("text", {}), ("prometheus", PROMETHEUS)):
+            body, headers = get(service, **h)
+            assert body == first[name][0] and hits(samples(body, headers), "Busy") == 1.0
+            head, found = get(service, method="HEAD", **h)
+            assert head == b"" and found["Content-Length"] == first[name][1]["Content-Length"]
+        with pytest.raises(OSError):  # the control: what needs an app thread waits
+            urllib.request.urlopen(f"http://127.0.0.1:{service.port}/health", timeout=0.5)
+    finally:
+        release.set()
+        for blocker in blockers:
+            blocker.result(timeout=30)
+    assert get(service, query="?name[]=conduit_cache_hits_total")[0]  # the app answers again

@@ -19,7 +19,7 @@ import logging
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from importlib import metadata
 from typing import Any
 from urllib.parse import parse_qs
@@ -373,6 +373,42 @@ class Exposition:
 
         return app
 
+    def ready_reply(
+        self, method: str, path: str, query: str, headers: Mapping[str, str]
+    ) -> tuple[int, list[tuple[str, str]], bytes, Callable[[], None]] | None:
+        """The reply to ``GET /metrics`` (or HEAD) when the current rendering already holds
+        the format asked for: status, headers, body and what to call once it is sent. No
+        rendering and no I/O, so an event loop may answer with it; None for any other
+        request (the WSGI app answers those)."""
+        if path.rstrip("/") != "/metrics" or method not in ("GET", "HEAD") or not self.prerender:
+            return None
+        if "name[]" in parse_qs(query):
+            return None
+        encoder, content_type = choose_encoder(headers.get("accept", ""))
+        gzipped = gzip_accepted(headers.get("accept-encoding", ""))
+        current = self._current
+        if current is None or self._outdated(current):
+            return None
+        body = current.rendered(content_type, gzipped)
+        if body is None:
+            return None
+        self._want((content_type, gzipped), encoder)
+        self._enter()  # until the reply is sent: a refresh gives way meanwhile
+        reply = b"" if method == "HEAD" else body
+        return 200, self._headers(current, content_type, gzipped, len(body)), reply, self._leave
+
+    def _headers(
+        self, rendering: _Rendering, content_type: str, gzipped: bool, length: int
+    ) -> list[tuple[str, str]]:
+        headers = [("Vary", "Accept, Accept-Encoding")]
+        age = _age(rendering.view, time.time())
+        if age is not None:
+            headers.append((DATA_AGE_HEADER, f"{age:.3f}"))
+        headers += [("Content-Type", content_type), ("Content-Length", str(length))]
+        if gzipped:
+            headers.append(("Content-Encoding", "gzip"))
+        return headers
+
     def _answer(
         self, environ: dict[str, Any], start_response: Callable[..., Any]
     ) -> Iterable[bytes]:
@@ -392,16 +428,14 @@ class Exposition:
             if not filtered:
                 self._want((content_type, gzipped), encoder)
             rendering = self._rendering()
-        headers = [("Vary", "Accept, Accept-Encoding")]
-        age = _age(rendering.view, time.time())
-        if age is not None:
-            headers.append((DATA_AGE_HEADER, f"{age:.3f}"))
         if filtered:  # rare: prometheus_client renders it from this rendering's series
+            headers = [("Vary", "Accept, Accept-Encoding")]
+            age = _age(rendering.view, time.time())
+            if age is not None:
+                headers.append((DATA_AGE_HEADER, f"{age:.3f}"))
             return self._filtered(rendering, environ, start_response, headers)
         body = rendering.body(content_type, encoder, gzipped)
-        headers += [("Content-Type", content_type), ("Content-Length", str(len(body)))]
-        if gzipped:
-            headers.append(("Content-Encoding", "gzip"))
+        headers = self._headers(rendering, content_type, gzipped, len(body))
         self._enter()  # until the server closes the reply: a refresh gives way meanwhile
         try:
             start_response("200 OK", headers)
@@ -507,6 +541,10 @@ class _Rendering:
     def _series(self) -> list[Metric]:
         families = self._families
         return families if families is not None else self._collect(self.view)
+
+    def rendered(self, content_type: str, gzipped: bool) -> bytes | None:
+        """The exposition as ``content_type``, gzipped or not, if rendered already."""
+        return self._bodies.get((content_type, gzipped))
 
     def body(
         self,

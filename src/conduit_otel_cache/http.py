@@ -3,7 +3,8 @@
 The server is hypercorn (asyncio) with the WSGI app run by a2wsgi in a bounded thread pool:
 a connection costs a coroutine, not a thread; one that has not sent its request headers
 within ``header_timeout`` seconds is closed; a slow reader holds its (already rendered)
-reply, never a thread.
+reply, never a thread. A ``direct`` function may answer a request on the event loop itself
+(``/metrics`` from bytes rendered already), without a thread's hand-off.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import os
 import socket
 import ssl
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from .health import Health
@@ -24,6 +25,12 @@ from .health import Health
 StartResponse = Callable[..., Any]
 Environ = dict[str, Any]
 WSGIApp = Callable[[Environ, StartResponse], Iterable[bytes]]
+#: ``(method, path, query string, headers) -> (status, headers, body, sent)`` or None when
+#: the WSGI app must answer; ``sent()`` is called once the reply is sent. Never blocks.
+Direct = Callable[
+    [str, str, str, Mapping[str, str]],
+    tuple[int, list[tuple[str, str]], bytes, Callable[[], None]] | None,
+]
 
 log = logging.getLogger(__name__)
 
@@ -222,6 +229,7 @@ class HTTPServer:
         *,
         header_timeout: float = HEADER_TIMEOUT,
         threads: int = WORKER_THREADS,
+        direct: Direct | None = None,
     ) -> None:
         try:
             import hypercorn  # noqa: F401
@@ -234,7 +242,8 @@ class HTTPServer:
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         self.socket = socket.create_server((host, port), family=family, backlog=BACKLOG)
         self.server_address: tuple[Any, ...] = self.socket.getsockname()
-        self.asgi_app = WSGIMiddleware(app, workers=threads)
+        self.wsgi = WSGIMiddleware(app, workers=threads)
+        self.asgi_app = self.wsgi if direct is None else _answering(direct, self.wsgi)
         self.config = _hypercorn_config(ssl_context)
         self.config.backlog = BACKLOG
         self.config.keep_alive_timeout = header_timeout  # also the time to send the headers
@@ -276,7 +285,37 @@ class HTTPServer:
     def server_close(self) -> None:
         """Close the listening socket and end the app's threads."""
         self.socket.close()
-        self.asgi_app.executor.shutdown(wait=False)
+        self.wsgi.executor.shutdown(wait=False)
+
+
+def _answering(direct: Direct, app: Any) -> Callable[..., Any]:
+    """An ASGI app: what ``direct`` answers, on the event loop; the rest through ``app``."""
+
+    async def asgi(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "http":
+            headers: dict[str, str] = {}
+            size = 0
+            for name, value in scope["headers"]:
+                key = name.decode("latin-1").lower()
+                text = value.decode("latin-1")
+                headers[key] = f"{headers[key]},{text}" if key in headers else text
+                size += len(name) + len(value) + 4
+            if size <= MAX_HEADER_BYTES:
+                query = scope.get("query_string", b"").decode("latin-1")
+                reply = direct(scope["method"], scope["path"], query, headers)
+                if reply is not None:
+                    status, fields, body, sent = reply
+                    try:
+                        await send({"type": "http.response.start", "status": status,
+                                    "headers": [(k.encode("latin-1"), v.encode("latin-1"))
+                                                for k, v in fields]})  # fmt: skip
+                        await send({"type": "http.response.body", "body": body})
+                    finally:
+                        sent()
+                    return
+        await app(scope, receive, send)
+
+    return asgi
 
 
 def _hypercorn_config(context: ssl.SSLContext | None) -> Any:
@@ -303,11 +342,12 @@ def make_http_server(
     keyfile: str | None = None,
     *,
     ssl_context: ssl.SSLContext | None = None,
+    direct: Direct | None = None,
 ) -> HTTPServer:
-    """An :class:`HTTPServer` for ``app``; HTTPS when ``certfile`` (and ``keyfile``) or an
-    ``ssl_context`` are given."""
+    """An :class:`HTTPServer` for ``app`` (and ``direct``); HTTPS when ``certfile`` (and
+    ``keyfile``) or an ``ssl_context`` are given."""
     if ssl_context is None and certfile:
         from .webconfig import tls_context
 
         ssl_context = tls_context(certfile, keyfile)
-    return HTTPServer(app, host, port, ssl_context)
+    return HTTPServer(app, host, port, ssl_context, direct=direct)

@@ -46,8 +46,10 @@ class ExporterService:
                             ready=self.ready, landing=landing)  # fmt: skip
         web = web_config or WebConfig()
         served = BasicAuth(self.app, web.users) if web.users else self.app
+        # /metrics from finished bytes on the event loop (with basic auth: through the app)
+        direct = None if web.users else self.exposition.ready_reply
         self.server = make_http_server(served, host, port, certfile, keyfile,
-                                       ssl_context=web.ssl_context)  # fmt: skip
+                                       ssl_context=web.ssl_context, direct=direct)  # fmt: skip
         self.port: int = self.server.server_address[1]
         self.tls = web.ssl_context is not None or bool(certfile)
         self._stop = threading.Event()
