@@ -83,7 +83,7 @@ def serve_child(url: str, mode: str, ttl: float) -> None:
     svc = ExporterService(s, port=0)
     if mode == "old":
         svc.exposition.prerender = False
-    svc.start()
+    svc.start(freeze=True)  # as serve does
     deadline = time.monotonic() + 300
     while not svc.aggregator.view().instance_series and time.monotonic() < deadline:
         time.sleep(0.05)

@@ -276,3 +276,24 @@ def test_rendered_scrapes_are_answered_without_the_app_threads(
         for blocker in blockers:
             blocker.result(timeout=30)
     assert get(service, query="?name[]=conduit_cache_hits_total")[0]  # the app answers again
+
+
+def test_serve_freezes_its_start_up_out_of_the_garbage_collector(redis_url: str) -> None:
+    """``start(freeze=True)`` (what ``serve`` runs): the objects of start-up are not walked
+    by later full collections, which would stall every scrape for tens of ms."""
+    import subprocess
+
+    code = (
+        "import gc, sys\n"
+        "from conduit_otel_cache import Settings\n"
+        "from conduit_otel_cache.server import ExporterService\n"
+        "s = ExporterService(Settings.load(redis_url=sys.argv[1]), port=0)\n"
+        "before = gc.get_freeze_count()\n"
+        "s.start(freeze=True)\n"
+        "print(before, gc.get_freeze_count())\n"
+        "s.stop()\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code, redis_url], capture_output=True,
+                         text=True, timeout=60, check=True).stdout  # fmt: skip
+    before, after = map(int, out.split())
+    assert before == 0 and after > 10_000

@@ -122,7 +122,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
-    service.start()
+    service.start(freeze=True)
     scheme = "https" if service.tls else "http"
     host = f"[{args.host}]" if ":" in args.host else args.host
     print(f"serving {scheme}://{host}:{service.port}/metrics and /health "
