@@ -14,6 +14,8 @@ from types import TracebackType
 from typing import Any
 
 import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 from conduit_otel_cache.embedded import RedisServer
 
@@ -40,8 +42,9 @@ CLUSTER_NODE_ARGS = ("--cluster-enabled", "yes", "--cluster-config-file", "nodes
 
 
 def node_client(port: int, timeout: float = 5) -> redis.Redis:
-    """A client of the one node at ``port`` (text replies, no redirection)."""
-    return redis.Redis(host="127.0.0.1", port=port, decode_responses=True, socket_timeout=timeout)
+    """A client of the one node at ``port`` (text replies, no redirection, no retries)."""
+    return redis.Redis(host="127.0.0.1", port=port, decode_responses=True, socket_timeout=timeout,
+                       retry=Retry(NoBackoff(), 0))  # fmt: skip
 
 
 class RedisClusterServers:
@@ -149,27 +152,36 @@ class ServerBaseline:
             self.config: dict[str, str] = client.config_get("*")
             self.default_user: list[str] = client.acl_list()
             version = str(client.info("server")["redis_version"])
-            self.functions = int(version.split(".")[0]) >= 7  # FUNCTION is Redis 7
+            self.redis7 = int(version.split(".")[0]) >= 7  # FUNCTION, ACL selectors
 
     def reset(self) -> None:
-        with node_client(self.port, timeout=30) as client:  # behind a pause left by a test
-            client.client_unpause()
-            role = client.execute_command("ROLE")[0]
-            if role == "master":
-                client.flushall()
-                client.script_flush()
-                if self.functions:
-                    client.function_flush()
-            self._kill_other_clients(client)
-            self._reset_acl(client)
-            for name, value in client.config_get("*").items():
-                if self.config.get(name, value) != value:
-                    client.config_set(name, self.config[name])
-            client.config_resetstat()
-            client.slowlog_reset()
-            replicas = int(client.info("replication").get("connected_slaves", 0))
-            if role == "master" and replicas:
-                client.wait(replicas, 5000)  # the replicas have the FLUSHALL too
+        try:
+            with node_client(self.port, timeout=30) as client:  # behind a pause left by a test
+                self._reset(client)
+        except redis.AuthenticationError as exc:
+            raise RuntimeError(
+                f"a test changed the default user of the shared redis-server {self.port}: "
+                "give it private_redis"
+            ) from exc
+
+    def _reset(self, client: redis.Redis) -> None:
+        client.client_unpause()
+        self._reset_acl(client)
+        self._kill_other_clients(client)
+        role = client.execute_command("ROLE")[0]
+        if role == "master":
+            client.flushall()
+            client.script_flush()
+            if self.redis7:
+                client.function_flush()
+        for name, value in client.config_get("*").items():
+            if self.config.get(name, value) != value:
+                client.config_set(name, self.config[name])
+        client.config_resetstat()
+        client.slowlog_reset()
+        replicas = int(client.info("replication").get("connected_slaves", 0))
+        if role == "master" and replicas:
+            client.wait(replicas, 5000)  # the replicas have the FLUSHALL too
 
     def _kill_other_clients(self, client: redis.Redis) -> None:
         for kind in ("normal", "pubsub"):
@@ -181,4 +193,6 @@ class ServerBaseline:
                 client.acl_deluser(user)
         if client.acl_list() != self.default_user:
             rules: list[Any] = self.default_user[0].split()[2:]  # "user default <rules...>"
-            client.execute_command("ACL", "SETUSER", "default", "reset", *rules)
+            clear = ["resetpass", "resetkeys", "resetchannels", "-@all"]
+            clear += ["clearselectors"] if self.redis7 else []
+            client.execute_command("ACL", "SETUSER", "default", *clear, *rules)
