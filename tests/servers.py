@@ -86,8 +86,12 @@ class RedisClusterServers:
         deadline = time.monotonic() + timeout
         for port in ports:
             self._wait(deadline, port, ("CLUSTER", "NODES"), lambda out: all(i in out for i in ids))
-        for n, port in enumerate(ports[self.masters :]):
-            self.command(port, "CLUSTER", "REPLICATE", ids[n % self.masters])
+        masters_of = {ids[self.masters + n]: ids[n % self.masters]
+                      for n in range(len(ports) - self.masters)}  # fmt: skip
+        for replica, master in masters_of.items():
+            self.command(ports[ids.index(replica)], "CLUSTER", "REPLICATE", master)
+        for port in ports:  # every node knows every replica (a failover needs their votes)
+            self._wait(deadline, port, ("CLUSTER", "NODES"), lambda out: _knows(out, masters_of))
         self.wait_ok(deadline - time.monotonic())
         return self
 
@@ -135,6 +139,15 @@ class RedisClusterServers:
         tb: TracebackType | None,
     ) -> None:
         self.close()
+
+
+def _knows(nodes: str, masters_of: dict[str, str]) -> bool:
+    """``CLUSTER NODES`` shows each replica (id) as a replica of its master (id)."""
+    rows = {row[0]: row for row in map(str.split, nodes.splitlines()) if len(row) > 3}
+    return all(
+        replica in rows and "slave" in rows[replica][2] and rows[replica][3] == master
+        for replica, master in masters_of.items()
+    )
 
 
 def _in_sync(info: str) -> bool:
