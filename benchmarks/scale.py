@@ -27,10 +27,11 @@ from typing import Any
 from prometheus_client import generate_latest
 from prometheus_client.metrics_core import Metric
 from redis.cluster import RedisCluster
+from tests.servers import RedisClusterServers
 
 from conduit_otel_cache.aggregate import Aggregator
 from conduit_otel_cache.config import DEFAULT_BUCKETS, Settings
-from conduit_otel_cache.embedded import RedisClusterServers, RedisServer
+from conduit_otel_cache.embedded import RedisServer
 from conduit_otel_cache.keys import KeySchema
 from conduit_otel_cache.model import ResponseTimes
 from conduit_otel_cache.server import ExporterService

@@ -1,4 +1,10 @@
-"""Fixtures: a real redis-server on a free loopback port for every test that needs one."""
+"""Fixtures: real redis-server processes on free loopback ports.
+
+``redis_server`` (and ``redis_url``, ``r``, ``make_stats``, ``cluster_reader`` on it) is one
+server for the whole session, reset before every test (tests/servers.py: no keys, scripts,
+ACL users or clients of earlier tests, the start-up CONFIG). A test that stops, kills, restarts or
+reconfigures Redis beyond that asks for ``private_redis``: a server of its own, which then
+backs ``redis_server`` and every fixture on it for that test."""
 
 from __future__ import annotations
 
@@ -15,11 +21,60 @@ import redis
 from conduit_otel_cache import CacheStatistics, setup
 from conduit_otel_cache.embedded import RedisServer
 
+from .servers import RedisClusterServers, ServerBaseline
+
+
+@pytest.fixture(scope="session")
+def shared_redis() -> Iterator[tuple[RedisServer, ServerBaseline]]:
+    """The session's redis-server and the state it started in."""
+    with RedisServer() as server:
+        yield server, ServerBaseline(server.port)
+
 
 @pytest.fixture
-def redis_server() -> Iterator[RedisServer]:
+def private_redis() -> Iterator[RedisServer]:
+    """A redis-server of this test's own (it may stop, kill or reconfigure it)."""
     with RedisServer() as server:
         yield server
+
+
+@pytest.fixture
+def redis_server(request: pytest.FixtureRequest) -> Iterator[RedisServer]:
+    """The test's ``private_redis`` if it asks for one, else the shared server, reset."""
+    if "private_redis" in request.fixturenames:
+        yield request.getfixturevalue("private_redis")
+        return
+    server, baseline = request.getfixturevalue("shared_redis")
+    baseline.reset()
+    yield server
+    if server.process is None or server.process.poll() is not None:
+        server.start()  # for the next tests; this one is at fault
+        pytest.fail("this test stopped the shared redis-server: give it private_redis")
+
+
+@pytest.fixture(scope="session")
+def shared_redis_cluster() -> Iterator[tuple[RedisClusterServers, dict[int, ServerBaseline]]]:
+    """The session's Redis Cluster (3 primaries, 3 replicas) and the state its nodes started in."""
+    with RedisClusterServers(masters=3, replicas=1) as servers:
+        yield servers, {server.port: ServerBaseline(server.port) for server in servers.servers}
+
+
+@pytest.fixture
+def private_redis_cluster() -> Iterator[RedisClusterServers]:
+    """A Redis Cluster of this test's own (it may fail over or move slots)."""
+    with RedisClusterServers(masters=3, replicas=1) as servers:
+        yield servers
+
+
+@pytest.fixture
+def redis_cluster(request: pytest.FixtureRequest) -> RedisClusterServers:
+    """The test's ``private_redis_cluster`` if it asks for one, else the shared one, reset."""
+    if "private_redis_cluster" in request.fixturenames:
+        private: RedisClusterServers = request.getfixturevalue("private_redis_cluster")
+        return private
+    servers, baselines = request.getfixturevalue("shared_redis_cluster")
+    servers.reset(baselines)
+    return servers
 
 
 @pytest.fixture

@@ -141,6 +141,7 @@ def test_restart_with_same_id_keeps_cluster_counter_monotonic(
     assert second.cluster_statistics(REGION).hit_count == 110
 
 
+@pytest.mark.usefixtures("private_redis")  # stops and restarts Redis
 def test_redis_down_then_back(redis_server: RedisServer, make_stats: MakeStats) -> None:
     stats = make_stats("api-1", socket_timeout=1, connect_timeout=1)
     record(stats, 10, 0)

@@ -531,6 +531,7 @@ def active_alerts(base: str, name: str) -> list[dict[str, Any]]:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("replicas", [1, 2], ids=["one-replica", "two-replicas"])
+@pytest.mark.usefixtures("private_redis")  # kills and restarts Redis
 def test_prometheus_runs_every_dashboard_and_rule_query(
     redis_server: RedisServer, prometheus: str, replicas: int
 ) -> None:

@@ -17,9 +17,9 @@ from redis.cluster import RedisCluster
 
 from conduit_otel_cache import CacheStatistics
 from conduit_otel_cache.config import Settings
-from conduit_otel_cache.embedded import RedisClusterServers
 
 from .conftest import MakeStats, scrape_once, wait_for
+from .servers import RedisClusterServers
 
 pytestmark = pytest.mark.redis_cluster
 
@@ -27,12 +27,6 @@ pytestmark = pytest.mark.redis_cluster
 # (0-5460, 5461-10922, 10923-16383): checked by test_regions_land_on_different_primaries.
 REGIONS = ("Users", "ProviderResponses", "Sessions")
 REGION = "ProviderResponses"
-
-
-@pytest.fixture(scope="module")
-def redis_cluster() -> Iterator[RedisClusterServers]:
-    with RedisClusterServers(masters=3, replicas=1) as servers:
-        yield servers
 
 
 @pytest.fixture
@@ -322,11 +316,12 @@ class Traffic:
         assert self.failed < 3 * self.rounds  # a failed flush is resent by the next one
 
 
+@pytest.mark.usefixtures("private_redis_cluster")  # the roles stay swapped
 def test_failover_mid_run_loses_and_doubles_nothing(
     redis_cluster: RedisClusterServers, make_stats: MakeStats, rc: RedisCluster
 ) -> None:
     """Instances record and flush before, during and after a manual failover of the primary
-    that holds REGION's keys (the roles stay swapped for the tests after it)."""
+    that holds REGION's keys."""
     traffic = Traffic(make_stats)
     for _ in range(5):
         traffic.round()
@@ -350,6 +345,7 @@ def test_failover_mid_run_loses_and_doubles_nothing(
     assert on_node(new_primary, "EXISTS", f"conduit:cache:{{{REGION}}}:aggregated") == 1
 
 
+@pytest.mark.usefixtures("private_redis_cluster")  # the slot stays moved
 def test_slot_migration_mid_run_loses_and_doubles_nothing(
     redis_cluster: RedisClusterServers, make_stats: MakeStats, rc: RedisCluster
 ) -> None:

@@ -3,8 +3,9 @@ wheel ships) runs a representative subset of the suite: flush, totals, idempoten
 TTLs, restart, reaping, Redis down and back, cleanup, RESP2/RESP3 reads and ``serve``.
 
 The tests are imported from their modules and collected here again, with this module's
-``redis_server`` fixture (the 6.2 binary) in place of the one in conftest.py; the rest of the
-suite runs on the system's ``redis-server`` (7.0 on Debian 12)."""
+``redis_server`` fixture (a private server of the 6.2 binary for each test) in place of the
+shared one in conftest.py; the rest of the suite runs on the system's ``redis-server`` (7.0
+on Debian 12)."""
 
 from __future__ import annotations
 
@@ -59,6 +60,12 @@ def redis_server(monkeypatch: pytest.MonkeyPatch) -> Iterator[RedisServer]:
     monkeypatch.setattr(embedded, "redis_server_binary", lambda: BINARY)
     with RedisServer() as server:
         yield server
+
+
+@pytest.fixture
+def private_redis(redis_server: RedisServer) -> RedisServer:
+    """Every test here has a 6.2 server of its own: ``redis_server`` is the private one."""
+    return redis_server
 
 
 def test_the_oldest_claimed_server_is_the_one_tested(redis_server: RedisServer) -> None:

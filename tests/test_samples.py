@@ -51,6 +51,7 @@ def test_flush_appends_capped_samples(make_stats: MakeStats, r: redis.Redis) -> 
     assert stats.cluster_statistics(REGION).response_times.count == 8  # histogram is exact
 
 
+@pytest.mark.usefixtures("private_redis")  # stops and restarts Redis
 def test_samples_survive_a_failed_flush(make_stats: MakeStats, redis_server, r) -> None:
     stats = make_stats("api-1", socket_timeout=0.5, connect_timeout=0.5)
     stats.record_hit(REGION, 0.002)

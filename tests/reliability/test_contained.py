@@ -86,6 +86,7 @@ print(time.monotonic(), flush=True)
 """
 
 
+@pytest.mark.usefixtures("private_redis")  # its CLIENT PAUSE outlives the test
 def test_exit_with_a_hung_redis_takes_one_shutdown_timeout(redis_url: str, r: redis.Redis) -> None:
     budget = 1.5
     proc = subprocess.Popen(

@@ -94,6 +94,7 @@ def test_redis_killed_twice_while_three_processes_record(persist: bool) -> None:
         server.close()
 
 
+@pytest.mark.usefixtures("private_redis")  # kills and restarts Redis
 def test_restart_empty_rebuilds_totals_from_live_instances(
     redis_server: RedisServer, make_stats: MakeStats, r: redis.Redis
 ) -> None:
