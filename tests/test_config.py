@@ -89,3 +89,12 @@ def test_default_region_and_aggregation_cache_options(redis_url: str) -> None:
         cached.cluster_statistics("Embeddings")
     assert cached.aggregator.aggregations == 1
     cached.shutdown()
+
+
+@pytest.mark.parametrize(("options", "env"), [
+    ({"cluster": True}, {}),
+    ({}, {"CONDUIT_CACHE_STATS_CLUSTER": "true"}),  # would otherwise be ignored silently
+])  # fmt: skip
+def test_a_renamed_option_fails_naming_its_new_name(options: dict, env: dict) -> None:
+    with pytest.raises(ConfigError, match=r"cluster .*renamed to redis_cluster .*REDIS_CLUSTER"):
+        Settings.load(env, redis_url="redis://h:1", **options)

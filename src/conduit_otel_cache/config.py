@@ -28,6 +28,8 @@ DEFAULT_BUCKETS: tuple[float, ...] = (
 #: Cluster by one or more of its nodes; so does any ``redis://``/``rediss://`` URL with
 #: ``redis_cluster=True``.
 REDIS_CLUSTER_SCHEMES = ("redis+cluster", "rediss+cluster")
+#: options of earlier releases under their new names: the old name is refused, naming the new
+RENAMED = {"cluster": "redis_cluster"}
 #: ``redis+sentinel://[user:password@]host:port[,host:port...]/<service>[/<db>]``
 #: (``rediss+sentinel://`` with TLS) names the primary that Redis Sentinels monitor as
 #: ``<service>``; ``?sentinel_auth=true`` sends the credentials to the sentinels too.
@@ -151,6 +153,12 @@ class Settings:
         """
         env = os.environ if environ is None else environ
         fields = {f.name: f for f in dataclasses.fields(cls)}
+        for old, new in RENAMED.items():
+            if old in options or ENV_PREFIX + old.upper() in env:
+                raise ConfigError(
+                    f"{old} ({ENV_PREFIX}{old.upper()}): renamed to {new} "
+                    f"({ENV_PREFIX}{new.upper()})"
+                )
         unknown = set(options) - set(fields)
         if unknown:
             raise ConfigError(f"unknown option(s): {', '.join(sorted(unknown))}")
