@@ -10,7 +10,6 @@ import random
 import socket
 import time
 from collections.abc import Callable, Collection
-from types import TracebackType
 from typing import Any
 
 import redis
@@ -132,12 +131,7 @@ class RedisClusterServers:
             self.close()
             raise
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    def __exit__(self, *exc_info: object) -> None:
         self.close()
 
 

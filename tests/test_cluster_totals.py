@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import pytest
 import redis
+from redis.cluster import RedisCluster
 
 from conduit_otel_cache.embedded import RedisServer
+from conduit_otel_cache.keys import KeySchema
 
 from .conftest import MakeStats, scrape_once
 
@@ -253,21 +255,35 @@ def test_per_instance_series_are_capped_farthest_first(make_stats: MakeStats, re
     assert series == {"api-2": pytest.approx(0.10), "api-3": pytest.approx(0.95)}
 
 
-def test_two_live_processes_with_one_id_stay_exact(redis_url: str, r: redis.Redis) -> None:
+@pytest.mark.parametrize(
+    "topology", ["standalone", pytest.param("redis_cluster", marks=pytest.mark.redis_cluster)]
+)
+def test_two_live_processes_with_one_id_stay_exact(
+    topology: str, request: pytest.FixtureRequest
+) -> None:
     """The second process that finds its explicit id written by a live one moves aside
-    to <id>-<pid> before writing anything: the totals stay exact."""
+    to <id>-<pid> before writing anything (on a Redis Cluster the first write of an
+    incarnation checks the id before any region is written): the totals stay exact."""
     from .test_processes import start_instance
 
-    first = start_instance(redis_url, "api-1", 30, 10)
-    second = start_instance(redis_url, "api-1", 5, 1)
+    if topology == "standalone":
+        url, client = request.getfixturevalue("redis_url"), request.getfixturevalue("r")
+    else:
+        port = request.getfixturevalue("redis_cluster").servers[0].port
+        url = f"redis+cluster://127.0.0.1:{port}"
+        client = RedisCluster(host="127.0.0.1", port=port, decode_responses=True)
+        request.addfinalizer(client.close)
+    keys = KeySchema(redis_cluster=topology == "redis_cluster")
+    first = start_instance(url, "api-1", 30, 10)
+    second = start_instance(url, "api-1", 5, 1)
     try:
-        ids = sorted(r.zrange("conduit:cache:instances", 0, -1))
+        ids = sorted(client.zrange(keys.instances, 0, -1))
         assert ids == ["api-1", f"api-1-{second.pid}"]
-        totals = r.hgetall("conduit:cache:stats:aggregated:ProviderResponses")
+        totals = client.hgetall(keys.aggregate("ProviderResponses"))
         assert (totals["hit_count"], totals["miss_count"], totals["instance_count"]) == (
             "35", "11", "2")  # fmt: skip
     finally:
         for proc in (first, second):
             proc.communicate("", timeout=30)
-    totals = r.hgetall("conduit:cache:stats:aggregated:ProviderResponses")
+    totals = client.hgetall(keys.aggregate("ProviderResponses"))
     assert (totals["hit_count"], totals["instance_count"]) == ("35", "0")
