@@ -271,3 +271,24 @@ def assert_clean_exit(server: Server) -> None:
     assert "shutdown_timeout" not in out, out
     assert "Traceback" not in out, out
     assert "NO MERCY" not in out, out  # uWSGI: a worker that did not exit in time
+
+
+def served_and_alive(server: Server, served: list[int]) -> set[str]:
+    """Instance ids of the live workers that served one of ``served``."""
+    return {instance_id(pid) for pid in server.workers() & set(served)}
+
+
+def serve_every_worker(
+    url: str, server: Server, reader: ClusterReader, workers: int
+) -> tuple[int, State]:
+    """Requests until each of ``workers`` has served one; the cluster then counts every
+    request, and exactly the workers are live (never the master). Returns the number of
+    requests served and that state."""
+    wait_ready(url, server)
+    served = drive_until_all_served(url, server, workers)
+    n = len(served)
+    during = reader.expect(HITS * n, MISSES * n, lambda: served_and_alive(server, served))
+    assert during.active_count == workers  # every worker, never the master
+    assert instance_id(server.proc.pid) not in during.live
+    assert reader.instance_keys() == during.live
+    return n, during

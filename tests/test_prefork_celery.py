@@ -22,6 +22,7 @@ from .prefork_support import (
     eventually,
     instance_id,
     pod_env,
+    served_and_alive,
 )
 
 PROCESSES = 3
@@ -63,10 +64,6 @@ def run_tasks(client: Celery, server: Server, count: int) -> list[int]:
             raise AssertionError(f"worker exited:\n{server.output()}")
         pids.append(int(result.get(timeout=60)))
     return pids
-
-
-def served_and_alive(server: Server, served: list[int]) -> set[str]:
-    return {instance_id(pid) for pid in server.workers() & set(served)}
 
 
 def test_celery_prefork_totals_and_live_processes(

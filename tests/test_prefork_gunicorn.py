@@ -23,6 +23,8 @@ from .prefork_support import (
     eventually,
     instance_id,
     pod_env,
+    serve_every_worker,
+    served_and_alive,
     wait_ready,
 )
 
@@ -36,10 +38,6 @@ def gunicorn(redis_url: str, log: Path, *options: str) -> tuple[Server, str]:
     argv = [sys.executable, "-m", "gunicorn", "-b", f"127.0.0.1:{port}", "-w", str(WORKERS),
             "--graceful-timeout", "15", *options, "tests.prefork_app:application"]  # fmt: skip
     return Server(argv, pod_env(redis_url), log), f"http://127.0.0.1:{port}/"
-
-
-def served_and_alive(server: Server, served: list[int]) -> set[str]:
-    return {instance_id(pid) for pid in server.workers() & set(served)}
 
 
 @pytest.mark.parametrize(
@@ -57,15 +55,7 @@ def test_gunicorn_totals_and_live_workers(
 ) -> None:
     server, url = gunicorn(redis_url, tmp_path / "gunicorn.log", *options)
     with server:
-        wait_ready(url, server)
-        served = drive_until_all_served(url, server, WORKERS)
-        n = len(served)
-        during = cluster_reader.expect(
-            HITS * n, MISSES * n, lambda: served_and_alive(server, served)
-        )
-        assert during.active_count == WORKERS  # every worker, never the master
-        assert instance_id(server.proc.pid) not in during.live
-        assert cluster_reader.instance_keys() == during.live
+        n, _ = serve_every_worker(url, server, cluster_reader, WORKERS)
         assert server.stop() == 0
         assert_clean_exit(server)
         cluster_reader.expect(HITS * n, MISSES * n, set)

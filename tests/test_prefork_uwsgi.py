@@ -21,8 +21,9 @@ from .prefork_support import (
     drive,
     drive_until_all_served,
     eventually,
-    instance_id,
     pod_env,
+    serve_every_worker,
+    served_and_alive,
     steady,
     wait_ready,
 )
@@ -42,10 +43,6 @@ def uwsgi(redis_url: str, log: Path, *options: str) -> tuple[Server, str]:
     return Server(argv, pod_env(redis_url), log), f"http://127.0.0.1:{port}/"
 
 
-def served_and_alive(server: Server, served: list[int]) -> set[str]:
-    return {instance_id(pid) for pid in server.workers() & set(served)}
-
-
 @pytest.mark.parametrize(
     "options",
     [(), ("--lazy-apps",), ("--py-call-uwsgi-fork-hooks",)],
@@ -56,15 +53,7 @@ def test_uwsgi_totals_and_live_workers(
 ) -> None:
     server, url = uwsgi(redis_url, tmp_path / "uwsgi.log", *options)
     with server:
-        wait_ready(url, server)
-        served = drive_until_all_served(url, server, WORKERS)
-        n = len(served)
-        during = cluster_reader.expect(
-            HITS * n, MISSES * n, lambda: served_and_alive(server, served)
-        )
-        assert during.active_count == WORKERS  # every worker, never the master
-        assert instance_id(server.proc.pid) not in during.live
-        assert cluster_reader.instance_keys() == during.live
+        n, during = serve_every_worker(url, server, cluster_reader, WORKERS)
         # idle workers keep beating: still live for twice the timeout
         steady(lambda: cluster_reader.state(), during, 2 * INSTANCE_TIMEOUT)
         assert server.stop() == 0, server.output()
