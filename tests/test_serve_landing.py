@@ -17,7 +17,7 @@ import pytest
 from conduit_otel_cache import __version__
 from conduit_otel_cache.config import Settings
 from conduit_otel_cache.server import ExporterService
-from tests.conftest import MakeStats, wait_for
+from tests.conftest import MakeStats
 
 WIDTH, HEIGHT = 900, 500
 
@@ -66,7 +66,8 @@ def test_landing_page_renders_in_chromium_and_its_links_resolve(
     assert stats.flush()
     service = ExporterService(Settings.load(redis_url=redis_url), port=0).start()
     try:
-        wait_for(service.ready)
+        service.health()  # forces the first read of Redis instead of waiting for it
+        assert service.ready()
         base = f"http://127.0.0.1:{service.port}/"
         shot = tmp_path / "landing.png"
         chromium(tmp_path / "profile", f"--window-size={WIDTH},{HEIGHT}",

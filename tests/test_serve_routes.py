@@ -35,7 +35,8 @@ def base(make_stats: MakeStats, redis_url: str) -> Iterator[str]:
     assert stats.flush()
     service = ExporterService(Settings.load(redis_url=redis_url), port=0).start()
     try:
-        wait_for(service.ready)  # the first read of Redis, just after start()
+        service.health()  # forces the first read of Redis instead of waiting for it
+        assert service.ready()
         yield f"http://127.0.0.1:{service.port}"
     finally:
         service.stop()
