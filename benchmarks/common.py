@@ -215,6 +215,14 @@ def show_targets(title: str, targets: Sequence[Target]) -> None:
     show(title, ["target", "result", "figure"], [[t.name, t.verdict, t.detail] for t in targets])
 
 
+def judged(title: str, targets: list[Target], quick: bool) -> list[Target]:
+    """Show ``targets``; a quick run (sizes reduced) judges none of them."""
+    if quick:
+        targets = [Target(t.name + " (quick: sizes reduced)", None, t.detail) for t in targets]
+    show_targets(title, targets)
+    return targets
+
+
 def ratio(a: float, b: float) -> str:
     return f"{a / b:.2f}x" if b else "-"
 

@@ -42,12 +42,12 @@ from .common import (
     Target,
     Timing,
     fmt_ms,
+    judged,
     measure,
     measure_trips,
     plain_client,
     settings,
     show,
-    show_targets,
 )
 
 FULL_SCALES = [(100, 10), (1000, 10), (100, 100), (1000, 100)]
@@ -585,10 +585,7 @@ def run(quick: bool = False) -> list[Target]:
             ", ".join(f"{x['n']}x{x['r']}: {x['cold_trips']:g}" for x in results),
         ),
     ]
-    if quick:
-        targets = [Target(t.name + " (quick: sizes reduced)", None, t.detail) for t in targets]
-    show_targets("Scale targets", targets)
-    return targets
+    return judged("Scale targets", targets, quick)
 
 
 def main() -> None:

@@ -37,7 +37,7 @@ from conduit_otel_cache.config import DEFAULT_BUCKETS, Settings
 from conduit_otel_cache.embedded import RedisServer
 from conduit_otel_cache.store import Store
 
-from .common import Target, fmt_ms, ratio, settings, show, show_targets
+from .common import Target, fmt_ms, judged, ratio, settings, show
 from .scale import populate, region_name
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -448,10 +448,7 @@ def run(quick: bool = False) -> list[Target]:
             ),
         )
     )
-    if quick:
-        targets = [Target(t.name + " (quick: sizes reduced)", None, t.detail) for t in targets]
-    show_targets("Scrape targets", targets)
-    return targets
+    return judged("Scrape targets", targets, quick)
 
 
 def main() -> None:
