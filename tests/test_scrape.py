@@ -37,15 +37,18 @@ PROMETHEUS = {  # what Prometheus 2.x sends
 SLACK = 0.1
 
 
-@pytest.fixture
-def serve(redis_url: str) -> Iterator[Any]:
-    """Start ``serve`` (an ``ExporterService``) with the given ``aggregation_cache_ttl``."""
+@pytest.fixture(params=[False, True], ids=["in-process", "render process"])
+def serve(redis_url: str, request: pytest.FixtureRequest) -> Iterator[Any]:
+    """Start ``serve`` (an ``ExporterService``) with the given ``aggregation_cache_ttl``,
+    rendering in-process or (as ``serve`` runs) in a render process."""
     services: list[ExporterService] = []
 
     def start(ttl: float) -> ExporterService:
         settings = Settings.load(redis_url=redis_url, aggregation_cache_ttl=ttl)
-        service = ExporterService(settings, port=0).start()
+        service = ExporterService(settings, port=0, render_process=request.param).start()
         services.append(service)
+        if service.render_process is not None:
+            assert service.render_process.wait_ready(60), "the render process never started"
         return service
 
     yield start
@@ -111,6 +114,8 @@ def test_flushed_events_appear_within_ttl_plus_one_refresh(
         bound = ttl + exporter.refresh_seconds_max + SLACK
         assert elapsed <= bound, f"round {round_}: {elapsed:.3f} s > {bound:.3f} s"
     assert exporter.prerender and exporter.refreshes >= 3  # served from background refreshes
+    if service.render_process is not None:  # rendered by the child
+        assert service.render_process.renderings >= 3 and not service.render_process.failures
     assert max(ages) <= ttl + exporter.refresh_seconds_max + SLACK, ages
     # a name filter on a background rendering (which keeps bytes only) collects its view again
     body, headers = get(service, "?name[]=conduit_cache_hits_total", **PROMETHEUS)
@@ -167,6 +172,8 @@ def test_concurrent_scrapes_each_see_one_view(
         t.join(timeout=30)
     assert not errors, errors
     assert len({hits(found, "R00") for found in bodies}) >= 5, "the view did not change"
+    if service.render_process is not None and ttl:
+        assert service.render_process.renderings >= 5 and not service.render_process.failures
     for found in bodies:
         for region in regions:
             labels = (("region", region),)

@@ -118,7 +118,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise ConfigError("keyfile: needs --certfile")
     settings = _settings(args)
     service = ExporterService(settings, args.host, args.port, certfile=args.certfile,
-                              keyfile=args.keyfile, web_config=web_config)  # fmt: skip
+                              keyfile=args.keyfile, web_config=web_config,
+                              render_process=True)  # fmt: skip
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())

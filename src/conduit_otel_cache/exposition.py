@@ -10,6 +10,9 @@ OpenTelemetry collection. The data a scrape sees (header ``X-Conduit-Data-Age``)
 most ``aggregation_cache_ttl`` plus one refresh (Redis read and rendering) old. With
 ``aggregation_cache_ttl`` 0 (or ``prerender=False``) every scrape collects and renders
 on demand. A name filter (``?name[]=...``) is rendered on demand by prometheus_client.
+A ``renderer`` (``serve``'s :class:`~conduit_otel_cache.render_process.RenderProcess`)
+encodes the OpenTelemetry series of a background refresh in another process; this one
+adds its own process, platform, GC and build-info series to them.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from importlib import metadata
-from typing import Any
+from typing import Any, Protocol
 from urllib.parse import parse_qs
 
 from opentelemetry.metrics import CallbackOptions, Observation
@@ -38,7 +41,8 @@ from prometheus_client import (
 from prometheus_client.exposition import choose_encoder, gzip_accepted
 from prometheus_client.metrics_core import Metric
 
-from .aggregate import Aggregator, ClusterView
+from .aggregate import ClusterView
+from .config import Settings
 from .health import evaluate
 from .instruments import (
     RESPONSE_TIME_INSTRUMENT,
@@ -69,13 +73,34 @@ _SWITCH = 0.0001
 
 Encoder = Callable[[Any], bytes]
 Variant = tuple[str, bool]  # (content type, gzipped)
+#: ``(view, aggregation errors so far, {content type: encoder}) -> {content type: bytes}``:
+#: the OpenTelemetry series of ``view`` encoded elsewhere (see :meth:`Exposition.encode_series`);
+#: None when it cannot now (then they are rendered in-process)
+Renderer = Callable[[ClusterView, int, dict[str, Encoder]], dict[str, bytes] | None]
+_EOF = b"# EOF\n"
+
+
+class ViewSource(Protocol):
+    """What the exposition reads: the :class:`~conduit_otel_cache.aggregate.Aggregator`."""
+
+    settings: Settings
+    errors_total: int
+
+    def view(self) -> ClusterView: ...
+
+    def invalidate(self) -> None: ...
 
 
 class Exposition:
     """Publishes cluster totals, hit ratios, drift and health for Prometheus to scrape."""
 
     def __init__(
-        self, aggregator: Aggregator, *, prerender: bool = True, keep_warm: float = KEEP_WARM
+        self,
+        aggregator: ViewSource,
+        *,
+        prerender: bool = True,
+        keep_warm: float = KEEP_WARM,
+        renderer: Renderer | None = None,
     ) -> None:
         settings = aggregator.settings
         self.aggregator = aggregator
@@ -83,6 +108,7 @@ class Exposition:
         #: render in the background and serve finished bytes (needs a TTL above 0)
         self.prerender = prerender and self.ttl > 0
         self.keep_warm = keep_warm
+        self.renderer = renderer
         #: duration in seconds of the last refresh (view read, collection, rendering)
         self.refresh_seconds = 0.0
         self.refresh_seconds_max = 0.0
@@ -104,6 +130,7 @@ class Exposition:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._errors = RateLimitedLog(log)
+        self._render_errors = RateLimitedLog(log)
         # Series are bounded here (regions, max_instance_series), not folded by the SDK.
         limit = max(2000, settings.max_instance_series + 1)
         self._reader = prometheus_reader(self._otel, series_limit=limit)
@@ -156,13 +183,16 @@ class Exposition:
             description="Malformed entries skipped by aggregation",
         )
 
-        self.registry.register(_Series(self))
-        ProcessCollector(registry=self.registry)
-        PlatformCollector(registry=self.registry)
-        GCCollector(registry=self.registry)
-        Info("conduit_cache_exporter_build", "The exporter's version", registry=self.registry).info(
+        # this process's own series, after the cluster's
+        self._own = CollectorRegistry(auto_describe=False)
+        ProcessCollector(registry=self._own)
+        PlatformCollector(registry=self._own)
+        GCCollector(registry=self._own)
+        Info("conduit_cache_exporter_build", "The exporter's version", registry=self._own).info(
             {"version": _version()}
         )
+        self.registry.register(_Series(self))
+        self.registry.register(self._own)
 
     def _view(self) -> ClusterView:
         view = self._pinned
@@ -216,6 +246,37 @@ class Exposition:
             finally:
                 self._pinned = None
 
+    def encode_series(self, view: ClusterView, encoders: dict[str, Encoder]) -> dict[str, bytes]:
+        """The OpenTelemetry series of ``view`` (not this process's own), encoded by each
+        of ``encoders`` (what a :data:`Renderer` returns)."""
+        with self._collecting:
+            self._pinned = view
+            try:
+                families = list(self._otel.collect())
+            finally:
+                self._pinned = None
+        return {
+            content_type: encoder(_Fixed(families)) for content_type, encoder in encoders.items()
+        }
+
+    def _rendered_elsewhere(
+        self, view: ClusterView, started: float, variants: dict[Variant, Encoder]
+    ) -> _Rendering | None:
+        """``variants`` of ``view``: the cluster's series from :attr:`renderer`, this
+        process's own series (encoded here) after them; None when the renderer cannot."""
+        assert self.renderer is not None
+        encoders = {content_type: encoder for (content_type, _), encoder in variants.items()}
+        cluster = self.renderer(view, self.aggregator.errors_total, encoders)
+        if cluster is None:
+            return None
+        rendering = _Rendering(None, view, started, self.collect)
+        for content_type, encoder in encoders.items():
+            rendering.add(content_type, _joined(cluster[content_type], encoder(self._own)))
+        for content_type, gzipped in variants:
+            if gzipped:
+                rendering.body(content_type, encoders[content_type], True)
+        return rendering
+
     def _refresh(
         self,
         variants: dict[Variant, Encoder],
@@ -231,11 +292,19 @@ class Exposition:
         view = self.aggregator.view()
         if view is unless:
             return None
-        rendering = _Rendering(self.collect(view), view, wall, self.collect)
-        for (content_type, gzipped), encoder in variants.items():
-            rendering.body(content_type, encoder, gzipped, self._give_way)
-        if variants:
-            rendering.seal()  # keep the bytes only (fewer objects for the garbage collector)
+        rendering = None
+        if self.renderer is not None and variants:
+            try:
+                rendering = self._rendered_elsewhere(view, wall, variants)
+            except Exception as exc:  # render here this time
+                self._render_errors.error("conduit-otel-cache: rendering /metrics in the render "
+                                     "process failed, rendering in-process: %s", exc)  # fmt: skip
+        if rendering is None:
+            rendering = _Rendering(self.collect(view), view, wall, self.collect)
+            for (content_type, gzipped), encoder in variants.items():
+                rendering.body(content_type, encoder, gzipped, self._give_way)
+            if variants:
+                rendering.seal()  # keep the bytes only (fewer objects for the garbage collector)
         rendering.duration = time.perf_counter() - start
         rendering.published = time.monotonic()
         self.refresh_seconds = rendering.duration
@@ -519,7 +588,7 @@ class _Rendering:
 
     def __init__(
         self,
-        families: list[Metric],
+        families: list[Metric] | None,
         view: ClusterView,
         started: float,
         collect: Callable[[ClusterView], list[Metric]],
@@ -541,6 +610,10 @@ class _Rendering:
     def _series(self) -> list[Metric]:
         families = self._families
         return families if families is not None else self._collect(self.view)
+
+    def add(self, content_type: str, plain: bytes) -> None:
+        """Keep ``plain``, rendered elsewhere, as the exposition as ``content_type``."""
+        self._bodies[(content_type, False)] = plain
 
     def rendered(self, content_type: str, gzipped: bool) -> bytes | None:
         """The exposition as ``content_type``, gzipped or not, if rendered already."""
@@ -572,6 +645,13 @@ class _Rendering:
         registry = CollectorRegistry(auto_describe=True)
         registry.register(_Fixed(self._series()))
         return registry
+
+
+def _joined(first: bytes, second: bytes) -> bytes:
+    """Two expositions of different families as one (OpenMetrics: one ``# EOF``, at the end)."""
+    if first.endswith(_EOF) and second.endswith(_EOF):
+        first = first[: -len(_EOF)]
+    return first + second
 
 
 def _data_time(view: ClusterView) -> float | None:

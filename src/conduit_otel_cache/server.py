@@ -14,6 +14,7 @@ from .exposition import Exposition
 from .health import Health, evaluate
 from .http import landing_page, make_app, make_http_server
 from .model import Statistics
+from .render_process import RenderProcess
 from .store import Store
 from .webconfig import BasicAuth, WebConfig
 
@@ -24,7 +25,9 @@ class ExporterService:
     """Serves ``/metrics``, ``/health``, the probes ``/-/healthy`` and ``/-/ready``,
     ``/api/cache/stats/distributed`` and a landing page for the cluster of
     ``settings.redis_url``, and removes long-dead instances every ``cleanup_interval``.
-    ``web_config`` (``serve --web-config-file``) adds TLS and basic auth."""
+    ``web_config`` (``serve --web-config-file``) adds TLS and basic auth; with
+    ``render_process`` (as ``serve`` runs) ``/metrics`` is rendered in a child process
+    (:mod:`~conduit_otel_cache.render_process`)."""
 
     def __init__(
         self,
@@ -35,6 +38,7 @@ class ExporterService:
         certfile: str | None = None,
         keyfile: str | None = None,
         web_config: WebConfig | None = None,
+        render_process: bool = False,
     ) -> None:
         self.settings = settings
         self.store = Store.from_settings(settings)
@@ -55,6 +59,8 @@ class ExporterService:
         self.tls = web.ssl_context is not None or bool(certfile)
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
+        self._render_wanted = render_process
+        self.render_process: RenderProcess | None = None
 
     def health(self) -> Health:
         """The health rules applied to the current cluster view."""
@@ -84,6 +90,9 @@ class ExporterService:
         is frozen out of the cyclic garbage collector (``gc.freeze()``), so that a full
         collection walks only what came later: a pause of a few ms, not tens, while
         scrapes wait."""
+        if self._render_wanted and self.exposition.prerender:
+            self.render_process = RenderProcess(self.settings)
+            self.exposition.renderer = self.render_process.render
         if freeze:
             gc.collect()
             gc.freeze()
@@ -114,4 +123,6 @@ class ExporterService:
             self.server.shutdown()
         self.server.server_close()
         self.exposition.shutdown()
+        if self.render_process is not None:
+            self.render_process.close()
         self.store.close()

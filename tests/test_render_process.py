@@ -1,0 +1,120 @@
+"""``serve``'s render process: the child encodes the cluster's series exactly as the
+serving process would, the serving process adds its own series, and a child that dies
+costs no scrape and no data (the refresh renders in-process until a new child is ready)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from collections.abc import Iterator
+
+import pytest
+from prometheus_client.exposition import choose_encoder
+
+from conduit_otel_cache import Settings
+from conduit_otel_cache.server import ExporterService
+
+from .conftest import MakeStats
+from .test_scrape import PROMETHEUS, get, hits, samples
+
+OPENMETRICS = "application/openmetrics-text; version=1.0.0"
+
+
+@pytest.fixture
+def service(redis_url: str) -> Iterator[ExporterService]:
+    settings = Settings.load(redis_url=redis_url, aggregation_cache_ttl=0.2)
+    service = ExporterService(settings, port=0, render_process=True).start()
+    assert service.render_process is not None
+    assert service.render_process.wait_ready(60), "the render process never started"
+    yield service
+    service.stop()
+
+
+def test_the_child_encodes_what_this_process_would(
+    make_stats: MakeStats, service: ExporterService
+) -> None:
+    stats = make_stats("app-1")
+    for region in ("Orders", "Users"):
+        stats.record_hit(region, 0.002)
+        stats.record_miss(region)
+    assert stats.flush()
+    service.aggregator.refresh_instances()  # per-instance series and drift in the view
+    view = service.aggregator.view()
+    encoders = dict(choose_encoder(accept)[::-1] for accept in ("", OPENMETRICS))
+    errors = service.aggregator.errors_total
+    assert service.render_process is not None
+    child = service.render_process.render(view, errors, encoders)
+    here = service.exposition.encode_series(view, encoders)
+    assert child is not None and set(child) == set(here)
+    for content_type, body in here.items():  # equal but for the age, which time moves
+        assert _timeless(child[content_type]) == _timeless(body), content_type
+        assert b'conduit_cache_hits_total{region="Orders"} 1.0' in body
+    assert service.render_process.renderings == 1
+
+
+def test_scrapes_come_from_the_child_with_this_process_own_series(
+    make_stats: MakeStats, service: ExporterService
+) -> None:
+    stats = make_stats("app-1")
+    stats.record_hit("Orders")
+    assert stats.flush()
+    process = service.render_process
+    assert process is not None and process.pid != os.getpid()
+    get(service, **PROMETHEUS)  # from now on rendered in the background
+    deadline = time.monotonic() + 30
+    while process.renderings < 2:  # the poll of this test: renderings are not forced
+        assert time.monotonic() < deadline, "the render process never rendered"
+        time.sleep(0.01)
+    for headers in ({}, PROMETHEUS):
+        body, found = get(service, **headers)
+        parsed = samples(body, found)
+        assert hits(parsed, "Orders") == 1
+        # the process series are this process's (its start time), not the child's
+        assert parsed[("process_start_time_seconds", ())] == pytest.approx(_start_time(), abs=0.02)
+        names = [line for line in body.splitlines() if line.startswith(b"# EOF")]
+        assert names == ([b"# EOF"] if "Accept" in headers else [])
+
+
+def test_a_dead_child_costs_no_scrape_and_is_replaced(
+    make_stats: MakeStats, service: ExporterService
+) -> None:
+    process = service.render_process
+    assert process is not None
+    process.restart_after = 0.5
+    stats = make_stats("app-1")
+    stats.record_hit("Orders")
+    assert stats.flush()
+    get(service, **PROMETHEUS)
+    first = process.pid
+    assert first is not None
+    os.kill(first, signal.SIGKILL)
+    for expected in (2, 3, 4):  # each flush appears: rendered in-process meanwhile
+        stats.record_hit("Orders")
+        assert stats.flush()
+        deadline = time.monotonic() + 30
+        while hits(samples(*get(service, **PROMETHEUS)), "Orders") != expected:
+            assert time.monotonic() < deadline, f"{expected} hits never appeared"
+            time.sleep(0.01)  # the poll interval of this test
+    assert process.failures == 1
+    assert process.wait_ready(60) and process.pid not in (None, first)
+    done = process.renderings
+    stats.record_hit("Orders")
+    assert stats.flush()
+    deadline = time.monotonic() + 30
+    while process.renderings == done or hits(samples(*get(service, **PROMETHEUS)), "Orders") != 5:
+        assert time.monotonic() < deadline, "the new child never rendered the last flush"
+        time.sleep(0.01)
+
+
+def _timeless(body: bytes) -> list[bytes]:
+    return [x for x in body.splitlines() if not x.startswith(b"conduit_cache_exporter_data_age")]
+
+
+def _start_time() -> float:
+    """This process's start time as prometheus_client's ``ProcessCollector`` computes it."""
+    with open("/proc/stat", "rb") as f:
+        boot = next(float(line.split()[1]) for line in f if line.startswith(b"btime "))
+    with open("/proc/self/stat", "rb") as f:
+        fields = f.read().split(b")")[-1].split()
+    return boot + int(fields[19]) / os.sysconf("SC_CLK_TCK")
