@@ -8,14 +8,18 @@ import os
 import signal
 import time
 from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
 
 import pytest
 from prometheus_client.exposition import choose_encoder
 
 from conduit_otel_cache import Settings
+from conduit_otel_cache.render_process import NICENESS
 from conduit_otel_cache.server import ExporterService
 
 from .conftest import MakeStats
+from .serve_process import ServeProcess
 from .test_scrape import PROMETHEUS, get, hits, samples
 
 OPENMETRICS = "application/openmetrics-text; version=1.0.0"
@@ -118,3 +122,33 @@ def _start_time() -> float:
     with open("/proc/self/stat", "rb") as f:
         fields = f.read().split(b")")[-1].split()
     return boot + int(fields[19]) / os.sysconf("SC_CLK_TCK")
+
+
+def test_serve_runs_a_niced_child_without_secrets_that_ends_with_it(
+    r: Any, redis_server: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``serve``'s child gets no password (neither in its command line nor in its
+    environment), runs at a lower CPU priority and ends when ``serve`` is killed."""
+    secret = "s3cret-pw"
+    r.acl_setuser("app", enabled=True, passwords=[f"+{secret}"], keys=["*"],
+                  categories=["+@all"], channels=["*"])  # fmt: skip
+    url = f"redis://app:{secret}@127.0.0.1:{redis_server.port}"
+    monkeypatch.setenv("CONDUIT_CACHE_STATS_REDIS_URL", url)
+    with ServeProcess(url) as serve:
+        assert serve.get("/metrics")[0] == 200
+        (child,) = _children(serve.proc.pid)
+        proc = Path(f"/proc/{child}")
+        assert secret.encode() not in (proc / "cmdline").read_bytes()
+        assert secret.encode() not in (proc / "environ").read_bytes()
+        assert int((proc / "stat").read_text().rsplit(")", 1)[1].split()[16]) == NICENESS
+        serve.proc.kill()  # no chance to stop its child
+        serve.proc.wait(10)
+        deadline = time.monotonic() + 30
+        while proc.exists() and (proc / "stat").read_text().rsplit(")", 1)[1].split()[0] != "Z":
+            assert time.monotonic() < deadline, "the render process outlived serve"
+            time.sleep(0.01)  # the poll interval of this test: the child's exit is not forced
+
+
+def _children(pid: int) -> list[int]:
+    return [int(c) for task in Path(f"/proc/{pid}/task").iterdir()
+            for c in (task / "children").read_text().split()]  # fmt: skip

@@ -6,16 +6,20 @@ answered. ``serve`` therefore hands each background refresh's view to a spawned 
 process, at a lower CPU priority, which collects it through its own OpenTelemetry
 MeterProvider (the same instruments, views and exporter as in-process) and returns the
 encoded series; the serving process adds its own process, platform and GC series and
-serves the finished bytes. The child holds no Redis URL and reads nothing from Redis.
-Until it is ready, and whenever it fails, the refresh renders in-process.
+serves the finished bytes. The child (``python -m conduit_otel_cache.render_process``,
+talking pickles over a socket pair) gets no Redis URL, no ``CONDUIT_CACHE_STATS_*``
+environment and reads nothing from Redis; it ends when this process is gone. Until it is
+ready, and whenever it fails, the refresh renders in-process.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import multiprocessing
 import os
+import socket
+import subprocess
+import sys
 import threading
 import time
 from multiprocessing.connection import Connection
@@ -49,7 +53,6 @@ class RenderProcess:
     def __init__(self, settings: Settings, *, restart_after: float = RESTART_AFTER) -> None:
         self.restart_after = restart_after
         self._settings = dataclasses.replace(settings, redis_url=None)  # the child reads no Redis
-        self._context = multiprocessing.get_context("spawn")  # safe in a process with threads
         self._lock = threading.Lock()
         #: renderings done by the child, and the child's failures
         self.renderings = 0
@@ -58,13 +61,18 @@ class RenderProcess:
         self._start()
 
     def _start(self) -> None:
-        self._conn, child = self._context.Pipe(duplex=True)
-        self._process = self._context.Process(
-            target=_child, args=(child, self._settings), daemon=True,
-            name="conduit-metrics-render",
-        )  # fmt: skip
-        self._process.start()
-        child.close()
+        ours, theirs = socket.socketpair()
+        env = {k: v for k, v in os.environ.items() if not k.startswith("CONDUIT_CACHE_STATS_")}
+        with theirs:
+            self._process = subprocess.Popen(
+                [sys.executable, "-m", __name__, str(theirs.fileno())],
+                pass_fds=(theirs.fileno(),), env=env, stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+            )  # fmt: skip
+        with contextlib.suppress(OSError):  # a lower priority from its start
+            os.setpriority(os.PRIO_PROCESS, self._process.pid, NICENESS)
+        self._conn = Connection(ours.detach())
+        self._conn.send(self._settings)
         self._ready = False
 
     @property
@@ -115,7 +123,7 @@ class RenderProcess:
 
     def _started(self) -> bool:
         """Whether the child became ready (by now); starts a new one for a failed one."""
-        if not self._conn.closed and self._process.exitcode is not None:
+        if not self._conn.closed and self._process.poll() is not None:
             self._failed()  # the child is gone before its first rendering
         if self._failed_at + self.restart_after > time.monotonic():
             return False
@@ -140,10 +148,11 @@ class RenderProcess:
         if not self._conn.closed:
             with contextlib.suppress(OSError):
                 self._conn.send(None)
-        self._process.join(timeout=1.0)
-        if self._process.is_alive():
+        try:
+            self._process.wait(timeout=1.0)
+        except subprocess.TimeoutExpired:
             self._process.kill()
-            self._process.join(timeout=5.0)
+            self._process.wait(timeout=5.0)
         self._conn.close()
 
     def close(self) -> None:
@@ -166,10 +175,9 @@ class _Views:
         pass
 
 
-def _child(conn: Connection, settings: Settings) -> None:
-    """The child process: encode every view received until the pipe closes."""
-    with contextlib.suppress(OSError):
-        os.nice(NICENESS)
+def _child(conn: Connection) -> None:
+    """The child process: encode every view received until the socket closes."""
+    settings: Settings = conn.recv()
     views = _Views(settings)
     exposition = Exposition(views, prerender=False)
     conn.send(_READY)
@@ -186,3 +194,7 @@ def _child(conn: Connection, settings: Settings) -> None:
         except Exception as exc:  # reported to the parent, which renders in-process
             reply = f"{type(exc).__name__}: {exc}"
         conn.send(reply)
+
+
+if __name__ == "__main__":
+    _child(Connection(int(sys.argv[1])))
