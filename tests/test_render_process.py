@@ -4,6 +4,7 @@ costs no scrape and no data (the refresh renders in-process until a new child is
 
 from __future__ import annotations
 
+import gzip
 import os
 import signal
 import time
@@ -45,15 +46,19 @@ def test_the_child_encodes_what_this_process_would(
     assert stats.flush()
     service.aggregator.refresh_instances()  # per-instance series and drift in the view
     view = service.aggregator.view()
-    encoders = dict(choose_encoder(accept)[::-1] for accept in ("", OPENMETRICS))
-    errors = service.aggregator.errors_total
+    variants = {(t, gz): e for e, t in map(choose_encoder, ("", OPENMETRICS)) for gz in (0, 1)}
+    own = service.exposition.own_series()
     assert service.render_process is not None
-    child = service.render_process.render(view, errors, encoders)
-    here = service.exposition.encode_series(view, encoders)
-    assert child is not None and set(child) == set(here)
-    for content_type, body in here.items():  # equal but for the age, which time moves
-        assert _timeless(child[content_type]) == _timeless(body), content_type
+    child = service.render_process.render(view, service.aggregator.errors_total, own, variants)
+    here = service.exposition.render(view, own, variants)
+    assert child is not None and set(child) == set(here) == set(variants)
+    for (content_type, gzipped), body in here.items():  # equal but for the age and gzip's time
+        theirs = child[(content_type, gzipped)]
+        if gzipped:
+            body, theirs = gzip.decompress(body), gzip.decompress(theirs)
+        assert _timeless(theirs) == _timeless(body), content_type
         assert b'conduit_cache_hits_total{region="Orders"} 1.0' in body
+        assert b"process_start_time_seconds" in body
     assert service.render_process.renderings == 1
 
 

@@ -11,8 +11,8 @@ most ``aggregation_cache_ttl`` plus one refresh (Redis read and rendering) old. 
 ``aggregation_cache_ttl`` 0 (or ``prerender=False``) every scrape collects and renders
 on demand. A name filter (``?name[]=...``) is rendered on demand by prometheus_client.
 A ``renderer`` (``serve``'s :class:`~conduit_otel_cache.render_process.RenderProcess`)
-encodes the OpenTelemetry series of a background refresh in another process; this one
-adds its own process, platform, GC and build-info series to them.
+renders a background refresh in another process: this one collects only its own process,
+platform, GC and build-info series and hands them over with the view.
 """
 
 from __future__ import annotations
@@ -73,11 +73,11 @@ _SWITCH = 0.0001
 
 Encoder = Callable[[Any], bytes]
 Variant = tuple[str, bool]  # (content type, gzipped)
-#: ``(view, aggregation errors so far, {content type: encoder}) -> {content type: bytes}``:
-#: the OpenTelemetry series of ``view`` encoded elsewhere (see :meth:`Exposition.encode_series`);
-#: None when it cannot now (then they are rendered in-process)
-Renderer = Callable[[ClusterView, int, dict[str, Encoder]], dict[str, bytes] | None]
-_EOF = b"# EOF\n"
+#: ``(view, aggregation errors so far, own series, {variant: encoder}) -> {variant: bytes}``:
+#: :meth:`Exposition.render` done elsewhere; None when it cannot now (then it runs here)
+Renderer = Callable[
+    [ClusterView, int, list[Metric], dict[Variant, Encoder]], dict[Variant, bytes] | None
+]
 
 
 class ViewSource(Protocol):
@@ -246,35 +246,35 @@ class Exposition:
             finally:
                 self._pinned = None
 
-    def encode_series(self, view: ClusterView, encoders: dict[str, Encoder]) -> dict[str, bytes]:
-        """The OpenTelemetry series of ``view`` (not this process's own), encoded by each
-        of ``encoders`` (what a :data:`Renderer` returns)."""
+    def render(
+        self, view: ClusterView, own: list[Metric], variants: dict[Variant, Encoder]
+    ) -> dict[Variant, bytes]:
+        """``variants`` of the OpenTelemetry series of ``view`` followed by ``own`` (the
+        serving process's own series): what a :data:`Renderer` returns."""
         with self._collecting:
             self._pinned = view
             try:
                 families = list(self._otel.collect())
             finally:
                 self._pinned = None
-        return {
-            content_type: encoder(_Fixed(families)) for content_type, encoder in encoders.items()
-        }
+        rendering = _Rendering(families + own, view, 0.0, self.collect)
+        return {(t, gz): rendering.body(t, encoder, gz) for (t, gz), encoder in variants.items()}
+
+    def own_series(self) -> list[Metric]:
+        """This process's own series: process, platform, GC and build info."""
+        return list(self._own.collect())
 
     def _rendered_elsewhere(
         self, view: ClusterView, started: float, variants: dict[Variant, Encoder]
     ) -> _Rendering | None:
-        """``variants`` of ``view``: the cluster's series from :attr:`renderer`, this
-        process's own series (encoded here) after them; None when the renderer cannot."""
+        """``variants`` of ``view`` rendered by :attr:`renderer`; None when it cannot now."""
         assert self.renderer is not None
-        encoders = {content_type: encoder for (content_type, _), encoder in variants.items()}
-        cluster = self.renderer(view, self.aggregator.errors_total, encoders)
-        if cluster is None:
+        bodies = self.renderer(view, self.aggregator.errors_total, self.own_series(), variants)
+        if bodies is None:
             return None
         rendering = _Rendering(None, view, started, self.collect)
-        for content_type, encoder in encoders.items():
-            rendering.add(content_type, _joined(cluster[content_type], encoder(self._own)))
-        for content_type, gzipped in variants:
-            if gzipped:
-                rendering.body(content_type, encoders[content_type], True)
+        for variant, body in bodies.items():
+            rendering.add(variant, body)
         return rendering
 
     def _refresh(
@@ -611,9 +611,9 @@ class _Rendering:
         families = self._families
         return families if families is not None else self._collect(self.view)
 
-    def add(self, content_type: str, plain: bytes) -> None:
-        """Keep ``plain``, rendered elsewhere, as the exposition as ``content_type``."""
-        self._bodies[(content_type, False)] = plain
+    def add(self, variant: Variant, body: bytes) -> None:
+        """Keep ``body``, rendered elsewhere, as the exposition ``variant``."""
+        self._bodies[variant] = body
 
     def rendered(self, content_type: str, gzipped: bool) -> bytes | None:
         """The exposition as ``content_type``, gzipped or not, if rendered already."""
@@ -645,13 +645,6 @@ class _Rendering:
         registry = CollectorRegistry(auto_describe=True)
         registry.register(_Fixed(self._series()))
         return registry
-
-
-def _joined(first: bytes, second: bytes) -> bytes:
-    """Two expositions of different families as one (OpenMetrics: one ``# EOF``, at the end)."""
-    if first.endswith(_EOF) and second.endswith(_EOF):
-        first = first[: -len(_EOF)]
-    return first + second
 
 
 def _data_time(view: ClusterView) -> float | None:

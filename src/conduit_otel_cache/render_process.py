@@ -4,9 +4,10 @@ Collecting and encoding the cluster's series is pure Python (about 0.1 s at 1000
 100 regions): in the serving process it holds the interpreter lock while scrapes are
 answered. ``serve`` therefore hands each background refresh's view to a spawned child
 process, at a lower CPU priority, which collects it through its own OpenTelemetry
-MeterProvider (the same instruments, views and exporter as in-process) and returns the
-encoded series; the serving process adds its own process, platform and GC series and
-serves the finished bytes. The child (``python -m conduit_otel_cache.render_process``,
+MeterProvider (the same instruments, views and exporter as in-process), adds the serving
+process's own process, platform and GC series (collected there, sent with the view) and
+returns every format asked for, encoded and gzipped: the serving process keeps only the
+finished bytes. The child (``python -m conduit_otel_cache.render_process``,
 talking pickles over a socket pair) gets no Redis URL, no ``CONDUIT_CACHE_STATS_*``
 environment and reads nothing from Redis; it ends when this process is gone. Until it is
 ready, and whenever it fails, the refresh renders in-process.
@@ -25,9 +26,11 @@ import time
 from multiprocessing.connection import Connection
 from typing import Any
 
+from prometheus_client.metrics_core import Metric
+
 from .aggregate import ClusterView
 from .config import Settings
-from .exposition import Encoder, Exposition
+from .exposition import Encoder, Exposition, Variant
 
 #: ``nice`` increment of the child: a refresh yields the CPU to the scrapes being answered
 NICENESS = 10
@@ -81,17 +84,22 @@ class RenderProcess:
         return self._process.pid
 
     def render(
-        self, view: ClusterView, errors_total: int, encoders: dict[str, Encoder]
-    ) -> dict[str, bytes] | None:
-        """``{content type: the OpenTelemetry series of view}``, encoded by each encoder;
-        None while no child is ready. Raises :class:`RenderError` when the child fails."""
+        self,
+        view: ClusterView,
+        errors_total: int,
+        own: list[Metric],
+        variants: dict[Variant, Encoder],
+    ) -> dict[Variant, bytes] | None:
+        """:meth:`Exposition.render` of ``view``, ``own`` and ``variants`` in the child
+        (``errors_total`` is the aggregator's); None while no child is ready. Raises
+        :class:`RenderError` when the child fails."""
         with self._lock:
             if not self._ready and not self._started():
                 return None
             try:
                 # per-instance ratios are not series (instance_series holds those shown)
                 self._conn.send((dataclasses.replace(view, instance_hit_ratios={}),
-                                 errors_total, encoders))  # fmt: skip
+                                 errors_total, own, variants))  # fmt: skip
                 if not self._conn.poll(TIMEOUT):
                     raise RenderError(f"the render process took over {TIMEOUT:g} s")
                 reply: Any = self._conn.recv()
@@ -103,7 +111,7 @@ class RenderProcess:
                     raise
                 raise RenderError(f"the render process is gone: {exc!r}") from exc
         self.renderings += 1
-        bodies: dict[str, bytes] = reply
+        bodies: dict[Variant, bytes] = reply
         return bodies
 
     def wait_ready(self, timeout: float) -> bool:
@@ -188,9 +196,9 @@ def _child(conn: Connection) -> None:
             return
         if message is None:
             return
-        view, views.errors_total, encoders = message
+        view, views.errors_total, own, variants = message
         try:
-            reply: Any = exposition.encode_series(view, encoders)
+            reply: Any = exposition.render(view, own, variants)
         except Exception as exc:  # reported to the parent, which renders in-process
             reply = f"{type(exc).__name__}: {exc}"
         conn.send(reply)
