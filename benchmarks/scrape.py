@@ -89,6 +89,8 @@ def serve_child(url: str, mode: str, ttl: float) -> None:
     while not svc.aggregator.view().instance_series and time.monotonic() < deadline:
         time.sleep(0.05)
         svc.aggregator.invalidate()
+    if svc.render_process is not None:  # measured once started: before, it renders here
+        svc.render_process.wait_ready(60)
     print(json.dumps({"port": svc.port}), flush=True)
     sys.stdin.read()
     exporter = svc.exposition

@@ -305,3 +305,59 @@ def test_serve_freezes_its_start_up_out_of_the_garbage_collector(redis_url: str)
                          text=True, timeout=60, check=True).stdout  # fmt: skip
     before, after = map(int, out.split())
     assert before == 0 and after > 10_000
+
+
+def test_serve_collects_garbage_between_requests_not_during_them() -> None:
+    """``collect_when_idle`` (what ``serve`` runs): the cyclic garbage collector runs once no
+    request is in flight, not while one is, so that the garbage of closed connections is not
+    left to a full collection that pauses a scrape."""
+    import gc
+    import weakref
+
+    from conduit_otel_cache.http import IDLE_GC_AFTER, make_http_server
+
+    release = threading.Event()
+
+    def app(environ: dict[str, Any], start_response: Any) -> list[bytes]:
+        if environ["PATH_INFO"] == "/slow":
+            release.wait(30)
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        return [b"ok"]
+
+    server = make_http_server(app, "127.0.0.1", 0)
+    server.collect_when_idle()
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    base = f"http://127.0.0.1:{server.server_address[1]}"
+
+    class Cycle:
+        pass
+
+    gc.disable()  # only the server's idle collections may collect
+    try:
+        cycle = Cycle()
+        cycle.me = cycle  # type: ignore[attr-defined]
+        dead = weakref.ref(cycle)
+        del cycle
+        slow = threading.Thread(
+            target=lambda: urllib.request.urlopen(base + "/slow", timeout=30).read()
+        )
+        slow.start()
+        deadline = time.monotonic() + 10
+        while server.in_flight == 0:  # the poll of this test: until the request is in
+            assert time.monotonic() < deadline
+            time.sleep(0.001)
+        time.sleep(5 * IDLE_GC_AFTER)  # a request in flight: no collection however long
+        assert server.idle_collections == 0 and dead() is not None
+        release.set()
+        slow.join(30)
+        deadline = time.monotonic() + 10
+        while server.idle_collections == 0:  # the poll of this test: the timer is not forced
+            assert time.monotonic() < deadline, "no collection once idle"
+            time.sleep(0.001)
+        assert dead() is None
+    finally:
+        gc.enable()
+        release.set()
+        server.shutdown()
+        server.server_close()

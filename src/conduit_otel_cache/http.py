@@ -10,6 +10,7 @@ reply, never a thread. A ``direct`` function may answer a request on the event l
 from __future__ import annotations
 
 import asyncio
+import gc
 import html
 import json
 import logging
@@ -43,6 +44,10 @@ WORKER_THREADS = 8
 MAX_HEADER_BYTES = 16 * 1024
 #: Connections waiting to be accepted.
 BACKLOG = 1024
+#: With :meth:`HTTPServer.collect_when_idle`: seconds without a request in flight before the
+#: cyclic garbage collector runs, and the least seconds between two such collections.
+IDLE_GC_AFTER = 0.01
+IDLE_GC_EVERY = 0.5
 
 LANDING_HEADERS = [
     ("Content-Security-Policy", "default-src 'none'; style-src 'unsafe-inline'"),
@@ -243,7 +248,14 @@ class HTTPServer:
         self.socket = socket.create_server((host, port), family=family, backlog=BACKLOG)
         self.server_address: tuple[Any, ...] = self.socket.getsockname()
         self.wsgi = WSGIMiddleware(app, workers=threads)
-        self.asgi_app = self.wsgi if direct is None else _answering(direct, self.wsgi)
+        answering = self.wsgi if direct is None else _answering(direct, self.wsgi)
+        self.asgi_app = self._counting(answering)
+        #: full collections run by :meth:`collect_when_idle`
+        self.idle_collections = 0
+        self._idle_gc = False
+        self._in_flight = 0
+        self._collected_at = -IDLE_GC_EVERY
+        self._pending: asyncio.TimerHandle | None = None
         self.config = _hypercorn_config(ssl_context)
         self.config.backlog = BACKLOG
         self.config.keep_alive_timeout = header_timeout  # also the time to send the headers
@@ -259,6 +271,53 @@ class HTTPServer:
         self._started = threading.Event()
         self._done = threading.Event()
 
+    def collect_when_idle(self) -> None:
+        """From now on run the cyclic garbage collector (in full) once no request has been
+        in flight for ``IDLE_GC_AFTER`` seconds, at most every ``IDLE_GC_EVERY``: the
+        garbage of closed connections (hypercorn keeps each one's objects for
+        ``keep_alive_timeout``, so they die in the oldest generation) is collected between
+        scrapes, a little at a time, not in one full collection that pauses a scrape for
+        tens of ms. For a process of its own (``serve``); the automatic collections stay."""
+        self._idle_gc = True
+
+    @property
+    def in_flight(self) -> int:
+        """HTTP requests being answered now."""
+        return self._in_flight
+
+    def _counting(self, app: Any) -> Callable[..., Any]:
+        """``app``, counting the HTTP requests in flight."""
+
+        async def asgi(scope: dict[str, Any], receive: Any, send: Any) -> None:
+            if scope["type"] != "http":  # lifespan: for as long as the server runs
+                return await app(scope, receive, send)  # type: ignore[no-any-return]
+            self._in_flight += 1
+            try:
+                await app(scope, receive, send)
+            finally:
+                self._in_flight -= 1
+                if not self._in_flight and self._idle_gc:
+                    self._collect_later(IDLE_GC_AFTER)
+
+        return asgi
+
+    def _collect_later(self, delay: float) -> None:
+        if self._pending is not None:
+            self._pending.cancel()
+        self._pending = asyncio.get_running_loop().call_later(delay, self._collect_if_idle)
+
+    def _collect_if_idle(self) -> None:
+        self._pending = None
+        if self._in_flight:
+            return  # the request in flight schedules the next attempt when it ends
+        wait = self._collected_at + IDLE_GC_EVERY - asyncio.get_running_loop().time()
+        if wait > 0:
+            self._collect_later(wait)
+            return
+        gc.collect()
+        self._collected_at = asyncio.get_running_loop().time()
+        self.idle_collections += 1
+
     def serve_forever(self) -> None:
         """Serve until :meth:`shutdown`."""
         try:
@@ -273,7 +332,7 @@ class HTTPServer:
         self._stop = asyncio.Event()
         self.config.bind = [f"fd://{os.dup(self.socket.fileno())}"]  # hypercorn closes its copy
         self._started.set()
-        await serve(self.asgi_app, self.config, shutdown_trigger=self._stop.wait, mode="asgi")  # type: ignore[arg-type]
+        await serve(self.asgi_app, self.config, shutdown_trigger=self._stop.wait, mode="asgi")
 
     def shutdown(self) -> None:
         """Stop :meth:`serve_forever` (closing open connections) and wait for it."""

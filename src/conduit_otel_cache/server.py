@@ -96,6 +96,7 @@ class ExporterService:
         if freeze:
             gc.collect()
             gc.freeze()
+            self.server.collect_when_idle()
         self.aggregator.start()
         for target in (self.server.serve_forever, self._cleanup_loop):
             thread = threading.Thread(target=target, daemon=True, name=f"conduit-{target.__name__}")
