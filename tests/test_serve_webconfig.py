@@ -128,7 +128,7 @@ def test_basic_auth_answers_401_without_detail_and_caches_successes(redis_url: s
             assert headers["WWW-Authenticate"] == "Basic"
         assert call("/-/healthy", None)[0] == 401  # every route, the probes included
         assert call("/metrics", None, "HEAD")[:2] == (401, b"")
-        auth = service.server.asgi_app.app
+        auth = service.server.wsgi.app
         assert isinstance(auth, BasicAuth) and not auth._verified  # failures are not cached
         status, body, _ = call("/metrics", basic("prometheus", PASSWORD))
         assert status == 200 and b"conduit_cache_redis_up" in body
