@@ -47,7 +47,7 @@ BACKLOG = 1024
 #: With :meth:`HTTPServer.collect_when_idle`: seconds without a request in flight before the
 #: cyclic garbage collector runs, and the least seconds between two such collections.
 IDLE_GC_AFTER = 0.01
-IDLE_GC_EVERY = 0.5
+IDLE_GC_EVERY = 1.0
 
 LANDING_HEADERS = [
     ("Content-Security-Policy", "default-src 'none'; style-src 'unsafe-inline'"),
@@ -273,7 +273,7 @@ class HTTPServer:
 
     def collect_when_idle(self) -> None:
         """From now on run the cyclic garbage collector (in full) once no request has been
-        in flight for ``IDLE_GC_AFTER`` seconds, at most every ``IDLE_GC_EVERY``: the
+        in flight for ``IDLE_GC_AFTER`` seconds (at most every ``IDLE_GC_EVERY``): the
         garbage of closed connections (hypercorn keeps each one's objects for
         ``keep_alive_timeout``, so they die in the oldest generation) is collected between
         scrapes, a little at a time, not in one full collection that pauses a scrape for
@@ -308,11 +308,10 @@ class HTTPServer:
 
     def _collect_if_idle(self) -> None:
         self._pending = None
-        if self._in_flight:
-            return  # the request in flight schedules the next attempt when it ends
-        wait = self._collected_at + IDLE_GC_EVERY - asyncio.get_running_loop().time()
-        if wait > 0:
-            self._collect_later(wait)
+        now = asyncio.get_running_loop().time()
+        # a request in flight tries again when it ends; so does the next one after a recent
+        # collection (never at a set time, which may be when the next scrapes arrive)
+        if self._in_flight or now - self._collected_at < IDLE_GC_EVERY:
             return
         gc.collect()
         self._collected_at = asyncio.get_running_loop().time()
