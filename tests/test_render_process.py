@@ -106,6 +106,8 @@ def test_a_dead_child_costs_no_scrape_and_is_replaced(
             assert time.monotonic() < deadline, f"{expected} hits never appeared"
             time.sleep(0.01)  # the poll interval of this test
     assert process.failures == 1
+    failed = samples(*get(service, **PROMETHEUS))
+    assert failed[("conduit_cache_exporter_render_failures_total", ())] == 1.0
     assert process.wait_ready(60) and process.pid not in (None, first)
     done = process.renderings
     stats.record_hit("Orders")

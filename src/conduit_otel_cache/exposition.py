@@ -32,6 +32,7 @@ from opentelemetry.sdk.metrics import AlwaysOffExemplarFilter, MeterProvider
 from opentelemetry.sdk.resources import Resource
 from prometheus_client import (
     CollectorRegistry,
+    Counter,
     GCCollector,
     Info,
     PlatformCollector,
@@ -191,6 +192,12 @@ class Exposition:
         Info("conduit_cache_exporter_build", "The exporter's version", registry=self._own).info(
             {"version": _version()}
         )
+        self._render_failures = Counter(
+            "conduit_cache_exporter_render_failures",
+            "Background refreshes the renderer (serve's render process) failed; each was "
+            "rendered in-process instead",
+            registry=self._own,
+        )
         self.registry.register(_Series(self))
         self.registry.register(self._own)
 
@@ -297,6 +304,7 @@ class Exposition:
             try:
                 rendering = self._rendered_elsewhere(view, wall, variants)
             except Exception as exc:  # render here this time
+                self._render_failures.inc()
                 self._render_errors.error("conduit-otel-cache: rendering /metrics in the render "
                                      "process failed, rendering in-process: %s", exc)  # fmt: skip
         if rendering is None:
