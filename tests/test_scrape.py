@@ -316,10 +316,11 @@ def test_serve_collects_garbage_between_requests_not_during_them() -> None:
 
     from conduit_otel_cache.http import IDLE_GC_AFTER, make_http_server
 
-    release = threading.Event()
+    entered, release = threading.Event(), threading.Event()
 
     def app(environ: dict[str, Any], start_response: Any) -> list[bytes]:
         if environ["PATH_INFO"] == "/slow":
+            entered.set()
             release.wait(30)
         start_response("200 OK", [("Content-Type", "text/plain")])
         return [b"ok"]
@@ -343,10 +344,7 @@ def test_serve_collects_garbage_between_requests_not_during_them() -> None:
             target=lambda: urllib.request.urlopen(base + "/slow", timeout=30).read()
         )
         slow.start()
-        deadline = time.monotonic() + 10
-        while server.in_flight == 0:  # the poll of this test: until the request is in
-            assert time.monotonic() < deadline
-            time.sleep(0.001)
+        assert entered.wait(10) and server.in_flight == 1
         time.sleep(5 * IDLE_GC_AFTER)  # a request in flight: no collection however long
         assert server.idle_collections == 0 and dead() is not None
         release.set()
