@@ -268,7 +268,7 @@ class Exposition:
         return {(t, gz): rendering.body(t, encoder, gz) for (t, gz), encoder in variants.items()}
 
     def own_series(self) -> list[Metric]:
-        """This process's own series: process, platform, GC and build info."""
+        """This process's own series: process, platform, GC, build info, render failures."""
         return list(self._own.collect())
 
     def _rendered_elsewhere(
