@@ -3,12 +3,17 @@
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 import redis
 from redis.cluster import RedisCluster
 
+from conduit_otel_cache.aggregate import Aggregator
+from conduit_otel_cache.config import Settings
 from conduit_otel_cache.embedded import RedisServer
 from conduit_otel_cache.keys import KeySchema
+from conduit_otel_cache.store import Store
 
 from .conftest import MakeStats, scrape_once
 
@@ -287,3 +292,57 @@ def test_two_live_processes_with_one_id_stay_exact(
             proc.communicate("", timeout=30)
     totals = client.hgetall(keys.aggregate("ProviderResponses"))
     assert (totals["hit_count"], totals["instance_count"]) == ("35", "0")
+
+
+def test_a_view_after_invalidate_reflects_earlier_flushes_while_a_read_is_under_way(
+    make_stats: MakeStats, redis_url: str
+) -> None:
+    writer = make_stats("writer")
+    record(writer, 1, 0)
+    assert writer.flush()
+    settings = Settings.load(redis_url=redis_url, aggregation_cache_ttl=60.0)
+    store = Store.from_settings(settings)
+    read, release = threading.Event(), threading.Event()
+
+    class HeldStore:
+        """The real store; a read marked ``hold`` waits after reading, before it returns."""
+
+        hold = False
+
+        def __getattr__(self, name: str) -> object:
+            return getattr(store, name)
+
+        def read_cluster(self, *args: object, **kwargs: object) -> object:
+            data = store.read_cluster(*args, **kwargs)  # type: ignore[arg-type]
+            if self.hold:
+                read.set()
+                release.wait(30)
+            return data
+
+    held = HeldStore()
+    aggregator = Aggregator(held, settings)  # type: ignore[arg-type]
+    assert aggregator.view().regions[REGION].hit_count == 1
+    held.hold = True
+    aggregator.invalidate()
+    views: dict[str, int] = {}
+    first = threading.Thread(
+        target=lambda: views.__setitem__("first", aggregator.view().regions[REGION].hit_count)
+    )
+    first.start()
+    assert read.wait(30)  # the first reader has read 1 hit and holds the refresh
+    held.hold = False
+    record(writer, 1, 0)
+    assert writer.flush()
+    aggregator.invalidate()
+    second = threading.Thread(
+        target=lambda: views.__setitem__("second", aggregator.view().regions[REGION].hit_count)
+    )
+    second.start()
+    release.set()
+    first.join(30)
+    second.join(30)
+    # was: the second reader got the first reader's view (1) at once, and so did every
+    # reader for aggregation_cache_ttl after it
+    assert views == {"first": 1, "second": 2}
+    assert aggregator.view().regions[REGION].hit_count == 2
+    store.close()

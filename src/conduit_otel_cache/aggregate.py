@@ -91,6 +91,8 @@ class Aggregator:
         self._busy = threading.Lock()
         self._view: ClusterView | None = None
         self._read_at = -float("inf")
+        self._generation = 0  # invalidate() counts; a view is read under one generation
+        self._read_generation = 0
         self._instance_ratios: dict[str, dict[str, float]] = {}
         self._instance_series: tuple[tuple[str, str, float], ...] = ()
         self._drift: dict[str, float] = {}
@@ -99,30 +101,38 @@ class Aggregator:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
-    def view(self) -> ClusterView:
-        """The cached view, refreshed when older than ``aggregation_cache_ttl``."""
+    def view(self, max_age: float | None = None) -> ClusterView:
+        """The cached view, read again when older than ``max_age`` seconds (default
+        ``aggregation_cache_ttl``). While another reader reads, the last view is returned
+        at once, unless :meth:`invalidate` was called since that read began."""
         view = self._view
-        if view is not None and self._fresh():
+        if view is not None and self._fresh(max_age):
             return view
-        if not self._busy.acquire(blocking=view is None):
+        invalidated = self._read_generation != self._generation
+        if not self._busy.acquire(blocking=view is None or invalidated):
             assert view is not None
             return view  # another reader is refreshing: do not queue behind it
         try:
-            if self._view is None or not self._fresh():
+            if self._view is None or not self._fresh(max_age):
+                generation = self._generation
                 self._view = self._refresh()
                 self._read_at = time.monotonic()
+                self._read_generation = generation
             return self._view
         finally:
             self._busy.release()
 
-    def _fresh(self) -> bool:
-        if not self.settings.enable_aggregation_cache:
+    def _fresh(self, max_age: float | None) -> bool:
+        if not self.settings.enable_aggregation_cache or self._read_generation != self._generation:
             return False
-        return time.monotonic() - self._read_at < self.settings.aggregation_cache_ttl
+        ttl = self.settings.aggregation_cache_ttl if max_age is None else max_age
+        return time.monotonic() - self._read_at < ttl
 
     def invalidate(self) -> None:
-        """Make the next :meth:`view` read Redis again."""
-        self._read_at = -float("inf")
+        """Make the next :meth:`view` read Redis again: it reflects every write Redis
+        acknowledged before this call (it waits for a read already under way, which may
+        have begun before them)."""
+        self._generation += 1
 
     def start(self) -> None:
         """Run the per-instance pass in a background thread every ``aggregation_interval``."""

@@ -39,6 +39,7 @@ from .model import Statistics
 from .prefork import at_setup, flush_at_worker_exit
 from .recorder import Recorder
 from .sdk_hook import collection_lock, export_lock
+from .store import explain
 from .strategies import AggregationStrategy, strategy_named
 from .writethrough import RedisMetricExporter
 
@@ -404,9 +405,26 @@ class CacheStatistics:
             )  # fmt: skip
 
     def _close(self) -> None:
-        ok = self._flush() if self._reader is not None and self.exporter is not None else False
+        # deregister unless the final write failed: a hung Redis costs one timeout, not three
+        depart = False
+        if self._reader is not None and self.exporter is not None:
+            try:
+                depart = self._flush()
+            except Exception as exc:  # the SDK's collection (a slow callback), not Redis
+                log.warning(
+                    "conduit-otel-cache: the final collection of instance %s failed (%s); "
+                    "what its last flush wrote stands",
+                    self.settings.instance_id, explain(exc),
+                )  # fmt: skip
+                depart = True
         if self.exporter is not None and self._owns_exporter:
-            self.exporter.close(depart=ok)  # a hung Redis costs one timeout, not three
+            if not depart and self.exporter.flush_count:
+                log.warning(
+                    "conduit-otel-cache: the final flush of instance %s failed; it leaves the "
+                    "live gauges after instance_timeout=%gs",
+                    self.settings.instance_id, self.settings.instance_timeout,
+                )  # fmt: skip
+            self.exporter.close(depart=depart)
         for provider in self._owned:  # the write-through reader is always on an owned one
             provider.shutdown()
 

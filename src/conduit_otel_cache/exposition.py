@@ -87,9 +87,7 @@ class ViewSource(Protocol):
     settings: Settings
     errors_total: int
 
-    def view(self) -> ClusterView: ...
-
-    def invalidate(self) -> None: ...
+    def view(self, max_age: float | None = None) -> ClusterView: ...
 
 
 class Exposition:
@@ -246,10 +244,13 @@ class Exposition:
 
     def collect(self, view: ClusterView) -> list[Metric]:
         """Every series of :attr:`registry`, the cluster's from ``view``."""
+        return self._collect_pinned(self.registry, view)
+
+    def _collect_pinned(self, registry: CollectorRegistry, view: ClusterView) -> list[Metric]:
         with self._collecting:
             self._pinned = view
             try:
-                return list(self.registry.collect())
+                return list(registry.collect())
             finally:
                 self._pinned = None
 
@@ -258,12 +259,7 @@ class Exposition:
     ) -> dict[Variant, bytes]:
         """``variants`` of the OpenTelemetry series of ``view`` followed by ``own`` (the
         serving process's own series): what a :data:`Renderer` returns."""
-        with self._collecting:
-            self._pinned = view
-            try:
-                families = list(self._otel.collect())
-            finally:
-                self._pinned = None
+        families = self._collect_pinned(self._otel, view)
         rendering = _Rendering(families + own, view, 0.0, self.collect)
         return {(t, gz): rendering.body(t, encoder, gz) for (t, gz), encoder in variants.items()}
 
@@ -288,15 +284,13 @@ class Exposition:
         self,
         variants: dict[Variant, Encoder],
         *,
-        invalidate: bool = False,
+        read_now: bool = False,
         unless: ClusterView | None = None,
     ) -> _Rendering | None:
-        """Read the view (again when ``invalidate``), collect it and render ``variants``;
+        """Read the view (from Redis when ``read_now``), collect it and render ``variants``;
         None when the view read is ``unless`` (another reader is refreshing it)."""
         start, wall = time.perf_counter(), time.time()
-        if invalidate:
-            self.aggregator.invalidate()
-        view = self.aggregator.view()
+        view = self.aggregator.view(max_age=0 if read_now else None)
         if view is unless:
             return None
         rendering = None
@@ -408,7 +402,7 @@ class Exposition:
             switch = sys.getswitchinterval()
             sys.setswitchinterval(min(switch, _SWITCH))
             try:
-                rendering = self._refresh(variants, invalidate=True, unless=unless)
+                rendering = self._refresh(variants, read_now=True, unless=unless)
             finally:
                 sys.setswitchinterval(switch)
             if rendering is None:

@@ -297,14 +297,15 @@ class HTTPServer:
             finally:
                 self._in_flight -= 1
                 if not self._in_flight and self._idle_gc:
-                    self._collect_later(IDLE_GC_AFTER)
+                    self._collect_soon()
 
         return asgi
 
-    def _collect_later(self, delay: float) -> None:
+    def _collect_soon(self) -> None:
         if self._pending is not None:
             self._pending.cancel()
-        self._pending = asyncio.get_running_loop().call_later(delay, self._collect_if_idle)
+        loop = asyncio.get_running_loop()
+        self._pending = loop.call_later(IDLE_GC_AFTER, self._collect_if_idle)
 
     def _collect_if_idle(self) -> None:
         self._pending = None

@@ -176,11 +176,8 @@ class _Views:
         self.settings = settings
         self.errors_total = 0
 
-    def view(self) -> ClusterView:
+    def view(self, max_age: float | None = None) -> ClusterView:
         raise RuntimeError("the render process collects only the views it is sent")
-
-    def invalidate(self) -> None:
-        pass
 
 
 def _child(conn: Connection) -> None:

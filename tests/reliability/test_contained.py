@@ -3,6 +3,7 @@ threads, extreme values on the hot path."""
 
 from __future__ import annotations
 
+import logging
 import math
 import subprocess
 import sys
@@ -72,6 +73,32 @@ def test_a_missing_required_permission_is_named(
         assert any(f"allow {allow}" in reason for reason in health.reasons), health.reasons
     finally:
         stats.shutdown()
+
+
+def test_a_collection_that_times_out_at_shutdown_still_deregisters(
+    make_stats: MakeStats, r: redis.Redis, caplog: pytest.LogCaptureFixture
+) -> None:
+    stats = make_stats("slow-callback", socket_timeout=0.1)  # collections time out at 0.2 s
+    slow = threading.Event()
+
+    def observe(options: object) -> list[object]:
+        if slow.is_set():
+            time.sleep(0.3)  # the fault: an application's callback slower than the timeout
+        return []
+
+    meter = stats.meter_provider.get_meter("app")
+    meter.create_observable_gauge("app.slow", [observe])
+    meter.create_observable_gauge("app.next", [lambda options: []])  # the SDK checks here
+    stats.record_hit("R")
+    assert stats.flush()
+    assert r.zscore("conduit:cache:instances", "slow-callback") is not None
+    slow.set()
+    with caplog.at_level(logging.WARNING, logger="conduit_otel_cache"):
+        stats.shutdown()
+    # was: the shutdown thread died with MetricsTimeoutError, and the instance stayed live
+    assert r.zscore("conduit:cache:instances", "slow-callback") is None
+    assert "final collection of instance slow-callback failed" in caplog.text
+    assert stats.cluster_statistics("R").hit_count == 1
 
 
 EXIT_SCRIPT = """
