@@ -139,15 +139,18 @@ def scrape_once(**options: Any) -> str:
         service.stop()
 
 
-def wait_for(condition: Callable[[], Any], timeout: float = 15.0, interval: float = 0.05) -> Any:
-    """Poll ``condition()`` until it returns something truthy; fail after ``timeout``."""
+def wait_for(
+    condition: Callable[[], Any], timeout: float = 15.0, interval: float = 0.05, what: str = ""
+) -> Any:
+    """Poll ``condition()`` until it returns something truthy; fail after ``timeout``
+    (saying ``what`` was awaited)."""
     deadline = time.monotonic() + timeout
     while True:
         result = condition()
         if result:
             return result
         if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {timeout}s: {condition}")
+            raise AssertionError(f"not within {timeout}s: {what or condition}")
         time.sleep(interval)
 
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 import gzip
 import os
 import signal
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -19,7 +18,7 @@ from conduit_otel_cache import Settings
 from conduit_otel_cache.render_process import NICENESS
 from conduit_otel_cache.server import ExporterService
 
-from .conftest import MakeStats
+from .conftest import MakeStats, wait_for
 from .serve_process import ServeProcess
 from .test_scrape import PROMETHEUS, get, hits, samples
 
@@ -71,10 +70,8 @@ def test_scrapes_come_from_the_child_with_this_process_own_series(
     process = service.render_process
     assert process is not None and process.pid != os.getpid()
     get(service, **PROMETHEUS)  # from now on rendered in the background
-    deadline = time.monotonic() + 30
-    while process.renderings < 2:  # the poll of this test: renderings are not forced
-        assert time.monotonic() < deadline, "the render process never rendered"
-        time.sleep(0.01)
+    # renderings are not forced: polled
+    wait_for(lambda: process.renderings >= 2, 30, 0.01, "the render process renders")
     for headers in ({}, PROMETHEUS):
         body, found = get(service, **headers)
         parsed = samples(body, found)
@@ -101,10 +98,8 @@ def test_a_dead_child_costs_no_scrape_and_is_replaced(
     for expected in (2, 3, 4):  # each flush appears: rendered in-process meanwhile
         stats.record_hit("Orders")
         assert stats.flush()
-        deadline = time.monotonic() + 30
-        while hits(samples(*get(service, **PROMETHEUS)), "Orders") != expected:
-            assert time.monotonic() < deadline, f"{expected} hits never appeared"
-            time.sleep(0.01)  # the poll interval of this test
+        wait_for(lambda n=expected: hits(samples(*get(service, **PROMETHEUS)), "Orders") == n,
+                 30, 0.01, f"{expected} hits on /metrics")  # fmt: skip
     assert process.failures == 1
     failed = samples(*get(service, **PROMETHEUS))
     assert failed[("conduit_cache_exporter_render_failures_total", ())] == 1.0
@@ -112,10 +107,9 @@ def test_a_dead_child_costs_no_scrape_and_is_replaced(
     done = process.renderings
     stats.record_hit("Orders")
     assert stats.flush()
-    deadline = time.monotonic() + 30
-    while process.renderings == done or hits(samples(*get(service, **PROMETHEUS)), "Orders") != 5:
-        assert time.monotonic() < deadline, "the new child never rendered the last flush"
-        time.sleep(0.01)
+    wait_for(lambda: process.renderings != done
+             and hits(samples(*get(service, **PROMETHEUS)), "Orders") == 5,
+             30, 0.01, "the new child renders the last flush")  # fmt: skip
 
 
 def _timeless(body: bytes) -> list[bytes]:
@@ -150,10 +144,9 @@ def test_serve_runs_a_niced_child_without_secrets_that_ends_with_it(
         assert int((proc / "stat").read_text().rsplit(")", 1)[1].split()[16]) == NICENESS
         serve.proc.kill()  # no chance to stop its child
         serve.proc.wait(10)
-        deadline = time.monotonic() + 30
-        while proc.exists() and (proc / "stat").read_text().rsplit(")", 1)[1].split()[0] != "Z":
-            assert time.monotonic() < deadline, "the render process outlived serve"
-            time.sleep(0.01)  # the poll interval of this test: the child's exit is not forced
+        wait_for(lambda: not proc.exists()
+                 or (proc / "stat").read_text().rsplit(")", 1)[1].split()[0] == "Z",
+                 30, 0.01, "the render process ends with serve")  # fmt: skip
 
 
 def _children(pid: int) -> list[int]:

@@ -24,7 +24,7 @@ from conduit_otel_cache.exposition import DATA_AGE_HEADER
 from conduit_otel_cache.http import WORKER_THREADS
 from conduit_otel_cache.server import ExporterService
 
-from .conftest import MakeStats
+from .conftest import MakeStats, wait_for
 from .test_prometheus_tools import assert_ok, promtool
 
 OPENMETRICS = "application/openmetrics-text; version=1.0.0"
@@ -349,10 +349,8 @@ def test_serve_collects_garbage_between_requests_not_during_them() -> None:
         assert server.idle_collections == 0 and dead() is not None
         release.set()
         slow.join(30)
-        deadline = time.monotonic() + 10
-        while server.idle_collections == 0:  # the poll of this test: the timer is not forced
-            assert time.monotonic() < deadline, "no collection once idle"
-            time.sleep(0.001)
+        # the timer is not forced: polled
+        wait_for(lambda: server.idle_collections, 10, 0.001, "a collection once idle")
         assert dead() is None
     finally:
         gc.enable()
