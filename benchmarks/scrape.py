@@ -47,6 +47,11 @@ TTL = Settings().aggregation_cache_ttl
 CLIENTS = 4
 PACE = 0.1  # seconds between the scrapes of one client; the clients scrape at the same instants
 TARGET_S = 0.010
+#: seconds between per-instance passes (drift, per-instance ratios) in the runs that judge
+#: the targets (none during them), and in the run that measures scrapes beside the pass
+#: (12 times as often as the default aggregation_interval, 60 s)
+QUIET = 3600.0
+PASS_EVERY = 5.0
 OPENMETRICS = "application/openmetrics-text; version=1.0.0"
 #: what Prometheus 2.x sends when it scrapes
 PROMETHEUS_HEADERS = {
@@ -69,15 +74,16 @@ FLOOR = "floor: same bytes, no refresh"
 # -- the serve process ------------------------------------------------------------------
 
 
-def serve_child(url: str, mode: str, ttl: float) -> None:
-    """Run in a subprocess: ``serve`` for ``url``; prints its port once the per-instance
-    pass ran, serves until stdin closes, then prints its refresh figures."""
+def serve_child(url: str, mode: str, ttl: float, every: float = QUIET) -> None:
+    """Run in a subprocess: ``serve`` for ``url`` with the per-instance pass ``every``
+    seconds; prints its port once the pass ran, serves until stdin closes, then prints its
+    refresh figures."""
     from conduit_otel_cache.server import ExporterService
 
     s = settings(
         redis_url=url,
         aggregation_cache_ttl=ttl,
-        aggregation_interval=3600,
+        aggregation_interval=every,
         cleanup_interval=3600,
         instance_timeout=3600,
     )
@@ -112,10 +118,10 @@ def serve_child(url: str, mode: str, ttl: float) -> None:
 class Serve:
     """A ``serve`` subprocess (see :func:`serve_child`)."""
 
-    def __init__(self, url: str, mode: str, ttl: float = TTL) -> None:
+    def __init__(self, url: str, mode: str, ttl: float = TTL, every: float = QUIET) -> None:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "benchmarks.scrape", "--serve", url, "--mode", mode,
-             "--ttl", str(ttl)],
+             "--ttl", str(ttl), "--every", str(every)],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=ROOT,
         )  # fmt: skip
         assert self.proc.stdout is not None
@@ -161,8 +167,8 @@ class Serve:
 
 
 @contextmanager
-def serving(url: str, mode: str, ttl: float = TTL) -> Iterator[Serve]:
-    serve = Serve(url, mode, ttl)
+def serving(url: str, mode: str, ttl: float = TTL, every: float = QUIET) -> Iterator[Serve]:
+    serve = Serve(url, mode, ttl, every)
     try:
         yield serve
     finally:
@@ -238,10 +244,15 @@ def pct(values: list[float], q: float) -> float:
 
 
 def latency(
-    url: str, mode: str, seconds: float, variants: list[str], ttl: float = TTL
+    url: str,
+    mode: str,
+    seconds: float,
+    variants: list[str],
+    ttl: float = TTL,
+    every: float = QUIET,
 ) -> dict[str, Any]:
     """First scrape, then :func:`hammer` per variant, on one ``serve`` of ``mode``."""
-    with serving(url, mode, ttl) as serve:
+    with serving(url, mode, ttl, every) as serve:
         first, _, _ = get(serve.port, PROMETHEUS_HEADERS)
         result: dict[str, Any] = {"first": first}
         for name in variants:
@@ -362,7 +373,7 @@ def _ms(x: dict[str, Any]) -> str:
 def run(quick: bool = False) -> list[Target]:
     big = (100, 10) if quick else (1000, 100)
     small = (10, 10) if quick else (100, 100)
-    seconds, old_seconds = (1.0, 0.5) if quick else (8.0, 3.0)
+    seconds, old_seconds = (1.0, 0.5) if quick else (20.0, 3.0)
     window, interval = (3.0, 1.5) if quick else (30.0, 15.0)
     peer_files, peer_regions = ((10, 100), 10) if quick else ((100, 1000), 100)
     variants = ["text", PROMETHEUS] if quick else list(VARIANTS)
@@ -373,7 +384,8 @@ def run(quick: bool = False) -> list[Target]:
     with populated_cluster(*big) as url:
         for mode in MODES:
             res[mode] = latency(url, mode, seconds if mode == "new" else old_seconds, variants)
-        res["floor"] = latency(url, "new", old_seconds, variants, ttl=3600.0)
+        res["floor"] = latency(url, "new", seconds, variants, ttl=3600.0)
+        res["pass"] = latency(url, "new", seconds, [PROMETHEUS], every=PASS_EVERY)
         for mode in MODES:
             res[f"cost_{mode}"] = cost(url, mode, window, interval)
     print(f"  {label}: measured in {time.perf_counter() - started:.0f} s", flush=True)
@@ -395,7 +407,10 @@ def run(quick: bool = False) -> list[Target]:
              f"{new[name]['bytes']:,}"]
             for name in variants
         ] + [["first scrape after start", fmt_ms(new["first"]), 1, fmt_ms(old["first"]), 1,
-              ratio(old["first"], new["first"]), "", ""]],
+              ratio(old["first"], new["first"]), "", ""],
+             [f"{PROMETHEUS}, per-instance pass every {PASS_EVERY:g} s",
+              _ms(res["pass"][PROMETHEUS]), res["pass"][PROMETHEUS]["n"], "", "", "", "",
+              ""]],
     )  # fmt: skip
     print(f"  new way: {new['refreshes']} background refreshes, {new['child_renderings']} of them "
           "rendered by the render process (serve's child)", flush=True)  # fmt: skip
@@ -446,6 +461,14 @@ def run(quick: bool = False) -> list[Target]:
     ]
     targets.append(
         Target(
+            f"GET /metrics p50 / p99 with the per-instance pass every {PASS_EVERY:g} s "
+            "(default 60 s)",
+            None,
+            f"{_ms(res['pass'][PROMETHEUS])} ms, {PROMETHEUS}",
+        )
+    )
+    targets.append(
+        Target(
             "data age within aggregation_cache_ttl + one refresh",
             max(ages + cost_ages) <= bound,
             f"max {max(ages + cost_ages):.2f} s <= {TTL:g} s + {new['refresh_max']:.3f} s",
@@ -480,6 +503,7 @@ def main() -> None:
     parser.add_argument("--serve", metavar="URL", help=argparse.SUPPRESS)
     parser.add_argument("--mode", default="new", help=argparse.SUPPRESS)
     parser.add_argument("--ttl", type=float, default=TTL, help=argparse.SUPPRESS)
+    parser.add_argument("--every", type=float, default=QUIET, help=argparse.SUPPRESS)
     parser.add_argument("--peer-child", metavar="DIR", help=argparse.SUPPRESS)
     parser.add_argument("--files", type=int, default=1, help=argparse.SUPPRESS)
     parser.add_argument("--regions", type=int, default=1, help=argparse.SUPPRESS)
@@ -490,7 +514,7 @@ def main() -> None:
     parser.add_argument("--headers", default="{}", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve:
-        serve_child(args.serve, args.mode, args.ttl)
+        serve_child(args.serve, args.mode, args.ttl, args.every)
     elif args.client:
         client_child(args.client, args.start_at, args.seconds, json.loads(args.headers))
     elif args.peer_child:

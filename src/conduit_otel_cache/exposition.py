@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import gzip
 import logging
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -43,6 +42,7 @@ from prometheus_client.exposition import choose_encoder, gzip_accepted
 from prometheus_client.metrics_core import Metric
 
 from .aggregate import ClusterView
+from .background import quietly
 from .config import Settings
 from .health import evaluate
 from .instruments import (
@@ -65,12 +65,11 @@ KEEP_WARM = 300.0
 _RETRY = 0.005  # seconds before asking again when another reader is refreshing the view
 _EARLY = 0.01  # seconds a refresh starts before the data reaches its TTL (timer slack)
 #: A background refresh gives way to scrapes in flight (between callbacks and between metric
-#: families, for at most this many seconds each time) and, while it runs, the interpreter
-#: switches threads at least every _SWITCH seconds, so that a scrape that arrives during a
-#: refresh waits for the interpreter lock for fractions of a millisecond, not 5 ms a time.
+#: families, for at most this many seconds each time) and runs quietly (background.py), so
+#: that a scrape that arrives during a refresh waits for the interpreter lock for fractions
+#: of a millisecond, not 5 ms a time.
 _GIVE_WAY = 0.02
 _PATIENCE = 0.25  # seconds one refresh gives way in all (it must end: the data age bound)
-_SWITCH = 0.0001
 
 Encoder = Callable[[Any], bytes]
 Variant = tuple[str, bool]  # (content type, gzipped)
@@ -399,12 +398,8 @@ class Exposition:
                 return  # a scrape refreshed meanwhile
             unless = None if current is None else current.view
             self._patience = _PATIENCE
-            switch = sys.getswitchinterval()
-            sys.setswitchinterval(min(switch, _SWITCH))
-            try:
+            with quietly():
                 rendering = self._refresh(variants, read_now=True, unless=unless)
-            finally:
-                sys.setswitchinterval(switch)
             if rendering is None:
                 self._stop.wait(_RETRY)  # another reader is refreshing the view
                 return

@@ -479,13 +479,16 @@ class Store:
             _zrange(pipe, self.keys.hit_rates(region))
         result: dict[str, dict[str, float]] = {}
         errors: list[str] = []
+        valid: set[str] = set()  # the same instance ids recur in every region
         for region, reply in zip(regions, pipe.execute(raise_on_error=False)):
             if isinstance(reply, Exception):
                 errors.append(f"{self.keys.hit_rates(region)}: {reply}")
                 continue
             result[region] = rates = {}
             for member, rate in _pairs(reply):
-                if valid_name(member) and 0 <= rate <= 100:
+                if member not in valid and valid_name(member):
+                    valid.add(member)
+                if member in valid and 0 <= rate <= 100:
                     rates[member] = rate / 100
                 else:
                     errors.append(f"{self.keys.hit_rates(region)}: bad entry {member[:40]!r}")

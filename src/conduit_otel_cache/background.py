@@ -1,0 +1,48 @@
+"""Background work beside a thread that answers requests (``serve``'s refresh and
+per-instance pass).
+
+CPython hands the interpreter lock to a waiting thread every ``sys.getswitchinterval()``
+(5 ms by default), so a scrape that arrives while a background thread computes waits that
+long at every step of its I/O; and the objects such work creates set off full collections
+of the cyclic garbage collector, which hold the lock for tens of milliseconds. While any
+caller is inside :func:`quietly`, threads switch at least every :data:`PROMPT` seconds and
+the collector waits (what the work leaves is freed by reference counting; ``serve`` runs
+the collector between requests, see ``http.py``). The last caller to leave restores both.
+"""
+
+from __future__ import annotations
+
+import gc
+import sys
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+#: seconds between thread switches while background work runs
+PROMPT = 0.0001
+
+_lock = threading.Lock()
+_inside = 0
+_saved_interval = 0.0
+_saved_gc = True
+
+
+@contextmanager
+def quietly() -> Iterator[None]:
+    """Prompt thread switches and no automatic garbage collection while inside."""
+    global _inside, _saved_interval, _saved_gc
+    with _lock:
+        if _inside == 0:
+            _saved_interval, _saved_gc = sys.getswitchinterval(), gc.isenabled()
+            sys.setswitchinterval(min(_saved_interval, PROMPT))
+            gc.disable()
+        _inside += 1
+    try:
+        yield
+    finally:
+        with _lock:
+            _inside -= 1
+            if _inside == 0:
+                sys.setswitchinterval(_saved_interval)
+                if _saved_gc:
+                    gc.enable()
