@@ -33,6 +33,7 @@ def test_benchmarks_quick_run() -> None:
         "### Data age a scrape sees",
         "### serve's cost at 100 x 10",
         "### Peer: prometheus_client multiprocess mode",
+        "### Work horse per job: ms per job",
         "### All targets",
     ):
         assert header in out, f"missing {header!r} in:\n{out[-3000:]}"

@@ -347,6 +347,17 @@ def export_lock(reader: MetricReader) -> Any:
     return lock if hasattr(lock, "acquire") and hasattr(lock, "release") else None
 
 
+def stop_reader_thread(reader: MetricReader) -> None:
+    """Stop a ``PeriodicExportingMetricReader``'s thread without shutting the reader down
+    (its shutdown would close the exporter, which a uWSGI master's workers inherit)."""
+    event = getattr(reader, "_shutdown_event", None)
+    thread = getattr(reader, "_daemon_thread", None)
+    if isinstance(event, threading.Event):
+        event.set()
+    if isinstance(thread, threading.Thread) and thread.is_alive():
+        thread.join(1.0)
+
+
 def collection_lock(provider: object) -> Any:
     """The lock a ``MeterProvider`` holds while it collects (runs the callbacks); None if
     absent. Held across a fork, it would leave a child unable to collect."""
