@@ -82,6 +82,11 @@ WEB: dict[str, Callable[[int], list[str]]] = {
                                    "--threads", "2", "-b", f"127.0.0.1:{p}", WSGI],
     "gunicorn-preload": lambda p: [bin_path("gunicorn"), "-w", "2", "--preload",
                                    "-b", f"127.0.0.1:{p}", WSGI],
+    "gunicorn-gevent": lambda p: [bin_path("gunicorn"), "-w", "2", "-k", "gevent",
+                                  "-b", f"127.0.0.1:{p}", WSGI],
+    "gunicorn-uvicorn-worker": lambda p: [bin_path("gunicorn"), "-w", "2", "-k",
+                                          "uvicorn.workers.UvicornWorker",
+                                          "-b", f"127.0.0.1:{p}", ASGI],
 }  # fmt: skip
 
 

@@ -10,7 +10,7 @@ import sys
 import threading
 import time
 from collections.abc import Sequence
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from opentelemetry import metrics
 from opentelemetry.metrics import MeterProvider as APIMeterProvider
@@ -21,7 +21,6 @@ from opentelemetry.sdk.resources import Resource
 
 from . import lifecycle
 from .aggregate import Aggregator, ClusterView
-from .api import ASGIApp, WSGIApp, make_stats_app, make_stats_asgi_app
 from .autoconfig import shared_write_through
 from .config import Settings
 from .health import Health, evaluate
@@ -40,6 +39,9 @@ from .sdk_hook import collection_lock, export_lock, stop_reader_thread
 from .store import explain
 from .strategies import AggregationStrategy, strategy_named
 from .writethrough import RedisMetricExporter
+
+if TYPE_CHECKING:
+    from .api import ASGIApp, WSGIApp
 
 log = logging.getLogger(__name__)
 
@@ -254,10 +256,14 @@ class CacheStatistics:
     def wsgi_app(self) -> WSGIApp:
         """A WSGI app serving ``GET /api/cache/stats/local`` (this instance) and
         ``/api/cache/stats/distributed`` (the cluster view) as JSON per region."""
+        from .api import make_stats_app
+
         return make_stats_app(local=self.snapshot, cluster=lambda: self.cluster_view().regions)
 
     def asgi_app(self) -> ASGIApp:
         """The same API as :meth:`wsgi_app` as an ASGI app (Starlette, FastAPI, uvicorn)."""
+        from .api import make_stats_asgi_app
+
         return make_stats_asgi_app(local=self.snapshot, cluster=lambda: self.cluster_view().regions)
 
     def timed_lookup(self, region: str) -> TimedLookup:
@@ -466,10 +472,14 @@ class DisabledStatistics:
 
     def wsgi_app(self) -> WSGIApp:
         """The stats API, always empty."""
+        from .api import make_stats_app
+
         return make_stats_app(local=dict, cluster=dict)
 
     def asgi_app(self) -> ASGIApp:
         """The stats API as ASGI, always empty."""
+        from .api import make_stats_asgi_app
+
         return make_stats_asgi_app(local=dict, cluster=dict)
 
     def timed_lookup(self, region: str) -> TimedLookup:
