@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import itertools
 import math
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 from urllib.parse import SplitResult, parse_qs, unquote, urlsplit, urlunsplit
 
@@ -62,6 +63,17 @@ def redact_url(url: str | None) -> str:
         return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
     except ValueError:
         return "<unparsable redis url>"
+
+
+def _with_closest(
+    names: list[str], options: Mapping[str, object], shown: Callable[[str], str] = str
+) -> str:
+    """``name (did you mean closest?)`` for each of ``names``."""
+    out = []
+    for name in names:
+        close = difflib.get_close_matches(name, list(options), n=1)
+        out.append(f"{shown(name)} (did you mean {shown(close[0])}?)" if close else shown(name))
+    return ", ".join(out)
 
 
 def valid_name(name: object) -> bool:
@@ -163,7 +175,14 @@ class Settings:
                 )
         unknown = set(options) - set(fields)
         if unknown:
-            raise ConfigError(f"unknown option(s): {', '.join(sorted(unknown))}")
+            raise ConfigError(f"unknown option(s): {_with_closest(sorted(unknown), fields)}")
+        mistyped = sorted(
+            var[len(ENV_PREFIX):].lower() for var in env
+            if var.startswith(ENV_PREFIX) and var[len(ENV_PREFIX):].lower() not in fields
+        )  # fmt: skip
+        if mistyped:  # a typo in a variable would otherwise be ignored in silence
+            names = _with_closest(mistyped, fields, lambda n: ENV_PREFIX + n.upper())
+            raise ConfigError(f"unknown variable(s): {names}")
         values: dict[str, Any] = {}
         for name, field in fields.items():
             var = ENV_PREFIX + name.upper()
