@@ -110,3 +110,10 @@ def test_a_mistyped_variable_or_keyword_is_refused_naming_the_closest_option() -
     )
     with pytest.raises(ConfigError, match=r"flush_intervall \(did you mean flush_interval\?\)"):
         Settings.load(environ={}, flush_intervall=5)
+
+
+@pytest.mark.parametrize("value", ["150", "-1", "100.5"])
+def test_max_drift_percent_is_percentage_points(value: str) -> None:
+    """Drift is the distance between two hit ratios in percent: more than 100 never fires."""
+    with pytest.raises(ConfigError, match="max_drift_percent: must be 0 to 100"):
+        Settings.load(environ={"CONDUIT_CACHE_STATS_MAX_DRIFT_PERCENT": value})

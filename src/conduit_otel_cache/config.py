@@ -252,8 +252,11 @@ class Settings:
             )
         if self.aggregation_cache_ttl < 0 or not math.isfinite(self.aggregation_cache_ttl):
             raise ConfigError("aggregation_cache_ttl: must be a finite number >= 0")
-        if self.max_drift_percent < 0 or not math.isfinite(self.max_drift_percent):
-            raise ConfigError("max_drift_percent: must be a finite number >= 0")
+        if not 0 <= self.max_drift_percent <= 100:  # points between hit ratios in percent
+            raise ConfigError(
+                f"max_drift_percent: must be 0 to 100 (percentage points), got "
+                f"{self.max_drift_percent:g}"
+            )
         for name in ("max_regions", "max_instance_series", "min_active_instances",
                      "max_response_time_samples", "batch_size",
                      "max_memory_bytes"):  # fmt: skip
