@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
@@ -142,3 +144,75 @@ def test_request_flood_costs_one_aggregation(make_stats, redis_url: str) -> None
     finally:
         service.stop()
     assert service.aggregator.aggregations == 1
+
+
+DOCS = HERE.parent / "docs"
+
+
+def documented_series() -> set[str]:
+    """The series of docs/metrics.md's table (``_misses_total`` after ``conduit_cache_hits_total``
+    is ``conduit_cache_misses_total``; ``process_*`` a prefix)."""
+    section = (DOCS / "metrics.md").read_text().split("## Series", 1)[1].split("\n## ", 1)[0]
+    names = set()
+    for row in re.findall(r"^\| (`[^|]+)\|", section, re.M):
+        first = ""
+        for name in re.findall(r"`([a-z_*]+)[^`]*`", row):
+            if name.startswith("_"):
+                name = first.rsplit("_", 2)[0] + name if first.endswith("_total") else name
+            else:
+                first = name
+            names.add(name)
+    return names
+
+
+def served_series(body: str) -> set[str]:
+    """Family names (counters with ``_total``); a counter's ``_created`` gauge is its own."""
+    out = set()
+    for family in text_string_to_metric_families(body):
+        out.add(family.name + ("_total" if family.type == "counter" else ""))
+    return {
+        n for n in out if not (n.endswith("_created") and n[: -len("_created")] + "_total" in out)
+    }
+
+
+def shape(value: Any) -> Any:
+    """Keys and value types of a JSON value (what a documented example must match)."""
+    if isinstance(value, dict):
+        return {k: shape(v) for k, v in value.items()}
+    if isinstance(value, float | int) and not isinstance(value, bool):
+        return "number"
+    return type(value).__name__
+
+
+def documented_replies() -> dict[str, Any]:
+    """``<!-- reply: GET /path -->`` followed by a JSON block, in every doc."""
+    found = {}
+    for doc in [HERE.parent / "README.md", *DOCS.glob("*.md")]:
+        pattern = r"<!-- reply: GET (\S+) -->\s*```json\n(.*?)```"
+        for path, body in re.findall(pattern, doc.read_text(), re.S):
+            found[path] = json.loads(body)
+    return found
+
+
+def test_docs_match_what_serve_answers(redis_url: str, serve: str) -> None:
+    """Every series docs/metrics.md lists is on a real /metrics and every conduit series
+    there is listed; every documented JSON reply has the keys and types of the real one."""
+    procs = {i: start_instance(redis_url, i, *counts) for i, counts in PLAN.items()}
+    try:
+        wait_for(lambda: "conduit_cache_instance_hit_ratio" in get(serve + "/metrics")[1])
+        served = served_series(get(serve + "/metrics")[1])
+        documented = documented_series()
+        prefixes = tuple(n[:-1] for n in documented if n.endswith("*"))
+        missing = {n for n in documented if not n.endswith("*")} - served
+        assert not missing, f"documented, not served: {missing}"
+        undocumented = {n for n in served if n not in documented and not n.startswith(prefixes)}
+        assert not undocumented, f"served, not documented: {undocumented}"
+        replies = documented_replies()
+        assert {"/health", "/health/cache_statistics"} <= set(replies)
+        for path, example in replies.items():
+            _, body = get(serve + path)
+            assert shape(json.loads(body)) == shape(example), path
+    finally:
+        for proc in procs.values():
+            proc.kill()
+            proc.wait()
