@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import re
 import subprocess
 import sys
 
+import pytest
 import redis
 
-from conduit_otel_cache.cli import main
+from conduit_otel_cache.cli import COMMAND_OPTIONS, main
+from conduit_otel_cache.config import ENV_PREFIX, Settings
 from conduit_otel_cache.embedded import free_port
 
 from .conftest import MakeStats
@@ -51,19 +55,68 @@ def test_cleanup_removes_instances_past_retention(
     assert agg["hit_count"] == "1" and agg["size_bytes"] == "0" and agg["instance_count"] == "0"
 
 
-def test_unreachable_redis_one_line_nonzero(capsys) -> None:
-    url = f"redis://127.0.0.1:{free_port()}/0"
-    for command in ("stats", "cleanup"):
-        assert main([command, "--redis-url", url]) == 2
-        err = capsys.readouterr().err.strip()
-        assert err.startswith("error:") and "\n" not in err and "Traceback" not in err
-    assert main(["health", "--redis-url", url]) == 2
+def test_unreachable_redis_one_line_naming_the_url() -> None:
+    """In a real process (where the library's log goes to stderr too): one line, naming the
+    (masked) URL; exit 1 for a command that could not work, 2 (Unhealthy) for health."""
+    url = f"redis://:S3cret@127.0.0.1:{free_port()}/0"
+    for command, code in (("stats", 1), ("cleanup", 1), ("health", 2)):
+        proc = subprocess.run(
+            [sys.executable, "-m", "conduit_otel_cache.cli", command, "--redis-url", url],
+            capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert proc.returncode == code, proc.stderr
+        if command != "health":
+            err = proc.stderr.strip()
+            assert err.startswith("error:") and "\n" not in err, err
+            assert f"127.0.0.1:{url.rsplit(':', 1)[1]}" in err and "S3cret" not in err, err
 
 
-def test_missing_url_and_version(capsys, monkeypatch) -> None:
+def test_usage_and_configuration_errors_exit_64(capsys, monkeypatch) -> None:
+    """Apart from health's 0/1/2: a usage error is not Unhealthy."""
     monkeypatch.delenv("CONDUIT_CACHE_STATS_REDIS_URL", raising=False)
-    assert main(["stats"]) == 2
+    assert main(["stats"]) == 64
     assert "redis_url" in capsys.readouterr().err
+    for argv in (["health", "--no-such-flag"], ["stats", "--samples", "-1"]):
+        with pytest.raises(SystemExit) as exited:
+            main(argv)
+        assert exited.value.code == 64
+
+
+def test_an_unknown_region_is_an_error(make_stats, redis_url: str, capsys) -> None:
+    stats = make_stats("api-1")
+    stats.record_hit("ProviderResponses")
+    stats.flush()
+    assert main(["stats", "--redis-url", redis_url, "--region", "NoSuchRegion"]) == 1
+    assert "no region 'NoSuchRegion' in the cluster (regions: ProviderResponses)" in (
+        capsys.readouterr().err
+    )
+
+
+@pytest.mark.parametrize("command", sorted(COMMAND_OPTIONS))
+def test_every_option_a_command_reads_is_a_flag_with_its_variable(command: str, capsys) -> None:
+    """``--<option>`` for each option the command reads, with its environment variable in
+    ``--help``; and every such flag is an option (the reverse)."""
+    with pytest.raises(SystemExit):
+        main([command, "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    options = {f.name for f in dataclasses.fields(Settings)}
+    flags = set(re.findall(r"--([a-z][a-z-]+)", help_text))
+    for option in COMMAND_OPTIONS[command]:
+        assert f"--{option.replace('_', '-')} VALUE ${ENV_PREFIX}{option.upper()}" in help_text
+    as_options = {flag.replace("-", "_") for flag in flags} & options
+    assert as_options == set(COMMAND_OPTIONS[command])
+
+
+def test_cleanup_retention_period_flag(make_stats, redis_url: str, r, capsys) -> None:
+    stats = make_stats("api-1")
+    stats.record_hit("ProviderResponses")
+    stats.flush()
+    stats._closed = True  # crashed
+    r.zadd("conduit:cache:instances", {"api-1": float(r.time()[0]) - 120})
+    assert main(["cleanup", "--redis-url", redis_url]) == 0  # 2 minutes: within the hour
+    assert "removed 0" in capsys.readouterr().out
+    assert main(["cleanup", "--redis-url", redis_url, "--retention-period", "60"]) == 0
+    assert "removed 1 instance(s) older than 60s" in capsys.readouterr().out
 
 
 def test_demo_runs_and_stops_cleanly() -> None:

@@ -79,8 +79,8 @@ def test_invalid_web_config_names_the_setting(
         load_web_config(path)
     assert setting in str(err.value)
     assert "not-a-hash-but-secret" not in str(err.value)  # a hash is never echoed
-    # serve refuses to start with the same message, exit code 2
-    assert main(["serve", "--redis-url", "redis://127.0.0.1:1/0", "--web-config-file", path]) == 2
+    # serve refuses to start with the same message, exit code 64 (a configuration error)
+    assert main(["serve", "--redis-url", "redis://127.0.0.1:1/0", "--web-config-file", path]) == 64
     assert setting in capsys.readouterr().err
 
 
@@ -92,7 +92,7 @@ def test_missing_file_and_combination_with_certfile(
     path = write(certs, "basic_auth_users: {alice: '" + HASH + "'}\n")
     argv = ["serve", "--redis-url", "redis://127.0.0.1:1/0", "--web-config-file", path,
             "--certfile", str(certs / "server.crt")]  # fmt: skip
-    assert main(argv) == 2
+    assert main(argv) == 64
     assert "not both" in capsys.readouterr().err
     assert load_web_config(write(certs, "")).ssl_context is None  # empty file: plain HTTP
 

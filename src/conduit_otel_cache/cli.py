@@ -11,20 +11,38 @@ import sys
 import threading
 import time
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NoReturn
 
 from . import __version__
 from .aggregate import Aggregator, ClusterView
-from .config import ConfigError, Settings
+from .config import ENV_PREFIX, ConfigError, Settings
 from .health import evaluate
 from .report import PerInstance, format_table, read_per_instance, view_json
-from .store import Store
+from .store import Store, explain
 
 log = logging.getLogger("conduit_otel_cache")
 
 
+#: the options each command reads: each is a flag ``--<option-name>`` of that command, and
+#: an environment variable (every other option does nothing in it)
+CONNECTION = ("redis_url", "redis_cluster", "key_prefix", "socket_timeout", "connect_timeout",
+              "connect_retries", "socket_keepalive", "ssl_ca_certs", "ssl_certfile",
+              "ssl_keyfile")  # fmt: skip
+HEALTH = ("instance_timeout", "min_active_instances", "missing_instance_grace",
+          "max_aggregation_latency", "max_drift_percent", "drift_min_requests",
+          "max_memory_bytes")  # fmt: skip
+COMMAND_OPTIONS: dict[str, tuple[str, ...]] = {
+    "serve": (*CONNECTION, *HEALTH, "aggregation_cache_ttl", "enable_aggregation_cache",
+              "aggregation_interval", "max_instance_series", "retention_period",
+              "cleanup_interval", "service_name"),
+    "stats": (*CONNECTION, "instance_timeout"),
+    "health": (*CONNECTION, *HEALTH),
+    "cleanup": (*CONNECTION, "instance_timeout", "retention_period"),
+}  # fmt: skip
+
+
 def _settings(args: argparse.Namespace, **extra: Any) -> Settings:
-    given = {"redis_url": args.redis_url, "key_prefix": args.key_prefix}
+    given = {name: getattr(args, name) for name in COMMAND_OPTIONS[args.command]}
     settings = Settings.load(**{k: v for k, v in given.items() if v is not None}, **extra)
     if settings.redis_url is None:
         raise ConfigError("redis_url: required (--redis-url or CONDUIT_CACHE_STATS_REDIS_URL)")
@@ -47,13 +65,12 @@ def cmd_stats(args: argparse.Namespace) -> int:
             signal.signal(sig, lambda *_: stop.set())
     while True:
         if not view.redis_up:
-            print(f"error: cannot read {settings.safe_redis_url}: {view.redis_error}",
-                  file=sys.stderr)  # fmt: skip
-            return 2
+            raise CommandError(f"cannot read {settings.safe_redis_url}: {view.redis_error}")
         if args.region:
-            view = dataclasses.replace(
-                view, regions={k: v for k, v in view.regions.items() if k == args.region}
-            )
+            if args.region not in view.regions:
+                known = ", ".join(sorted(view.regions)) or "none yet"
+                raise CommandError(f"no region {args.region!r} in the cluster (regions: {known})")
+            view = dataclasses.replace(view, regions={args.region: view.regions[args.region]})
         instances = read_per_instance(aggregator, view.regions)
         if args.samples:
             print_samples(aggregator, instances, args.samples, args.json)
@@ -96,8 +113,11 @@ def cmd_cleanup(args: argparse.Namespace) -> int:
     """Remove instances whose heartbeat is older than the retention period."""
     settings = _settings(args)
     store = Store.from_settings(settings)
-    removed = store.cleanup(settings.retention_period)
-    reaped = store.reap(settings.instance_timeout)
+    try:
+        removed = store.cleanup(settings.retention_period)
+        reaped = store.reap(settings.instance_timeout)
+    except Exception as exc:
+        raise CommandError(f"cannot clean up {settings.safe_redis_url}: {explain(exc)}") from None
     print(f"removed {len(removed)} instance(s) older than {settings.retention_period:g}s; "
           f"{len(reaped)} newly expired")  # fmt: skip
     return 0
@@ -141,9 +161,31 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(duration=args.duration, port=args.port, instances=args.instances)
 
 
+#: exit status of a usage or configuration error (sysexits' EX_USAGE): apart from health's
+#: 0/1/2 and from 1, a command that could not do its work
+EX_USAGE = 64
+
+
+class CommandError(Exception):
+    """A command could not do its work (exit 1, one line on stderr)."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        self.print_usage(sys.stderr)
+        self.exit(EX_USAGE, f"{self.prog}: error: {message}\n")
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be 1 or more, got {value}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every command."""
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="conduit-otel-cache",
         description="Cluster-wide cache statistics through OpenTelemetry, Redis and Prometheus.",
     )
@@ -151,10 +193,22 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug output")
     sub = parser.add_subparsers(dest="command", required=True)
 
+    defaults = {f.name: f.default for f in dataclasses.fields(Settings)}
+
     def redis_cmd(name: str, help_: str) -> argparse.ArgumentParser:
-        p = sub.add_parser(name, help=help_, description=help_)
-        p.add_argument("--redis-url", help="Redis URL (default: $CONDUIT_CACHE_STATS_REDIS_URL)")
-        p.add_argument("--key-prefix", help="key prefix (default: conduit:)")
+        p = sub.add_parser(
+            name, help=help_, description=help_ + " Every option below is also an environment "
+            "variable, shown with it; a flag wins over its variable."
+        )  # fmt: skip
+        for option in COMMAND_OPTIONS[name]:
+            default = defaults[option]
+            shown = "none" if default is None else str(default).lower()
+            if isinstance(default, tuple):
+                shown = ",".join(f"{b:g}" for b in default)
+            p.add_argument(
+                "--" + option.replace("_", "-"), dest=option, metavar="VALUE",
+                help=f"${ENV_PREFIX}{option.upper()} (default: {shown})",
+            )  # fmt: skip
         return p
 
     p = redis_cmd("serve", "Run the cluster exporter: /metrics, /health, /-/healthy, /-/ready.")
@@ -170,7 +224,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--region", help="only this region")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.add_argument("--watch", type=float, metavar="SECONDS", help="refresh every SECONDS")
-    p.add_argument("--samples", type=int, metavar="N",
+    p.add_argument("--samples", type=_positive, metavar="N",
                    help="print the last N raw response times per instance and region")  # fmt: skip
     p.set_defaults(func=cmd_stats)
     p = redis_cmd("health", "Print health JSON; exit 0 Healthy, 1 Degraded, 2 Unhealthy.")
@@ -192,18 +246,23 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``conduit-otel-cache`` command."""
     args = build_parser().parse_args(argv)
+    # the one-shot commands say what failed in one line of their own; -v shows the log
+    quiet = args.command in ("stats", "health", "cleanup") and not args.verbose
     logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.WARNING,
+        level=logging.DEBUG if args.verbose else logging.CRITICAL if quiet else logging.WARNING,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     try:
         code: int = args.func(args)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return EX_USAGE
+    except CommandError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     except Exception as exc:
         print(f"error: {type(exc).__name__}: {exc}", file=sys.stderr)
-        return 2
+        return 1
     return code
 
 
