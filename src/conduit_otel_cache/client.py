@@ -278,21 +278,27 @@ class CacheStatistics:
         progress, and when a flush that began after the call has finished, it carried the
         call's events, so its result is shared instead of writing again.
         """
-        if self._reader is None or self._closed or self.exporter is None:
-            return False
-        if threading.current_thread() is not threading.main_thread():
-            return self._flush()
+        if threading.current_thread() is not threading.main_thread() or self._closed:
+            return self._flush_in_place()
         # A signal handler may raise (SystemExit, KeyboardInterrupt) anywhere on the main
         # thread. The SDK's collection must not stop half way (a measurement taken but not
         # collected is added to the next one), nor may this thread hold the write's locks
         # when the handler shuts down: the flush runs in a thread, this one waits for it.
         result: list[bool] = []
         worker = threading.Thread(
-            target=lambda: result.append(self._flush()), name="conduit-flush", daemon=True
+            target=lambda: result.append(self._flush_in_place()),
+            name="conduit-flush",
+            daemon=True,
         )
         worker.start()
         worker.join()
         return bool(result and result[0])
+
+    def _flush_in_place(self) -> bool:
+        """:meth:`flush` on this thread (uWSGI's timer: its signals are handled in C)."""
+        if self._reader is None or self._closed or self.exporter is None:
+            return False
+        return self._flush()
 
     def _flush(self) -> bool:
         assert self._reader is not None and self.exporter is not None

@@ -59,7 +59,7 @@ F = TypeVar("F", bound=Callable[..., Any])
 class Handle(Protocol):
     """What the lifecycle needs of a handle."""
 
-    def flush(self) -> bool: ...
+    def _flush_in_place(self) -> bool: ...
 
     def shutdown(self) -> None: ...
 
@@ -377,7 +377,7 @@ def _uwsgi_flush_timer(uwsgi: Any, seconds: int) -> int | None:
 def _uwsgi_flush(signum: int) -> None:
     for handle in list(_uwsgi_hooks.handles):
         try:
-            handle.flush()
+            handle._flush_in_place()  # no thread of its own: uWSGI handles signals in C
         except Exception as exc:  # never into uWSGI's loop
             log.warning("conduit-otel-cache: timed flush failed: %s: %s", type(exc).__name__, exc)
 
