@@ -181,3 +181,19 @@ def test_disabled_record_costs_less_than_enabled_record() -> None:
         assert on.local_statistics("Geo").hit_count > 1 and off.snapshot() == {}
     finally:
         on.shutdown()
+
+
+def test_local_mode_stats_api_says_there_is_no_cluster_view(make_stats: MakeStats) -> None:
+    """``/api/cache/stats/distributed`` of a ``local`` instance answers 503 naming the mode,
+    not this instance's numbers as if they were the cluster's."""
+    stats = make_stats("solo", mode="local")
+    _record(stats)
+    replies: list[str] = []
+    app = stats.wsgi_app()
+    environ = {"REQUEST_METHOD": "GET", "PATH_INFO": "/api/cache/stats/distributed"}
+    body = b"".join(app(environ, lambda status, headers: replies.append(status)))
+    assert replies == ["503 Service Unavailable"]
+    assert "mode local: no cluster view here" in body.decode()
+    environ["PATH_INFO"] = "/api/cache/stats/local"
+    assert b'"Geo"' in b"".join(app(environ, lambda status, headers: replies.append(status)))
+    stats.shutdown()

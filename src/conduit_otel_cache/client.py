@@ -258,13 +258,23 @@ class CacheStatistics:
         ``/api/cache/stats/distributed`` (the cluster view) as JSON per region."""
         from .api import make_stats_app
 
-        return make_stats_app(local=self.snapshot, cluster=lambda: self.cluster_view().regions)
+        return make_stats_app(local=self.snapshot, cluster=self._cluster_regions)
 
     def asgi_app(self) -> ASGIApp:
         """The same API as :meth:`wsgi_app` as an ASGI app (Starlette, FastAPI, uvicorn)."""
         from .api import make_stats_asgi_app
 
-        return make_stats_asgi_app(local=self.snapshot, cluster=lambda: self.cluster_view().regions)
+        return make_stats_asgi_app(local=self.snapshot, cluster=self._cluster_regions)
+
+    def _cluster_regions(self) -> dict[str, Statistics]:
+        """The cluster view's regions for the stats API; in mode ``local`` there is none,
+        and the API says so (503) rather than answer this instance's numbers."""
+        if self.aggregator is None:
+            raise LookupError(
+                f"mode {self.settings.mode}: no cluster view here (mode hybrid or "
+                "distributed writes through to Redis and reads the cluster)"
+            )
+        return self.cluster_view().regions
 
     def timed_lookup(self, region: str) -> TimedLookup:
         """``with stats.timed_lookup(region) as lookup:`` ... ``lookup.hit()`` or
