@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
 from typing import Any
 
 import pytest
@@ -228,3 +230,22 @@ def test_cache_page_through_the_wrapper(make_stats: MakeStats) -> None:
         assert [view(factory.get("/p")).content for _ in range(2)] == [b"hello", b"hello"]
         assert calls == [1]
         assert counts(stats, "default") == (2, 1, 2, 0, 3)
+
+
+def test_the_app_config_fails_at_start_naming_the_setting() -> None:
+    """Django builds caches at their first use; with ``ConduitCacheConfig`` in
+    ``INSTALLED_APPS`` a wrong ``STATS`` path fails ``django.setup()`` instead."""
+    code = (
+        "import django\n"
+        "from django.conf import settings\n"
+        "settings.configure(INSTALLED_APPS=["
+        "'conduit_otel_cache.integrations.django.ConduitCacheConfig'],"
+        f" CACHES={{'default': {{'BACKEND': {BACKEND!r}, 'WRAPS': {LOCMEM!r},"
+        " 'STATS': 'myproject.stats.no_such_handle'}})\n"
+        "django.setup()\n"
+        "print('started')\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode != 0 and "started" not in proc.stdout
+    assert "ImproperlyConfigured" in proc.stderr
+    assert "CACHES['default']['STATS']" in proc.stderr, proc.stderr[-2000:]

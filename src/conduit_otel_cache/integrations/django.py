@@ -35,6 +35,7 @@ from typing import Any, TypeVar
 from .recording import RegionRecorder, missing_extra, resolve_region, resolve_stats
 
 try:
+    from django.apps import AppConfig
     from django.conf import settings
     from django.core.cache.backends.base import DEFAULT_TIMEOUT
     from django.core.exceptions import ImproperlyConfigured
@@ -42,7 +43,7 @@ try:
 except ImportError as exc:  # pragma: no cover - exercised in a subprocess test
     raise missing_extra(__name__, "Django>=4.2", "django") from exc
 
-__all__ = ["RecordingCache"]
+__all__ = ["ConduitCacheConfig", "RecordingCache"]
 
 _OWN_KEYS = ("WRAPS", "STATS", "REGION")
 _MISSING: Any = object()
@@ -54,30 +55,8 @@ class RecordingCache:
 
     def __init__(self, location: str, params: dict[str, Any]) -> None:
         alias = _alias_of(location, params)
-        where = f"CACHES[{alias!r}]" if alias is not None else "CACHES[...]"
+        backend_class, stats, region = _configured(alias, params)
         inner_params = {k: v for k, v in params.items() if k not in _OWN_KEYS}
-        backend = params.get("WRAPS")
-        if not backend:
-            raise ImproperlyConfigured(
-                f"{where}['WRAPS'] must name the backend to wrap, such as "
-                "'django.core.cache.backends.locmem.LocMemCache'"
-            )
-        try:
-            backend_class = import_string(backend) if isinstance(backend, str) else backend
-        except ImportError as exc:
-            raise ImproperlyConfigured(f"{where}['WRAPS']: cannot import {backend!r}") from exc
-        if backend_class is RecordingCache:
-            raise ImproperlyConfigured(f"{where}['WRAPS'] cannot be RecordingCache itself")
-        try:
-            stats = resolve_stats(params.get("STATS"), f"{where}['STATS']")
-            region = params.get("REGION", alias)
-            if region is None:
-                raise ValueError(
-                    f"{where}['REGION'] is needed: these settings match no single alias"
-                )
-            region = resolve_region(region, f"{where}['REGION']")
-        except ValueError as exc:
-            raise ImproperlyConfigured(str(exc)) from exc
         #: The wrapped backend.
         self.backend: Any = backend_class(location, inner_params)
         self.region = region
@@ -236,6 +215,49 @@ class RecordingCache:
         self._record.hit(perf_counter() - start)
         self._record.sets()
         return value
+
+
+def _configured(alias: str | None, params: Mapping[str, Any]) -> tuple[Any, Any, str]:
+    """The wrapped backend's class, the statistics handle and the region of one
+    ``CACHES`` entry; :class:`ImproperlyConfigured` naming the setting when one is wrong."""
+    where = f"CACHES[{alias!r}]" if alias is not None else "CACHES[...]"
+    backend = params.get("WRAPS")
+    if not backend:
+        raise ImproperlyConfigured(
+            f"{where}['WRAPS'] must name the backend to wrap, such as "
+            "'django.core.cache.backends.locmem.LocMemCache'"
+        )
+    try:
+        backend_class = import_string(backend) if isinstance(backend, str) else backend
+    except ImportError as exc:
+        raise ImproperlyConfigured(f"{where}['WRAPS']: cannot import {backend!r}") from exc
+    if backend_class is RecordingCache:
+        raise ImproperlyConfigured(f"{where}['WRAPS'] cannot be RecordingCache itself")
+    try:
+        stats = resolve_stats(params.get("STATS"), f"{where}['STATS']")
+        region = params.get("REGION", alias)
+        if region is None:
+            raise ValueError(f"{where}['REGION'] is needed: these settings match no single alias")
+        region = resolve_region(region, f"{where}['REGION']")
+    except ValueError as exc:
+        raise ImproperlyConfigured(str(exc)) from exc
+    return backend_class, stats, region
+
+
+class ConduitCacheConfig(AppConfig):  # type: ignore[misc]
+    """Add ``"conduit_otel_cache.integrations.django.ConduitCacheConfig"`` to
+    ``INSTALLED_APPS`` and a wrong ``WRAPS``, ``STATS`` or ``REGION`` of a
+    :class:`RecordingCache` fails when Django starts (Django builds caches at first use)."""
+
+    name = "conduit_otel_cache.integrations.django"
+    label = "conduit_otel_cache"
+    verbose_name = "conduit-otel-cache"
+
+    def ready(self) -> None:
+        backend = f"{RecordingCache.__module__}.{RecordingCache.__qualname__}"
+        for alias, params in getattr(settings, "CACHES", {}).items():
+            if params.get("BACKEND") in (backend, RecordingCache):
+                _configured(alias, params)
 
 
 def _alias_of(location: str, params: dict[str, Any]) -> str | None:
