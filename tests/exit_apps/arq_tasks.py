@@ -10,17 +10,13 @@ from arq.connections import RedisSettings
 
 from conduit_otel_cache import setup
 
-from ..prefork_support import HITS, MISSES, REGION
-from . import TRUTH
+from . import TRUTH, record_events
 
 stats = setup()
 
 
 async def record(ctx: dict[str, Any]) -> None:
-    for _ in range(HITS):
-        stats.record_hit(REGION, 0.001)
-    for _ in range(MISSES):
-        stats.record_miss(REGION, 0.002)
+    record_events(stats)
     await ctx["redis"].rpush(TRUTH, os.getpid())
 
 

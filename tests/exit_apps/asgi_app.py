@@ -13,7 +13,7 @@ from fastapi import FastAPI
 from conduit_otel_cache import setup
 from conduit_otel_cache.integrations import AsyncRedisCache
 
-from ..prefork_support import HITS, MISSES, REGION
+from . import record_events
 
 stats = setup()
 app = FastAPI()
@@ -29,10 +29,7 @@ def ready() -> int:
 
 @app.get("/")
 def record() -> int:
-    for _ in range(HITS):
-        stats.record_hit(REGION, 0.001)
-    for _ in range(MISSES):
-        stats.record_miss(REGION, 0.002)
+    record_events(stats)
     return os.getpid()
 
 

@@ -10,17 +10,13 @@ import redis
 
 from conduit_otel_cache import setup
 
-from ..prefork_support import HITS, MISSES, REGION
-from . import TRUTH
+from . import TRUTH, record_events
 
 stats = setup()
 _truth = redis.Redis.from_url(os.environ["CONDUIT_CACHE_STATS_REDIS_URL"])
 
 
 def record() -> int:
-    for _ in range(HITS):
-        stats.record_hit(REGION, 0.001)
-    for _ in range(MISSES):
-        stats.record_miss(REGION, 0.002)
+    record_events(stats)
     _truth.rpush(TRUTH, os.getpid())
     return os.getpid()
