@@ -589,16 +589,9 @@ def make_http_server(
     app: Callable[..., Any],
     host: str,
     port: int,
-    certfile: str | None = None,
-    keyfile: str | None = None,
     *,
     ssl_context: ssl.SSLContext | None = None,
     direct: Direct | None = None,
 ) -> HTTPServer:
-    """An :class:`HTTPServer` for ``app`` (and ``direct``); HTTPS when ``certfile`` (and
-    ``keyfile``) or an ``ssl_context`` are given."""
-    if ssl_context is None and certfile:
-        from .webconfig import tls_context
-
-        ssl_context = tls_context(certfile, keyfile)
+    """An :class:`HTTPServer` for ``app`` (and ``direct``); HTTPS with ``ssl_context``."""
     return HTTPServer(app, host, port, ssl_context, direct=direct)
