@@ -13,12 +13,12 @@ under a low ``ulimit -n``, and ``accept()`` out of descriptors.
 from __future__ import annotations
 
 import contextlib
+import http.client
 import logging
 import os
 import resource
 import socket
 import ssl
-import sys
 import threading
 import time
 import urllib.request
@@ -247,5 +247,18 @@ def test_serve_exits_cleanly_with_the_connections_counted(redis_url: str) -> Non
         service.stop()
 
 
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(pytest.main([__file__, "-q", "-s"]))
+def test_serve_stops_promptly_with_kept_alive_tls_connections(certs: Path, redis_url: str) -> None:
+    """A client that keeps its TLS connection open (as Prometheus does) never answers the
+    server's close; ``serve`` cuts it rather than wait for it (it took 15 s)."""
+    cert, key = str(certs / "server.crt"), str(certs / "server.key")
+    serve = ServeProcess(redis_url, "--certfile", cert, "--keyfile", key, scheme="https")
+    context = ssl.create_default_context(cafile=str(certs / "ca.crt"))
+    kept = http.client.HTTPSConnection("127.0.0.1", serve.port, context=context, timeout=10)
+    kept.request("GET", "/metrics")
+    assert kept.getresponse().read()
+    start = time.monotonic()
+    log = serve.stop()
+    stopped_after = time.monotonic() - start
+    kept.close()
+    assert serve.proc.returncode == 0 and stopped_after < 5.0, stopped_after
+    assert "Traceback" not in log, log

@@ -365,7 +365,10 @@ class HTTPServer:
         if not self._started.wait(10) or self._loop is None or self._stop is None:
             return
         self._loop.call_soon_threadsafe(self._stop.set)
-        self._done.wait(15)
+        if not self._done.wait(self.config.graceful_timeout + 1.0):
+            # what is left waits on clients (a TLS close waits for theirs): cut it
+            self._loop.call_soon_threadsafe(self.connections.shut_down_all)
+            self._done.wait(10)
 
     def server_close(self) -> None:
         """Close the listening socket and end the app's threads."""
@@ -495,6 +498,12 @@ class Connections:
                 return True
         return False
 
+    def shut_down_all(self) -> None:
+        """Shut every open connection down (when ``serve`` stops)."""
+        for conn in [*self._open.values(), *self._closing.values()]:
+            with contextlib.suppress(OSError):
+                conn.shutdown(socket.SHUT_RDWR)
+
     def closed(self, peer: tuple[str, int], conn: socket.socket) -> None:
         for table in (self._open, self._closing):
             if table.get(peer) is conn:
@@ -564,8 +573,8 @@ def _loop_errors(connections: Connections) -> Callable[..., None]:
     """An event-loop exception handler: a failed ``accept()`` is one line at a bounded rate
     (no traceback); a TLS error while a connection closes (hypercorn lets
     ``APPLICATION_DATA_AFTER_CLOSE_NOTIFY`` out when a client sends on after the server
-    closed: one traceback per connection a client chooses) is a debug line; everything else
-    goes to asyncio's default handler."""
+    closed: one traceback per connection a client chooses) and a connection cancelled as
+    ``serve`` stops are debug lines; everything else goes to asyncio's default handler."""
     limited = RateLimitedLog(log, ACCEPT_ERROR_LOG_EVERY)
 
     def handler(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
@@ -576,6 +585,9 @@ def _loop_errors(connections: Connections) -> Callable[..., None]:
             return
         if isinstance(exc, ssl.SSLError) and "client_connected_cb" in context.get("message", ""):
             log.debug("TLS connection closed: %s", exc)
+            return
+        if isinstance(exc, asyncio.CancelledError):  # a connection cut when serve stops
+            log.debug("connection cancelled: %s", context.get("message"))
             return
         loop.default_exception_handler(context)
 

@@ -57,9 +57,21 @@ TLS_KEYS = ("cert_file", "key_file", "client_auth_type", "client_ca_file", "min_
 TOP_KEYS = ("tls_server_config", "basic_auth_users")
 #: Successful verifications kept in memory (bcrypt costs tens of milliseconds by design).
 AUTH_CACHE_SIZE = 1024
-#: bcrypt checks at a time: a request that finds them all busy gets 503 at once, so that a
-#: flood of wrong passwords never takes every worker thread from the scrapers.
-BCRYPT_SLOTS = 2
+
+
+def _bcrypt_slots() -> int:
+    """Half the CPUs this process may run on, at least 1."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        cpus = os.cpu_count() or 1
+    return max(1, cpus // 2)
+
+
+#: bcrypt checks at a time (half the CPUs, at least 1): a request that finds them all busy
+#: gets 503 at once, so that a flood of wrong passwords never takes every worker thread, nor
+#: more than half the CPUs, from the scrapers.
+BCRYPT_SLOTS = _bcrypt_slots()
 
 
 @dataclasses.dataclass(frozen=True)
