@@ -9,6 +9,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[test,demo]'
+	$(PY) -m pip install --quiet --no-deps 'arq>=0.26'  # pins redis<6; runs on redis-py 6+
 	touch $@
 
 demo: $(VENV)/.installed
@@ -20,16 +21,16 @@ lint: $(VENV)/.installed
 	$(VENV)/bin/mypy
 
 # Servers and tools the tests run for real; installed with apt (as root) when missing.
-SYSTEM_TOOLS := redis-server redis-cli prometheus promtool openssl chromium
+SYSTEM_TOOLS := redis-server redis-cli prometheus promtool openssl chromium wrk
 system-deps:
 	@missing=""; for t in $(SYSTEM_TOOLS); do command -v $$t >/dev/null || missing="$$missing $$t"; done; \
 	if [ -n "$$missing" ]; then \
 	  if command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
 	    echo "installing system packages for:$$missing"; \
 	    export DEBIAN_FRONTEND=noninteractive; apt-get update -qq && \
-	    apt-get install -y -qq --no-install-recommends redis-server redis-tools prometheus openssl chromium >/dev/null; \
+	    apt-get install -y -qq --no-install-recommends redis-server redis-tools prometheus openssl chromium wrk >/dev/null; \
 	  else \
-	    echo "missing:$$missing; install redis-server, redis-tools, prometheus, openssl and chromium"; exit 1; \
+	    echo "missing:$$missing; install redis-server, redis-tools, prometheus, openssl, chromium and wrk"; exit 1; \
 	  fi; \
 	fi
 
@@ -53,6 +54,7 @@ $(LOWEST_VENV)/.installed: pyproject.toml constraints/lowest.txt
 	$(LOWEST_PYTHON) -m venv $(LOWEST_VENV)
 	$(LOWEST_VENV)/bin/python -m pip install --quiet --upgrade pip
 	$(LOWEST_VENV)/bin/python -m pip install --quiet -c constraints/lowest.txt -e '.[test]'
+	$(LOWEST_VENV)/bin/python -m pip install --quiet --no-deps 'arq>=0.26'
 	touch $@
 
 test-lowest: system-deps $(LOWEST_VENV)/.installed

@@ -15,7 +15,7 @@ import time
 
 from conduit_otel_cache.embedded import redis_server_binary
 
-from . import flush, hot_path, scale, scrape
+from . import end_to_end, flush, flush_in_app, hot_path, import_time, scale, scrape, work_horse
 from .common import Target, show_targets
 
 
@@ -42,25 +42,35 @@ def main() -> None:
     )
     parser.add_argument(
         "--only",
-        choices=["hot", "flush", "scale", "scrape"],
+        choices=["hot", "flush", "scale", "scrape", "horse", "import", "e2e", "app-flush"],
         action="append",
         help="run only these",
     )
     args = parser.parse_args()
-    only = set(args.only or ["hot", "flush", "scale", "scrape"])
+    only = set(
+        args.only or ["hot", "flush", "scale", "scrape", "horse", "import", "e2e", "app-flush"]
+    )
     started = time.perf_counter()
     print(f"# conduit-otel-cache benchmarks{' (--quick)' if args.quick else ''}")
     print(f"machine: {machine()}")
     print(f"command: {' '.join(['python -m benchmarks', *sys.argv[1:]])}", flush=True)
     targets: list[Target] = []
+    if "e2e" in only:  # first: what an application owner asks
+        targets += end_to_end.run(quick=args.quick)
     if "hot" in only:
         targets += hot_path.run(quick=args.quick, peer=not args.no_peer)
     if "flush" in only:
         targets += flush.run(quick=args.quick)
+    if "app-flush" in only:
+        targets += flush_in_app.run(quick=args.quick)
     if "scale" in only:
         targets += scale.run(quick=args.quick)
     if "scrape" in only:
         targets += scrape.run(quick=args.quick)
+    if "import" in only:
+        targets += import_time.run(quick=args.quick)
+    if "horse" in only:
+        targets += work_horse.run(quick=args.quick)
     print("\n## Summary")
     show_targets("All targets", targets)
     met = sum(1 for t in targets if t.met)

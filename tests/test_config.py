@@ -98,3 +98,22 @@ def test_default_region_and_aggregation_cache_options(redis_url: str) -> None:
 def test_a_renamed_option_fails_naming_its_new_name(options: dict, env: dict) -> None:
     with pytest.raises(ConfigError, match=r"cluster .*renamed to redis_cluster .*REDIS_CLUSTER"):
         Settings.load(env, redis_url="redis://h:1", **options)
+
+
+def test_a_mistyped_variable_or_keyword_is_refused_naming_the_closest_option() -> None:
+    """A typo in a variable is not ignored in silence (nor in a keyword)."""
+    with pytest.raises(ConfigError) as env_error:
+        Settings.load(environ={"CONDUIT_CACHE_STATS_FLUSH_INTERVALL": "5"})
+    assert str(env_error.value) == (
+        "unknown variable(s): CONDUIT_CACHE_STATS_FLUSH_INTERVALL "
+        "(did you mean CONDUIT_CACHE_STATS_FLUSH_INTERVAL?)"
+    )
+    with pytest.raises(ConfigError, match=r"flush_intervall \(did you mean flush_interval\?\)"):
+        Settings.load(environ={}, flush_intervall=5)
+
+
+@pytest.mark.parametrize("value", ["150", "-1", "100.5"])
+def test_max_drift_percent_is_percentage_points(value: str) -> None:
+    """Drift is the distance between two hit ratios in percent: more than 100 never fires."""
+    with pytest.raises(ConfigError, match="max_drift_percent: must be 0 to 100"):
+        Settings.load(environ={"CONDUIT_CACHE_STATS_MAX_DRIFT_PERCENT": value})

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import functools
 import inspect
 import itertools
 import math
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 from urllib.parse import SplitResult, parse_qs, parse_qsl, unquote, unquote_plus, urlsplit
 
@@ -97,6 +98,17 @@ def redact_url(url: str | None) -> str:
     return f"{scheme}://{''.join(shown)}"
 
 
+def _with_closest(
+    names: list[str], options: Mapping[str, object], shown: Callable[[str], str] = str
+) -> str:
+    """``name (did you mean closest?)`` for each of ``names``."""
+    out = []
+    for name in names:
+        close = difflib.get_close_matches(name, list(options), n=1)
+        out.append(f"{shown(name)} (did you mean {shown(close[0])}?)" if close else shown(name))
+    return ", ".join(out)
+
+
 def valid_name(name: object) -> bool:
     """True when ``name`` may be used as a region name or instance id."""
     return isinstance(name, str) and NAME_PATTERN.fullmatch(name) is not None
@@ -145,6 +157,8 @@ class Settings:
     drift_min_requests: int = 100
     max_memory_bytes: int = 1 << 30
     set_global: bool = True
+    #: stand in for SIGTERM's default disposition with a final flush (:mod:`.lifecycle`)
+    handle_signals: bool = True
     service_name: str = "conduit"
     enabled: bool = True
     #: ``redis_url`` names a Redis Cluster (implied by ``redis+cluster://``/``rediss+cluster://``)
@@ -194,7 +208,14 @@ class Settings:
                 )
         unknown = set(options) - set(fields)
         if unknown:
-            raise ConfigError(f"unknown option(s): {', '.join(sorted(unknown))}")
+            raise ConfigError(f"unknown option(s): {_with_closest(sorted(unknown), fields)}")
+        mistyped = sorted(
+            var[len(ENV_PREFIX):].lower() for var in env
+            if var.startswith(ENV_PREFIX) and var[len(ENV_PREFIX):].lower() not in fields
+        )  # fmt: skip
+        if mistyped:  # a typo in a variable would otherwise be ignored in silence
+            names = _with_closest(mistyped, fields, lambda n: ENV_PREFIX + n.upper())
+            raise ConfigError(f"unknown variable(s): {names}")
         values: dict[str, Any] = {}
         for name, field in fields.items():
             var = ENV_PREFIX + name.upper()
@@ -264,8 +285,11 @@ class Settings:
             )
         if self.aggregation_cache_ttl < 0 or not math.isfinite(self.aggregation_cache_ttl):
             raise ConfigError("aggregation_cache_ttl: must be a finite number >= 0")
-        if self.max_drift_percent < 0 or not math.isfinite(self.max_drift_percent):
-            raise ConfigError("max_drift_percent: must be a finite number >= 0")
+        if not 0 <= self.max_drift_percent <= 100:  # points between hit ratios in percent
+            raise ConfigError(
+                f"max_drift_percent: must be 0 to 100 (percentage points), got "
+                f"{self.max_drift_percent:g}"
+            )
         for name in ("max_regions", "max_instance_series", "min_active_instances",
                      "max_response_time_samples", "batch_size",
                      "max_memory_bytes"):  # fmt: skip

@@ -10,6 +10,8 @@ the observed :class:`~conduit_otel_cache.model.ResponseTimes` into a histogram d
 
 from __future__ import annotations
 
+import itertools
+import threading
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Protocol
 
@@ -45,24 +47,55 @@ def observe(
     return callback
 
 
+class OncePerCollection:
+    """One ``snapshot()`` shared by the callbacks of one collection, whatever order the SDK
+    calls them in: a callback that asks again has started the next collection, which
+    takes a fresh one (so a final collection sees every event recorded before it)."""
+
+    def __init__(self, snapshot: Snapshot) -> None:
+        self._snapshot = snapshot
+        self._current: Mapping[str, Statistics] | None = None
+        self._used: set[int] = set()
+        self._lock = threading.Lock()
+        self._keys = itertools.count()
+
+    def reader(self) -> Snapshot:
+        """A ``snapshot`` for one callback."""
+        key = next(self._keys)
+
+        def read() -> Mapping[str, Statistics]:
+            with self._lock:
+                if self._current is None or key in self._used:
+                    self._current = self._snapshot()
+                    self._used = set()
+                self._used.add(key)
+                return self._current
+
+        return read
+
+
 def register_cache_instruments(meter: Meter, snapshot: Snapshot) -> None:
-    """Create the ``conduit.cache.*`` instruments on ``meter``, reading ``snapshot()``."""
+    """Create the ``conduit.cache.*`` instruments on ``meter``, reading ``snapshot()`` once
+    per collection."""
+    once = OncePerCollection(snapshot)
     for name, unit, description, attr in COUNTER_INSTRUMENTS:
         meter.create_observable_counter(
             name,
-            callbacks=[observe(snapshot, _getter(attr))],
+            callbacks=[observe(once.reader(), _getter(attr))],
             unit=unit,
             description=description,
         )
     meter.create_observable_gauge(
         SIZE_INSTRUMENT,
-        callbacks=[observe(snapshot, _getter("size_bytes"))],
+        callbacks=[observe(once.reader(), _getter("size_bytes"))],
         unit="By",
         description="Cache size",
     )
     meter.create_observable_gauge(
         RESPONSE_TIME_INSTRUMENT,
-        callbacks=[observe(snapshot, lambda stats: HistogramObservation(stats.response_times))],
+        callbacks=[
+            observe(once.reader(), lambda stats: HistogramObservation(stats.response_times))
+        ],
         unit="s",
         description="Cache lookup response time",
     )
