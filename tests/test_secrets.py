@@ -3,11 +3,11 @@
 A property test: random passwords from the whole printable range, placed in every form of
 Redis URL (userinfo percent-encoded or not, query parameters naming a secret, Sentinel and
 Redis Cluster node lists, strings that are not URLs), through every output: the masked URL,
-``ConfigError``, ``repr(settings)``, the CLI's error lines, the log, the landing page,
-``/health`` and the API of a real exporter, and (fewer examples, one process each) the start-up
-line, log, pages and exit error of a real ``serve`` process. A real ``redis-server`` knows the
-password as an ACL user's, so the well-formed URLs do log in (and the others fail: the
-failed-connection log is an output too).
+``ConfigError`` (of ``Settings.load`` and ``setup()``), ``repr(settings)``, the CLI's error
+lines, the log, the landing page, ``/health`` and the API of a real exporter, and (fewer
+examples, one process each) the start-up line, log, pages and exit error of a real ``serve``
+process. A real ``redis-server`` knows the password as an ACL user's, so the well-formed URLs
+do log in (and the others fail: the failed-connection log is an output too).
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ import redis
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conduit_otel_cache import cli
+from conduit_otel_cache import cli, setup
 from conduit_otel_cache.config import ConfigError, Settings, redact_url
 from conduit_otel_cache.embedded import RedisServer, free_port
 from conduit_otel_cache.server import ExporterService
@@ -169,6 +169,9 @@ def outputs_in_process(url: str) -> dict[str, str]:
         except ConfigError as exc:
             settings_ = None
             outputs["ConfigError"] = str(exc)
+            with pytest.raises(ConfigError) as refused:  # the library's set-up refuses it too
+                setup(redis_url=url, set_global=False, flush_interval=None)
+            outputs["setup() ConfigError"] = str(refused.value)
         else:
             outputs["repr"] = repr(settings_) + settings_.safe_redis_url
         for command in ("stats", "health", "cleanup"):

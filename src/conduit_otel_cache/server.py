@@ -139,7 +139,10 @@ class ExporterService:
             self._reload_now.clear()
             if self._stop.is_set():
                 return
-            self.web_config.reload(force=forced)
+            try:
+                self.web_config.reload(force=forced)
+            except Exception as exc:  # the running configuration stays
+                log.error("web configuration not reloaded: %s: %s", type(exc).__name__, exc)
 
     def stop(self) -> None:
         """Stop serving and release Redis connections."""
