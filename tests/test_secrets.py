@@ -192,7 +192,7 @@ def outputs_in_process(url: str) -> dict[str, str]:
     return outputs
 
 
-@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(password=passwords())
 def test_no_output_shows_the_password(locked_redis: RedisServer, password: str) -> None:
     set_password(locked_redis, password)
@@ -234,7 +234,7 @@ SERVE_FORMS = ("userinfo", "password parameter", "sentinel", "cluster", "token p
 
 
 @pytest.mark.parametrize("form", SERVE_FORMS)
-@settings(max_examples=3, deadline=None, suppress_health_check=list(HealthCheck))
+@settings(max_examples=2, deadline=None, suppress_health_check=list(HealthCheck))
 @given(password=passwords())
 def test_serve_process_never_shows_the_password(
     locked_redis: RedisServer, form: str, password: str
