@@ -10,6 +10,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +20,13 @@ from conduit_otel_cache.embedded import free_port
 class ServeProcess:
     """``serve --redis-url URL --port P ARGS`` until :meth:`stop`; stderr kept in a file."""
 
-    def __init__(self, redis_url: str, *args: str, scheme: str = "http") -> None:
+    def __init__(
+        self,
+        redis_url: str,
+        *args: str,
+        scheme: str = "http",
+        preexec_fn: Callable[[], None] | None = None,
+    ) -> None:
         self.port = free_port()
         self.base = f"{scheme}://127.0.0.1:{self.port}"
         self._log = tempfile.NamedTemporaryFile(prefix="serve-", suffix=".log", delete=False)  # noqa: SIM115
@@ -27,6 +34,7 @@ class ServeProcess:
             [sys.executable, "-m", "conduit_otel_cache.cli", "serve", "--redis-url", redis_url,
              "--port", str(self.port), *args],
             stdout=subprocess.PIPE, stderr=self._log, text=True, env={**os.environ},
+            preexec_fn=preexec_fn,
         )  # fmt: skip
         assert self.proc.stdout is not None
         line = self.proc.stdout.readline()

@@ -223,7 +223,7 @@ def test_sentinel_url_forms() -> None:
         ("redis+sentinel://h1:notaport/svc", "not a valid sentinel URL"),
         ("redis+sentinel://h1:1,/svc", "not a valid sentinel URL"),
         ("redis+sentinel://h1:1/svc?sentinel_auth=maybe", "sentinel_auth must be true or false"),
-        ("redis+sentinel://h1:1/svc?password=x", "unknown sentinel URL option(s) password"),
+        ("redis+sentinel://h1:1/svc?password=x", "takes one query parameter, sentinel_auth"),
     ],
 )
 def test_bad_sentinel_urls_name_the_setting(url: str, message: str) -> None:

@@ -282,7 +282,7 @@ class Aggregator:
             aggregation_latency=time.perf_counter() - start,
             redis_memory_bytes=memory,
             last_successful_aggregation=time.time(),
-            data_errors=(*errors, *(e for es in self._instance_errors.values() for e in es)),
+            data_errors=(*errors, *(e for es in list(self._instance_errors.values()) for e in es)),
         )
 
 

@@ -126,7 +126,7 @@ def cmd_cleanup(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     """Run the cluster exporter until SIGINT/SIGTERM."""
     from .server import ExporterService
-    from .webconfig import load_web_config
+    from .webconfig import load_web_config, tls_files_config
 
     web_config = None
     if args.web_config_file:
@@ -136,13 +136,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
         web_config = load_web_config(args.web_config_file)
     elif args.keyfile and not args.certfile:
         raise ConfigError("keyfile: needs --certfile")
+    elif args.certfile:
+        web_config = tls_files_config(args.certfile, args.keyfile)
+    if args.probes_without_auth and not (web_config and web_config.users):
+        raise ConfigError("probes_without_auth: needs basic_auth_users in --web-config-file")
     settings = _settings(args)
-    service = ExporterService(settings, args.host, args.port, certfile=args.certfile,
-                              keyfile=args.keyfile, web_config=web_config,
+    service = ExporterService(settings, args.host, args.port, web_config=web_config,
+                              probes_without_auth=args.probes_without_auth,
                               render_process=True)  # fmt: skip
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
+    signal.signal(signal.SIGHUP, lambda *_: service.reload_web_config())
     service.start(freeze=True)
     scheme = "https" if service.tls else "http"
     host = f"[{args.host}]" if ":" in args.host else args.host
@@ -218,7 +223,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--keyfile", help="private key of --certfile (PEM)")
     p.add_argument("--web-config-file", metavar="FILE",
                    help="TLS and basic auth in the Prometheus exporter-toolkit web "
-                        "configuration format (YAML)")  # fmt: skip
+                        "configuration format (YAML); read again when it or a file it names "
+                        "changes, and on SIGHUP")  # fmt: skip
+    p.add_argument(
+        "--probes-without-auth",
+        action="store_true",
+        help="serve /-/healthy and /-/ready without basic auth (the rest keeps it)",
+    )
     p.set_defaults(func=cmd_serve)
     p = redis_cmd("stats", "Print cluster and per-instance statistics.")
     p.add_argument("--region", help="only this region")

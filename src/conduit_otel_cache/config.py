@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
+import inspect
 import itertools
 import math
 import os
 import re
 from collections.abc import Callable, Mapping
 from typing import Any
-from urllib.parse import SplitResult, parse_qs, unquote, urlsplit, urlunsplit
+from urllib.parse import SplitResult, parse_qs, parse_qsl, unquote, unquote_plus, urlsplit
 
 from .identity import default_instance_id
 
@@ -49,20 +51,51 @@ class ConfigError(ValueError):
     """An option has an invalid value; the message names the option."""
 
 
+#: Query parameters whose value is masked: any name with one of these in it.
+SECRET_PARAMETER = re.compile(r"pass|pwd|secret|token|auth|key|cred", re.IGNORECASE)
+MASK = "***"
+#: What a URL needs where a password may have broken it (in an error's hint).
+ENCODE_HINT = (
+    "percent-encode the password's reserved characters (/ ? # @ : % & = + and space), "
+    "e.g. with urllib.parse.quote(password, safe='')"
+)
+
+
 def redact_url(url: str | None) -> str:
-    """Return ``url`` with any password replaced by ``***``."""
+    """``url`` fit to print, whatever its form: what may hold a password becomes ``***``.
+
+    Masked: the userinfo but its user name (everything before the *last* ``@``, so that a
+    password with unencoded ``/ ? # @`` is masked too; all of it when it has no ``:``), the
+    value of the first query parameter whose name names a secret (``password``, ``token``,
+    ``auth``...) and everything after it, and any fragment. A string without ``://`` is not
+    a URL and is masked whole. Parsing never fails: nothing is assumed about where the
+    password ends, every place it may reach is masked.
+    """
     if not url:
         return ""
-    try:
-        parts = urlsplit(url)
-        if parts.password is None:
-            return url
-        user = parts.username or ""
-        host = parts.netloc.rpartition("@")[2]  # also "h1:p1,h2:p2" of a Redis Cluster URL
-        netloc = f"{user}:***@{host}"
-        return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
-    except ValueError:
-        return "<unparsable redis url>"
+    scheme, sep, rest = url.partition("://")
+    if not sep or not re.fullmatch(r"[A-Za-z][A-Za-z0-9+.\-]{0,30}", scheme):
+        return MASK
+    masked = [False] * len(rest)
+
+    def mask(start: int, end: int) -> None:
+        masked[start:end] = [True] * (end - start)
+
+    at = rest.rfind("@")
+    if at >= 0:
+        colon = rest.find(":", 0, at)
+        named = colon >= 0 and not any(c in rest[:colon] for c in "/?#")
+        mask(colon + 1 if named else 0, at)
+    for found in re.finditer(r"[?&]([^&=#]*)=", rest):
+        if SECRET_PARAMETER.search(unquote_plus(found.group(1))):
+            mask(found.end(), len(rest))
+            break
+    fragment = rest.find("#")
+    if fragment >= 0:
+        mask(fragment + 1, len(rest))
+    runs = itertools.groupby(zip(masked, rest, strict=True), key=lambda pair: pair[0])
+    shown = [MASK if hidden else "".join(char for _, char in run) for hidden, run in runs]
+    return f"{scheme}://{''.join(shown)}"
 
 
 def _with_closest(
@@ -373,12 +406,9 @@ def sentinel_address(url: str) -> SentinelAddress:
         )
     if len(path) == 2 and not (path[1].isdigit() and len(path[1]) <= 5):
         raise ConfigError(f"redis_url: the database must be a number: {shown!r}")
-    unknown = set(query) - {"sentinel_auth"}
-    if unknown:
-        raise ConfigError(
-            f"redis_url: unknown sentinel URL option(s) {', '.join(sorted(unknown))} "
-            "(only sentinel_auth)"
-        )
+    if set(query) - {"sentinel_auth"}:  # names not shown: perhaps pieces of a password
+        raise ConfigError(f"redis_url: a sentinel URL takes one query parameter, sentinel_auth "
+                          f"({ENCODE_HINT}): {shown!r}")  # fmt: skip
     auth = query.get("sentinel_auth", ["false"])[-1].strip().lower()
     if auth not in _TRUE | _FALSE:
         raise ConfigError(f"redis_url: sentinel_auth must be true or false: {shown!r}")
@@ -393,6 +423,16 @@ def sentinel_address(url: str) -> SentinelAddress:
 
 
 def _check_url(url: str) -> None:
+    shown = redact_url(url)
+    if "://" not in url:
+        raise ConfigError("redis_url: not a URL, such as redis://[[user]:password@]host[:port]"
+                          "[/db] (the value is not shown)")  # fmt: skip
+    rest = url.partition("://")[2]
+    authority = re.split(r"[/?#]", rest, maxsplit=1)[0]
+    if "#" in url or "@" in rest[len(authority) :]:
+        # urlsplit would end the userinfo at the first / ? or #: a password with those
+        # characters unencoded would be cut, and the rest taken for the host or path
+        raise ConfigError(f"redis_url: not a valid URL: {shown!r} ({ENCODE_HINT})")
     if url.partition(":")[0] in SENTINEL_SCHEMES:
         sentinel_address(url)  # its own messages
         return
@@ -403,13 +443,51 @@ def _check_url(url: str) -> None:
         else:
             parts.port  # noqa: B018 - raises ValueError for a bad port
     except ValueError:
-        raise ConfigError(f"redis_url: not a valid URL: {redact_url(url)!r}") from None
+        raise ConfigError(f"redis_url: not a valid URL: {shown!r} ({ENCODE_HINT})") from None
     if parts.scheme not in REDIS_SCHEMES:
-        raise ConfigError(
-            f"redis_url: scheme must be one of {', '.join(REDIS_SCHEMES)}, got {redact_url(url)!r}"
-        )
+        raise ConfigError(f"redis_url: scheme must be one of {', '.join(REDIS_SCHEMES)}, "
+                          f"got {shown!r}")  # fmt: skip
     if parts.scheme != "unix" and not parts.hostname:
-        raise ConfigError(f"redis_url: no host in {redact_url(url)!r}")
+        raise ConfigError(f"redis_url: no host in {shown!r}")
+    if parts.query:
+        _check_query(parts, shown)
+
+
+def _check_query(parts: SplitResult, shown: str) -> None:
+    """Query parameters of a ``redis://``, ``rediss://`` or ``unix://`` URL: each must be an
+    option of redis-py's connections (redis-py hands any other to the connection, whose
+    error would name it: perhaps a piece of a password split at an unencoded ``&``)."""
+    if parts.scheme in REDIS_CLUSTER_SCHEMES:
+        raise ConfigError(f"redis_url: a Redis Cluster URL takes no query parameters: {shown!r}")
+    try:
+        names = [name for name, _ in parse_qsl(parts.query, keep_blank_values=True,
+                                               strict_parsing=True)]  # fmt: skip
+    except ValueError:
+        raise ConfigError(f"redis_url: not a valid query string: {shown!r} ({ENCODE_HINT})"
+                          ) from None  # fmt: skip
+    unknown = [i for i, name in enumerate(names, 1) if name not in _redis_url_options()]
+    if unknown:
+        raise ConfigError(
+            f"redis_url: query parameter(s) number {', '.join(map(str, unknown))} are not "
+            f"redis-py connection options (names not shown: they may be part of a password; "
+            f"{ENCODE_HINT}): {shown!r}"
+        )
+
+
+@functools.cache
+def _redis_url_options() -> frozenset[str]:
+    """The query parameters redis-py's ``from_url`` takes: its parsed ones and the options
+    of its connection classes."""
+    import redis.connection as connection
+
+    names = set(connection.URL_QUERY_ARGUMENT_PARSERS)
+    for cls in (connection.Connection, connection.SSLConnection,
+                connection.UnixDomainSocketConnection):  # fmt: skip
+        for klass in cls.__mro__:
+            init = klass.__dict__.get("__init__")
+            if init is not None:
+                names |= set(inspect.signature(init).parameters) - {"self", "args", "kwargs"}
+    return frozenset(names)
 
 
 _TRUE = {"1", "true", "yes", "on"}

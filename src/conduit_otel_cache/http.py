@@ -5,23 +5,37 @@ a connection costs a coroutine, not a thread; one that has not sent its request 
 within ``header_timeout`` seconds is closed; a slow reader holds its (already rendered)
 reply, never a thread. A ``direct`` function may answer a request on the event loop itself
 (``/metrics`` from bytes rendered already), without a thread's hand-off.
+
+HTTP/1.1 only: hypercorn's HTTP/2 (prior knowledge or ``Upgrade: h2c``) has none of those
+deadlines, so it is never started. The connections open at once are bounded by the file
+descriptors (:class:`Connections`): at the bound a new connection pushes out the oldest one
+without a request in flight, so that descriptors never run out and a scraper is answered
+while slow clients hold the rest; should ``accept()`` fail all the same (``EMFILE``), it is
+logged at a bounded rate, the open connections are served and accepting resumes a second
+later.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import errno
+import functools
 import gc
 import html
 import json
 import logging
-import os
+import resource
 import socket
 import ssl
 import threading
+import time
+from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from .health import Health
+from .ratelimit import RateLimitedLog
 
 StartResponse = Callable[..., Any]
 Environ = dict[str, Any]
@@ -44,6 +58,13 @@ WORKER_THREADS = 8
 MAX_HEADER_BYTES = 16 * 1024
 #: Connections waiting to be accepted.
 BACKLOG = 1024
+#: File descriptors kept from connections, for Redis, the render process and the log: the
+#: connections open at once are at most ``RLIMIT_NOFILE`` minus these.
+RESERVED_FDS = 64
+#: Errors of ``accept()`` that say the process or system is out of descriptors or memory.
+RESOURCE_ERRORS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
+#: Seconds between two lines about connections that could not be accepted.
+ACCEPT_ERROR_LOG_EVERY = 10.0
 #: With :meth:`HTTPServer.collect_when_idle`: seconds without a request in flight before the
 #: cyclic garbage collector runs, and the least seconds between two such collections.
 IDLE_GC_AFTER = 0.01
@@ -248,6 +269,8 @@ class HTTPServer:
         self.socket = socket.create_server((host, port), family=family, backlog=BACKLOG)
         self.server_address: tuple[Any, ...] = self.socket.getsockname()
         self.wsgi = WSGIMiddleware(app, workers=threads)
+        #: the connections open now (bounded by the file descriptors)
+        self.connections = Connections(connection_limit())
         answering = self.wsgi if direct is None else _answering(direct, self.wsgi)
         self.asgi_app = self._counting(answering)
         #: full collections run by :meth:`collect_when_idle`
@@ -256,7 +279,7 @@ class HTTPServer:
         self._in_flight = 0
         self._collected_at = -IDLE_GC_EVERY
         self._pending: asyncio.TimerHandle | None = None
-        self.config = _hypercorn_config(ssl_context)
+        self.config = _hypercorn_config(ssl_context, self.socket, self.connections)
         self.config.backlog = BACKLOG
         self.config.keep_alive_timeout = header_timeout  # also the time to send the headers
         self.config.ssl_handshake_timeout = header_timeout
@@ -292,10 +315,13 @@ class HTTPServer:
             if scope["type"] != "http":  # lifespan: for as long as the server runs
                 return await app(scope, receive, send)  # type: ignore[no-any-return]
             self._in_flight += 1
+            peer = _peer(scope.get("client"))
+            self.connections.begin(peer)
             try:
                 await app(scope, receive, send)
             finally:
                 self._in_flight -= 1
+                self.connections.end(peer)
                 if not self._in_flight and self._idle_gc:
                     self._collect_soon()
 
@@ -330,7 +356,7 @@ class HTTPServer:
 
         self._loop = asyncio.get_running_loop()
         self._stop = asyncio.Event()
-        self.config.bind = [f"fd://{os.dup(self.socket.fileno())}"]  # hypercorn closes its copy
+        self._loop.set_exception_handler(_loop_errors(self.connections))
         self._started.set()
         await serve(self.asgi_app, self.config, shutdown_trigger=self._stop.wait, mode="asgi")
 
@@ -339,7 +365,10 @@ class HTTPServer:
         if not self._started.wait(10) or self._loop is None or self._stop is None:
             return
         self._loop.call_soon_threadsafe(self._stop.set)
-        self._done.wait(15)
+        if not self._done.wait(self.config.graceful_timeout + 1.0):
+            # what is left waits on clients (a TLS close waits for theirs): cut it
+            self._loop.call_soon_threadsafe(self.connections.shut_down_all)
+            self._done.wait(10)
 
     def server_close(self) -> None:
         """Close the listening socket and end the app's threads."""
@@ -377,12 +406,15 @@ def _answering(direct: Direct, app: Any) -> Callable[..., Any]:
     return asgi
 
 
-def _hypercorn_config(context: ssl.SSLContext | None) -> Any:
-    """hypercorn's Config, with ``context`` (client certificates and versions as the web
-    configuration asks) as its TLS context instead of one of its own making."""
-    from hypercorn.config import Config
+def _hypercorn_config(
+    context: ssl.SSLContext | None, sock: socket.socket, connections: Connections
+) -> Any:
+    """hypercorn's Config: ``context`` (client certificates and versions as the web
+    configuration asks) as its TLS context instead of one of its own making, and a copy of
+    the listening ``sock`` that admits connections through ``connections``."""
+    from hypercorn.config import Config, Sockets
 
-    class TLSConfig(Config):
+    class ServeConfig(Config):
         @property
         def ssl_enabled(self) -> bool:
             return context is not None
@@ -390,23 +422,188 @@ def _hypercorn_config(context: ssl.SSLContext | None) -> Any:
         def create_ssl_context(self) -> ssl.SSLContext | None:
             return context
 
-    return TLSConfig()
+        def create_sockets(self) -> Sockets:
+            copy = socket.dup(sock.fileno())  # hypercorn closes it
+            listener = _Listener(connections, sock.family, sock.type, sock.proto, fileno=copy)
+            listener.setblocking(False)
+            tls = context is not None
+            return Sockets([listener] if tls else [], [] if tls else [listener], [])
+
+    return ServeConfig()
+
+
+def _http11_only() -> None:
+    """Keep hypercorn on HTTP/1.1: it switches a connection to HTTP/2 on the prior-knowledge
+    preface (``PRI * HTTP/2.0``, over TLS too, whatever ALPN chose) or an ``Upgrade: h2c``
+    request, and its HTTP/2 has none of the HTTP/1.1 deadlines (headers completed by a
+    CONTINUATION frame every 2 s stay open, an idle connection 30 s). With this, the preface
+    is an HTTP/1.1 request for ``*`` (``404``) followed by bytes that are not one (``400``,
+    closed), and ``Upgrade: h2c`` is ignored."""
+    from hypercorn.protocol.h11 import H11Protocol
+
+    async def check_protocol(self: Any, event: Any) -> None:
+        return None
+
+    H11Protocol._check_protocol = check_protocol  # type: ignore[method-assign]
+
+
+def connection_limit() -> int:
+    """How many connections may be open at once: the soft ``RLIMIT_NOFILE`` of the process
+    but :data:`RESERVED_FDS` (at least 16)."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        soft = 1 << 20
+    return max(16, soft - RESERVED_FDS)
+
+
+def _peer(client: Any) -> tuple[str, int] | None:
+    return (str(client[0]), int(client[1])) if client else None
+
+
+class Connections:
+    """The connections accepted and still open, oldest first, with their requests in flight.
+
+    At :attr:`limit` the oldest connection without a request in flight (one still sending
+    its headers, or idle between keep-alive requests, as a slow or hostile client is; never
+    one being answered) is shut down, and the next is accepted once it is closed; when every
+    one is being answered, a new connection is closed at once. Used on the event loop's
+    thread only."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._open: dict[tuple[str, int], socket.socket] = {}  # insertion order: oldest first
+        self._closing: dict[tuple[str, int], socket.socket] = {}  # shut down, not closed yet
+        self._busy: Counter[tuple[str, int] | None] = Counter()
+        #: connections shut down to make room, and new ones closed at once, since start
+        self.evicted = 0
+        self.refused = 0
+
+    def __len__(self) -> int:
+        return len(self._open) + len(self._closing)
+
+    def full(self) -> bool:
+        return len(self) >= self.limit
+
+    def add(self, peer: tuple[str, int], conn: socket.socket) -> None:
+        self._open[peer] = conn
+
+    def evict(self) -> bool:
+        """Shut down the oldest connection without a request in flight; False if none."""
+        for peer, conn in self._open.items():
+            if not self._busy[peer]:
+                self._closing[peer] = self._open.pop(peer)
+                with contextlib.suppress(OSError):  # hypercorn reads the end and closes it
+                    conn.shutdown(socket.SHUT_RDWR)
+                self.evicted += 1
+                return True
+        return False
+
+    def shut_down_all(self) -> None:
+        """Shut every open connection down (when ``serve`` stops)."""
+        for conn in [*self._open.values(), *self._closing.values()]:
+            with contextlib.suppress(OSError):
+                conn.shutdown(socket.SHUT_RDWR)
+
+    def closed(self, peer: tuple[str, int], conn: socket.socket) -> None:
+        for table in (self._open, self._closing):
+            if table.get(peer) is conn:
+                del table[peer]
+        self._busy.pop(peer, None)
+
+    def begin(self, peer: tuple[str, int] | None) -> None:
+        self._busy[peer] += 1
+
+    def end(self, peer: tuple[str, int] | None) -> None:
+        self._busy[peer] -= 1
+        if self._busy[peer] <= 0:
+            del self._busy[peer]
+
+
+class _Connection(socket.socket):
+    """An accepted connection that tells :class:`Connections` when it is closed."""
+
+    _untracked: Callable[[], None] | None = None
+
+    def close(self) -> None:
+        if self._untracked is not None:
+            self._untracked()
+            self._untracked = None
+        super().close()
+
+
+class _Listener(socket.socket):
+    """The listening socket hypercorn serves, admitting connections by :class:`Connections`.
+
+    Out of descriptors, ``accept()`` fails once (asyncio stops accepting for a second) and
+    then says "nothing to accept" until then: asyncio's loop over the backlog would log each
+    of up to 1024 failures, every second."""
+
+    def __init__(self, connections: Connections, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._connections = connections
+        self._failed_at = -1.0
+
+    def accept(self) -> tuple[socket.socket, Any]:
+        while True:
+            refuse = self._connections.full()
+            if refuse and self._connections.evict():  # accept again once that one is closed
+                raise BlockingIOError(errno.EAGAIN, "at the connection limit")
+            try:
+                fd, address = self._accept()  # type: ignore[attr-defined]
+            except OSError as exc:
+                if exc.errno not in RESOURCE_ERRORS:
+                    raise
+                now = time.monotonic()
+                if now - self._failed_at < 0.5:
+                    raise BlockingIOError(errno.EAGAIN, "paused: out of descriptors") from None
+                self._failed_at = now
+                raise
+            conn = _Connection(self.family, self.type, self.proto, fileno=fd)
+            if refuse:  # every open connection is being answered
+                self._connections.refused += 1
+                conn.close()
+                continue
+            peer = (str(address[0]), int(address[1]))
+            self._connections.add(peer, conn)
+            conn._untracked = functools.partial(self._connections.closed, peer, conn)
+            return conn, address
+
+
+def _loop_errors(connections: Connections) -> Callable[..., None]:
+    """An event-loop exception handler: a failed ``accept()`` is one line at a bounded rate
+    (no traceback); a TLS error while a connection closes (hypercorn lets
+    ``APPLICATION_DATA_AFTER_CLOSE_NOTIFY`` out when a client sends on after the server
+    closed: one traceback per connection a client chooses) and a connection cancelled as
+    ``serve`` stops are debug lines; everything else goes to asyncio's default handler."""
+    limited = RateLimitedLog(log, ACCEPT_ERROR_LOG_EVERY)
+
+    def handler(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        exc = context.get("exception")
+        if isinstance(exc, OSError) and exc.errno in RESOURCE_ERRORS:
+            limited.error("cannot accept connections: %s; the %d open ones are served, "
+                          "accepting again in 1 s", exc, len(connections))  # fmt: skip
+            return
+        if isinstance(exc, ssl.SSLError) and "client_connected_cb" in context.get("message", ""):
+            log.debug("TLS connection closed: %s", exc)
+            return
+        if isinstance(exc, asyncio.CancelledError):  # a connection cut when serve stops
+            log.debug("connection cancelled: %s", context.get("message"))
+            return
+        loop.default_exception_handler(context)
+
+    return handler
+
+
+_http11_only()
 
 
 def make_http_server(
     app: Callable[..., Any],
     host: str,
     port: int,
-    certfile: str | None = None,
-    keyfile: str | None = None,
     *,
     ssl_context: ssl.SSLContext | None = None,
     direct: Direct | None = None,
 ) -> HTTPServer:
-    """An :class:`HTTPServer` for ``app`` (and ``direct``); HTTPS when ``certfile`` (and
-    ``keyfile``) or an ``ssl_context`` are given."""
-    if ssl_context is None and certfile:
-        from .webconfig import tls_context
-
-        ssl_context = tls_context(certfile, keyfile)
+    """An :class:`HTTPServer` for ``app`` (and ``direct``); HTTPS with ``ssl_context``."""
     return HTTPServer(app, host, port, ssl_context, direct=direct)

@@ -16,18 +16,25 @@ from .http import landing_page, make_app, make_http_server
 from .model import Statistics
 from .render_process import RenderProcess
 from .store import Store
-from .webconfig import BasicAuth, WebConfig
+from .webconfig import BasicAuth, LiveWebConfig, WebConfig
 
 log = logging.getLogger(__name__)
+
+#: Seconds between two looks at the web configuration's files (a changed one is reloaded).
+WEB_CONFIG_CHECK_INTERVAL = 5.0
+#: The probes that ``probes_without_auth`` leaves open.
+PROBES = ("/-/healthy", "/-/ready")
 
 
 class ExporterService:
     """Serves ``/metrics``, ``/health``, the probes ``/-/healthy`` and ``/-/ready``,
     ``/api/cache/stats/distributed`` and a landing page for the cluster of
     ``settings.redis_url``, and removes long-dead instances every ``cleanup_interval``.
-    ``web_config`` (``serve --web-config-file``) adds TLS and basic auth; with
-    ``render_process`` (as ``serve`` runs) ``/metrics`` is rendered in a child process
-    (:mod:`~conduit_otel_cache.render_process`)."""
+    ``web_config`` (``serve --web-config-file``, or ``--certfile``) adds TLS and basic auth,
+    read again when its files change (every ``WEB_CONFIG_CHECK_INTERVAL`` s) or at
+    :meth:`reload_web_config`; ``probes_without_auth`` leaves ``/-/healthy`` and
+    ``/-/ready`` open. With ``render_process`` (as ``serve`` runs) ``/metrics`` is rendered
+    in a child process (:mod:`~conduit_otel_cache.render_process`)."""
 
     def __init__(
         self,
@@ -35,9 +42,8 @@ class ExporterService:
         host: str = "127.0.0.1",
         port: int = 9464,
         *,
-        certfile: str | None = None,
-        keyfile: str | None = None,
         web_config: WebConfig | None = None,
+        probes_without_auth: bool = False,
         render_process: bool = False,
     ) -> None:
         self.settings = settings
@@ -50,14 +56,18 @@ class ExporterService:
         self.app = make_app(self.exposition.wsgi_app(), self.health, api,
                             ready=self.ready, landing=landing)  # fmt: skip
         web = web_config or WebConfig()
-        served = BasicAuth(self.app, web.users) if web.users else self.app
+        auth = None
+        if web.users:
+            auth = BasicAuth(self.app, web.users, PROBES if probes_without_auth else ())
+        self.web_config = LiveWebConfig(web, auth)
         # /metrics from finished bytes on the event loop (with basic auth: through the app)
         direct = None if web.users else self.exposition.ready_reply
-        self.server = make_http_server(served, host, port, certfile, keyfile,
-                                       ssl_context=web.ssl_context, direct=direct)  # fmt: skip
+        self.server = make_http_server(auth or self.app, host, port, ssl_context=web.ssl_context,
+                                       direct=direct)  # fmt: skip
         self.port: int = self.server.server_address[1]
-        self.tls = web.ssl_context is not None or bool(certfile)
+        self.tls = web.ssl_context is not None
         self._stop = threading.Event()
+        self._reload_now = threading.Event()
         self._threads: list[threading.Thread] = []
         self._render_wanted = render_process
         self.render_process: RenderProcess | None = None
@@ -98,7 +108,10 @@ class ExporterService:
             gc.freeze()
             self.server.collect_when_idle()
         self.aggregator.start()
-        for target in (self.server.serve_forever, self._cleanup_loop):
+        targets = [self.server.serve_forever, self._cleanup_loop]
+        if self.web_config.config.source is not None:
+            targets.append(self._web_config_loop)
+        for target in targets:
             thread = threading.Thread(target=target, daemon=True, name=f"conduit-{target.__name__}")
             thread.start()
             self._threads.append(thread)
@@ -116,9 +129,25 @@ class ExporterService:
             except Exception as exc:
                 log.warning("cleanup failed: %s: %s", type(exc).__name__, exc)
 
+    def reload_web_config(self) -> None:
+        """Read the web configuration's files again now (``SIGHUP``), changed or not."""
+        self._reload_now.set()
+
+    def _web_config_loop(self) -> None:
+        while True:
+            forced = self._reload_now.wait(WEB_CONFIG_CHECK_INTERVAL)
+            self._reload_now.clear()
+            if self._stop.is_set():
+                return
+            try:
+                self.web_config.reload(force=forced)
+            except Exception as exc:  # the running configuration stays
+                log.error("web configuration not reloaded: %s: %s", type(exc).__name__, exc)
+
     def stop(self) -> None:
         """Stop serving and release Redis connections."""
         self._stop.set()
+        self._reload_now.set()
         self.aggregator.stop()
         if self._threads:  # shutdown() waits for serve_forever, which only start() runs
             self.server.shutdown()
