@@ -99,6 +99,7 @@ class Aggregator:
         self._instance_series: tuple[tuple[str, str, float], ...] = ()
         self._drift: dict[str, float] = {}
         self._instance_errors: dict[str, tuple[str, ...]] = {}
+        self._reported: dict[str, frozenset[str]] = {}  # the malformed entries of each read
         self._errors = RateLimitedLog(log)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -210,7 +211,7 @@ class Aggregator:
         self._instance_series = tuple((region, i, rate) for _, region, i, rate in rows)
         self._instance_ratios = rates
         errors += self.store.heartbeats().errors
-        self._count(errors)
+        self._count("", errors)
         self._instance_errors[""] = tuple(errors)  # "" is no region name: the pass's own
 
     def instances(self, beats: Heartbeats | None = None) -> tuple[list[str], list[str]]:
@@ -245,13 +246,18 @@ class Aggregator:
                 )
             except ValueError as exc:
                 errors.append(f"instance {instance_id!r} region {region!r}: {exc}")
-        self._count(errors)
+        self._count(region, errors)
         self._instance_errors[region] = tuple(errors)  # reported until a clean read
         return result
 
-    def _count(self, errors: list[str]) -> None:
-        self.errors_total += len(errors)
-        for error in errors[:1]:
+    def _count(self, source: str, errors: list[str]) -> None:
+        """Count the malformed entries ``source`` (a kind of read) found that its previous
+        read did not: an entry that stays malformed is counted once, not at every read."""
+        before = self._reported.get(source, frozenset())
+        new = [error for error in errors if error not in before]
+        self._reported[source] = frozenset(errors)
+        self.errors_total += len(new)
+        for error in new[:1]:
             self._errors.error("conduit-otel-cache: skipped malformed data: %s", error)
 
     def _build(self, data: ClusterData, memory: int, start: float) -> ClusterView:
@@ -268,7 +274,7 @@ class Aggregator:
                 )
             except ValueError as exc:
                 errors.append(f"aggregate of region {region!r}: {exc}")
-        self._count(errors)
+        self._count("cluster", errors)
         return ClusterView(
             regions=regions,
             drift={region: self._drift.get(region, 0.0) for region in regions},

@@ -150,16 +150,18 @@ class Exposition:
             ("conduit.cache.instance.hit_ratio", "1", "Hit ratio (0-1) of one live instance",
              self._instance_ratios),
             ("conduit.cache.instances.active", "{instance}", "Live instances",
-             self._scalar(lambda v: v.active_count)),
+             self._cluster(lambda v: v.active_count)),
             ("conduit.cache.instances.missing", "{instance}",
              "Registered instances whose heartbeat expired",
-             self._scalar(lambda v: len(v.missing_instances))),
+             self._cluster(lambda v: len(v.missing_instances))),
+            ("conduit.cache.instance.missing", "s", "Seconds since the heartbeat of a "
+             "registered instance expired (until cleanup removes it)", self._missing),
             ("conduit.cache.redis.up", "1", "1 when the last aggregation reached Redis",
              self._scalar(lambda v: int(v.redis_up))),
             ("conduit.cache.aggregation.latency", "s", "Duration of the last aggregation",
              self._scalar(lambda v: v.aggregation_latency)),
-            ("conduit.cache.redis.memory", "By", "Redis used_memory",
-             self._scalar(lambda v: v.redis_memory_bytes)),
+            ("conduit.cache.redis.memory", "By", "used_memory of the whole Redis server",
+             self._cluster(lambda v: v.redis_memory_bytes)),
             ("conduit.cache.last_successful_aggregation.timestamp", "s",
              "Unix time of the last successful aggregation",
              self._scalar(lambda v: v.last_successful_aggregation)),
@@ -205,19 +207,47 @@ class Exposition:
         self._give_way()
         return view
 
+    def _fresh(self) -> ClusterView | None:
+        """The view while it reflects this replica's last Redis read; None while that
+        read failed: a replica cut off from Redis publishes no cluster series (only its
+        own: ``redis_up`` 0, data age, health), so that its last good values never mask
+        the replicas that can read Redis (docs/metrics.md, "Replicas")."""
+        view = self._view()
+        return view if view.redis_up else None
+
     def _regions(self) -> dict[str, Statistics]:
-        return self._view().regions
+        view = self._fresh()
+        return {} if view is None else view.regions
 
     def _drift(self, options: CallbackOptions) -> Iterable[Observation]:
-        return [Observation(d, {"region": r}) for r, d in self._view().drift.items()]
+        view = self._fresh()
+        drift = {} if view is None else view.drift
+        return [Observation(d, {"region": r}) for r, d in drift.items()]
 
     def _instance_ratios(self, options: CallbackOptions) -> Iterable[Observation]:
         """Live instances' hit ratios, the ``max_instance_series`` farthest from their
         region's live hit ratio (selected by the aggregator's per-instance pass)."""
+        view = self._fresh()
         return [
             Observation(rate, {"region": region, "instance_id": instance_id})
-            for region, instance_id, rate in self._view().instance_series
+            for region, instance_id, rate in (() if view is None else view.instance_series)
         ]
+
+    def _missing(self, options: CallbackOptions) -> Iterable[Observation]:
+        """Missing instances (at most ``max_instance_series``, sorted by id) and the
+        seconds since their heartbeat expired."""
+        view = self._fresh()
+        if view is None:
+            return []
+        timeout = self.aggregator.settings.instance_timeout
+        ids = view.missing_instances[: self.aggregator.settings.max_instance_series]
+        return [Observation(view.missing_for(i, timeout), {"instance_id": i}) for i in ids]
+
+    def _cluster(
+        self, value: Callable[[ClusterView], float | None]
+    ) -> Callable[[CallbackOptions], Iterable[Observation]]:
+        """A scalar read from Redis: published only while the last read succeeded."""
+        return self._scalar(lambda v: value(v) if v.redis_up else None)
 
     def _scalar(
         self, value: Callable[[ClusterView], float | None]
