@@ -1,5 +1,6 @@
 """An application instance that records traffic continuously, for the Prometheus end-to-end
-test. Usage: traffic_process.py URL ID HITS MISSES (events per region per step).
+test. Usage: traffic_process.py URL ID HITS MISSES [SESSION_HITS SESSION_MISSES] (events per
+region per step; the optional pair for the second region, Sessions).
 
 Every 0.1 s it records HITS hits and MISSES misses (each miss followed by a set), one eviction
 and a new size in each of two regions; the background flush (flush_interval=1) writes it
@@ -18,6 +19,9 @@ from conduit_otel_cache import setup
 REGIONS = ("ProviderResponses", "Sessions")
 
 url, instance_id, hits, misses = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+per_region = {"ProviderResponses": (hits, misses), "Sessions": (hits, misses)}
+if len(sys.argv) > 5:
+    per_region["Sessions"] = (int(sys.argv[5]), int(sys.argv[6]))
 stats = setup(redis_url=url, instance_id=instance_id, flush_interval=1, set_global=False)
 stop = threading.Event()
 threading.Thread(target=lambda: (sys.stdin.readline(), stop.set()), daemon=True).start()
@@ -27,6 +31,7 @@ step = 0
 while not stop.wait(0.1):
     step += 1
     for region in REGIONS:
+        hits, misses = per_region[region]
         for i in range(hits):
             stats.record_hit(region, 0.0004 * (1 + (i + step) % 8))
         for _ in range(misses):

@@ -1,0 +1,269 @@
+"""Every alert of grafana/alerts.yml, evaluated by a real Prometheus on what it scraped from
+three real `serve` replicas, each reading Redis through its own real TCP proxy, while real
+application processes record traffic: each expression selects exactly what it must when its
+failure is provoked (one replica slowed, cut off, every one cut off, a process killed, every
+application stopped, memory filled, a malformed entry, replicas stopped) and nothing when it
+must not, in particular while one replica is cut off from Redis and keeps its last good
+values. The expressions are evaluated through the query API as Prometheus loaded them (their
+``for`` is the unit tests' job: tests/promtool/alerts_test.yml)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from conduit_otel_cache.embedded import RedisServer, free_port
+from conduit_otel_cache.keys import KeySchema
+
+from .tcp_proxy import TcpProxy
+from .test_prometheus_tools import ALERTS, HERE, JOB, alert_names, api, query, run_prometheus
+from .test_prometheus_tools import wait_for as wait
+
+#: the replicas' settings: every scrape reads Redis; short timeouts so that a cut is seen fast
+SERVE_ENV = {
+    "CONDUIT_CACHE_STATS_AGGREGATION_CACHE_TTL": "0",
+    "CONDUIT_CACHE_STATS_AGGREGATION_INTERVAL": "1",
+    "CONDUIT_CACHE_STATS_SOCKET_TIMEOUT": "1",
+    "CONDUIT_CACHE_STATS_CONNECT_TIMEOUT": "1",
+    "CONDUIT_CACHE_STATS_FLUSH_INTERVAL": "1",
+    "CONDUIT_CACHE_STATS_INSTANCE_TIMEOUT": "3",
+    "CONDUIT_CACHE_STATS_RETENTION_PERIOD": "4",
+}
+#: (ProviderResponses hits, misses, Sessions hits, misses) per step of each application:
+#: ProviderResponses at 0.8 with the instances 10 points apart (drift), Sessions at 0.2
+TRAFFIC = {"api-1": (9, 1, 2, 8), "api-2": (7, 3, 2, 8)}
+KEYS = KeySchema()
+
+
+class Replica:
+    """A real `serve` process reading Redis through its own proxy."""
+
+    def __init__(self, name: str, redis_port: int) -> None:
+        self.name = name
+        self.proxy = TcpProxy(("127.0.0.1", redis_port))
+        self.port = free_port()
+        self.instance = f"127.0.0.1:{self.port}"
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "conduit_otel_cache.cli", "serve", "--redis-url",
+             self.proxy.url(), "--port", str(self.port)],
+            stdout=subprocess.PIPE, text=True, env={**os.environ, **SERVE_ENV},
+        )  # fmt: skip
+        assert self.proc.stdout is not None and self.proc.stdout.readline().startswith("serving")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(15)
+        self.proxy.close()
+
+
+def application(url: str, instance_id: str) -> subprocess.Popen[str]:
+    proc = subprocess.Popen(
+        [sys.executable, str(HERE / "traffic_process.py"), url, instance_id,
+         *map(str, TRAFFIC[instance_id])],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    assert proc.stdout is not None and proc.stdout.readline().strip() == "recording"
+    return proc
+
+
+@pytest.fixture
+def replicas(redis_server: RedisServer) -> Iterator[dict[str, Replica]]:
+    started: dict[str, Replica] = {}
+    try:
+        for name in "abc":
+            started[name] = Replica(name, redis_server.port)
+        yield started
+    finally:
+        for replica in started.values():
+            replica.stop()
+
+
+@pytest.mark.slow
+def test_every_alert_fires_when_it_must_with_one_replica_cut_off(
+    redis_server: RedisServer, replicas: dict[str, Replica], tmp_path: Path, r: Any
+) -> None:
+    a, b, c = replicas["a"], replicas["b"], replicas["c"]
+    targets = ", ".join(f"'{rep.instance}'" for rep in replicas.values())
+    config = (
+        "global: {scrape_interval: 2s, scrape_timeout: 2s, evaluation_interval: 1s}\n"
+        f"rule_files: [{json.dumps(str(ALERTS))}]\n"
+        "scrape_configs:\n"
+        f"  - job_name: {JOB}\n"
+        f"    static_configs: [{{targets: [{targets}]}}]\n"
+    )
+    apps = {i: application(redis_server.url, i) for i in TRAFFIC}
+    try:
+        with run_prometheus(tmp_path, config) as prometheus:
+            run_scenario(prometheus, redis_server, apps, a, b, c, r)
+    finally:
+        for proc in apps.values():
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait()
+
+
+def run_scenario(
+    prometheus: str,
+    redis_server: RedisServer,
+    apps: dict[str, subprocess.Popen[str]],
+    a: Replica,
+    b: Replica,
+    c: Replica,
+    r: Any,
+) -> None:
+    reply = wait("the rules loaded", lambda: api(prometheus, "/api/v1/rules")["data"]["groups"])
+    rules = {rule["name"]: rule["query"] for group in reply for rule in group["rules"]}
+    assert set(rules) == set(alert_names())
+
+    def selected(name: str, expr: str | None = None) -> list[dict[str, str]]:
+        """The label sets the alert's expression selects now."""
+        return [s["metric"] for s in query(prometheus, expr or rules[name])]
+
+    def instances(name: str, expr: str | None = None) -> set[str]:
+        return {labels.get("instance", "") for labels in selected(name, expr)}
+
+    def regions(name: str) -> set[str]:
+        return {labels["region"] for labels in selected(name)}
+
+    def scraped(expr: str) -> list[dict[str, Any]]:
+        return query(prometheus, f'{expr}{{job="{JOB}"}}')
+
+    def value(expr: str, instance: str) -> float | None:
+        for series in scraped(expr):
+            if series["metric"]["instance"] == instance:
+                return float(series["value"][1])
+        return None
+
+    def silent(*names: str) -> None:
+        for name in names:
+            assert selected(name) == [], name
+
+    everything = set(rules)
+    # -- healthy: three replicas, two applications; only the traffic alerts select, and
+    #    each only its region (drift 10 points in ProviderResponses, hit ratio 0.2 in Sessions)
+    wait(
+        "every replica publishes two live instances",
+        lambda: [s["value"][1] for s in scraped("conduit_cache_instances_active")] == ["2"] * 3,
+    )
+    wait("drift and hit-ratio rules to see the traffic",
+         lambda: regions("ConduitCacheDriftHigh") == {"ProviderResponses"}
+         and regions("ConduitCacheLowHitRatio") == {"Sessions"})  # fmt: skip
+    silent(*everything - {"ConduitCacheDriftHigh", "ConduitCacheLowHitRatio"})
+
+    # -- replica c slowed (every forwarded chunk 0.15 s late): c alone is slow
+    c.proxy.delay = 0.15
+    wait(
+        "c's aggregation to be slow",
+        lambda: instances("ConduitCacheAggregationSlow") == {c.instance},
+    )
+    c.proxy.delay = 0.0
+    wait("c to be fast again", lambda: not selected("ConduitCacheAggregationSlow"))
+
+    # -- Redis memory over a threshold, seen by every replica (the rule with a threshold
+    #    40 MiB above the memory now: 1 GiB cannot be filled in a test)
+    base = max(float(s["value"][1]) for s in scraped("conduit_cache_redis_memory_bytes"))
+    memory_rule = rules["ConduitCacheRedisMemoryHigh"].replace(
+        "1.073741824e+09", str(int(base) + 40 * 2**20)
+    )
+    assert memory_rule != rules["ConduitCacheRedisMemoryHigh"]
+    r.set("ballast", "x" * (64 * 2**20))
+    high = {a.instance, b.instance, c.instance}
+    wait("every replica to see the memory", lambda: instances("", memory_rule) == high)
+
+    # -- c cut off from Redis: it publishes only its own series
+    c.proxy.cut()
+    wait("c's redis_up 0", lambda: value("conduit_cache_redis_up", c.instance) == 0)
+    wait("c's cluster series to go stale",
+         lambda: {s["metric"]["instance"] for s in scraped("conduit_cache_instances_active")}
+         == {a.instance, b.instance})  # fmt: skip
+    assert instances("ConduitCacheExporterReplicaRedisDown") == {c.instance}
+    silent("ConduitCacheRedisDown", "ConduitCacheNoLiveInstances", "ConduitCacheAggregationStale",
+           "ConduitCacheExporterDown", "ConduitCacheExporterReplicaDown")  # fmt: skip
+    # the memory is freed: c saw it high, but no longer masks a and b
+    r.delete("ballast")
+    wait("the memory rule to clear", lambda: not selected("", memory_rule))
+    assert value("conduit_cache_redis_memory_bytes", c.instance) is None
+
+    # -- api-2 killed (no clean shutdown): missing, named, from a and b
+    apps["api-2"].send_signal(signal.SIGKILL)
+    apps["api-2"].wait()
+    wait(
+        "api-2 missing",
+        lambda: (
+            {s.get("instance_id") for s in selected("ConduitCacheInstanceMissing")} == {"api-2"}
+        ),
+    )
+    # -- every application stopped while c is cut off: no live instance
+    proc = apps["api-1"]
+    assert proc.stdin is not None and proc.stdout is not None
+    proc.stdin.close()
+    assert proc.wait(15) == 0
+    wait("ConduitCacheNoLiveInstances to select", lambda: selected("ConduitCacheNoLiveInstances"))
+    assert selected("ConduitCacheNoLiveInstances") == [{"job": JOB}]
+    # -- cleanup removes api-2: the missing alert clears (c's last good value does not hold it)
+    wait("cleanup to remove api-2 (retention_period 4 s)", lambda: cleanup(redis_server.url))
+    assert r.zscore(KEYS.instances, "api-2") is None
+    wait(
+        "ConduitCacheInstanceMissing to clear", lambda: not selected("ConduitCacheInstanceMissing")
+    )
+
+    # -- a malformed entry: each replica that reads Redis reports it, once
+    silent("ConduitCacheAggregationErrors")
+    r.hset(KEYS.aggregate("Sessions"), "hit_count", "x y")
+    wait(
+        "a and b to report the malformed entry",
+        lambda: instances("ConduitCacheAggregationErrors") == {a.instance, b.instance},
+    )
+    assert {
+        value("conduit_cache_aggregation_errors_total", i) for i in (a.instance, b.instance)
+    } == {1}
+
+    # -- c reads Redis again
+    c.proxy.restore()
+    wait(
+        "c to publish the cluster series again",
+        lambda: len(scraped("conduit_cache_instances_active")) == 3,
+    )
+    wait(
+        "ConduitCacheExporterReplicaRedisDown to clear",
+        lambda: not selected("ConduitCacheExporterReplicaRedisDown"),
+    )
+
+    # -- every replica cut off: Redis down for the exporter, once; no cluster alert
+    for replica in (a, b, c):
+        replica.proxy.cut()
+    wait("ConduitCacheRedisDown to select", lambda: selected("ConduitCacheRedisDown"))
+    assert selected("ConduitCacheRedisDown") == [{"job": JOB}]
+    wait("every cluster series to go stale", lambda: not scraped("conduit_cache_instances_active"))
+    silent("ConduitCacheNoLiveInstances", "ConduitCacheExporterReplicaRedisDown",
+           "ConduitCacheAggregationStale", "ConduitCacheInstanceMissing")  # fmt: skip
+
+    # -- replica c stopped: its target is down, the others serve
+    c.stop()
+    wait("c's target down", lambda: instances("ConduitCacheExporterReplicaDown") == {c.instance})
+    silent("ConduitCacheExporterDown")
+    # -- every replica stopped: one critical alert for the job, no replica alert
+    a.stop()
+    b.stop()
+    wait("ConduitCacheExporterDown to select", lambda: selected("ConduitCacheExporterDown"))
+    assert selected("ConduitCacheExporterDown") == [{"job": JOB}]
+    silent("ConduitCacheExporterReplicaDown", "ConduitCacheNoLiveInstances")
+
+
+def cleanup(url: str) -> bool:
+    """Run `conduit-otel-cache cleanup` (retention_period 4 s); True when it removed one."""
+    done = subprocess.run(
+        [sys.executable, "-m", "conduit_otel_cache.cli", "cleanup", "--redis-url", url],
+        capture_output=True, text=True, timeout=30, env={**os.environ, **SERVE_ENV},
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    return not done.stdout.startswith("removed 0 ")
