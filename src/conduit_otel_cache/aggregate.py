@@ -1,7 +1,8 @@
 """The cluster view: totals, drift, per-instance hit ratios, liveness; cached briefly.
 
 Cluster counters come from the aggregated hashes that every flush keeps up to date
-(so they include departed instances and never go back); gauges count live instances.
+(so they include departed instances and never go back; across a Redis data loss the reader
+keeps them monotonic: continuity.py); gauges count live instances.
 Drift of a region is the largest distance, in percentage points (hit ratio x 100), between
 a live instance's hit ratio and the hit ratio of all live instances together (their hits
 over their requests), over live instances that served the region; 0 with fewer than two.
@@ -24,6 +25,7 @@ import redis
 
 from .background import quietly
 from .config import Settings
+from .continuity import Continuity
 from .model import Statistics
 from .ratelimit import RateLimitedLog
 from .store import ClusterData, Heartbeats, Store, explain
@@ -100,6 +102,8 @@ class Aggregator:
         self._drift: dict[str, float] = {}
         self._instance_errors: dict[str, tuple[str, ...]] = {}
         self._reported: dict[str, frozenset[str]] = {}  # the malformed entries of each read
+        #: the counters stay monotonic across a Redis data loss while this reader runs
+        self.continuity = Continuity()
         self._errors = RateLimitedLog(log)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -275,6 +279,12 @@ class Aggregator:
             except ValueError as exc:
                 errors.append(f"aggregate of region {region!r}: {exc}")
         self._count("cluster", errors)
+        losses = self.continuity.losses
+        regions = self.continuity.apply(regions, data.aggregates)
+        if self.continuity.losses > losses:
+            self._errors.error("conduit-otel-cache: Redis lost cluster counts (an empty restart or "
+                               "a failover): the published counters continue from where they "
+                               "were while the live instances write theirs again")  # fmt: skip
         return ClusterView(
             regions=regions,
             drift={region: self._drift.get(region, 0.0) for region in regions},
