@@ -146,7 +146,8 @@ class Exposition:
             ("conduit.cache.hit_ratio", "1", "Cluster hit ratio (0-1) over the lifetime totals",
              observe(regions, lambda s: s.hit_ratio)),
             ("conduit.cache.drift", "%", "Largest distance between a live instance's hit ratio "
-             "and the live cluster's, in percentage points (hit ratio x 100)", self._drift),
+             "and the live cluster's over the hits and misses since the previous per-instance "
+             "pass, in percentage points (hit ratio x 100)", self._drift),
             ("conduit.cache.instance.hit_ratio", "1", "Hit ratio (0-1) of one live instance",
              self._instance_ratios),
             ("conduit.cache.instances.active", "{instance}", "Live instances",
