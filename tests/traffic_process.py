@@ -6,13 +6,16 @@ Every 0.1 s it records HITS hits and MISSES misses (each miss followed by a set)
 and a new size in each of two regions; the background flush (flush_interval=1) writes it
 through. When a line arrives on stdin it stops recording, flushes, prints ``done`` and the
 totals it recorded as JSON, keeps heart-beating until stdin closes, then shuts down cleanly
-and prints ``stopped``."""
+and prints ``stopped``. With ``TRAFFIC_TICKS=<file>`` in the environment it appends
+``<unix time> <hits so far>`` to that file after every step (the true rate at any moment)."""
 
 from __future__ import annotations
 
 import json
+import os
 import sys
 import threading
+import time
 
 from conduit_otel_cache import setup
 
@@ -26,6 +29,7 @@ stats = setup(redis_url=url, instance_id=instance_id, flush_interval=1, set_glob
 stop = threading.Event()
 threading.Thread(target=lambda: (sys.stdin.readline(), stop.set()), daemon=True).start()
 totals = {r: {"hits": 0, "misses": 0, "sets": 0, "evictions": 0} for r in REGIONS}
+ticks = open(os.environ["TRAFFIC_TICKS"], "a") if "TRAFFIC_TICKS" in os.environ else None  # noqa: SIM115
 print("recording", flush=True)
 step = 0
 while not stop.wait(0.1):
@@ -44,6 +48,9 @@ while not stop.wait(0.1):
         counts["misses"] += misses
         counts["sets"] += misses
         counts["evictions"] += 1
+    if ticks is not None:
+        ticks.write(f"{time.time()} {sum(t['hits'] for t in totals.values())}\n")
+        ticks.flush()
 assert stats.flush()
 print("done", json.dumps(totals), flush=True)
 sys.stdin.read()
