@@ -14,6 +14,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from conduit_otel_cache import Settings
+from conduit_otel_cache.health import evaluate
 from conduit_otel_cache.keys import KeySchema
 from conduit_otel_cache.server import ExporterService
 
@@ -141,6 +142,8 @@ def test_a_malformed_entry_is_counted_once(
     r.hset(key, "hit_count", "x y")
     for _ in range(5):
         assert scrape(replica)[errors] == 1  # one bad entry, read five times
+    health = evaluate(replica.aggregator.view(), replica.settings)
+    assert f"{key}: invalid literal" in health.check_json()["description"]  # names the key
     r.hset(KEYS.aggregate("Sessions"), "miss_count", "z")  # another bad entry
     assert scrape(replica)[errors] == 2
     r.hset(key, "hit_count", "1")  # repaired, then broken again: a new bad entry

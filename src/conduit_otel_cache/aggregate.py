@@ -250,7 +250,8 @@ class Aggregator:
                     if not (0 <= hits < 2**63 and 0 <= misses < 2**63):
                         raise ValueError("count out of range")
                 except ValueError as exc:
-                    errors.append(f"instance {instance_id[:40]!r} region {region!r}: {exc}")
+                    key = self.store.keys.stats(instance_id[:40], region)
+                    errors.append(f"{key} (instance {instance_id[:40]!r}): {exc}")
                     continue
                 if hits + misses == 0:
                     continue
@@ -293,7 +294,7 @@ class Aggregator:
         raw = self.store.read_instances(sorted(beats.beats), [region])
         for (instance_id, _), entry in raw.items():
             if isinstance(entry, Exception):
-                errors.append(f"instance {instance_id!r} region {region!r}: {entry}")
+                errors.append(f"{self.store.keys.stats(instance_id, region)}: {entry}")
                 continue
             if not entry:
                 continue
@@ -306,7 +307,7 @@ class Aggregator:
                     live=instance_id in active and entry.get("live") == "1",
                 )
             except ValueError as exc:
-                errors.append(f"instance {instance_id!r} region {region!r}: {exc}")
+                errors.append(f"{self.store.keys.stats(instance_id, region)}: {exc}")
         self._count(region, errors)
         self._instance_errors[region] = tuple(errors)  # reported until a clean read
         return result
@@ -334,7 +335,7 @@ class Aggregator:
                     last_updated=_timestamp(fields.get("last_aggregated")),
                 )
             except ValueError as exc:
-                errors.append(f"aggregate of region {region!r}: {exc}")
+                errors.append(f"{self.store.keys.aggregate(region)}: {exc}")
         self._count("cluster", errors)
         losses = self.continuity.losses
         regions = self.continuity.apply(regions, data.aggregates)

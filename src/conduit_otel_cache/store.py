@@ -511,8 +511,8 @@ class Store:
         self, regions: Sequence[str]
     ) -> tuple[dict[str, dict[str, tuple[str, str]]], list[str]]:
         """``{region: {instance_id: (hit_count, miss_count)}}`` of the instances in each
-        region's hit-ratio set (as stored, '' when absent), in one round trip, and the keys
-        that could not be read."""
+        region's hit-ratio set (as stored, '' when absent), in one round trip, and the
+        malformed entries skipped (as :meth:`read_hit_ratios` reports them)."""
         result: dict[str, dict[str, tuple[str, str]]] = {}
         errors: list[str] = []
         if not regions:
@@ -531,10 +531,17 @@ class Store:
         assert self.keys.stats("i", "r") == f"{prefix}i:r"
         calls = [(self._counts, [self.keys.hit_rates(r)], [prefix, r]) for r in regions]
         for region, (ok, flat) in zip(regions, self._run(calls)):
+            key = self.keys.hit_rates(region)
             if not ok:
-                errors.append(f"{self.keys.hit_rates(region)}: {flat}")
+                errors.append(f"{key}: {flat}")
                 continue
-            result[region] = dict(zip(flat[::3], zip(flat[1::3], flat[2::3])))
+            result[region] = counts = {}
+            for n in range(0, len(flat), 4):
+                member, ratio = flat[n], float(flat[n + 1])
+                if valid_name(member) and 0 <= ratio <= 100:
+                    counts[member] = (flat[n + 2], flat[n + 3])
+                else:
+                    errors.append(f"{key}: bad entry {member[:40]!r}")
         return result, errors
 
     def read_samples(
