@@ -222,16 +222,19 @@ def run_scenario(
         "ConduitCacheInstanceMissing to clear", lambda: not selected("ConduitCacheInstanceMissing")
     )
 
-    # -- a malformed entry: each replica that reads Redis reports it, once
+    # -- a malformed entry: one alert naming its key (a and b read it, each counts it once)
     silent("ConduitCacheAggregationErrors")
     r.hset(KEYS.aggregate("Sessions"), "hit_count", "x y")
-    wait(
-        "a and b to report the malformed entry",
-        lambda: instances("ConduitCacheAggregationErrors") == {a.instance, b.instance},
-    )
-    assert {
-        value("conduit_cache_aggregation_errors_total", i) for i in (a.instance, b.instance)
-    } == {1}
+    wait("the malformed entry's alert", lambda: selected("ConduitCacheAggregationErrors"))
+    assert selected("ConduitCacheAggregationErrors") == [
+        {"job": JOB, "key": KEYS.aggregate("Sessions")}
+    ]
+    errors = "conduit_cache_aggregation_errors_total"
+    wait("a and b to count it once each",
+         lambda: {value(errors, i) for i in (a.instance, b.instance)} == {1})  # fmt: skip
+    assert selected("ConduitCacheAggregationErrors") == [
+        {"job": JOB, "key": KEYS.aggregate("Sessions")}
+    ]
 
     # -- c reads Redis again
     c.proxy.restore()

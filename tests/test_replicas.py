@@ -34,6 +34,7 @@ CLUSTER = {
     "conduit_cache_instances_missing",
     "conduit_cache_instance_missing_seconds",
     "conduit_cache_redis_memory_bytes",
+    "conduit_cache_malformed_entries",
 }
 #: the replica's own series, published whatever Redis does
 OWN = {
@@ -90,7 +91,8 @@ def test_a_replica_cut_off_from_redis_publishes_only_its_own_series(
         assert stats.flush()
     replica.aggregator.refresh_instances()
     before = scrape(replica)
-    assert names(before) >= CLUSTER - {"conduit_cache_instance_missing_seconds"}
+    only_when_needed = {"conduit_cache_instance_missing_seconds", "conduit_cache_malformed_entries"}
+    assert names(before) >= CLUSTER - only_when_needed
     assert names(before) >= OWN
     assert before[("conduit_cache_redis_up", ())] == 1
     assert before[("conduit_cache_instances_active", ())] == 2
@@ -142,6 +144,8 @@ def test_a_malformed_entry_is_counted_once(
     r.hset(key, "hit_count", "x y")
     for _ in range(5):
         assert scrape(replica)[errors] == 1  # one bad entry, read five times
+    found = scrape(replica)
+    assert found[("conduit_cache_malformed_entries", (("key", key),))] == 1
     health = evaluate(replica.aggregator.view(), replica.settings)
     assert f"{key}: invalid literal" in health.check_json()["description"]  # names the key
     r.hset(KEYS.aggregate("Sessions"), "miss_count", "z")  # another bad entry

@@ -60,6 +60,8 @@ log = logging.getLogger(__name__)
 
 #: the response header with the age in seconds of the Redis read a scrape reflects
 DATA_AGE_HEADER = "X-Conduit-Data-Age"
+#: at most this many keys with malformed entries get a series (the first found)
+MAX_MALFORMED_KEYS = 20
 #: seconds a format stays rendered in the background after the last scrape that asked for it
 KEEP_WARM = 300.0
 _RETRY = 0.005  # seconds before asking again when another reader is refreshing the view
@@ -157,6 +159,8 @@ class Exposition:
              self._cluster(lambda v: len(v.missing_instances))),
             ("conduit.cache.instance.missing", "s", "Seconds since the heartbeat of a "
              "registered instance expired (until cleanup removes it)", self._missing),
+            ("conduit.cache.malformed_entries", "{entry}", "Malformed entries skipped in one "
+             "Redis key at the last read (at most 20 keys)", self._malformed),
             ("conduit.cache.redis.up", "1", "1 when the last aggregation reached Redis",
              self._scalar(lambda v: int(v.redis_up))),
             ("conduit.cache.aggregation.latency", "s", "Duration of the last aggregation",
@@ -243,6 +247,17 @@ class Exposition:
         timeout = self.aggregator.settings.instance_timeout
         ids = view.missing_instances[: self.aggregator.settings.max_instance_series]
         return [Observation(view.missing_for(i, timeout), {"instance_id": i}) for i in ids]
+
+    def _malformed(self, options: CallbackOptions) -> Iterable[Observation]:
+        """The keys with malformed entries at the last read (every report names its key
+        first, ``<key>: <what is wrong>``), at most :data:`MAX_MALFORMED_KEYS`."""
+        view = self._fresh()
+        keys: dict[str, int] = {}
+        for error in () if view is None else view.data_errors:
+            key = error.split(": ", 1)[0]
+            if key in keys or len(keys) < MAX_MALFORMED_KEYS:
+                keys[key] = keys.get(key, 0) + 1
+        return [Observation(n, {"key": key}) for key, n in keys.items()]
 
     def _cluster(
         self, value: Callable[[ClusterView], float | None]
