@@ -143,7 +143,7 @@ def collect(seconds: float) -> tuple[dict[str, Any], float, float]:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-SCALE = {"percentunit": (100.0, "%"), "percent": (1.0, "points"), "bytes": (1 / 1024, "KiB"),
+SCALE = {"percentunit": (100.0, "%"), "suffix: pts": (1.0, "points"), "bytes": (1 / 1024, "KiB"),
          "s": (1.0, "s"), "ops": (1.0, "ops/s"), "short": (1.0, ""), "none": (1.0, "")}  # fmt: skip
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
@@ -42,3 +43,23 @@ def test_benchmarks_quick_run() -> None:
     ):
         assert header in out, f"missing {header!r} in:\n{out[-3000:]}"
     assert re.search(r"1 EVALSHA \(1 round trip\) per flush in steady state\s*\|\s*met\s*\|", out)
+
+
+def test_serve_memory_quick_run() -> None:
+    """``python -m benchmarks.serve_memory`` (what deploy/kubernetes sizes memory from) runs
+    and sees the render process beside the serving one."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.serve_memory", "--quick"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (line,) = proc.stdout.splitlines()
+    result = json.loads(line)
+    assert result["N x R"] == "100 x 10"
+    for phase in ("idle", "4 scrapers", "4 scrapers + 200 slow"):
+        sample = result[phase]
+        assert sample["rss_main"] > 0 and sample["rss_child"] > 0, result
+        assert sample["pss_sum"] < sample["rss_main"] + sample["rss_child"], result

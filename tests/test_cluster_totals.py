@@ -183,6 +183,27 @@ def test_drift_is_largest_distance_to_live_cluster(make_stats: MakeStats) -> Non
     assert a.health().status.label == "Degraded"
 
 
+def test_drift_is_over_the_window_since_the_previous_pass(make_stats: MakeStats) -> None:
+    """A diverging instance shows at the next pass and stops showing once it is fixed
+    (over lifetime ratios it would have shown 3.6 points, then stayed at 3.3)."""
+    a, b = make_stats("api-1"), make_stats("api-2")
+    drifts = []
+    for b_hits in (900, 10, 90, 9):  # per 1000, 100, 100, 10 requests: b breaks, is fixed
+        requests = 1000 if b_hits == 900 else 100 if b_hits != 9 else 10
+        record(a, requests * 9 // 10, requests // 10)
+        record(b, b_hits, requests - b_hits)
+        a.flush(), b.flush()
+        drifts.append(a.cluster_view().drift[REGION])
+    assert drifts == [pytest.approx(0.0), pytest.approx(40.0), pytest.approx(0.0), 0.0]
+    record(a, 9, 1)  # under 10 requests for b in this window: the last drift is kept
+    record(b, 1, 4)
+    a.flush(), b.flush()
+    assert a.cluster_view().drift[REGION] == 0.0
+    record(b, 0, 10)  # the window grew on: a 9 / 10, b 1 / 15, together 10 / 25
+    a.flush(), b.flush()
+    assert a.cluster_view().drift[REGION] == pytest.approx(100 * (9 / 10 - 10 / 25))
+
+
 def test_key_prefix_separates_products(make_stats: MakeStats) -> None:
     a = make_stats("api-1", key_prefix="one:")
     b = make_stats("api-1", key_prefix="two:")
@@ -215,11 +236,16 @@ def test_drift_follows_live_instances_only(make_stats: MakeStats) -> None:
     assert a.cluster_view().instance_hit_ratios[REGION] == {
         "api-1": pytest.approx(0.9), "api-2": pytest.approx(0.5), "api-3": pytest.approx(0.7)
     }  # fmt: skip
-    b.shutdown()  # live cluster: 160 / 200 = 80 %; the lifetime totals keep b's events
+    b.shutdown()  # the lifetime totals keep b's events
+    view = a.cluster_view()
+    assert view.drift[REGION] == pytest.approx(20.0)  # no traffic since: the last window's
+    record(a, 90, 10)
+    record(c, 70, 30)  # the window since the last pass: 160 / 200 = 80 %
+    a.flush(), c.flush()
     view = a.cluster_view()
     assert view.drift[REGION] == pytest.approx(10.0)
     assert view.live_hit_ratios[REGION] == pytest.approx(0.8)
-    assert view.regions[REGION].hit_count == 210
+    assert view.regions[REGION].hit_count == 370
     assert set(view.instance_hit_ratios[REGION]) == {"api-1", "api-3"}
 
 
@@ -229,8 +255,8 @@ def test_sorted_sets_read_the_same_over_resp2_and_resp3(
 ) -> None:
     """Heartbeats and hit ratios are read raw (flat on RESP2, nested on RESP3)."""
     a, b = make_stats("api-1"), make_stats("api-2")
-    record(a, 3, 1)
-    record(b, 1, 3)
+    record(a, 30, 10)
+    record(b, 10, 30)
     a.flush()
     b.flush()
     reader = make_stats("reader", redis_url=f"{redis_url}?protocol={protocol}")

@@ -1,6 +1,7 @@
-"""The docs hold: every ``redis-cli`` command in a ```bash block of docs/operations.md and
-README.md runs against a real Redis written by real instances and prints what it should;
-the configuration table names every option; the key schema matches the keys written."""
+"""The docs hold: every ``redis-cli`` command in a ```bash block of docs/operations.md,
+docs/runbook.md and README.md runs against a real Redis written by real instances and prints
+what it should; the configuration table names every option; the key schema matches the keys
+written."""
 
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from conduit_otel_cache.embedded import RedisServer, redis_server_binary
 ROOT = Path(__file__).resolve().parent.parent
 OPERATIONS = ROOT / "docs" / "operations.md"
 README = ROOT / "README.md"
+RUNBOOK = ROOT / "docs" / "runbook.md"
 INSTANCES = ("api-1", "api-2")
 REGIONS = ("ProviderResponses", "Sessions")
 PLACEHOLDERS = {"<instance>": INSTANCES[0], "<region>": REGIONS[0]}
@@ -47,7 +49,9 @@ def redis_cli() -> str:
     return shutil.which("redis-cli") or str(Path(redis_server_binary()).with_name("redis-cli"))
 
 
-COMMANDS = [(path.name, line) for path in (OPERATIONS, README) for line in redis_cli_lines(path)]
+COMMANDS = [
+    (path.name, line) for path in (OPERATIONS, README, RUNBOOK) for line in redis_cli_lines(path)
+]
 
 
 @pytest.fixture(scope="module")

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import redis
 from prometheus_client.parser import text_string_to_metric_families
 
 from conduit_otel_cache.embedded import free_port
@@ -198,8 +199,14 @@ def test_docs_match_what_serve_answers(redis_url: str, serve: str) -> None:
     """Every series docs/metrics.md lists is on a real /metrics and every conduit series
     there is listed; every documented JSON reply has the keys and types of the real one."""
     procs = {i: start_instance(redis_url, i, *counts) for i, counts in PLAN.items()}
+    client = redis.Redis.from_url(redis_url)
+    # the conditional series: a missing instance, a malformed entry
+    client.zadd("conduit:cache:instances", {"ghost": float(client.time()[0]) - 600})
+    client.sadd("conduit:cache:regions", "Broken")
+    client.hset("conduit:cache:stats:aggregated:Broken", "hit_count", "garbage")
     try:
-        wait_for(lambda: "conduit_cache_instance_hit_ratio" in get(serve + "/metrics")[1])
+        conditional = ("conduit_cache_instance_missing_seconds", "conduit_cache_malformed_entries")
+        wait_for(lambda: all(n in get(serve + "/metrics")[1] for n in conditional))
         served = served_series(get(serve + "/metrics")[1])
         documented = documented_series()
         prefixes = tuple(n[:-1] for n in documented if n.endswith("*"))
@@ -213,6 +220,7 @@ def test_docs_match_what_serve_answers(redis_url: str, serve: str) -> None:
             _, body = get(serve + path)
             assert shape(json.loads(body)) == shape(example), path
     finally:
+        client.close()
         for proc in procs.values():
             proc.kill()
             proc.wait()

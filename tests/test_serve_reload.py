@@ -214,7 +214,7 @@ def test_probes_can_be_left_open_while_the_rest_asks_for_credentials(
 def test_probes_without_auth_needs_basic_auth(capsys: pytest.CaptureFixture[str]) -> None:
     from conduit_otel_cache.cli import main
 
-    assert main(["serve", "--redis-url", "redis://127.0.0.1:1/0", "--probes-without-auth"]) == 2
+    assert main(["serve", "--redis-url", "redis://127.0.0.1:1/0", "--probes-without-auth"]) == 64
     assert "probes_without_auth: needs basic_auth_users" in capsys.readouterr().err
 
 

@@ -1,13 +1,16 @@
 """The cluster view: totals, drift, per-instance hit ratios, liveness; cached briefly.
 
 Cluster counters come from the aggregated hashes that every flush keeps up to date
-(so they include departed instances and never go back); gauges count live instances.
+(so they include departed instances and never go back; across a Redis data loss the reader
+keeps them monotonic: continuity.py); gauges count live instances.
 Drift of a region is the largest distance, in percentage points (hit ratio x 100), between
-a live instance's hit ratio and the hit ratio of all live instances together (their hits
-over their requests), over live instances that served the region; 0 with fewer than two.
-Every flush and departure keeps the live sums and a sorted set of live hit ratios (stored
-x 100) in Redis; drift is computed from them by the per-instance pass (in ``serve``, in the
-background every ``aggregation_interval``), which reads every live instance's ratio anyway.
+a live instance's hit ratio and the hit ratio of those instances together, over a window:
+the hits and misses since the previous per-instance pass (in ``serve``, in the background
+every ``aggregation_interval``), of live instances with at least
+``DRIFT_MIN_WINDOW_REQUESTS`` in it; 0 with fewer than two. The first pass that sees an
+instance (or its new incarnation) takes all its counts. The per-instance hit-ratio series
+are lifetime ratios, from the sorted set of live hit ratios (stored x 100) that every
+flush and departure keeps in Redis.
 """
 
 from __future__ import annotations
@@ -23,12 +26,18 @@ from collections.abc import Collection
 import redis
 
 from .background import quietly
-from .config import Settings
+from .config import Settings, valid_name
+from .continuity import Continuity
 from .model import Statistics
 from .ratelimit import RateLimitedLog
 from .store import ClusterData, Heartbeats, Store, explain
 
 log = logging.getLogger(__name__)
+
+#: an instance counts in a region's windowed drift with at least this many hits and misses
+#: since the previous per-instance pass (a handful of requests says little about a ratio)
+DRIFT_MIN_WINDOW_REQUESTS = 10
+_LOW = 2**64 - 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,7 +107,12 @@ class Aggregator:
         self._instance_ratios: dict[str, dict[str, float]] = {}
         self._instance_series: tuple[tuple[str, str, float], ...] = ()
         self._drift: dict[str, float] = {}
+        #: ``{region: {instance_id: hits << 64 | misses}}`` at the start of each drift window
+        self._counts: dict[str, dict[str, int]] = {}
         self._instance_errors: dict[str, tuple[str, ...]] = {}
+        self._reported: dict[str, frozenset[str]] = {}  # the malformed entries of each read
+        #: the counters stay monotonic across a Redis data loss while this reader runs
+        self.continuity = Continuity()
         self._errors = RateLimitedLog(log)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -189,13 +203,9 @@ class Aggregator:
         """Read every live instance's hit ratio per region (the per-instance series) now,
         and check every heartbeat (malformed members are reported here)."""
         data = data or self.store.read_cluster(self.settings.instance_timeout)
-        rates, errors = self.store.read_hit_ratios(sorted(data.aggregates))
+        errors: list[str] = []
+        rates = self._windowed_drift(sorted(data.aggregates), errors)
         live = {region: _live_ratio(fields) for region, fields in data.aggregates.items()}
-        self._drift = {  # in percentage points: the largest distance, at either end
-            region: 100 * _farthest(by_instance.values(), live.get(region))
-            for region, by_instance in rates.items()
-            if len(by_instance) >= 2
-        }
         # the farthest first, from a generator: a row not kept is freed at once (100,000 rows
         # kept to the end of the pass cost a full collection of the garbage collector)
         rows = heapq.nlargest(
@@ -210,8 +220,61 @@ class Aggregator:
         self._instance_series = tuple((region, i, rate) for _, region, i, rate in rows)
         self._instance_ratios = rates
         errors += self.store.heartbeats().errors
-        self._count(errors)
+        self._count("", errors)
         self._instance_errors[""] = tuple(errors)  # "" is no region name: the pass's own
+
+    def _windowed_drift(self, regions: list[str], errors: list[str]) -> dict[str, dict[str, float]]:
+        """Read every live instance's hits and misses in ``regions`` and set the drift of
+        each region, in percentage points, over the window since the previous pass: the
+        largest distance between a live instance's hit ratio over its hits and misses since
+        then and the ratio of all of them together, among instances with at least
+        ``DRIFT_MIN_WINDOW_REQUESTS`` in the window (all of an instance's counts the first
+        time it is seen, or when they went down: a new incarnation). A region with two live
+        instances or more but fewer than two with enough requests keeps its drift, and its
+        window grows on. Returns ``{region: {instance_id: lifetime hit ratio}}``."""
+        now: dict[str, dict[str, int]] = {}  # hits << 64 | misses: small, 100,000 of them
+        rates: dict[str, dict[str, float]] = {}
+        drift: dict[str, float] = {}
+        read, bad = self.store.read_request_counts(regions)
+        errors += bad
+        for region, by_instance in read.items():
+            rates[region] = ratios = {}
+            now[region] = counts = {}
+            before = self._counts.get(region, {})
+            window: list[tuple[int, int]] = []
+            for instance_id, (hit_count, miss_count) in by_instance.items():
+                try:
+                    if not valid_name(instance_id):
+                        raise ValueError("invalid instance id")
+                    hits, misses = int(hit_count or 0), int(miss_count or 0)
+                    if not (0 <= hits < 2**63 and 0 <= misses < 2**63):
+                        raise ValueError("count out of range")
+                except ValueError as exc:
+                    key = self.store.keys.stats(instance_id[:40], region)
+                    errors.append(f"{key} (instance {instance_id[:40]!r}): {exc}")
+                    continue
+                if hits + misses == 0:
+                    continue
+                ratios[instance_id] = hits / (hits + misses)
+                counts[instance_id] = hits << 64 | misses
+                last = before.get(instance_id)
+                if last is not None and last >> 64 <= hits and last & _LOW <= misses:
+                    hits, misses = hits - (last >> 64), misses - (last & _LOW)
+                if hits + misses >= DRIFT_MIN_WINDOW_REQUESTS:
+                    window.append((hits, misses))
+            if len(ratios) < 2:
+                continue
+            if len(window) < 2:  # too little traffic since the last window: keep it open
+                if region in self._drift:
+                    drift[region] = self._drift[region]
+                now[region] = {i: before.get(i, c) for i, c in counts.items()}
+                continue
+            hits = sum(h for h, _ in window)
+            requests = sum(h + m for h, m in window)
+            drift[region] = 100 * _farthest([h / (h + m) for h, m in window], hits / requests)
+        self._counts = now
+        self._drift = drift
+        return rates
 
     def instances(self, beats: Heartbeats | None = None) -> tuple[list[str], list[str]]:
         """Names of the live and of the missing instances, read now (lists every one)."""
@@ -231,7 +294,7 @@ class Aggregator:
         raw = self.store.read_instances(sorted(beats.beats), [region])
         for (instance_id, _), entry in raw.items():
             if isinstance(entry, Exception):
-                errors.append(f"instance {instance_id!r} region {region!r}: {entry}")
+                errors.append(f"{self.store.keys.stats(instance_id, region)}: {entry}")
                 continue
             if not entry:
                 continue
@@ -244,14 +307,19 @@ class Aggregator:
                     live=instance_id in active and entry.get("live") == "1",
                 )
             except ValueError as exc:
-                errors.append(f"instance {instance_id!r} region {region!r}: {exc}")
-        self._count(errors)
+                errors.append(f"{self.store.keys.stats(instance_id, region)}: {exc}")
+        self._count(region, errors)
         self._instance_errors[region] = tuple(errors)  # reported until a clean read
         return result
 
-    def _count(self, errors: list[str]) -> None:
-        self.errors_total += len(errors)
-        for error in errors[:1]:
+    def _count(self, source: str, errors: list[str]) -> None:
+        """Count the malformed entries ``source`` (a kind of read) found that its previous
+        read did not: an entry that stays malformed is counted once, not at every read."""
+        before = self._reported.get(source, frozenset())
+        new = [error for error in errors if error not in before]
+        self._reported[source] = frozenset(errors)
+        self.errors_total += len(new)
+        for error in new[:1]:
             self._errors.error("conduit-otel-cache: skipped malformed data: %s", error)
 
     def _build(self, data: ClusterData, memory: int, start: float) -> ClusterView:
@@ -267,8 +335,14 @@ class Aggregator:
                     last_updated=_timestamp(fields.get("last_aggregated")),
                 )
             except ValueError as exc:
-                errors.append(f"aggregate of region {region!r}: {exc}")
-        self._count(errors)
+                errors.append(f"{self.store.keys.aggregate(region)}: {exc}")
+        self._count("cluster", errors)
+        losses = self.continuity.losses
+        regions = self.continuity.apply(regions, data.aggregates)
+        if self.continuity.losses > losses:
+            self._errors.error("conduit-otel-cache: Redis lost cluster counts (an empty restart or "
+                               "a failover): the published counters continue from where they "
+                               "were while the live instances write theirs again")  # fmt: skip
         return ClusterView(
             regions=regions,
             drift={region: self._drift.get(region, 0.0) for region in regions},

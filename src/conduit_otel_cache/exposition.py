@@ -60,6 +60,8 @@ log = logging.getLogger(__name__)
 
 #: the response header with the age in seconds of the Redis read a scrape reflects
 DATA_AGE_HEADER = "X-Conduit-Data-Age"
+#: at most this many keys with malformed entries get a series (the first found)
+MAX_MALFORMED_KEYS = 20
 #: seconds a format stays rendered in the background after the last scrape that asked for it
 KEEP_WARM = 300.0
 _RETRY = 0.005  # seconds before asking again when another reader is refreshing the view
@@ -146,20 +148,25 @@ class Exposition:
             ("conduit.cache.hit_ratio", "1", "Cluster hit ratio (0-1) over the lifetime totals",
              observe(regions, lambda s: s.hit_ratio)),
             ("conduit.cache.drift", "%", "Largest distance between a live instance's hit ratio "
-             "and the live cluster's, in percentage points (hit ratio x 100)", self._drift),
+             "and the live cluster's over the hits and misses since the previous per-instance "
+             "pass, in percentage points (hit ratio x 100)", self._drift),
             ("conduit.cache.instance.hit_ratio", "1", "Hit ratio (0-1) of one live instance",
              self._instance_ratios),
             ("conduit.cache.instances.active", "{instance}", "Live instances",
-             self._scalar(lambda v: v.active_count)),
+             self._cluster(lambda v: v.active_count)),
             ("conduit.cache.instances.missing", "{instance}",
              "Registered instances whose heartbeat expired",
-             self._scalar(lambda v: len(v.missing_instances))),
+             self._cluster(lambda v: len(v.missing_instances))),
+            ("conduit.cache.instance.missing", "s", "Seconds since the heartbeat of a "
+             "registered instance expired (until cleanup removes it)", self._missing),
+            ("conduit.cache.malformed_entries", "{entry}", "Malformed entries skipped in one "
+             "Redis key at the last read (at most 20 keys)", self._malformed),
             ("conduit.cache.redis.up", "1", "1 when the last aggregation reached Redis",
              self._scalar(lambda v: int(v.redis_up))),
             ("conduit.cache.aggregation.latency", "s", "Duration of the last aggregation",
              self._scalar(lambda v: v.aggregation_latency)),
-            ("conduit.cache.redis.memory", "By", "Redis used_memory",
-             self._scalar(lambda v: v.redis_memory_bytes)),
+            ("conduit.cache.redis.memory", "By", "used_memory of the whole Redis server",
+             self._cluster(lambda v: v.redis_memory_bytes)),
             ("conduit.cache.last_successful_aggregation.timestamp", "s",
              "Unix time of the last successful aggregation",
              self._scalar(lambda v: v.last_successful_aggregation)),
@@ -205,19 +212,58 @@ class Exposition:
         self._give_way()
         return view
 
+    def _fresh(self) -> ClusterView | None:
+        """The view while it reflects this replica's last Redis read; None while that
+        read failed: a replica cut off from Redis publishes no cluster series (only its
+        own: ``redis_up`` 0, data age, health), so that its last good values never mask
+        the replicas that can read Redis (docs/metrics.md, "Replicas")."""
+        view = self._view()
+        return view if view.redis_up else None
+
     def _regions(self) -> dict[str, Statistics]:
-        return self._view().regions
+        view = self._fresh()
+        return {} if view is None else view.regions
 
     def _drift(self, options: CallbackOptions) -> Iterable[Observation]:
-        return [Observation(d, {"region": r}) for r, d in self._view().drift.items()]
+        view = self._fresh()
+        drift = {} if view is None else view.drift
+        return [Observation(d, {"region": r}) for r, d in drift.items()]
 
     def _instance_ratios(self, options: CallbackOptions) -> Iterable[Observation]:
         """Live instances' hit ratios, the ``max_instance_series`` farthest from their
         region's live hit ratio (selected by the aggregator's per-instance pass)."""
+        view = self._fresh()
         return [
             Observation(rate, {"region": region, "instance_id": instance_id})
-            for region, instance_id, rate in self._view().instance_series
+            for region, instance_id, rate in (() if view is None else view.instance_series)
         ]
+
+    def _missing(self, options: CallbackOptions) -> Iterable[Observation]:
+        """Missing instances (at most ``max_instance_series``, sorted by id) and the
+        seconds since their heartbeat expired."""
+        view = self._fresh()
+        if view is None:
+            return []
+        timeout = self.aggregator.settings.instance_timeout
+        ids = view.missing_instances[: self.aggregator.settings.max_instance_series]
+        return [Observation(view.missing_for(i, timeout), {"instance_id": i}) for i in ids]
+
+    def _malformed(self, options: CallbackOptions) -> Iterable[Observation]:
+        """The keys with malformed entries at the last read (every report names its key
+        first, ``<key>: <what is wrong>``), at most :data:`MAX_MALFORMED_KEYS`."""
+        view = self._fresh()
+        keys: dict[str, int] = {}
+        for error in () if view is None else view.data_errors:
+            key = error.split(": ", 1)[0]
+            if key in keys or len(keys) < MAX_MALFORMED_KEYS:
+                keys[key] = keys.get(key, 0) + 1
+        return [Observation(n, {"key": key}) for key, n in keys.items()]
+
+    def _cluster(
+        self, value: Callable[[ClusterView], float | None]
+    ) -> Callable[[CallbackOptions], Iterable[Observation]]:
+        """A scalar read from Redis: published only while the last read succeeded."""
+        return self._scalar(lambda v: value(v) if v.redis_up else None)
 
     def _scalar(
         self, value: Callable[[ClusterView], float | None]

@@ -197,6 +197,7 @@ class Store:
             self._flush = self._script("region.lua", "instance.lua", "flush.lua")
             self._depart = self._script("region.lua", "instance.lua", "depart.lua")
             self._aggregates = self._script("aggregates.lua")
+            self._counts = self._script("counts.lua")
         self._liveness = self._script("liveness.lua")
 
     def _script(self, *names: str) -> Script:
@@ -505,6 +506,43 @@ class Store:
         for instance_id, region in pairs:
             pipe.hgetall(self.keys.stats(instance_id, region))
         return dict(zip(pairs, pipe.execute(raise_on_error=False)))
+
+    def read_request_counts(
+        self, regions: Sequence[str]
+    ) -> tuple[dict[str, dict[str, tuple[str, str]]], list[str]]:
+        """``{region: {instance_id: (hit_count, miss_count)}}`` of the instances in each
+        region's hit-ratio set (as stored, '' when absent), in one round trip, and the
+        malformed entries skipped (as :meth:`read_hit_ratios` reports them)."""
+        result: dict[str, dict[str, tuple[str, str]]] = {}
+        errors: list[str] = []
+        if not regions:
+            return result, errors
+        if self.redis_cluster:
+            rates, errors = self.read_hit_ratios(regions)
+            pairs = [(i, region) for region, by_instance in rates.items() for i in by_instance]
+            pipe = self.client.pipeline(transaction=False)
+            for instance_id, region in pairs:
+                pipe.hmget(self.keys.stats(instance_id, region), "hit_count", "miss_count")
+            for (instance_id, region), reply in zip(pairs, pipe.execute(raise_on_error=False)):
+                hits, misses = ("x", "x") if isinstance(reply, Exception) else reply
+                result.setdefault(region, {})[instance_id] = (hits or "", misses or "")
+            return result, errors
+        prefix = self.keys.prefix + "stats:"
+        assert self.keys.stats("i", "r") == f"{prefix}i:r"
+        calls = [(self._counts, [self.keys.hit_rates(r)], [prefix, r]) for r in regions]
+        for region, (ok, flat) in zip(regions, self._run(calls)):
+            key = self.keys.hit_rates(region)
+            if not ok:
+                errors.append(f"{key}: {flat}")
+                continue
+            result[region] = counts = {}
+            for n in range(0, len(flat), 4):
+                member, ratio = flat[n], float(flat[n + 1])
+                if valid_name(member) and 0 <= ratio <= 100:
+                    counts[member] = (flat[n + 2], flat[n + 3])
+                else:
+                    errors.append(f"{key}: bad entry {member[:40]!r}")
+        return result, errors
 
     def read_samples(
         self, instance_ids: Sequence[str], region: str, count: int
