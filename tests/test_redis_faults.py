@@ -10,12 +10,13 @@ import logging
 
 import pytest
 import redis
+from prometheus_client.parser import text_string_to_metric_families
 
 from conduit_otel_cache import ConfigError, setup
 from conduit_otel_cache.store import Store
 from conduit_otel_cache.writethrough import CHECK_EVERY
 
-from .conftest import MakeStats
+from .conftest import MakeStats, scrape_once
 
 AGG = "conduit:cache:stats:aggregated:"
 
@@ -66,7 +67,7 @@ def test_row2_a_stats_hash_deleted_while_nothing_changes_is_rebuilt_by_the_check
 
 
 def test_row4_a_deleted_aggregated_hash_is_rebuilt_and_the_loss_reported(
-    make_stats: MakeStats, r: redis.Redis
+    make_stats: MakeStats, r: redis.Redis, redis_url: str
 ) -> None:
     stats = make_stats("api-1")
     record(stats, "A", 1000)
@@ -91,7 +92,14 @@ def test_row4_a_deleted_aggregated_hash_is_rebuilt_and_the_loss_reported(
     assert set(stats.cluster_view().regions) == {"A", "Quiet"}  # no region disappears
     health = stats.health()
     assert health.status.label == "Degraded"
-    assert any("region A" in reason and "lost" in reason for reason in health.reasons)
+    assert any("region A since" in reason and "lost" in reason for reason in health.reasons)
+    published = {
+        s.labels["region"]: s.value
+        for family in text_string_to_metric_families(scrape_once(redis_url=redis_url))
+        for s in family.samples
+        if s.name == "conduit_cache_data_losses_total"
+    }
+    assert published == {"A": 1.0, "Quiet": 1.0}
 
 
 def test_row5_a_deleted_regions_set_is_rebuilt(make_stats: MakeStats, r: redis.Redis) -> None:
