@@ -107,9 +107,16 @@ def test_row5_a_deleted_regions_set_is_rebuilt(make_stats: MakeStats, r: redis.R
     record(stats, "A", 1)
     record(stats, "B", 1)
     assert stats.flush()
+    r.delete("conduit:cache:regions", "conduit:cache:instance:api-1:regions")
+    for _ in range(CHECK_EVERY):
+        record(stats, "A", 1)  # A changes with every write, B never: both come back
+        assert stats.flush()
+    assert set(stats.cluster_view().regions) == {"A", "B"}
+    assert r.smembers("conduit:cache:instance:api-1:regions") == {"A", "B"}
     r.delete("conduit:cache:regions")
     for _ in range(CHECK_EVERY):
         record(stats, "A", 1)
+        record(stats, "B", 1)  # every region changes with every write
         assert stats.flush()
     assert set(stats.cluster_view().regions) == {"A", "B"}
 

@@ -137,14 +137,18 @@ class Writer:
     errors: str = ""
     last_error: str = ""
 
-    def header(self, refresh: bool = True, seq: int = 0, known: bool = False) -> list[Any]:
+    def header(
+        self, refresh: bool = True, seq: int = 0, known: bool = False, checks: bool = False
+    ) -> list[Any]:
         """The first arguments of every write script (the layout of ``lua/lib.lua``);
         ``refresh``: renew the TTLs of every key the write names and check key types;
+        ``checks``: the write checks regions (it lists every region it names);
         ``seq``: the write's number; ``known``: Redis acknowledged this incarnation before."""
         return [
             self.instance_id, self.token, self.owner, max(1, int(self.ttl)),
             self.instance_timeout, max(1, self.sample_cap), max(1, int(self.sample_ttl)),
-            "1" if refresh else "0", seq, "1" if known else "0", self.errors, self.last_error,
+            "1" if refresh else "c" if checks else "0", seq, "1" if known else "0",
+            self.errors, self.last_error,
         ]  # fmt: skip
 
 
@@ -242,15 +246,18 @@ class Store:
         seq: int = 0,
         beat_first: bool = False,
         known: bool = False,
+        checks: bool = False,
     ) -> FlushResult:
         """Write ``entries`` and the heartbeat in one round trip (on a Redis Cluster: one
         pipeline, one script call per hash slot). ``refresh`` renews TTLs; ``seq`` is the
         write's number (see :class:`Entry`). ``beat_first`` (a Redis Cluster write of an
         incarnation not yet known to Redis) checks the instance id before any region is
         written, at the cost of a second round trip. ``known``: Redis acknowledged this
-        incarnation before (another token under its id then means it was displaced)."""
+        incarnation before (another token under its id then means it was displaced);
+        ``checks``: the write checks every unchanged region (and lists all in the regions
+        sets)."""
         items = list(entries.items())
-        header = writer.header(refresh, seq, known)
+        header = writer.header(refresh, seq, known, checks)
         head: tuple[Script, list[str], list[Any]]
         if self.redis_cluster:  # the beat alone, then one call per region (its own slot)
             names: list[Any] = []

@@ -199,7 +199,7 @@ class RedisMetricExporter(MetricExporter):
         refresh = full or now - self._refreshed >= self._refresh_every()
         check = refresh or self._writes % CHECK_EVERY == 0
         entries = self._entries(fields, full, check)
-        result = self._send(entries, refresh)
+        result = self._send(entries, refresh, check)
         if result.status == "duplicate":
             if self._confirmed and self.store.redis_cluster:  # region calls ran beside the beat
                 applied = {r: e for r, e in entries.items() if r not in result.need_full}
@@ -254,11 +254,13 @@ class RedisMetricExporter(MetricExporter):
             if entry.samples:
                 self._pending.pop(region, None)
 
-    def _send(self, entries: Mapping[str, Entry], refresh: bool) -> FlushResult:
+    def _send(
+        self, entries: Mapping[str, Entry], refresh: bool, checks: bool = False
+    ) -> FlushResult:
         self._seq += 1
         return self.store.flush(
             self._writer(), entries, refresh=refresh, seq=self._seq,
-            beat_first=not self._confirmed, known=self._confirmed,
+            beat_first=not self._confirmed, known=self._confirmed, checks=checks,
         )  # fmt: skip
 
     def _whole(

@@ -6,6 +6,6 @@
 --       hash.
 -- Returns beat()'s reply (instance.lua).
 local h = header()
-local names, listed = listed_regions(entries())
+local names, listed = listed_regions(entries(), h)
 return beat(KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], h, server_time(), names, h.refresh,
             listed)

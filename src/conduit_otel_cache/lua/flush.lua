@@ -10,7 +10,7 @@ local now = server_time()
 local now_s = string.format('%.6f', now)
 local h = header()
 local es = entries()
-local names, listed = listed_regions(es)
+local names, listed = listed_regions(es, h)
 local reply = beat(KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], h, now, names, h.refresh,
                    listed)
 local need_full, epochs = {}, {}

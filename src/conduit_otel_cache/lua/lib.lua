@@ -48,7 +48,8 @@ local function server_time_s() return string.format('%.6f', server_time()) end
 --   ARGV[1..12] instance id, incarnation token, owner (host:pid[:pid namespace]), ttl
 --               seconds, instance timeout seconds, sample cap, sample ttl seconds, '1' to
 --               refresh (TTLs of every key the write names are renewed, key types
---               checked), the write's number (it increases with every write of the
+--               checked; it checks regions too), 'c' when the write checks regions (every
+--               region it names is listed in the regions sets) or '0', the write's number (it increases with every write of the
 --               incarnation), and '1' when Redis has acknowledged this incarnation before
 --               (a continuing writer: another token under its id means it was displaced),
 --               the incarnation's failed flushes so far by kind ('Kind=n,...', '' none) and
@@ -66,7 +67,7 @@ local HEADER = 12
 local function header()
   return {id = ARGV[1], token = ARGV[2], owner = ARGV[3], ttl = tonumber(ARGV[4]),
           timeout = tonumber(ARGV[5]), cap = tonumber(ARGV[6]), sample_ttl = tonumber(ARGV[7]),
-          refresh = ARGV[8] == '1', seq = ARGV[9], known = ARGV[10] == '1',
+          refresh = ARGV[8] == '1', checks = ARGV[8] ~= '0', seq = ARGV[9], known = ARGV[10] == '1',
           errors = ARGV[11], last_error = ARGV[12]}
 end
 
@@ -94,16 +95,16 @@ end
 
 local function is_check(e) return not e.full and e.n == 0 and e.samples == '' end
 
-local function listed_regions(es)
+local function listed_regions(es, h)
   -- The names of the full entries; of every entry when the write checks regions (every
-  -- CHECK_EVERY-th write), so that a lost regions set is whole again within that bound.
-  local names, all, checks = {}, {}, false
+  -- CHECK_EVERY-th write: h.checks), so that a lost regions set is whole again within that
+  -- bound.
+  local names, all = {}, {}
   for _, e in ipairs(es) do
     if e.full then names[#names + 1] = e.region end
     all[#all + 1] = e.region
-    checks = checks or is_check(e)
   end
-  return names, checks and all or names
+  return names, h.checks and all or names
 end
 
 local function mark_lost(akey, now_s)

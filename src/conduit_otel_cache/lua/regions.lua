@@ -11,7 +11,7 @@ local h = header()
 local sets = #KEYS % 4 == 2 and 2 or 0
 local need_full, epochs = {}, {}
 local es = entries()
-local _, listed = listed_regions(es)
+local _, listed = listed_regions(es, h)
 local sadd = {}
 for _, region in ipairs(listed) do sadd[region] = true end
 for i, e in ipairs(es) do
