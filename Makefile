@@ -9,6 +9,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[test,demo]'
+	$(PY) -m pip install --quiet --no-deps 'arq>=0.26'  # pins redis<6; runs on redis-py 6+
 	touch $@
 
 demo: $(VENV)/.installed
@@ -53,6 +54,7 @@ $(LOWEST_VENV)/.installed: pyproject.toml constraints/lowest.txt
 	$(LOWEST_PYTHON) -m venv $(LOWEST_VENV)
 	$(LOWEST_VENV)/bin/python -m pip install --quiet --upgrade pip
 	$(LOWEST_VENV)/bin/python -m pip install --quiet -c constraints/lowest.txt -e '.[test]'
+	$(LOWEST_VENV)/bin/python -m pip install --quiet --no-deps 'arq>=0.26'
 	touch $@
 
 test-lowest: system-deps $(LOWEST_VENV)/.installed

@@ -15,7 +15,7 @@ import time
 
 from conduit_otel_cache.embedded import redis_server_binary
 
-from . import flush, hot_path, scale, scrape
+from . import flush, hot_path, import_time, scale, scrape, work_horse
 from .common import Target, show_targets
 
 
@@ -42,12 +42,12 @@ def main() -> None:
     )
     parser.add_argument(
         "--only",
-        choices=["hot", "flush", "scale", "scrape"],
+        choices=["hot", "flush", "scale", "scrape", "horse", "import"],
         action="append",
         help="run only these",
     )
     args = parser.parse_args()
-    only = set(args.only or ["hot", "flush", "scale", "scrape"])
+    only = set(args.only or ["hot", "flush", "scale", "scrape", "horse", "import"])
     started = time.perf_counter()
     print(f"# conduit-otel-cache benchmarks{' (--quick)' if args.quick else ''}")
     print(f"machine: {machine()}")
@@ -61,6 +61,10 @@ def main() -> None:
         targets += scale.run(quick=args.quick)
     if "scrape" in only:
         targets += scrape.run(quick=args.quick)
+    if "import" in only:
+        targets += import_time.run(quick=args.quick)
+    if "horse" in only:
+        targets += work_horse.run(quick=args.quick)
     print("\n## Summary")
     show_targets("All targets", targets)
     met = sum(1 for t in targets if t.met)

@@ -2,7 +2,8 @@
 and, with spawn, in every worker). ``python -m tests.prefork_pool METHOD TASKS``: runs
 TASKS tasks on 3 workers (each records ``HITS`` hits and ``MISSES`` misses), prints one JSON
 line with the pids that ran them and the pool's workers, waits for a line on stdin, then
-closes and joins the pool (graceful) and prints ``stopped``."""
+ends the pool as the line says (``close``: close and join, graceful; ``terminate``: SIGTERM
+to every worker, as ``with Pool()`` does on exit) and prints ``stopped``."""
 
 from __future__ import annotations
 
@@ -34,8 +35,10 @@ def main() -> None:
     pids = pool.map(record, range(tasks), chunksize=1)
     workers = [p.pid for p in multiprocessing.active_children()]
     print(json.dumps({"pids": pids, "workers": workers}), flush=True)
-    sys.stdin.readline()
-    pool.close()
+    if sys.stdin.readline().strip() == "terminate":
+        pool.terminate()
+    else:
+        pool.close()
     pool.join()
     print("stopped", flush=True)
 

@@ -33,6 +33,8 @@ def test_benchmarks_quick_run() -> None:
         "### Data age a scrape sees",
         "### serve's cost at 100 x 10",
         "### Peer: prometheus_client multiprocess mode",
+        "### Work horse per job: ms per job",
+        "### Import time (fresh interpreter, median ms)",
         "### All targets",
     ):
         assert header in out, f"missing {header!r} in:\n{out[-3000:]}"

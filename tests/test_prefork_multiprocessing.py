@@ -1,5 +1,6 @@
 """``multiprocessing.Pool`` in a pod with the fork and the spawn start methods, ``setup()``
-at import: exact totals and live workers while the pool runs and after close/join."""
+at import: exact totals and live workers while the pool runs and after close/join or
+terminate (SIGTERM to the workers)."""
 
 from __future__ import annotations
 
@@ -38,9 +39,10 @@ def report(server: Server) -> Any:
     return json.loads(line())
 
 
+@pytest.mark.parametrize("end", ["close", "terminate"])
 @pytest.mark.parametrize("method", ["fork", "spawn"])
 def test_pool_totals_and_live_workers(
-    redis_url: str, cluster_reader: ClusterReader, tmp_path: Path, method: str
+    redis_url: str, cluster_reader: ClusterReader, tmp_path: Path, method: str, end: str
 ) -> None:
     argv = [sys.executable, "-m", "tests.prefork_pool", method, str(TASKS)]
     log = tmp_path / "pool.log"
@@ -53,7 +55,7 @@ def test_pool_totals_and_live_workers(
         assert instance_id(server.proc.pid) not in during.live  # the parent records nothing
         assert cluster_reader.instance_keys() == live
         assert server.proc.stdin is not None
-        server.proc.stdin.write(b"stop\n")
+        server.proc.stdin.write(f"{end}\n".encode())
         server.proc.stdin.flush()
         assert server.proc.wait(30) == 0
         assert server.output().rstrip().endswith("stopped")

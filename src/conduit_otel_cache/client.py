@@ -3,16 +3,14 @@
 
 from __future__ import annotations
 
-import atexit
 import dataclasses
 import logging
 import math
-import os
+import sys
 import threading
 import time
-import weakref
 from collections.abc import Sequence
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from opentelemetry import metrics
 from opentelemetry.metrics import MeterProvider as APIMeterProvider
@@ -21,8 +19,8 @@ from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import MetricReader, PeriodicExportingMetricReader
 from opentelemetry.sdk.resources import Resource
 
+from . import lifecycle
 from .aggregate import Aggregator, ClusterView
-from .api import ASGIApp, WSGIApp, make_stats_app, make_stats_asgi_app
 from .autoconfig import shared_write_through
 from .config import Settings
 from .health import Health, evaluate
@@ -36,50 +34,16 @@ from .instruments import (
 )
 from .integrations.lookup import TimedLookup
 from .model import Statistics
-from .prefork import at_setup, flush_at_worker_exit
 from .recorder import Recorder
-from .sdk_hook import collection_lock, export_lock
+from .sdk_hook import collection_lock, export_lock, stop_reader_thread
 from .store import explain
 from .strategies import AggregationStrategy, strategy_named
 from .writethrough import RedisMetricExporter
 
+if TYPE_CHECKING:
+    from .api import ASGIApp, WSGIApp
+
 log = logging.getLogger(__name__)
-
-_open_handles: weakref.WeakSet[CacheStatistics] = weakref.WeakSet()
-
-
-@atexit.register
-def _shutdown_all() -> None:
-    for handle in list(_open_handles):
-        handle.shutdown()
-
-
-_held_at_fork: list[Any] = []
-
-
-def _before_fork() -> None:
-    # No write may be half done when the process forks: a child would inherit its locks
-    # taken and hang at its first flush. Taken in the order an export takes them.
-    for handle in list(_open_handles):
-        for lock in handle._write_locks():
-            lock.acquire()
-            _held_at_fork.append(lock)
-
-
-def _release_fork_locks() -> None:
-    while _held_at_fork:
-        _held_at_fork.pop().release()
-
-
-def _after_fork_in_child() -> None:
-    _release_fork_locks()
-    for handle in list(_open_handles):
-        handle._after_fork()
-
-
-os.register_at_fork(
-    before=_before_fork, after_in_parent=_release_fork_locks, after_in_child=_after_fork_in_child
-)
 
 
 def views() -> list[object]:
@@ -150,6 +114,8 @@ class CacheStatistics:
         self.exporter: RedisMetricExporter | None = None
         self._aggregator: Aggregator | None = None
         self._closed = False
+        self._timeout_logged = False
+        self._close_started = 0.0
         self._reset_locks()
         self._reader: PeriodicExportingMetricReader | None = None
         shared = (
@@ -178,8 +144,9 @@ class CacheStatistics:
             register_cache_instruments(meter_provider.get_meter(SCOPE), recorder.snapshot)
         register_self_instruments(self.meter_provider.get_meter(SCOPE), self)
         self._start_beats()
-        at_setup(self, settings.flush_interval, _after_fork_in_child)
-        _open_handles.add(self)
+        lifecycle.register(
+            self, handle_signals=settings.handle_signals, flush_interval=settings.flush_interval
+        )
 
     def _providers(
         self,
@@ -214,6 +181,7 @@ class CacheStatistics:
 
     def _reset_locks(self) -> None:
         self._close_lock = threading.Lock()
+        self._closer: threading.Thread | None = None
         self._flushes = threading.Condition()  # batches concurrent flush() calls
         self._flushing = False
         self._flush_started = -math.inf
@@ -230,13 +198,20 @@ class CacheStatistics:
             ).start()
 
     def _write_locks(self) -> list[Any]:
-        """The locks a write holds, in the order it takes them (see ``_before_fork``)."""
+        """The locks a write holds, in the order it takes them (held across a fork)."""
         if self.exporter is None or self._closed or not self._owns_exporter:
             return []
         locks = [export_lock(self._reader)] if self._reader is not None else []
         locks.append(self.exporter._lock)
         locks += [collection_lock(provider) for provider in self._owned]  # taken alone
         return [lock for lock in locks if lock is not None]
+
+    def _stop_threads(self) -> None:
+        """Stop the flush and heartbeat threads (a uWSGI master that forks without the fork
+        hooks must run none; its workers flush on a timer)."""
+        self._stop_beats.set()
+        if self._reader is not None:
+            stop_reader_thread(self._reader)
 
     def _after_fork(self) -> None:
         """In a process forked after ``setup()``: a new instance with fresh tallies, its
@@ -252,7 +227,6 @@ class CacheStatistics:
             )
             exporter.after_fork(self.settings)
             self._start_beats()
-            flush_at_worker_exit(_shutdown_all)
 
     # -- this instance ------------------------------------------------------------------
 
@@ -282,10 +256,14 @@ class CacheStatistics:
     def wsgi_app(self) -> WSGIApp:
         """A WSGI app serving ``GET /api/cache/stats/local`` (this instance) and
         ``/api/cache/stats/distributed`` (the cluster view) as JSON per region."""
+        from .api import make_stats_app
+
         return make_stats_app(local=self.snapshot, cluster=lambda: self.cluster_view().regions)
 
     def asgi_app(self) -> ASGIApp:
         """The same API as :meth:`wsgi_app` as an ASGI app (Starlette, FastAPI, uvicorn)."""
+        from .api import make_stats_asgi_app
+
         return make_stats_asgi_app(local=self.snapshot, cluster=lambda: self.cluster_view().regions)
 
     def timed_lookup(self, region: str) -> TimedLookup:
@@ -302,7 +280,19 @@ class CacheStatistics:
         """
         if self._reader is None or self._closed or self.exporter is None:
             return False
-        return self._flush()
+        if threading.current_thread() is not threading.main_thread():
+            return self._flush()
+        # A signal handler may raise (SystemExit, KeyboardInterrupt) anywhere on the main
+        # thread. The SDK's collection must not stop half way (a measurement taken but not
+        # collected is added to the next one), nor may this thread hold the write's locks
+        # when the handler shuts down: the flush runs in a thread, this one waits for it.
+        result: list[bool] = []
+        worker = threading.Thread(
+            target=lambda: result.append(self._flush()), name="conduit-flush", daemon=True
+        )
+        worker.start()
+        worker.join()
+        return bool(result and result[0])
 
     def _flush(self) -> bool:
         assert self._reader is not None and self.exporter is not None
@@ -385,24 +375,36 @@ class CacheStatistics:
 
     # -- lifecycle ----------------------------------------------------------------------
 
+    @lifecycle.exit_path
     def shutdown(self) -> None:
         """Final flush, then deregister from the heartbeat set; the whole of it bounded by
-        ``shutdown_timeout``. Safe to call twice."""
+        ``shutdown_timeout``. Safe to call twice, and from a signal handler that
+        interrupted a flush (it then returns at once and the flush finishes when the
+        interrupted code goes on: at ``sys.exit``, for example)."""
         with self._close_lock:
-            if self._closed:
-                return
-            self._closed = True
-        _open_handles.discard(self)
-        self._stop_beats.set()
-        worker = threading.Thread(target=self._close, daemon=True, name="conduit-shutdown")
-        worker.start()
-        worker.join(self.settings.shutdown_timeout)
-        if worker.is_alive():
+            if self._closer is None:
+                if self._closed:  # closed in the parent before a fork
+                    return
+                self._closed = True
+                self._stop_beats.set()
+                self._closer = threading.Thread(
+                    target=self._close, daemon=True, name="conduit-shutdown"
+                )
+                self._closer.start()
+                self._close_started = time.monotonic()
+            closer = self._closer
+        if lifecycle.inside_write_path(sys._getframe(1)):
+            return  # the close waits for locks this thread holds: it must go on first
+        budget = self._close_started + self.settings.shutdown_timeout - time.monotonic()
+        closer.join(max(0.0, budget))
+        if closer.is_alive() and not self._timeout_logged:
+            self._timeout_logged = True
             log.warning(
                 "conduit-otel-cache: shutdown of instance %s took longer than "
                 "shutdown_timeout=%gs; giving up (it expires after instance_timeout)",
                 self.settings.instance_id, self.settings.shutdown_timeout,
             )  # fmt: skip
+        lifecycle.end_if_signalled()
 
     def _close(self) -> None:
         # deregister unless the final write failed: a hung Redis costs one timeout, not three
@@ -427,6 +429,7 @@ class CacheStatistics:
             self.exporter.close(depart=depart)
         for provider in self._owned:  # the write-through reader is always on an owned one
             provider.shutdown()
+        lifecycle.forget(self)
 
 
 class DisabledStatistics:
@@ -469,10 +472,14 @@ class DisabledStatistics:
 
     def wsgi_app(self) -> WSGIApp:
         """The stats API, always empty."""
+        from .api import make_stats_app
+
         return make_stats_app(local=dict, cluster=dict)
 
     def asgi_app(self) -> ASGIApp:
         """The stats API as ASGI, always empty."""
+        from .api import make_stats_asgi_app
+
         return make_stats_asgi_app(local=dict, cluster=dict)
 
     def timed_lookup(self, region: str) -> TimedLookup:

@@ -112,6 +112,8 @@ class Settings:
     drift_min_requests: int = 100
     max_memory_bytes: int = 1 << 30
     set_global: bool = True
+    #: stand in for SIGTERM's default disposition with a final flush (:mod:`.lifecycle`)
+    handle_signals: bool = True
     service_name: str = "conduit"
     enabled: bool = True
     #: ``redis_url`` names a Redis Cluster (implied by ``redis+cluster://``/``rediss+cluster://``)

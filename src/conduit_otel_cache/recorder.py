@@ -14,6 +14,7 @@ from collections import deque
 from typing import Any
 
 from .config import valid_name
+from .lifecycle import write_path
 from .model import ResponseTimes, Statistics
 
 log = logging.getLogger(__name__)
@@ -129,6 +130,7 @@ class Recorder:
 
     # -- slow paths: first event of a thread or region, bad input -----------------------
 
+    @write_path
     def _slot(self, region: Any) -> list[Any]:
         if region is None:  # no region given: the default region
             region = self._default_region
@@ -156,6 +158,7 @@ class Recorder:
             slot.append(deque(maxlen=self._max_samples))
         return slot
 
+    @write_path
     def _admit(self, region: Any) -> str:
         with self._lock:
             if not valid_name(region) or region in (INVALID_REGION, OVERFLOW_REGION):
@@ -188,6 +191,7 @@ class Recorder:
 
     # -- readers ------------------------------------------------------------------------
 
+    @write_path
     def snapshot(self) -> dict[str, Statistics]:
         """Current cumulative statistics of every region seen so far."""
         with self._lock:
@@ -239,6 +243,7 @@ class Recorder:
                 kept = self._orphans.setdefault(name, deque(maxlen=self._max_samples))
                 kept.extend(slot[-1])
 
+    @write_path
     def drain_samples(self) -> dict[str, list[float]]:
         """Take the raw response times recorded since the last drain (at most
         ``max_samples`` per region, the latest)."""

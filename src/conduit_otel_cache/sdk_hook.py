@@ -19,6 +19,7 @@ raises :class:`SdkCompatibilityError` naming the installed SDK version: never wr
 
 from __future__ import annotations
 
+import functools
 import inspect
 import math
 import threading
@@ -26,7 +27,6 @@ from collections.abc import Mapping, Sequence
 from importlib.metadata import PackageNotFoundError, version
 from typing import TYPE_CHECKING, Any
 
-from opentelemetry.exporter.prometheus import PrometheusMetricReader
 from opentelemetry.sdk.metrics import (
     AlignedHistogramBucketExemplarReservoir,
     MeterProvider,
@@ -42,12 +42,13 @@ from opentelemetry.sdk.metrics.export import (
     PeriodicExportingMetricReader,
 )
 from opentelemetry.sdk.metrics.view import Aggregation, DefaultAggregation
-from prometheus_client import REGISTRY, CollectorRegistry
 
 from .model import ResponseTimes
 
 if TYPE_CHECKING:  # no public path for the measurement type
+    from opentelemetry.exporter.prometheus import PrometheusMetricReader
     from opentelemetry.sdk.metrics._internal.measurement import Measurement
+    from prometheus_client import CollectorRegistry
 
 __all__ = [
     "HistogramObservation",
@@ -347,6 +348,17 @@ def export_lock(reader: MetricReader) -> Any:
     return lock if hasattr(lock, "acquire") and hasattr(lock, "release") else None
 
 
+def stop_reader_thread(reader: MetricReader) -> None:
+    """Stop a ``PeriodicExportingMetricReader``'s thread without shutting the reader down
+    (its shutdown would close the exporter, which a uWSGI master's workers inherit)."""
+    event = getattr(reader, "_shutdown_event", None)
+    thread = getattr(reader, "_daemon_thread", None)
+    if isinstance(event, threading.Event):
+        event.set()
+    if isinstance(thread, threading.Thread) and thread.is_alive():
+        thread.join(1.0)
+
+
 def collection_lock(provider: object) -> Any:
     """The lock a ``MeterProvider`` holds while it collects (runs the callbacks); None if
     absent. Held across a fork, it would leave a child unable to collect."""
@@ -357,7 +369,10 @@ def collection_lock(provider: object) -> Any:
 
 def prometheus_reader(registry: CollectorRegistry, series_limit: int) -> PrometheusMetricReader:
     """A reader whose series only ``registry`` serves, without ``target_info`` or scope
-    labels, keeping up to ``series_limit`` series per observable instrument."""
+    labels, keeping up to ``series_limit`` series per observable instrument (imported here:
+    only ``serve`` needs the Prometheus exporter)."""
+    from opentelemetry.exporter.prometheus import PrometheusMetricReader
+
     parameters = inspect.signature(PrometheusMetricReader.__init__).parameters
     options: dict[str, Any] = {"disable_target_info": True}
     if "scope_info_enabled" in parameters:  # since 0.64b0; no scope labels before
@@ -366,25 +381,34 @@ def prometheus_reader(registry: CollectorRegistry, series_limit: int) -> Prometh
         options["cardinality_limits"] = dict.fromkeys(_observable_kinds(), series_limit)
     if "registry" in parameters:  # since 0.63b0
         return PrometheusMetricReader(registry=registry, **options)
-    return _MovedPrometheusReader(registry, **options)
+    reader: PrometheusMetricReader = _moved_reader_class()(registry, **options)
+    return reader
 
 
-class _MovedPrometheusReader(PrometheusMetricReader):
-    """A reader of ``opentelemetry-exporter-prometheus`` < 0.63b0, whose collector always
-    registers on the global registry: moved to ``registry`` (and taken off it at shutdown)."""
+@functools.cache
+def _moved_reader_class() -> type[Any]:
+    from opentelemetry.exporter.prometheus import PrometheusMetricReader
+    from prometheus_client import REGISTRY
 
-    def __init__(self, registry: CollectorRegistry, **options: Any) -> None:
-        super().__init__(**options)
-        collector = getattr(self, "_collector", None)
-        if collector is None or not callable(getattr(collector, "collect", None)):
-            raise _incompatible(
-                "PrometheusMetricReader has no registry option and no _collector",
-                "opentelemetry-exporter-prometheus",
-            )
-        REGISTRY.unregister(collector)
-        registry.register(collector)
-        self._moved_to = (registry, collector)
+    class _MovedPrometheusReader(PrometheusMetricReader):
+        """A reader of ``opentelemetry-exporter-prometheus`` < 0.63b0, whose collector
+        always registers on the global registry: moved to ``registry`` (and taken off it
+        at shutdown)."""
 
-    def shutdown(self, timeout_millis: float = 30_000, **kwargs: Any) -> None:
-        registry, collector = self._moved_to
-        registry.unregister(collector)
+        def __init__(self, registry: CollectorRegistry, **options: Any) -> None:
+            super().__init__(**options)
+            collector = getattr(self, "_collector", None)
+            if collector is None or not callable(getattr(collector, "collect", None)):
+                raise _incompatible(
+                    "PrometheusMetricReader has no registry option and no _collector",
+                    "opentelemetry-exporter-prometheus",
+                )
+            REGISTRY.unregister(collector)
+            registry.register(collector)
+            self._moved_to = (registry, collector)
+
+        def shutdown(self, timeout_millis: float = 30_000, **kwargs: Any) -> None:
+            registry, collector = self._moved_to
+            registry.unregister(collector)
+
+    return _MovedPrometheusReader

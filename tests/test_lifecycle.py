@@ -1,0 +1,102 @@
+"""How ``setup()`` treats SIGTERM, in real processes with the default settings: the default
+disposition gets a final flush and still ends the process by SIGTERM; a handler of the
+application, installed before or after ``setup()``, is never replaced nor swallowed; the
+opt-out and a ``setup()`` off the main thread install nothing; and a signal that interrupts
+a flush neither deadlocks nor waits out ``shutdown_timeout``."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from .prefork_support import REPO, ClusterReader, State, pod_env
+
+SHUTDOWN_TIMEOUT = 5.0  # the default
+
+
+@pytest.fixture
+def reader(redis_url: str) -> Iterator[ClusterReader]:
+    reader = ClusterReader(redis_url, instance_timeout=60.0)
+    yield reader
+    reader.close()
+
+
+def env(redis_url: str) -> dict[str, str]:
+    environ = pod_env(redis_url)
+    environ.pop("CONDUIT_CACHE_STATS_FLUSH_INTERVAL")  # the default: 10 s
+    environ.pop("CONDUIT_CACHE_STATS_INSTANCE_TIMEOUT")
+    return environ
+
+
+def start(redis_url: str, module: str, *args: str) -> tuple[subprocess.Popen[str], list[str]]:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", f"tests.exit_apps.{module}", *args], cwd=REPO,
+        env=env(redis_url), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    assert proc.stdout is not None
+    lines = []
+    while (line := proc.stdout.readline().strip()) != "ready":
+        assert line, proc.communicate(timeout=10)
+        lines.append(line)
+    return proc, lines
+
+
+def pages(reader: ClusterReader) -> State:
+    return reader.state()
+
+
+@pytest.mark.parametrize(
+    ("case", "flushed", "code", "app_calls"),
+    [
+        ("default", True, -signal.SIGTERM, 0),
+        ("handler-before", True, 3, 2),
+        ("handler-after", True, 3, 2),
+        ("opt-out", False, -signal.SIGTERM, 0),
+        ("off-main-thread", False, -signal.SIGTERM, 0),
+    ],
+)
+def test_sigterm(
+    case: str, flushed: bool, code: int, app_calls: int, redis_url: str, reader: ClusterReader
+) -> None:
+    proc, lines = start(redis_url, "signals", case)
+    seen = json.loads(lines[-1])
+    assert seen["getsignal_is_default"] == (app_calls == 0)  # the stand-in reads as SIG_DFL
+    assert seen["getsignal_is_app"] == (app_calls > 0)  # the application's handler stays
+    for _ in range(max(app_calls, 1)):
+        proc.send_signal(signal.SIGTERM)
+        if app_calls:  # the application's handler ran, and the process goes on until it exits
+            assert proc.stdout is not None and proc.stdout.readline().startswith("app handler")
+    _, err = proc.communicate(timeout=SHUTDOWN_TIMEOUT + 5)
+    assert proc.returncode == code, err
+    assert "Traceback" not in err, err
+    hits = 1 if flushed else 0  # opted out: the default disposition ends it, unflushed
+    assert pages(reader) == State(hits, 0, 0, 0, frozenset())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["own-handler", "default"])
+def test_sigterm_interrupting_a_flush(mode: str, redis_url: str, reader: ClusterReader) -> None:
+    """A main thread that flushes in a loop, so the signal lands inside ``flush()``: the
+    process ends well within ``shutdown_timeout`` (a deadlock on the interrupted flush's
+    locks would wait all of it, with no final flush), exact (an SDK collection stopped half
+    way by the handler's ``SystemExit`` would count the next one twice), and deregistered."""
+    events = 500
+    for attempt in range(6):
+        proc, _ = start(redis_url, "flush_loop", mode, str(events))
+        assert proc.stdout is not None and proc.stdout.readline().strip() == "recorded"
+        time.sleep(0.01 * attempt)  # the flush loop goes on; vary where the signal lands
+        sent = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=SHUTDOWN_TIMEOUT + 5)
+        took = time.monotonic() - sent
+        assert proc.returncode == (0 if mode == "own-handler" else -signal.SIGTERM), err
+        assert "shutdown_timeout" not in err and "Traceback" not in err, err
+        assert took < SHUTDOWN_TIMEOUT / 2, f"stopped after {took:.2f}s"
+        assert reader.state() == State(events, 0, 0, 0, frozenset()), attempt
+        reader.client.delete(*reader.client.keys("conduit:*"))
