@@ -327,7 +327,8 @@ class Cluster(RuleBasedStateMachine):
 
     def teardown(self) -> None:
         for handle in reversed(self.opened):
-            handle._closed = False
+            if handle._closer is None:  # crashed: never shut down
+                handle._closed = False
             handle.shutdown()
         self.r.close()
 
