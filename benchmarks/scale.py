@@ -149,6 +149,7 @@ def service(url: str, ttl: float) -> ExporterService:
         aggregation_interval=3600,
         cleanup_interval=3600,
         instance_timeout=3600,
+        retention_period=7200,
     )
     return ExporterService(s, port=0).start()
 
@@ -243,7 +244,12 @@ def one_scale(
     reps, slow_reps, budget = (3, 2, 5.0) if quick else (7, 3, 8.0)
     res: dict[str, Any] = {"n": n, "r": r, "redis_cluster": redis_cluster}
     with redis_for(redis_cluster) as (redis_url, client):
-        s0 = settings(redis_url=redis_url, aggregation_cache_ttl=0, instance_timeout=3600)
+        s0 = settings(
+            redis_url=redis_url,
+            aggregation_cache_ttl=0,
+            instance_timeout=3600,
+            retention_period=7200,
+        )
         store = Store.from_settings(s0)
         mem0 = store.used_memory()
         res["populate_s"] = populate(store, n, r)

@@ -86,6 +86,7 @@ def serve_child(url: str, mode: str, ttl: float, every: float = QUIET) -> None:
         aggregation_interval=every,
         cleanup_interval=3600,
         instance_timeout=3600,
+        retention_period=7200,
     )
     svc = ExporterService(s, port=0, render_process=True)  # as serve runs
     if mode == "old":
@@ -360,7 +361,9 @@ def peer(files: int, regions: int, reps: int) -> dict[str, Any]:
 def populated_cluster(n: int, r: int) -> Iterator[str]:
     """A redis-server holding ``n`` instances x ``r`` regions; yields its URL."""
     with RedisServer() as server:
-        store = Store.from_settings(settings(redis_url=server.url, instance_timeout=3600))
+        store = Store.from_settings(
+            settings(redis_url=server.url, instance_timeout=3600, retention_period=7200)
+        )
         populate(store, n, r)
         store.close()
         yield server.url

@@ -104,7 +104,13 @@ def check_output(name: str, args: list[str], out: str) -> None:
     elif name == "TTL":
         assert 0 < _integer(out) <= Settings.statistics_ttl, out
     elif name == "INFO":
-        assert "used_memory:" in out, out
+        wanted = "evicted_keys:" if args[1:] == ["stats"] else "used_memory:"
+        assert wanted in out, out
+    elif name == "CONFIG":
+        assert lines[0] == args[2] and lines[1] in ("noeviction", "volatile-lru", "allkeys-lru",
+                                                   "volatile-lfu", "allkeys-lfu",
+                                                   "volatile-random", "allkeys-random",
+                                                   "volatile-ttl"), out  # fmt: skip
     elif name == "--bigkeys":
         assert re.search(r"Biggest +hash found '\"conduit:cache:stats:", out), out
         assert "Sampled" in out, out

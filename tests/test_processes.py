@@ -204,8 +204,14 @@ def test_docs_match_what_serve_answers(redis_url: str, serve: str) -> None:
     client.zadd("conduit:cache:instances", {"ghost": float(client.time()[0]) - 600})
     client.sadd("conduit:cache:regions", "Broken")
     client.hset("conduit:cache:stats:aggregated:Broken", "hit_count", "garbage")
+    now = float(client.time()[0])  # and a reported data loss, an application's failed flush
+    client.hset("conduit:cache:stats:aggregated:ProviderResponses",
+                mapping={"lost_count": 1, "lost_since": now, "lost_at": now})  # fmt: skip
+    client.hset("conduit:cache:flush_errors", "ConnectionError", 1)
     try:
-        conditional = ("conduit_cache_instance_missing_seconds", "conduit_cache_malformed_entries")
+        conditional = ("conduit_cache_instance_missing_seconds", "conduit_cache_malformed_entries",
+                       "conduit_cache_data_losses_total",
+                       "conduit_cache_instances_flush_errors_total")  # fmt: skip
         wait_for(lambda: all(n in get(serve + "/metrics")[1] for n in conditional))
         served = served_series(get(serve + "/metrics")[1])
         documented = documented_series()

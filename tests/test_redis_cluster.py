@@ -393,3 +393,39 @@ def test_plain_url_with_cluster_option(
     assert stats.flush()
     assert rc.hget(f"conduit:cache:{{{REGION}}}:aggregated", "hit_count") == "3"
     assert stats.cluster_statistics(REGION).hit_count == 3
+
+
+def test_lost_keys_and_a_duplicate_id_stay_exact_on_a_redis_cluster(
+    make_stats: MakeStats, rc: RedisCluster
+) -> None:
+    """Issue 22 on a Redis Cluster (beat and regions in separate calls): a lost stats hash
+    adds only what is new, a lost aggregated hash is rebuilt and reported, and a second
+    writer under one id is told apart by token."""
+    stats = make_stats("api-1")
+    record(stats, REGION, 100, 50, size=1000)
+    record(stats, "Users", 5, 0)
+    assert stats.flush()
+    rc.delete(f"conduit:cache:{{{REGION}}}:stats:api-1")
+    record(stats, REGION, 10, 0, size=1000)
+    assert stats.flush()
+    totals = rc.hgetall(f"conduit:cache:{{{REGION}}}:aggregated")
+    assert (totals["hit_count"], totals["size_bytes"], totals["instance_count"]) == (
+        "110", "1000", "1",
+    )  # fmt: skip
+    rc.delete("conduit:cache:{Users}:aggregated")
+    for _ in range(11):  # the check of the unchanged region finds it lost
+        record(stats, REGION, 1, 0, size=1000)
+        assert stats.flush()
+    users = rc.hgetall("conduit:cache:{Users}:aggregated")
+    assert (users["hit_count"], users["instance_count"], users["lost_count"]) == ("5", "1", "1")
+    second = CacheStatistics(stats.settings)  # one id, one owner: told apart by token
+    try:
+        record(second, REGION, 7, 0)
+        assert second.flush() and stats.flush()
+        record(stats, REGION, 3, 0, size=1000)
+        assert stats.flush() and second.flush()
+        totals = rc.hgetall(f"conduit:cache:{{{REGION}}}:aggregated")
+        assert totals["hit_count"] == str(110 + 11 + 7 + 3)
+        assert totals["instance_count"] == "2"
+    finally:
+        second.shutdown()

@@ -6,6 +6,9 @@
 
 from __future__ import annotations
 
+import logging
+import threading
+import weakref
 from collections.abc import Sequence
 from typing import Any
 
@@ -17,6 +20,8 @@ from .config import ConfigError, Settings
 from .health import Health, Status
 from .model import ResponseTimes, Statistics
 from .strategies import AggregationStrategy, LazyStrategy, SumStrategy, WeightedStrategy
+
+log = logging.getLogger(__name__)
 
 __version__ = "0.1.0"
 __all__ = [
@@ -53,6 +58,10 @@ def setup(
     With ``enabled=False`` it returns a :class:`DisabledStatistics` whose methods do nothing.
     ``aggregation_strategy`` is ``"sum"``, ``"lazy"`` or a strategy object such as
     :class:`WeightedStrategy`.
+
+    Called again in the same process while a handle with the same instance id, Redis and
+    ``key_prefix`` is open (not shut down), it returns that handle and logs a warning: one
+    identity has one writer. Other settings of the second call are then ignored.
     """
     strategy = None
     if isinstance(aggregation_strategy, str):
@@ -62,9 +71,33 @@ def setup(
     settings = Settings.load(**options)
     if not settings.enabled:  # no-op handle: no MeterProvider, no Redis
         return DisabledStatistics(settings)
-    return CacheStatistics(
-        settings,
-        meter_provider=meter_provider,
-        metric_readers=metric_readers,
-        aggregation_strategy=strategy,
-    )
+    key = (settings.instance_id, settings.redis_url, settings.key_prefix)
+    with _setup_lock:
+        existing = _handles.get(key)
+        if (
+            existing is not None
+            and not existing._closed
+            and existing.settings.instance_id == settings.instance_id  # not forked since
+        ):
+            log.warning(
+                "conduit-otel-cache: setup() called again for instance %r, which this "
+                "process already records as; returning the open handle (its settings "
+                "stand). Call setup() once per process, or give each handle its own "
+                "instance_id", settings.instance_id,
+            )  # fmt: skip
+            return existing
+        handle = CacheStatistics(
+            settings,
+            meter_provider=meter_provider,
+            metric_readers=metric_readers,
+            aggregation_strategy=strategy,
+        )
+        _handles[key] = handle
+        return handle
+
+
+#: open handles by (instance id, Redis URL, key prefix): setup() twice returns the first
+_handles: weakref.WeakValueDictionary[tuple[str, str | None, str], CacheStatistics] = (
+    weakref.WeakValueDictionary()
+)
+_setup_lock = threading.Lock()

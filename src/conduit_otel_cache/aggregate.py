@@ -69,6 +69,13 @@ class ClusterView:
     reap_error: str | None = None
     last_successful_aggregation: float | None = None
     data_errors: tuple[str, ...] = ()
+    #: ``{region: (losses, server time of the first, of the last)}``: times Redis was
+    #: found to have lost part of the region's totals that no live instance could rebuild
+    #: (see docs/write-protocol.md, "What Redis can lose")
+    data_losses: dict[str, tuple[int, float, float]] = dataclasses.field(default_factory=dict)
+    #: ``{error kind: count}``: failed flushes of every instance, carried through Redis by
+    #: its next successful write
+    instance_flush_errors: dict[str, int] = dataclasses.field(default_factory=dict)
 
     @property
     def missing_instances(self) -> tuple[str, ...]:
@@ -326,7 +333,15 @@ class Aggregator:
         errors = list(data.errors)
         bounds = self.settings.response_time_buckets
         regions: dict[str, Statistics] = {}
+        losses: dict[str, tuple[int, float, float]] = {}
         for region, fields in data.aggregates.items():
+            if "lost_count" in fields:
+                try:
+                    at = float(fields.get("lost_at", 0))
+                    since = float(fields.get("lost_since", at))
+                    losses[region] = (int(fields["lost_count"]), since, at)
+                except ValueError:
+                    errors.append(f"aggregate of region {region!r}: bad lost_count or lost_at")
             try:
                 regions[region] = Statistics.from_fields(
                     fields,
@@ -337,9 +352,9 @@ class Aggregator:
             except ValueError as exc:
                 errors.append(f"{self.store.keys.aggregate(region)}: {exc}")
         self._count("cluster", errors)
-        losses = self.continuity.losses
+        drops = self.continuity.losses
         regions = self.continuity.apply(regions, data.aggregates)
-        if self.continuity.losses > losses:
+        if self.continuity.losses > drops:
             self._errors.error("conduit-otel-cache: Redis lost cluster counts (an empty restart or "
                                "a failover): the published counters continue from where they "
                                "were while the live instances write theirs again")  # fmt: skip
@@ -357,6 +372,8 @@ class Aggregator:
             redis_memory_bytes=memory,
             last_successful_aggregation=time.time(),
             data_errors=(*errors, *(e for es in list(self._instance_errors.values()) for e in es)),
+            data_losses=losses,
+            instance_flush_errors=data.flush_errors,
         )
 
 

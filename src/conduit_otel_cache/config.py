@@ -273,6 +273,21 @@ class Settings:
                 f"instance_timeout: {self.instance_timeout:g}s is shorter than "
                 f"{beat_name} {beat:g}s; live instances would look dead"
             )
+        # an instance's keys must outlive the longest gap between its writes, and a reader
+        # must take a silent instance out of the live gauges before its keys expire
+        for limit, limit_name in ((self.flush_interval, "flush_interval"),
+                                  (self.instance_timeout, "instance_timeout")):  # fmt: skip
+            if limit is not None and self.statistics_ttl <= limit:
+                raise ConfigError(
+                    f"statistics_ttl: {self.statistics_ttl:g}s is not longer than "
+                    f"{limit_name} {limit:g}s; an instance's statistics would expire between "
+                    "its writes and be counted again"
+                )
+        if self.retention_period <= self.instance_timeout:
+            raise ConfigError(
+                f"retention_period: {self.retention_period:g}s is not longer than "
+                f"instance_timeout {self.instance_timeout:g}s; cleanup would remove live instances"
+            )
         if not valid_name(self.default_region):
             raise ConfigError(
                 "default_region: must be 1-128 characters of letters, digits, '.', '_' or '-', "

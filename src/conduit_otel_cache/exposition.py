@@ -187,6 +187,21 @@ class Exposition:
             unit="{error}",
             description="Malformed entries skipped by aggregation",
         )
+        meter.create_observable_counter(
+            "conduit.cache.instances.flush_errors",
+            callbacks=[self._flush_errors],
+            unit="{error}",
+            description="Failed flushes of every instance by error kind, carried through "
+            "Redis by the instance's next successful write",
+        )
+        meter.create_observable_counter(
+            "conduit.cache.data_losses",
+            callbacks=[self._data_losses],
+            unit="{loss}",
+            description="Times Redis was found to have lost part of a region's statistics "
+            "that no live instance could rebuild (what ended instances had added, or live "
+            "gauges of departed ones)",
+        )
 
         # this process's own series, after the cluster's
         self._own = CollectorRegistry(auto_describe=False)
@@ -228,6 +243,14 @@ class Exposition:
         view = self._fresh()
         drift = {} if view is None else view.drift
         return [Observation(d, {"region": r}) for r, d in drift.items()]
+
+    def _flush_errors(self, options: CallbackOptions) -> Iterable[Observation]:
+        errors = self._view().instance_flush_errors
+        return [Observation(n, {"kind": kind}) for kind, n in sorted(errors.items())]
+
+    def _data_losses(self, options: CallbackOptions) -> Iterable[Observation]:
+        losses = self._view().data_losses
+        return [Observation(n, {"region": r}) for r, (n, _, _) in sorted(losses.items())]
 
     def _instance_ratios(self, options: CallbackOptions) -> Iterable[Observation]:
         """Live instances' hit ratios, the ``max_instance_series`` farthest from their

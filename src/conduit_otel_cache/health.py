@@ -11,6 +11,9 @@ from typing import Any, Protocol
 from .aggregate import ClusterView
 from .config import Settings
 
+#: a region whose totals Redis lost in part is Degraded for this long after the last loss
+DATA_LOSS_SECONDS = 3600.0
+
 
 class Status(enum.IntEnum):
     """Health status; a larger value is worse. The CLI exits with the value."""
@@ -93,6 +96,16 @@ def evaluate(view: ClusterView, settings: Settings, flushes: Flushes | None = No
             fail(Status.DEGRADED, f"drift {drift:.1f} points in region {region}")
     if view.redis_memory_bytes > settings.max_memory_bytes:
         fail(Status.DEGRADED, f"Redis memory {view.redis_memory_bytes / 2**20:.0f} MB")
+    recent = [(r, n, since) for r, (n, since, at) in sorted(view.data_losses.items())
+              if view.server_time - at < DATA_LOSS_SECONDS]  # fmt: skip
+    if recent:
+        named = ", ".join(
+            f"region {r} since {datetime.fromtimestamp(since, timezone.utc):%Y-%m-%dT%H:%M:%SZ}"
+            f" ({n} time{'s' if n != 1 else ''})"
+            for r, n, since in recent[:5]
+        )
+        fail(Status.DEGRADED, f"Redis lost statistics that could not be rebuilt: {named}; "
+             "their totals may lack what ended instances had added")  # fmt: skip
     if view.data_errors:
         fail(Status.DEGRADED, f"{len(view.data_errors)} malformed entries skipped: "
              f"{view.data_errors[0]}")  # fmt: skip

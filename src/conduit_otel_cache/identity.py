@@ -1,17 +1,22 @@
 """Who this process is: its instance id, incarnation token and owner, and what a fork does.
 
-The default instance id is ``<pod or host name>-<pid>`` (``HOSTNAME``, else the host name):
-every worker process of a pod or host is its own instance, and a container restarted in
-place, whose processes usually get the same pids again, takes over its earlier ids. An
-explicit ``instance_id`` (keyword, ``CONDUIT_CACHE_STATS_INSTANCE_ID`` or ``INSTANCE_ID``)
-is used as given by the process that called ``setup()``.
+The default instance id is ``<pod or host name>-<pid>`` (``HOSTNAME``, else the host name)
+in the host's PID namespace, and ``<pod or host name>-ns<inode>-<pid>`` in another one (a
+container), where ``<inode>`` names the PID namespace: two containers with the same host
+name (host networking) whose applications run as PID 1 get distinct ids. Every worker
+process of a pod or host is its own instance. An explicit ``instance_id`` (keyword,
+``CONDUIT_CACHE_STATS_INSTANCE_ID`` or ``INSTANCE_ID``) is used as given by the process
+that called ``setup()``.
 
 An *incarnation* is one process's life under one id, named by a random token. A process
 forked after ``setup()`` (gunicorn ``--preload``, uWSGI without ``lazy-apps``, Celery
 prefork, ``multiprocessing`` with fork) becomes a new incarnation under
 ``<base>-<its pid>``, where ``<base>`` is the id without the parent's pid suffix. A process
 that finds its id written by another live process (another owner, a fresh heartbeat)
-moves to ``<base>-<pid>`` the same way, before it has written anything.
+moves to ``<base>-<pid>`` the same way, before it has written anything; one that finds
+another incarnation writing under the id it had written (two processes given one id) does
+the same, carrying on from what it had written. Duplicates are told apart by token; the
+owner (``host:pid:namespace``) only decides who yields first.
 """
 
 from __future__ import annotations
@@ -32,11 +37,29 @@ def host_name(environ: Mapping[str, str] | None = None) -> str:
     return re.sub(r"[^A-Za-z0-9_.\-]", "-", name)[:100] or "host"
 
 
+#: the inode of the initial PID namespace (``PROC_PID_INIT_INO`` of Linux)
+_INIT_PID_NAMESPACE = 0xEFFFFFFC
+
+
+def pid_namespace() -> int | None:
+    """The inode of this process's PID namespace; None in the host's (or not on Linux)."""
+    try:
+        inode = os.stat("/proc/self/ns/pid").st_ino
+    except OSError:
+        return None
+    return None if inode == _INIT_PID_NAMESPACE else inode
+
+
 def default_instance_id(environ: Mapping[str, str] | None = None) -> str:
-    """``INSTANCE_ID`` if set, else ``<host_name()>-<pid>``."""
+    """``INSTANCE_ID`` if set, else ``<host_name()>-<pid>``, with ``-ns<inode>`` before the
+    pid in a PID namespace other than the host's."""
     env = os.environ if environ is None else environ
     explicit = env.get("INSTANCE_ID", "").strip()
-    return explicit or f"{host_name(env)}-{os.getpid()}"
+    if explicit:
+        return explicit
+    namespace = pid_namespace()
+    middle = "" if namespace is None else f"-ns{namespace}"
+    return f"{host_name(env)[: MAX_ID - 32]}{middle}-{os.getpid()}"
 
 
 class Identity:
@@ -49,7 +72,8 @@ class Identity:
     def _new_incarnation(self) -> None:
         self.pid = os.getpid()
         self.token = uuid.uuid4().hex
-        self.owner = f"{socket.gethostname()}:{self.pid}"
+        namespace = pid_namespace()
+        self.owner = f"{socket.gethostname()}:{self.pid}" + (f":{namespace}" if namespace else "")
 
     @property
     def base(self) -> str:
@@ -65,11 +89,12 @@ class Identity:
         self._new_incarnation()
         self.instance_id = _with_suffix(base, f"-{self.pid}")
 
-    def move_aside(self) -> str:
+    def move_aside(self, *, displaced: bool = False) -> str:
         """Another live process writes as this id: take ``<base>-<pid>`` (or a token
-        suffix when that is the id already). Returns the new id."""
+        suffix when that is the id already, or when ``displaced``: another incarnation,
+        maybe in this very process, took over the id this one wrote). Returns the new id."""
         candidate = _with_suffix(self.base, f"-{self.pid}")
-        if candidate == self.instance_id:
+        if candidate == self.instance_id or displaced:
             candidate = _with_suffix(self.base, f"-{self.pid}-{self.token[:8]}")
         self.instance_id = candidate
         self.token = uuid.uuid4().hex

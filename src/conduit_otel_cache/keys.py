@@ -8,6 +8,8 @@ Keys (``conduit:`` is ``key_prefix``)::
     conduit:cache:stats:aggregated:<region>    hash  the cluster totals, kept at flush time
     conduit:cache:instance:<instance>          hash  incarnation token, owner, live flag, last flush
     conduit:cache:instance:<instance>:regions  set   regions the instance reported
+    conduit:cache:flush_errors                 hash  error kind -> failed flushes of every
+                                                     instance (carried by its next write)
     conduit:cache:hit_rates:<region>           zset  live instance id -> hit ratio x 100 (percent)
     conduit:cache:stats:<instance>:<region>:response_times  list  the last raw response times
 
@@ -18,6 +20,7 @@ the instance-level keys share ``{global}`` and a region's keys share ``{<region>
     conduit:cache:{global}:regions                   conduit:cache:{<region>}:aggregated
     conduit:cache:{global}:instance:<instance>       conduit:cache:{<region>}:hit_rates
     conduit:cache:{global}:instance:<instance>:regions
+    conduit:cache:{global}:flush_errors
 
 Every key a script touches is named here and passed to it in ``KEYS`` (``lua/liveness.lua``
 alone derives instance meta keys from :meth:`KeySchema.meta` of an empty id, in the same slot).
@@ -47,6 +50,11 @@ class KeySchema:
     def regions(self) -> str:
         """The set of all regions."""
         return self._global + "regions"
+
+    @property
+    def flush_errors(self) -> str:
+        """Failed flushes of every instance by error kind, carried by its next write."""
+        return self._global + "flush_errors"
 
     def stats(self, instance_id: str, region: str) -> str:
         """One instance's statistics of one region."""
@@ -93,7 +101,7 @@ class KeySchema:
     def beat(self, instance_id: str) -> list[str]:
         """The instance-level keys of a write (``beat()`` in ``lua/instance.lua``)."""
         return [self.instances, self.regions, self.meta(instance_id),
-                self.instance_regions(instance_id)]  # fmt: skip
+                self.instance_regions(instance_id), self.flush_errors]  # fmt: skip
 
     def batch(self, instance_id: str, regions: Iterable[str]) -> list[str]:
         """A ``lua/regions.lua`` call: the regions sets (standalone only: a Redis Cluster's

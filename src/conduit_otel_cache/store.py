@@ -80,11 +80,19 @@ def _entry_args(entries: Sequence[tuple[str, Entry]]) -> list[Any]:
     """Region entries as script arguments (the layout of ``lua/lib.lua``)."""
     args: list[Any] = []
     for region, entry in entries:
-        args += [region, "1" if entry.full else "0", entry.after, len(entry.fields)]
+        args += [region, "1" if entry.full else "0", entry.after, entry.epoch, len(entry.fields)]
         for name, value in entry.fields.items():
+            args += [name, value]
+        args.append(len(entry.base))
+        for name, value in entry.base.items():
             args += [name, value]
         args.append(",".join(repr(float(x)) for x in entry.samples))
     return args
+
+
+def _epochs(flat: Any) -> dict[str, str]:
+    """``{region: epoch}`` of a flat region, epoch reply."""
+    return {str(flat[i]): str(flat[i + 1]) for i in range(0, len(flat) - 1, 2)}
 
 
 def _script_source(*names: str) -> str:
@@ -99,12 +107,18 @@ class Entry:
     and raw response times since the last write. ``after``: the number of the region's
     last write Redis acknowledged, which a partial entry continues from (Redis refuses it
     when it does not hold that write). A partial entry with no fields and no samples is a
-    check: Redis only confirms it holds the region up to ``after``."""
+    check: Redis only confirms it holds the region up to ``after``. ``epoch``: the epoch of
+    the totals that hold the writer's last acknowledged write of the region, and ``base``
+    what that write held (a full entry: if the stats hash is gone while the totals still
+    hold it, Redis continues from ``base``; ``base["live"] == "1"`` when the live gauges
+    are still in the totals)."""
 
     fields: Mapping[str, str]
     full: bool = True
     samples: Sequence[float] = ()
     after: int = 0
+    epoch: str = ""
+    base: Mapping[str, str] = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -119,15 +133,22 @@ class Writer:
     instance_timeout: float
     sample_cap: int = 0
     sample_ttl: float = 3600.0
+    #: failed flushes of the incarnation so far by kind (``Kind=n,...``), and the last kind
+    errors: str = ""
+    last_error: str = ""
 
-    def header(self, refresh: bool = True, seq: int = 0) -> list[Any]:
+    def header(
+        self, refresh: bool = True, seq: int = 0, known: bool = False, checks: bool = False
+    ) -> list[Any]:
         """The first arguments of every write script (the layout of ``lua/lib.lua``);
         ``refresh``: renew the TTLs of every key the write names and check key types;
-        ``seq``: the write's number."""
+        ``checks``: the write checks regions (it lists every region it names);
+        ``seq``: the write's number; ``known``: Redis acknowledged this incarnation before."""
         return [
             self.instance_id, self.token, self.owner, max(1, int(self.ttl)),
             self.instance_timeout, max(1, self.sample_cap), max(1, int(self.sample_ttl)),
-            "1" if refresh else "0", seq,
+            "1" if refresh else "c" if checks else "0", seq, "1" if known else "0",
+            self.errors, self.last_error,
         ]  # fmt: skip
 
 
@@ -148,6 +169,10 @@ class FlushResult:
     need_full: tuple[str, ...] = ()
     #: Redis did not hold this incarnation as live (reaped, or lost): write it whole
     rebuild: bool = False
+    #: the incarnation that left ``stale`` was live when this one took over
+    stale_live: bool = False
+    #: ``{region: epoch}`` of the totals each full entry was written to
+    epochs: Mapping[str, str] = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -164,6 +189,8 @@ class ClusterData:
     #: why expired instances could not be taken out of the live gauges (a write refused,
     #: e.g. Redis out of memory); they are tried again with the next read
     reap_error: str | None = None
+    #: ``{error kind: count}`` of the instances' failed flushes, carried by their next writes
+    flush_errors: dict[str, int] = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -219,19 +246,24 @@ class Store:
         refresh: bool = True,
         seq: int = 0,
         beat_first: bool = False,
+        known: bool = False,
+        checks: bool = False,
     ) -> FlushResult:
         """Write ``entries`` and the heartbeat in one round trip (on a Redis Cluster: one
         pipeline, one script call per hash slot). ``refresh`` renews TTLs; ``seq`` is the
         write's number (see :class:`Entry`). ``beat_first`` (a Redis Cluster write of an
         incarnation not yet known to Redis) checks the instance id before any region is
-        written, at the cost of a second round trip."""
+        written, at the cost of a second round trip. ``known``: Redis acknowledged this
+        incarnation before (another token under its id then means it was displaced);
+        ``checks``: the write checks every unchanged region (and lists all in the regions
+        sets)."""
         items = list(entries.items())
-        header = writer.header(refresh, seq)
+        header = writer.header(refresh, seq, known, checks)
         head: tuple[Script, list[str], list[Any]]
         if self.redis_cluster:  # the beat alone, then one call per region (its own slot)
             names: list[Any] = []
             for region, entry in items:
-                names += [region, "1" if entry.full else "0", 0, 0, ""]
+                names += [region, "1" if entry.full else "0", 0, "", 0, 0, ""]
             head = (self._beat, self.keys.beat(writer.instance_id), [*header, *names])
             batches = [[item] for item in items]
         else:  # the beat with the first batch_size regions, then the other batches
@@ -251,21 +283,28 @@ class Store:
         else:
             replies = self._run([head, *rest])
             result = self._head_result(replies.pop(0))
-        need = (*result.need_full, *(str(r) for reply in replies for r in reply))
-        return dataclasses.replace(result, need_full=need)
+        need = (*result.need_full, *(str(r) for reply in replies for r in reply[0]))
+        epochs = dict(result.epochs)
+        for reply in replies:
+            epochs.update(_epochs(reply[1]))
+        return dataclasses.replace(result, need_full=need, epochs=epochs)
 
     @staticmethod
     def _beat_result(reply: Any) -> FlushResult:
-        now, status, stale, rebuild = reply[:4]
+        now, status, stale, rebuild, stale_live = reply[:5]
         stale = tuple(str(r) for r in stale)
-        return FlushResult(float(now), str(status), stale, rebuild=rebuild == "1")
+        return FlushResult(
+            float(now), str(status), stale, rebuild=rebuild == "1", stale_live=stale_live == "1"
+        )
 
     @classmethod
     def _head_result(cls, reply: Any) -> FlushResult:
         """beat.lua's reply, or flush.lua's (which adds the regions that need a full entry)."""
         result = cls._beat_result(reply)
-        need = tuple(str(r) for r in reply[4]) if len(reply) > 4 else ()
-        return dataclasses.replace(result, need_full=need)
+        if len(reply) <= 5:
+            return result
+        need = tuple(str(r) for r in reply[5])
+        return dataclasses.replace(result, need_full=need, epochs=_epochs(reply[6]))
 
     def heartbeat(self, writer: Writer) -> FlushResult:
         """Beat the heartbeat (Redis server time) without writing statistics; an
@@ -273,11 +312,13 @@ class Store:
         reply = self._beat(keys=self.keys.beat(writer.instance_id), args=writer.header(False))
         return self._beat_result(reply)
 
-    def leave_stale(self, writer: Writer, regions: Sequence[str]) -> None:
+    def leave_stale(self, writer: Writer, regions: Sequence[str], *, live: bool = False) -> None:
         """Take the regions that earlier incarnations under ``writer``'s id reported, and
-        ``writer`` has not written, out of the live gauges; then stop listing them."""
+        ``writer`` has not written, out of the live gauges; then stop listing them.
+        ``live``: the earlier incarnation had not departed (a stats hash of it that is
+        gone left its live gauges behind)."""
         valid = sorted(r for r in set(regions) if valid_name(r))
-        args = [writer.instance_id, "0", writer.token]
+        args = [writer.instance_id, "0", writer.token, "1" if live else "0"]
         if self.redis_cluster:
             calls = [(self._depart_regions, self.keys.region(writer.instance_id, r), args)
                      for r in valid]  # fmt: skip
@@ -316,34 +357,46 @@ class Store:
         return list(pipe.execute(raise_on_error=False))
 
     def depart(
-        self, instance_id: str, *, max_age: float | None = None, remove: bool = False
+        self,
+        instance_id: str,
+        *,
+        max_age: float | None = None,
+        remove: bool = False,
+        regions: Sequence[str] = (),
     ) -> bool:
         """Take the instance's gauges out of the totals (if its heartbeat is older than
-        ``max_age``); with ``remove``, delete its keys and heartbeat. Counters stay."""
+        ``max_age``); with ``remove``, delete its keys and heartbeat. Counters stay.
+        ``regions``: regions the instance wrote besides those Redis lists for it (the
+        writer's own, in case the list was lost)."""
         age = "" if max_age is None else repr(float(max_age))
         if self.redis_cluster:
-            return self._depart_redis_cluster(instance_id, age, remove)
+            return self._depart_redis_cluster(instance_id, age, remove, regions)
         try:
-            regions = _strs(self.client.smembers(self.keys.instance_regions(instance_id)))
+            listed = _strs(self.client.smembers(self.keys.instance_regions(instance_id)))
         except redis.ResponseError:  # not a set: nothing to take out but the heartbeat
-            regions = []
-        keys = self.keys.instance(instance_id, sorted(regions))
+            listed = []
+        valid = {r for r in regions if valid_name(r)}
+        keys = self.keys.instance(instance_id, sorted(valid.union(listed)))
         return bool(self._depart(keys=keys, args=[instance_id, age, "1" if remove else "0"]))
 
-    def _depart_redis_cluster(self, instance_id: str, age: str, remove: bool) -> bool:
+    def _depart_redis_cluster(
+        self, instance_id: str, age: str, remove: bool, extra: Sequence[str]
+    ) -> bool:
         # 1. is it due, and its regions; 2. the regions (one call per slot, pipelined);
         # 3. only then the instance keys, so a failure in 2 leaves it to be reaped again
         keys = [self.keys.instances, self.keys.meta(instance_id),
                 self.keys.instance_regions(instance_id)]  # fmt: skip
-        (regions,) = self._run([(self._depart_instance, keys, [instance_id, age, "check"])])
-        if regions is None:
+        (due,) = self._run([(self._depart_instance, keys, [instance_id, age, "check"])])
+        if due is None:
             return False
+        live, regions = due
         flag = "1" if remove else "0"
         calls = [
-            (self._depart_regions, self.keys.region(instance_id, region), [instance_id, flag, ""])
-            for region in sorted(set(regions))
+            (self._depart_regions, self.keys.region(instance_id, region),
+             [instance_id, flag, "", live])
+            for region in sorted(set(regions).union(extra))
             if valid_name(region)
-        ]
+        ]  # fmt: skip
         self._run(calls)
         phase = "remove" if remove else "keep"
         (done,) = self._run([(self._depart_instance, keys, [instance_id, age, phase])])
@@ -389,16 +442,24 @@ class Store:
 
         Keys of the wrong type or malformed entries are skipped and listed in ``errors``.
         """
-        keys = [self.keys.instances, self.keys.regions]
-        ((seconds, micros, active, missing, members, bad),) = self._run(
+        keys = [self.keys.instances, self.keys.regions, self.keys.flush_errors]
+        ((seconds, micros, active, missing, members, bad, failed),) = self._run(
             [(self._liveness, keys, [instance_timeout, self.keys.meta("")])]
         )
         errors: list[str] = [
             f"{self.keys.instances}: removed member {str(m)[:40]!r} (no live instance)" for m in bad
         ]
-        for key, (ok, reply) in ((self.keys.instances, missing), (self.keys.regions, members)):
+        for key, (ok, reply) in ((self.keys.instances, missing), (self.keys.regions, members),
+                                 (self.keys.flush_errors, failed)):  # fmt: skip
             if not ok:
                 errors.append(f"{key}: {reply}")
+        flush_errors: dict[str, int] = {}
+        if failed[0]:
+            for kind, count in zip(failed[1][::2], failed[1][1::2]):
+                if re.fullmatch(r"\w{1,40}", kind) and count.isdigit():
+                    flush_errors[kind] = int(count)
+                else:
+                    errors.append(f"{self.keys.flush_errors}: bad entry {kind[:40]!r}")
         regions: list[str] = []
         if members[0]:
             regions = sorted(r for r in members[1] if valid_name(r))
@@ -424,6 +485,7 @@ class Store:
             aggregates,
             tuple(errors),
             reap_error,
+            flush_errors,
         )
 
     def _read_aggregates(self, regions: list[str]) -> list[dict[str, str] | Exception]:

@@ -20,12 +20,14 @@ The write protocol (what Redis applies is in ``lua/region.lua``):
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
+import re
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from opentelemetry.sdk.metrics.export import (
@@ -113,6 +115,8 @@ class RedisMetricExporter(MetricExporter):
         self.flush_errors = 0
         self.stale_collections = 0
         self.last_error: str | None = None
+        self.error_kinds: dict[str, int] = {}  # failed flushes by kind, carried to Redis
+        self._last_kind = ""
         self.last_success: float | None = None
         self.last_ok = False
         self._errors = RateLimitedLog(log)
@@ -124,9 +128,9 @@ class RedisMetricExporter(MetricExporter):
         self._closed = False
         self._acked: Fields = {}  # what Redis holds of this incarnation, per region
         self._acked_seq: dict[str, int] = {}  # per region: its last acknowledged write
+        self._epoch: dict[str, str] = {}  # per region: the epoch of the totals holding it
         self._seq = 0  # the number of the last write sent (every attempt has its own)
         self._refreshed = -math.inf  # time.monotonic() of the last TTL refresh
-        self._baseline: dict[str, dict[str, float]] = {}  # written under earlier ids
         self._acked_order = 0
         self._writes = 0
         self._confirmed = False  # Redis knows this incarnation as the id's writer
@@ -136,6 +140,7 @@ class RedisMetricExporter(MetricExporter):
         """In a forked child: a new incarnation with nothing written."""
         self.settings = settings
         self.flush_count = self.flush_errors = self.stale_collections = 0
+        self.error_kinds, self._last_kind = {}, ""
         self.last_ok, self.last_error, self.last_success = False, None, None
         self._reset()
 
@@ -150,6 +155,7 @@ class RedisMetricExporter(MetricExporter):
             self.identity.instance_id, self.identity.token, self.identity.owner,
             s.statistics_ttl, s.instance_timeout, s.max_response_time_samples,
             s.response_time_sample_ttl,
+            ",".join(f"{k}={n}" for k, n in self.error_kinds.items()), self._last_kind,
         )  # fmt: skip
 
     def export(
@@ -170,6 +176,7 @@ class RedisMetricExporter(MetricExporter):
                 self._write(fields)
             except Exception as exc:
                 self.flush_errors += 1
+                self._count_kind(exc)
                 self.last_ok = False
                 self.last_error = explain(exc)
                 self._errors.error(
@@ -187,16 +194,17 @@ class RedisMetricExporter(MetricExporter):
         others every ``CHECK_EVERY``-th time or when TTLs are due), then the regions Redis
         asked for whole; moves aside once from a live duplicate id."""
         self._take_samples(fields)
-        raw, fields = fields, self._minus_baseline(fields)
         full = not self._confirmed
         now = time.monotonic()
         refresh = full or now - self._refreshed >= self._refresh_every()
         check = refresh or self._writes % CHECK_EVERY == 0
         entries = self._entries(fields, full, check)
-        result = self._send(entries, refresh)
+        result = self._send(entries, refresh, check)
         if result.status == "duplicate":
+            if self._confirmed and self.store.redis_cluster:  # region calls ran beside the beat
+                applied = {r: e for r, e in entries.items() if r not in result.need_full}
+                self._ack(applied, self._seq, result.epochs)
             self._move_aside()
-            fields = self._minus_baseline(raw)
             entries = self._entries(fields, True, True)
             result = self._send(entries, True)
         if result.status == "duplicate":
@@ -205,42 +213,67 @@ class RedisMetricExporter(MetricExporter):
             )
         lost = result.status == "unregistered" and self._confirmed and bool(fields)
         if (result.rebuild or lost) and not full:  # reaped, or Redis lost it: all whole
-            again = {r: Entry(v, True, self._samples_of(r)) for r, v in fields.items()}
+            # (departed: its live gauges left the totals with the stats hashes Redis held)
+            again = {r: self._whole(r, v, self._samples_of(r), live=False)
+                     for r, v in fields.items()}  # fmt: skip
             refresh = True
             result = self._send(again, refresh)
             entries = again
         elif result.need_full:
-            again = {r: Entry(fields[r], True, entries[r].samples) for r in result.need_full}
-            sent = self._seq
+            # live all along: a stats hash that is gone left its live gauges in the totals
+            again = {r: self._whole(r, fields[r], entries[r].samples, live=True)
+                     for r in result.need_full}  # fmt: skip
+            sent, first = self._seq, result
             retry = self._send(again, False)
             if retry.need_full:
                 raise RuntimeError(f"Redis refused full entries for {sorted(retry.need_full)}")
-            self._ack({r: e for r, e in entries.items() if r not in again}, sent)
-            entries = again
+            self._ack({r: e for r, e in entries.items() if r not in again}, sent, first.epochs)
+            entries, result = again, dataclasses.replace(retry, stale=first.stale)
         if result.status == "ok":
             self._confirmed = True
             if result.stale:
-                self.store.leave_stale(self._writer(), [r for r in result.stale if r not in fields])
-        self._ack(entries, self._seq)
+                self.store.leave_stale(
+                    self._writer(), [r for r in result.stale if r not in fields],
+                    live=result.stale_live,
+                )  # fmt: skip
+        self._ack(entries, self._seq, result.epochs)
         if refresh:
             self._refreshed = now
         self._writes += 1
         self.last_success = result.server_time
 
-    def _ack(self, entries: Mapping[str, Entry], seq: int) -> None:
-        """Redis applied ``entries`` with write number ``seq``."""
+    def _ack(self, entries: Mapping[str, Entry], seq: int, epochs: Mapping[str, str]) -> None:
+        """Redis applied ``entries`` with write number ``seq``, the full ones to the totals
+        of ``epochs``."""
         for region, entry in entries.items():
             if entry.full or entry.fields or entry.samples:  # not a check
                 self._acked.setdefault(region, {}).update(entry.fields)
                 self._acked_seq[region] = seq
+            if entry.full and region in epochs:
+                self._epoch[region] = epochs[region]
             if entry.samples:
                 self._pending.pop(region, None)
 
-    def _send(self, entries: Mapping[str, Entry], refresh: bool) -> FlushResult:
+    def _send(
+        self, entries: Mapping[str, Entry], refresh: bool, checks: bool = False
+    ) -> FlushResult:
         self._seq += 1
         return self.store.flush(
-            self._writer(), entries, refresh=refresh, seq=self._seq, beat_first=not self._confirmed
-        )
+            self._writer(), entries, refresh=refresh, seq=self._seq,
+            beat_first=not self._confirmed, known=self._confirmed, checks=checks,
+        )  # fmt: skip
+
+    def _whole(
+        self, region: str, values: Mapping[str, str], samples: Sequence[float], *, live: bool
+    ) -> Entry:
+        """A full entry of ``region``; with what Redis acknowledged of it and in which totals
+        (``live``: its live gauges are in them), so that Redis adds only what is new when
+        the region's stats hash is gone but the totals still hold it."""
+        acked, epoch = self._acked.get(region), self._epoch.get(region, "")
+        if acked is None or not epoch:
+            return Entry(values, True, samples)
+        base = {**acked, "live": "1"} if live else dict(acked)
+        return Entry(values, True, samples, epoch=epoch, base=base)
 
     def _refresh_every(self) -> float:
         """Seconds between TTL renewals: a quarter of the shortest TTL."""
@@ -258,8 +291,8 @@ class RedisMetricExporter(MetricExporter):
         for region, values in fields.items():
             pending = self._samples_of(region)
             acked = self._acked.get(region)
-            if full or acked is None:  # a new region: whole
-                entries[region] = Entry(values, True, pending)
+            if full or acked is None:  # a new region (or a new id after moving aside): whole
+                entries[region] = self._whole(region, values, pending, live=False)
                 continue
             changed = {f: v for f, v in values.items() if acked.get(f) != v}
             if changed or pending or check:
@@ -275,31 +308,25 @@ class RedisMetricExporter(MetricExporter):
             self._pending.setdefault(region, deque(maxlen=limit)).extend(new)
 
     def _move_aside(self) -> None:
-        """Another live process writes as this id: continue under another one, from the
-        values written so far (they stay counted under the old id)."""
+        """Another incarnation writes as this id (another live process, or one that took
+        the id over while this one was cut off): continue under another id. Its first
+        write carries, per region, what Redis acknowledged under the old id and in which
+        totals, so that only what is new is added (or all of it, when those totals were
+        lost since); the old id's live gauges left when the other incarnation took over."""
         old = self.identity.instance_id
-        for region, acked in self._acked.items():
-            base = self._baseline.setdefault(region, {})
-            for f, v in acked.items():
-                if f != "size_bytes":
-                    base[f] = base.get(f, 0.0) + float(v)
-        self._acked = {}
-        new = self.identity.move_aside()
+        self._acked_seq = {}
+        new = self.identity.move_aside(displaced=self._confirmed)
         self._confirmed = False
         log.warning(
-            "conduit-otel-cache: another live process writes as instance %r; this process "
+            "conduit-otel-cache: another process writes as instance %r; this process "
             "(pid %d) continues as %r. Give each process its own instance_id, or leave it to "
             "the default (<HOSTNAME>-<pid>)", old, self.identity.pid, new,
         )  # fmt: skip
 
-    def _minus_baseline(self, fields: Fields) -> Fields:
-        if not self._baseline:
-            return fields
-        out: Fields = {}
-        for region, values in fields.items():
-            base = self._baseline.get(region, {})
-            out[region] = {f: _minus(v, base[f]) if f in base else v for f, v in values.items()}
-        return out
+    def _count_kind(self, exc: Exception) -> None:
+        kind = re.sub(r"\W", "", type(exc).__name__)[:40] or "Error"
+        self.error_kinds[kind] = self.error_kinds.get(kind, 0) + 1
+        self._last_kind = kind
 
     def heartbeat(self) -> bool:
         """Beat the heartbeat without a flush (``heartbeat_interval``); True on success.
@@ -334,7 +361,9 @@ class RedisMetricExporter(MetricExporter):
             self._closed = True
             try:
                 if depart and self._confirmed:
-                    self.store.depart(self.identity.instance_id, remove=True)
+                    self.store.depart(
+                        self.identity.instance_id, remove=True, regions=list(self._acked)
+                    )
             except Exception as exc:
                 log.warning(
                     "conduit-otel-cache: could not deregister %s: %s; it expires after %gs",
@@ -342,12 +371,6 @@ class RedisMetricExporter(MetricExporter):
                 )  # fmt: skip
             finally:
                 self.store.close()
-
-
-def _minus(value: str, base: float) -> str:
-    if "." in value or "e" in value or "inf" in value:
-        return repr(max(0.0, float(value) - base))
-    return str(max(0, int(value) - int(base)))
 
 
 def _all_kinds() -> list[type]:

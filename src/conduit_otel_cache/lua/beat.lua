@@ -2,11 +2,10 @@
 -- follow in regions.lua calls. With no entries: a heartbeat (heartbeat_interval), which
 -- never registers an incarnation that has written nothing. Argument layout: see lib.lua
 -- (only the region names of the entries are read here).
--- KEYS: instances zset, regions set, instance meta hash, instance regions set.
+-- KEYS: instances zset, regions set, instance meta hash, instance regions set, flush errors
+--       hash.
 -- Returns beat()'s reply (instance.lua).
 local h = header()
-local names = {}
-for _, e in ipairs(entries()) do
-  if e.full then names[#names + 1] = e.region end
-end
-return beat(KEYS[1], KEYS[2], KEYS[3], KEYS[4], h, server_time(), names, h.refresh)
+local names, listed = listed_regions(entries(), h)
+return beat(KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], h, server_time(), names, h.refresh,
+            listed)

@@ -7,8 +7,9 @@
 -- ARGV: instance id, max heartbeat age in seconds or '' (now), '1' to delete its keys.
 local id, max_age, remove = ARGV[1], ARGV[2], ARGV[3] == '1'
 if not departure_due(KEYS[1], id, max_age) then return 0 end
+local live = instance_live(KEYS[2])
 for k = 4, #KEYS, 4 do
-  depart_region(KEYS[k], KEYS[k + 1], KEYS[k + 2], KEYS[k + 3], id, remove, '')
+  depart_region(KEYS[k], KEYS[k + 1], KEYS[k + 2], KEYS[k + 3], id, remove, '', live)
 end
 depart_instance(KEYS[1], KEYS[2], KEYS[3], id, remove)
 return 1

@@ -2,9 +2,11 @@
 -- and the regions an earlier incarnation under the same id left behind (a restart in
 -- place), in either topology.
 -- KEYS: per region: instance stats hash, aggregated hash, hit-rates zset, samples list.
--- ARGV: instance id, '1' to delete the stats hash, and a token: when not '', only regions
---       last written by another incarnation than that token leave.
+-- ARGV: instance id, '1' to delete the stats hash, a token: when not '', only regions
+--       last written by another incarnation than that token leave; and '1' when the
+--       instance was live (a departure: a stats hash that is gone is reported).
 for k = 1, #KEYS, 4 do
-  depart_region(KEYS[k], KEYS[k + 1], KEYS[k + 2], KEYS[k + 3], ARGV[1], ARGV[2] == '1', ARGV[3])
+  depart_region(KEYS[k], KEYS[k + 1], KEYS[k + 2], KEYS[k + 3], ARGV[1], ARGV[2] == '1', ARGV[3],
+                ARGV[4] == '1')
 end
 return 1

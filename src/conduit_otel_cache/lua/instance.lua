@@ -1,18 +1,44 @@
 -- The instance-level keys: heartbeat zset, regions set, instance meta hash and instance
 -- regions set (one hash slot in Redis Cluster: the keys share the tag {global}).
 
-local function beat(zkey, gkey, mkey, ikey, h, now, regions, refresh)
+local function carry_errors(mkey, ekey, h, same)
+  -- Add the increase of the incarnation's failed flushes (cumulative per kind) to the
+  -- cluster's flush errors hash; at most 32 kinds, the rest count as 'Other'.
+  local old = {}
+  if same then
+    for k, n in string.gmatch(redis.call('HGET', mkey, 'flush_errors') or '', '([%w_]+)=(%d+)') do
+      old[k] = tonumber(n)
+    end
+  end
+  ensure_type(ekey, 'hash')
+  for k, n in string.gmatch(h.errors, '([%w_]+)=(%d+)') do
+    local d = tonumber(n) - (old[k] or 0)
+    if d > 0 then
+      if redis.call('HEXISTS', ekey, k) == 0 and redis.call('HLEN', ekey) >= 32 then k = 'Other' end
+      redis.call('HINCRBY', ekey, k, d)
+    end
+  end
+  redis.call('HSET', mkey, 'flush_errors', h.errors, 'last_error', h.last_error)
+  redis.call('EXPIRE', ekey, h.ttl)
+end
+
+local function beat(zkey, gkey, mkey, ikey, ekey, h, now, regions, refresh, listed)
   -- Beat the heartbeat of incarnation h.token and record its regions. Returns the server
-  -- time, a status, the regions an earlier incarnation under this id has yet to leave, and
+  -- time, a status, the regions an earlier incarnation under this id has yet to leave,
   -- '1' when Redis did not hold this incarnation as live (it was reaped, or Redis lost
-  -- it): the caller then writes every region whole. Statuses:
+  -- it): the caller then writes every region whole, and '1' when that earlier incarnation
+  -- was live when this one took over. Statuses:
   --   'ok';
-  --   'duplicate': another live process (other token and owner, fresh heartbeat) writes
-  --     as this id: nothing is written, the caller takes another id;
+  --   'duplicate': another process writes as this id: nothing is written, the caller
+  --     takes another id. Either this incarnation is new and another live one (other
+  --     token and owner, fresh heartbeat) holds the id, or this one was acknowledged
+  --     before (h.known) and another token has taken the id since (told by token, so two
+  --     processes with one owner, such as PID 1 of two containers, are told apart too);
   --   'unregistered': an incarnation Redis does not know, with nothing to write yet or a
   --     write that is not full: it is not live (the caller writes whole if it has data).
-  -- regions: the names of the full entries (recorded in the regions sets); refresh: the
-  -- write renews TTLs and checks key types (a new incarnation registers only so).
+  -- regions: the names of the full entries; listed: the regions to record in the regions
+  -- sets (listed_regions() in lib.lua: so that a lost set is rebuilt); refresh: the write
+  -- renews TTLs and checks key types (a new incarnation registers only so).
   local now_s = string.format('%.6f', now)
   if refresh then
     ensure_type(zkey, 'zset')
@@ -26,13 +52,17 @@ local function beat(zkey, gkey, mkey, ikey, h, now, regions, refresh)
   end
   local old_token, live, owner, stale = m[1], m[2], m[3], m[4]
   if old_token ~= h.token then
+    if old_token and h.known then return {now_s, 'duplicate', {}, '0', '0'} end
     if old_token and live == '1' and owner ~= h.owner then
       local last = redis.call('ZSCORE', zkey, h.id)
-      if last and now - num(last) < h.timeout then return {now_s, 'duplicate', {}, '0'} end
+      if last and now - num(last) < h.timeout then return {now_s, 'duplicate', {}, '0', '0'} end
     end
-    if not refresh or #regions == 0 then return {now_s, 'unregistered', {}, '0'} end
+    if not refresh or #regions == 0 then return {now_s, 'unregistered', {}, '0', '0'} end
     -- a new incarnation: the regions of the earlier ones must leave the live gauges
-    if old_token and redis.call('SCARD', ikey) > 0 then stale = '1' end
+    -- ('2': the earlier one was live, so a stats hash of it that is gone left its gauges)
+    if old_token and redis.call('SCARD', ikey) > 0 then
+      stale = (live == '1' or stale == '2') and '2' or '1'
+    end
   end
   local rebuild = (old_token ~= h.token or live ~= '1') and '1' or '0'
   if rebuild == '1' then
@@ -40,11 +70,12 @@ local function beat(zkey, gkey, mkey, ikey, h, now, regions, refresh)
   else
     redis.call('HSET', mkey, 'last_flush', now_s)
   end
-  if stale == '1' then redis.call('HSET', mkey, 'stale', '1') end
+  if stale then redis.call('HSET', mkey, 'stale', stale) end
+  if h.errors ~= '' then carry_errors(mkey, ekey, h, old_token == h.token) end
   call_on(zkey, 'ZADD', zkey, now_s, h.id)
-  if #regions > 0 then
-    call_on(gkey, 'SADD', gkey, unpack(regions))
-    call_on(ikey, 'SADD', ikey, unpack(regions))
+  if #listed > 0 then
+    call_on(gkey, 'SADD', gkey, unpack(listed))
+    call_on(ikey, 'SADD', ikey, unpack(listed))
   end
   if refresh then
     redis.call('EXPIRE', mkey, h.ttl)
@@ -52,8 +83,10 @@ local function beat(zkey, gkey, mkey, ikey, h, now, regions, refresh)
     redis.call('EXPIRE', gkey, h.ttl)
     redis.call('EXPIRE', ikey, h.ttl)
   end
-  if stale == '1' then return {now_s, 'ok', redis.call('SMEMBERS', ikey), rebuild} end
-  return {now_s, 'ok', {}, rebuild}
+  if stale then
+    return {now_s, 'ok', redis.call('SMEMBERS', ikey), rebuild, stale == '2' and '1' or '0'}
+  end
+  return {now_s, 'ok', {}, rebuild, '0'}
 end
 
 local function departure_due(zkey, id, max_age)
@@ -65,6 +98,11 @@ local function departure_due(zkey, id, max_age)
     end
   end
   return true
+end
+
+local function instance_live(mkey)
+  -- The instance's meta hash says it is live (it has not departed).
+  return redis.pcall('HGET', mkey, 'live') == '1'
 end
 
 local function depart_instance(zkey, mkey, ikey, id, remove)

@@ -42,33 +42,76 @@ local function server_time()
   return tonumber(t[1]) + tonumber(t[2]) / 1000000
 end
 
+local function server_time_s() return string.format('%.6f', server_time()) end
+
 -- The one argument layout of the write scripts (flush.lua, beat.lua, regions.lua):
---   ARGV[1..9]  instance id, incarnation token, owner (host:pid), ttl seconds,
---               instance timeout seconds, sample cap, sample ttl seconds, '1' to refresh
---               (TTLs of every key the write names are renewed, key types checked), and
---               the write's number (it increases with every write of the incarnation)
+--   ARGV[1..12] instance id, incarnation token, owner (host:pid[:pid namespace]), ttl
+--               seconds, instance timeout seconds, sample cap, sample ttl seconds, '1' to
+--               refresh (TTLs of every key the write names are renewed, key types
+--               checked; it checks regions too), 'c' when the write checks regions (every
+--               region it names is listed in the regions sets) or '0', the write's number (it increases with every write of the
+--               incarnation), and '1' when Redis has acknowledged this incarnation before
+--               (a continuing writer: another token under its id means it was displaced),
+--               the incarnation's failed flushes so far by kind ('Kind=n,...', '' none) and
+--               the kind of the last one (carried by the next write Redis accepts)
 --   then per region: region, full ('1': every field; '0': changed fields only), after
 --               (the number of the last write of the region the writer knows Redis
---               applied; 0: none), field count n, n pairs of field and cumulative value,
---               raw samples csv. A '0' entry with no field and no sample is a check.
-local HEADER = 9
+--               applied; 0: none), epoch (of the totals that hold the writer's last
+--               acknowledged write of the region; '' none), field count n, n pairs of
+--               field and cumulative value, base count m, m pairs of field and the value
+--               Redis acknowledged (a full entry of a writer that had written the region;
+--               field 'live' = '1' when its live gauges are still in the totals), raw
+--               samples csv. A '0' entry with no field and no sample is a check.
+local HEADER = 12
 
 local function header()
   return {id = ARGV[1], token = ARGV[2], owner = ARGV[3], ttl = tonumber(ARGV[4]),
           timeout = tonumber(ARGV[5]), cap = tonumber(ARGV[6]), sample_ttl = tonumber(ARGV[7]),
-          refresh = ARGV[8] == '1', seq = ARGV[9]}
+          refresh = ARGV[8] == '1', checks = ARGV[8] ~= '0', seq = ARGV[9], known = ARGV[10] == '1',
+          errors = ARGV[11], last_error = ARGV[12]}
 end
 
 local function entries()
   -- The region entries after the header, in order.
   local out, a = {}, HEADER + 1
   while a <= #ARGV do
-    local n = tonumber(ARGV[a + 3])
+    local n = tonumber(ARGV[a + 4])
     local fields = {}
-    for j = a + 4, a + 3 + 2 * n, 2 do fields[ARGV[j]] = ARGV[j + 1] end
+    for j = a + 5, a + 4 + 2 * n, 2 do fields[ARGV[j]] = ARGV[j + 1] end
+    local b = a + 5 + 2 * n
+    local m = tonumber(ARGV[b])
+    local base = nil
+    if m > 0 then
+      base = {}
+      for j = b + 1, b + 2 * m, 2 do base[ARGV[j]] = ARGV[j + 1] end
+    end
     out[#out + 1] = {region = ARGV[a], full = ARGV[a + 1] == '1', after = tonumber(ARGV[a + 2]),
-                     fields = fields, n = n, samples = ARGV[a + 4 + 2 * n]}
-    a = a + 5 + 2 * n
+                     epoch = ARGV[a + 3], fields = fields, n = n, base = base,
+                     samples = ARGV[b + 1 + 2 * m]}
+    a = b + 2 + 2 * m
   end
   return out
+end
+
+local function is_check(e) return not e.full and e.n == 0 and e.samples == '' end
+
+local function listed_regions(es, h)
+  -- The names of the full entries; of every entry when the write checks regions (every
+  -- CHECK_EVERY-th write: h.checks), so that a lost regions set is whole again within that
+  -- bound.
+  local names, all = {}, {}
+  for _, e in ipairs(es) do
+    if e.full then names[#names + 1] = e.region end
+    all[#all + 1] = e.region
+  end
+  return names, h.checks and all or names
+end
+
+local function mark_lost(akey, now_s)
+  -- Redis lost part of this region's totals that cannot be rebuilt (contributions of
+  -- ended incarnations, or live gauges no departure can take out): counted once per
+  -- loss found, with the time of the first and of the last; read by serve (health, conduit_cache_data_lost_total).
+  redis.call('HINCRBY', akey, 'lost_count', 1)
+  redis.call('HSETNX', akey, 'lost_since', now_s)
+  redis.call('HSET', akey, 'lost_at', now_s)
 end

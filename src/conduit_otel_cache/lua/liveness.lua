@@ -3,7 +3,7 @@
 -- departed (its meta hash says live) counts; members that are no instance id or have no
 -- live meta hash are removed and counted as malformed. A key of the wrong type gives
 -- {false, error} in its place, so the other parts are still read.
--- KEYS: heartbeats zset, regions set.  ARGV: instance_timeout seconds, meta key prefix.
+-- KEYS: heartbeats zset, regions set, flush errors hash (returned last).  ARGV: instance_timeout seconds, meta key prefix.
 local t = redis.call('TIME')
 local cutoff = string.format('%.6f', tonumber(t[1]) + tonumber(t[2]) / 1e6 - tonumber(ARGV[1]))
 local function read(...)
@@ -33,4 +33,4 @@ if active[1] then
 end
 return {t[1], t[2], active,
         read('ZRANGEBYSCORE', KEYS[1], '-inf', '(' .. cutoff, 'WITHSCORES'),
-        read('SMEMBERS', KEYS[2]), bad}
+        read('SMEMBERS', KEYS[2]), bad, read('HGETALL', KEYS[3])}

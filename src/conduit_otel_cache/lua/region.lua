@@ -29,11 +29,29 @@ local function refresh_region(skey, akey, rkey, lkey, h)
   redis.pcall('EXPIRE', lkey, h.sample_ttl)
 end
 
+local function totals_epoch(akey, now_s, h)
+  -- The epoch of the region's totals: it names one life of the aggregated hash, so that a
+  -- lost (deleted, evicted, expired) and recreated hash is told from the one that holds
+  -- what was written. Totals without an epoch (written before epochs) adopt one.
+  local ep = redis.pcall('HGET', akey, 'epoch')
+  if failed(ep) then
+    redis.call('DEL', akey)
+    ep = false
+  end
+  if ep then return ep end
+  ep = now_s .. '-' .. string.sub(h.token, 1, 8)
+  redis.call('HSET', akey, 'epoch', ep)
+  redis.call('EXPIRE', akey, h.ttl)
+  return ep
+end
+
 local function check_region(skey, akey, rkey, lkey, h, e)
-  -- A check: Redis still holds every write of the region up to e.after for h.token (an
-  -- evicted or deleted key, or a failover that lost writes, fails it: 'full').
-  local got = redis.pcall('HMGET', skey, 'token', 'seq')
+  -- A check: Redis still holds every write of the region up to e.after for h.token, in the
+  -- totals it was written to (an evicted or deleted key, or a failover that lost writes,
+  -- fails it: 'full').
+  local got = redis.pcall('HMGET', skey, 'token', 'seq', 'epoch')
   if failed(got) or got[1] ~= h.token or num(got[2]) < e.after then return 'full' end
+  if got[3] and redis.pcall('HGET', akey, 'epoch') ~= got[3] then return 'full' end
   if h.refresh then refresh_region(skey, akey, rkey, lkey, h) end
   return 'ok'
 end
@@ -44,12 +62,16 @@ local function write_region(skey, akey, rkey, lkey, h, e, now_s)
   -- (older) write adds nothing; a field left out is unchanged. Another token (a restart
   -- under the same id) starts new series and replaces the earlier incarnation's live
   -- gauges; it needs a full entry: returns 'full' (nothing written) when e is partial, and
-  -- so does a partial entry that continues from a write Redis does not hold (e.after).
+  -- so does a partial entry that continues from a write Redis does not hold (e.after), or
+  -- whose stats hash was written to totals that were lost since (another epoch).
+  -- A full entry whose stats hash is gone while the totals still hold its writer's last
+  -- acknowledged write (e.epoch) continues from e.base: only what is new is added.
   -- TTLs are renewed by new regions and by refreshing writes (h.refresh), not by every write.
-  if not e.full and e.n == 0 and e.samples == '' then
+  -- Returns 'ok', 'full' and the epoch of the totals.
+  if is_check(e) then
     return check_region(skey, akey, rkey, lkey, h, e)
   end
-  local names = {'token', 'live', 'hit_count', 'miss_count', 'size_bytes', 'seq'}
+  local names = {'token', 'live', 'hit_count', 'miss_count', 'size_bytes', 'seq', 'epoch'}
   for f in pairs(e.fields) do names[#names + 1] = f end
   local got = redis.pcall('HMGET', skey, unpack(names))
   if failed(got) then  -- not a hash: foreign or corrupted data, replaced
@@ -58,14 +80,36 @@ local function write_region(skey, akey, rkey, lkey, h, e, now_s)
   end
   local old = {}
   for i, f in ipairs(names) do if got[i] then old[f] = got[i] end end
-  local same = old['token'] == h.token
+  if old['token'] and old['token'] ~= h.token and h.known and (e.after > 0 or e.epoch ~= '') then
+    return 'full'  -- another incarnation took over a region this one wrote: displaced
+  end
+  local epoch = totals_epoch(akey, now_s, h)
+  -- the stats hash's contribution is in these totals (a hash without an epoch predates them)
+  local counted = old['token'] ~= nil and (old['epoch'] == nil or old['epoch'] == epoch)
+  local same = old['token'] == h.token and counted
   if not e.full and not (same and num(old['seq']) >= e.after) then return 'full' end
-  local was_live = old['live'] == '1'
+  local was_live = counted and old['live'] == '1'
+  local resumed = false
+  if not same and e.epoch ~= '' then
+    if e.epoch == epoch and e.base then
+      -- the stats hash is gone, the totals hold what Redis acknowledged: continue from it
+      old, same, resumed = e.base, true, true
+      -- its live gauges are still in the totals unless it departed: the writer saw it
+      -- live, or it is still listed among the region's live hit ratios (a departure
+      -- takes it out of both)
+      was_live = e.base['live'] == '1' or type(redis.pcall('ZSCORE', rkey, h.id)) == 'string'
+    elseif redis.call('HSETNX', akey, 'rebuilt', '1') == 1 then
+      mark_lost(akey, now_s)  -- the totals were lost: rebuilt whole from the live writers
+    end
+  elseif old['epoch'] and old['epoch'] ~= epoch
+         and redis.call('HSETNX', akey, 'rebuilt', '1') == 1 then
+    mark_lost(akey, now_s)
+  end
 
   local cur = {}  -- the incarnation's values after this write
-  local flat = {'last_updated', now_s, 'seq', h.seq}
-  if not (same and was_live) then
-    flat[5], flat[6], flat[7], flat[8] = 'live', '1', 'token', h.token
+  local flat = {'last_updated', now_s, 'seq', h.seq, 'epoch', epoch}
+  if not (same and was_live and old['token'] == h.token) then
+    flat[7], flat[8], flat[9], flat[10] = 'live', '1', 'token', h.token
   end
   for f, v in pairs(e.fields) do
     local nv = num(v)
@@ -74,6 +118,8 @@ local function write_region(skey, akey, rkey, lkey, h, e, now_s)
       cur[f] = nv
     elseif nv > prev or not same then  -- a counter: add what happened since the last write
       incr(akey, f, nv - prev, f == 'rt_sum')
+      cur[f] = nv
+    elseif resumed then  -- the stats hash is written again whole
       cur[f] = nv
     end
     if cur[f] ~= nil then
@@ -107,12 +153,12 @@ local function write_region(skey, akey, rkey, lkey, h, e, now_s)
   -- The stats hash is rewritten in place (a key deleted mid-script could not be written
   -- again in a Redis Cluster slot being migrated, and the script would stop half way);
   -- an earlier incarnation's fields that this one does not have are dropped.
-  if not same and next(old) ~= nil then
+  if old['token'] ~= h.token and got[1] then
     local stale = {}
     local all = redis.call('HKEYS', skey)
     for _, f in ipairs(all) do
       if e.fields[f] == nil and f ~= 'live' and f ~= 'last_updated' and f ~= 'token'
-         and f ~= 'seq' then
+         and f ~= 'seq' and f ~= 'epoch' then
         stale[#stale + 1] = f
       end
     end
@@ -120,28 +166,57 @@ local function write_region(skey, akey, rkey, lkey, h, e, now_s)
   end
   redis.call('HSET', skey, unpack(flat))
   if e.samples ~= '' then
-    append_samples(lkey, e.samples, h.cap, not same)
-  elseif not same then
+    append_samples(lkey, e.samples, h.cap, old['token'] ~= h.token)
+  elseif old['token'] ~= h.token then
     redis.call('DEL', lkey)
   end
   call_on(akey, 'HSET', akey, 'last_aggregated', now_s)
   if e.full or h.refresh then refresh_region(skey, akey, rkey, lkey, h) end
-  return 'ok'
+  return 'ok', epoch
 end
 
-local function depart_region(skey, akey, rkey, lkey, id, remove, unless_token)
+local function leave_gauges(akey, size, hits, misses, counted)
+  -- Take one instance's live gauges out of the totals (counted: its instance count too),
+  -- never below zero; when no live instance is left, every live gauge is zero.
+  incr(akey, 'size_bytes', -size, false)
+  incr(akey, 'live_hit_count', -hits, false)
+  incr(akey, 'live_miss_count', -misses, false)
+  if counted then incr(akey, 'instance_count', -1, false) end
+  local g = redis.call('HMGET', akey, 'instance_count', 'size_bytes', 'live_hit_count',
+                       'live_miss_count')
+  local nobody = (tonumber(g[1]) or 0) <= 0
+  local fix = {}
+  for i, f in ipairs({'instance_count', 'size_bytes', 'live_hit_count', 'live_miss_count'}) do
+    local v = tonumber(g[i])
+    if v and (v < 0 or (nobody and v ~= 0)) then
+      fix[#fix + 1] = f
+      fix[#fix + 1] = '0'
+    end
+  end
+  if #fix > 0 then redis.call('HSET', akey, unpack(fix)) end
+end
+
+local function depart_region(skey, akey, rkey, lkey, id, remove, unless_token, was_live)
   -- Take the instance's live gauges of this region out of the totals; counters stay.
   -- With unless_token, only when the region was last written by another incarnation.
+  -- was_live: the instance was live, so a stats hash that is gone took its live gauges
+  -- with it (deleted, evicted, expired): its instance count leaves, and the rest is
+  -- reported (mark_lost) until no live instance is left in the region.
   ensure_hash(skey)
   ensure_hash(akey)
-  local s = redis.call('HMGET', skey, 'live', 'size_bytes', 'hit_count', 'miss_count', 'token')
+  local s = redis.call('HMGET', skey, 'live', 'size_bytes', 'hit_count', 'miss_count', 'token',
+                       'epoch')
   if unless_token ~= '' and s[5] == unless_token then return end
+  local totals = redis.call('EXISTS', akey) == 1
   if s[1] == '1' then
-    incr(akey, 'size_bytes', -num(s[2]), false)
-    incr(akey, 'live_hit_count', -num(s[3]), false)
-    incr(akey, 'live_miss_count', -num(s[4]), false)
-    incr(akey, 'instance_count', -1, false)
+    if totals and (not s[6] or s[6] == redis.call('HGET', akey, 'epoch')) then
+      leave_gauges(akey, num(s[2]), num(s[3]), num(s[4]), true)
+    end
     redis.call('HSET', skey, 'live', '0')
+  elseif not s[5] and was_live and totals then
+    leave_gauges(akey, 0, 0, 0, true)
+    local left = tonumber(redis.call('HGET', akey, 'instance_count')) or 0
+    if left > 0 then mark_lost(akey, server_time_s()) end
   end
   ensure_type(rkey, 'zset')
   redis.call('ZREM', rkey, id)
