@@ -117,3 +117,10 @@ def test_max_drift_percent_is_percentage_points(value: str) -> None:
     """Drift is the distance between two hit ratios in percent: more than 100 never fires."""
     with pytest.raises(ConfigError, match="max_drift_percent: must be 0 to 100"):
         Settings.load(environ={"CONDUIT_CACHE_STATS_MAX_DRIFT_PERCENT": value})
+
+
+@pytest.mark.parametrize("url", ["redis://127.0.0.1:6379/notadb", "rediss://h/1x"])
+def test_a_database_that_is_not_a_number_is_refused(url: str) -> None:
+    with pytest.raises(ConfigError, match="redis_url: the path is the database number"):
+        Settings.load(environ={}, redis_url=url)
+    assert Settings.load(environ={}, redis_url="redis://127.0.0.1:6379/2").redis_url

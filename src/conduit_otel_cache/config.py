@@ -464,6 +464,10 @@ def _check_url(url: str) -> None:
                           f"got {shown!r}")  # fmt: skip
     if parts.scheme != "unix" and not parts.hostname:
         raise ConfigError(f"redis_url: no host in {shown!r}")
+    database = parts.path.strip("/")
+    if parts.scheme in ("redis", "rediss") and database and not database.isdigit():
+        raise ConfigError(f"redis_url: the path is the database number (/0, /1...), got "
+                          f"{shown!r}")  # fmt: skip
     if parts.query:
         _check_query(parts, shown)
 
