@@ -154,8 +154,8 @@ class Cluster(RuleBasedStateMachine):
             "hit_rates": f"conduit:cache:hit_rates:{region}",
             "instances": "conduit:cache:instances",
         }
-        if own is not None:
-            keys |= {
+        if own is not None and instance_id not in self.crashed:  # (a crashed predecessor
+            keys |= {  # under this id still holds gauges through these keys: left alone too)
                 "stats": f"conduit:cache:stats:{own}:{region}",
                 "samples": f"conduit:cache:stats:{own}:{region}:response_times",
                 "meta": f"conduit:cache:instance:{own}",
