@@ -583,15 +583,23 @@ def _loop_errors(connections: Connections) -> Callable[..., None]:
             limited.error("cannot accept connections: %s; the %d open ones are served, "
                           "accepting again in 1 s", exc, len(connections))  # fmt: skip
             return
-        if isinstance(exc, ssl.SSLError) and "client_connected_cb" in context.get("message", ""):
-            log.debug("TLS connection closed: %s", exc)
-            return
+        if exc is not None and _tls_errors_only(exc):  # one client's TLS connection
+            log.debug("TLS connection closed: %s", exc)  # (3.11: client_connected_cb; 3.10:
+            return  # a task exception never retrieved, in an exception group)
         if isinstance(exc, asyncio.CancelledError):  # a connection cut when serve stops
             log.debug("connection cancelled: %s", context.get("message"))
             return
         loop.default_exception_handler(context)
 
     return handler
+
+
+def _tls_errors_only(exc: BaseException) -> bool:
+    """``exc`` is a TLS error, or a group of nothing else (hypercorn's task groups)."""
+    inner = getattr(exc, "exceptions", None)
+    if isinstance(inner, tuple) and inner:
+        return all(isinstance(e, BaseException) and _tls_errors_only(e) for e in inner)
+    return isinstance(exc, ssl.SSLError)
 
 
 _http11_only()
