@@ -58,12 +58,13 @@ def url_forms(password: str, port: int) -> dict[str, str]:
     q = quote(password, safe="")
     node = f"127.0.0.1:{port}"
     other = f"127.0.0.1:{free_port()}"
+    others = f"db=0&username={USER}&password={q}&socket_timeout=2"  # the user: a real log-in
     return {
         "userinfo": f"redis://{USER}:{q}@{node}/0",
         "userinfo, no user": f"redis://:{q}@{node}/0",
         "userinfo, TLS": f"rediss://{USER}:{q}@{node}/0",
         "password parameter": f"redis://{node}/0?username={USER}&password={q}",
-        "password parameter among others": f"redis://{node}/0?db=0&password={q}&socket_timeout=2",
+        "password parameter among others": f"redis://{node}/0?{others}",
         "unix socket": f"unix://{USER}:{q}@/nonexistent/redis.sock?db=0",
         "unix socket, password parameter": f"unix:///nonexistent/redis.sock?password={q}",
         "sentinel": f"redis+sentinel://{USER}:{q}@{node},{other}/svc/0",
