@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -101,3 +102,18 @@ def test_probes_apart_from_the_cluster_report() -> None:
         assert status == 503 and b"Redis unreachable" in body
     finally:
         service.stop()
+
+
+def test_replies_carry_the_standard_reason_phrase(base: str) -> None:
+    port = int(base.rsplit(":", 1)[1])
+    lines = {}
+    for path, method in (("/metrics", "GET"), ("/metrics", "POST"), ("/nowhere", "GET")):
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+            request = f"{method} {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+            sock.sendall(request.encode())
+            lines[method, path] = sock.makefile("rb").readline()
+    assert lines == {
+        ("GET", "/metrics"): b"HTTP/1.1 200 OK\r\n",
+        ("POST", "/metrics"): b"HTTP/1.1 405 Method Not Allowed\r\n",
+        ("GET", "/nowhere"): b"HTTP/1.1 404 Not Found\r\n",
+    }

@@ -32,6 +32,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
+from http import HTTPStatus
 from typing import Any
 
 from .health import Health
@@ -447,6 +448,26 @@ def _http11_only() -> None:
     H11Protocol._check_protocol = check_protocol  # type: ignore[method-assign]
 
 
+def _reason_phrases() -> None:
+    """Send the standard reason phrase (``HTTP/1.1 200 OK``): hypercorn leaves it empty
+    (``HTTP/1.1 200 ``), which is valid but reads as broken in ``curl -i`` and proxies' logs."""
+    import h11
+    from hypercorn.protocol.h11 import H11Protocol
+
+    send = H11Protocol._send_h11_event
+
+    async def send_with_reason(self: Any, event: Any) -> None:
+        if isinstance(event, h11.Response | h11.InformationalResponse) and not event.reason:
+            try:
+                phrase = HTTPStatus(event.status_code).phrase.encode()
+            except ValueError:  # a code without a standard phrase keeps none
+                phrase = b""
+            event = type(event)(status_code=event.status_code, headers=event.headers, reason=phrase)
+        await send(self, event)
+
+    H11Protocol._send_h11_event = send_with_reason  # type: ignore[method-assign]
+
+
 def connection_limit() -> int:
     """How many connections may be open at once: the soft ``RLIMIT_NOFILE`` of the process
     but :data:`RESERVED_FDS` (at least 16)."""
@@ -603,6 +624,7 @@ def _tls_errors_only(exc: BaseException) -> bool:
 
 
 _http11_only()
+_reason_phrases()
 
 
 def make_http_server(
