@@ -357,3 +357,26 @@ def test_serve_collects_garbage_between_requests_not_during_them() -> None:
         release.set()
         server.shutdown()
         server.server_close()
+
+
+def test_data_age_gauge_is_at_render_and_the_header_at_reply(
+    make_stats: MakeStats, serve: Any
+) -> None:
+    """``conduit_cache_exporter_data_age_seconds`` is the data's age when the series were
+    collected (rendered); ``X-Conduit-Data-Age`` is its age when the reply is sent. Between
+    two scrapes of one rendering the gauge stays and the header grows by the time between."""
+    stats = make_stats("app-1")
+    stats.record_hit("Orders")
+    assert stats.flush()
+    service = serve(120.0)  # one rendering serves both scrapes
+    age = ("conduit_cache_exporter_data_age_seconds", ())
+    first_body, first = get(service)
+    started = time.monotonic()
+    time.sleep(0.5)  # the age to measure is the time itself
+    second_body, second = get(service)
+    elapsed = time.monotonic() - started
+    gauge = samples(first_body, first)[age]
+    assert samples(second_body, second)[age] == gauge
+    header_1, header_2 = float(first[DATA_AGE_HEADER]), float(second[DATA_AGE_HEADER])
+    assert gauge <= header_1 <= header_2
+    assert header_2 - header_1 == pytest.approx(elapsed, abs=0.05)
