@@ -13,6 +13,7 @@ from conduit_otel_cache.aggregate import Aggregator
 from conduit_otel_cache.config import Settings
 from conduit_otel_cache.embedded import RedisServer
 from conduit_otel_cache.keys import KeySchema
+from conduit_otel_cache.report import view_json
 from conduit_otel_cache.store import Store
 
 from .conftest import MakeStats, scrape_once
@@ -372,3 +373,22 @@ def test_a_view_after_invalidate_reflects_earlier_flushes_while_a_read_is_under_
     assert views == {"first": 1, "second": 2}
     assert aggregator.view().regions[REGION].hit_count == 2
     store.close()
+
+
+def test_drift_is_absent_until_the_first_per_instance_pass(
+    make_stats: MakeStats, redis_url: str
+) -> None:
+    """An unknown drift is left out, never read as 0: ``serve``'s per-instance pass runs
+    in the background, and a scrape before it must not say "no drift"."""
+    a, b = make_stats("api-1"), make_stats("api-2")
+    record(a, 90, 10)
+    record(b, 50, 50)
+    a.flush(), b.flush()
+    settings = Settings.load(redis_url=redis_url)
+    aggregator = Aggregator(Store.from_settings(settings), settings, background=True)
+    view = aggregator.view()
+    assert REGION in view.regions and REGION not in view.drift
+    assert view_json(view, {})["regions"][REGION]["drift_percent"] is None
+    aggregator.refresh_instances()
+    aggregator.invalidate()
+    assert aggregator.view().drift[REGION] == pytest.approx(20.0)

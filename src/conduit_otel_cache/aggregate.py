@@ -269,7 +269,8 @@ class Aggregator:
                     hits, misses = hits - (last >> 64), misses - (last & _LOW)
                 if hits + misses >= DRIFT_MIN_WINDOW_REQUESTS:
                     window.append((hits, misses))
-            if len(ratios) < 2:
+            if len(ratios) < 2:  # one live instance (or none) has no drift
+                drift[region] = 0.0
                 continue
             if len(window) < 2:  # too little traffic since the last window: keep it open
                 if region in self._drift:
@@ -360,7 +361,7 @@ class Aggregator:
                                "were while the live instances write theirs again")  # fmt: skip
         return ClusterView(
             regions=regions,
-            drift={region: self._drift.get(region, 0.0) for region in regions},
+            drift={region: self._drift[region] for region in regions if region in self._drift},
             instance_hit_ratios=self._instance_ratios,
             live_hit_ratios={region: _live_ratio(data.aggregates[region]) for region in regions},
             instance_series=self._instance_series,

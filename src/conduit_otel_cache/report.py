@@ -31,7 +31,7 @@ def format_table(view: ClusterView, instances: PerInstance) -> str:
                      str(total.miss_count), f"{total.hit_ratio:.1%}", str(total.set_count),
                      str(total.eviction_count), _human_bytes(total.size_bytes),
                      "-" if p95 is None else f"{p95 * 1000:.2f}",
-                     f"{view.drift.get(region, 0.0):.1f}"))  # fmt: skip
+                     f"{view.drift[region]:.1f}" if region in view.drift else "-"))  # fmt: skip
         for instance_id, s in sorted(instances.get(region, {}).items()):
             p95 = s.response_times.quantile(0.95)
             rows.append(("", instance_id + ("" if s.live else " (gone)"), str(s.hit_count),
@@ -55,7 +55,7 @@ def view_json(
         "regions": {
             r: {
                 "cluster": s.to_dict(),
-                "drift_percent": view.drift.get(r, 0.0),
+                "drift_percent": view.drift.get(r),  # None before the first pass
                 "instances": {i: st.to_dict() for i, st in instances.get(r, {}).items()},
             }
             for r, s in sorted(regions.items())
