@@ -52,7 +52,12 @@ def write(directory: Path, text: str) -> str:
         ("tls_server_config: {cert_file: server.crt, key_file: server.key, cipher_suites: [x]}\n",
          "unknown or unsupported key(s): cipher_suites"),
         ("tls_server_config: {cert_file: server.crt, key_file: ca.key}\n",
-         "tls_server_config.cert_file: cannot load the certificate and key"),
+         "tls_server_config.cert_file: cannot load the certificate and key: the private key "
+         "does not belong to the certificate"),
+        ("tls_server_config: {cert_file: server.key, key_file: server.key}\n",
+         "server.key' holds no PEM certificate"),
+        ("tls_server_config: {cert_file: server.crt, key_file: ca.crt}\n",
+         "ca.crt' holds no PEM private key"),
         ("tls_server_config: {cert_file: server.crt, key_file: server.key, "
          "client_auth_type: Always}\n", "tls_server_config.client_auth_type: must be one of"),
         ("tls_server_config: {cert_file: server.crt, key_file: server.key, "

@@ -138,7 +138,10 @@ def tls_context(
     try:
         context.load_cert_chain(certfile, keyfile)
     except (OSError, ssl.SSLError) as exc:
-        raise ConfigError(f"{setting}: cannot load the certificate and key: {exc}") from None
+        reason = _pem_problem(certfile, keyfile) or str(exc)
+        if getattr(exc, "reason", None) == "KEY_VALUES_MISMATCH":
+            reason = f"the private key does not belong to the certificate {certfile!r}"
+        raise ConfigError(f"{setting}: cannot load the certificate and key: {reason}") from None
     if client_ca_file is not None:
         ca_setting = setting.replace("cert_file", "client_ca_file")
         try:
@@ -147,6 +150,24 @@ def tls_context(
             raise ConfigError(f"{ca_setting}: cannot load the CA certificates: {exc}") from None
     context.verify_mode = verify_mode
     return context
+
+
+def _pem_problem(certfile: str, keyfile: str | None) -> str | None:
+    """What is wrong with a certificate and key pair that OpenSSL refused, in words (its
+    own message is often ``[SSL] PEM lib``), or None when the files look right."""
+    try:
+        cert = Path(certfile).read_bytes()
+        key = cert if keyfile is None else Path(keyfile).read_bytes()
+    except OSError:
+        return None  # OpenSSL's message names the file and the error
+    key_name = "the certificate file" if keyfile is None else repr(keyfile)
+    if b"-----BEGIN CERTIFICATE-----" not in cert:
+        return f"{certfile!r} holds no PEM certificate (-----BEGIN CERTIFICATE-----)"
+    if b"PRIVATE KEY-----" not in key:
+        return f"{key_name} holds no PEM private key (-----BEGIN ... PRIVATE KEY-----)"
+    if b"ENCRYPTED" in key:
+        return f"{key_name} holds an encrypted private key; give it unencrypted (chmod 600)"
+    return None
 
 
 def load_web_config(path: str) -> WebConfig:
