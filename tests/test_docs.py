@@ -6,10 +6,12 @@ written."""
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
 import shlex
 import shutil
 import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -237,3 +239,66 @@ def test_links_to_the_operators_guide_resolve() -> None:
     links += re.findall(r"\]\(#([\w-]+)\)", OPERATIONS.read_text())
     assert len(links) >= 3
     assert all(anchor in anchors for anchor in links if anchor), (links, anchors)
+
+
+RUNNABLE = re.compile(r"^<!-- runnable -->\n```(?:bash|sh)\n(.*?)^```", re.M | re.S)
+DOCUMENTED_URL = "redis://localhost:6379/1"
+
+
+def runnable_blocks() -> list[tuple[str, str]]:
+    """``(where, body)`` of every shell block marked ``<!-- runnable -->`` in README.md and
+    docs/: the test below runs each one."""
+    found = []
+    for path in (README, *sorted((ROOT / "docs").glob("*.md"))):
+        text = path.read_text()
+        for match in RUNNABLE.finditer(text):
+            line = text[: match.start()].count("\n") + 2
+            found.append((f"{path.relative_to(ROOT)}:{line}", match.group(1)))
+    return found
+
+
+@pytest.fixture
+def live_cluster() -> Iterator[RedisServer]:
+    """A real Redis with two live instances that flushed two regions each."""
+    with RedisServer() as server:
+        handles = [
+            setup(redis_url=server.url, instance_id=i, set_global=False, flush_interval=None)
+            for i in INSTANCES
+        ]
+        for stats in handles:
+            for region in REGIONS:
+                stats.record_hit(region, 0.001)
+                stats.record_miss(region, 0.002)
+            assert stats.flush()
+        yield server
+        for stats in handles:
+            stats.shutdown()
+
+
+@pytest.mark.parametrize(("where", "body"), runnable_blocks(), ids=[w for w, _ in runnable_blocks()])
+def test_runnable_block_runs(
+    where: str, body: str, live_cluster: RedisServer, tmp_path: Path
+) -> None:
+    """The block runs as a user would paste it (``bash -e``), against a real Redis with
+    live instances: the documented URL and ``redis-cli`` point at it, ``<region>`` is a real
+    region, and ``CONDUIT_CACHE_STATS_REDIS_URL`` is set as the docs tell operators to."""
+    script = body.replace(DOCUMENTED_URL, live_cluster.url)
+    script = script.replace("redis-cli ", f"{redis_cli()} -p {live_cluster.port} ")
+    for placeholder, real in PLACEHOLDERS.items():
+        script = script.replace(placeholder, real)
+    assert "<" not in script, f"{where}: unknown placeholder"
+    env = dict(os.environ, CONDUIT_CACHE_STATS_REDIS_URL=live_cluster.url,
+               PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")  # fmt: skip
+    done = subprocess.run(["bash", "-euo", "pipefail", "-c", script], capture_output=True,
+                          text=True, timeout=120, cwd=tmp_path, env=env)  # fmt: skip
+    assert done.returncode == 0, f"{where}: exit {done.returncode}\n{done.stdout}{done.stderr}"
+    assert done.stdout.strip() and "error" not in done.stderr.lower(), done.stdout + done.stderr
+    if "conduit-otel-cache stats" in script:
+        assert REGIONS[0] in done.stdout
+
+
+def test_the_runnable_marker_is_found() -> None:
+    """The marker is spelled as the test reads it: the README's CLI block and the runbook's
+    commands are among the runnable blocks."""
+    places = {where.split(":")[0] for where, _ in runnable_blocks()}
+    assert {"README.md", "docs/runbook.md"} <= places
