@@ -275,7 +275,10 @@ def live_cluster() -> Iterator[RedisServer]:
             stats.shutdown()
 
 
-@pytest.mark.parametrize(("where", "body"), runnable_blocks(), ids=[w for w, _ in runnable_blocks()])
+RUNNABLE_BLOCKS = runnable_blocks()
+
+
+@pytest.mark.parametrize(("where", "body"), RUNNABLE_BLOCKS, ids=[w for w, _ in RUNNABLE_BLOCKS])
 def test_runnable_block_runs(
     where: str, body: str, live_cluster: RedisServer, tmp_path: Path
 ) -> None:
