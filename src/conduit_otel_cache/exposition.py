@@ -22,7 +22,6 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from importlib import metadata
 from typing import Any, Protocol
 from urllib.parse import parse_qs
 
@@ -41,6 +40,7 @@ from prometheus_client import (
 from prometheus_client.exposition import choose_encoder, gzip_accepted
 from prometheus_client.metrics_core import Metric
 
+from . import __version__
 from .aggregate import ClusterView
 from .background import quietly
 from .config import Settings
@@ -209,7 +209,7 @@ class Exposition:
         PlatformCollector(registry=self._own)
         GCCollector(registry=self._own)
         Info("conduit_cache_exporter_build", "The exporter's version", registry=self._own).info(
-            {"version": _version()}
+            {"version": __version__}
         )
         self._render_failures = Counter(
             "conduit_cache_exporter_render_failures",
@@ -723,10 +723,3 @@ def _data_time(view: ClusterView) -> float | None:
 def _age(view: ClusterView, now: float) -> float | None:
     data_time = _data_time(view)
     return None if data_time is None else max(0.0, now - data_time)
-
-
-def _version() -> str:
-    try:
-        return metadata.version("conduit-otel-cache")
-    except metadata.PackageNotFoundError:
-        return "unknown"
