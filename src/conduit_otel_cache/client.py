@@ -202,7 +202,7 @@ class CacheStatistics:
         if self.exporter is None or self._closed or not self._owns_exporter:
             return []
         locks = [export_lock(self._reader)] if self._reader is not None else []
-        locks.append(self.exporter._lock)
+        locks.append(self.exporter.write_lock)
         locks += [collection_lock(provider) for provider in self._owned]  # taken alone
         return [lock for lock in locks if lock is not None]
 

@@ -24,7 +24,7 @@ def _redis_cluster_options() -> dict[str, Any]:
     without one, asks the server (``COMMAND GETKEYS``, one round trip per queued command)
     whether it has keys; ``EVALSHA`` has none listed, so give it the keyed policy: it is
     routed by its keys like any keyed command and a pipeline stays one round trip per node.
-    (``RedisCluster.pipeline()`` does not hand the resolver on: see ``Store._pipeline``.)
+    (``RedisCluster.pipeline()`` does not hand the resolver on: see :func:`pipeline`.)
     """
     if "policy_resolver" not in inspect.signature(RedisCluster.__init__).parameters:
         return {}
@@ -42,6 +42,17 @@ def _redis_cluster_options() -> dict[str, Any]:
             return super().resolve(command_name)
 
     return {"policy_resolver": ScriptsAreKeyed()}
+
+
+def pipeline(client: Client) -> Any:
+    """A non-transactional pipeline of ``client`` that routes ``EVALSHA`` by its keys:
+    ``RedisCluster.pipeline()`` does not hand on the client's policy resolver (see
+    :func:`_redis_cluster_options`; a private attribute, checked before it is set)."""
+    pipe = client.pipeline(transaction=False)
+    resolver = getattr(client, "_policy_resolver", None)
+    if resolver is not None and hasattr(pipe, "_policy_resolver"):
+        pipe._policy_resolver = resolver
+    return pipe
 
 
 def _retry(settings: Settings) -> Retry:

@@ -22,7 +22,7 @@ from redis.commands.core import Script
 from redis.exceptions import NoScriptError
 
 from .config import Settings, valid_name
-from .connection import Client, connect
+from .connection import Client, connect, pipeline
 from .keys import KeySchema
 
 
@@ -346,10 +346,7 @@ class Store:
         return replies
 
     def _pipeline_scripts(self, calls: Sequence[tuple[Script, list[str], list[Any]]]) -> list[Any]:
-        pipe = self.client.pipeline(transaction=False)
-        resolver = getattr(self.client, "_policy_resolver", None)
-        if resolver is not None and hasattr(pipe, "_policy_resolver"):
-            pipe._policy_resolver = resolver  # see _redis_cluster_options
+        pipe = pipeline(self.client)
         for script, keys, args in calls:
             # queued as a plain command: redis-py's Redis Cluster pipeline has no evalsha(), yet
             # it routes EVALSHA by its keys (which must share one hash slot)

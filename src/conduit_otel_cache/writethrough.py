@@ -136,6 +136,11 @@ class RedisMetricExporter(MetricExporter):
         self._confirmed = False  # Redis knows this incarnation as the id's writer
         self._pending: dict[str, deque[float]] = {}
 
+    @property
+    def write_lock(self) -> threading.Lock:
+        """Held by each write (``export``, the final write); taken across a fork."""
+        return self._lock
+
     def after_fork(self, settings: Settings) -> None:
         """In a forked child: a new incarnation with nothing written."""
         self.settings = settings
