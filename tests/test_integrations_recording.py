@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from conduit_otel_cache import DisabledStatistics, Settings
+from conduit_otel_cache import CacheStatistics, Settings
 from conduit_otel_cache.integrations.recording import (
     Recording,
     RegionRecorder,
@@ -45,7 +45,7 @@ class BrokenStats:
 def test_handles_satisfy_the_protocol(make_stats: MakeStats) -> None:
     stats = make_stats("api-1")
     assert isinstance(stats, Recording)
-    assert isinstance(DisabledStatistics(Settings.load(enabled=False)), Recording)
+    assert isinstance(CacheStatistics(Settings.load(enabled=False)), Recording)
     assert isinstance(BrokenStats(), Recording)
     assert not isinstance(object(), Recording)
 

@@ -14,12 +14,12 @@ from opentelemetry.sdk.metrics import MeterProvider
 from conduit_otel_cache import (
     CacheStatistics,
     ConfigError,
-    DisabledStatistics,
     Settings,
     Statistics,
     setup,
 )
 from conduit_otel_cache.embedded import free_port
+from conduit_otel_cache.recorder import NullRecorder
 
 from .conftest import MakeStats
 
@@ -137,16 +137,13 @@ def test_disabled_handle_is_a_no_op_without_provider_or_redis(
     connections, providers, global_provider = (
         _connections(r), _meter_providers(), metrics.get_meter_provider())  # fmt: skip
     stats = setup(redis_url=redis_url, enabled=False, instance_id="off")  # set_global default
-    assert isinstance(stats, DisabledStatistics)
-    public = {n for n in dir(CacheStatistics) if not n.startswith("_")}
-    public |= set(CacheStatistics.__annotations__)  # the recorder's bound methods
-    missing = {n for n in public if not hasattr(stats, n)}
-    assert not missing, f"DisabledStatistics lacks {sorted(missing)}"  # the same interface
+    assert isinstance(stats, CacheStatistics) and isinstance(stats.recorder, NullRecorder)
+    assert stats.exporter is None and stats.aggregator is None
     _record(stats)
     with stats.timed_lookup("Geo") as lookup:
         lookup.hit()
     assert stats.snapshot() == {}
-    assert stats.local_statistics("Geo") == Statistics()
+    assert stats.local_statistics("Geo").hit_count == 0
     assert stats.cluster_statistics("Geo") == Statistics()
     assert stats.per_instance_statistics("Geo") == {}
     assert stats.cluster_view().regions == {}
@@ -161,7 +158,7 @@ def test_disabled_handle_is_a_no_op_without_provider_or_redis(
 def test_disabled_by_environment_variable(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("CONDUIT_CACHE_STATS_ENABLED", "false")
     stats = setup(instance_id="off")
-    assert isinstance(stats, DisabledStatistics)
+    assert isinstance(stats.recorder, NullRecorder)
     stats.record_miss("Geo", 0.5)
     assert stats.local_statistics("Geo").miss_count == 0
 

@@ -15,7 +15,7 @@ from typing import Any
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import MetricReader
 
-from .client import CacheStatistics, DisabledStatistics, views
+from .client import CacheStatistics, views
 from .config import ConfigError, Settings
 from .health import Health, Status
 from .model import ResponseTimes, Statistics
@@ -28,7 +28,6 @@ __all__ = [
     "AggregationStrategy",
     "CacheStatistics",
     "ConfigError",
-    "DisabledStatistics",
     "Health",
     "LazyStrategy",
     "ResponseTimes",
@@ -48,14 +47,15 @@ def setup(
     metric_readers: Sequence[MetricReader] = (),
     aggregation_strategy: str | AggregationStrategy | None = None,
     **options: Any,
-) -> CacheStatistics | DisabledStatistics:
+) -> CacheStatistics:
     """Start recording cache statistics for this instance.
 
     Every option of :class:`Settings` is a keyword here and an environment variable
     ``CONDUIT_CACHE_STATS_<NAME>``; invalid values raise :class:`ConfigError` naming it.
     ``metric_readers`` are added to the meter provider built here; a user's own
     ``meter_provider`` gets the instruments instead (build it with ``views=views()``).
-    With ``enabled=False`` it returns a :class:`DisabledStatistics` whose methods do nothing.
+    With ``enabled=False`` it returns a handle whose ``record_*`` do nothing, whose reads are
+    empty, with no SDK ``MeterProvider``, no thread and no Redis connection.
     ``aggregation_strategy`` is ``"sum"``, ``"lazy"`` or a strategy object such as
     :class:`WeightedStrategy`.
 
@@ -70,7 +70,7 @@ def setup(
         strategy = aggregation_strategy
     settings = Settings.load(**options)
     if not settings.enabled:  # no-op handle: no MeterProvider, no Redis
-        return DisabledStatistics(settings)
+        return CacheStatistics(settings)
     key = (settings.instance_id, settings.redis_url, settings.key_prefix)
     with _setup_lock:
         existing = _handles.get(key)

@@ -1,5 +1,6 @@
 """The handle ``setup()`` returns, composed of the recorder (the hot path), the write-through
-(an OTel reader and exporter) and the cluster reader; and its no-op sibling."""
+(an OTel reader and exporter) and the cluster reader; with ``enabled=false`` a null recorder
+and nothing else."""
 
 from __future__ import annotations
 
@@ -34,7 +35,7 @@ from .instruments import (
 )
 from .integrations.lookup import TimedLookup
 from .model import Statistics
-from .recorder import Recorder
+from .recorder import NullRecorder, Recorder
 from .sdk_hook import collection_lock, export_lock, stop_reader_thread
 from .store import explain
 from .strategies import AggregationStrategy, strategy_named
@@ -97,11 +98,15 @@ class CacheStatistics:
         distributed = distributed and settings.enabled
         keep = settings.enable_response_time_tracking and distributed
         self.settings = settings
-        self.recorder = recorder = Recorder(
-            settings.response_time_buckets,
-            settings.max_regions,
-            settings.default_region,
-            max_samples=settings.max_response_time_samples if keep else 0,
+        self.recorder = recorder = (
+            Recorder(
+                settings.response_time_buckets,
+                settings.max_regions,
+                settings.default_region,
+                max_samples=settings.max_response_time_samples if keep else 0,
+            )
+            if settings.enabled
+            else NullRecorder()
         )
         self.record_hit = recorder.record_hit
         self.record_miss = recorder.record_miss
@@ -137,6 +142,11 @@ class CacheStatistics:
                 export_interval_millis=math.inf if interval is None else interval * 1000,
                 export_timeout_millis=max(settings.socket_timeout * 2000, 1000),
             )
+        if not settings.enabled:  # a null handle: no MeterProvider, no thread, no Redis
+            self.meter_provider: APIMeterProvider = NoOpMeterProvider()
+            self._owned: list[MeterProvider] = []
+            self._start_beats()  # none: there is no exporter
+            return
         self.meter_provider, self._owned = self._providers(meter_provider, metric_readers, shared)
         for provider in self._owned:
             register_cache_instruments(provider.get_meter(SCOPE), recorder.snapshot)
@@ -352,6 +362,8 @@ class CacheStatistics:
     def cluster_view(self) -> ClusterView:
         """The whole cluster view (cached for ``aggregation_cache_ttl``)."""
         aggregator = self.aggregator
+        if not self.settings.enabled:
+            return ClusterView(redis_error="statistics disabled (enabled=false)")
         if aggregator is None:
             local = self.snapshot()
             return ClusterView(
@@ -446,85 +458,3 @@ class CacheStatistics:
         for provider in self._owned:  # the write-through reader is always on an owned one
             provider.shutdown()
         lifecycle.forget(self)
-
-
-class DisabledStatistics:
-    """What ``setup(enabled=False)`` returns: the interface of :class:`CacheStatistics`,
-    doing nothing: ``record_*`` are no-ops, reads are empty, and there is no SDK
-    ``MeterProvider``, no exporter and no Redis connection."""
-
-    invalid_events = overflow_events = rejected_values = flush_errors = 0
-    exporter: RedisMetricExporter | None = None
-    aggregator: Aggregator | None = None
-
-    def __init__(self, settings: Settings, **_ignored: object) -> None:
-        self.settings = settings
-        self.recorder = Recorder(settings.response_time_buckets, 1, settings.default_region)
-        self.strategy: AggregationStrategy = strategy_named("sum", 0)
-        self.meter_provider: APIMeterProvider = NoOpMeterProvider()
-
-    def record_hit(self, region: str | None, response_time: float | None = None) -> None:
-        """Nothing."""
-
-    def record_miss(self, region: str | None, response_time: float | None = None) -> None:
-        """Nothing."""
-
-    def record_set(self, region: str | None) -> None:
-        """Nothing."""
-
-    def record_eviction(self, region: str | None) -> None:
-        """Nothing."""
-
-    def set_size_bytes(self, region: str | None, size_bytes: int) -> None:
-        """Nothing."""
-
-    def snapshot(self) -> dict[str, Statistics]:
-        """Always empty."""
-        return {}
-
-    def local_statistics(self, region: str) -> Statistics:
-        """Always zeros."""
-        return Statistics()
-
-    def wsgi_app(self) -> WSGIApp:
-        """The stats API, always empty."""
-        from .api import make_stats_app
-
-        return make_stats_app(local=dict, cluster=dict)
-
-    def asgi_app(self) -> ASGIApp:
-        """The stats API as ASGI, always empty."""
-        from .api import make_stats_asgi_app
-
-        return make_stats_asgi_app(local=dict, cluster=dict)
-
-    def timed_lookup(self, region: str) -> TimedLookup:
-        """A lookup timer that records nothing."""
-        return TimedLookup(self, region)
-
-    def flush(self) -> bool:
-        """Nothing to write: always False."""
-        return False
-
-    def cluster_view(self) -> ClusterView:
-        """An empty view."""
-        return ClusterView(redis_error="statistics disabled (enabled=false)")
-
-    def cluster_statistics(self, region: str) -> Statistics:
-        """Always zeros."""
-        return Statistics()
-
-    def cluster_totals(self, region: str) -> Statistics:
-        """Always zeros."""
-        return Statistics()
-
-    def per_instance_statistics(self, region: str) -> dict[str, Statistics]:
-        """Always empty."""
-        return {}
-
-    def health(self) -> Health:
-        """The health rules on an empty view."""
-        return evaluate(self.cluster_view(), self.settings)
-
-    def shutdown(self) -> None:
-        """Nothing to release."""

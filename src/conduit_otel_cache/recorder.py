@@ -260,3 +260,36 @@ class Recorder:
             while samples:  # popleft is atomic: the owner thread may append meanwhile
                 out.append(samples.popleft())
         return {name: list(d) for name, d in drained.items() if d}
+
+
+class NullRecorder:
+    """The recorder of a disabled handle (``enabled=False``): records nothing, holds
+    nothing."""
+
+    invalid_events = overflow_events = rejected_values = 0
+
+    def record_hit(self, region: str | None, response_time: float | None = None) -> None:
+        """Nothing."""
+
+    def record_miss(self, region: str | None, response_time: float | None = None) -> None:
+        """Nothing."""
+
+    def record_set(self, region: str | None) -> None:
+        """Nothing."""
+
+    def record_eviction(self, region: str | None) -> None:
+        """Nothing."""
+
+    def set_size_bytes(self, region: str | None, size_bytes: int) -> None:
+        """Nothing."""
+
+    def snapshot(self) -> dict[str, Statistics]:
+        """Always empty."""
+        return {}
+
+    def drain_samples(self) -> dict[str, list[float]]:
+        """Always empty."""
+        return {}
+
+    def reset(self) -> None:
+        """Nothing to reset."""
