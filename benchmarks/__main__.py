@@ -15,7 +15,17 @@ import time
 
 from conduit_otel_cache.embedded import redis_server_binary
 
-from . import end_to_end, flush, flush_in_app, hot_path, import_time, scale, scrape, work_horse
+from . import (
+    end_to_end,
+    flush,
+    flush_in_app,
+    hot_path,
+    import_time,
+    results,
+    scale,
+    scrape,
+    work_horse,
+)
 from .common import Target, show_targets
 
 
@@ -27,8 +37,10 @@ def machine() -> str:
         redis_version = out.split("v=")[1].split()[0]
     except Exception as exc:
         redis_version = f"unknown ({type(exc).__name__})"
+    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
     return (
-        f"{os.cpu_count()} cores, {platform.machine()}, Python {platform.python_version()}, "
+        f"{os.cpu_count()} cores (load {load} at the start), {platform.machine()}, "
+        f"Python {platform.python_version()}, "
         f"redis-server {redis_version}, {platform.system()} {platform.release()}, "
         f"{datetime.date.today().isoformat()}"
     )
@@ -52,8 +64,9 @@ def main() -> None:
     )
     started = time.perf_counter()
     print(f"# conduit-otel-cache benchmarks{' (--quick)' if args.quick else ''}")
-    print(f"machine: {machine()}")
-    print(f"command: {' '.join(['python -m benchmarks', *sys.argv[1:]])}", flush=True)
+    machine_line, command = machine(), " ".join(["python -m benchmarks", *sys.argv[1:]])
+    print(f"machine: {machine_line}")
+    print(f"command: {command}", flush=True)
     targets: list[Target] = []
     if "e2e" in only:  # first: what an application owner asks
         targets += end_to_end.run(quick=args.quick)
@@ -71,6 +84,9 @@ def main() -> None:
         targets += import_time.run(quick=args.quick)
     if "horse" in only:
         targets += work_horse.run(quick=args.quick)
+    if not args.quick:  # the figures README quotes (benchmarks/results.py)
+        results.save(targets, machine_line, command)
+        results.write_readme(results.load())
     print("\n## Summary")
     show_targets("All targets", targets)
     met = sum(1 for t in targets if t.met)

@@ -305,3 +305,11 @@ def test_the_runnable_marker_is_found() -> None:
     commands are among the runnable blocks."""
     places = {where.split(":")[0] for where, _ in runnable_blocks()}
     assert {"README.md", "docs/runbook.md"} <= places
+
+
+def test_readme_quotes_the_saved_benchmark_results() -> None:
+    """README's figures have one source: the table between the markers is what
+    ``benchmarks/results.py`` renders from ``benchmarks/results.json`` (``make bench``)."""
+    from benchmarks import results
+
+    assert results.readme_block(README.read_text()) == results.render(results.load())
