@@ -83,8 +83,9 @@ def setup(
                 "conduit-otel-cache: setup() called again for instance %r, which this "
                 "process already records as; returning the open handle (its settings "
                 "stand). Call setup() once per process, or give each handle its own "
-                "instance_id", settings.instance_id,
-            )  # fmt: skip
+                "instance_id",
+                settings.instance_id,
+            )
             return existing
         handle = CacheStatistics(
             settings,

@@ -87,10 +87,18 @@ def make_stats_asgi_app(
             status, payload = await asyncio.to_thread(_answer, source)
             headers = []
         body = json.dumps(payload, indent=2).encode()
-        headers = [*headers, ("Content-Type", "application/json"),
-                   ("Content-Length", str(len(body)))]  # fmt: skip
-        await send({"type": "http.response.start", "status": int(status.split()[0]),
-                    "headers": [(k.lower().encode(), v.encode()) for k, v in headers]})  # fmt: skip
+        headers = [
+            *headers,
+            ("Content-Type", "application/json"),
+            ("Content-Length", str(len(body))),
+        ]
+        await send(
+            {
+                "type": "http.response.start",
+                "status": int(status.split()[0]),
+                "headers": [(k.lower().encode(), v.encode()) for k, v in headers],
+            }
+        )
         await send({"type": "http.response.body", "body": b"" if method == "HEAD" else body})
 
     return app

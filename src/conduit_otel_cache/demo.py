@@ -27,8 +27,13 @@ def run_worker(redis_url: str, instance_id: str, hit_ratio: float, rate: float) 
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
-    stats = setup(redis_url=redis_url, instance_id=instance_id, flush_interval=1.0,
-                  instance_timeout=5.0, set_global=False)  # fmt: skip
+    stats = setup(
+        redis_url=redis_url,
+        instance_id=instance_id,
+        flush_interval=1.0,
+        instance_timeout=5.0,
+        set_global=False,
+    )
     rng = random.Random(instance_id)
     sizes = dict.fromkeys(REGIONS, 0)
     while not stop.wait(1.0 / rate):
@@ -70,10 +75,20 @@ def run_demo(duration: float | None = None, port: int = 9464, instances: int = 3
         print(f"health:         {base}/health  and  {base}/health/cache_statistics")
         print("stop with Ctrl-C" + (f" (or after {duration:g}s)" if duration else ""), flush=True)
         for n in range(instances):
-            workers.append(subprocess.Popen(
-                [sys.executable, "-m", "conduit_otel_cache.demo", "worker", redis_server.url,
-                 f"demo-{n + 1}", str(HIT_RATIOS[n % len(HIT_RATIOS)]), "200"]
-            ))  # fmt: skip
+            workers.append(
+                subprocess.Popen(
+                    [
+                        sys.executable,
+                        "-m",
+                        "conduit_otel_cache.demo",
+                        "worker",
+                        redis_server.url,
+                        f"demo-{n + 1}",
+                        str(HIT_RATIOS[n % len(HIT_RATIOS)]),
+                        "200",
+                    ]
+                )
+            )
         deadline = None if duration is None else time.monotonic() + duration
         while not stop.wait(2.0):
             view = service.aggregator.view()

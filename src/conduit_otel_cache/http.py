@@ -95,8 +95,12 @@ def make_app(
         path = environ.get("PATH_INFO") or "/"
         method = environ.get("REQUEST_METHOD", "GET")
         if header_bytes(environ) > MAX_HEADER_BYTES:  # the server takes more in one read
-            return json_reply(start_response, "431 Request Header Fields Too Large",
-                              {"error": "request headers too large"}, method)  # fmt: skip
+            return json_reply(
+                start_response,
+                "431 Request Header Fields Too Large",
+                {"error": "request headers too large"},
+                method,
+            )
         if api is not None and path.startswith("/api/"):
             mounted: Iterable[bytes] = api(environ, start_response)
             return mounted
@@ -110,15 +114,21 @@ def make_app(
             return body
         if route == "/":
             assert landing is not None
-            return reply(start_response, "200 OK", landing.encode(), "text/html; charset=utf-8",
-                         LANDING_HEADERS)  # fmt: skip
+            return reply(
+                start_response,
+                "200 OK",
+                landing.encode(),
+                "text/html; charset=utf-8",
+                LANDING_HEADERS,
+            )
         if route == "/-/healthy":
             return reply(start_response, "200 OK", b"Healthy\n")
         if route == "/-/ready":
             if ready is None or ready():
                 return reply(start_response, "200 OK", b"Ready\n")
-            return reply(start_response, "503 Service Unavailable", b"Not ready: Redis was "
-                         b"never reached\n")  # fmt: skip
+            return reply(
+                start_response, "503 Service Unavailable", b"Not ready: Redis was never reached\n"
+            )
         report = health()
         payload = report.report_json() if route == "/health" else report.check_json()
         status = "200 OK" if report.http_status == 200 else "503 Service Unavailable"
@@ -172,19 +182,26 @@ def reply(
     headers: list[tuple[str, str]] | None = None,
 ) -> list[bytes]:
     """Send ``body`` with its ``Content-Type`` and ``Content-Length``."""
-    start_response(status, [("Content-Type", content_type), ("Content-Length", str(len(body))),
-                            *(headers or [])])  # fmt: skip
+    start_response(
+        status,
+        [("Content-Type", content_type), ("Content-Length", str(len(body))), *(headers or [])],
+    )
     return [body]
 
 
 def landing_page(version: str, redis_url: str) -> str:
     """The HTML of ``GET /``: the exporter, its version, the (password-masked) Redis URL
     it reads and links to every route (relative, so that a path prefix keeps working)."""
-    links = [("metrics", "Metrics"), ("health", "Health (cluster report)"),
-             ("-/healthy", "Liveness probe"), ("-/ready", "Readiness probe"),
-             ("api/cache/stats/distributed", "Cluster statistics (JSON)")]  # fmt: skip
-    items = "\n".join(f'      <li><a href="{href}">{html.escape(text)}</a></li>'
-                      for href, text in links)  # fmt: skip
+    links = [
+        ("metrics", "Metrics"),
+        ("health", "Health (cluster report)"),
+        ("-/healthy", "Liveness probe"),
+        ("-/ready", "Readiness probe"),
+        ("api/cache/stats/distributed", "Cluster statistics (JSON)"),
+    ]
+    items = "\n".join(
+        f'      <li><a href="{href}">{html.escape(text)}</a></li>' for href, text in links
+    )
     return f"""<!DOCTYPE html>
 <html lang="en">
   <head>
@@ -235,8 +252,14 @@ def json_reply(
 ) -> list[bytes]:
     """Send ``payload`` as a JSON response (no body for HEAD)."""
     body = json.dumps(payload, indent=2).encode()
-    start_response(status, [("Content-Type", "application/json"),
-                            ("Content-Length", str(len(body))), *(headers or [])])  # fmt: skip
+    start_response(
+        status,
+        [
+            ("Content-Type", "application/json"),
+            ("Content-Length", str(len(body))),
+            *(headers or []),
+        ],
+    )
     return [] if method == "HEAD" else [body]
 
 
@@ -395,9 +418,15 @@ def _answering(direct: Direct, app: Any) -> Callable[..., Any]:
                 if reply is not None:
                     status, fields, body, sent = reply
                     try:
-                        await send({"type": "http.response.start", "status": status,
-                                    "headers": [(k.encode("latin-1"), v.encode("latin-1"))
-                                                for k, v in fields]})  # fmt: skip
+                        await send(
+                            {
+                                "type": "http.response.start",
+                                "status": status,
+                                "headers": [
+                                    (k.encode("latin-1"), v.encode("latin-1")) for k, v in fields
+                                ],
+                            }
+                        )
                         await send({"type": "http.response.body", "body": body})
                     finally:
                         sent()
@@ -601,8 +630,12 @@ def _loop_errors(connections: Connections) -> Callable[..., None]:
     def handler(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
         exc = context.get("exception")
         if isinstance(exc, OSError) and exc.errno in RESOURCE_ERRORS:
-            limited.error("cannot accept connections: %s; the %d open ones are served, "
-                          "accepting again in 1 s", exc, len(connections))  # fmt: skip
+            limited.error(
+                "cannot accept connections: %s; the %d open ones are served, "
+                "accepting again in 1 s",
+                exc,
+                len(connections),
+            )
             return
         if exc is not None and _tls_errors_only(exc):  # one client's TLS connection
             log.debug("TLS connection closed: %s", exc)  # (3.11: client_connected_cb; 3.10:

@@ -118,23 +118,35 @@ def register_self_instruments(meter: Meter, state: _SelfState) -> None:
 
     def counter(name: str, unit: str, description: str, read: Callable[[], Any]) -> None:
         meter.create_observable_counter(
-            name, callbacks=[lambda options: [Observation(read())]], unit=unit,
+            name,
+            callbacks=[lambda options: [Observation(read())]],
+            unit=unit,
             description=description,
-        )  # fmt: skip
+        )
 
-    counter("conduit.cache.flush.errors", "{error}", "Failed write-throughs to Redis",
-            lambda: state.flush_errors)  # fmt: skip
-    counter("conduit.cache.rejected_values", "{value}", "Invalid response times or sizes dropped",
-            lambda: state.rejected_values)  # fmt: skip
+    counter(
+        "conduit.cache.flush.errors",
+        "{error}",
+        "Failed write-throughs to Redis",
+        lambda: state.flush_errors,
+    )
+    counter(
+        "conduit.cache.rejected_values",
+        "{value}",
+        "Invalid response times or sizes dropped",
+        lambda: state.rejected_values,
+    )
     meter.create_observable_counter(
         "conduit.cache.folded_events",
-        callbacks=[lambda options: [
-            Observation(state.invalid_events, {"reason": "invalid_region"}),
-            Observation(state.overflow_events, {"reason": "max_regions"}),
-        ]],
+        callbacks=[
+            lambda options: [
+                Observation(state.invalid_events, {"reason": "invalid_region"}),
+                Observation(state.overflow_events, {"reason": "max_regions"}),
+            ]
+        ],
         unit="{event}",
         description="Events counted under _invalid or _overflow instead of their region",
-    )  # fmt: skip
+    )
 
 
 def _getter(attr: str) -> Callable[[Statistics], Any]:

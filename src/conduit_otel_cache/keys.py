@@ -100,8 +100,13 @@ class KeySchema:
 
     def beat(self, instance_id: str) -> list[str]:
         """The instance-level keys of a write (``beat()`` in ``lua/instance.lua``)."""
-        return [self.instances, self.regions, self.meta(instance_id),
-                self.instance_regions(instance_id), self.flush_errors]  # fmt: skip
+        return [
+            self.instances,
+            self.regions,
+            self.meta(instance_id),
+            self.instance_regions(instance_id),
+            self.flush_errors,
+        ]
 
     def batch(self, instance_id: str, regions: Iterable[str]) -> list[str]:
         """A ``lua/regions.lua`` call: the regions sets (standalone only: a Redis Cluster's

@@ -69,9 +69,11 @@ class RenderProcess:
         with theirs:
             self._process = subprocess.Popen(
                 [sys.executable, "-m", __name__, str(theirs.fileno())],
-                pass_fds=(theirs.fileno(),), env=env, stdin=subprocess.DEVNULL,
+                pass_fds=(theirs.fileno(),),
+                env=env,
+                stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL,
-            )  # fmt: skip
+            )
         with contextlib.suppress(OSError):  # a lower priority from its start
             os.setpriority(os.PRIO_PROCESS, self._process.pid, NICENESS)
         self._conn = Connection(ours.detach())
@@ -98,8 +100,9 @@ class RenderProcess:
                 return None
             try:
                 # per-instance ratios are not series (instance_series holds those shown)
-                self._conn.send((dataclasses.replace(view, instance_hit_ratios={}),
-                                 errors_total, own, variants))  # fmt: skip
+                self._conn.send(
+                    (dataclasses.replace(view, instance_hit_ratios={}), errors_total, own, variants)
+                )
                 if not self._conn.poll(TIMEOUT):
                     raise RenderError(f"the render process took over {TIMEOUT:g} s")
                 reply: Any = self._conn.recv()

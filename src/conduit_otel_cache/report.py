@@ -22,27 +22,57 @@ def _human_bytes(n: float) -> str:
 
 def format_table(view: ClusterView, instances: PerInstance) -> str:
     """The cluster and per-instance statistics as aligned text columns."""
-    head = ("region", "instance", "hits", "misses", "hit ratio", "sets", "evictions", "size",
-            "p95 ms", "drift")  # fmt: skip
+    head = (
+        "region",
+        "instance",
+        "hits",
+        "misses",
+        "hit ratio",
+        "sets",
+        "evictions",
+        "size",
+        "p95 ms",
+        "drift",
+    )
     rows: list[tuple[str, ...]] = [head]
     for region, total in sorted(view.regions.items()):
         p95 = total.response_times.quantile(0.95)
-        rows.append((region, f"cluster ({total.instance_count} live)", str(total.hit_count),
-                     str(total.miss_count), f"{total.hit_ratio:.1%}", str(total.set_count),
-                     str(total.eviction_count), _human_bytes(total.size_bytes),
-                     "-" if p95 is None else f"{p95 * 1000:.2f}",
-                     f"{view.drift[region]:.1f}" if region in view.drift else "-"))  # fmt: skip
+        rows.append(
+            (
+                region,
+                f"cluster ({total.instance_count} live)",
+                str(total.hit_count),
+                str(total.miss_count),
+                f"{total.hit_ratio:.1%}",
+                str(total.set_count),
+                str(total.eviction_count),
+                _human_bytes(total.size_bytes),
+                "-" if p95 is None else f"{p95 * 1000:.2f}",
+                f"{view.drift[region]:.1f}" if region in view.drift else "-",
+            )
+        )
         for instance_id, s in sorted(instances.get(region, {}).items()):
             p95 = s.response_times.quantile(0.95)
-            rows.append(("", instance_id + ("" if s.live else " (gone)"), str(s.hit_count),
-                         str(s.miss_count), f"{s.hit_ratio:.1%}", str(s.set_count),
-                         str(s.eviction_count), _human_bytes(s.size_bytes),
-                         "-" if p95 is None else f"{p95 * 1000:.2f}", ""))  # fmt: skip
+            rows.append(
+                (
+                    "",
+                    instance_id + ("" if s.live else " (gone)"),
+                    str(s.hit_count),
+                    str(s.miss_count),
+                    f"{s.hit_ratio:.1%}",
+                    str(s.set_count),
+                    str(s.eviction_count),
+                    _human_bytes(s.size_bytes),
+                    "-" if p95 is None else f"{p95 * 1000:.2f}",
+                    "",
+                )
+            )
     widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
-    lines = ["  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in
-                       enumerate(zip(row, widths))) for row in rows]  # fmt: skip
-    lines.append(f"live instances: {view.active_count}, "
-                 f"missing: {len(view.missing_instances)}")  # fmt: skip
+    lines = [
+        "  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
+        for row in rows
+    ]
+    lines.append(f"live instances: {view.active_count}, missing: {len(view.missing_instances)}")
     return "\n".join(lines)
 
 

@@ -197,16 +197,32 @@ class _PreAggregatedHistogramAggregation(_ExplicitBucketHistogramAggregation):
 #: (class, method, parameters after self) as the hook calls or overrides them; the class
 #: None stands for the histogram aggregation the hook subclasses
 _EXPECTED_PARAMETERS: tuple[tuple[type | None, str, tuple[str, ...]], ...] = (
-    (Aggregation, "_create_aggregation",
-     ("instrument", "attributes", "reservoir_factory", "start_time_unix_nano")),
-    (None, "__init__", ("attributes", "instrument_aggregation_temporality",
-                        "start_time_unix_nano", "reservoir_builder", "boundaries",
-                        "record_min_max")),
+    (
+        Aggregation,
+        "_create_aggregation",
+        ("instrument", "attributes", "reservoir_factory", "start_time_unix_nano"),
+    ),
+    (
+        None,
+        "__init__",
+        (
+            "attributes",
+            "instrument_aggregation_temporality",
+            "start_time_unix_nano",
+            "reservoir_builder",
+            "boundaries",
+            "record_min_max",
+        ),
+    ),
     (None, "aggregate", ("measurement", "should_sample_exemplar")),
     (None, "collect", ("collection_aggregation_temporality", "collection_start_nano")),
-)  # fmt: skip
-_EXPECTED_ATTRIBUTES = ("_lock", "_attributes", "_start_time_unix_nano",
-                        "_previous_collection_start_nano")  # fmt: skip
+)
+_EXPECTED_ATTRIBUTES = (
+    "_lock",
+    "_attributes",
+    "_start_time_unix_nano",
+    "_previous_collection_start_nano",
+)
 
 _checked: dict[type, SdkCompatibilityError | None] = {}
 _check_lock = threading.Lock()
@@ -235,9 +251,14 @@ def _histogram_hook_error(base: type) -> SdkCompatibilityError | None:
         if parameters != expected:
             return _incompatible(f"{name}{parameters} is not {name}{expected}")
     try:
-        probe = base({}, AggregationTemporality.CUMULATIVE, 1,
-                     AlignedHistogramBucketExemplarReservoir, boundaries=(),
-                     record_min_max=False)  # fmt: skip
+        probe = base(
+            {},
+            AggregationTemporality.CUMULATIVE,
+            1,
+            AlignedHistogramBucketExemplarReservoir,
+            boundaries=(),
+            record_min_max=False,
+        )
     except Exception as exc:
         return _incompatible(f"{base.__name__}(...) failed: {type(exc).__name__}: {exc}")
     missing = [a for a in _EXPECTED_ATTRIBUTES if not hasattr(probe, a)]

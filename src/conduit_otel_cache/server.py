@@ -53,8 +53,9 @@ class ExporterService:
         self._reached = threading.Event()  # Redis answered once: /-/ready
         api = make_stats_app(cluster=self.cluster_regions)  # /api/cache/stats/distributed
         landing = landing_page(__version__, settings.safe_redis_url)
-        self.app = make_app(self.exposition.wsgi_app(), self.health, api,
-                            ready=self.ready, landing=landing)  # fmt: skip
+        self.app = make_app(
+            self.exposition.wsgi_app(), self.health, api, ready=self.ready, landing=landing
+        )
         web = web_config or WebConfig()
         auth = None
         if web.users:
@@ -62,8 +63,9 @@ class ExporterService:
         self.web_config = LiveWebConfig(web, auth)
         # /metrics from finished bytes on the event loop (with basic auth: through the app)
         direct = None if web.users else self.exposition.ready_reply
-        self.server = make_http_server(auth or self.app, host, port, ssl_context=web.ssl_context,
-                                       direct=direct)  # fmt: skip
+        self.server = make_http_server(
+            auth or self.app, host, port, ssl_context=web.ssl_context, direct=direct
+        )
         self.port: int = self.server.server_address[1]
         self.tls = web.ssl_context is not None
         self._stop = threading.Event()

@@ -52,8 +52,14 @@ TLS_VERSIONS = {
 #: exporter-toolkit versions that are refused: OpenSSL's default security level refuses them
 #: in the handshake whatever the setting, so accepting them would promise what is not done.
 REFUSED_TLS_VERSIONS = ("TLS10", "TLS11")
-TLS_KEYS = ("cert_file", "key_file", "client_auth_type", "client_ca_file", "min_version",
-            "max_version")  # fmt: skip
+TLS_KEYS = (
+    "cert_file",
+    "key_file",
+    "client_auth_type",
+    "client_ca_file",
+    "min_version",
+    "max_version",
+)
 TOP_KEYS = ("tls_server_config", "basic_auth_users")
 #: Successful verifications kept in memory (bcrypt costs tens of milliseconds by design).
 AUTH_CACHE_SIZE = 1024
@@ -92,8 +98,12 @@ class WebConfig:
         context = self.ssl_context
         if context is None:
             return (None, bool(self.users))
-        return (context.verify_mode, context.minimum_version, context.maximum_version,
-                bool(self.users))  # fmt: skip
+        return (
+            context.verify_mode,
+            context.minimum_version,
+            context.maximum_version,
+            bool(self.users),
+        )
 
 
 def tls_files_config(certfile: str, keyfile: str | None = None) -> WebConfig:
@@ -114,8 +124,13 @@ def warn_if_permissive(path: str, setting: str) -> bool:
         return False
     if not mode & (stat.S_IWGRP | stat.S_IWOTH | stat.S_IROTH):
         return False
-    log.warning("%s: %s may be read or written by other users (mode %04o); chmod 600 (or 640 "
-                "for a group that must read it)", setting, path, mode)  # fmt: skip
+    log.warning(
+        "%s: %s may be read or written by other users (mode %04o); chmod 600 (or 640 "
+        "for a group that must read it)",
+        setting,
+        path,
+        mode,
+    )
     return True
 
 
@@ -202,8 +217,10 @@ def _mapping(value: Any, setting: str, known: Iterable[str]) -> dict[str, Any]:
         raise ConfigError(f"{setting}: must be a mapping, got {type(value).__name__}")
     unknown = sorted(set(value) - set(known))
     if unknown:
-        raise ConfigError(f"{setting}: unknown or unsupported key(s): {', '.join(unknown)} "
-                          f"(supported: {', '.join(known)})")  # fmt: skip
+        raise ConfigError(
+            f"{setting}: unknown or unsupported key(s): {', '.join(unknown)} "
+            f"(supported: {', '.join(known)})"
+        )
     return value
 
 
@@ -229,25 +246,34 @@ def _tls(value: Any, base: Path, setting: str) -> tuple[ssl.SSLContext, list[str
         files[key] = str(file)
     auth = _string(tls, "client_auth_type", setting) or "NoClientCert"
     if auth in UNVERIFIED_CLIENT_AUTH_TYPES:
-        raise ConfigError(f"{setting}.client_auth_type: {auth} asks for a certificate without "
-                          "verifying it, which is not supported; use VerifyClientCertIfGiven "
-                          "or RequireAndVerifyClientCert with client_ca_file")  # fmt: skip
+        raise ConfigError(
+            f"{setting}.client_auth_type: {auth} asks for a certificate without "
+            "verifying it, which is not supported; use VerifyClientCertIfGiven "
+            "or RequireAndVerifyClientCert with client_ca_file"
+        )
     if auth not in CLIENT_AUTH_TYPES:
-        raise ConfigError(f"{setting}.client_auth_type: must be one of "
-                          f"{', '.join(CLIENT_AUTH_TYPES)}, got {auth!r:.60}")  # fmt: skip
+        raise ConfigError(
+            f"{setting}.client_auth_type: must be one of "
+            f"{', '.join(CLIENT_AUTH_TYPES)}, got {auth!r:.60}"
+        )
     if (auth == "NoClientCert") != ("client_ca_file" not in files):
-        raise ConfigError(f"{setting}.client_ca_file: must be given with, and only with, a "
-                          f"client_auth_type that verifies certificates (got {auth})")  # fmt: skip
+        raise ConfigError(
+            f"{setting}.client_ca_file: must be given with, and only with, a "
+            f"client_auth_type that verifies certificates (got {auth})"
+        )
     versions = {}
     for key, default in (("min_version", "TLS12"), ("max_version", None)):
         name = _string(tls, key, setting) or default
         if name in REFUSED_TLS_VERSIONS:
-            raise ConfigError(f"{setting}.{key}: {name} is not supported (OpenSSL refuses TLS "
-                              "1.0 and 1.1 at its default security level); use TLS12 or "
-                              "TLS13")  # fmt: skip
+            raise ConfigError(
+                f"{setting}.{key}: {name} is not supported (OpenSSL refuses TLS "
+                "1.0 and 1.1 at its default security level); use TLS12 or "
+                "TLS13"
+            )
         if name is not None and name not in TLS_VERSIONS:
-            raise ConfigError(f"{setting}.{key}: must be one of {', '.join(TLS_VERSIONS)}, "
-                              f"got {name!r:.60}")  # fmt: skip
+            raise ConfigError(
+                f"{setting}.{key}: must be one of {', '.join(TLS_VERSIONS)}, got {name!r:.60}"
+            )
         versions[key] = None if name is None else TLS_VERSIONS[name]
     minimum, maximum = versions["min_version"], versions["max_version"]
     assert minimum is not None
@@ -340,8 +366,14 @@ class BasicAuth:
         else:
             status, body = "401 Unauthorized", b"Unauthorized\n"
             extra = ("WWW-Authenticate", "Basic")
-        start_response(status, [("Content-Type", "text/plain; charset=utf-8"),
-                                ("Content-Length", str(len(body))), extra])  # fmt: skip
+        start_response(
+            status,
+            [
+                ("Content-Type", "text/plain; charset=utf-8"),
+                ("Content-Length", str(len(body))),
+                extra,
+            ],
+        )
         return [] if environ.get("REQUEST_METHOD") == "HEAD" else [body]
 
     def authorized(self, header: str) -> bool | None:
@@ -410,9 +442,11 @@ class LiveWebConfig:
             log.error("%s: not reloaded, the running configuration is kept: %s", setting, exc)
             return False
         if new.shape() != self.config.shape():
-            log.error("%s: not reloaded: turning TLS or basic auth on or off, the client "
-                      "certificate check or the TLS versions change only with a restart",
-                      setting)  # fmt: skip
+            log.error(
+                "%s: not reloaded: turning TLS or basic auth on or off, the client "
+                "certificate check or the TLS versions change only with a restart",
+                setting,
+            )
             return False
         if self.auth is not None:
             self.auth.set_users(new.users)
