@@ -247,7 +247,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="Run a self-contained demo on a private Redis.",
         description="Start a private Redis, simulated instances and the exporter.",
     )
-    p.add_argument("--duration", type=float, default=None, help="stop after N seconds")
+    p.add_argument("--duration", type=float, default=None, help="stop N s after all report")
     p.add_argument("--port", type=int, default=9464, help="exporter port (0: any free port)")
     p.add_argument("--instances", type=int, default=3, help="simulated instances (default 3)")
     p.set_defaults(func=cmd_demo)

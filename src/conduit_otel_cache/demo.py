@@ -89,9 +89,13 @@ def run_demo(duration: float | None = None, port: int = 9464, instances: int = 3
                     ]
                 )
             )
-        deadline = None if duration is None else time.monotonic() + duration
+        deadline = None  # counted from when every instance reported (a slow start-up)
+        started = time.monotonic()
         while not stop.wait(2.0):
             view = service.aggregator.view()
+            everyone = view.active_count >= instances or time.monotonic() - started > 60
+            if deadline is None and duration is not None and everyone:
+                deadline = time.monotonic() + duration
             health = service.health()
             print(f"\n{time.strftime('%H:%M:%S')}  health: {health.status.label}")
             per_instance = read_per_instance(service.aggregator, view.regions)
