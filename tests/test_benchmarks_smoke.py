@@ -17,7 +17,7 @@ def test_benchmarks_quick_run() -> None:
         cwd=ROOT,
         capture_output=True,
         text=True,
-        timeout=400,
+        timeout=900,  # a smoke run, not a timing: generous for a loaded machine
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = proc.stdout
