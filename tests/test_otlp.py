@@ -237,10 +237,14 @@ def test_push_equals_metrics_and_counters_stay_cumulative(
             published = published_points(body)
             stable = {k: v for k, v in published.items() if k[0] not in TIME_VARYING}
             instances = [k for k in pushed if k[0] == "conduit_cache_instance_hit_ratio"]
-            ok = len(instances) == 3 and all(pushed.get(k) == v for k, v in stable.items())
-            return ok and (pushed, published)
+            differ[:] = [(k, pushed.get(k), v) for k, v in stable.items() if pushed.get(k) != v]
+            return len(instances) == 3 and not differ and (pushed, published)
 
-        pushed, published = wait_for(settled, timeout=30, what="a push equal to /metrics")
+        differ: list[Any] = []  # (series, pushed, published) of the last try, when unequal
+        try:
+            pushed, published = wait_for(settled, timeout=30, what="a push equal to /metrics")
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}; last (series, pushed, published): {differ}") from None
         # the same series: every OpenTelemetry series of /metrics is pushed, and nothing else
         assert set(pushed) == set(published)
         assert pushed[("conduit_cache_hits", (("region", REGION),))] == hits

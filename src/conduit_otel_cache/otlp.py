@@ -20,11 +20,12 @@ again, so nothing is lost but resolution.
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import logging
 import threading
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 from opentelemetry.sdk.metrics import ObservableCounter, ObservableGauge
 from opentelemetry.sdk.metrics.export import (
@@ -64,6 +65,24 @@ def otlp_exporter(endpoint: str) -> MetricExporter:
         ) from None
     exporter: MetricExporter = OTLPMetricExporter(endpoint=metrics_url(endpoint))
     return exporter
+
+
+def without_exemplars(data: MetricsData) -> MetricsData:
+    """``data`` without exemplars. ``serve`` records no spans, and its provider samples no
+    exemplars, but older SDKs (1.28, the floor) attach one to every observation of an
+    observable instrument whatever the exemplar filter, with no span and trace id, which
+    their OTLP exporter cannot encode (``EncodingException``: every push failed)."""
+    if not any(p.exemplars for rm in data.resource_metrics for sm in rm.scope_metrics
+               for m in sm.metrics for p in m.data.data_points):  # fmt: skip
+        return data
+    return dataclasses.replace(data, resource_metrics=[
+        dataclasses.replace(rm, scope_metrics=[
+            dataclasses.replace(sm, metrics=[
+                dataclasses.replace(m, data=dataclasses.replace(cast(Any, m.data), data_points=[
+                    dataclasses.replace(p, exemplars=[]) for p in m.data.data_points]))
+                for m in sm.metrics])
+            for sm in rm.scope_metrics])
+        for rm in data.resource_metrics])  # fmt: skip
 
 
 class OtlpPush:
@@ -110,7 +129,9 @@ class OtlpPush:
         try:
             with quietly():  # collecting is pure Python: scrapes being answered go first
                 data = self._read(self.reader)
-            ok = data is None or self.exporter.export(data) is MetricExportResult.SUCCESS
+            ok = data is None or self.exporter.export(without_exemplars(data)) is (
+                MetricExportResult.SUCCESS
+            )
             problem = "the receiver refused it or could not be reached (logged above)"
         except Exception as exc:
             ok, problem = False, f"{type(exc).__name__}: {exc}"
