@@ -22,6 +22,7 @@ from opentelemetry.proto.metrics.v1.metrics_pb2 import AggregationTemporality
 from prometheus_client.parser import text_string_to_metric_families
 
 from conduit_otel_cache.config import ConfigError, Settings
+from conduit_otel_cache.embedded import free_port
 from conduit_otel_cache.otlp import metrics_url
 
 from .conftest import wait_for
@@ -49,6 +50,8 @@ class Receiver:
     def __init__(self) -> None:
         self.requests: list[ExportMetricsServiceRequest] = []
         self.paths: set[str] = set()
+        #: (Authorization, Content-Encoding) of the requests taken
+        self.headers: set[tuple[str | None, str | None]] = set()
         self.refuse = False
         self._lock = threading.Lock()
         receiver = self
@@ -67,6 +70,9 @@ class Receiver:
                 with receiver._lock:
                     receiver.requests.append(request)
                     receiver.paths.add(self.path)
+                    receiver.headers.add(
+                        (self.headers.get("Authorization"), self.headers.get("Content-Encoding"))
+                    )
                 reply = ExportMetricsServiceResponse().SerializeToString()
                 self.send_response(200)
                 self.send_header("Content-Type", "application/x-protobuf")
@@ -214,11 +220,14 @@ def hits_of(request: ExportMetricsServiceRequest) -> float | None:
 
 @pytest.mark.slow
 def test_push_equals_metrics_and_counters_stay_cumulative(
-    redis_url: str, receiver: Receiver
+    redis_url: str, receiver: Receiver, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     hits = sum(h for h, _ in PLAN.values())
     procs = {i: start_instance(redis_url, i, *counts) for i, counts in PLAN.items()}
     receiver.refuse = True  # the receiver refuses the first pushes: counted, then recovered
+    # the exporter takes the standard variables (serve never shows the token)
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_HEADERS", "Authorization=Bearer%20s3cret")
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_METRICS_COMPRESSION", "gzip")
     serve = start_serve(redis_url, receiver, "exporter-a")
     other = start_serve(redis_url, receiver, "exporter-b")  # a second replica, same cluster
     try:
@@ -252,6 +261,7 @@ def test_push_equals_metrics_and_counters_stay_cumulative(
         assert histogram[1] == sum(h + m for h, m in PLAN.values())
         assert list(histogram[0]) == [*Settings().response_time_buckets, float("inf")]
         assert receiver.paths == {"/v1/metrics"}
+        assert receiver.headers == {("Bearer s3cret", "gzip")}
         assert resource(receiver.pushes_of("exporter-a")[-1])["service.name"] == (
             "conduit-otel-cache-exporter"
         )
@@ -296,7 +306,26 @@ def test_push_equals_metrics_and_counters_stay_cumulative(
         for proc in procs.values():
             proc.kill()
             proc.wait()
+    assert serve.proc.returncode == other.proc.returncode == 0  # a clean stop
     assert "OTLP push to http://127.0.0.1" in log  # the refused pushes, logged
+    assert "s3cret" not in log
+
+
+def test_an_unreachable_receiver_is_counted_and_stop_is_prompt(
+    redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Nothing listens at the endpoint: each push fails after the exporter's timeout (the
+    standard ``OTEL_EXPORTER_OTLP_TIMEOUT``), is counted and logged, /metrics is served
+    meanwhile, and SIGTERM stops serve cleanly while a push waits to retry."""
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_TIMEOUT", "1")
+    with ServeProcess(redis_url, "--otlp-endpoint", f"http://127.0.0.1:{free_port()}",
+                      "--otlp-interval", "0.2") as serve:  # fmt: skip
+        wait_for(lambda: pushes_counted(serve)["failure"] >= 2, what="failed pushes, counted")
+        assert pushes_counted(serve)["success"] == 0
+        assert "conduit_cache_redis_up 1.0" in scrape(serve)
+        log = serve.stop()
+    assert serve.proc.returncode == 0, log
+    assert log.count("conduit-otel-cache: OTLP push to") == 1, log  # at most one a minute
 
 
 def test_otlp_settings_fail_at_start_naming_the_setting() -> None:

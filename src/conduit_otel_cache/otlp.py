@@ -45,6 +45,8 @@ log = logging.getLogger(__name__)
 
 #: the path of the metrics signal under an OTLP/HTTP endpoint
 METRICS_PATH = "/v1/metrics"
+#: seconds :meth:`OtlpPush.stop` waits for a push in flight
+STOP_TIMEOUT = 5.0
 
 
 def metrics_url(endpoint: str) -> str:
@@ -147,9 +149,10 @@ class OtlpPush:
             self._stop.wait(self.interval)
 
     def stop(self) -> None:
-        """Stop pushing and shut the exporter down."""
+        """Stop pushing and shut the exporter down (which cuts short a push that waits to
+        retry)."""
         self._stop.set()
+        self.exporter.shutdown()
         thread = self._thread
         if thread is not None:
-            thread.join(timeout=15.0)
-        self.exporter.shutdown()
+            thread.join(timeout=STOP_TIMEOUT)
