@@ -12,8 +12,10 @@ import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
+import redis
 from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import (
     ExportMetricsServiceRequest,
     ExportMetricsServiceResponse,
@@ -25,8 +27,9 @@ from conduit_otel_cache.config import ConfigError, Settings
 from conduit_otel_cache.embedded import free_port
 from conduit_otel_cache.otlp import metrics_url
 
-from .conftest import wait_for
+from .conftest import MakeStats, wait_for
 from .serve_process import ServeProcess
+from .tcp_proxy import TcpProxy
 from .test_processes import PLAN, documented_series, served_series, start_instance
 
 REGION = "ProviderResponses"
@@ -209,19 +212,34 @@ def pushes_counted(serve: ServeProcess) -> dict[str, float]:
             for s in f.samples if s.name == "conduit_cache_exporter_otlp_pushes_total"}  # fmt: skip
 
 
-def hits_of(request: ExportMetricsServiceRequest) -> float | None:
-    metric = metrics_of(request).get("conduit.cache.hits")
+def value_of(
+    request: ExportMetricsServiceRequest, name: str, attributes: Any = (("region", REGION),)
+) -> float | None:
+    """The pushed value of the sum or gauge ``name`` with ``attributes``; None when absent."""
+    metric = metrics_of(request).get(name)
     if metric is None:
         return None
-    found = [p.as_int or p.as_double for p in metric.sum.data_points
-             if labels(p) == (("region", REGION),)]  # fmt: skip
+    found = [p.as_double if p.HasField("as_double") else p.as_int
+             for p in getattr(metric, metric.WhichOneof("data")).data_points
+             if labels(p) == attributes]  # fmt: skip
     return found[0] if found else None
+
+
+def hits_of(request: ExportMetricsServiceRequest) -> float | None:
+    return value_of(request, "conduit.cache.hits")
 
 
 @pytest.mark.slow
 def test_push_equals_metrics_and_counters_stay_cumulative(
-    redis_url: str, receiver: Receiver, monkeypatch: pytest.MonkeyPatch
+    redis_url: str,
+    r: redis.Redis,
+    make_stats: MakeStats,
+    receiver: Receiver,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    """Two replicas push while the receiver refuses, then takes; every pushed series
+    equals /metrics; more events arrive, replica b is cut off from Redis and comes back,
+    Redis loses a region's totals: every pushed counter stays one monotonic stream."""
     hits = sum(h for h, _ in PLAN.values())
     procs = {i: start_instance(redis_url, i, *counts) for i, counts in PLAN.items()}
     receiver.refuse = True  # the receiver refuses the first pushes: counted, then recovered
@@ -229,16 +247,18 @@ def test_push_equals_metrics_and_counters_stay_cumulative(
     monkeypatch.setenv("OTEL_EXPORTER_OTLP_HEADERS", "Authorization=Bearer%20s3cret")
     monkeypatch.setenv("OTEL_EXPORTER_OTLP_METRICS_COMPRESSION", "gzip")
     serve = start_serve(redis_url, receiver, "exporter-a")
-    other = start_serve(redis_url, receiver, "exporter-b")  # a second replica, same cluster
+    proxy = TcpProxy(("127.0.0.1", urlsplit(redis_url).port or 6379))  # b's way to Redis
+    other = start_serve(f"redis://127.0.0.1:{proxy.port}", receiver, "exporter-b")
     try:
         wait_for(lambda: pushes_counted(serve)["failure"] >= 1, what="a failed push, counted")
         receiver.refuse = False
 
-        def settled() -> Any:
+        def settled(total: float = hits, live: int = len(PLAN)) -> Any:
             """The last push whose every stable series equals /metrics (nothing is written
-            meanwhile, so both must settle on the same values)."""
+            meanwhile, so both must settle on the same values), with ``total`` hits and
+            ``live`` instances."""
             pushes = receiver.pushes_of("exporter-a")
-            if not pushes or hits_of(pushes[-1]) != hits:
+            if not pushes or hits_of(pushes[-1]) != total:
                 return None
             body = scrape(serve)
             families = families_of(body)
@@ -247,7 +267,7 @@ def test_push_equals_metrics_and_counters_stay_cumulative(
             stable = {k: v for k, v in published.items() if k[0] not in TIME_VARYING}
             instances = [k for k in pushed if k[0] == "conduit_cache_instance_hit_ratio"]
             differ[:] = [(k, pushed.get(k), v) for k, v in stable.items() if pushed.get(k) != v]
-            return len(instances) == 3 and not differ and (pushed, published)
+            return len(instances) == live and not differ and (pushed, published)
 
         differ: list[Any] = []  # (series, pushed, published) of the last try, when unequal
         try:
@@ -271,6 +291,35 @@ def test_push_equals_metrics_and_counters_stay_cumulative(
         procs["api-4"] = extra
         for replica in ("exporter-a", "exporter-b"):
             wait_for(lambda r=replica: hits_of(receiver.pushes_of(r)[-1]) == hits + 50, timeout=30)
+        # replica b cut off from Redis pushes no cluster series (as on its /metrics), then
+        # goes on with the same streams
+        proxy.cut()
+        cut_off = wait_for(lambda: value_of(receiver.pushes_of("exporter-b")[-1],
+                                            "conduit.cache.redis.up", ()) == 0
+                           and receiver.pushes_of("exporter-b")[-1], timeout=30)  # fmt: skip
+        assert hits_of(cut_off) is None
+        proxy.restore()
+        wait_for(lambda: hits_of(receiver.pushes_of("exporter-b")[-1]) == hits + 50, timeout=30)
+        # Redis loses the region's totals, a live instance writes again: the hash is rebuilt,
+        # the loss counted, and the totals never go back
+        stats = make_stats("api-5")
+        stats.record_hit(REGION, 0.001)
+        assert stats.flush()
+        wait_for(lambda: hits_of(receiver.pushes_of("exporter-a")[-1]) == hits + 51, timeout=30)
+        r.delete(f"conduit:cache:stats:aggregated:{REGION}")
+        stats.record_hit(REGION, 0.001)
+        assert stats.flush()
+        for replica in ("exporter-a", "exporter-b"):
+            wait_for(lambda rep=replica: value_of(receiver.pushes_of(rep)[-1],
+                                                  "conduit.cache.data_losses") == 1,
+                     timeout=30, what=f"{replica} pushing the data loss")  # fmt: skip
+        after_loss = hits_of(receiver.pushes_of("exporter-a")[-1])
+        assert after_loss is not None and after_loss >= hits + 51  # never back
+        try:
+            wait_for(lambda: settled(after_loss, live=5),
+                     timeout=30, what="a push equal to /metrics after the loss")  # fmt: skip
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}; last (series, pushed, published): {differ}") from None
         for replica in ("exporter-a", "exporter-b"):
             pushes = receiver.pushes_of(replica)
             assert {tuple(sorted(resource(p).items())) for p in pushes} == {
@@ -289,6 +338,8 @@ def test_push_equals_metrics_and_counters_stay_cumulative(
                             )
             hits_series = series[("conduit.cache.hits", (("region", REGION),))]
             assert hits_series[0][1] <= hits and hits_series[-1][1] >= hits + 50
+            if replica == "exporter-b":  # the pushes of its cut include no cluster series
+                assert len(hits_series) < len(pushes)
             for key, values in series.items():
                 assert len({start for start, _ in values}) == 1, key  # one cumulative stream
                 assert all(a[1] <= b[1] for a, b in itertools.pairwise(values)), key  # monotonic
@@ -303,6 +354,7 @@ def test_push_equals_metrics_and_counters_stay_cumulative(
         assert {n for n in served if n not in documented and not n.startswith(prefixes)} == set()
     finally:
         log = serve.stop() + other.stop()
+        proxy.close()
         for proc in procs.values():
             proc.kill()
             proc.wait()
