@@ -219,13 +219,19 @@ def build_parser() -> argparse.ArgumentParser:
             shown = "none" if default is None else str(default).lower()
             if isinstance(default, tuple):
                 shown = ",".join(f"{b:g}" for b in default)
+            if option == "instance_id":  # serve's: the OTLP push's service.instance.id
+                shown = "$INSTANCE_ID, else <host name>-<pid>"
             p.add_argument(
                 "--" + option.replace("_", "-"), dest=option, metavar="VALUE",
                 help=f"${ENV_PREFIX}{option.upper()} (default: {shown})",
             )  # fmt: skip
         return p
 
-    p = redis_cmd("serve", "Run the cluster exporter: /metrics, /health, /-/healthy, /-/ready.")
+    p = redis_cmd(
+        "serve",
+        "Run the cluster exporter: /metrics, /health, /-/healthy, /-/ready; "
+        "with --otlp-endpoint it also pushes the cluster view over OTLP/HTTP.",
+    )
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=9464, help="port (default 9464)")
     p.add_argument("--certfile", help="serve HTTPS with this certificate (PEM)")
