@@ -363,6 +363,7 @@ def test_push_equals_metrics_and_counters_stay_cumulative(
     assert "s3cret" not in log
 
 
+@pytest.mark.slow
 def test_an_unreachable_receiver_is_counted_and_stop_is_prompt(
     redis_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
