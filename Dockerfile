@@ -6,7 +6,7 @@ ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1
 WORKDIR /build
 COPY pyproject.toml README.md ./
 COPY src ./src
-RUN python3 -m venv /opt/conduit-otel-cache && /opt/conduit-otel-cache/bin/pip install '.[serve]'
+RUN python3 -m venv /opt/conduit-otel-cache && /opt/conduit-otel-cache/bin/pip install '.[serve,otlp]'
 WORKDIR /
 RUN rm -rf /build
 USER 10001:10001

@@ -63,3 +63,16 @@ def test_serve_memory_quick_run() -> None:
         sample = result[phase]
         assert sample["rss_main"] > 0 and sample["rss_child"] > 0, result
         assert sample["pss_sum"] < sample["rss_main"] + sample["rss_child"], result
+
+
+def test_otlp_push_quick_run() -> None:
+    """``python -m benchmarks.otlp_push`` runs: a push taken by its receiver at 100 x 10."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.otlp_push", "--quick"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert re.search(r"\| 100 x 10 +\| +\d{3,} \|", proc.stdout), proc.stdout

@@ -150,12 +150,16 @@ def test_request_flood_costs_one_aggregation(make_stats, redis_url: str) -> None
 DOCS = HERE.parent / "docs"
 
 
-def documented_series() -> set[str]:
+def documented_series(*, otlp: bool = False) -> set[str]:
     """The series of docs/metrics.md's table (``_misses_total`` after ``conduit_cache_hits_total``
-    is ``conduit_cache_misses_total``; ``process_*`` a prefix)."""
+    is ``conduit_cache_misses_total``; ``process_*`` a prefix); those served "only with
+    `otlp_endpoint`" when ``otlp``."""
     section = (DOCS / "metrics.md").read_text().split("## Series", 1)[1].split("\n## ", 1)[0]
     names = set()
-    for row in re.findall(r"^\| (`[^|]+)\|", section, re.M):
+    for line in re.findall(r"^\| `.*$", section, re.M):
+        if ("only with `otlp_endpoint`" in line) != otlp:
+            continue
+        row = line.split("|")[1]
         first = ""
         for name in re.findall(r"`([a-z_*]+)[^`]*`", row):
             if name.startswith("_"):

@@ -34,7 +34,8 @@ HEALTH = ("instance_timeout", "min_active_instances", "missing_instance_grace",
 COMMAND_OPTIONS: dict[str, tuple[str, ...]] = {
     "serve": (*CONNECTION, *HEALTH, "aggregation_cache_ttl", "enable_aggregation_cache",
               "aggregation_interval", "max_instance_series", "retention_period",
-              "cleanup_interval", "service_name"),
+              "cleanup_interval", "service_name", "instance_id", "otlp_endpoint",
+              "otlp_interval"),
     "stats": (*CONNECTION, "instance_timeout"),
     "health": (*CONNECTION, *HEALTH),
     "cleanup": (*CONNECTION, "instance_timeout", "retention_period"),
@@ -151,8 +152,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
     service.start(freeze=True)
     scheme = "https" if service.tls else "http"
     host = f"[{args.host}]" if ":" in args.host else args.host
+    push = (
+        ""
+        if service.push is None
+        else (
+            f", pushing over OTLP to {service.push.endpoint} every {service.push.interval:g}s as "
+            f"service.instance.id {settings.instance_id}"
+        )
+    )
     print(f"serving {scheme}://{host}:{service.port}/metrics and /health "
-          f"for {service.settings.safe_redis_url}", flush=True)  # fmt: skip
+          f"for {service.settings.safe_redis_url}{push}", flush=True)  # fmt: skip
     stop.wait()
     service.stop()
     print("stopped", flush=True)
@@ -210,13 +219,19 @@ def build_parser() -> argparse.ArgumentParser:
             shown = "none" if default is None else str(default).lower()
             if isinstance(default, tuple):
                 shown = ",".join(f"{b:g}" for b in default)
+            if option == "instance_id":  # serve's: the OTLP push's service.instance.id
+                shown = "$INSTANCE_ID, else <host name>-<pid>"
             p.add_argument(
                 "--" + option.replace("_", "-"), dest=option, metavar="VALUE",
                 help=f"${ENV_PREFIX}{option.upper()} (default: {shown})",
             )  # fmt: skip
         return p
 
-    p = redis_cmd("serve", "Run the cluster exporter: /metrics, /health, /-/healthy, /-/ready.")
+    p = redis_cmd(
+        "serve",
+        "Run the cluster exporter: /metrics, /health, /-/healthy, /-/ready; "
+        "with --otlp-endpoint it also pushes the cluster view over OTLP/HTTP.",
+    )
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=9464, help="port (default 9464)")
     p.add_argument("--certfile", help="serve HTTPS with this certificate (PEM)")

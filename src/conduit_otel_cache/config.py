@@ -39,6 +39,8 @@ RENAMED = {"cluster": "redis_cluster"}
 SENTINEL_SCHEMES = ("redis+sentinel", "rediss+sentinel")
 #: Durations that may be None (no background flush / a heartbeat with every flush).
 OPTIONAL_SECONDS = ("flush_interval", "heartbeat_interval")
+#: options whose value is a URL that may hold a password (masked wherever shown)
+URL_OPTIONS = ("redis_url", "otlp_endpoint")
 REDIS_SCHEMES = ("redis", "rediss", "unix", *REDIS_CLUSTER_SCHEMES, *SENTINEL_SCHEMES)
 
 #: ``local``: this process only; ``distributed``: write through to Redis, read the cluster;
@@ -164,6 +166,9 @@ class Settings:
     #: ``redis_url`` names a Redis Cluster (implied by ``redis+cluster://``/``rediss+cluster://``)
     redis_cluster: bool = False
     mode: str = ""  # "": "distributed" when redis_url is given, else "local"
+    #: ``serve`` pushes the cluster view over OTLP/HTTP to this URL (:mod:`.otlp`)
+    otlp_endpoint: str | None = None
+    otlp_interval: float = 15.0
 
     def __post_init__(self) -> None:
         mode = self.mode.strip().lower() if isinstance(self.mode, str) else self.mode
@@ -173,8 +178,8 @@ class Settings:
 
     def __repr__(self) -> str:
         fields = ", ".join(
-            f"{f.name}={redact_url(self.redis_url)!r}"
-            if f.name == "redis_url"
+            f"{f.name}={redact_url(getattr(self, f.name))!r}"
+            if f.name in URL_OPTIONS and getattr(self, f.name) is not None
             else f"{f.name}={getattr(self, f.name)!r}"
             for f in dataclasses.fields(self)
         )
@@ -237,6 +242,8 @@ class Settings:
             _check_url(self.redis_url)
             if self.is_redis_cluster:
                 redis_cluster_address(self.redis_url)
+        if self.otlp_endpoint is not None:
+            _check_otlp_endpoint(self.otlp_endpoint)
         if self.mode not in MODES:
             raise ConfigError(f"mode: must be one of {', '.join(MODES)}, got {self.mode!r:.60}")
         if self.mode != "local" and self.redis_url is None:
@@ -257,7 +264,7 @@ class Settings:
             "instance_timeout", "statistics_ttl", "retention_period", "cleanup_interval",
             "socket_timeout", "connect_timeout", "missing_instance_grace",
             "max_aggregation_latency", "aggregation_interval", "response_time_sample_ttl",
-            "batch_timeout", "shutdown_timeout",
+            "batch_timeout", "shutdown_timeout", "otlp_interval",
         )  # fmt: skip
         for name in positive:
             _check_positive(name, getattr(self, name))
@@ -328,6 +335,20 @@ class Settings:
             raise ConfigError(
                 "response_time_buckets: must be strictly increasing positive finite seconds"
             )
+
+
+def _check_otlp_endpoint(url: str) -> None:
+    shown = redact_url(url)
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - raises ValueError for a bad port
+    except ValueError:
+        raise ConfigError(f"otlp_endpoint: not a valid URL: {shown!r}") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ConfigError(
+            f"otlp_endpoint: an http:// or https:// URL with a host, such as "
+            f"http://otel-collector:4318, got {shown!r}"
+        )
 
 
 def _check_positive(name: str, value: float) -> None:
@@ -543,6 +564,6 @@ def _coerce(name: str, default: Any, value: Any, *, source: str) -> Any:
             raise ValueError
         return text
     except (TypeError, ValueError):
-        shown = redact_url(str(value)) if name == "redis_url" else repr(value)[:60]
+        shown = redact_url(str(value)) if name in URL_OPTIONS else repr(value)[:60]
         kind = type(default).__name__ if default is not None else "str"
         raise ConfigError(f"{source}: expected {kind}, got {shown}") from None

@@ -12,7 +12,9 @@ most ``aggregation_cache_ttl`` plus one refresh (Redis read and rendering) old. 
 on demand. A name filter (``?name[]=...``) is rendered on demand by prometheus_client.
 A ``renderer`` (``serve``'s :class:`~conduit_otel_cache.render_process.RenderProcess`)
 renders a background refresh in another process: this one collects only its own process,
-platform, GC and build-info series and hands them over with the view.
+platform, GC and build-info series and hands them over with the view. More ``readers``
+of the same instruments (``serve``'s OTLP push, :mod:`~conduit_otel_cache.otlp`) read them
+with :meth:`Exposition.read`.
 """
 
 from __future__ import annotations
@@ -21,12 +23,13 @@ import gzip
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
-from typing import Any, Protocol
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from typing import Any, Protocol, TypeVar
 from urllib.parse import parse_qs
 
 from opentelemetry.metrics import CallbackOptions, Observation
 from opentelemetry.sdk.metrics import AlwaysOffExemplarFilter, MeterProvider
+from opentelemetry.sdk.metrics.export import InMemoryMetricReader, MetricReader, MetricsData
 from opentelemetry.sdk.resources import Resource
 from prometheus_client import (
     CollectorRegistry,
@@ -62,6 +65,8 @@ log = logging.getLogger(__name__)
 DATA_AGE_HEADER = "X-Conduit-Data-Age"
 #: at most this many keys with malformed entries get a series (the first found)
 MAX_MALFORMED_KEYS = 20
+#: ``service.name`` of the exporter's resource (``service.instance.id`` is its ``instance_id``)
+SERVICE_NAME = "conduit-otel-cache-exporter"
 #: seconds a format stays rendered in the background after the last scrape that asked for it
 KEEP_WARM = 300.0
 _RETRY = 0.005  # seconds before asking again when another reader is refreshing the view
@@ -73,6 +78,7 @@ _EARLY = 0.01  # seconds a refresh starts before the data reaches its TTL (timer
 _GIVE_WAY = 0.02
 _PATIENCE = 0.25  # seconds one refresh gives way in all (it must end: the data age bound)
 
+_T = TypeVar("_T")
 Encoder = Callable[[Any], bytes]
 Variant = tuple[str, bool]  # (content type, gzipped)
 #: ``(view, aggregation errors so far, own series, {variant: encoder}) -> {variant: bytes}``:
@@ -101,6 +107,7 @@ class Exposition:
         prerender: bool = True,
         keep_warm: float = KEEP_WARM,
         renderer: Renderer | None = None,
+        readers: Sequence[MetricReader] = (),
     ) -> None:
         settings = aggregator.settings
         self.aggregator = aggregator
@@ -131,12 +138,12 @@ class Exposition:
         self._thread: threading.Thread | None = None
         self._errors = RateLimitedLog(log)
         self._render_errors = RateLimitedLog(log)
-        # Series are bounded here (regions, max_instance_series), not folded by the SDK.
-        limit = max(2000, settings.max_instance_series + 1)
-        self._reader = prometheus_reader(self._otel, series_limit=limit)
+        self._reader = prometheus_reader(self._otel, series_limit=series_limit(settings))
         self.meter_provider = MeterProvider(
-            metric_readers=[self._reader],
-            resource=Resource.create({"service.name": "conduit-otel-cache-exporter"}),
+            metric_readers=[self._reader, *readers],
+            resource=Resource.create(
+                {"service.name": SERVICE_NAME, "service.instance.id": settings.instance_id}
+            ),
             views=histogram_views(RESPONSE_TIME_INSTRUMENT),
             shutdown_on_exit=False,
             exemplar_filter=AlwaysOffExemplarFilter(),  # no spans here; Prometheus text has none
@@ -315,12 +322,25 @@ class Exposition:
         return self._collect_pinned(self.registry, view)
 
     def _collect_pinned(self, registry: CollectorRegistry, view: ClusterView) -> list[Metric]:
+        return self._pinned_to(view, lambda: list(registry.collect()))
+
+    def _pinned_to(self, view: ClusterView, collect: Callable[[], _T]) -> _T:
+        """``collect()`` with every callback reading ``view``."""
         with self._collecting:
             self._pinned = view
             try:
-                return list(registry.collect())
+                return collect()
             finally:
                 self._pinned = None
+
+    def read(self, reader: InMemoryMetricReader) -> MetricsData | None:
+        """What ``reader`` (one of ``readers``) collects of the aggregator's view: the
+        OpenTelemetry series that /metrics publishes, all from one view."""
+        return self._pinned_to(self.aggregator.view(), reader.get_metrics_data)
+
+    def register_own(self, collector: Any) -> None:
+        """Publish ``collector``'s series (prometheus_client) among this process's own."""
+        self._own.register(collector)
 
     def render(
         self, view: ClusterView, own: list[Metric], variants: dict[Variant, Encoder]
@@ -711,6 +731,12 @@ class _Rendering:
         registry = CollectorRegistry(auto_describe=True)
         registry.register(_Fixed(self._series()))
         return registry
+
+
+def series_limit(settings: Settings) -> int:
+    """Series per instrument a reader keeps: every one there is (series are bounded here,
+    by regions and ``max_instance_series``, never folded by the SDK)."""
+    return max(2000, settings.max_instance_series + 1)
 
 
 def _data_time(view: ClusterView) -> float | None:

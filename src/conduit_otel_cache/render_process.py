@@ -55,7 +55,8 @@ class RenderProcess:
 
     def __init__(self, settings: Settings, *, restart_after: float = RESTART_AFTER) -> None:
         self.restart_after = restart_after
-        self._settings = dataclasses.replace(settings, redis_url=None)  # the child reads no Redis
+        # the child reads no Redis and pushes nothing: it gets neither URL
+        self._settings = dataclasses.replace(settings, redis_url=None, otlp_endpoint=None)
         self._lock = threading.Lock()
         #: renderings done by the child, and the child's failures
         self.renderings = 0

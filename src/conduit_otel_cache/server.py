@@ -14,6 +14,7 @@ from .exposition import Exposition
 from .health import Health, evaluate
 from .http import landing_page, make_app, make_http_server
 from .model import Statistics
+from .otlp import OtlpPush
 from .render_process import RenderProcess
 from .store import Store
 from .webconfig import BasicAuth, LiveWebConfig, WebConfig
@@ -34,7 +35,9 @@ class ExporterService:
     read again when its files change (every ``WEB_CONFIG_CHECK_INTERVAL`` s) or at
     :meth:`reload_web_config`; ``probes_without_auth`` leaves ``/-/healthy`` and
     ``/-/ready`` open. With ``render_process`` (as ``serve`` runs) ``/metrics`` is rendered
-    in a child process (:mod:`~conduit_otel_cache.render_process`)."""
+    in a child process (:mod:`~conduit_otel_cache.render_process`). With
+    ``settings.otlp_endpoint`` the same series are pushed over OTLP/HTTP every
+    ``otlp_interval`` (:mod:`~conduit_otel_cache.otlp`)."""
 
     def __init__(
         self,
@@ -49,7 +52,11 @@ class ExporterService:
         self.settings = settings
         self.store = Store.from_settings(settings)
         self.aggregator = Aggregator(self.store, settings, background=True)
-        self.exposition = Exposition(self.aggregator)
+        self.push = OtlpPush(settings) if settings.otlp_endpoint is not None else None
+        readers = () if self.push is None else (self.push.reader,)
+        self.exposition = Exposition(self.aggregator, readers=readers)
+        if self.push is not None:
+            self.exposition.register_own(self.push.pushes)
         self._reached = threading.Event()  # Redis answered once: /-/ready
         api = make_stats_app(cluster=self.cluster_regions)  # /api/cache/stats/distributed
         landing = landing_page(__version__, settings.safe_redis_url)
@@ -110,6 +117,8 @@ class ExporterService:
             gc.freeze()
             self.server.collect_when_idle()
         self.aggregator.start()
+        if self.push is not None:
+            self.push.start(self.exposition.read)
         targets = [self.server.serve_forever, self._cleanup_loop]
         if self.web_config.config.source is not None:
             targets.append(self._web_config_loop)
@@ -154,6 +163,8 @@ class ExporterService:
         if self._threads:  # shutdown() waits for serve_forever, which only start() runs
             self.server.shutdown()
         self.server.server_close()
+        if self.push is not None:
+            self.push.stop()
         self.exposition.shutdown()
         if self.render_process is not None:
             self.render_process.close()
