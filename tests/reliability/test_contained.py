@@ -131,8 +131,9 @@ def test_exit_with_a_hung_redis_takes_one_shutdown_timeout(redis_url: str, r: re
         elapsed = time.monotonic() - leaving
     finally:
         proc.kill()  # the pause ends by itself (UNPAUSE would wait behind it)
-    # was 15.3 s with the defaults (final flush, the SDK's own final collection, deregister)
-    assert elapsed < budget + 1.0, elapsed
+    # was 15.3 s with the defaults (final flush, the SDK's own final collection, deregister);
+    # one budget and the interpreter's teardown, never two budgets (2.50 s seen under load 9)
+    assert elapsed < 2 * budget, elapsed
 
 
 def test_per_thread_bookkeeping_is_bounded_by_live_threads() -> None:
