@@ -9,12 +9,14 @@ For each topology, Redis is first filled to the fleet's size, N instances x R re
 then copied inside Redis under new instance ids (``CLONE_LUA``: ``DUMP``/``RESTORE`` of each
 seed's statistics hashes and instance keys, its member in each region's hit-ratio set and
 in the heartbeats), so that Redis holds the keys, encodings and sizes of N instances written
-by the library in seconds, where writing 1,000,000 regions one flush at a time takes
-15-30 minutes on this machine. Only the totals are not those of N instances (the copies
-add nothing to them): what is measured does not depend on their values.
+by the library in under a minute, where writing 1,000,000 regions one flush at a time
+takes 7 (standalone) to 15 minutes (Redis Cluster) on this machine. Only the totals are not
+those of N instances (the copies add nothing to them): what is measured does not depend on
+their values.
 
 Measured, per primary (``INFO cpu``: ``used_cpu_sys`` + ``used_cpu_user`` of the server
-process, protocol handling included, less the node's idle rate measured just before;
+process, protocol handling included, less the node's idle rate once it has settled after
+the fill;
 ``INFO commandstats`` for the calls):
 
 - *flushes*: ``SAMPLE_INSTANCES`` real application instances (``setup()``, the
@@ -24,7 +26,9 @@ process, protocol handling included, less the node's idle rate measured just bef
 - *reads*: what a ``serve`` replica does against Redis: the totals
   (``Aggregator.view()`` with the pass in the background: ``lua/liveness.lua``, the
   aggregated hashes, ``INFO memory``) and the per-instance pass
-  (``Aggregator.refresh_instances()``), whose duration is timed too.
+  (``Aggregator.refresh_instances()``), whose duration is timed too. At full size the pass
+  runs on ``PASS_REGIONS`` of the regions (its reads grow linearly with them), and its
+  duration and CPU are scaled to all of them, after one read of the totals.
 
 Extrapolated: N / ``flush_interval`` flushes per second times the CPU per flush of each
 primary; two replicas reading the totals every ``aggregation_cache_ttl`` and running the pass
@@ -133,7 +137,8 @@ class Node:
 
 @dataclasses.dataclass
 class Usage:
-    """CPU µs (idle subtracted) and ``EVALSHA`` calls of each primary over one phase."""
+    """CPU µs (idle subtracted, at least 0) and ``EVALSHA`` calls of each primary over one
+    phase."""
 
     cpu: list[float]
     calls: list[int]
