@@ -17,6 +17,7 @@ from conduit_otel_cache.embedded import redis_server_binary
 
 from . import (
     end_to_end,
+    fleet,
     flush,
     flush_in_app,
     hot_path,
@@ -27,6 +28,8 @@ from . import (
     work_horse,
 )
 from .common import Target, show_targets
+
+BENCHMARKS = ["hot", "flush", "scale", "fleet", "scrape", "horse", "import", "e2e", "app-flush"]
 
 
 def machine() -> str:
@@ -54,14 +57,12 @@ def main() -> None:
     )
     parser.add_argument(
         "--only",
-        choices=["hot", "flush", "scale", "scrape", "horse", "import", "e2e", "app-flush"],
+        choices=BENCHMARKS,
         action="append",
         help="run only these",
     )
     args = parser.parse_args()
-    only = set(
-        args.only or ["hot", "flush", "scale", "scrape", "horse", "import", "e2e", "app-flush"]
-    )
+    only = set(args.only or BENCHMARKS)
     started = time.perf_counter()
     print(f"# conduit-otel-cache benchmarks{' (--quick)' if args.quick else ''}")
     machine_line, command = machine(), " ".join(["python -m benchmarks", *sys.argv[1:]])
@@ -78,6 +79,8 @@ def main() -> None:
         targets += flush_in_app.run(quick=args.quick)
     if "scale" in only:
         targets += scale.run(quick=args.quick)
+    if "fleet" in only:
+        targets += fleet.run(quick=args.quick)
     if "scrape" in only:
         targets += scrape.run(quick=args.quick)
     if "import" in only:

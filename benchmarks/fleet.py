@@ -1,0 +1,549 @@
+"""A fleet of 10,000 instances: Redis CPU per primary of a 3-master Redis Cluster beside a
+standalone Redis, for the flushes and for two ``serve`` replicas reading, and the duration
+of the per-instance pass.
+
+``python -m benchmarks.fleet [--quick]``
+
+For each topology, Redis is first filled to the fleet's size, N instances x R regions:
+``SEED_INSTANCES`` instances are written through ``Store.flush()`` (as ``scale.py`` does),
+then copied inside Redis under new instance ids (``CLONE_LUA``: ``DUMP``/``RESTORE`` of each
+seed's statistics hashes and instance keys, its member in each region's hit-ratio set and
+in the heartbeats), so that Redis holds the keys, encodings and sizes of N instances written
+by the library in under a minute, where writing 1,000,000 regions one flush at a time
+takes 7 (standalone) to 15 minutes (Redis Cluster) on this machine. Only the totals are not
+those of N instances (the copies add nothing to them): what is measured does not depend on
+their values.
+
+Measured, per primary (``INFO cpu``: ``used_cpu_sys`` + ``used_cpu_user`` of the server
+process, protocol handling included, less the node's idle rate once it has settled after
+the fill;
+``INFO commandstats`` for the calls):
+
+- *flushes*: ``SAMPLE_INSTANCES`` real application instances (``setup()``, the
+  application's flush path), each with R regions, flushing ``ROUNDS`` times with 10 % of
+  their regions changed (a different tenth each round, so every region is written equally
+  often and each instance's every-10th-write check of the unchanged regions is included);
+- *reads*: what a ``serve`` replica does against Redis: the totals
+  (``Aggregator.view()`` with the pass in the background: ``lua/liveness.lua``, the
+  aggregated hashes, ``INFO memory``) and the per-instance pass
+  (``Aggregator.refresh_instances()``), whose duration is timed too. At full size the pass
+  runs on ``PASS_REGIONS`` of the regions (its reads grow linearly with them), and its
+  duration and CPU are scaled to all of them, after one read of the totals.
+
+Extrapolated: N / ``flush_interval`` flushes per second times the CPU per flush of each
+primary; two replicas reading the totals every ``aggregation_cache_ttl`` and running the pass
+every ``aggregation_interval`` (the defaults). The ``{global}`` slot's own share is
+estimated on its primary: its CPU less its region calls (``EVALSHA`` calls beyond one beat
+per flush) at the CPU per region call of the other primaries.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import redis
+from redis.cluster import RedisCluster
+from tests.servers import RedisClusterServers
+
+from conduit_otel_cache import setup
+from conduit_otel_cache.aggregate import Aggregator
+from conduit_otel_cache.config import Settings
+from conduit_otel_cache.embedded import RedisServer
+from conduit_otel_cache.keys import KeySchema
+from conduit_otel_cache.store import Store
+
+from .common import Target, Timing, fmt_ms, judged, measure, settings, show
+from .scale import populate, region_name
+
+#: the fleet: instances x regions, the share of regions a flush changes, flush_interval
+FULL = (10_000, 100)
+QUICK = (200, 10)
+CHANGED = 0.10
+FLUSH_INTERVAL = Settings().flush_interval or 10.0
+MASTERS = 3
+REPLICAS = 2  # serve replicas reading
+SEED_INSTANCES = 100  # written through Store.flush(), then copied inside Redis
+SAMPLE_INSTANCES = 20  # real application instances flushing while Redis CPU is measured
+ROUNDS = 20  # flushes of each (covers two every-10th-write checks)
+RT = 0.0012
+#: a replica's reads: totals every aggregation_cache_ttl, the pass every aggregation_interval
+TOTALS_EVERY = Settings().aggregation_cache_ttl
+PASS_EVERY = Settings().aggregation_interval
+#: targets: each primary at most this share of the standalone Redis CPU; the pass under this
+MASTER_SHARE = 0.40
+PASS_LIMIT_S = 5.0
+#: the per-instance pass is measured on this many regions and scaled to all (its reads grow
+#: linearly with the regions: one read per region; the whole pass takes minutes at full size)
+PASS_REGIONS = 10
+READ_TIMEOUT = 60.0  # socket_timeout of the replica's reads (the default is 5 s)
+CLONE_CHUNK = 500  # copies per script call (short: see CLONE_LUA)
+
+#: Copies of seed instances' keys of one slot under new ids ``inst-<n>`` (n from ARGV[5] to
+#: ARGV[6]), from their ``DUMP``s: the statistics hash of one region (and its samples list,
+#: if any) and the member of the region's hit-ratio set; or, with ARGV[4] empty, the
+#: instance's meta hash and regions set and its heartbeat (score: now). Small calls: a
+#: script that holds a Redis Cluster node for long gets it marked as failing.
+#: KEYS[1]: a key of the slot (aggregated hash of the region, or the heartbeats zset).
+#: ARGV: key prefix, key suffix (a key is prefix .. id .. suffix), the second key's suffix
+#: after that, hit-ratio set key or '', first n, last n, then per seed: DUMP and PTTL of
+#: its key, of its second key ('' if none), its hit ratio ('' if none).
+CLONE_LUA = """
+local prefix, suffix, extra, rates = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
+local seeds = (#ARGV - 6) / 5
+local t = redis.call('TIME')
+local zadd = {}
+for n = tonumber(ARGV[5]), tonumber(ARGV[6]) do
+  local a = 7 + (n % seeds) * 5
+  local id = string.format('inst-%05d', n)
+  local key = prefix .. id .. suffix
+  redis.call('RESTORE', key, ARGV[a + 1], ARGV[a], 'REPLACE')
+  if ARGV[a + 2] ~= '' then
+    redis.call('RESTORE', key .. extra, ARGV[a + 3], ARGV[a + 2], 'REPLACE')
+  end
+  local score = rates == '' and t[1] or ARGV[a + 4]
+  if score ~= '' then zadd[#zadd + 1], zadd[#zadd + 2] = score, id end
+end
+if #zadd > 0 then redis.call('ZADD', rates == '' and KEYS[1] or rates, unpack(zadd)) end
+return #zadd / 2
+"""
+
+
+@dataclasses.dataclass
+class Node:
+    """One primary: its port and CPU (µs) and ``EVALSHA`` calls so far."""
+
+    port: int
+    label: str = ""
+    regions: int = 0
+    holds_global: bool = False
+
+    def client(self) -> redis.Redis:
+        return redis.Redis(host="127.0.0.1", port=self.port, decode_responses=True)
+
+    def cpu_us(self) -> float:
+        with self.client() as c:
+            cpu = c.info("cpu")
+        return (float(cpu["used_cpu_user"]) + float(cpu["used_cpu_sys"])) * 1e6
+
+    def evalsha(self) -> int:
+        with self.client() as c:
+            stats = c.info("commandstats")
+        return int(stats.get("cmdstat_evalsha", {}).get("calls", 0))
+
+
+@dataclasses.dataclass
+class Usage:
+    """CPU µs (idle subtracted, at least 0) and ``EVALSHA`` calls of each primary over one
+    phase."""
+
+    cpu: list[float]
+    calls: list[int]
+    seconds: float
+
+
+class Nodes:
+    """The primaries of one topology, with their idle CPU rate."""
+
+    def __init__(self, nodes: list[Node]) -> None:
+        self.nodes = nodes
+        self.idle = [0.0] * len(nodes)  # µs of CPU per second with no client
+
+    def measure_idle(self, seconds: float, most: float) -> None:
+        """The idle rate of every primary, over windows of ``seconds``, once it is below 1 %
+        of a core on each (after a fill, a node rehashes its tables for a while), or after
+        ``most`` seconds."""
+        deadline = time.monotonic() + most
+        while True:
+            before = [n.cpu_us() for n in self.nodes]
+            time.sleep(seconds)  # nothing to force: the servers' own background work
+            after = [n.cpu_us() for n in self.nodes]
+            self.idle = [(b - a) / seconds for a, b in zip(before, after)]
+            if max(self.idle) < 1e4 or time.monotonic() > deadline:
+                return
+
+    @contextmanager
+    def usage(self) -> Iterator[Usage]:
+        used = Usage([], [], 0.0)
+        calls0 = [n.evalsha() for n in self.nodes]
+        cpu0 = [n.cpu_us() for n in self.nodes]
+        start = time.perf_counter()
+        try:
+            yield used
+        finally:
+            used.seconds = time.perf_counter() - start
+            cpu1 = [n.cpu_us() for n in self.nodes]
+            calls1 = [n.evalsha() for n in self.nodes]
+            used.cpu = [max(0.0, b - a - idle * used.seconds)
+                        for a, b, idle in zip(cpu0, cpu1, self.idle)]  # fmt: skip
+            used.calls = [b - a for a, b in zip(calls0, calls1)]
+
+
+@contextmanager
+def topology(redis_cluster: bool, r: int) -> Iterator[tuple[str, Any, Nodes]]:
+    """A fresh standalone Redis or Redis Cluster of ``MASTERS`` primaries: its URL, a client
+    without ``decode_responses`` and its primaries (which one holds ``{global}``, how many
+    of ``r`` regions each)."""
+    keys = KeySchema(redis_cluster=redis_cluster)
+    if not redis_cluster:
+        with RedisServer() as server:
+            raw = redis.Redis.from_url(server.url)
+            node = Node(server.port, "standalone", r, True)
+            try:
+                yield server.url, raw, Nodes([node])
+            finally:
+                raw.close()
+        return
+    with RedisClusterServers(masters=MASTERS, replicas=0) as servers:
+        port = servers.servers[0].port
+        rc = RedisCluster(host="127.0.0.1", port=port)
+        nodes = [Node(int(n.port)) for n in sorted(rc.get_primaries(), key=lambda n: n.port)]
+        by_port = {n.port: n for n in nodes}
+        by_port[int(rc.get_node_from_key(keys.instances).port)].holds_global = True
+        for j in range(r):
+            by_port[int(rc.get_node_from_key(keys.aggregate(region_name(j))).port)].regions += 1
+        for k, n in enumerate(nodes):
+            n.label = f"primary {k + 1}" + (" ({global})" if n.holds_global else "")
+        try:
+            yield f"redis+cluster://127.0.0.1:{port}", rc, Nodes(nodes)
+        finally:
+            rc.close()
+
+
+def fill(store: Store, raw: Any, n: int, r: int) -> tuple[float, float]:
+    """Redis holds ``n`` instances x ``r`` regions: ``SEED_INSTANCES`` (at most ``n``) written
+    through ``Store.flush()``, the rest copied from them (``CLONE_LUA``; ``raw``: a client
+    without ``decode_responses``, for ``DUMP``). Seconds of each."""
+    seeds = min(SEED_INSTANCES, n)
+    seeded = populate(store, seeds, r)
+    ids = [f"inst-{i:04d}" for i in range(seeds)]  # scale.populate's ids
+    keys = store.keys
+    start = time.perf_counter()
+    # (key naming the slot, prefix, suffix, second key's suffix, hit-ratio set) of each slot
+    meta_prefix, meta_suffix = keys.meta("\0").split("\0")
+    slots = [(keys.instances, meta_prefix, meta_suffix, ":regions", "")]
+    for j in range(r):
+        region = region_name(j)
+        prefix, suffix = keys.stats("\0", region).split("\0")
+        slots.append((keys.aggregate(region), prefix, suffix, ":response_times",
+                      keys.hit_rates(region)))  # fmt: skip
+    dumps: list[list[Any]] = []  # per slot: the seeds' DUMP, PTTL, ... (CLONE_LUA's ARGV)
+    for _, prefix, suffix, extra, rates in slots:
+        pipe = raw.pipeline(transaction=False)
+        for seed in ids:
+            key = prefix + seed + suffix
+            for name in (key, key + extra):
+                pipe.dump(name)
+                pipe.pttl(name)
+            pipe.zscore(rates, seed) if rates else pipe.exists(key)  # a reply in its place
+        replies = pipe.execute()
+        args: list[Any] = []
+        for k in range(0, len(replies), 5):
+            main, main_ttl, second, second_ttl, score = replies[k : k + 5]
+            args += [main, max(0, main_ttl), second or "", max(0, second_ttl),
+                     repr(score) if rates and score is not None else ""]  # fmt: skip
+        dumps.append(args)
+    copied = 0
+    for first in range(seeds, n, CLONE_CHUNK):
+        last = min(n, first + CLONE_CHUNK) - 1
+        pipe = raw.pipeline(transaction=False)
+        for (key, prefix, suffix, extra, rates), args in zip(slots, dumps):
+            pipe.execute_command("EVAL", CLONE_LUA, 1, key, prefix, suffix, extra, rates,
+                                 first, last, *args)  # fmt: skip
+        copied += int(pipe.execute()[0])
+    assert copied == n - seeds, (copied, n, seeds)
+    return seeded, time.perf_counter() - start
+
+
+def sample_flushes(url: str, r: int, nodes: Nodes, quick: bool) -> tuple[Usage, int]:
+    """Real application instances flushing with ``CHANGED`` of their regions changed each
+    time; the primaries' usage over those flushes, and the number of flushes."""
+    k, rounds = (4, 10) if quick else (SAMPLE_INSTANCES, ROUNDS)
+    regions = [region_name(j) for j in range(r)]
+    changed = max(1, round(r * CHANGED))
+    instances = [
+        setup(redis_url=url, instance_id=f"fleet-sample-{i:02d}", set_global=False,
+              flush_interval=None, max_regions=r, aggregation_cache_ttl=0)
+        for i in range(k)
+    ]  # fmt: skip
+    try:
+        for stats in instances:  # every region written once, then the steady state
+            for region in regions:
+                stats.record_hit(region, RT)
+                stats.record_miss(region, RT * 5)
+            assert stats.flush() and stats.flush()
+        ok = 0
+        with nodes.usage() as used:
+            for f in range(rounds):
+                for i, stats in enumerate(instances):
+                    first = (i + f) * changed
+                    for j in range(first, first + changed):
+                        region = regions[j % r]
+                        for _ in range(3):
+                            stats.record_hit(region, RT)
+                        stats.record_miss(region, RT * 5)
+                    ok += stats.flush()
+        assert ok == k * rounds, f"{k * rounds - ok} flushes failed"
+    finally:
+        for stats in instances:
+            stats.shutdown()
+    return used, k * rounds
+
+
+@dataclasses.dataclass
+class Reads:
+    """A replica's reads: the totals, and the per-instance pass (read on ``regions`` of the
+    regions, ``scale`` times fewer than all when sampled)."""
+
+    totals: Timing
+    totals_cpu: list[float]  # Redis CPU µs per read of the totals, per primary
+    sampled: Timing  # the pass's reads of ``regions`` regions and the heartbeats
+    sampled_cpu: list[float]  # Redis CPU µs per sampled pass, per primary
+    regions: int
+    scale: float
+    live: int
+    pairs: int  # instance x region pairs the sampled pass read
+
+    @property
+    def pass_s(self) -> float:
+        """Seconds of one whole pass (median): its read of the totals, then every region."""
+        return self.totals.median + self.sampled.median * self.scale
+
+    @property
+    def pass_cpu(self) -> list[float]:
+        """Redis CPU µs of one whole pass, per primary."""
+        return [t + p * self.scale for t, p in zip(self.totals_cpu, self.sampled_cpu)]
+
+
+def reads(url: str, nodes: Nodes, r: int, quick: bool) -> Reads:
+    """A ``serve`` replica's Redis reads: the totals, and the per-instance pass on
+    ``PASS_REGIONS`` of the ``r`` regions (with ``READ_TIMEOUT`` for ``socket_timeout``: at
+    full size one script call of the pass takes longer than the default)."""
+    s = settings(
+        redis_url=url,
+        aggregation_cache_ttl=0,
+        instance_timeout=3600,
+        retention_period=7200,
+        socket_timeout=READ_TIMEOUT,
+    )
+    store = Store.from_settings(s)
+    agg = Aggregator(store, s, background=True)
+    try:
+        live = agg.view().active_count  # connections open, scripts loaded
+        reps, budget = (3, 5.0) if quick else (5, 10.0)
+        with nodes.usage() as t_used:
+            totals = measure(lambda: agg.view(max_age=0), reps, budget)
+        data = store.read_cluster(s.instance_timeout)
+        k = r if quick else min(r, PASS_REGIONS)
+        sample = dataclasses.replace(
+            data,
+            aggregates={region: data.aggregates[region] for region in sorted(data.aggregates)[:k]},
+        )
+        with nodes.usage() as p_used:  # twice if the first is quick
+            passes = measure(lambda: agg.refresh_instances(sample), 2, 1.0 if quick else 10.0)
+        pairs = sum(len(v) for v in agg.view(max_age=0).instance_hit_ratios.values())
+    finally:
+        store.close()
+    return Reads(
+        totals, [c / totals.reps for c in t_used.cpu], passes,
+        [c / passes.reps for c in p_used.cpu], k, r / k, live, pairs,
+    )  # fmt: skip
+
+
+@dataclasses.dataclass
+class Run:
+    label: str
+    nodes: Nodes
+    seeded_s: float
+    cloned_s: float
+    used_memory: int
+    flushes: Usage
+    n_flushes: int
+    reads: Reads
+
+    def flush_cpu(self) -> list[float]:
+        """Redis CPU µs per flush of each primary."""
+        return [c / self.n_flushes for c in self.flushes.cpu]
+
+    def read_cpu(self) -> list[float]:
+        """Redis CPU µs per second of each primary for ``REPLICAS`` replicas reading."""
+        rd = self.reads
+        return [REPLICAS * (t / TOTALS_EVERY + p / PASS_EVERY)
+                for t, p in zip(rd.totals_cpu, rd.pass_cpu)]  # fmt: skip
+
+
+def one_topology(redis_cluster: bool, n: int, r: int, quick: bool) -> Run:
+    with topology(redis_cluster, r) as (url, raw, nodes):
+        s = settings(redis_url=url, aggregation_cache_ttl=0, instance_timeout=3600,
+                     retention_period=7200)  # fmt: skip
+        store = Store.from_settings(s)
+        try:
+            mem0 = store.used_memory()
+            seeded, cloned = fill(store, raw, n, r)
+            used_memory = store.used_memory() - mem0
+            nodes.measure_idle(1.0, 3.0 if quick else 15.0)
+            flushes, count = sample_flushes(url, r, nodes, quick)
+            rd = reads(url, nodes, r, quick)
+        finally:
+            store.close()
+        label = f"{MASTERS}-master Redis Cluster" if redis_cluster else "standalone Redis"
+        return Run(label, nodes, seeded, cloned, used_memory, flushes, count, rd)
+
+
+def pct(us_per_s: float) -> str:
+    """µs of CPU per second as % of one core."""
+    return f"{us_per_s / 1e4:,.2f}"
+
+
+def run(quick: bool = False) -> list[Target]:
+    n, r = QUICK if quick else FULL
+    rate = n / FLUSH_INTERVAL  # flushes per second of the fleet
+    changed = max(1, round(r * CHANGED))
+    print(
+        f"\n## Fleet: {n:,} instances x {r} regions, {changed} changed per flush, "
+        f"flush every {FLUSH_INTERVAL:g} s, {REPLICAS} serve replicas",
+        flush=True,
+    )
+    runs: list[Run] = []
+    for redis_cluster in (False, True):
+        started = time.perf_counter()
+        one = one_topology(redis_cluster, n, r, quick)
+        runs.append(one)
+        print(
+            f"  {one.label}: {min(SEED_INSTANCES, n)} instances written through Store.flush() "
+            f"in {one.seeded_s:.1f} s, copied to {n:,} in {one.cloned_s:.1f} s "
+            f"({one.used_memory / (n * r):,.0f} B per instance per region); "
+            f"{one.reads.live:,} live instances and {one.reads.pairs:,} instance x region "
+            f"pairs read back; measured in {time.perf_counter() - started:.0f} s",
+            flush=True,
+        )
+    alone, rc = runs
+    alone_cpu = alone.flush_cpu()[0] * rate + alone.read_cpu()[0]
+
+    rows: list[list[object]] = []
+    for one in runs:
+        for k, node in enumerate(one.nodes.nodes):
+            calls = one.flushes.calls[k] / one.n_flushes
+            rows.append([f"{one.label}: {node.label}", node.regions, f"{calls:.2f}",
+                         f"{one.flush_cpu()[k]:,.0f}", pct(one.nodes.idle[k])])  # fmt: skip
+        if len(one.nodes.nodes) > 1:
+            calls = sum(one.flushes.calls) / one.n_flushes
+            rows.append([f"{one.label}: all primaries", r, f"{calls:.2f}",
+                         f"{sum(one.flush_cpu()):,.0f}", pct(sum(one.nodes.idle))])  # fmt: skip
+    show(
+        f"Fleet: Redis CPU per flush, measured ({alone.n_flushes} real flushes of "
+        f"{r} regions with {changed} changed, per topology)",
+        ["primary", "regions on it", "EVALSHA per flush", "Redis CPU µs per flush",
+         "idle (subtracted), % of a core"],
+        rows,
+    )  # fmt: skip
+
+    rows = []
+    for one in runs:
+        rd = one.reads
+        for k, node in enumerate(one.nodes.nodes):
+            rows.append([f"{one.label}: {node.label}", f"{rd.totals_cpu[k] / 1e3:,.2f}",
+                         f"{rd.pass_cpu[k] / 1e3:,.0f}", pct(one.read_cpu()[k])])  # fmt: skip
+    show(
+        f"Fleet: Redis CPU of a serve replica's reads (ms per read; the pass measured on "
+        f"{runs[0].reads.regions} of {r} regions, scaled), and of {REPLICAS} replicas "
+        f"(totals every {TOTALS_EVERY:g} s, pass every {PASS_EVERY:g} s)",
+        ["primary", "totals ms", "per-instance pass ms", f"{REPLICAS} replicas, % of a core"],
+        rows,
+    )
+    show(
+        f"Fleet: the per-instance pass at {n:,} x {r} (Aggregator.refresh_instances(): "
+        "one read of the totals, then every region)",
+        ["topology", "regions read", "pairs read", "s min / median", "reps",
+         f"whole pass s (x {r} / regions read)", "totals read ms (min / median)"],
+        [[one.label, one.reads.regions, f"{one.reads.pairs:,}",
+          f"{one.reads.sampled.min:,.2f} / {one.reads.sampled.median:,.2f}",
+          one.reads.sampled.reps, f"{one.reads.pass_s:,.1f}",
+          f"{fmt_ms(one.reads.totals.min)} / {fmt_ms(one.reads.totals.median)}"]
+         for one in runs],
+    )  # fmt: skip
+
+    # extrapolated: the fleet's flush rate x CPU per flush, plus the replicas' reads
+    loads: list[tuple[str, float, float, float]] = []  # label, flushes, reads, total (µs/s)
+    for one in runs:
+        for k, node in enumerate(one.nodes.nodes):
+            f_cpu, r_cpu = one.flush_cpu()[k] * rate, one.read_cpu()[k]
+            loads.append((f"{one.label}: {node.label}", f_cpu, r_cpu, f_cpu + r_cpu))
+    show(
+        f"Fleet: Redis CPU at {n:,} instances x {r} regions, extrapolated (% of one core; "
+        f"{rate:,.0f} flushes/s)",
+        ["primary", "flushes", f"{REPLICAS} replicas reading", "total", "/ standalone"],
+        [[label, pct(f), pct(rd), pct(t), f"{t / alone_cpu:.0%}"] for label, f, rd, t in loads],
+    )
+
+    # the {global} slot: its primary's CPU less the region calls it served
+    nodes = rc.nodes.nodes
+    g = next(k for k, node in enumerate(nodes) if node.holds_global)
+    others = [k for k in range(len(nodes)) if k != g]
+    per_region_call = sum(rc.flushes.cpu[k] for k in others) / max(
+        1, sum(rc.flushes.calls[k] for k in others)
+    )
+    region_calls_g = max(0, rc.flushes.calls[g] - rc.n_flushes)  # one beat per flush
+    beat_us = max(0.0, rc.flushes.cpu[g] - per_region_call * region_calls_g) / rc.n_flushes
+    reads_g = rc.read_cpu()[g] - sum(rc.read_cpu()[k] for k in others) / len(others)
+    global_load = beat_us * rate + max(0.0, reads_g)
+    totals = [rc.flush_cpu()[k] * rate + rc.read_cpu()[k] for k in range(len(nodes))]
+    region_load = (sum(totals) - global_load) / len(nodes)
+    g_share = totals[g] / sum(totals)
+    print(
+        f"\n{{global}} slot ({nodes[g].label}): beat {beat_us:,.0f} µs per flush "
+        f"(its primary's CPU less {region_calls_g / rc.n_flushes:.2f} region calls per flush at "
+        f"{per_region_call:,.0f} µs, the other primaries' CPU per region call), reads "
+        f"{max(0.0, reads_g) / 1e4:,.2f} % of a core beyond the other primaries': "
+        f"{global_load / 1e4:,.2f} % of a core at {n:,} instances; its primary carries "
+        f"{g_share:.0%} of the Redis Cluster's CPU; the {{global}} slot alone would fill one "
+        f"core at {1e6 / max(beat_us, 1e-9) * FLUSH_INTERVAL:,.0f} instances",
+        flush=True,
+    )
+
+    worst = max(range(len(nodes)), key=lambda k: totals[k])
+    label = f"{n:,} x {r}"
+    targets = [
+        Target(
+            f"{MASTERS}-master Redis Cluster at {label}, 10 % changed, flush every "
+            f"{FLUSH_INTERVAL:g} s, {REPLICAS} replicas: each primary <= "
+            f"{MASTER_SHARE:.0%} of the standalone Redis CPU",
+            max(totals) <= MASTER_SHARE * alone_cpu,
+            f"busiest {nodes[worst].label}: {totals[worst] / 1e4:,.1f} % of a core = "
+            f"{totals[worst] / alone_cpu:.0%} of standalone's {alone_cpu / 1e4:,.1f} %; "
+            "primaries " + " / ".join(f"{t / 1e4:,.1f}" for t in totals) + " %",
+        ),
+        Target(
+            f"the {{global}} slot is not the bottleneck at {label} (its own load below a "
+            "primary's share of the region load)",
+            global_load <= region_load,
+            f"{{global}} slot {global_load / 1e4:,.2f} % of a core (beat {beat_us:,.0f} µs per "
+            f"flush) against {region_load / 1e4:,.1f} % of region load per primary; its "
+            f"primary carries {g_share:.0%} of the Redis Cluster's CPU",
+        ),
+    ]
+    for one in runs:
+        rd = one.reads
+        sampled = f" from {rd.regions} regions x {rd.scale:g}" if rd.scale != 1 else ""
+        targets.append(
+            Target(
+                f"per-instance pass < {PASS_LIMIT_S:g} s at {label}, {one.label}",
+                rd.pass_s < PASS_LIMIT_S,
+                f"{rd.pass_s:,.1f} s{sampled} (median of {rd.sampled.reps}); Redis CPU "
+                f"{sum(rd.pass_cpu) / 1e3:,.0f} ms per pass",
+            )
+        )
+    return judged("Fleet targets", targets, quick)
+
+
+def main() -> None:
+    from .common import arguments
+
+    run(quick=arguments(__doc__ or "").quick)
+
+
+if __name__ == "__main__":
+    main()
