@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import threading
+import time
 
 import pytest
 import redis
@@ -392,3 +393,29 @@ def test_drift_is_absent_until_the_first_per_instance_pass(
     aggregator.refresh_instances()
     aggregator.invalidate()
     assert aggregator.view().drift[REGION] == pytest.approx(20.0)
+
+
+@pytest.mark.slow
+def test_the_per_instance_pass_outlasting_socket_timeout_reads_in_bounded_round_trips(
+    redis_url: str, r: redis.Redis
+) -> None:
+    """Redis answers a pipeline only when it has run all of it: a pass over many instances
+    and regions in one round trip would outlast ``socket_timeout`` (10,000 instances x 40
+    regions failed after the default 5 s). The pass reads in round trips of a quarter of it."""
+    keys = KeySchema()
+    instances, regions = 3000, [f"r{n}" for n in range(40)]
+    pipe = r.pipeline(transaction=False)
+    for region in regions:
+        pipe.zadd(keys.hit_rates(region), {f"i{n}": 50 for n in range(instances)})
+        for n in range(instances):
+            pipe.hset(keys.stats(f"i{n}", region), mapping={"hit_count": n, "miss_count": 1})
+        pipe.execute()
+    timeout = 0.4
+    store = Store.from_settings(Settings.load(redis_url=redis_url, socket_timeout=timeout))
+    began = time.monotonic()
+    counts, errors = store.read_request_counts(regions)
+    took = time.monotonic() - began
+    assert took > timeout, f"the pass took {took:.2f} s: too small to outlast socket_timeout"
+    assert errors == [] and set(counts) == set(regions)
+    assert all(len(counts[region]) == instances for region in regions)
+    assert counts["r7"]["i42"] == ("42", "1")
