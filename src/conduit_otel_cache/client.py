@@ -35,7 +35,9 @@ from .instruments import (
 from .integrations.lookup import TimedLookup
 from .model import Statistics
 from .recorder import Recorder
+from .recovery import Recoverer
 from .sdk_hook import collection_lock, export_lock, stop_reader_thread
+from .spool import Spool
 from .store import explain
 from .strategies import AggregationStrategy, strategy_named
 from .writethrough import RedisMetricExporter
@@ -97,6 +99,8 @@ class CacheStatistics:
         distributed = distributed and settings.enabled
         keep = settings.enable_response_time_tracking and distributed
         self.settings = settings
+        identity = Identity(settings.instance_id)
+        self.spool: Spool | None = None
         self.recorder = recorder = Recorder(
             settings.response_time_buckets,
             settings.max_regions,
@@ -129,7 +133,7 @@ class CacheStatistics:
             self.exporter.samples = recorder.drain_samples
         elif distributed:
             self.exporter = RedisMetricExporter(
-                settings, identity=Identity(settings.instance_id), samples=recorder.drain_samples
+                settings, identity=identity, samples=recorder.drain_samples
             )
             interval = settings.flush_interval
             self._reader = PeriodicExportingMetricReader(
@@ -143,10 +147,33 @@ class CacheStatistics:
         if meter_provider is not None:
             register_cache_instruments(meter_provider.get_meter(SCOPE), recorder.snapshot)
         register_self_instruments(self.meter_provider.get_meter(SCOPE), self)
+        self._recoverer: Recoverer | None = None
+        if self.exporter is not None and settings.spool_dir is not None:
+            self._recoverer = Recoverer(settings, self.exporter.store)
+            self._open_spool()
         self._start_beats()
         lifecycle.register(
             self, handle_signals=settings.handle_signals, flush_interval=settings.flush_interval
         )
+
+    def _open_spool(self) -> None:
+        """This incarnation's spool (:mod:`.spool`); the recorder counts in it from now."""
+        exporter = self.exporter
+        assert exporter is not None and self.settings.spool_dir is not None
+        try:
+            self.spool = Spool(
+                self.settings.spool_dir,
+                self.recorder.width,
+                exporter.spool_identity(confirmed=False),
+            )
+        except OSError as exc:
+            log.warning(
+                "conduit-otel-cache: cannot create a spool in spool_dir %r (%s: %s); this "
+                "process records without one", self.settings.spool_dir, type(exc).__name__, exc,
+            )  # fmt: skip
+            self.spool = None
+        exporter.spool = self.spool
+        self.recorder.reset(self.spool)
 
     def _providers(
         self,
@@ -189,6 +216,15 @@ class CacheStatistics:
 
     def _start_beats(self) -> None:
         self._stop_beats = threading.Event()
+        if self._recoverer is not None:
+            spool = self.spool
+            threading.Thread(
+                target=self._recoverer.loop,
+                args=(self._stop_beats, self.settings.flush_interval or 10.0,
+                      lambda: (spool.path,) if spool is not None else ()),
+                daemon=True,
+                name="conduit-spool-recovery",
+            ).start()  # fmt: skip
         if self.exporter is not None and self.settings.heartbeat_interval is not None:
             threading.Thread(
                 target=_beat_until,
@@ -216,6 +252,9 @@ class CacheStatistics:
     def _after_fork(self) -> None:
         """In a process forked after ``setup()``: a new instance with fresh tallies, its
         own id and token, its own flush and heartbeat (the SDK restarts its reader)."""
+        if self.spool is not None:
+            self.spool.abandon()  # the parent's: its lock must go with the parent
+            self.spool = None
         self.recorder.reset()
         self._reset_locks()
         self._aggregator = None
@@ -226,6 +265,8 @@ class CacheStatistics:
                 self.settings, instance_id=exporter.identity.instance_id
             )
             exporter.after_fork(self.settings)
+            if self._recoverer is not None:
+                self._open_spool()
             self._start_beats()
 
     # -- this instance ------------------------------------------------------------------
@@ -443,6 +484,8 @@ class CacheStatistics:
                     self.settings.instance_id, self.settings.instance_timeout,
                 )  # fmt: skip
             self.exporter.close(depart=depart)
+            if depart and self.spool is not None:  # else a later process writes it for us
+                self.spool.remove()
         for provider in self._owned:  # the write-through reader is always on an owned one
             provider.shutdown()
         lifecycle.forget(self)
