@@ -15,7 +15,17 @@ import time
 
 from conduit_otel_cache.embedded import redis_server_binary
 
-from . import end_to_end, flush, flush_in_app, hot_path, import_time, scale, scrape, work_horse
+from . import (
+    end_to_end,
+    flush,
+    flush_in_app,
+    hot_path,
+    import_time,
+    scale,
+    scrape,
+    spool,
+    work_horse,
+)
 from .common import Target, show_targets
 
 
@@ -42,13 +52,14 @@ def main() -> None:
     )
     parser.add_argument(
         "--only",
-        choices=["hot", "flush", "scale", "scrape", "horse", "import", "e2e", "app-flush"],
+        choices=["hot", "flush", "scale", "scrape", "horse", "import", "e2e", "app-flush", "spool"],
         action="append",
         help="run only these",
     )
     args = parser.parse_args()
     only = set(
-        args.only or ["hot", "flush", "scale", "scrape", "horse", "import", "e2e", "app-flush"]
+        args.only
+        or ["hot", "flush", "scale", "scrape", "horse", "import", "e2e", "app-flush", "spool"]
     )
     started = time.perf_counter()
     print(f"# conduit-otel-cache benchmarks{' (--quick)' if args.quick else ''}")
@@ -71,6 +82,8 @@ def main() -> None:
         targets += import_time.run(quick=args.quick)
     if "horse" in only:
         targets += work_horse.run(quick=args.quick)
+    if "spool" in only:
+        targets += spool.run(quick=args.quick)
     print("\n## Summary")
     show_targets("All targets", targets)
     met = sum(1 for t in targets if t.met)
