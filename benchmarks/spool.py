@@ -44,10 +44,12 @@ sys.stdin.read()
 
 
 def kill_incarnations(url: str, spool_dir: str, count: int, batch: int = 20) -> None:
-    """``count`` real processes that flushed once, recorded more, and were SIGKILLed."""
+    """``count`` real processes that flushed once, recorded more, and were SIGKILLed
+    (all alive until then: none of them recovers another)."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
-    while count > 0:
-        procs = [
+    procs: list[subprocess.Popen[str]] = []
+    while len(procs) < count:
+        started = [
             subprocess.Popen(
                 [sys.executable, "-c", APP, url, spool_dir],
                 stdin=subprocess.PIPE,
@@ -55,14 +57,18 @@ def kill_incarnations(url: str, spool_dir: str, count: int, batch: int = 20) -> 
                 text=True,
                 env=env,
             )
-            for _ in range(min(batch, count))
+            for _ in range(min(batch, count - len(procs)))
         ]
-        for proc in procs:
+        for proc in started:
             assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
-        for proc in procs:
-            os.kill(proc.pid, signal.SIGKILL)
-            proc.wait()
-        count -= len(procs)
+        procs += started
+    for proc in procs:
+        os.kill(proc.pid, signal.SIGKILL)
+    for proc in procs:
+        proc.wait()
+        for pipe in (proc.stdin, proc.stdout):
+            if pipe is not None:
+                pipe.close()
 
 
 def spool_sizes() -> list[list[object]]:

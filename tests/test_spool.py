@@ -77,8 +77,9 @@ def test_a_clean_exit_removes_its_spool_and_writes_once(
 def test_concurrent_recoverers_write_each_dead_incarnation_once(
     redis_url: str, tmp_path: Path
 ) -> None:
-    for n in range(4):
-        kill(start(redis_url, tmp_path, "R", 100 + n))
+    procs = [start(redis_url, tmp_path, "R", 100 + n) for n in range(4)]
+    for proc in procs:  # all alive until now: none recovered another
+        kill(proc)
     settings = Settings.load(redis_url=redis_url, spool_dir=str(tmp_path))
     stores = [Store.from_settings(settings) for _ in range(3)]
     recoverers = [Recoverer(settings, store) for store in stores]
@@ -152,21 +153,26 @@ def test_a_forked_child_spools_apart_and_lets_the_parents_spool_go(
     stats.record_hit("R")
     parent_spool = stats.spool
     assert parent_spool is not None
-    read, write = os.pipe()
+    to_parent, from_child = os.pipe()
+    to_child, from_parent = os.pipe()
     pid = os.fork()
     if pid == 0:  # the child: its own spool; the parent's is not locked by it
         try:
             stats.record_hit("R")
             ok = stats.spool is not None and stats.spool.path != parent_spool.path
-            os.write(write, b"1" if ok and len(os.listdir(tmp_path)) == 2 else b"0")
-            os.read(read, 1)  # until the parent has looked
+            os.write(from_child, b"1" if ok and len(os.listdir(tmp_path)) == 2 else b"0")
+            os.read(to_child, 1)  # until the parent has looked
         finally:
             os._exit(0)
-    assert os.read(read, 1) == b"1"
-    # the parent still holds its lock; the child holds none of it: nothing is dead
-    assert [c for c, _ in claim_dead(str(tmp_path))] == []
-    os.write(write, b"x")
-    os.waitpid(pid, 0)
+    try:
+        assert os.read(to_parent, 1) == b"1"
+        # the parent holds its lock and the child its own: neither is taken for dead
+        assert [c for c, _ in claim_dead(str(tmp_path))] == []
+    finally:
+        os.write(from_parent, b"x")
+        os.waitpid(pid, 0)
+        for fd in (to_parent, from_child, to_child, from_parent):
+            os.close(fd)
     assert stats.snapshot()["R"].hit_count == 1
 
 
@@ -175,3 +181,19 @@ def test_spool_dir_must_be_a_writable_directory(tmp_path: Path) -> None:
         Settings.load(spool_dir=str(tmp_path / "missing"))
     with pytest.raises(ConfigError, match="spool_dir"):
         Settings.load(environ={"CONDUIT_CACHE_STATS_SPOOL_DIR": str(PROCESS)})
+
+
+def test_serve_as_a_sidecar_recovers_dead_spools(
+    make_stats: MakeStats, redis_url: str, tmp_path: Path
+) -> None:
+    from conduit_otel_cache.server import ExporterService
+
+    kill(start(redis_url, tmp_path, "R", 200))
+    service = ExporterService(
+        Settings.load(redis_url=redis_url, spool_dir=str(tmp_path)), port=0
+    ).start()
+    try:
+        wait_for(lambda: spools(tmp_path) == [], what="serve recovered the spool")
+    finally:
+        service.stop()
+    assert make_stats("reader").cluster_totals("R").hit_count == 400

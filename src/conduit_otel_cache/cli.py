@@ -34,7 +34,7 @@ HEALTH = ("instance_timeout", "min_active_instances", "missing_instance_grace",
 COMMAND_OPTIONS: dict[str, tuple[str, ...]] = {
     "serve": (*CONNECTION, *HEALTH, "aggregation_cache_ttl", "enable_aggregation_cache",
               "aggregation_interval", "max_instance_series", "retention_period",
-              "cleanup_interval", "service_name"),
+              "cleanup_interval", "service_name", "spool_dir"),
     "stats": (*CONNECTION, "instance_timeout"),
     "health": (*CONNECTION, *HEALTH),
     "cleanup": (*CONNECTION, "instance_timeout", "retention_period"),

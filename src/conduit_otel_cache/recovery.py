@@ -27,7 +27,7 @@ from .identity import Identity
 from .model import ResponseTimes
 from .ratelimit import RateLimitedLog
 from .recorder import BUCKET0, EVICT, HIT, MISS, RT_SUM, SET
-from .spool import RECOVERED, DeadSpool, claim_dead
+from .spool import RECOVERED, RECOVERING, Claim, DeadSpool, claim_dead
 from .store import Store, explain
 from .writethrough import Fields, RedisMetricExporter
 
@@ -85,7 +85,7 @@ class Recoverer:
                 claim.discard()
                 continue
             try:
-                outcome = self._write(spool)
+                outcome = self._write(claim)
             except Exception as exc:
                 done.failed += 1
                 self._errors.error(
@@ -104,12 +104,14 @@ class Recoverer:
             setattr(self.total, name, getattr(self.total, name) + getattr(done, name))
         return done
 
-    def _write(self, spool: DeadSpool) -> bool:
+    def _write(self, claim: Claim) -> bool:
         """Write one dead incarnation; False when it cannot be written exactly."""
+        spool = claim.spool
         who: dict[str, Any] = spool.identity
         instance_id, token = who["instance_id"], who["token"]
         held = self.store.client.hget(self.store.keys.meta(instance_id), "token")
-        if held != token and (held is not None or who.get("confirmed")):
+        known = who.get("confirmed") or spool.state == RECOVERING
+        if held != token and (held is not None or known):
             events = sum(int(t[HIT] + t[MISS] + t[SET] + t[EVICT])
                          for t in spool.totals.values())  # fmt: skip
             log.warning(
@@ -121,6 +123,7 @@ class Recoverer:
             return False
         fields = spool_fields(spool)
         if fields:
+            claim.begin()
             identity = Identity.of(instance_id, token, who["owner"])
             RedisMetricExporter(self.settings, self.store, identity=identity).recover(fields)
         log.info("conduit-otel-cache: recovered the spool of dead instance %s (pid %s)",

@@ -31,6 +31,7 @@ import mmap
 import os
 import struct
 import threading
+import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -44,7 +45,10 @@ SUFFIX = ".spool"
 _WIDTH, _RECORDS, _STATE, _AREA = 8, 16, 24, 32
 _AREAS = (1024, 2560)
 _AREA_SIZE = 1536
-LIVE, RECOVERED = 0, 1
+#: states: the owner's, a recovery under way (Redis may know it now), recovered
+LIVE, RECOVERING, RECOVERED = 0, 2, 1
+#: a temporary file this old was left by a creator that died before renaming it
+ABANDONED = 60.0
 
 
 def _boot_id() -> str:
@@ -193,6 +197,11 @@ class Claim:
         self.fd = fd
         self.spool = spool
 
+    def begin(self) -> None:
+        """A recovery starts: from now Redis may know the incarnation, whatever the spool
+        says (a recovery cut short is finished only where Redis still knows it)."""
+        os.pwrite(self.fd, struct.pack("=Q", RECOVERING), _STATE)
+
     def done(self) -> None:
         """Its values are written: mark it recovered, remove it, release it."""
         os.pwrite(self.fd, struct.pack("=Q", RECOVERED), _STATE)
@@ -209,11 +218,18 @@ class Claim:
         os.close(self.fd)
 
 
+def _older_than(path: str, seconds: float) -> bool:
+    try:
+        return time.time() - os.stat(path).st_mtime > seconds
+    except OSError:
+        return False
+
+
 def claim_dead(directory: str, skip: Sequence[str] = ()) -> Iterator[tuple[Claim, str]]:
     """Lock and read the spools in ``directory`` whose owner is dead, each with ``""``, or
-    with why it cannot be read (still locked: the caller removes it); a half-created
-    one (its creator died before it was renamed) is removed. ``skip``: paths of this
-    process's own spools."""
+    with why it cannot be read (still locked: the caller removes it); a half-created one
+    (its creator died before it was renamed, ``ABANDONED`` s ago) is removed. ``skip``:
+    paths of this process's own spools."""
     try:
         names = sorted(os.listdir(directory))
     except OSError:
@@ -222,6 +238,8 @@ def claim_dead(directory: str, skip: Sequence[str] = ()) -> Iterator[tuple[Claim
         path = os.path.join(directory, name)
         if path in skip or not (name.endswith(SUFFIX) or name.endswith(".tmp")):
             continue
+        if name.endswith(".tmp") and not _older_than(path, ABANDONED):
+            continue  # being created: locked only after it is opened
         try:
             fd = os.open(path, os.O_RDWR)
         except OSError:
