@@ -70,6 +70,8 @@ class Recoverer:
         self.directory = settings.spool_dir
         self.store = store
         self.total = Recovered()
+        #: recovery passes finished
+        self.passes = 0
         self._errors = RateLimitedLog(log)
 
     def run(self, own: tuple[str, ...] = ()) -> Recovered:
@@ -102,6 +104,7 @@ class Recoverer:
         done.seconds = time.monotonic() - start
         for name in ("written", "dropped", "failed"):
             setattr(self.total, name, getattr(self.total, name) + getattr(done, name))
+        self.passes += 1
         return done
 
     def _write(self, claim: Claim) -> bool:
