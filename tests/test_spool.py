@@ -197,3 +197,29 @@ def test_serve_as_a_sidecar_recovers_dead_spools(
     finally:
         service.stop()
     assert make_stats("reader").cluster_totals("R").hit_count == 400
+
+
+def test_a_child_forked_during_a_recovery_does_not_keep_the_dead_spool_locked(
+    tmp_path: Path,
+) -> None:
+    Spool(str(tmp_path), 6, {"token": "dead", "bounds": []}).abandon()  # its owner died
+    ((claim, _),) = list(claim_dead(str(tmp_path)))
+    to_child, from_parent = os.pipe()
+    to_parent, from_child = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # a child forked while the parent recovers: it must not hold the lock
+        try:
+            os.write(from_child, b"r")  # running (past the fork hooks)
+            os.read(to_child, 1)
+        finally:
+            os._exit(0)
+    try:
+        assert os.read(to_parent, 1) == b"r"
+        claim.release()  # the recovery failed: left for a later attempt, by anyone
+        ((again, _),) = list(claim_dead(str(tmp_path)))  # not locked by the live child
+        again.release()
+    finally:
+        os.write(from_parent, b"x")
+        os.waitpid(pid, 0)
+        for fd in (to_child, from_parent, to_parent, from_child):
+            os.close(fd)

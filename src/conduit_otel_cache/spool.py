@@ -190,12 +190,33 @@ def _read(path: str, data: bytes) -> DeadSpool:
     return DeadSpool(path, identity, state, totals, len(data))
 
 
+#: the descriptors of this process's claims: a child forked meanwhile closes its copies
+#: (a lock it inherited would keep the spool from everyone else while it lives)
+_claimed: set[int] = set()
+
+
+def _close_claims_after_fork() -> None:
+    for fd in list(_claimed):
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    _claimed.clear()
+
+
+os.register_at_fork(after_in_child=_close_claims_after_fork)
+
+
+def _close(fd: int) -> None:
+    _claimed.discard(fd)
+    os.close(fd)
+
+
 class Claim:
     """A dead incarnation's spool, locked by this process until :meth:`release`."""
 
     def __init__(self, fd: int, spool: DeadSpool) -> None:
         self.fd = fd
         self.spool = spool
+        _claimed.add(fd)
 
     def begin(self) -> None:
         """A recovery starts: from now Redis may know the incarnation, whatever the spool
@@ -215,7 +236,7 @@ class Claim:
 
     def release(self) -> None:
         """Leave it for a later attempt."""
-        os.close(self.fd)
+        _close(self.fd)
 
 
 def _older_than(path: str, seconds: float) -> bool:
@@ -244,24 +265,24 @@ def claim_dead(directory: str, skip: Sequence[str] = ()) -> Iterator[tuple[Claim
             fd = os.open(path, os.O_RDWR)
         except OSError:
             continue  # gone meanwhile: another process recovered it
+        _claimed.add(fd)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             if os.fstat(fd).st_nlink == 0:  # recovered and removed since it was listed
-                os.close(fd)
+                _close(fd)
                 continue
         except OSError:
-            os.close(fd)  # its owner (or another recovering process) holds it
+            _close(fd)  # its owner (or another recovering process) holds it
             continue
         if name.endswith(".tmp"):
             Claim(fd, DeadSpool(path, {}, LIVE, {}, 0)).discard()
             continue
         try:
-            with os.fdopen(os.dup(fd), "rb") as file:
-                spool = _read(path, file.read())
+            spool = _read(path, os.pread(fd, os.fstat(fd).st_size, 0))
         except (ValueError, KeyError, IndexError, struct.error, UnicodeDecodeError) as exc:
             yield Claim(fd, DeadSpool(path, {}, LIVE, {}, 0)), f"{type(exc).__name__}: {exc}"
             continue
         except OSError:
-            os.close(fd)
+            _close(fd)
             continue
         yield Claim(fd, spool), ""
