@@ -63,6 +63,7 @@ def test_a_sigkilled_process_loses_nothing(
     assert survivor.cluster_totals("other").miss_count == 500
     assert spools(tmp_path) == [os.path.basename(survivor.spool.path)]  # type: ignore[union-attr]
     assert r.zcard("conduit:cache:instances") == 0  # the dead one deregistered
+    assert survivor.health().data["SpoolsRecovered"] == 1
 
 
 def test_a_clean_exit_removes_its_spool_and_writes_once(
@@ -223,3 +224,19 @@ def test_a_child_forked_during_a_recovery_does_not_keep_the_dead_spool_locked(
         os.waitpid(pid, 0)
         for fd in (to_child, from_parent, to_parent, from_child):
             os.close(fd)
+
+
+def test_a_spool_redis_no_longer_knows_is_dropped_and_shown_in_health(
+    make_stats: MakeStats, redis_url: str, r: redis.Redis, tmp_path: Path
+) -> None:
+    """Another incarnation took the dead one's id over: its values cannot be written
+    exactly. Nothing is counted twice; the spool goes, and health says so."""
+    kill(start(redis_url, tmp_path, "R", 100))
+    (meta,) = r.keys("conduit:cache:instance:*[0-9]")
+    r.hset(meta, "token", "another-incarnation")
+    survivor = make_stats("survivor", spool_dir=str(tmp_path))
+    wait_for(lambda: len(spools(tmp_path)) == 1, what="the dead spool dropped")
+    assert survivor.cluster_totals("R").hit_count == 100  # what it had flushed, once
+    health = survivor.health()
+    assert any("could not be written exactly" in reason for reason in health.reasons), health
+    assert health.data["SpoolsRecovered"] == 0

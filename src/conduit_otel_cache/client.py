@@ -428,7 +428,7 @@ class CacheStatistics:
 
     def health(self) -> Health:
         """The health rules applied to the cluster view and this instance's flushes."""
-        return evaluate(self.cluster_view(), self.settings, self.exporter)
+        return evaluate(self.cluster_view(), self.settings, self.exporter, self._recoverer)
 
     # -- lifecycle ----------------------------------------------------------------------
 

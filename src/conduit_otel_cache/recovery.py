@@ -70,8 +70,12 @@ class Recoverer:
         self.directory = settings.spool_dir
         self.store = store
         self.total = Recovered()
-        #: recovery passes finished
+        #: recovery passes finished, the last one, and its last error
         self.passes = 0
+        self.last = Recovered()
+        self.last_error: str | None = None
+        #: time.time() of the last spool dropped (it could not be written exactly)
+        self.dropped_at = 0.0
         self._errors = RateLimitedLog(log)
 
     def run(self, own: tuple[str, ...] = ()) -> Recovered:
@@ -90,6 +94,7 @@ class Recoverer:
                 outcome = self._write(claim)
             except Exception as exc:
                 done.failed += 1
+                self.last_error = explain(exc)
                 self._errors.error(
                     "conduit-otel-cache: recovery of the spool of instance %s failed: %s; "
                     "tried again later", spool.identity.get("instance_id"), explain(exc),
@@ -100,11 +105,13 @@ class Recoverer:
                 done.written += 1
             else:
                 done.dropped += 1
+                self.dropped_at = time.time()
             claim.done()
         done.seconds = time.monotonic() - start
         for name in ("written", "dropped", "failed"):
             setattr(self.total, name, getattr(self.total, name) + getattr(done, name))
         self.passes += 1
+        self.last = done
         return done
 
     def _write(self, claim: Claim) -> bool:
