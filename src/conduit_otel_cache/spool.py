@@ -147,12 +147,15 @@ class Spool:
     def abandon(self) -> None:
         """In a forked child: let go of the parent's spool (its mappings and the lock, so
         the parent's death is seen) without touching the file."""
-        for view in self._views:
-            view.release()
-        for mapped, view in self._chunks:
-            view.release()
-            mapped.close()
-        self._header.close()
+        # a view still exported (not expected: only the forking thread survives a fork)
+        # keeps its mapping, and with it the lock, but never fails the fork
+        with contextlib.suppress(BufferError, ValueError):
+            for view in self._views:
+                view.release()
+            for mapped, view in self._chunks:
+                view.release()
+                mapped.close()
+            self._header.close()
         os.close(self._fd)
         self._views, self._chunks = [], []
 
