@@ -240,3 +240,25 @@ def test_a_spool_redis_no_longer_knows_is_dropped_and_shown_in_health(
     health = survivor.health()
     assert any("could not be written exactly" in reason for reason in health.reasons), health
     assert health.data["SpoolsRecovered"] == 0
+
+
+def test_a_spool_whose_final_flush_was_written_is_only_removed(
+    redis_url: str, tmp_path: Path
+) -> None:
+    """Killed after its final flush, before it removed its spool: nothing to write, no
+    warning, nothing counted twice."""
+    rec = Recorder(DEFAULT_BUCKETS)
+    spool = Spool(str(tmp_path), rec.width, {"token": "t", "instance_id": "x", "owner": "o",
+                                             "confirmed": True, "bounds": []})  # fmt: skip
+    rec.reset(spool)
+    rec.record_hit("R")
+    spool.finish()
+    spool.abandon()
+    settings = Settings.load(redis_url=redis_url, spool_dir=str(tmp_path))
+    store = Store.from_settings(settings)
+    try:
+        done = Recoverer(settings, store).run()
+    finally:
+        store.close()
+    assert (done.written, done.dropped, done.failed) == (0, 0, 0)
+    assert spools(tmp_path) == []

@@ -465,17 +465,17 @@ class CacheStatistics:
 
     def _close(self) -> None:
         # deregister unless the final write failed: a hung Redis costs one timeout, not three
-        depart = False
+        depart = written = False
         if self._reader is not None and self.exporter is not None:
             try:
-                depart = self._flush()
+                depart = written = self._flush()
             except Exception as exc:  # the SDK's collection (a slow callback), not Redis
                 log.warning(
                     "conduit-otel-cache: the final collection of instance %s failed (%s); "
                     "what its last flush wrote stands",
                     self.settings.instance_id, explain(exc),
                 )  # fmt: skip
-                depart = True
+                depart = self.spool is None  # else a later process writes the spool for it
         if self.exporter is not None and self._owns_exporter:
             if not depart and self.exporter.flush_count:
                 log.warning(
@@ -483,8 +483,10 @@ class CacheStatistics:
                     "live gauges after instance_timeout=%gs",
                     self.settings.instance_id, self.settings.instance_timeout,
                 )  # fmt: skip
+            if written and self.spool is not None:  # Redis holds all of it: nothing to
+                self.spool.finish()  # recover, even if the process is killed now
             self.exporter.close(depart=depart)
-            if depart and self.spool is not None:  # else a later process writes it for us
+            if written and self.spool is not None:  # else a later process writes it for us
                 self.spool.remove()
         for provider in self._owned:  # the write-through reader is always on an owned one
             provider.shutdown()

@@ -138,6 +138,10 @@ class Spool:
         """Bytes the file takes on disk."""
         return HEADER + len(self._chunks) * CHUNK
 
+    def finish(self) -> None:
+        """The final flush wrote everything: a recovering process only removes the file."""
+        struct.pack_into("=Q", self._header, _STATE, RECOVERED)
+
     def remove(self) -> None:
         """A clean end: the file goes (its mappings stay valid until the process ends, so a
         ``record_*`` after shutdown never fails)."""
