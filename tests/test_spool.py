@@ -205,6 +205,8 @@ def test_a_child_forked_during_a_recovery_does_not_keep_the_dead_spool_locked(
 ) -> None:
     Spool(str(tmp_path), 6, {"token": "dead", "bounds": []}).abandon()  # its owner died
     ((claim, _),) = list(claim_dead(str(tmp_path)))
+    # told dead by its lock, not its pid: that pid is alive (reused, in effect)
+    assert claim.spool.identity["pid"] == os.getpid() and claim.spool.identity["start_time"]
     to_child, from_parent = os.pipe()
     to_parent, from_child = os.pipe()
     pid = os.fork()
