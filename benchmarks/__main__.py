@@ -25,11 +25,23 @@ from . import (
     results,
     scale,
     scrape,
+    spool,
     work_horse,
 )
 from .common import Target, show_targets
 
-BENCHMARKS = ["hot", "flush", "scale", "fleet", "scrape", "horse", "import", "e2e", "app-flush"]
+BENCHMARKS = [
+    "hot",
+    "flush",
+    "scale",
+    "fleet",
+    "scrape",
+    "horse",
+    "import",
+    "e2e",
+    "app-flush",
+    "spool",
+]
 
 
 def machine() -> str:
@@ -87,6 +99,8 @@ def main() -> None:
         targets += import_time.run(quick=args.quick)
     if "horse" in only:
         targets += work_horse.run(quick=args.quick)
+    if "spool" in only:
+        targets += spool.run(quick=args.quick)
     if not args.quick:  # the figures README quotes (benchmarks/results.py)
         results.save(targets, machine_line, command)
         results.write_readme(results.load())

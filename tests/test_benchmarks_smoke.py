@@ -44,6 +44,7 @@ def test_benchmarks_quick_run() -> None:
         "### End to end: gunicorn gthread 2x4 on one core",
         "### Flush inside the application: CPU us per flush",
         "### Probe thread (sleeps 1 ms in a loop)",
+        "### Spool size of one instance (one thread; a record per thread and region)",
         "### All targets",
     ):
         assert header in out, f"missing {header!r} in:\n{out[-3000:]}"

@@ -303,6 +303,19 @@ def test_application_example_gives_every_worker_its_own_instance() -> None:
     assert set(env) - {"HOSTNAME"} <= names  # every variable is a real option
 
 
+def test_application_example_spools_on_an_emptydir() -> None:
+    """A SIGKILLed worker loses nothing: spool_dir is a mounted emptyDir (it survives
+    container restarts), writable under the read-only root file system."""
+    pod = MANIFESTS["example-app/deployment.yaml"]["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    spool_dir = env["CONDUIT_CACHE_STATS_SPOOL_DIR"]
+    (mount,) = [m for m in container["volumeMounts"] if m["mountPath"] == spool_dir]
+    (volume,) = [v for v in pod["volumes"] if v["name"] == mount["name"]]
+    assert "emptyDir" in volume and not mount.get("readOnly")
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+
+
 # --- the image ----------------------------------------------------------------------------
 
 

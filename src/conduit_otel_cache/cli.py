@@ -35,7 +35,7 @@ COMMAND_OPTIONS: dict[str, tuple[str, ...]] = {
     "serve": (*CONNECTION, *HEALTH, "aggregation_cache_ttl", "enable_aggregation_cache",
               "aggregation_interval", "max_instance_series", "retention_period",
               "cleanup_interval", "service_name", "instance_id", "otlp_endpoint",
-              "otlp_interval"),
+              "otlp_interval", "spool_dir"),
     "stats": (*CONNECTION, "instance_timeout"),
     "health": (*CONNECTION, *HEALTH),
     "cleanup": (*CONNECTION, "instance_timeout", "retention_period"),

@@ -36,7 +36,9 @@ from .instruments import (
 from .integrations.lookup import TimedLookup
 from .model import Statistics
 from .recorder import NullRecorder, Recorder
+from .recovery import Recoverer
 from .sdk_hook import collection_lock, export_lock, stop_reader_thread
+from .spool import Spool
 from .store import explain
 from .strategies import AggregationStrategy, strategy_named
 from .writethrough import RedisMetricExporter
@@ -98,6 +100,8 @@ class CacheStatistics:
         distributed = distributed and settings.enabled
         keep = settings.enable_response_time_tracking and distributed
         self.settings = settings
+        identity = Identity(settings.instance_id)
+        self.spool: Spool | None = None
         self.recorder = recorder = (
             Recorder(
                 settings.response_time_buckets,
@@ -134,7 +138,7 @@ class CacheStatistics:
             self.exporter.samples = recorder.drain_samples
         elif distributed:
             self.exporter = RedisMetricExporter(
-                settings, identity=Identity(settings.instance_id), samples=recorder.drain_samples
+                settings, identity=identity, samples=recorder.drain_samples
             )
             interval = settings.flush_interval
             self._reader = PeriodicExportingMetricReader(
@@ -142,6 +146,7 @@ class CacheStatistics:
                 export_interval_millis=math.inf if interval is None else interval * 1000,
                 export_timeout_millis=max(settings.socket_timeout * 2000, 1000),
             )
+        self._recoverer: Recoverer | None = None
         if not settings.enabled:  # a null handle: no MeterProvider, no thread, no Redis
             self.meter_provider: APIMeterProvider = NoOpMeterProvider()
             self._owned: list[MeterProvider] = []
@@ -153,10 +158,32 @@ class CacheStatistics:
         if meter_provider is not None:
             register_cache_instruments(meter_provider.get_meter(SCOPE), recorder.snapshot)
         register_self_instruments(self.meter_provider.get_meter(SCOPE), self)
+        if self.exporter is not None and settings.spool_dir is not None:
+            self._recoverer = Recoverer(settings, self.exporter.store)
+            self._open_spool()
         self._start_beats()
         lifecycle.register(
             self, handle_signals=settings.handle_signals, flush_interval=settings.flush_interval
         )
+
+    def _open_spool(self) -> None:
+        """This incarnation's spool (:mod:`.spool`); the recorder counts in it from now."""
+        exporter = self.exporter
+        assert exporter is not None and self.settings.spool_dir is not None
+        try:
+            self.spool = Spool(
+                self.settings.spool_dir,
+                self.recorder.width,
+                exporter.spool_identity(confirmed=False),
+            )
+        except OSError as exc:
+            log.warning(
+                "conduit-otel-cache: cannot create a spool in spool_dir %r (%s: %s); this "
+                "process records without one", self.settings.spool_dir, type(exc).__name__, exc,
+            )  # fmt: skip
+            self.spool = None
+        exporter.spool = self.spool
+        self.recorder.reset(self.spool)
 
     def _providers(
         self,
@@ -199,6 +226,15 @@ class CacheStatistics:
 
     def _start_beats(self) -> None:
         self._stop_beats = threading.Event()
+        if self._recoverer is not None:
+            spool = self.spool
+            threading.Thread(
+                target=self._recoverer.loop,
+                args=(self._stop_beats, self.settings.flush_interval or 10.0,
+                      lambda: (spool.path,) if spool is not None else ()),
+                daemon=True,
+                name="conduit-spool-recovery",
+            ).start()  # fmt: skip
         if self.exporter is not None and self.settings.heartbeat_interval is not None:
             threading.Thread(
                 target=_beat_until,
@@ -226,6 +262,9 @@ class CacheStatistics:
     def _after_fork(self) -> None:
         """In a process forked after ``setup()``: a new instance with fresh tallies, its
         own id and token, its own flush and heartbeat (the SDK restarts its reader)."""
+        if self.spool is not None:
+            self.spool.abandon()  # the parent's: its lock must go with the parent
+            self.spool = None
         self.recorder.reset()
         self._reset_locks()
         self._aggregator = None
@@ -236,6 +275,8 @@ class CacheStatistics:
                 self.settings, instance_id=exporter.identity.instance_id
             )
             exporter.after_fork(self.settings)
+            if self._recoverer is not None:
+                self._open_spool()
             self._start_beats()
 
     # -- this instance ------------------------------------------------------------------
@@ -399,7 +440,7 @@ class CacheStatistics:
 
     def health(self) -> Health:
         """The health rules applied to the cluster view and this instance's flushes."""
-        return evaluate(self.cluster_view(), self.settings, self.exporter)
+        return evaluate(self.cluster_view(), self.settings, self.exporter, self._recoverer)
 
     # -- lifecycle ----------------------------------------------------------------------
 
@@ -436,17 +477,17 @@ class CacheStatistics:
 
     def _close(self) -> None:
         # deregister unless the final write failed: a hung Redis costs one timeout, not three
-        depart = False
+        depart = written = False
         if self._reader is not None and self.exporter is not None:
             try:
-                depart = self._flush()
+                depart = written = self._flush()
             except Exception as exc:  # the SDK's collection (a slow callback), not Redis
                 log.warning(
                     "conduit-otel-cache: the final collection of instance %s failed (%s); "
                     "what its last flush wrote stands",
                     self.settings.instance_id, explain(exc),
                 )  # fmt: skip
-                depart = True
+                depart = self.spool is None  # else a later process writes the spool for it
         if self.exporter is not None and self._owns_exporter:
             if not depart and self.exporter.flush_count:
                 log.warning(
@@ -454,7 +495,11 @@ class CacheStatistics:
                     "live gauges after instance_timeout=%gs",
                     self.settings.instance_id, self.settings.instance_timeout,
                 )  # fmt: skip
+            if written and self.spool is not None:  # Redis holds all of it: nothing to
+                self.spool.finish()  # recover, even if the process is killed now
             self.exporter.close(depart=depart)
+            if written and self.spool is not None:  # else a later process writes it for us
+                self.spool.remove()
         for provider in self._owned:  # the write-through reader is always on an owned one
             provider.shutdown()
         lifecycle.forget(self)

@@ -152,6 +152,9 @@ class Settings:
     ssl_ca_certs: str | None = None
     ssl_certfile: str | None = None
     ssl_keyfile: str | None = None
+    #: a directory on local disk (an ``emptyDir``) where each incarnation spools its
+    #: tallies so that a killed process loses nothing (:mod:`.spool`); None: no spool
+    spool_dir: str | None = None
     min_active_instances: int = 1
     missing_instance_grace: float = 60.0
     max_aggregation_latency: float = 0.5
@@ -255,6 +258,10 @@ class Settings:
             path = getattr(self, name)
             if path is not None and not os.path.isfile(path):
                 raise ConfigError(f"{name}: no such file: {path!r}")
+        if self.spool_dir is not None and not (
+            os.path.isdir(self.spool_dir) and os.access(self.spool_dir, os.W_OK | os.X_OK)
+        ):
+            raise ConfigError(f"spool_dir: not a writable directory: {self.spool_dir!r:.200}")
         if not valid_name(self.instance_id) or self.instance_id in RESERVED_INSTANCE_IDS:
             raise ConfigError(
                 "instance_id: must be 1-128 characters of letters, digits, '.', '_' or '-' "

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import time
 from datetime import datetime, timezone
 from typing import Any, Protocol
 
@@ -63,9 +64,28 @@ class Flushes(Protocol):
     flush_errors: int
 
 
-def evaluate(view: ClusterView, settings: Settings, flushes: Flushes | None = None) -> Health:
-    """Apply every rule (with ``flushes``, also to this instance's last write-through);
-    the status is the worst any rule gives."""
+class Recoveries(Protocol):
+    """This process's recovery of dead incarnations' spools (:mod:`.recovery`)."""
+
+    last_error: str | None
+    dropped_at: float
+
+    @property
+    def last(self) -> Any: ...
+
+    @property
+    def total(self) -> Any: ...
+
+
+def evaluate(
+    view: ClusterView,
+    settings: Settings,
+    flushes: Flushes | None = None,
+    recoveries: Recoveries | None = None,
+) -> Health:
+    """Apply every rule (with ``flushes``, also to this instance's last write-through, and
+    with ``recoveries`` to its recovery of dead spools); the status is the worst any rule
+    gives."""
     status = Status.HEALTHY
     reasons: list[str] = []
 
@@ -113,6 +133,12 @@ def evaluate(view: ClusterView, settings: Settings, flushes: Flushes | None = No
     if flushes is not None and flushes.flush_errors and not flushes.last_ok:
         fail(Status.DEGRADED, f"the last flush failed ({flushes.last_error}); "
              f"{flushes.flush_errors} failed so far")  # fmt: skip
+    if recoveries is not None and recoveries.last.failed:
+        fail(Status.DEGRADED, f"{recoveries.last.failed} dead incarnation(s) in spool_dir "
+             f"not written yet ({recoveries.last_error}); tried again later")  # fmt: skip
+    if recoveries is not None and time.time() - recoveries.dropped_at < DATA_LOSS_SECONDS:
+        fail(Status.DEGRADED, f"{recoveries.total.dropped} dead incarnation(s) in spool_dir "
+             "could not be written exactly and were dropped (the log names them)")  # fmt: skip
     if view.reap_error:
         fail(Status.DEGRADED, f"expired instances could not leave the live gauges: "
              f"{view.reap_error}")  # fmt: skip
@@ -133,4 +159,6 @@ def evaluate(view: ClusterView, settings: Settings, flushes: Flushes | None = No
         ),
         "MaxDriftPercent": round(max(view.drift.values(), default=0.0), 3),
     }
+    if recoveries is not None:
+        data["SpoolsRecovered"] = recoveries.total.written
     return Health(status, tuple(reasons), data)

@@ -75,6 +75,13 @@ class Identity:
         namespace = pid_namespace()
         self.owner = f"{socket.gethostname()}:{self.pid}" + (f":{namespace}" if namespace else "")
 
+    @classmethod
+    def of(cls, instance_id: str, token: str, owner: str) -> Identity:
+        """The identity of another (dead) incarnation, to write for it."""
+        identity = cls(instance_id)
+        identity.token, identity.owner = token, owner
+        return identity
+
     @property
     def base(self) -> str:
         """The id without this process's pid suffix."""

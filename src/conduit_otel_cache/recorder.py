@@ -1,8 +1,10 @@
 """The hot path: ``record_*`` into per-thread tallies, exact under threads, no I/O.
 
-Each thread owns one list per region and is the only writer of it, so no lock is
-taken on the hot path and no increment is lost; readers sum the lists of all
-threads. Tallies of finished threads are folded into a retired total.
+Each thread owns one tally per region and is the only writer of it, so no lock is
+taken on the hot path and no increment is lost; readers sum every tally. A finished
+thread's tallies are handed to the next thread that counts in their region, so their
+number is bounded by the live threads. A tally is a list, or with a spool
+(:mod:`.spool`) a record of floats in a file that outlives the process.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from typing import Any
 from .config import valid_name
 from .lifecycle import write_path
 from .model import ResponseTimes, Statistics
+from .spool import Spool
 
 log = logging.getLogger(__name__)
 
@@ -42,27 +45,36 @@ class Recorder:
         max_regions: int = 100,
         default_region: str = "default",
         max_samples: int = 0,
+        spool: Spool | None = None,
     ) -> None:
+        self.spool = spool
         self._default_region = default_region
         self._max_samples = max_samples  # raw response times kept per region (0: none)
-        self._orphans: dict[str, deque[float]] = {}
         self._bounds = tuple(buckets)
         self._width = BUCKET0 + len(self._bounds) + 1
         self._max_regions = max_regions
         self._regions: set[str] = set()
         self._sizes: dict[str, int] = {}
         self._warned: set[str] = set()
-        self.reset()
+        self.reset(spool)
 
-    def reset(self) -> None:
-        """Forget every tally (sizes and admitted regions stay): a forked child's start.
-        Only the forking thread survives a fork, and it may have held the lock."""
+    @property
+    def width(self) -> int:
+        """Numbers per tally."""
+        return self._width
+
+    def reset(self, spool: Spool | None = None) -> None:
+        """Forget every tally (sizes and admitted regions stay), counting on in ``spool``
+        from now: a forked child's start. Only the forking thread survives a fork, and it
+        may have held the lock."""
+        self.spool = spool
         self._lock = threading.Lock()
         self._tls = threading.local()
-        self._threads: list[tuple[threading.Thread, dict[str, list[Any]]]] = []
-        self._prune_at = 64  # fold finished threads when this many have registered
-        self._retired: dict[str, list[Any]] = {}
-        self._orphans = {}
+        self._threads: list[tuple[threading.Thread, dict[str, Any]]] = []
+        self._prune_at = 64  # hand on finished threads' tallies when this many registered
+        self._tallies: list[tuple[str, Any]] = []  # every tally: (region, tally)
+        self._free: dict[str, list[Any]] = {}  # tallies of finished threads, per region
+        self._samples: dict[int, deque[float]] = {}  # id(record) -> its raw samples (spool)
         #: Events folded into ``_invalid`` / ``_overflow``, and rejected values.
         self.invalid_events = 0
         self.overflow_events = 0
@@ -116,13 +128,13 @@ class Recorder:
         else:
             self._reject("size_bytes", size_bytes)
 
-    def _time(self, slot: list[Any], seconds: float) -> None:
+    def _time(self, slot: Any, seconds: float) -> None:
         try:
             if 0.0 <= seconds <= MAX_RESPONSE_TIME:  # False for NaN
                 slot[RT_SUM] += seconds
                 slot[BUCKET0 + bisect_left(self._bounds, seconds)] += 1
                 if self._max_samples:
-                    slot[-1].append(seconds)
+                    (slot[-1] if type(slot) is list else self._samples[id(slot)]).append(seconds)
                 return
         except (TypeError, ValueError, OverflowError):
             pass
@@ -131,7 +143,7 @@ class Recorder:
     # -- slow paths: first event of a thread or region, bad input -----------------------
 
     @write_path
-    def _slot(self, region: Any) -> list[Any]:
+    def _slot(self, region: Any) -> Any:
         if region is None:  # no region given: the default region
             region = self._default_region
         try:
@@ -141,21 +153,39 @@ class Recorder:
             with self._lock:
                 self._threads.append((threading.current_thread(), slots))
                 if len(self._threads) >= self._prune_at:  # bounded by the live threads
-                    self._fold_finished()
+                    self._hand_on_finished()
                     self._prune_at = max(64, 2 * len(self._threads))
         name = self._admit(region)
         # Keys are canonical names only, so bad or folded names cannot grow the dict;
         # an admitted region's name is its key, which makes its next lookup fast.
-        slot: list[Any] | None = slots.get(name)
+        slot: Any = slots.get(name)
         if slot is None:
-            slot = slots[name] = self._empty()
+            with self._lock:
+                free = self._free.get(name)
+                slot = slots[name] = free.pop() if free else self._new_tally(name)
         return slot
 
-    def _empty(self) -> list[Any]:
-        slot: list[Any] = [0] * self._width
-        slot[RT_SUM] = 0.0
-        if self._max_samples:  # after the numbers: the last raw response times
-            slot.append(deque(maxlen=self._max_samples))
+    def _new_tally(self, name: str) -> Any:
+        """A zeroed tally (under the lock): a spool record, else (or when the spool
+        cannot grow) a list with the last raw response times after the numbers."""
+        slot: Any = None
+        if self.spool is not None:
+            try:
+                slot = self.spool.record(name)
+                if self._max_samples:
+                    self._samples[id(slot)] = deque(maxlen=self._max_samples)
+            except (OSError, ValueError) as exc:
+                self._warn_once(
+                    "spool", "cannot grow the spool (%s: %s); later tallies are not spooled",
+                    type(exc).__name__, exc,
+                )  # fmt: skip
+                self.spool = None
+        if slot is None:
+            slot = [0] * self._width
+            slot[RT_SUM] = 0.0
+            if self._max_samples:
+                slot.append(deque(maxlen=self._max_samples))
+        self._tallies.append((name, slot))
         return slot
 
     @write_path
@@ -194,54 +224,47 @@ class Recorder:
     @write_path
     def snapshot(self) -> dict[str, Statistics]:
         """Current cumulative statistics of every region seen so far."""
+        width = self._width
+        totals: dict[str, list[Any]] = {}
         with self._lock:
-            self._fold_finished()
-            totals: dict[str, list[Any]] = {}
-            self._fold(totals, self._retired)
-            for _, slots in self._threads:
-                self._fold(totals, slots)
+            self._hand_on_finished()
+            for name, slot in self._tallies:
+                acc = totals.get(name)
+                if acc is None:
+                    totals[name] = list(slot[:width])
+                else:
+                    for i in range(width):
+                        acc[i] += slot[i]
             sizes = dict(self._sizes)
         bounds = self._bounds
+        zeros = [0] * width
         result: dict[str, Statistics] = {}
         for region in totals.keys() | sizes.keys():
-            t = totals.get(region) or self._empty()[: self._width]
+            t = [int(n) for n in totals.get(region, zeros)]  # a spool counts in floats
             result[region] = Statistics(
                 hit_count=t[HIT],
                 miss_count=t[MISS],
                 set_count=t[SET],
                 eviction_count=t[EVICT],
                 size_bytes=sizes.get(region, 0),
-                response_times=ResponseTimes(bounds, tuple(t[BUCKET0:]), t[RT_SUM]),
+                response_times=ResponseTimes(
+                    bounds, tuple(t[BUCKET0:]), totals[region][RT_SUM] if region in totals else 0.0
+                ),
                 instance_count=1,
             )
         return result
 
-    def _fold_finished(self) -> None:
-        """Fold the tallies of finished threads into the retired total (under the lock)."""
+    def _hand_on_finished(self) -> None:
+        """Hand the tallies of finished threads on to the threads that count next in their
+        regions (under the lock)."""
         live = []
         for thread, slots in self._threads:
             if thread.is_alive():
                 live.append((thread, slots))
             else:
-                self._fold(self._retired, slots)
-                self._adopt_samples(slots)
+                for name, slot in slots.items():
+                    self._free.setdefault(name, []).append(slot)
         self._threads = live
-
-    def _fold(self, into: dict[str, list[Any]], slots: dict[str, list[Any]]) -> None:
-        width = self._width
-        for name, slot in slots.items():  # keys are canonical names: one key per slot
-            acc = into.get(name)
-            if acc is None:
-                into[name] = slot[:width]
-            else:
-                for i in range(width):
-                    acc[i] += slot[i]
-
-    def _adopt_samples(self, slots: dict[str, list[Any]]) -> None:
-        if self._max_samples:  # a finished thread's samples wait for the next drain
-            for name, slot in slots.items():
-                kept = self._orphans.setdefault(name, deque(maxlen=self._max_samples))
-                kept.extend(slot[-1])
 
     @write_path
     def drain_samples(self) -> dict[str, list[float]]:
@@ -251,10 +274,10 @@ class Recorder:
             return {}
         drained: dict[str, deque[float]] = {}
         with self._lock:
-            sources = [(n, d) for n, d in self._orphans.items()]
-            self._orphans = {}
-            for _, slots in self._threads:
-                sources += [(name, slot[-1]) for name, slot in slots.items()]
+            sources = [
+                (name, slot[-1] if type(slot) is list else self._samples[id(slot)])
+                for name, slot in self._tallies
+            ]
         for name, samples in sources:
             out = drained.setdefault(name, deque(maxlen=self._max_samples))
             while samples:  # popleft is atomic: the owner thread may append meanwhile
@@ -266,7 +289,7 @@ class NullRecorder:
     """The recorder of a disabled handle (``enabled=False``): records nothing, holds
     nothing."""
 
-    invalid_events = overflow_events = rejected_values = 0
+    invalid_events = overflow_events = rejected_values = width = 0
 
     def record_hit(self, region: str | None, response_time: float | None = None) -> None:
         """Nothing."""
@@ -291,5 +314,5 @@ class NullRecorder:
         """Always empty."""
         return {}
 
-    def reset(self) -> None:
+    def reset(self, spool: object = None) -> None:
         """Nothing to reset."""

@@ -15,6 +15,7 @@ from .health import Health, evaluate
 from .http import landing_page, make_app, make_http_server
 from .model import Statistics
 from .otlp import OtlpPush
+from .recovery import Recoverer
 from .render_process import RenderProcess
 from .store import Store
 from .webconfig import BasicAuth, LiveWebConfig, WebConfig
@@ -23,6 +24,8 @@ log = logging.getLogger(__name__)
 
 #: Seconds between two looks at the web configuration's files (a changed one is reloaded).
 WEB_CONFIG_CHECK_INTERVAL = 5.0
+#: how often ``serve`` with ``spool_dir`` (a sidecar) recovers dead incarnations' spools
+SPOOL_RECOVERY_INTERVAL = 5.0
 #: The probes that ``probes_without_auth`` leaves open.
 PROBES = ("/-/healthy", "/-/ready")
 
@@ -120,6 +123,8 @@ class ExporterService:
         if self.push is not None:
             self.push.start(self.exposition.read)
         targets = [self.server.serve_forever, self._cleanup_loop]
+        if self.settings.spool_dir is not None:  # a sidecar of the application's pod
+            targets.append(self._recovery_loop)
         if self.web_config.config.source is not None:
             targets.append(self._web_config_loop)
         for target in targets:
@@ -139,6 +144,10 @@ class ExporterService:
                     log.info("cleanup removed %d dead instance(s)", len(removed))
             except Exception as exc:
                 log.warning("cleanup failed: %s: %s", type(exc).__name__, exc)
+
+    def _recovery_loop(self) -> None:
+        """Recover the spools of dead incarnations in ``spool_dir`` (:mod:`.recovery`)."""
+        Recoverer(self.settings, self.store).loop(self._stop, SPOOL_RECOVERY_INTERVAL, tuple)
 
     def reload_web_config(self) -> None:
         """Read the web configuration's files again now (``SIGHUP``), changed or not."""

@@ -45,6 +45,7 @@ from .identity import Identity
 from .instruments import COUNTER_INSTRUMENTS, RESPONSE_TIME_INSTRUMENT, SCOPE, SIZE_INSTRUMENT
 from .model import ResponseTimes
 from .ratelimit import RateLimitedLog
+from .spool import Spool
 from .store import Entry, FlushResult, Store, Writer, explain
 
 log = logging.getLogger(__name__)
@@ -120,6 +121,9 @@ class RedisMetricExporter(MetricExporter):
         self.last_success: float | None = None
         self.last_ok = False
         self._errors = RateLimitedLog(log)
+        #: this incarnation's spool (:mod:`.spool`), told its identity and acknowledgement
+        self.spool: Spool | None = None
+        self._recovering = False  # writing for a dead incarnation: never move aside
         self._reset()
 
     def _reset(self) -> None:
@@ -235,6 +239,8 @@ class RedisMetricExporter(MetricExporter):
             self._ack({r: e for r, e in entries.items() if r not in again}, sent, first.epochs)
             entries, result = again, dataclasses.replace(retry, stale=first.stale)
         if result.status == "ok":
+            if not self._confirmed and self.spool is not None:
+                self.spool.set_identity(self.spool_identity(confirmed=True))
             self._confirmed = True
             if result.stale:
                 self.store.leave_stale(
@@ -319,14 +325,35 @@ class RedisMetricExporter(MetricExporter):
         totals, so that only what is new is added (or all of it, when those totals were
         lost since); the old id's live gauges left when the other incarnation took over."""
         old = self.identity.instance_id
+        if self._recovering:
+            raise RuntimeError(f"instance id {old!r} is written by another incarnation")
         self._acked_seq = {}
         new = self.identity.move_aside(displaced=self._confirmed)
         self._confirmed = False
+        if self.spool is not None:
+            self.spool.set_identity(self.spool_identity(confirmed=False))
         log.warning(
             "conduit-otel-cache: another process writes as instance %r; this process "
             "(pid %d) continues as %r. Give each process its own instance_id, or leave it to "
             "the default (<HOSTNAME>-<pid>)", old, self.identity.pid, new,
         )  # fmt: skip
+
+    def spool_identity(self, *, confirmed: bool) -> dict[str, Any]:
+        """What a spool holds of this incarnation (``confirmed``: Redis acknowledged it)."""
+        i = self.identity
+        bounds = list(self.settings.response_time_buckets)
+        return {"instance_id": i.instance_id, "token": i.token, "owner": i.owner,
+                "confirmed": confirmed, "bounds": bounds}  # fmt: skip
+
+    def recover(self, fields: Fields) -> None:
+        """Write a dead incarnation's final cumulative values under its own identity (this
+        exporter's), then deregister it; a repeat adds nothing. Raises on failure; never
+        moves aside (the values belong to that id and token)."""
+        with self._lock:
+            self._recovering = True
+            self._write(fields)
+            if self._confirmed:
+                self.store.depart(self.identity.instance_id, remove=True, regions=list(self._acked))
 
     def _count_kind(self, exc: Exception) -> None:
         kind = re.sub(r"\W", "", type(exc).__name__)[:40] or "Error"
