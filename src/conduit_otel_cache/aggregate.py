@@ -73,6 +73,8 @@ class ClusterView:
     #: found to have lost part of the region's totals that no live instance could rebuild
     #: (see docs/write-protocol.md, "What Redis can lose")
     data_losses: dict[str, tuple[int, float, float]] = dataclasses.field(default_factory=dict)
+    #: ``{region: losses an operator acknowledged}`` (``cleanup --acknowledge-losses``)
+    losses_acknowledged: dict[str, int] = dataclasses.field(default_factory=dict)
     #: ``{error kind: count}``: failed flushes of every instance, carried through Redis by
     #: its next successful write
     instance_flush_errors: dict[str, int] = dataclasses.field(default_factory=dict)
@@ -334,12 +336,14 @@ class Aggregator:
         bounds = self.settings.response_time_buckets
         regions: dict[str, Statistics] = {}
         losses: dict[str, tuple[int, float, float]] = {}
+        acknowledged: dict[str, int] = {}
         for region, fields in data.aggregates.items():
             if "lost_count" in fields:
                 try:
                     at = float(fields.get("lost_at", 0))
                     since = float(fields.get("lost_since", at))
                     losses[region] = (int(fields["lost_count"]), since, at)
+                    acknowledged[region] = int(fields.get("lost_acknowledged", 0))
                 except ValueError:
                     errors.append(f"aggregate of region {region!r}: bad lost_count or lost_at")
             try:
@@ -373,6 +377,7 @@ class Aggregator:
             last_successful_aggregation=time.time(),
             data_errors=(*errors, *(e for es in list(self._instance_errors.values()) for e in es)),
             data_losses=losses,
+            losses_acknowledged=acknowledged,
             instance_flush_errors=data.flush_errors,
         )
 
