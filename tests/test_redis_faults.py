@@ -104,6 +104,23 @@ def test_row4_a_deleted_aggregated_hash_is_rebuilt_and_the_loss_reported(
     assert published == {"A": 1.0, "Quiet": 1.0}
 
 
+def test_published_losses_start_at_zero_and_never_go_back_while_a_reader_runs(
+    make_stats: MakeStats, r: redis.Redis
+) -> None:
+    """conduit_cache_data_losses_total: 0 before the first loss (a series born at 1 has no
+    increase() for the alert), and a rebuilt hash's count adds up (Redis says 1 again)."""
+    stats = make_stats("api-1")
+    record(stats, "A", 10)
+    assert stats.flush()
+    assert stats.cluster_view().losses_published == {"A": 0}
+    for published in (1, 2):
+        r.delete(AGG + "A")
+        record(stats, "A", 1)
+        assert stats.flush()
+        assert totals(r, "A")["lost"] == 1
+        assert stats.cluster_view().losses_published == {"A": published}
+
+
 def test_a_loss_is_degraded_for_data_loss_period_or_until_an_operator_acknowledges_it(
     make_stats: MakeStats, r: redis.Redis, redis_url: str
 ) -> None:

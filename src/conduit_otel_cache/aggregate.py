@@ -27,7 +27,7 @@ import redis
 
 from .background import quietly
 from .config import Settings, valid_name
-from .continuity import Continuity
+from .continuity import Continuity, LossCount
 from .model import Statistics
 from .ratelimit import RateLimitedLog
 from .store import ClusterData, Heartbeats, Store, explain
@@ -75,6 +75,9 @@ class ClusterView:
     data_losses: dict[str, tuple[int, float, float]] = dataclasses.field(default_factory=dict)
     #: ``{region: losses an operator acknowledged}`` (``cleanup --acknowledge-losses``)
     losses_acknowledged: dict[str, int] = dataclasses.field(default_factory=dict)
+    #: ``{region: losses}`` of every region, monotonic while this reader runs (0 before the
+    #: first; a rebuilt hash's losses add up): ``conduit_cache_data_losses_total``
+    losses_published: dict[str, int] = dataclasses.field(default_factory=dict)
     #: ``{error kind: count}``: failed flushes of every instance, carried through Redis by
     #: its next successful write
     instance_flush_errors: dict[str, int] = dataclasses.field(default_factory=dict)
@@ -122,6 +125,7 @@ class Aggregator:
         self._reported: dict[str, frozenset[str]] = {}  # the malformed entries of each read
         #: the counters stay monotonic across a Redis data loss while this reader runs
         self.continuity = Continuity()
+        self.loss_count = LossCount()
         self._errors = RateLimitedLog(log)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -378,6 +382,7 @@ class Aggregator:
             data_errors=(*errors, *(e for es in list(self._instance_errors.values()) for e in es)),
             data_losses=losses,
             losses_acknowledged=acknowledged,
+            losses_published=self.loss_count.apply(regions, data.aggregates),
             instance_flush_errors=data.flush_errors,
         )
 

@@ -249,8 +249,8 @@ class Exposition:
         return [Observation(n, {"kind": kind}) for kind, n in sorted(errors.items())]
 
     def _data_losses(self, options: CallbackOptions) -> Iterable[Observation]:
-        losses = self._view().data_losses
-        return [Observation(n, {"region": r}) for r, (n, _, _) in sorted(losses.items())]
+        losses = self._view().losses_published
+        return [Observation(n, {"region": r}) for r, n in sorted(losses.items())]
 
     def _instance_ratios(self, options: CallbackOptions) -> Iterable[Observation]:
         """Live instances' hit ratios, the ``max_instance_series`` farthest from their
