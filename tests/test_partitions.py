@@ -90,3 +90,41 @@ def test_cut_off_longer_than_retention_then_back_adds_only_what_is_new(
         assert "lost_count" not in totals
     finally:
         stats.shutdown()
+
+
+def test_a_write_whose_reply_was_lost_is_never_counted_twice(
+    proxy: TcpProxy, r: redis.Redis
+) -> None:
+    """Redis applies a write and its reply is lost (the writer times out); then Redis loses
+    the instance's stats hash. The totals' record of their writes says the write was
+    applied: exact, nothing reported. With that record lost too, the write is counted as
+    applied (never twice) and the loss is reported."""
+    stats = setup(
+        redis_url=f"redis://127.0.0.1:{proxy.port}/0", instance_id="app-1", set_global=False,
+        flush_interval=None, socket_timeout=0.5, connect_retries=0,
+    )  # fmt: skip
+    try:
+        for region, record_lost in (("A", False), ("B", True)):
+            for _ in range(100):
+                stats.record_hit(region)
+            assert stats.flush()
+            for _ in range(60):
+                stats.record_hit(region)
+            proxy.drop_replies = True
+            try:
+                assert not stats.flush()  # applied by Redis, its reply lost
+            finally:
+                proxy.drop_replies = False
+            assert r.hget(f"conduit:cache:stats:aggregated:{region}", "hit_count") == "160"
+            r.delete(f"conduit:cache:stats:app-1:{region}")
+            if record_lost:
+                r.delete(f"conduit:cache:stats:aggregated:{region}:writes")
+            stats.record_hit(region)
+            assert stats.flush()
+            totals = r.hgetall(f"conduit:cache:stats:aggregated:{region}")
+            assert (totals["hit_count"], totals["live_hit_count"], totals["instance_count"]) == (
+                "161", "161", "1",
+            )  # fmt: skip
+            assert ("lost_count" in totals) == record_lost, totals
+    finally:
+        stats.shutdown()
