@@ -23,6 +23,7 @@ class TcpProxy:
         self.target = target
         self.delay = 0.0
         self.drop_replies = False
+        self.refused = 0  # connections closed at once while cut
         self._cut = threading.Event()
         self._stop = threading.Event()
         self._lock = threading.Lock()
@@ -76,6 +77,7 @@ class TcpProxy:
                 return
             if self._cut.is_set():
                 client.close()
+                self.refused += 1
                 continue
             try:
                 upstream = socket.create_connection(self.target, timeout=5)
