@@ -1,6 +1,7 @@
 """A real TCP proxy on loopback between a client and a server (here: a `serve` replica and
 Redis), which a test can cut (every connection closed, new ones closed at once) and restore,
-or slow down (each chunk forwarded after a delay)."""
+or slow down (each chunk forwarded after a delay), or make it lose replies (requests reach
+the server, which applies them; its replies are dropped)."""
 
 from __future__ import annotations
 
@@ -14,11 +15,15 @@ from typing import Any
 
 class TcpProxy:
     """Forwards ``127.0.0.1:port`` to ``target``; :meth:`cut`, :meth:`restore`,
-    :attr:`delay` (seconds before each chunk is forwarded)."""
+    :attr:`delay` (seconds before each chunk is forwarded), :attr:`drop_replies` (while
+    true, what the server sends is dropped: a client times out on a request the server
+    applied)."""
 
     def __init__(self, target: tuple[str, int]) -> None:
         self.target = target
         self.delay = 0.0
+        self.drop_replies = False
+        self.refused = 0  # connections closed at once while cut
         self._cut = threading.Event()
         self._stop = threading.Event()
         self._lock = threading.Lock()
@@ -72,6 +77,7 @@ class TcpProxy:
                 return
             if self._cut.is_set():
                 client.close()
+                self.refused += 1
                 continue
             try:
                 upstream = socket.create_connection(self.target, timeout=5)
@@ -91,6 +97,8 @@ class TcpProxy:
                     data = sock.recv(65536)
                     if not data:
                         return
+                    if sock is upstream and self.drop_replies:
+                        continue
                     if self.delay:
                         time.sleep(self.delay)
                     peers[sock].sendall(data)

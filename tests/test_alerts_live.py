@@ -2,7 +2,8 @@
 three real `serve` replicas, each reading Redis through its own real TCP proxy, while real
 application processes record traffic: each expression selects exactly what it must when its
 failure is provoked (one replica slowed, cut off, every one cut off, a process killed, every
-application stopped, memory filled, a malformed entry, replicas stopped) and nothing when it
+application stopped, memory filled, a malformed entry, a region's totals deleted, an
+application cut off from Redis, replicas stopped) and nothing when it
 must not, in particular while one replica is cut off from Redis and keeps its last good
 values. The expressions are evaluated through the query API as Prometheus loaded them (their
 ``for`` is the unit tests' job: tests/promtool/alerts_test.yml)."""
@@ -164,6 +165,31 @@ def run_scenario(
          lambda: regions("ConduitCacheDriftHigh") == {"ProviderResponses"}
          and regions("ConduitCacheLowHitRatio") == {"Sessions"})  # fmt: skip
     silent(*everything - {"ConduitCacheDriftHigh", "ConduitCacheLowHitRatio"})
+
+    # -- Redis loses the Sessions totals (a DEL; an eviction does the same): the applications
+    #    rebuild them, and the loss (what ended instances had added) is reported once, by
+    #    region: every replica publishes 0 before it, so that it is an increase
+    assert {float(s["value"][1]) for s in scraped("conduit_cache_data_losses_total")} == {0.0}
+    r.delete(KEYS.aggregate("Sessions"))
+    wait("the loss's alert", lambda: selected("ConduitCacheDataLost"))
+    assert selected("ConduitCacheDataLost") == [{"job": JOB, "region": "Sessions"}]
+
+    # -- an application cut off from Redis (its own proxy) fails to flush; its next write
+    #    carries the failures, and they are alerted on once for the job
+    silent("ConduitCacheInstanceFlushErrors")
+    with TcpProxy(("127.0.0.1", redis_server.port)) as path:
+        api3 = application(path.url(), "api-3", traffic="api-1")
+        try:
+            wait("api-3 live", lambda: len(r.zrange(KEYS.instances, 0, -1)) == 3)
+            path.cut()
+            wait("api-3's flushes to fail", lambda: path.refused >= 3)
+            path.restore()
+            wait("the flush errors' alert", lambda: selected("ConduitCacheInstanceFlushErrors"))
+            assert selected("ConduitCacheInstanceFlushErrors") == [{"job": JOB}]
+        finally:
+            assert api3.stdin is not None
+            api3.stdin.close()  # a clean shutdown: it departs
+            assert api3.wait(15) == 0
 
     # -- replica c slowed (every forwarded chunk 0.15 s late): c alone is slow
     c.proxy.delay = 0.15

@@ -34,6 +34,8 @@ def start(url: str, instance_id: str) -> subprocess.Popen[str]:
 def hits(r: redis.Redis) -> dict[str, tuple[int, int]]:
     out = {}
     for key in r.scan_iter("conduit:cache:stats:aggregated:*"):
+        if key.endswith(":writes"):  # the record of the writes the totals hold
+            continue
         fields = r.hgetall(key)
         out[key.rsplit(":", 1)[1]] = (int(fields.get("hit_count", 0)),
                                       int(fields.get("lost_count", 0)))  # fmt: skip

@@ -13,6 +13,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from conduit_otel_cache import setup
 from conduit_otel_cache.embedded import RedisServer
+from conduit_otel_cache.exposition import FLUSH_ERROR_KINDS
 from conduit_otel_cache.store import Store
 
 from .conftest import scrape_once
@@ -57,7 +58,11 @@ def test_flush_failures_are_carried_through_redis_and_published(
             for s in family.samples
             if s.name == "conduit_cache_instances_flush_errors_total"
         }
-        assert samples == {kind: float(n) for kind, n in carried.items()}
+        # every kind carried, and the common ones at 0 (a first failure is an increase)
+        assert {k: v for k, v in samples.items() if v} == {
+            kind: float(n) for kind, n in carried.items()
+        }
+        assert set(samples) >= set(FLUSH_ERROR_KINDS)
     finally:
         stats.shutdown()
 
@@ -88,5 +93,43 @@ def test_cut_off_longer_than_retention_then_back_adds_only_what_is_new(
             "160", "1000", "1",
         )  # fmt: skip
         assert "lost_count" not in totals
+    finally:
+        stats.shutdown()
+
+
+def test_a_write_whose_reply_was_lost_is_never_counted_twice(
+    proxy: TcpProxy, r: redis.Redis
+) -> None:
+    """Redis applies a write and its reply is lost (the writer times out); then Redis loses
+    the instance's stats hash. The totals' record of their writes says the write was
+    applied: exact, nothing reported. With that record lost too, the write is counted as
+    applied (never twice) and the loss is reported."""
+    stats = setup(
+        redis_url=f"redis://127.0.0.1:{proxy.port}/0", instance_id="app-1", set_global=False,
+        flush_interval=None, socket_timeout=0.5, connect_retries=0,
+    )  # fmt: skip
+    try:
+        for region, record_lost in (("A", False), ("B", True)):
+            for _ in range(100):
+                stats.record_hit(region)
+            assert stats.flush()
+            for _ in range(60):
+                stats.record_hit(region)
+            proxy.drop_replies = True
+            try:
+                assert not stats.flush()  # applied by Redis, its reply lost
+            finally:
+                proxy.drop_replies = False
+            assert r.hget(f"conduit:cache:stats:aggregated:{region}", "hit_count") == "160"
+            r.delete(f"conduit:cache:stats:app-1:{region}")
+            if record_lost:
+                r.delete(f"conduit:cache:stats:aggregated:{region}:writes")
+            stats.record_hit(region)
+            assert stats.flush()
+            totals = r.hgetall(f"conduit:cache:stats:aggregated:{region}")
+            assert (totals["hit_count"], totals["live_hit_count"], totals["instance_count"]) == (
+                "161", "161", "1",
+            )  # fmt: skip
+            assert ("lost_count" in totals) == record_lost, totals
     finally:
         stats.shutdown()

@@ -58,6 +58,7 @@ REGION_SERIES = {
     "conduit_cache_hit_ratio",
     "conduit_cache_drift_percent",
     "conduit_cache_instance_hit_ratio",
+    "conduit_cache_data_losses_total",
 }
 #: Every family `serve` publishes (README, "## Prometheus").
 SERVE_FAMILIES = {
@@ -336,6 +337,8 @@ def test_dashboard_panels_and_thresholds() -> None:
         "Redis memory": ("bytes", 1024**3),
         "Time since last successful aggregation": ("s", 120),
         "Per-instance hit ratio": ("percentunit", None),
+        "Instance flush failures": ("short", 1),
+        "Data losses": ("short", 1),
     }
     for title, (unit, threshold) in expected.items():
         defaults = by_title[title]["fieldConfig"]["defaults"]
@@ -371,6 +374,14 @@ def test_dashboard_panels_and_thresholds() -> None:
         assert panel["targets"][0]["legendFormat"] == "{{instance}}"
     # the cluster's health is the best replica's (a cut-off replica is Unhealthy alone)
     assert by_title["Health status"]["targets"][0]["expr"].startswith("min(")
+    # the conditional counters: per kind / region, and 0 (not "no data") when none
+    for title, metric, by in (
+        ("Instance flush failures", "instances_flush_errors_total", "kind"),
+        ("Data losses", "data_losses_total", "region"),
+    ):
+        expr = by_title[title]["targets"][0]["expr"]
+        assert expr.startswith(f"sum by ({by}) (max without (instance, pod) (increase(")
+        assert f"conduit_cache_{metric}{{" in expr and expr.endswith(" or on () vector(0)")
     table = by_title["Per-instance hit ratio"]
     assert table["type"] == "table" and table["targets"][0]["format"] == "table"
     assert "by (region, instance_id)" in table["targets"][0]["expr"]

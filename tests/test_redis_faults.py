@@ -7,6 +7,8 @@ recorded, or the loss that cannot be repaired is reported (health and the totals
 from __future__ import annotations
 
 import logging
+import subprocess
+import sys
 
 import pytest
 import redis
@@ -16,7 +18,7 @@ from conduit_otel_cache import ConfigError, setup
 from conduit_otel_cache.store import Store
 from conduit_otel_cache.writethrough import CHECK_EVERY
 
-from .conftest import MakeStats, scrape_once
+from .conftest import MakeStats, scrape_once, wait_for
 
 AGG = "conduit:cache:stats:aggregated:"
 
@@ -100,6 +102,59 @@ def test_row4_a_deleted_aggregated_hash_is_rebuilt_and_the_loss_reported(
         if s.name == "conduit_cache_data_losses_total"
     }
     assert published == {"A": 1.0, "Quiet": 1.0}
+
+
+def test_published_losses_start_at_zero_and_never_go_back_while_a_reader_runs(
+    make_stats: MakeStats, r: redis.Redis
+) -> None:
+    """conduit_cache_data_losses_total: 0 before the first loss (a series born at 1 has no
+    increase() for the alert), and a rebuilt hash's count adds up (Redis says 1 again)."""
+    stats = make_stats("api-1")
+    record(stats, "A", 10)
+    assert stats.flush()
+    assert stats.cluster_view().losses_published == {"A": 0}
+    for published in (1, 2):
+        r.delete(AGG + "A")
+        record(stats, "A", 1)
+        assert stats.flush()
+        assert totals(r, "A")["lost"] == 1
+        assert stats.cluster_view().losses_published == {"A": published}
+
+
+def test_a_loss_is_degraded_for_data_loss_period_or_until_an_operator_acknowledges_it(
+    make_stats: MakeStats, r: redis.Redis, redis_url: str
+) -> None:
+    stats = make_stats("api-1")  # data_loss_period: an hour by default
+    record(stats, "A", 10)
+    record(stats, "B", 10)
+    assert stats.flush()
+
+    def lose(region: str) -> None:  # the totals lost, rebuilt from the live instance
+        r.delete(AGG + region)
+        record(stats, region, 1)
+        assert stats.flush()
+
+    lose("A")
+    assert stats.health().status.label == "Degraded"
+    brief = make_stats("reader", data_loss_period=0.5)  # the same loss, a short period
+    assert brief.health().status.label == "Degraded"
+    wait_for(lambda: brief.health().status.label == "Healthy", what="period over")
+    assert stats.health().status.label == "Degraded"
+
+    done = subprocess.run(
+        [sys.executable, "-m", "conduit_otel_cache.cli", "cleanup", "--redis-url", redis_url,
+         "--acknowledge-losses"],
+        capture_output=True, text=True, timeout=60, check=True,
+    )  # fmt: skip
+    assert "acknowledged the data losses of 1 region(s): A" in done.stdout
+    assert stats.health().status.label == "Healthy"
+    assert totals(r, "A")["lost"] == 1  # the counter stays: Prometheus saw the loss
+    lose("B")  # a loss after the acknowledgement is Degraded again
+    health = stats.health()
+    assert health.status.label == "Degraded"
+    assert [reason for reason in health.reasons if "lost" in reason] == [
+        next(reason for reason in health.reasons if "region B since" in reason)
+    ]  # B only: A stays acknowledged
 
 
 def test_row5_a_deleted_regions_set_is_rebuilt(make_stats: MakeStats, r: redis.Redis) -> None:

@@ -27,7 +27,7 @@ import redis
 
 from .background import quietly
 from .config import Settings, valid_name
-from .continuity import Continuity
+from .continuity import Continuity, LossCount
 from .model import Statistics
 from .ratelimit import RateLimitedLog
 from .store import ClusterData, Heartbeats, Store, explain
@@ -73,6 +73,11 @@ class ClusterView:
     #: found to have lost part of the region's totals that no live instance could rebuild
     #: (see docs/write-protocol.md, "What Redis can lose")
     data_losses: dict[str, tuple[int, float, float]] = dataclasses.field(default_factory=dict)
+    #: ``{region: losses an operator acknowledged}`` (``cleanup --acknowledge-losses``)
+    losses_acknowledged: dict[str, int] = dataclasses.field(default_factory=dict)
+    #: ``{region: losses}`` of every region, monotonic while this reader runs (0 before the
+    #: first; a rebuilt hash's losses add up): ``conduit_cache_data_losses_total``
+    losses_published: dict[str, int] = dataclasses.field(default_factory=dict)
     #: ``{error kind: count}``: failed flushes of every instance, carried through Redis by
     #: its next successful write
     instance_flush_errors: dict[str, int] = dataclasses.field(default_factory=dict)
@@ -120,6 +125,7 @@ class Aggregator:
         self._reported: dict[str, frozenset[str]] = {}  # the malformed entries of each read
         #: the counters stay monotonic across a Redis data loss while this reader runs
         self.continuity = Continuity()
+        self.loss_count = LossCount()
         self._errors = RateLimitedLog(log)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -335,12 +341,14 @@ class Aggregator:
         bounds = self.settings.response_time_buckets
         regions: dict[str, Statistics] = {}
         losses: dict[str, tuple[int, float, float]] = {}
+        acknowledged: dict[str, int] = {}
         for region, fields in data.aggregates.items():
             if "lost_count" in fields:
                 try:
                     at = float(fields.get("lost_at", 0))
                     since = float(fields.get("lost_since", at))
                     losses[region] = (int(fields["lost_count"]), since, at)
+                    acknowledged[region] = int(fields.get("lost_acknowledged", 0))
                 except ValueError:
                     errors.append(f"aggregate of region {region!r}: bad lost_count or lost_at")
             try:
@@ -374,6 +382,8 @@ class Aggregator:
             last_successful_aggregation=time.time(),
             data_errors=(*errors, *(e for es in list(self._instance_errors.values()) for e in es)),
             data_losses=losses,
+            losses_acknowledged=acknowledged,
+            losses_published=self.loss_count.apply(regions, data.aggregates),
             instance_flush_errors=data.flush_errors,
         )
 

@@ -30,7 +30,7 @@ CONNECTION = ("redis_url", "redis_cluster", "key_prefix", "socket_timeout", "con
               "ssl_keyfile")  # fmt: skip
 HEALTH = ("instance_timeout", "min_active_instances", "missing_instance_grace",
           "max_aggregation_latency", "max_drift_percent", "drift_min_requests",
-          "max_memory_bytes")  # fmt: skip
+          "max_memory_bytes", "data_loss_period")  # fmt: skip
 COMMAND_OPTIONS: dict[str, tuple[str, ...]] = {
     "serve": (*CONNECTION, *HEALTH, "aggregation_cache_ttl", "enable_aggregation_cache",
               "aggregation_interval", "max_instance_series", "retention_period",
@@ -117,10 +117,14 @@ def cmd_cleanup(args: argparse.Namespace) -> int:
     try:
         removed = store.cleanup(settings.retention_period)
         reaped = store.reap(settings.instance_timeout)
+        acknowledged = store.acknowledge_losses() if args.acknowledge_losses else None
     except Exception as exc:
         raise CommandError(f"cannot clean up {settings.safe_redis_url}: {explain(exc)}") from None
     print(f"removed {len(removed)} instance(s) older than {settings.retention_period:g}s; "
           f"{len(reaped)} newly expired")  # fmt: skip
+    if acknowledged is not None:
+        named = ", ".join(acknowledged) or "none"
+        print(f"acknowledged the data losses of {len(acknowledged)} region(s): {named}")
     return 0
 
 
@@ -256,6 +260,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = redis_cmd("health", "Print health JSON; exit 0 Healthy, 1 Degraded, 2 Unhealthy.")
     p.set_defaults(func=cmd_health)
     p = redis_cmd("cleanup", "Remove instances whose heartbeat is older than retention_period.")
+    p.add_argument(
+        "--acknowledge-losses", action="store_true",
+        help="also acknowledge every data loss reported so far: health is no longer "
+             "Degraded for them (conduit_cache_data_losses_total is unchanged)",
+    )  # fmt: skip
     p.set_defaults(func=cmd_cleanup)
     p = sub.add_parser(
         "demo",

@@ -161,6 +161,9 @@ class Settings:
     max_drift_percent: float = 5.0
     drift_min_requests: int = 100
     max_memory_bytes: int = 1 << 30
+    #: how long health stays Degraded after Redis lost statistics that could not be
+    #: rebuilt (unless an operator acknowledges the loss: ``cleanup --acknowledge-losses``)
+    data_loss_period: float = 3600.0
     set_global: bool = True
     #: stand in for SIGTERM's default disposition with a final flush (:mod:`.lifecycle`)
     handle_signals: bool = True
@@ -271,7 +274,7 @@ class Settings:
             "instance_timeout", "statistics_ttl", "retention_period", "cleanup_interval",
             "socket_timeout", "connect_timeout", "missing_instance_grace",
             "max_aggregation_latency", "aggregation_interval", "response_time_sample_ttl",
-            "batch_timeout", "shutdown_timeout", "otlp_interval",
+            "batch_timeout", "shutdown_timeout", "otlp_interval", "data_loss_period",
         )  # fmt: skip
         for name in positive:
             _check_positive(name, getattr(self, name))

@@ -22,6 +22,7 @@ lack the departed part from then on.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterable, Mapping
 
 from .model import ResponseTimes, Statistics
 
@@ -121,3 +122,39 @@ def _max(before: Statistics, now: Statistics) -> Statistics:
     return dataclasses.replace(
         now, **{f: max(getattr(before, f), getattr(now, f)) for f in _COUNTS}, response_times=rt
     )
+
+
+class LossCount:
+    """``conduit_cache_data_losses_total`` per region, monotonic while a reader runs.
+
+    Every region the reader knows is published, at 0 until its first loss, so that a first
+    loss is an increase Prometheus sees (a series born at 1 is not). A region's totals that
+    Redis lost and rebuilt (another ``epoch``) count their losses from 1 again: that adds
+    to what was published, never replaces it.
+    """
+
+    def __init__(self) -> None:
+        self._seen: dict[str, tuple[str, int]] = {}  # region: (epoch, lost_count) last read
+        self._published: dict[str, int] = {}
+
+    def apply(
+        self, regions: Iterable[str], aggregates: Mapping[str, Mapping[str, str]]
+    ) -> dict[str, int]:
+        """The published count of every region of ``regions``, from their aggregated hashes."""
+        for region in regions:
+            fields = aggregates.get(region, {})
+            epoch, count = fields.get("epoch", ""), _count(fields.get("lost_count"))
+            if region not in self._published:
+                self._published[region] = count  # what Redis holds when first read
+            else:
+                last_epoch, last = self._seen[region]
+                self._published[region] += max(0, count - last) if epoch == last_epoch else count
+            self._seen[region] = (epoch, count)
+        return {region: self._published[region] for region in regions}
+
+
+def _count(value: str | None) -> int:
+    try:
+        return max(0, int(value or 0))
+    except ValueError:
+        return 0

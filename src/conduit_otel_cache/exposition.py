@@ -67,6 +67,11 @@ DATA_AGE_HEADER = "X-Conduit-Data-Age"
 MAX_MALFORMED_KEYS = 20
 #: ``service.name`` of the exporter's resource (``service.instance.id`` is its ``instance_id``)
 SERVICE_NAME = "conduit-otel-cache-exporter"
+#: flush error kinds published at 0 until an instance reports one: a first failure is then
+#: an increase Prometheus sees (a series born at its count is not); other kinds appear
+#: when first reported
+FLUSH_ERROR_KINDS = ("ConnectionError", "TimeoutError", "OutOfMemoryError", "NoPermissionError",
+                     "AuthenticationError", "ReadOnlyError", "ResponseError")  # fmt: skip
 #: seconds a format stays rendered in the background after the last scrape that asked for it
 KEEP_WARM = 300.0
 _RETRY = 0.005  # seconds before asking again when another reader is refreshing the view
@@ -252,12 +257,12 @@ class Exposition:
         return [Observation(d, {"region": r}) for r, d in drift.items()]
 
     def _flush_errors(self, options: CallbackOptions) -> Iterable[Observation]:
-        errors = self._view().instance_flush_errors
+        errors = dict.fromkeys(FLUSH_ERROR_KINDS, 0) | self._view().instance_flush_errors
         return [Observation(n, {"kind": kind}) for kind, n in sorted(errors.items())]
 
     def _data_losses(self, options: CallbackOptions) -> Iterable[Observation]:
-        losses = self._view().data_losses
-        return [Observation(n, {"region": r}) for r, (n, _, _) in sorted(losses.items())]
+        losses = self._view().losses_published
+        return [Observation(n, {"region": r}) for r, n in sorted(losses.items())]
 
     def _instance_ratios(self, options: CallbackOptions) -> Iterable[Observation]:
         """Live instances' hit ratios, the ``max_instance_series`` farthest from their

@@ -12,9 +12,6 @@ from typing import Any, Protocol
 from .aggregate import ClusterView
 from .config import Settings
 
-#: a region whose totals Redis lost in part is Degraded for this long after the last loss
-DATA_LOSS_SECONDS = 3600.0
-
 
 class Status(enum.IntEnum):
     """Health status; a larger value is worse. The CLI exits with the value."""
@@ -117,7 +114,8 @@ def evaluate(
     if view.redis_memory_bytes > settings.max_memory_bytes:
         fail(Status.DEGRADED, f"Redis memory {view.redis_memory_bytes / 2**20:.0f} MB")
     recent = [(r, n, since) for r, (n, since, at) in sorted(view.data_losses.items())
-              if view.server_time - at < DATA_LOSS_SECONDS]  # fmt: skip
+              if n > view.losses_acknowledged.get(r, 0)
+              and view.server_time - at < settings.data_loss_period]  # fmt: skip
     if recent:
         named = ", ".join(
             f"region {r} since {datetime.fromtimestamp(since, timezone.utc):%Y-%m-%dT%H:%M:%SZ}"
@@ -136,7 +134,7 @@ def evaluate(
     if recoveries is not None and recoveries.last.failed:
         fail(Status.DEGRADED, f"{recoveries.last.failed} dead incarnation(s) in spool_dir "
              f"not written yet ({recoveries.last_error}); tried again later")  # fmt: skip
-    if recoveries is not None and time.time() - recoveries.dropped_at < DATA_LOSS_SECONDS:
+    if recoveries is not None and time.time() - recoveries.dropped_at < settings.data_loss_period:
         fail(Status.DEGRADED, f"{recoveries.total.dropped} dead incarnation(s) in spool_dir "
              "could not be written exactly and were dropped (the log names them)")  # fmt: skip
     if view.reap_error:

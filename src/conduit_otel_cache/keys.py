@@ -6,6 +6,8 @@ Keys (``conduit:`` is ``key_prefix``)::
     conduit:cache:regions                      set   every region reported
     conduit:cache:stats:<instance>:<region>    hash  the instance's cumulative statistics
     conduit:cache:stats:aggregated:<region>    hash  the cluster totals, kept at flush time
+    conduit:cache:stats:aggregated:<region>:writes  hash  the writes the totals hold: instance
+                                                     id -> token:write number, their epoch
     conduit:cache:instance:<instance>          hash  incarnation token, owner, live flag, last flush
     conduit:cache:instance:<instance>:regions  set   regions the instance reported
     conduit:cache:flush_errors                 hash  error kind -> failed flushes of every
@@ -18,12 +20,15 @@ the instance-level keys share ``{global}`` and a region's keys share ``{<region>
 
     conduit:cache:{global}:instances                 conduit:cache:{<region>}:stats:<instance>
     conduit:cache:{global}:regions                   conduit:cache:{<region>}:aggregated
+                                                     conduit:cache:{<region>}:aggregated:writes
     conduit:cache:{global}:instance:<instance>       conduit:cache:{<region>}:hit_rates
     conduit:cache:{global}:instance:<instance>:regions
     conduit:cache:{global}:flush_errors
 
-Every key a script touches is named here and passed to it in ``KEYS`` (``lua/liveness.lua``
-alone derives instance meta keys from :meth:`KeySchema.meta` of an empty id, in the same slot).
+Every key a script touches is named here and passed to it in ``KEYS``, but for two derived
+in the same slot: ``lua/liveness.lua`` derives instance meta keys from :meth:`KeySchema.meta`
+of an empty id, and ``lua/region.lua`` the record of a region's writes from its aggregated
+hash (``<aggregated>:writes``).
 """
 
 from __future__ import annotations

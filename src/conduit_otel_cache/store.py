@@ -177,8 +177,10 @@ class FlushResult:
     need_full: tuple[str, ...] = ()
     #: Redis did not hold this incarnation as live (reaped, or lost): write it whole
     rebuild: bool = False
-    #: the incarnation that left ``stale`` was live when this one took over
-    stale_live: bool = False
+    #: the incarnation that left ``stale`` was live when this one took over: ``"1"``;
+    #: ``"m"``: it was, but Redis lost its regions set (``stale`` is then every region,
+    #: and it leaves those where Redis still shows it live); else ``"0"``
+    stale_live: str = "0"
     #: ``{region: epoch}`` of the totals each full entry was written to
     epochs: Mapping[str, str] = dataclasses.field(default_factory=dict)
 
@@ -238,6 +240,7 @@ class Store:
             self._aggregates = self._script("aggregates.lua")
             self._counts = self._script("counts.lua")
         self._liveness = self._script("liveness.lua")
+        self._acknowledge = self._script("acknowledge.lua")
 
     def _script(self, *names: str) -> Script:
         return self.client.register_script(_script_source(*names))
@@ -291,7 +294,7 @@ class Store:
             result = self._head_result(self._run([head])[0])
             if result.status != "ok":
                 return result
-            replies = self._run(rest)
+            replies = self._run([*self._leave_earlier(writer, result, items), *rest])[-len(rest) :]
         else:
             replies = self._run([head, *rest])
             result = self._head_result(replies.pop(0))
@@ -301,12 +304,25 @@ class Store:
             epochs.update(_epochs(reply[1]))
         return dataclasses.replace(result, need_full=need, epochs=epochs)
 
+    def _leave_earlier(
+        self, writer: Writer, result: FlushResult, items: Sequence[tuple[str, Entry]]
+    ) -> list[tuple[Script, list[str], list[Any]]]:
+        """Before a new incarnation's regions that its beat went ahead of: the live gauges
+        of a live earlier incarnation leave those regions (as ``lua/flush.lua`` does for
+        the ones it writes with the beat), also where its stats hash is gone."""
+        if result.stale_live == "0":
+            return []
+        args = [writer.instance_id, "0", writer.token, result.stale_live]
+        earlier = set(result.stale)
+        return [(self._depart_regions, self.keys.region(writer.instance_id, region), args)
+                for region, _ in items if region in earlier]  # fmt: skip
+
     @staticmethod
     def _beat_result(reply: Any) -> FlushResult:
         now, status, stale, rebuild, stale_live = reply[:5]
         stale = tuple(str(r) for r in stale)
         return FlushResult(
-            float(now), str(status), stale, rebuild=rebuild == "1", stale_live=stale_live == "1"
+            float(now), str(status), stale, rebuild=rebuild == "1", stale_live=str(stale_live)
         )
 
     @classmethod
@@ -324,13 +340,14 @@ class Store:
         reply = self._beat(keys=self.keys.beat(writer.instance_id), args=writer.header(False))
         return self._beat_result(reply)
 
-    def leave_stale(self, writer: Writer, regions: Sequence[str], *, live: bool = False) -> None:
+    def leave_stale(self, writer: Writer, regions: Sequence[str], *, live: str = "0") -> None:
         """Take the regions that earlier incarnations under ``writer``'s id reported, and
         ``writer`` has not written, out of the live gauges; then stop listing them.
-        ``live``: the earlier incarnation had not departed (a stats hash of it that is
-        gone left its live gauges behind)."""
+        ``live``: ``"1"`` when the earlier incarnation had not departed (a stats hash of it
+        that is gone left its live gauges behind), ``"m"`` when Redis also lost its regions
+        set (see :attr:`FlushResult.stale_live`)."""
         valid = sorted(r for r in set(regions) if valid_name(r))
-        args = [writer.instance_id, "0", writer.token, "1" if live else "0"]
+        args = [writer.instance_id, "0", writer.token, live]
         if self.redis_cluster:
             calls = [(self._depart_regions, self.keys.region(writer.instance_id, r), args)
                      for r in valid]  # fmt: skip
@@ -380,13 +397,26 @@ class Store:
         age = "" if max_age is None else repr(float(max_age))
         if self.redis_cluster:
             return self._depart_redis_cluster(instance_id, age, remove, regions)
-        try:
-            listed = _strs(self.client.smembers(self.keys.instance_regions(instance_id)))
-        except redis.ResponseError:  # not a set: nothing to take out but the heartbeat
-            listed = []
+        pipe = self.client.pipeline(transaction=False)
+        pipe.smembers(self.keys.instance_regions(instance_id))
+        pipe.hget(self.keys.meta(instance_id), "live")
+        members, live = pipe.execute(raise_on_error=False)
+        # not a set: nothing to take out but the heartbeat
+        listed = [] if isinstance(members, Exception) else _strs(members)
+        lost = not listed and live == "1"  # Redis lost its regions set: every region
+        if lost:
+            listed = self._all_regions()
         valid = {r for r in regions if valid_name(r)}
         keys = self.keys.instance(instance_id, sorted(valid.union(listed)))
-        return bool(self._depart(keys=keys, args=[instance_id, age, "1" if remove else "0"]))
+        args = [instance_id, age, "1" if remove else "0", "m" if lost else ""]
+        return bool(self._depart(keys=keys, args=args))
+
+    def _all_regions(self) -> list[str]:
+        """Every region Redis lists (an instance whose regions set is lost may be in any)."""
+        try:
+            return [r for r in _strs(self.client.smembers(self.keys.regions)) if valid_name(r)]
+        except redis.ResponseError:
+            return []
 
     def _depart_redis_cluster(
         self, instance_id: str, age: str, remove: bool, extra: Sequence[str]
@@ -399,10 +429,12 @@ class Store:
         if due is None:
             return False
         live, regions = due
+        if live == "1" and not regions:  # Redis lost its regions set: every region
+            live, regions = "m", self._all_regions()
         flag = "1" if remove else "0"
         calls = [
             (self._depart_regions, self.keys.region(instance_id, region),
-             [instance_id, flag, "", live])
+             [instance_id, flag, "", live, "1" if age else ""])
             for region in sorted(set(regions).union(extra))
             if valid_name(region)
         ]  # fmt: skip
@@ -424,11 +456,14 @@ class Store:
         pipe = self.client.pipeline(transaction=False)
         for instance_id in expired:
             pipe.hget(self.keys.meta(instance_id), "live")
+            pipe.exists(self.keys.instance_regions(instance_id))
         flags = pipe.execute(raise_on_error=False)
         return [
             instance_id
-            for instance_id, live in zip(expired, flags)
-            if live == "1" and self.depart(instance_id, max_age=instance_timeout)
+            for instance_id, live, listed in zip(expired, flags[::2], flags[1::2])
+            # live, or its meta hash lost while its regions set is not
+            if (live == "1" or (live is None and listed == 1))
+            and self.depart(instance_id, max_age=instance_timeout)
         ]
 
     def cleanup(self, retention_period: float) -> list[str]:
@@ -436,6 +471,16 @@ class Store:
         now = self.server_time()
         old = _strs(self.client.zrangebyscore(self.keys.instances, "-inf", now - retention_period))
         return [i for i in old if self.depart(i, max_age=retention_period, remove=True)]
+
+    def acknowledge_losses(self) -> list[str]:
+        """Acknowledge every data loss reported so far (health is no longer Degraded for
+        them; the loss counters are unchanged); returns the regions that had any."""
+        regions = sorted(self._all_regions())
+        calls: list[tuple[Script, list[str], list[Any]]] = [
+            (self._acknowledge, [self.keys.aggregate(r)], []) for r in regions
+        ]
+        replies = self._run(calls) if calls else []
+        return [region for region, done in zip(regions, replies) if done == 1]
 
     # -- reads --------------------------------------------------------------------------
 

@@ -30,6 +30,7 @@ from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+import redis
 from opentelemetry.sdk.metrics.export import (
     AggregationTemporality,
     HistogramDataPoint,
@@ -133,6 +134,13 @@ class RedisMetricExporter(MetricExporter):
         self._acked: Fields = {}  # what Redis holds of this incarnation, per region
         self._acked_seq: dict[str, int] = {}  # per region: its last acknowledged write
         self._epoch: dict[str, str] = {}  # per region: the epoch of the totals holding it
+        # per region: its values in the latest write whose reply was lost (Redis may hold
+        # them), until a write of the region is acknowledged
+        self._unsure: Fields = {}
+        self._unsure_epoch: dict[str, str] = {}  # '*': such a write was full
+        self._unsure_seq: dict[str, int] = {}  # the number of that write
+        self._unsure_by: dict[str, tuple[str, str]] = {}  # its instance id and token
+        self._sending: Mapping[str, Entry] = {}  # the entries of the write in flight
         self._seq = 0  # the number of the last write sent (every attempt has its own)
         self._refreshed = -math.inf  # time.monotonic() of the last TTL refresh
         self._acked_order = 0
@@ -184,6 +192,7 @@ class RedisMetricExporter(MetricExporter):
             try:
                 self._write(fields)
             except Exception as exc:
+                self._reply_lost(exc)
                 self.flush_errors += 1
                 self._count_kind(exc)
                 self.last_ok = False
@@ -253,6 +262,26 @@ class RedisMetricExporter(MetricExporter):
         self._writes += 1
         self.last_success = result.server_time
 
+    def _reply_lost(self, exc: Exception) -> None:
+        """The write in flight failed: unless it never left (no connection), Redis may
+        have applied it. Its values are remembered, so that a stats hash lost before the
+        next acknowledged write of the region is never continued from less than Redis may
+        hold (and a full entry's epoch is then unknown: ``*``)."""
+        sending, self._sending = self._sending, {}
+        seq = self._seq
+        if isinstance(exc, (redis.ConnectionError, redis.TimeoutError)) and (
+            "connecting to" in str(exc)
+        ):
+            return
+        for region, entry in sending.items():
+            if entry.full or entry.fields:  # not a check
+                before = self._unsure.get(region, self._acked.get(region, {}))
+                self._unsure[region] = {**before, **entry.fields}
+                self._unsure_seq[region] = seq
+                self._unsure_by[region] = (self.identity.instance_id, self.identity.token)
+                if entry.full:
+                    self._unsure_epoch[region] = "*"
+
     def _ack(self, entries: Mapping[str, Entry], seq: int, epochs: Mapping[str, str]) -> None:
         """Redis applied ``entries`` with write number ``seq``, the full ones to the totals
         of ``epochs``."""
@@ -260,6 +289,10 @@ class RedisMetricExporter(MetricExporter):
             if entry.full or entry.fields or entry.samples:  # not a check
                 self._acked.setdefault(region, {}).update(entry.fields)
                 self._acked_seq[region] = seq
+                self._unsure.pop(region, None)
+                self._unsure_epoch.pop(region, None)
+                self._unsure_seq.pop(region, None)
+                self._unsure_by.pop(region, None)
             if entry.full and region in epochs:
                 self._epoch[region] = epochs[region]
             if entry.samples:
@@ -269,22 +302,38 @@ class RedisMetricExporter(MetricExporter):
         self, entries: Mapping[str, Entry], refresh: bool, checks: bool = False
     ) -> FlushResult:
         self._seq += 1
-        return self.store.flush(
+        self._sending = entries
+        result = self.store.flush(
             self._writer(), entries, refresh=refresh, seq=self._seq,
             beat_first=not self._confirmed, known=self._confirmed, checks=checks,
         )  # fmt: skip
+        self._sending = {}
+        return result
 
     def _whole(
         self, region: str, values: Mapping[str, str], samples: Sequence[float], *, live: bool
     ) -> Entry:
         """A full entry of ``region``; with what Redis acknowledged of it and in which totals
         (``live``: its live gauges are in them), so that Redis adds only what is new when
-        the region's stats hash is gone but the totals still hold it."""
+        the region's stats hash is gone but the totals still hold it. After a write of the
+        region whose reply was lost, also that write: its number (``unsure``), writer
+        (``uid``, ``utoken``), values (``u:<field>``) and totals (``uepoch``, ``*`` when
+        unknown); Redis continues from it
+        when the totals' record of their writes says it was applied, and when that record
+        is lost too, counts it as applied and reports a loss (never adds it twice)."""
         acked, epoch = self._acked.get(region), self._epoch.get(region, "")
-        if acked is None or not epoch:
+        base: dict[str, str] = dict(acked) if acked is not None and epoch else {}
+        unsure = self._unsure.get(region)
+        if unsure is not None:
+            base |= {f"u:{name}": value for name, value in unsure.items()}
+            base["unsure"] = str(self._unsure_seq[region])
+            base["uid"], base["utoken"] = self._unsure_by[region]  # (before moving aside)
+            base["uepoch"] = self._unsure_epoch.get(region) or epoch or "*"
+        if not base:
             return Entry(values, True, samples)
-        base = {**acked, "live": "1"} if live else dict(acked)
-        return Entry(values, True, samples, epoch=epoch, base=base)
+        if live:
+            base["live"] = "1"
+        return Entry(values, True, samples, epoch=epoch if acked is not None else "", base=base)
 
     def _refresh_every(self) -> float:
         """Seconds between TTL renewals: a quarter of the shortest TTL."""

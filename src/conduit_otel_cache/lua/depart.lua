@@ -4,10 +4,13 @@
 -- KEYS: instances zset, instance meta hash, instance regions set,
 --       then per region: instance stats hash, aggregated hash, hit-rates zset,
 --       response-time samples list.
--- ARGV: instance id, max heartbeat age in seconds or '' (now), '1' to delete its keys.
+-- ARGV: instance id, max heartbeat age in seconds or '' (now), '1' to delete its keys,
+--       'm' when its regions set is lost (the regions are every region: see depart_region).
 local id, max_age, remove = ARGV[1], ARGV[2], ARGV[3] == '1'
 if not departure_due(KEYS[1], id, max_age) then return 0 end
 local live = instance_live(KEYS[2])
+if live and ARGV[4] == 'm' then live = 'm' end
+removal_counts = max_age ~= ''
 for k = 4, #KEYS, 4 do
   depart_region(KEYS[k], KEYS[k + 1], KEYS[k + 2], KEYS[k + 3], id, remove, '', live)
 end

@@ -15,8 +15,19 @@ local reply = beat(KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], h, now, names, h
                    listed)
 local need_full, epochs = {}, {}
 if reply[2] == 'ok' then
+  -- a new incarnation takes the live gauges of a live earlier one out of the regions it
+  -- writes now (the others leave through depart_regions.lua): also where the earlier
+  -- one's stats hash is gone, which only its regions set still tells
+  local earlier = {}
+  if not h.known and reply[5] ~= '0' then
+    for _, r in ipairs(reply[3]) do earlier[r] = true end
+  end
+  local was_live = reply[5] == '1' or 'm'
   for i, e in ipairs(es) do
     local k = 2 + 4 * i
+    if earlier[e.region] then
+      depart_region(KEYS[k], KEYS[k + 1], KEYS[k + 2], KEYS[k + 3], h.id, false, h.token, was_live)
+    end
     local done, epoch = write_region(KEYS[k], KEYS[k + 1], KEYS[k + 2], KEYS[k + 3], h, e, now_s)
     if done == 'full' then
       need_full[#need_full + 1] = e.region

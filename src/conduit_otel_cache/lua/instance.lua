@@ -27,7 +27,9 @@ local function beat(zkey, gkey, mkey, ikey, ekey, h, now, regions, refresh, list
   -- time, a status, the regions an earlier incarnation under this id has yet to leave,
   -- '1' when Redis did not hold this incarnation as live (it was reaped, or Redis lost
   -- it): the caller then writes every region whole, and '1' when that earlier incarnation
-  -- was live when this one took over. Statuses:
+  -- was live when this one took over ('m': it was, but Redis lost its regions set, so the
+  -- regions returned are every region, and leave only where Redis still shows it live).
+  -- Statuses:
   --   'ok';
   --   'duplicate': another process writes as this id: nothing is written, the caller
   --     takes another id. Either this incarnation is new and another live one (other
@@ -60,8 +62,17 @@ local function beat(zkey, gkey, mkey, ikey, ekey, h, now, regions, refresh, list
     if not refresh or #regions == 0 then return {now_s, 'unregistered', {}, '0', '0'} end
     -- a new incarnation: the regions of the earlier ones must leave the live gauges
     -- ('2': the earlier one was live, so a stats hash of it that is gone left its gauges)
-    if old_token and redis.call('SCARD', ikey) > 0 then
+    local listed_before = redis.call('SCARD', ikey) > 0
+    if old_token and listed_before then
       stale = (live == '1' or stale == '2') and '2' or '1'
+    elseif old_token and (live == '1' or stale == '2' or stale == '3') then
+      -- it was live and Redis lost its regions set: every region is looked at, and it
+      -- leaves those where Redis still shows it live ('3')
+      stale = '3'
+    elseif not old_token and not h.known and redis.call('ZSCORE', zkey, h.id) then
+      -- still listed, its meta hash lost: its regions (or every region), where Redis
+      -- still shows it live ('4', '3')
+      stale = listed_before and '4' or '3'
     end
   end
   local rebuild = (old_token ~= h.token or live ~= '1') and '1' or '0'
@@ -71,6 +82,7 @@ local function beat(zkey, gkey, mkey, ikey, ekey, h, now, regions, refresh, list
     redis.call('HSET', mkey, 'last_flush', now_s)
   end
   if stale then redis.call('HSET', mkey, 'stale', stale) end
+  local left = stale and redis.call('SMEMBERS', stale == '3' and gkey or ikey)
   if h.errors ~= '' then carry_errors(mkey, ekey, h, old_token == h.token) end
   call_on(zkey, 'ZADD', zkey, now_s, h.id)
   if #listed > 0 then
@@ -84,7 +96,8 @@ local function beat(zkey, gkey, mkey, ikey, ekey, h, now, regions, refresh, list
     redis.call('EXPIRE', ikey, h.ttl)
   end
   if stale then
-    return {now_s, 'ok', redis.call('SMEMBERS', ikey), rebuild, stale == '2' and '1' or '0'}
+    local how = stale == '2' and '1' or (stale == '3' or stale == '4') and 'm' or '0'
+    return {now_s, 'ok', left, rebuild, how}
   end
   return {now_s, 'ok', {}, rebuild, '0'}
 end
@@ -106,12 +119,17 @@ local function instance_live(mkey)
 end
 
 local function depart_instance(zkey, mkey, ikey, id, remove)
-  -- After its regions: delete the instance (remove) or mark it not live.
+  -- After its regions: delete the instance (remove) or mark it not live (a meta hash that
+  -- was lost is written again, expiring with the heartbeats, so it departs once).
   if remove then
     redis.call('DEL', mkey, ikey)
     redis.pcall('ZREM', zkey, id)
   elseif redis.call('EXISTS', mkey) == 1 then
     ensure_hash(mkey)
     redis.call('HSET', mkey, 'live', '0')
+  else
+    redis.call('HSET', mkey, 'live', '0')
+    local ttl = redis.pcall('TTL', zkey)
+    if type(ttl) == 'number' and ttl > 0 then redis.call('EXPIRE', mkey, ttl) end
   end
 end

@@ -1,6 +1,6 @@
 -- Liveness at one server time: the number of live instances, the expired ones with their
 -- scores, and the region names. Only an instance that has written statistics and not
--- departed (its meta hash says live) counts; members that are no instance id or have no
+-- departed (its meta hash says live, or is lost while its regions set is not) counts; members that are no instance id or have no
 -- live meta hash are removed and counted as malformed. A key of the wrong type gives
 -- {false, error} in its place, so the other parts are still read.
 -- KEYS: heartbeats zset, regions set, flush errors hash (returned last).  ARGV: instance_timeout seconds, meta key prefix.
@@ -20,6 +20,9 @@ if active[1] then
   for _, id in ipairs(active[2]) do
     local valid = #id <= 128 and string.match(id, '^[%w_%.%-]+$') ~= nil and id ~= 'aggregated'
     local live = valid and redis.pcall('HGET', ARGV[2] .. id, 'live')
+    if valid and live == false and redis.pcall('EXISTS', ARGV[2] .. id .. ':regions') == 1 then
+      live = '1'  -- its meta hash is lost, not its regions: live until reaped or replaced
+    end
     if live == '1' then
       n = n + 1
     elseif live ~= '0' then  -- '0': departed, still listed until cleanup

@@ -22,9 +22,18 @@ local function append_samples(lkey, csv, cap, only_these)
   redis.call('LTRIM', lkey, -cap, -1)
 end
 
+-- The writes a region's totals hold (`<aggregated hash>:writes`, in its slot): per instance
+-- id 'token:seq' of the last write of the region applied to them; 'epoch': the totals it
+-- belongs to (created with them). An instance that cleanup removes may write again: its
+-- record stays ('removed' counts them; at REMOVED_CAP the records start again, 'reset').
+-- Read only when a writer's reply was lost and the stats hash that would tell is gone too.
+local REMOVED_CAP = 1000
+local function writes_key(akey) return akey .. ':writes' end
+
 local function refresh_region(skey, akey, rkey, lkey, h)
   redis.call('EXPIRE', skey, h.ttl)
   redis.call('EXPIRE', akey, h.ttl)
+  redis.pcall('EXPIRE', writes_key(akey), h.ttl)
   redis.pcall('EXPIRE', rkey, h.ttl)
   redis.pcall('EXPIRE', lkey, h.sample_ttl)
 end
@@ -42,7 +51,61 @@ local function totals_epoch(akey, now_s, h)
   ep = now_s .. '-' .. string.sub(h.token, 1, 8)
   redis.call('HSET', akey, 'epoch', ep)
   redis.call('EXPIRE', akey, h.ttl)
+  local wkey = writes_key(akey)
+  redis.call('DEL', wkey)
+  redis.call('HSET', wkey, 'epoch', ep)
+  redis.call('EXPIRE', wkey, h.ttl)
   return ep
+end
+
+local function count_removed(akey)
+  -- One more record kept for a writer that may write again (removed by cleanup, or
+  -- displaced by another incarnation under its id); at REMOVED_CAP they start again.
+  local wkey = writes_key(akey)
+  local n = redis.pcall('HINCRBY', wkey, 'removed', 1)
+  if type(n) == 'number' and n >= REMOVED_CAP then
+    local ep, ttl = redis.pcall('HGET', wkey, 'epoch'), redis.call('TTL', akey)
+    redis.call('DEL', wkey)
+    if type(ep) == 'string' then
+      redis.call('HSET', wkey, 'epoch', ep, 'reset', '1')
+      if ttl > 0 then redis.call('EXPIRE', wkey, ttl) end
+    end
+  end
+end
+
+local function keep_record(akey, id, token)
+  -- Another incarnation takes id over: the record of token's writes moves to 'id#token'
+  -- (it may have moved aside to another id, and write again).
+  local wkey = writes_key(akey)
+  local rec = redis.pcall('HGET', wkey, id)
+  if type(rec) == 'string' and string.sub(rec, 1, #token + 1) == token .. ':' then
+    redis.pcall('HSET', wkey, id .. '#' .. token, rec)
+    count_removed(akey)
+  end
+end
+
+local function unsure_fate(akey, h, b, epoch)
+  -- Did Redis apply the writer's write b.unsure (its reply was lost) to these totals?
+  -- 'yes', 'no', or 'unknown' (the record of their writes is lost, or cleanup removed
+  -- the writer's).
+  -- (b.uid, b.utoken: the id and token it was written with, before the writer moved aside)
+  local id, token = b['uid'] or h.id, b['utoken'] or h.token
+  local got = redis.pcall('HMGET', writes_key(akey), 'epoch', 'reset', id, id .. '#' .. token)
+  if failed(got) or got[1] ~= epoch then return 'unknown' end
+  local tok, seq = nil, nil
+  if got[3] then tok, seq = string.match(got[3], '^(.*):(%d+)$') end
+  if tok ~= token and got[4] then tok, seq = string.match(got[4], '^(.*):(%d+)$') end
+  if tok == token then return num(seq) >= num(b['unsure']) and 'yes' or 'no' end
+  return got[2] and 'unknown' or 'no'
+end
+
+local function unsure_values(b)
+  -- The values of the writer's write whose reply was lost ('u:<field>' in its base).
+  local v = {live = b['live']}
+  for f, x in pairs(b) do
+    if string.sub(f, 1, 2) == 'u:' then v[string.sub(f, 3)] = x end
+  end
+  return v
 end
 
 local function check_region(skey, akey, rkey, lkey, h, e)
@@ -84,20 +147,37 @@ local function write_region(skey, akey, rkey, lkey, h, e, now_s)
     return 'full'  -- another incarnation took over a region this one wrote: displaced
   end
   local epoch = totals_epoch(akey, now_s, h)
+  if old['token'] and old['token'] ~= h.token then keep_record(akey, h.id, old['token']) end
   -- the stats hash's contribution is in these totals (a hash without an epoch predates them)
   local counted = old['token'] ~= nil and (old['epoch'] == nil or old['epoch'] == epoch)
   local same = old['token'] == h.token and counted
   if not e.full and not (same and num(old['seq']) >= e.after) then return 'full' end
   local was_live = counted and old['live'] == '1'
   local resumed = false
-  if not same and e.epoch ~= '' then
-    if e.epoch == epoch and e.base then
+  -- what the totals hold of this writer when its stats hash is gone: what Redis
+  -- acknowledged (e.base, in the totals of e.epoch); or, when the reply of a later write
+  -- was lost (base 'unsure': its number, 'u:<field>' its values, 'uepoch' its totals or
+  -- '*' unknown), that write's, if the totals' record of their writes says it was applied
+  local from, from_epoch, unknown = e.base, e.epoch, false
+  if not same and e.base and e.base['unsure'] then
+    local fate = unsure_fate(akey, h, e.base, epoch)
+    if fate == 'yes' then
+      from, from_epoch = unsure_values(e.base), epoch
+    elseif fate == 'unknown' then
+      -- Redis lost the only record of it: counted as applied (never twice), reported
+      from, unknown = unsure_values(e.base), true
+      from_epoch = e.base['uepoch'] == '*' and epoch or e.base['uepoch']
+    end
+  end
+  if not same and from_epoch ~= '' then
+    if from_epoch == epoch and from then
       -- the stats hash is gone, the totals hold what Redis acknowledged: continue from it
-      old, same, resumed = e.base, true, true
+      old, same, resumed = from, true, true
       -- its live gauges are still in the totals unless it departed: the writer saw it
       -- live, or it is still listed among the region's live hit ratios (a departure
       -- takes it out of both)
-      was_live = e.base['live'] == '1' or type(redis.pcall('ZSCORE', rkey, h.id)) == 'string'
+      was_live = from['live'] == '1' or type(redis.pcall('ZSCORE', rkey, h.id)) == 'string'
+      if unknown then mark_lost(akey, now_s) end
     elseif redis.call('HSETNX', akey, 'rebuilt', '1') == 1 then
       mark_lost(akey, now_s)  -- the totals were lost: rebuilt whole from the live writers
     end
@@ -171,9 +251,14 @@ local function write_region(skey, akey, rkey, lkey, h, e, now_s)
     redis.call('DEL', lkey)
   end
   call_on(akey, 'HSET', akey, 'last_aggregated', now_s)
+  call_on(writes_key(akey), 'HSET', writes_key(akey), h.id, h.token .. ':' .. h.seq)
   if e.full or h.refresh then refresh_region(skey, akey, rkey, lkey, h) end
   return 'ok', epoch
 end
+
+-- set by a departure script: '1' when the instance is removed for its age (cleanup), so
+-- it may come back, rather than by its own shutdown
+local removal_counts = false
 
 local function leave_gauges(akey, size, hits, misses, counted)
   -- Take one instance's live gauges out of the totals (counted: its instance count too),
@@ -201,7 +286,9 @@ local function depart_region(skey, akey, rkey, lkey, id, remove, unless_token, w
   -- With unless_token, only when the region was last written by another incarnation.
   -- was_live: the instance was live, so a stats hash that is gone took its live gauges
   -- with it (deleted, evicted, expired): its instance count leaves, and the rest is
-  -- reported (mark_lost) until no live instance is left in the region.
+  -- reported (mark_lost) until no live instance is left in the region. was_live 'm': it
+  -- was live, but Redis lost the list of its regions, so this region may not be one of
+  -- them: only when the region's hit ratios still list it.
   ensure_hash(skey)
   ensure_hash(akey)
   local s = redis.call('HMGET', skey, 'live', 'size_bytes', 'hit_count', 'miss_count', 'token',
@@ -213,7 +300,8 @@ local function depart_region(skey, akey, rkey, lkey, id, remove, unless_token, w
       leave_gauges(akey, num(s[2]), num(s[3]), num(s[4]), true)
     end
     redis.call('HSET', skey, 'live', '0')
-  elseif not s[5] and was_live and totals then
+  elseif not s[5] and totals and (was_live == true or (was_live == 'm'
+         and type(redis.pcall('ZSCORE', rkey, id)) == 'string')) then
     leave_gauges(akey, 0, 0, 0, true)
     local left = tonumber(redis.call('HGET', akey, 'instance_count')) or 0
     if left > 0 then mark_lost(akey, server_time_s()) end
@@ -221,5 +309,13 @@ local function depart_region(skey, akey, rkey, lkey, id, remove, unless_token, w
   ensure_type(rkey, 'zset')
   redis.call('ZREM', rkey, id)
   if remove or unless_token ~= '' then redis.call('DEL', lkey) end
-  if remove then redis.call('DEL', skey) end
+  if remove then
+    redis.call('DEL', skey)
+    local wkey = writes_key(akey)
+    if not removal_counts then
+      redis.pcall('HDEL', wkey, id)  -- its own shutdown: it never writes again
+    elseif redis.call('EXISTS', wkey) == 1 then  -- removed for its age: its record stays
+      count_removed(akey)
+    end
+  end
 end
