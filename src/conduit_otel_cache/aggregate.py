@@ -197,8 +197,9 @@ class Aggregator:
             error = explain(exc)
             self._errors.error(
                 "conduit-otel-cache: aggregation from %s failed: %s",
-                self.settings.safe_redis_url, error,
-            )  # fmt: skip
+                self.settings.safe_redis_url,
+                error,
+            )
             return dataclasses.replace(previous, redis_up=False, redis_error=error)
         return dataclasses.replace(
             self._build(data, memory, start), redis_memory_error=memory_error
@@ -364,9 +365,11 @@ class Aggregator:
         drops = self.continuity.losses
         regions = self.continuity.apply(regions, data.aggregates)
         if self.continuity.losses > drops:
-            self._errors.error("conduit-otel-cache: Redis lost cluster counts (an empty restart or "
-                               "a failover): the published counters continue from where they "
-                               "were while the live instances write theirs again")  # fmt: skip
+            self._errors.error(
+                "conduit-otel-cache: Redis lost cluster counts (an empty restart or "
+                "a failover): the published counters continue from where they "
+                "were while the live instances write theirs again"
+            )
         return ClusterView(
             regions=regions,
             drift={region: self._drift[region] for region in regions if region in self._drift},

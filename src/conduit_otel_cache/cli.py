@@ -25,21 +25,48 @@ log = logging.getLogger("conduit_otel_cache")
 
 #: the options each command reads: each is a flag ``--<option-name>`` of that command, and
 #: an environment variable (every other option does nothing in it)
-CONNECTION = ("redis_url", "redis_cluster", "key_prefix", "socket_timeout", "connect_timeout",
-              "connect_retries", "socket_keepalive", "ssl_ca_certs", "ssl_certfile",
-              "ssl_keyfile")  # fmt: skip
-HEALTH = ("instance_timeout", "min_active_instances", "missing_instance_grace",
-          "max_aggregation_latency", "max_drift_percent", "drift_min_requests",
-          "max_memory_bytes", "data_loss_period")  # fmt: skip
+CONNECTION = (
+    "redis_url",
+    "redis_cluster",
+    "key_prefix",
+    "socket_timeout",
+    "connect_timeout",
+    "connect_retries",
+    "socket_keepalive",
+    "ssl_ca_certs",
+    "ssl_certfile",
+    "ssl_keyfile",
+)
+HEALTH = (
+    "instance_timeout",
+    "min_active_instances",
+    "missing_instance_grace",
+    "max_aggregation_latency",
+    "max_drift_percent",
+    "drift_min_requests",
+    "max_memory_bytes",
+    "data_loss_period",
+)
 COMMAND_OPTIONS: dict[str, tuple[str, ...]] = {
-    "serve": (*CONNECTION, *HEALTH, "aggregation_cache_ttl", "enable_aggregation_cache",
-              "aggregation_interval", "max_instance_series", "retention_period",
-              "cleanup_interval", "service_name", "instance_id", "otlp_endpoint",
-              "otlp_interval", "spool_dir"),
+    "serve": (
+        *CONNECTION,
+        *HEALTH,
+        "aggregation_cache_ttl",
+        "enable_aggregation_cache",
+        "aggregation_interval",
+        "max_instance_series",
+        "retention_period",
+        "cleanup_interval",
+        "service_name",
+        "instance_id",
+        "otlp_endpoint",
+        "otlp_interval",
+        "spool_dir",
+    ),
     "stats": (*CONNECTION, "instance_timeout"),
     "health": (*CONNECTION, *HEALTH),
     "cleanup": (*CONNECTION, "instance_timeout", "retention_period"),
-}  # fmt: skip
+}
 
 
 def _settings(args: argparse.Namespace, **extra: Any) -> Settings:
@@ -78,8 +105,12 @@ def cmd_stats(args: argparse.Namespace) -> int:
             return 0
         if args.watch and not args.json:
             print(f"\n{time.strftime('%H:%M:%S')}  {settings.safe_redis_url}")
-        print(json.dumps(view_json(view, instances), indent=2) if args.json
-              else format_table(view, instances), flush=True)  # fmt: skip
+        print(
+            json.dumps(view_json(view, instances), indent=2)
+            if args.json
+            else format_table(view, instances),
+            flush=True,
+        )
         if not args.watch or stop.wait(args.watch):
             return 0
         view = aggregator.view()
@@ -120,8 +151,10 @@ def cmd_cleanup(args: argparse.Namespace) -> int:
         acknowledged = store.acknowledge_losses() if args.acknowledge_losses else None
     except Exception as exc:
         raise CommandError(f"cannot clean up {settings.safe_redis_url}: {explain(exc)}") from None
-    print(f"removed {len(removed)} instance(s) older than {settings.retention_period:g}s; "
-          f"{len(reaped)} newly expired")  # fmt: skip
+    print(
+        f"removed {len(removed)} instance(s) older than {settings.retention_period:g}s; "
+        f"{len(reaped)} newly expired"
+    )
     if acknowledged is not None:
         named = ", ".join(acknowledged) or "none"
         print(f"acknowledged the data losses of {len(acknowledged)} region(s): {named}")
@@ -136,8 +169,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     web_config = None
     if args.web_config_file:
         if args.certfile or args.keyfile:
-            raise ConfigError("web_config_file: give TLS in the file (tls_server_config) "
-                              "or with --certfile/--keyfile, not both")  # fmt: skip
+            raise ConfigError(
+                "web_config_file: give TLS in the file (tls_server_config) "
+                "or with --certfile/--keyfile, not both"
+            )
         web_config = load_web_config(args.web_config_file)
     elif args.keyfile and not args.certfile:
         raise ConfigError("keyfile: needs --certfile")
@@ -146,9 +181,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.probes_without_auth and not (web_config and web_config.users):
         raise ConfigError("probes_without_auth: needs basic_auth_users in --web-config-file")
     settings = _settings(args)
-    service = ExporterService(settings, args.host, args.port, web_config=web_config,
-                              probes_without_auth=args.probes_without_auth,
-                              render_process=True)  # fmt: skip
+    service = ExporterService(
+        settings,
+        args.host,
+        args.port,
+        web_config=web_config,
+        probes_without_auth=args.probes_without_auth,
+        render_process=True,
+    )
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
@@ -164,8 +204,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
             f"service.instance.id {settings.instance_id}"
         )
     )
-    print(f"serving {scheme}://{host}:{service.port}/metrics and /health "
-          f"for {service.settings.safe_redis_url}{push}", flush=True)  # fmt: skip
+    print(
+        f"serving {scheme}://{host}:{service.port}/metrics and /health "
+        f"for {service.settings.safe_redis_url}{push}",
+        flush=True,
+    )
     stop.wait()
     service.stop()
     print("stopped", flush=True)
@@ -215,9 +258,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     def redis_cmd(name: str, help_: str) -> argparse.ArgumentParser:
         p = sub.add_parser(
-            name, help=help_, description=help_ + " Every option below is also an environment "
-            "variable, shown with it; a flag wins over its variable."
-        )  # fmt: skip
+            name,
+            help=help_,
+            description=help_ + " Every option below is also an environment "
+            "variable, shown with it; a flag wins over its variable.",
+        )
         for option in COMMAND_OPTIONS[name]:
             default = defaults[option]
             shown = "none" if default is None else str(default).lower()
@@ -226,9 +271,11 @@ def build_parser() -> argparse.ArgumentParser:
             if option == "instance_id":  # serve's: the OTLP push's service.instance.id
                 shown = "$INSTANCE_ID, else <host name>-<pid>"
             p.add_argument(
-                "--" + option.replace("_", "-"), dest=option, metavar="VALUE",
+                "--" + option.replace("_", "-"),
+                dest=option,
+                metavar="VALUE",
                 help=f"${ENV_PREFIX}{option.upper()} (default: {shown})",
-            )  # fmt: skip
+            )
         return p
 
     p = redis_cmd(
@@ -240,10 +287,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=9464, help="port (default 9464)")
     p.add_argument("--certfile", help="serve HTTPS with this certificate (PEM)")
     p.add_argument("--keyfile", help="private key of --certfile (PEM)")
-    p.add_argument("--web-config-file", metavar="FILE",
-                   help="TLS and basic auth in the Prometheus exporter-toolkit web "
-                        "configuration format (YAML); read again when it or a file it names "
-                        "changes, and on SIGHUP")  # fmt: skip
+    p.add_argument(
+        "--web-config-file",
+        metavar="FILE",
+        help="TLS and basic auth in the Prometheus exporter-toolkit web "
+        "configuration format (YAML); read again when it or a file it names "
+        "changes, and on SIGHUP",
+    )
     p.add_argument(
         "--probes-without-auth",
         action="store_true",
@@ -254,17 +304,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--region", help="only this region")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.add_argument("--watch", type=float, metavar="SECONDS", help="refresh every SECONDS")
-    p.add_argument("--samples", type=_positive, metavar="N",
-                   help="print the last N raw response times per instance and region")  # fmt: skip
+    p.add_argument(
+        "--samples",
+        type=_positive,
+        metavar="N",
+        help="print the last N raw response times per instance and region",
+    )
     p.set_defaults(func=cmd_stats)
     p = redis_cmd("health", "Print health JSON; exit 0 Healthy, 1 Degraded, 2 Unhealthy.")
     p.set_defaults(func=cmd_health)
     p = redis_cmd("cleanup", "Remove instances whose heartbeat is older than retention_period.")
     p.add_argument(
-        "--acknowledge-losses", action="store_true",
+        "--acknowledge-losses",
+        action="store_true",
         help="also acknowledge every data loss reported so far: health is no longer "
-             "Degraded for them (conduit_cache_data_losses_total is unchanged)",
-    )  # fmt: skip
+        "Degraded for them (conduit_cache_data_losses_total is unchanged)",
+    )
     p.set_defaults(func=cmd_cleanup)
     p = sub.add_parser(
         "demo",

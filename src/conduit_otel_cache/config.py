@@ -24,8 +24,21 @@ NAME_PATTERN = re.compile(r"[A-Za-z0-9_.\-]{1,128}")
 RESERVED_INSTANCE_IDS = frozenset({"aggregated"})
 
 DEFAULT_BUCKETS: tuple[float, ...] = (
-    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
-)  # fmt: skip
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+)
 
 #: ``redis+cluster://host:port[,host:port...]`` (``rediss+cluster://`` with TLS) names a Redis
 #: Cluster by one or more of its nodes; so does any ``redis://``/``rediss://`` URL with
@@ -221,9 +234,10 @@ class Settings:
         if unknown:
             raise ConfigError(f"unknown option(s): {_with_closest(sorted(unknown), fields)}")
         mistyped = sorted(
-            var[len(ENV_PREFIX):].lower() for var in env
-            if var.startswith(ENV_PREFIX) and var[len(ENV_PREFIX):].lower() not in fields
-        )  # fmt: skip
+            var[len(ENV_PREFIX) :].lower()
+            for var in env
+            if var.startswith(ENV_PREFIX) and var[len(ENV_PREFIX) :].lower() not in fields
+        )
         if mistyped:  # a typo in a variable would otherwise be ignored in silence
             names = _with_closest(mistyped, fields, lambda n: ENV_PREFIX + n.upper())
             raise ConfigError(f"unknown variable(s): {names}")
@@ -271,11 +285,21 @@ class Settings:
                 f"and not {sorted(RESERVED_INSTANCE_IDS)}, got {self.instance_id[:40]!r}"
             )
         positive = (
-            "instance_timeout", "statistics_ttl", "retention_period", "cleanup_interval",
-            "socket_timeout", "connect_timeout", "missing_instance_grace",
-            "max_aggregation_latency", "aggregation_interval", "response_time_sample_ttl",
-            "batch_timeout", "shutdown_timeout", "otlp_interval", "data_loss_period",
-        )  # fmt: skip
+            "instance_timeout",
+            "statistics_ttl",
+            "retention_period",
+            "cleanup_interval",
+            "socket_timeout",
+            "connect_timeout",
+            "missing_instance_grace",
+            "max_aggregation_latency",
+            "aggregation_interval",
+            "response_time_sample_ttl",
+            "batch_timeout",
+            "shutdown_timeout",
+            "otlp_interval",
+            "data_loss_period",
+        )
         for name in positive:
             _check_positive(name, getattr(self, name))
         for name in OPTIONAL_SECONDS:
@@ -292,8 +316,10 @@ class Settings:
             )
         # an instance's keys must outlive the longest gap between its writes, and a reader
         # must take a silent instance out of the live gauges before its keys expire
-        for limit, limit_name in ((self.flush_interval, "flush_interval"),
-                                  (self.instance_timeout, "instance_timeout")):  # fmt: skip
+        for limit, limit_name in (
+            (self.flush_interval, "flush_interval"),
+            (self.instance_timeout, "instance_timeout"),
+        ):
             if limit is not None and self.statistics_ttl <= limit:
                 raise ConfigError(
                     f"statistics_ttl: {self.statistics_ttl:g}s is not longer than "
@@ -322,9 +348,14 @@ class Settings:
                 f"max_drift_percent: must be 0 to 100 (percentage points), got "
                 f"{self.max_drift_percent:g}"
             )
-        for name in ("max_regions", "max_instance_series", "min_active_instances",
-                     "max_response_time_samples", "batch_size",
-                     "max_memory_bytes"):  # fmt: skip
+        for name in (
+            "max_regions",
+            "max_instance_series",
+            "min_active_instances",
+            "max_response_time_samples",
+            "batch_size",
+            "max_memory_bytes",
+        ):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}: must be >= 1, got {getattr(self, name)}")
         if self.connect_retries < 0 or self.connect_retries > 10:
@@ -453,8 +484,10 @@ def sentinel_address(url: str) -> SentinelAddress:
     if len(path) == 2 and not (path[1].isdigit() and len(path[1]) <= 5):
         raise ConfigError(f"redis_url: the database must be a number: {shown!r}")
     if set(query) - {"sentinel_auth"}:  # names not shown: perhaps pieces of a password
-        raise ConfigError(f"redis_url: a sentinel URL takes one query parameter, sentinel_auth "
-                          f"({ENCODE_HINT}): {shown!r}")  # fmt: skip
+        raise ConfigError(
+            f"redis_url: a sentinel URL takes one query parameter, sentinel_auth "
+            f"({ENCODE_HINT}): {shown!r}"
+        )
     auth = query.get("sentinel_auth", ["false"])[-1].strip().lower()
     if auth not in _TRUE | _FALSE:
         raise ConfigError(f"redis_url: sentinel_auth must be true or false: {shown!r}")
@@ -471,8 +504,10 @@ def sentinel_address(url: str) -> SentinelAddress:
 def _check_url(url: str) -> None:
     shown = redact_url(url)
     if "://" not in url:
-        raise ConfigError("redis_url: not a URL, such as redis://[[user]:password@]host[:port]"
-                          "[/db] (the value is not shown)")  # fmt: skip
+        raise ConfigError(
+            "redis_url: not a URL, such as redis://[[user]:password@]host[:port]"
+            "[/db] (the value is not shown)"
+        )
     rest = url.partition("://")[2]
     authority = re.split(r"[/?#]", rest, maxsplit=1)[0]
     if "#" in url or "@" in rest[len(authority) :]:
@@ -491,14 +526,14 @@ def _check_url(url: str) -> None:
     except ValueError:
         raise ConfigError(f"redis_url: not a valid URL: {shown!r} ({ENCODE_HINT})") from None
     if parts.scheme not in REDIS_SCHEMES:
-        raise ConfigError(f"redis_url: scheme must be one of {', '.join(REDIS_SCHEMES)}, "
-                          f"got {shown!r}")  # fmt: skip
+        raise ConfigError(
+            f"redis_url: scheme must be one of {', '.join(REDIS_SCHEMES)}, got {shown!r}"
+        )
     if parts.scheme != "unix" and not parts.hostname:
         raise ConfigError(f"redis_url: no host in {shown!r}")
     database = parts.path.strip("/")
     if parts.scheme in ("redis", "rediss") and database and not database.isdigit():
-        raise ConfigError(f"redis_url: the path is the database number (/0, /1...), got "
-                          f"{shown!r}")  # fmt: skip
+        raise ConfigError(f"redis_url: the path is the database number (/0, /1...), got {shown!r}")
     if parts.query:
         _check_query(parts, shown)
 
@@ -510,11 +545,13 @@ def _check_query(parts: SplitResult, shown: str) -> None:
     if parts.scheme in REDIS_CLUSTER_SCHEMES:
         raise ConfigError(f"redis_url: a Redis Cluster URL takes no query parameters: {shown!r}")
     try:
-        names = [name for name, _ in parse_qsl(parts.query, keep_blank_values=True,
-                                               strict_parsing=True)]  # fmt: skip
+        names = [
+            name for name, _ in parse_qsl(parts.query, keep_blank_values=True, strict_parsing=True)
+        ]
     except ValueError:
-        raise ConfigError(f"redis_url: not a valid query string: {shown!r} ({ENCODE_HINT})"
-                          ) from None  # fmt: skip
+        raise ConfigError(
+            f"redis_url: not a valid query string: {shown!r} ({ENCODE_HINT})"
+        ) from None
     unknown = [i for i, name in enumerate(names, 1) if name not in _redis_url_options()]
     if unknown:
         raise ConfigError(
@@ -531,8 +568,11 @@ def _redis_url_options() -> frozenset[str]:
     import redis.connection as connection
 
     names = set(connection.URL_QUERY_ARGUMENT_PARSERS)
-    for cls in (connection.Connection, connection.SSLConnection,
-                connection.UnixDomainSocketConnection):  # fmt: skip
+    for cls in (
+        connection.Connection,
+        connection.SSLConnection,
+        connection.UnixDomainSocketConnection,
+    ):
         for klass in cls.__mro__:
             init = klass.__dict__.get("__init__")
             if init is not None:

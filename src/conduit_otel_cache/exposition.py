@@ -70,8 +70,15 @@ SERVICE_NAME = "conduit-otel-cache-exporter"
 #: flush error kinds published at 0 until an instance reports one: a first failure is then
 #: an increase Prometheus sees (a series born at its count is not); other kinds appear
 #: when first reported
-FLUSH_ERROR_KINDS = ("ConnectionError", "TimeoutError", "OutOfMemoryError", "NoPermissionError",
-                     "AuthenticationError", "ReadOnlyError", "ResponseError")  # fmt: skip
+FLUSH_ERROR_KINDS = (
+    "ConnectionError",
+    "TimeoutError",
+    "OutOfMemoryError",
+    "NoPermissionError",
+    "AuthenticationError",
+    "ReadOnlyError",
+    "ResponseError",
+)
 #: seconds a format stays rendered in the background after the last scrape that asked for it
 KEEP_WARM = 300.0
 _RETRY = 0.005  # seconds before asking again when another reader is refreshing the view
@@ -157,38 +164,89 @@ class Exposition:
         regions = self._regions
         register_cache_instruments(meter, regions)
         gauges: list[tuple[str, str, str, Callable[[CallbackOptions], Iterable[Observation]]]] = [
-            ("conduit.cache.hit_ratio", "1", "Cluster hit ratio (0-1) over the lifetime totals",
-             observe(regions, lambda s: s.hit_ratio)),
-            ("conduit.cache.drift", "%", "Largest distance between a live instance's hit ratio "
-             "and the live cluster's over the hits and misses since the previous per-instance "
-             "pass, in percentage points (hit ratio x 100)", self._drift),
-            ("conduit.cache.instance.hit_ratio", "1", "Hit ratio (0-1) of one live instance",
-             self._instance_ratios),
-            ("conduit.cache.instances.active", "{instance}", "Live instances",
-             self._cluster(lambda v: v.active_count)),
-            ("conduit.cache.instances.missing", "{instance}",
-             "Registered instances whose heartbeat expired",
-             self._cluster(lambda v: len(v.missing_instances))),
-            ("conduit.cache.instance.missing", "s", "Seconds since the heartbeat of a "
-             "registered instance expired (until cleanup removes it)", self._missing),
-            ("conduit.cache.malformed_entries", "{entry}", "Malformed entries skipped in one "
-             "Redis key at the last read (at most 20 keys)", self._malformed),
-            ("conduit.cache.redis.up", "1", "1 when the last aggregation reached Redis",
-             self._scalar(lambda v: int(v.redis_up))),
-            ("conduit.cache.aggregation.latency", "s", "Duration of the last aggregation",
-             self._scalar(lambda v: v.aggregation_latency)),
-            ("conduit.cache.redis.memory", "By", "used_memory of the whole Redis server",
-             self._cluster(lambda v: v.redis_memory_bytes)),
-            ("conduit.cache.last_successful_aggregation.timestamp", "s",
-             "Unix time of the last successful aggregation",
-             self._scalar(lambda v: v.last_successful_aggregation)),
-            ("conduit.cache.health.status", "1", "0 Healthy, 1 Degraded, 2 Unhealthy",
-             self._scalar(lambda v: int(evaluate(v, aggregator.settings).status))),
-            ("conduit.cache.exporter.data_age", "s",
-             "Seconds from the Redis read these series reflect to their collection (a "
-             f"scrape's own data age is its {DATA_AGE_HEADER} header)",
-             self._scalar(lambda v: _age(v, time.time()))),
-        ]  # fmt: skip
+            (
+                "conduit.cache.hit_ratio",
+                "1",
+                "Cluster hit ratio (0-1) over the lifetime totals",
+                observe(regions, lambda s: s.hit_ratio),
+            ),
+            (
+                "conduit.cache.drift",
+                "%",
+                "Largest distance between a live instance's hit ratio "
+                "and the live cluster's over the hits and misses since the previous per-instance "
+                "pass, in percentage points (hit ratio x 100)",
+                self._drift,
+            ),
+            (
+                "conduit.cache.instance.hit_ratio",
+                "1",
+                "Hit ratio (0-1) of one live instance",
+                self._instance_ratios,
+            ),
+            (
+                "conduit.cache.instances.active",
+                "{instance}",
+                "Live instances",
+                self._cluster(lambda v: v.active_count),
+            ),
+            (
+                "conduit.cache.instances.missing",
+                "{instance}",
+                "Registered instances whose heartbeat expired",
+                self._cluster(lambda v: len(v.missing_instances)),
+            ),
+            (
+                "conduit.cache.instance.missing",
+                "s",
+                "Seconds since the heartbeat of a "
+                "registered instance expired (until cleanup removes it)",
+                self._missing,
+            ),
+            (
+                "conduit.cache.malformed_entries",
+                "{entry}",
+                "Malformed entries skipped in one Redis key at the last read (at most 20 keys)",
+                self._malformed,
+            ),
+            (
+                "conduit.cache.redis.up",
+                "1",
+                "1 when the last aggregation reached Redis",
+                self._scalar(lambda v: int(v.redis_up)),
+            ),
+            (
+                "conduit.cache.aggregation.latency",
+                "s",
+                "Duration of the last aggregation",
+                self._scalar(lambda v: v.aggregation_latency),
+            ),
+            (
+                "conduit.cache.redis.memory",
+                "By",
+                "used_memory of the whole Redis server",
+                self._cluster(lambda v: v.redis_memory_bytes),
+            ),
+            (
+                "conduit.cache.last_successful_aggregation.timestamp",
+                "s",
+                "Unix time of the last successful aggregation",
+                self._scalar(lambda v: v.last_successful_aggregation),
+            ),
+            (
+                "conduit.cache.health.status",
+                "1",
+                "0 Healthy, 1 Degraded, 2 Unhealthy",
+                self._scalar(lambda v: int(evaluate(v, aggregator.settings).status)),
+            ),
+            (
+                "conduit.cache.exporter.data_age",
+                "s",
+                "Seconds from the Redis read these series reflect to their collection (a "
+                f"scrape's own data age is its {DATA_AGE_HEADER} header)",
+                self._scalar(lambda v: _age(v, time.time())),
+            ),
+        ]
         for name, unit, description, callback in gauges:
             meter.create_observable_gauge(
                 name, callbacks=[callback], unit=unit, description=description
@@ -392,8 +450,11 @@ class Exposition:
                 rendering = self._rendered_elsewhere(view, wall, variants)
             except Exception as exc:  # render here this time
                 self._render_failures.inc()
-                self._render_errors.error("conduit-otel-cache: rendering /metrics in the render "
-                                     "process failed, rendering in-process: %s", exc)  # fmt: skip
+                self._render_errors.error(
+                    "conduit-otel-cache: rendering /metrics in the render "
+                    "process failed, rendering in-process: %s",
+                    exc,
+                )
         if rendering is None:
             rendering = _Rendering(self.collect(view), view, wall, self.collect)
             for (content_type, gzipped), encoder in variants.items():

@@ -95,15 +95,22 @@ def evaluate(
         fail(Status.UNHEALTHY, f"Redis unreachable ({view.redis_error or 'no answer'})")
     active = view.active_count
     if active < settings.min_active_instances:
-        fail(Status.UNHEALTHY, f"{active} live instances, fewer than "
-             f"min_active_instances={settings.min_active_instances}")  # fmt: skip
+        fail(
+            Status.UNHEALTHY,
+            f"{active} live instances, fewer than "
+            f"min_active_instances={settings.min_active_instances}",
+        )
     long_missing = [
-        i for i in view.missing_instances
+        i
+        for i in view.missing_instances
         if view.missing_for(i, settings.instance_timeout) > settings.missing_instance_grace
-    ]  # fmt: skip
+    ]
     if long_missing:
-        fail(Status.DEGRADED, f"{len(long_missing)} instance(s) missing for more than "
-             f"{settings.missing_instance_grace:g}s: {', '.join(long_missing[:5])}")  # fmt: skip
+        fail(
+            Status.DEGRADED,
+            f"{len(long_missing)} instance(s) missing for more than "
+            f"{settings.missing_instance_grace:g}s: {', '.join(long_missing[:5])}",
+        )
     if view.aggregation_latency > settings.max_aggregation_latency:
         fail(Status.DEGRADED, f"aggregation took {view.aggregation_latency * 1000:.0f} ms")
     for region, drift in sorted(view.drift.items()):
@@ -113,33 +120,50 @@ def evaluate(
             fail(Status.DEGRADED, f"drift {drift:.1f} points in region {region}")
     if view.redis_memory_bytes > settings.max_memory_bytes:
         fail(Status.DEGRADED, f"Redis memory {view.redis_memory_bytes / 2**20:.0f} MB")
-    recent = [(r, n, since) for r, (n, since, at) in sorted(view.data_losses.items())
-              if n > view.losses_acknowledged.get(r, 0)
-              and view.server_time - at < settings.data_loss_period]  # fmt: skip
+    recent = [
+        (r, n, since)
+        for r, (n, since, at) in sorted(view.data_losses.items())
+        if n > view.losses_acknowledged.get(r, 0)
+        and view.server_time - at < settings.data_loss_period
+    ]
     if recent:
         named = ", ".join(
             f"region {r} since {datetime.fromtimestamp(since, timezone.utc):%Y-%m-%dT%H:%M:%SZ}"
             f" ({n} time{'s' if n != 1 else ''})"
             for r, n, since in recent[:5]
         )
-        fail(Status.DEGRADED, f"Redis lost statistics that could not be rebuilt: {named}; "
-             "their totals may lack what ended instances had added")  # fmt: skip
+        fail(
+            Status.DEGRADED,
+            f"Redis lost statistics that could not be rebuilt: {named}; "
+            "their totals may lack what ended instances had added",
+        )
     if view.data_errors:
-        fail(Status.DEGRADED, f"{len(view.data_errors)} malformed entries skipped: "
-             f"{view.data_errors[0]}")  # fmt: skip
+        fail(
+            Status.DEGRADED,
+            f"{len(view.data_errors)} malformed entries skipped: {view.data_errors[0]}",
+        )
 
     if flushes is not None and flushes.flush_errors and not flushes.last_ok:
-        fail(Status.DEGRADED, f"the last flush failed ({flushes.last_error}); "
-             f"{flushes.flush_errors} failed so far")  # fmt: skip
+        fail(
+            Status.DEGRADED,
+            f"the last flush failed ({flushes.last_error}); {flushes.flush_errors} failed so far",
+        )
     if recoveries is not None and recoveries.last.failed:
-        fail(Status.DEGRADED, f"{recoveries.last.failed} dead incarnation(s) in spool_dir "
-             f"not written yet ({recoveries.last_error}); tried again later")  # fmt: skip
+        fail(
+            Status.DEGRADED,
+            f"{recoveries.last.failed} dead incarnation(s) in spool_dir "
+            f"not written yet ({recoveries.last_error}); tried again later",
+        )
     if recoveries is not None and time.time() - recoveries.dropped_at < settings.data_loss_period:
-        fail(Status.DEGRADED, f"{recoveries.total.dropped} dead incarnation(s) in spool_dir "
-             "could not be written exactly and were dropped (the log names them)")  # fmt: skip
+        fail(
+            Status.DEGRADED,
+            f"{recoveries.total.dropped} dead incarnation(s) in spool_dir "
+            "could not be written exactly and were dropped (the log names them)",
+        )
     if view.reap_error:
-        fail(Status.DEGRADED, f"expired instances could not leave the live gauges: "
-             f"{view.reap_error}")  # fmt: skip
+        fail(
+            Status.DEGRADED, f"expired instances could not leave the live gauges: {view.reap_error}"
+        )
     if view.redis_memory_error:
         fail(Status.DEGRADED, f"Redis memory not read: {view.redis_memory_error}")
 

@@ -74,17 +74,42 @@ def without_exemplars(data: MetricsData) -> MetricsData:
     exemplars, but older SDKs (1.28, the floor) attach one to every observation of an
     observable instrument whatever the exemplar filter, with no span and trace id, which
     their OTLP exporter cannot encode (``EncodingException``: every push failed)."""
-    if not any(p.exemplars for rm in data.resource_metrics for sm in rm.scope_metrics
-               for m in sm.metrics for p in m.data.data_points):  # fmt: skip
+    if not any(
+        p.exemplars
+        for rm in data.resource_metrics
+        for sm in rm.scope_metrics
+        for m in sm.metrics
+        for p in m.data.data_points
+    ):
         return data
-    return dataclasses.replace(data, resource_metrics=[
-        dataclasses.replace(rm, scope_metrics=[
-            dataclasses.replace(sm, metrics=[
-                dataclasses.replace(m, data=dataclasses.replace(cast(Any, m.data), data_points=[
-                    dataclasses.replace(p, exemplars=[]) for p in m.data.data_points]))
-                for m in sm.metrics])
-            for sm in rm.scope_metrics])
-        for rm in data.resource_metrics])  # fmt: skip
+    return dataclasses.replace(
+        data,
+        resource_metrics=[
+            dataclasses.replace(
+                rm,
+                scope_metrics=[
+                    dataclasses.replace(
+                        sm,
+                        metrics=[
+                            dataclasses.replace(
+                                m,
+                                data=dataclasses.replace(
+                                    cast(Any, m.data),
+                                    data_points=[
+                                        dataclasses.replace(p, exemplars=[])
+                                        for p in m.data.data_points
+                                    ],
+                                ),
+                            )
+                            for m in sm.metrics
+                        ],
+                    )
+                    for sm in rm.scope_metrics
+                ],
+            )
+            for rm in data.resource_metrics
+        ],
+    )
 
 
 class OtlpPush:
@@ -139,8 +164,9 @@ class OtlpPush:
             ok, problem = False, f"{type(exc).__name__}: {exc}"
         self.pushes.labels("success" if ok else "failure").inc()
         if not ok:
-            self._errors.error("conduit-otel-cache: OTLP push to %s failed: %s",
-                               self.endpoint, problem)  # fmt: skip
+            self._errors.error(
+                "conduit-otel-cache: OTLP push to %s failed: %s", self.endpoint, problem
+            )
         return ok
 
     def _loop(self) -> None:

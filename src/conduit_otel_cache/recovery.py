@@ -86,8 +86,9 @@ class Recoverer:
             spool = claim.spool
             if why or spool.state == RECOVERED:
                 if why:
-                    log.warning("conduit-otel-cache: removed unreadable spool %s (%s)",
-                                spool.path, why)  # fmt: skip
+                    log.warning(
+                        "conduit-otel-cache: removed unreadable spool %s (%s)", spool.path, why
+                    )
                 claim.discard()
                 continue
             try:
@@ -97,8 +98,10 @@ class Recoverer:
                 self.last_error = explain(exc)
                 self._errors.error(
                     "conduit-otel-cache: recovery of the spool of instance %s failed: %s; "
-                    "tried again later", spool.identity.get("instance_id"), explain(exc),
-                )  # fmt: skip
+                    "tried again later",
+                    spool.identity.get("instance_id"),
+                    explain(exc),
+                )
                 claim.release()
                 continue
             if outcome:
@@ -122,22 +125,27 @@ class Recoverer:
         held = self.store.client.hget(self.store.keys.meta(instance_id), "token")
         known = who.get("confirmed") or spool.state == RECOVERING
         if held != token and (held is not None or known):
-            events = sum(int(t[HIT] + t[MISS] + t[SET] + t[EVICT])
-                         for t in spool.totals.values())  # fmt: skip
+            events = sum(int(t[HIT] + t[MISS] + t[SET] + t[EVICT]) for t in spool.totals.values())
             log.warning(
                 "conduit-otel-cache: the spool of dead instance %s (pid %s) holds %d events "
                 "but Redis no longer knows that incarnation (%s); they cannot be written "
-                "exactly and are dropped", instance_id, who.get("pid"), events,
+                "exactly and are dropped",
+                instance_id,
+                who.get("pid"),
+                events,
                 "another took its id over" if held else "removed by cleanup or lost",
-            )  # fmt: skip
+            )
             return False
         fields = spool_fields(spool)
         if fields:
             claim.begin()
             identity = Identity.of(instance_id, token, who["owner"])
             RedisMetricExporter(self.settings, self.store, identity=identity).recover(fields)
-        log.info("conduit-otel-cache: recovered the spool of dead instance %s (pid %s)",
-                 instance_id, who.get("pid"))  # fmt: skip
+        log.info(
+            "conduit-otel-cache: recovered the spool of dead instance %s (pid %s)",
+            instance_id,
+            who.get("pid"),
+        )
         return True
 
     def loop(self, stop: threading.Event, every: float, own: Any) -> None:

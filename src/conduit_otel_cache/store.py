@@ -153,11 +153,19 @@ class Writer:
         ``checks``: the write checks regions (it lists every region it names);
         ``seq``: the write's number; ``known``: Redis acknowledged this incarnation before."""
         return [
-            self.instance_id, self.token, self.owner, max(1, int(self.ttl)),
-            self.instance_timeout, max(1, self.sample_cap), max(1, int(self.sample_ttl)),
-            "1" if refresh else "c" if checks else "0", seq, "1" if known else "0",
-            self.errors, self.last_error,
-        ]  # fmt: skip
+            self.instance_id,
+            self.token,
+            self.owner,
+            max(1, int(self.ttl)),
+            self.instance_timeout,
+            max(1, self.sample_cap),
+            max(1, int(self.sample_ttl)),
+            "1" if refresh else "c" if checks else "0",
+            seq,
+            "1" if known else "0",
+            self.errors,
+            self.last_error,
+        ]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -288,8 +296,14 @@ class Store:
             for region, _ in batches[0]:
                 keys += self.keys.region(writer.instance_id, region)
             head = (self._flush, keys, [*header, *_entry_args(batches.pop(0))])
-        rest = [(self._regions, self.keys.batch(writer.instance_id, [r for r, _ in batch]),
-                 [*header, *_entry_args(batch)]) for batch in batches]  # fmt: skip
+        rest = [
+            (
+                self._regions,
+                self.keys.batch(writer.instance_id, [r for r, _ in batch]),
+                [*header, *_entry_args(batch)],
+            )
+            for batch in batches
+        ]
         if rest and beat_first:
             result = self._head_result(self._run([head])[0])
             if result.status != "ok":
@@ -314,8 +328,11 @@ class Store:
             return []
         args = [writer.instance_id, "0", writer.token, result.stale_live]
         earlier = set(result.stale)
-        return [(self._depart_regions, self.keys.region(writer.instance_id, region), args)
-                for region, _ in items if region in earlier]  # fmt: skip
+        return [
+            (self._depart_regions, self.keys.region(writer.instance_id, region), args)
+            for region, _ in items
+            if region in earlier
+        ]
 
     @staticmethod
     def _beat_result(reply: Any) -> FlushResult:
@@ -349,8 +366,9 @@ class Store:
         valid = sorted(r for r in set(regions) if valid_name(r))
         args = [writer.instance_id, "0", writer.token, live]
         if self.redis_cluster:
-            calls = [(self._depart_regions, self.keys.region(writer.instance_id, r), args)
-                     for r in valid]  # fmt: skip
+            calls = [
+                (self._depart_regions, self.keys.region(writer.instance_id, r), args) for r in valid
+            ]
         else:
             keys = [k for r in valid for k in self.keys.region(writer.instance_id, r)]
             calls = [(self._depart_regions, keys, args)] if keys else []
@@ -423,8 +441,11 @@ class Store:
     ) -> bool:
         # 1. is it due, and its regions; 2. the regions (one call per slot, pipelined);
         # 3. only then the instance keys, so a failure in 2 leaves it to be reaped again
-        keys = [self.keys.instances, self.keys.meta(instance_id),
-                self.keys.instance_regions(instance_id)]  # fmt: skip
+        keys = [
+            self.keys.instances,
+            self.keys.meta(instance_id),
+            self.keys.instance_regions(instance_id),
+        ]
         (due,) = self._run([(self._depart_instance, keys, [instance_id, age, "check"])])
         if due is None:
             return False
@@ -433,11 +454,14 @@ class Store:
             live, regions = "m", self._all_regions()
         flag = "1" if remove else "0"
         calls = [
-            (self._depart_regions, self.keys.region(instance_id, region),
-             [instance_id, flag, "", live, "1" if age else ""])
+            (
+                self._depart_regions,
+                self.keys.region(instance_id, region),
+                [instance_id, flag, "", live, "1" if age else ""],
+            )
             for region in sorted(set(regions).union(extra))
             if valid_name(region)
-        ]  # fmt: skip
+        ]
         self._run(calls)
         phase = "remove" if remove else "keep"
         (done,) = self._run([(self._depart_instance, keys, [instance_id, age, phase])])
@@ -503,8 +527,11 @@ class Store:
         errors: list[str] = [
             f"{self.keys.instances}: removed member {str(m)[:40]!r} (no live instance)" for m in bad
         ]
-        for key, (ok, reply) in ((self.keys.instances, missing), (self.keys.regions, members),
-                                 (self.keys.flush_errors, failed)):  # fmt: skip
+        for key, (ok, reply) in (
+            (self.keys.instances, missing),
+            (self.keys.regions, members),
+            (self.keys.flush_errors, failed),
+        ):
             if not ok:
                 errors.append(f"{key}: {reply}")
         flush_errors: dict[str, int] = {}
@@ -517,8 +544,11 @@ class Store:
         regions: list[str] = []
         if members[0]:
             regions = sorted(r for r in members[1] if valid_name(r))
-            errors += [f"{self.keys.regions}: invalid region {r[:40]!r}" for r in members[1]
-                       if not valid_name(r)]  # fmt: skip
+            errors += [
+                f"{self.keys.regions}: invalid region {r[:40]!r}"
+                for r in members[1]
+                if not valid_name(r)
+            ]
         expired = self._valid_beats(_pairs(missing[1]) if missing[0] else [], errors)
         reap_error = None
         if reap and expired:

@@ -169,11 +169,16 @@ class RedisMetricExporter(MetricExporter):
     def _writer(self) -> Writer:
         s = self.settings
         return Writer(
-            self.identity.instance_id, self.identity.token, self.identity.owner,
-            s.statistics_ttl, s.instance_timeout, s.max_response_time_samples,
+            self.identity.instance_id,
+            self.identity.token,
+            self.identity.owner,
+            s.statistics_ttl,
+            s.instance_timeout,
+            s.max_response_time_samples,
             s.response_time_sample_ttl,
-            ",".join(f"{k}={n}" for k, n in self.error_kinds.items()), self._last_kind,
-        )  # fmt: skip
+            ",".join(f"{k}={n}" for k, n in self.error_kinds.items()),
+            self._last_kind,
+        )
 
     def export(
         self, metrics_data: MetricsData, timeout_millis: float = 10_000, **kwargs: Any
@@ -199,8 +204,10 @@ class RedisMetricExporter(MetricExporter):
                 self.last_error = explain(exc)
                 self._errors.error(
                     "conduit-otel-cache: flush of instance %s to %s failed: %s",
-                    self.identity.instance_id, self.settings.safe_redis_url, self.last_error,
-                )  # fmt: skip
+                    self.identity.instance_id,
+                    self.settings.safe_redis_url,
+                    self.last_error,
+                )
                 return MetricExportResult.FAILURE
             self._acked_order = max(order, self._acked_order) if order else self._acked_order
             self.flush_count += 1
@@ -232,15 +239,18 @@ class RedisMetricExporter(MetricExporter):
         lost = result.status == "unregistered" and self._confirmed and bool(fields)
         if (result.rebuild or lost) and not full:  # reaped, or Redis lost it: all whole
             # (departed: its live gauges left the totals with the stats hashes Redis held)
-            again = {r: self._whole(r, v, self._samples_of(r), live=False)
-                     for r, v in fields.items()}  # fmt: skip
+            again = {
+                r: self._whole(r, v, self._samples_of(r), live=False) for r, v in fields.items()
+            }
             refresh = True
             result = self._send(again, refresh)
             entries = again
         elif result.need_full:
             # live all along: a stats hash that is gone left its live gauges in the totals
-            again = {r: self._whole(r, fields[r], entries[r].samples, live=True)
-                     for r in result.need_full}  # fmt: skip
+            again = {
+                r: self._whole(r, fields[r], entries[r].samples, live=True)
+                for r in result.need_full
+            }
             sent, first = self._seq, result
             retry = self._send(again, False)
             if retry.need_full:
@@ -253,9 +263,10 @@ class RedisMetricExporter(MetricExporter):
             self._confirmed = True
             if result.stale:
                 self.store.leave_stale(
-                    self._writer(), [r for r in result.stale if r not in fields],
+                    self._writer(),
+                    [r for r in result.stale if r not in fields],
                     live=result.stale_live,
-                )  # fmt: skip
+                )
         self._ack(entries, self._seq, result.epochs)
         if refresh:
             self._refreshed = now
@@ -304,9 +315,14 @@ class RedisMetricExporter(MetricExporter):
         self._seq += 1
         self._sending = entries
         result = self.store.flush(
-            self._writer(), entries, refresh=refresh, seq=self._seq,
-            beat_first=not self._confirmed, known=self._confirmed, checks=checks,
-        )  # fmt: skip
+            self._writer(),
+            entries,
+            refresh=refresh,
+            seq=self._seq,
+            beat_first=not self._confirmed,
+            known=self._confirmed,
+            checks=checks,
+        )
         self._sending = {}
         return result
 
@@ -384,15 +400,23 @@ class RedisMetricExporter(MetricExporter):
         log.warning(
             "conduit-otel-cache: another process writes as instance %r; this process "
             "(pid %d) continues as %r. Give each process its own instance_id, or leave it to "
-            "the default (<HOSTNAME>-<pid>)", old, self.identity.pid, new,
-        )  # fmt: skip
+            "the default (<HOSTNAME>-<pid>)",
+            old,
+            self.identity.pid,
+            new,
+        )
 
     def spool_identity(self, *, confirmed: bool) -> dict[str, Any]:
         """What a spool holds of this incarnation (``confirmed``: Redis acknowledged it)."""
         i = self.identity
         bounds = list(self.settings.response_time_buckets)
-        return {"instance_id": i.instance_id, "token": i.token, "owner": i.owner,
-                "confirmed": confirmed, "bounds": bounds}  # fmt: skip
+        return {
+            "instance_id": i.instance_id,
+            "token": i.token,
+            "owner": i.owner,
+            "confirmed": confirmed,
+            "bounds": bounds,
+        }
 
     def recover(self, fields: Fields) -> None:
         """Write a dead incarnation's final cumulative values under its own identity (this
@@ -421,8 +445,10 @@ class RedisMetricExporter(MetricExporter):
                 self.flush_errors += 1
                 self._errors.error(
                     "conduit-otel-cache: heartbeat of instance %s to %s failed: %s",
-                    self.identity.instance_id, self.settings.safe_redis_url, explain(exc),
-                )  # fmt: skip
+                    self.identity.instance_id,
+                    self.settings.safe_redis_url,
+                    explain(exc),
+                )
                 return False
             return True
 
@@ -448,8 +474,10 @@ class RedisMetricExporter(MetricExporter):
             except Exception as exc:
                 log.warning(
                     "conduit-otel-cache: could not deregister %s: %s; it expires after %gs",
-                    self.identity.instance_id, type(exc).__name__, self.settings.instance_timeout,
-                )  # fmt: skip
+                    self.identity.instance_id,
+                    type(exc).__name__,
+                    self.settings.instance_timeout,
+                )
             finally:
                 self.store.close()
 
@@ -464,5 +492,11 @@ def _all_kinds() -> list[type]:
         UpDownCounter,
     )
 
-    return [Counter, UpDownCounter, Histogram, ObservableCounter, ObservableUpDownCounter,
-            ObservableGauge]  # fmt: skip
+    return [
+        Counter,
+        UpDownCounter,
+        Histogram,
+        ObservableCounter,
+        ObservableUpDownCounter,
+        ObservableGauge,
+    ]
