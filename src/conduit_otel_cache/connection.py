@@ -55,6 +55,16 @@ def pipeline(client: Client) -> Any:
     return pipe
 
 
+def _no_client_setinfo() -> dict[str, Any]:
+    """Options that keep redis-py from sending ``CLIENT SETINFO`` when it connects: the
+    least-privilege ACL (operations.md) does not allow it, so Valkey and Redis 7.2+ refuse
+    it, an entry in the ACL log on every connection. redis-py 7.1+ takes ``driver_info``
+    and deprecates ``lib_name``/``lib_version``; before, ``None`` for both."""
+    if "driver_info" in inspect.signature(redis.Redis.__init__).parameters:
+        return {"driver_info": None}
+    return {"lib_name": None, "lib_version": None}
+
+
 def _retry(settings: Settings) -> Retry:
     """A dropped connection is re-established ``connect_retries`` times at once; a timeout is
     not retried, so a hung Redis costs one ``socket_timeout``, not several."""
@@ -74,6 +84,7 @@ def _sentinel_client(settings: Settings, tls: dict[str, Any]) -> redis.Redis:
         "socket_timeout": settings.socket_timeout,
         "socket_connect_timeout": settings.connect_timeout,
         "socket_keepalive": settings.socket_keepalive,
+        **_no_client_setinfo(),
         **({"ssl": True, **tls} if address.tls else {}),
     }
     credentials = {"username": address.username, "password": address.password}
@@ -130,6 +141,7 @@ def connect(settings: Settings) -> Client:
             health_check_interval=30,
             **({"ssl": True, **tls} if address.tls else {}),
             **_redis_cluster_options(),
+            **_no_client_setinfo(),
         )
     return redis.Redis.from_url(
         settings.redis_url,
@@ -142,4 +154,5 @@ def connect(settings: Settings) -> Client:
         retry_on_timeout=False,
         health_check_interval=30,
         **tls,
+        **_no_client_setinfo(),
     )
