@@ -56,13 +56,15 @@ def pipeline(client: Client) -> Any:
 
 
 def _no_client_setinfo() -> dict[str, Any]:
-    """Options that keep redis-py from sending ``CLIENT SETINFO`` when it connects: the
-    least-privilege ACL (operations.md) does not allow it, so Valkey and Redis 7.2+ refuse
-    it, an entry in the ACL log on every connection. redis-py 7.1+ takes ``driver_info``
-    and deprecates ``lib_name``/``lib_version``; before, ``None`` for both."""
+    """Options that keep redis-py 7.2+ from sending ``CLIENT SETINFO`` when it connects:
+    the least-privilege ACL (operations.md) does not allow it, so Valkey and Redis 7.2+
+    refuse it, an entry in the ACL log on every connection. Older redis-py still sends it:
+    there a connection that drops at once is seen inside the connect, which retries it
+    ``connect_retries`` times (without it, redis-py 6.0 made 1 to 16 connections, varying,
+    where ``connect_retries=3`` makes 4)."""
     if "driver_info" in inspect.signature(redis.Redis.__init__).parameters:
         return {"driver_info": None}
-    return {"lib_name": None, "lib_version": None}
+    return {}
 
 
 def _retry(settings: Settings) -> Retry:
