@@ -74,7 +74,7 @@ $(PYTHON_VENV)/.installed: pyproject.toml
 PYTHON_TESTS ?= -m "not redis_cluster" tests/test_recorder.py tests/test_write_protocol.py \
 	tests/test_cluster_totals.py tests/test_sdk_hook.py tests/test_otel.py tests/test_lifecycle.py \
 	tests/test_prefork_multiprocessing.py tests/test_processes.py tests/test_serve_webconfig.py \
-	tests/test_integrations_aiocache.py \
+	tests/test_integrations_aiocache.py tests/test_spool.py \
 	tests/reliability/test_contained.py::test_exit_with_a_hung_redis_takes_one_shutdown_timeout \
 	tests/reliability/test_contained.py::test_the_hot_path_never_raises_and_sums_stay_finite \
 	"tests/test_process_end.py::test_web_server_sigterm[uvicorn]" \

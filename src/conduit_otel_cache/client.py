@@ -179,8 +179,11 @@ class CacheStatistics:
         except OSError as exc:
             log.warning(
                 "conduit-otel-cache: cannot create a spool in spool_dir %r (%s: %s); this "
-                "process records without one", self.settings.spool_dir, type(exc).__name__, exc,
-            )  # fmt: skip
+                "process records without one",
+                self.settings.spool_dir,
+                type(exc).__name__,
+                exc,
+            )
             self.spool = None
         exporter.spool = self.spool
         self.recorder.reset(self.spool)
@@ -193,9 +196,11 @@ class CacheStatistics:
     ) -> tuple[MeterProvider, list[MeterProvider]]:
         """The provider the instruments are on, and the providers this handle owns."""
         resource = Resource.create(
-            {"service.name": self.settings.service_name,
-             "service.instance.id": self.settings.instance_id}
-        )  # fmt: skip
+            {
+                "service.name": self.settings.service_name,
+                "service.instance.id": self.settings.instance_id,
+            }
+        )
         private: list[MetricReader] = []
         if self._reader is not None and shared is None:
             private.append(self._reader)
@@ -230,11 +235,14 @@ class CacheStatistics:
             spool = self.spool
             threading.Thread(
                 target=self._recoverer.loop,
-                args=(self._stop_beats, self.settings.flush_interval or 10.0,
-                      lambda: (spool.path,) if spool is not None else ()),
+                args=(
+                    self._stop_beats,
+                    self.settings.flush_interval or 10.0,
+                    lambda: (spool.path,) if spool is not None else (),
+                ),
                 daemon=True,
                 name="conduit-spool-recovery",
-            ).start()  # fmt: skip
+            ).start()
         if self.exporter is not None and self.settings.heartbeat_interval is not None:
             threading.Thread(
                 target=_beat_until,
@@ -482,8 +490,9 @@ class CacheStatistics:
             log.warning(
                 "conduit-otel-cache: shutdown of instance %s took longer than "
                 "shutdown_timeout=%gs; giving up (it expires after instance_timeout)",
-                self.settings.instance_id, self.settings.shutdown_timeout,
-            )  # fmt: skip
+                self.settings.instance_id,
+                self.settings.shutdown_timeout,
+            )
         lifecycle.end_if_signalled()
 
     def _close(self) -> None:
@@ -496,16 +505,18 @@ class CacheStatistics:
                 log.warning(
                     "conduit-otel-cache: the final collection of instance %s failed (%s); "
                     "what its last flush wrote stands",
-                    self.settings.instance_id, explain(exc),
-                )  # fmt: skip
+                    self.settings.instance_id,
+                    explain(exc),
+                )
                 depart = self.spool is None  # else a later process writes the spool for it
         if self.exporter is not None and self._owns_exporter:
             if not depart and self.exporter.flush_count:
                 log.warning(
                     "conduit-otel-cache: the final flush of instance %s failed; it leaves the "
                     "live gauges after instance_timeout=%gs",
-                    self.settings.instance_id, self.settings.instance_timeout,
-                )  # fmt: skip
+                    self.settings.instance_id,
+                    self.settings.instance_timeout,
+                )
             if written and self.spool is not None:  # Redis holds all of it: nothing to
                 self.spool.finish()  # recover, even if the process is killed now
             self.exporter.close(depart=depart)

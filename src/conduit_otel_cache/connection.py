@@ -121,8 +121,11 @@ def connect(settings: Settings) -> Client:
     assert settings.redis_url is not None
     tls: dict[str, Any] = {}
     if settings.redis_url.startswith("rediss"):
-        tls = {"ssl_ca_certs": settings.ssl_ca_certs, "ssl_certfile": settings.ssl_certfile,
-               "ssl_keyfile": settings.ssl_keyfile}  # fmt: skip
+        tls = {
+            "ssl_ca_certs": settings.ssl_ca_certs,
+            "ssl_certfile": settings.ssl_certfile,
+            "ssl_keyfile": settings.ssl_keyfile,
+        }
     if settings.redis_url.partition(":")[0] in SENTINEL_SCHEMES:
         return _sentinel_client(settings, tls)
     if settings.is_redis_cluster:

@@ -76,9 +76,21 @@ class RedisServer:
     def start(self, timeout: float = 10.0) -> RedisServer:
         """Start the server and wait until it answers PING."""
         save = ["--save", "1 1", "--appendonly", "no"] if self.persist else ["--save", ""]
-        args = [redis_server_binary(), "--port", str(self.port), "--bind", "127.0.0.1",
-                "--dir", str(self.dir), *save, "--daemonize", "no", "--loglevel", "warning",
-                *self.extra_args]  # fmt: skip
+        args = [
+            redis_server_binary(),
+            "--port",
+            str(self.port),
+            "--bind",
+            "127.0.0.1",
+            "--dir",
+            str(self.dir),
+            *save,
+            "--daemonize",
+            "no",
+            "--loglevel",
+            "warning",
+            *self.extra_args,
+        ]
         self.process = subprocess.Popen(
             args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL
         )
@@ -93,8 +105,13 @@ class RedisServer:
 
     def _answers(self) -> bool:
         """PING answered (or refused for want of a password: the server is up)."""
-        client = redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=0.5,
-                             socket_connect_timeout=0.5, retry=Retry(NoBackoff(), 0))  # fmt: skip
+        client = redis.Redis(
+            host="127.0.0.1",
+            port=self.port,
+            socket_timeout=0.5,
+            socket_connect_timeout=0.5,
+            retry=Retry(NoBackoff(), 0),
+        )
         try:
             return bool(client.ping())
         except redis.AuthenticationError:

@@ -387,8 +387,9 @@ def _uwsgi_flush_timer(uwsgi: Any, seconds: int) -> int | None:
         log.warning(
             "conduit-otel-cache: cannot flush uWSGI workers on a timer (%s: %s); run uWSGI "
             "with --master, or with --py-call-uwsgi-fork-hooks or --lazy-apps",
-            type(exc).__name__, exc,
-        )  # fmt: skip
+            type(exc).__name__,
+            exc,
+        )
         return None
     return signum
 
@@ -414,8 +415,9 @@ def _warn_if_no_threads(uwsgi: Any, options: set[str]) -> None:
         return
     log.warning(
         "conduit-otel-cache: uWSGI %s runs without --enable-threads, so statistics are "
-        "flushed only at worker exit; start uWSGI with --enable-threads", text or "(unknown)",
-    )  # fmt: skip
+        "flushed only at worker exit; start uWSGI with --enable-threads",
+        text or "(unknown)",
+    )
 
 
 def _version(text: str) -> tuple[int, ...]:

@@ -176,9 +176,11 @@ class Recorder:
                     self._samples[id(slot)] = deque(maxlen=self._max_samples)
             except (OSError, ValueError) as exc:
                 self._warn_once(
-                    "spool", "cannot grow the spool (%s: %s); later tallies are not spooled",
-                    type(exc).__name__, exc,
-                )  # fmt: skip
+                    "spool",
+                    "cannot grow the spool (%s: %s); later tallies are not spooled",
+                    type(exc).__name__,
+                    exc,
+                )
                 self.spool = None
         if slot is None:
             slot = [0] * self._width
@@ -194,18 +196,23 @@ class Recorder:
             if not valid_name(region) or region in (INVALID_REGION, OVERFLOW_REGION):
                 self.invalid_events += 1
                 self._warn_once(
-                    "invalid", "invalid cache region name %.60r counted under %s",
-                    region, INVALID_REGION,
-                )  # fmt: skip
+                    "invalid",
+                    "invalid cache region name %.60r counted under %s",
+                    region,
+                    INVALID_REGION,
+                )
                 return INVALID_REGION
             if region in self._regions:
                 return str(region)
             if len(self._regions) >= self._max_regions:
                 self.overflow_events += 1
                 self._warn_once(
-                    "overflow", "more than max_regions=%d regions; %r and later ones counted "
-                    "under %s", self._max_regions, region, OVERFLOW_REGION,
-                )  # fmt: skip
+                    "overflow",
+                    "more than max_regions=%d regions; %r and later ones counted under %s",
+                    self._max_regions,
+                    region,
+                    OVERFLOW_REGION,
+                )
                 return OVERFLOW_REGION
             self._regions.add(region)
             return str(region)
