@@ -51,17 +51,23 @@ def test_benchmarks_quick_run() -> None:
     assert re.search(r"1 EVALSHA \(1 round trip\) per flush in steady state\s*\|\s*met\s*\|", out)
 
 
-def test_serve_memory_quick_run() -> None:
-    """``python -m benchmarks.serve_memory`` (what deploy/kubernetes sizes memory from) runs
-    and sees the render process beside the serving one."""
+def quick_run(module: str) -> subprocess.CompletedProcess[str]:
+    """``python -m <module> --quick``, which must succeed."""
     proc = subprocess.run(
-        [sys.executable, "-m", "benchmarks.serve_memory", "--quick"],
+        [sys.executable, "-m", module, "--quick"],
         cwd=ROOT,
         capture_output=True,
         text=True,
         timeout=120,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def test_serve_memory_quick_run() -> None:
+    """``python -m benchmarks.serve_memory`` (what deploy/kubernetes sizes memory from) runs
+    and sees the render process beside the serving one."""
+    proc = quick_run("benchmarks.serve_memory")
     (line,) = proc.stdout.splitlines()
     result = json.loads(line)
     assert result["N x R"] == "100 x 10"
@@ -73,12 +79,5 @@ def test_serve_memory_quick_run() -> None:
 
 def test_otlp_push_quick_run() -> None:
     """``python -m benchmarks.otlp_push`` runs: a push taken by its receiver at 100 x 10."""
-    proc = subprocess.run(
-        [sys.executable, "-m", "benchmarks.otlp_push", "--quick"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = quick_run("benchmarks.otlp_push")
     assert re.search(r"\| 100 x 10 +\| +\d{3,} \|", proc.stdout), proc.stdout
