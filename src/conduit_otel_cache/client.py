@@ -157,7 +157,8 @@ class CacheStatistics:
             register_cache_instruments(provider.get_meter(SCOPE), recorder.snapshot)
         if meter_provider is not None:
             register_cache_instruments(meter_provider.get_meter(SCOPE), recorder.snapshot)
-        register_self_instruments(self.meter_provider.get_meter(SCOPE), self)
+        if meter_provider is not None or metric_readers:  # read by more than the flush
+            register_self_instruments(self.meter_provider.get_meter(SCOPE), self)
         if self.exporter is not None and settings.spool_dir is not None:
             self._recoverer = Recoverer(settings, self.exporter.store)
             self._open_spool()
