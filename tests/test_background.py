@@ -4,6 +4,7 @@ work runs, restored by the last of overlapping callers."""
 from __future__ import annotations
 
 import gc
+import os
 import sys
 import threading
 
@@ -42,3 +43,32 @@ def test_a_collector_disabled_before_stays_disabled() -> None:
         assert not gc.isenabled()
     finally:
         gc.enable()
+
+
+def test_a_child_forked_while_another_thread_is_inside_starts_restored() -> None:
+    before = sys.getswitchinterval()
+    entered, leave = threading.Event(), threading.Event()
+
+    def flushing() -> None:  # as a pre-fork master's flush thread, inside at the fork
+        with quietly():
+            entered.set()
+            leave.wait(30)
+
+    thread = threading.Thread(target=flushing)
+    thread.start()
+    try:
+        assert entered.wait(30) and not gc.isenabled()
+        read, write = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the child: the thread inside quietly() did not come along
+            os.write(write, f"{gc.isenabled()} {sys.getswitchinterval()}".encode())
+            os._exit(0)
+        os.close(write)
+        enabled, interval = os.read(read, 100).decode().split()
+        os.close(read)
+        os.waitpid(pid, 0)
+        assert enabled == "True" and float(interval) == before
+    finally:
+        leave.set()
+        thread.join(30)
+    assert gc.isenabled() and sys.getswitchinterval() == before

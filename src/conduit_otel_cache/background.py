@@ -1,5 +1,5 @@
-"""Background work beside a thread that answers requests (``serve``'s refresh and
-per-instance pass).
+"""Background work beside threads that answer requests: ``serve``'s refresh and
+per-instance pass, and an application's flush.
 
 CPython hands the interpreter lock to a waiting thread every ``sys.getswitchinterval()``
 (5 ms by default), so a scrape that arrives while a background thread computes waits that
@@ -7,12 +7,14 @@ long at every step of its I/O; and the objects such work creates set off full co
 of the cyclic garbage collector, which hold the lock for tens of milliseconds. While any
 caller is inside :func:`quietly`, threads switch at least every :data:`PROMPT` seconds and
 the collector waits (what the work leaves is freed by reference counting; ``serve`` runs
-the collector between requests, see ``http.py``). The last caller to leave restores both.
+the collector between requests, see ``http.py``; an application's own allocations set it
+off as before, once the flush is over). The last caller to leave restores both.
 """
 
 from __future__ import annotations
 
 import gc
+import os
 import sys
 import threading
 from collections.abc import Iterator
@@ -46,3 +48,18 @@ def quietly() -> Iterator[None]:
                 sys.setswitchinterval(_saved_interval)
                 if _saved_gc:
                     gc.enable()
+
+
+def _restore_in_child() -> None:
+    """A child forked while another thread was inside :func:`quietly` (a pre-fork server's
+    master mid-flush) has no such thread: it starts with the interpreter as it was."""
+    global _lock, _inside
+    _lock = threading.Lock()
+    if _inside:
+        sys.setswitchinterval(_saved_interval)
+        if _saved_gc:
+            gc.enable()
+    _inside = 0
+
+
+os.register_at_fork(after_in_child=_restore_in_child)

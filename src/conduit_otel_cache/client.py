@@ -10,7 +10,7 @@ import math
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 
 from opentelemetry import metrics
@@ -23,6 +23,7 @@ from opentelemetry.sdk.resources import Resource
 from . import lifecycle
 from .aggregate import Aggregator, ClusterView
 from .autoconfig import shared_write_through
+from .background import quietly
 from .config import Settings
 from .health import Health, evaluate
 from .identity import Identity
@@ -71,6 +72,19 @@ def _beat_until(exporter: RedisMetricExporter, every: float, stop: threading.Eve
     # a module function: the thread holds the exporter, not the handle
     while not stop.wait(every):
         exporter.heartbeat()
+
+
+def _promptly(collect: Callable[..., None]) -> Callable[..., None]:
+    """``collect`` run :func:`~.background.quietly`: a flush (the SDK's collection and the
+    write) is milliseconds of pure Python, during which the application's threads would
+    otherwise wait up to ``sys.getswitchinterval()`` for the interpreter lock at each step,
+    and full collections that its short-lived objects set off would stop them all."""
+
+    def collect_promptly(*args: Any, **kwargs: Any) -> None:
+        with quietly():
+            collect(*args, **kwargs)
+
+    return collect_promptly
 
 
 class CacheStatistics:
@@ -146,6 +160,7 @@ class CacheStatistics:
                 export_interval_millis=math.inf if interval is None else interval * 1000,
                 export_timeout_millis=max(settings.socket_timeout * 2000, 1000),
             )
+            self._reader.collect = _promptly(self._reader.collect)  # type: ignore[method-assign,misc]
         self._recoverer: Recoverer | None = None
         if not settings.enabled:  # a null handle: no MeterProvider, no thread, no Redis
             self.meter_provider: APIMeterProvider = NoOpMeterProvider()
@@ -383,8 +398,10 @@ class CacheStatistics:
             self._flush_started = time.monotonic()
         ok = False
         try:
+            exports = self.exporter.exports
             self._reader.force_flush(timeout_millis=self.settings.socket_timeout * 2000)
-            ok = self.exporter.last_ok
+            # no export: the SDK collected nothing (nothing recorded), so nothing to write
+            ok = self.exporter.last_ok or self.exporter.exports == exports
         finally:
             with self._flushes:
                 self._flushing = False

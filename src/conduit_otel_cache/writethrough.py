@@ -113,6 +113,7 @@ class RedisMetricExporter(MetricExporter):
         self.store = store if store is not None else Store.from_settings(settings)
         self.identity = identity if identity is not None else Identity(settings.instance_id)
         self.samples = samples
+        self.exports = 0  # calls of export(): the SDK makes none when it collected nothing
         self.flush_count = 0
         self.flush_errors = 0
         self.stale_collections = 0
@@ -184,6 +185,7 @@ class RedisMetricExporter(MetricExporter):
         self, metrics_data: MetricsData, timeout_millis: float = 10_000, **kwargs: Any
     ) -> MetricExportResult:
         """Write the collected points to Redis (one script call)."""
+        self.exports += 1
         fields, order = points_to_fields(metrics_data)
         with self._lock:
             if self._closed:
