@@ -21,6 +21,7 @@ The write protocol (what Redis applies is in ``lua/region.lua``):
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import math
 import re
@@ -28,6 +29,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
+from types import MappingProxyType
 from typing import Any
 
 import redis
@@ -70,22 +72,37 @@ def points_to_fields(metrics_data: MetricsData) -> tuple[Fields, int]:
             if scope_metrics.scope.name != SCOPE:
                 continue
             for metric in scope_metrics.metrics:
+                histogram = metric.name == RESPONSE_TIME_INSTRUMENT
+                field = _FIELDS.get(metric.name)
+                if not histogram and field is None:
+                    continue
                 for point in metric.data.data_points:
-                    region = str(point.attributes.get("region", "")) if point.attributes else ""
+                    region = point.attributes.get("region") if point.attributes else None
                     if not region:
                         continue
-                    newest = max(newest, point.time_unix_nano)
-                    fields = regions.setdefault(region, {"size_bytes": "0"})
-                    if metric.name == RESPONSE_TIME_INSTRUMENT and isinstance(
-                        point, HistogramDataPoint
-                    ):
-                        hist = ResponseTimes(
-                            tuple(point.explicit_bounds), tuple(point.bucket_counts), point.sum
+                    if point.time_unix_nano > newest:
+                        newest = point.time_unix_nano
+                    fields = regions.get(str(region))
+                    if fields is None:
+                        fields = regions[str(region)] = {"size_bytes": "0"}
+                    if field is not None and isinstance(point, NumberDataPoint):
+                        fields[field] = str(int(point.value))
+                    elif histogram and isinstance(point, HistogramDataPoint):
+                        fields.update(
+                            _histogram_fields(
+                                tuple(point.explicit_bounds), tuple(point.bucket_counts), point.sum
+                            )
                         )
-                        fields.update(hist.to_fields())
-                    elif metric.name in _FIELDS and isinstance(point, NumberDataPoint):
-                        fields[_FIELDS[metric.name]] = str(int(point.value))
     return regions, newest
+
+
+@functools.lru_cache(maxsize=4096)
+def _histogram_fields(
+    bounds: tuple[float, ...], counts: tuple[int, ...], total: float
+) -> Mapping[str, str]:
+    """A histogram point's hash fields: unchanged points (most regions of most flushes)
+    are encoded once."""
+    return MappingProxyType(ResponseTimes(bounds, counts, total).to_fields())
 
 
 class RedisMetricExporter(MetricExporter):
