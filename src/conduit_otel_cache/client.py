@@ -36,6 +36,7 @@ from .instruments import (
 )
 from .integrations.lookup import TimedLookup
 from .model import Statistics
+from .ratelimit import RateLimitedLog
 from .recorder import NullRecorder, Recorder
 from .recovery import Recoverer
 from .sdk_hook import collection_lock, export_lock, stop_reader_thread
@@ -139,6 +140,7 @@ class CacheStatistics:
         self._closed = False
         self._timeout_logged = False
         self._close_started = 0.0
+        self._slow = RateLimitedLog(log)  # flushes the caller stopped waiting for
         self._reset_locks()
         self._reader: PeriodicExportingMetricReader | None = None
         shared = (
@@ -361,7 +363,9 @@ class CacheStatistics:
 
         Concurrent calls are batched: a call waits up to ``batch_timeout`` for a flush in
         progress, and when a flush that began after the call has finished, it carried the
-        call's events, so its result is shared instead of writing again.
+        call's events, so its result is shared instead of writing again. On the main thread
+        it waits at most ``batch_timeout + 4 x socket_timeout`` (False: the flush goes on in
+        the background).
         """
         if threading.current_thread() is not threading.main_thread() or self._closed:
             return self._flush_in_place()
@@ -375,7 +379,19 @@ class CacheStatistics:
         )
         if worker is None:  # the interpreter is ending (an ``atexit`` handler): no signal
             return self._flush_in_place()  # handler can interrupt the flush any more
-        worker.join()
+        # A flush ends within its Redis calls' timeouts; something else of the collection
+        # (an observable callback of the application's on a shared provider, a finalizer the
+        # collector runs in that thread) can block it for ever: the caller does not wait.
+        bound = self.settings.batch_timeout + 4 * self.settings.socket_timeout
+        worker.join(bound)
+        if worker.is_alive():
+            self._slow.error(
+                "conduit-otel-cache: a flush of instance %s did not end within %.1f s "
+                "(batch_timeout + 4 x socket_timeout); it goes on in the background",
+                self.settings.instance_id,
+                bound,
+            )
+            return False
         return bool(result and result[0])
 
     def _flush_in_place(self) -> bool:
