@@ -457,7 +457,7 @@ class Store:
             (
                 self._depart_regions,
                 self.keys.region(instance_id, region),
-                [instance_id, flag, "", live, "1" if age else ""],
+                [instance_id, flag, "", live],
             )
             for region in sorted(set(regions).union(extra))
             if valid_name(region)

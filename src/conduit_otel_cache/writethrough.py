@@ -358,6 +358,8 @@ class RedisMetricExporter(MetricExporter):
         is lost too, counts it as applied and reports a loss (never adds it twice)."""
         acked, epoch = self._acked.get(region), self._epoch.get(region, "")
         base: dict[str, str] = dict(acked) if acked is not None and epoch else {}
+        if base and region in self._acked_seq:  # the write that acknowledged it: the
+            base["aseq"] = str(self._acked_seq[region])  # totals' record tells if they hold it
         unsure = self._unsure.get(region)
         if unsure is not None:
             base |= {f"u:{name}": value for name, value in unsure.items()}

@@ -10,7 +10,6 @@ local id, max_age, remove = ARGV[1], ARGV[2], ARGV[3] == '1'
 if not departure_due(KEYS[1], id, max_age) then return 0 end
 local live = instance_live(KEYS[2])
 if live and ARGV[4] == 'm' then live = 'm' end
-removal_counts = max_age ~= ''
 for k = 4, #KEYS, 4 do
   depart_region(KEYS[k], KEYS[k + 1], KEYS[k + 2], KEYS[k + 3], id, remove, '', live)
 end

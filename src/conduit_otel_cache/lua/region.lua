@@ -24,9 +24,10 @@ end
 
 -- The writes a region's totals hold (`<aggregated hash>:writes`, in its slot): per instance
 -- id 'token:seq' of the last write of the region applied to them; 'epoch': the totals it
--- belongs to (created with them). An instance that cleanup removes may write again: its
--- record stays ('removed' counts them; at REMOVED_CAP the records start again, 'reset').
--- Read only when a writer's reply was lost and the stats hash that would tell is gone too.
+-- belongs to (created with them). A departed instance's record stays ('removed' counts
+-- them; at REMOVED_CAP the records start again, 'reset'). Read only when the stats hash
+-- that would tell is gone: a writer's reply was lost, or Redis went back to an older
+-- snapshot.
 local REMOVED_CAP = 1000
 local function writes_key(akey) return akey .. ':writes' end
 
@@ -84,19 +85,26 @@ local function keep_record(akey, id, token)
   end
 end
 
-local function unsure_fate(akey, h, b, epoch)
-  -- Did Redis apply the writer's write b.unsure (its reply was lost) to these totals?
-  -- 'yes', 'no', or 'unknown' (the record of their writes is lost, or cleanup removed
-  -- the writer's).
-  -- (b.uid, b.utoken: the id and token it was written with, before the writer moved aside)
-  local id, token = b['uid'] or h.id, b['utoken'] or h.token
+local function write_fate(akey, id, token, seq, epoch)
+  -- Do these totals hold write number seq of incarnation token under id? 'yes', 'older'
+  -- (an earlier write of it is the last they hold), 'none' (nothing of it), or 'unknown'
+  -- (the record of their writes is lost, or cleanup removed the writer's).
   local got = redis.pcall('HMGET', writes_key(akey), 'epoch', 'reset', id, id .. '#' .. token)
   if failed(got) or got[1] ~= epoch then return 'unknown' end
-  local tok, seq = nil, nil
-  if got[3] then tok, seq = string.match(got[3], '^(.*):(%d+)$') end
-  if tok ~= token and got[4] then tok, seq = string.match(got[4], '^(.*):(%d+)$') end
-  if tok == token then return num(seq) >= num(b['unsure']) and 'yes' or 'no' end
-  return got[2] and 'unknown' or 'no'
+  local tok, last = nil, nil
+  if got[3] then tok, last = string.match(got[3], '^(.*):(%d+)$') end
+  if tok ~= token and got[4] then tok, last = string.match(got[4], '^(.*):(%d+)$') end
+  if tok == token then return num(last) >= num(seq) and 'yes' or 'older' end
+  return got[2] and 'unknown' or 'none'
+end
+
+local function unsure_fate(akey, h, b, epoch)
+  -- Did Redis apply the writer's write b.unsure (its reply was lost) to these totals?
+  -- 'yes', 'no', or 'unknown'.
+  -- (b.uid, b.utoken: the id and token it was written with, before the writer moved aside)
+  local fate = write_fate(akey, b['uid'] or h.id, b['utoken'] or h.token, b['unsure'], epoch)
+  if fate == 'older' or fate == 'none' then return 'no' end
+  return fate
 end
 
 local function unsure_values(b)
@@ -168,6 +176,13 @@ local function write_region(skey, akey, rkey, lkey, h, e, now_s)
       from, unknown = unsure_values(e.base), true
       from_epoch = e.base['uepoch'] == '*' and epoch or e.base['uepoch']
     end
+  end
+  -- A Redis back from an older snapshot (an RDB saved before, a replica promoted before it
+  -- caught up) lost the acknowledged write (b.aseq) with the stats hash: when the totals'
+  -- record holds nothing of this incarnation, they hold none of its values either
+  if not same and from == e.base and from and from['aseq']
+     and write_fate(akey, h.id, h.token, from['aseq'], epoch) == 'none' then
+    from = nil
   end
   if not same and from_epoch ~= '' then
     if from_epoch == epoch and from then
@@ -256,10 +271,6 @@ local function write_region(skey, akey, rkey, lkey, h, e, now_s)
   return 'ok', epoch
 end
 
--- set by a departure script: '1' when the instance is removed for its age (cleanup), so
--- it may come back, rather than by its own shutdown
-local removal_counts = false
-
 local function leave_gauges(akey, size, hits, misses, counted)
   -- Take one instance's live gauges out of the totals (counted: its instance count too),
   -- never below zero; when no live instance is left, every live gauge is zero.
@@ -311,11 +322,9 @@ local function depart_region(skey, akey, rkey, lkey, id, remove, unless_token, w
   if remove or unless_token ~= '' then redis.call('DEL', lkey) end
   if remove then
     redis.call('DEL', skey)
-    local wkey = writes_key(akey)
-    if not removal_counts then
-      redis.pcall('HDEL', wkey, id)  -- its own shutdown: it never writes again
-    elseif redis.call('EXISTS', wkey) == 1 then  -- removed for its age: its record stays
-      count_removed(akey)
-    end
+    -- its record stays: removed for its age it may write again, and after its own
+    -- shutdown another incarnation may write under the id (a Redis back from an older
+    -- snapshot tells by the record whether the totals hold a writer's acknowledged write)
+    if redis.call('EXISTS', writes_key(akey)) == 1 then count_removed(akey) end
   end
 end
