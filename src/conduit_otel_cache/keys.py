@@ -33,18 +33,25 @@ hash (``<aggregated>:writes``).
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-
 
 class KeySchema:
     """Key names under ``key_prefix``; hash-tagged on a Redis Cluster (the instance-level
     keys share ``{global}``, a region's keys ``{<region>}``; names cannot contain braces), so
-    that every script call stays in one hash slot."""
+    that every script call stays in one hash slot. The layout is chosen once, here: the
+    methods below only fill it in."""
 
     def __init__(self, key_prefix: str = "conduit:", *, redis_cluster: bool = False) -> None:
-        self.prefix = key_prefix + "cache:"
-        self.redis_cluster = redis_cluster
-        self._global = self.prefix + "{global}:" if redis_cluster else self.prefix
+        self.prefix = prefix = key_prefix + "cache:"
+        if redis_cluster:  # a region's keys share the slot {<region>}, the others {global}
+            self._global = prefix + "{global}:"
+            self._stats = "{{{region}}}:stats:{instance}"
+            self._aggregate = "{{{region}}}:aggregated"
+            self._hit_rates = "{{{region}}}:hit_rates"
+        else:
+            self._global = prefix
+            self._stats = "stats:{instance}:{region}"
+            self._aggregate = "stats:aggregated:{region}"
+            self._hit_rates = "hit_rates:{region}"
 
     @property
     def instances(self) -> str:
@@ -63,15 +70,11 @@ class KeySchema:
 
     def stats(self, instance_id: str, region: str) -> str:
         """One instance's statistics of one region."""
-        if self.redis_cluster:
-            return f"{self.prefix}{{{region}}}:stats:{instance_id}"
-        return f"{self.prefix}stats:{instance_id}:{region}"
+        return self.prefix + self._stats.format(instance=instance_id, region=region)
 
     def aggregate(self, region: str) -> str:
         """The cluster totals of one region."""
-        if self.redis_cluster:
-            return f"{self.prefix}{{{region}}}:aggregated"
-        return f"{self.prefix}stats:aggregated:{region}"
+        return self.prefix + self._aggregate.format(region=region)
 
     def meta(self, instance_id: str) -> str:
         """One instance's incarnation token, owner and live flag."""
@@ -84,47 +87,8 @@ class KeySchema:
     def hit_rates(self, region: str) -> str:
         """Live instances' hit ratios x 100 (percent) in one region: drift and per-instance
         series (the key keeps its name ``hit_rates``)."""
-        if self.redis_cluster:
-            return f"{self.prefix}{{{region}}}:hit_rates"
-        return f"{self.prefix}hit_rates:{region}"
+        return self.prefix + self._hit_rates.format(region=region)
 
     def samples(self, instance_id: str, region: str) -> str:
         """The last raw response times of one instance in one region (a list)."""
         return self.stats(instance_id, region) + ":response_times"
-
-    # -- the KEYS of the scripts (lua/lib.lua) --------------------------------------------
-
-    def region(self, instance_id: str, region: str) -> list[str]:
-        """One region of one instance: stats hash, aggregated hash, hit ratios, samples."""
-        return [
-            self.stats(instance_id, region),
-            self.aggregate(region),
-            self.hit_rates(region),
-            self.samples(instance_id, region),
-        ]
-
-    def beat(self, instance_id: str) -> list[str]:
-        """The instance-level keys of a write (``beat()`` in ``lua/instance.lua``)."""
-        return [
-            self.instances,
-            self.regions,
-            self.meta(instance_id),
-            self.instance_regions(instance_id),
-            self.flush_errors,
-        ]
-
-    def batch(self, instance_id: str, regions: Iterable[str]) -> list[str]:
-        """A ``lua/regions.lua`` call: the regions sets (standalone only: a Redis Cluster's
-        region calls stay in the region's slot, the beat records the names), then each
-        region's keys."""
-        keys = [] if self.redis_cluster else [self.regions, self.instance_regions(instance_id)]
-        for region in regions:
-            keys += self.region(instance_id, region)
-        return keys
-
-    def instance(self, instance_id: str, regions: Iterable[str]) -> list[str]:
-        """A departure (``lua/depart.lua``): the instance's keys, then each region's."""
-        keys = [self.instances, self.meta(instance_id), self.instance_regions(instance_id)]
-        for region in regions:
-            keys += self.region(instance_id, region)
-        return keys

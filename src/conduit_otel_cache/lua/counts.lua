@@ -1,3 +1,4 @@
+-- Encoded by protocol.counts() in protocol.py (KEYS and ARGV as below).
 -- The per-instance pass's read: for the hit-ratio sorted set of one region (KEYS[1]), every
 -- member's stored ratio (x 100), hit_count and miss_count, as one flat array {member, ratio,
 -- hits, misses, ...}; ARGV[1] .. member .. ':' .. ARGV[2] is a member's statistics hash

@@ -1,3 +1,4 @@
+-- Encoded by protocol.depart() in protocol.py (KEYS and ARGV as below).
 -- Take an instance's live gauges (size, instance count, live hit and miss sums, hit ratio)
 -- out of the cluster totals; its counted events stay. With a max age, only if its
 -- heartbeat is older than that (standalone Redis: one script call).

@@ -1,3 +1,4 @@
+-- Encoded by protocol.depart_regions() in protocol.py (KEYS and ARGV as below).
 -- Regions leaving the live gauges: one call per hash slot on a Redis Cluster (a departure),
 -- and the regions an earlier incarnation under the same id left behind (a restart in
 -- place), in either topology.

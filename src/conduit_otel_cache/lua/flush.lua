@@ -1,3 +1,4 @@
+-- Encoded by protocol.flush() in protocol.py (KEYS and ARGV as below), decoded by beat_result().
 -- One write of one instance, standalone Redis: the heartbeat and every region entry in one
 -- script call (one round trip). Argument layout: see lib.lua.
 -- KEYS: instances zset, regions set, instance meta hash, instance regions set, flush

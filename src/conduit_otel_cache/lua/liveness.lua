@@ -1,3 +1,4 @@
+-- Encoded by protocol.liveness() in protocol.py (KEYS and ARGV as below).
 -- Liveness at one server time: the number of live instances, the expired ones with their
 -- scores, and the region names. Only an instance that has written statistics and not
 -- departed (its meta hash says live, or is lost while its regions set is not) counts; members that are no instance id or have no
