@@ -161,7 +161,7 @@ def test_restart_in_place_clears_every_live_gauge_of_the_dead_incarnation(
     a, b = second.cluster_statistics("A"), second.cluster_statistics("B")
     assert (a.hit_count, a.size_bytes, a.instance_count) == (2, 10, 1)
     assert (b.hit_count, b.size_bytes, b.instance_count) == (1, 0, 0)  # counters stay
-    assert r.zrange("conduit:cache:hit_rates:B", 0, -1) == []
+    assert r.hgetall("conduit:cache:counts:B") == {}
     assert r.exists("conduit:cache:stats:p:B:response_times") == 0
     assert r.hget("conduit:cache:stats:aggregated:B", "live_hit_count") == "0"
     assert r.hget("conduit:cache:instance:p", "stale") is None  # settled

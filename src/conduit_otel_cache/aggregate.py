@@ -9,8 +9,8 @@ the hits and misses since the previous per-instance pass (in ``serve``, in the b
 every ``aggregation_interval``), of live instances with at least
 ``DRIFT_MIN_WINDOW_REQUESTS`` in it; 0 with fewer than two. The first pass that sees an
 instance (or its new incarnation) takes all its counts. The per-instance hit-ratio series
-are lifetime ratios, from the sorted set of live hit ratios (stored x 100) that every
-flush and departure keeps in Redis.
+are lifetime ratios. Both come from one hash per region of the live instances' hit and
+miss counts, which every flush and departure keeps in Redis (one read per region).
 """
 
 from __future__ import annotations
@@ -99,10 +99,11 @@ class Aggregator:
     The cluster totals are a few reads whatever the cluster size; a burst of readers within
     ``aggregation_cache_ttl`` shares one read, and a reader that arrives while another
     reads gets the last view at once instead of waiting. The per-instance pass (drift,
-    per-instance hit ratios) reads every instance: with ``background=True`` it runs in a
-    thread every ``aggregation_interval`` so that no reader waits for it; otherwise it
-    runs with each refresh of the totals. Full per-instance statistics are read on
-    demand by :meth:`per_instance`.
+    per-instance hit ratios) reads one counts hash per region (every live instance's hits
+    and misses): with ``background=True`` it runs in a thread every
+    ``aggregation_interval`` so that no reader waits for it; otherwise it runs with each
+    refresh of the totals. Full per-instance statistics are read on demand by
+    :meth:`per_instance`.
     """
 
     def __init__(self, store: Store, settings: Settings, *, background: bool = False) -> None:
@@ -264,7 +265,7 @@ class Aggregator:
                     if not (0 <= hits < 2**63 and 0 <= misses < 2**63):
                         raise ValueError("count out of range")
                 except ValueError as exc:
-                    key = self.store.keys.stats(instance_id[:40], region)
+                    key = self.store.keys.counts(region)
                     errors.append(f"{key} (instance {instance_id[:40]!r}): {exc}")
                     continue
                 if hits + misses == 0:

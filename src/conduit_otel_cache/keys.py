@@ -12,7 +12,8 @@ Keys (``conduit:`` is ``key_prefix``)::
     conduit:cache:instance:<instance>:regions  set   regions the instance reported
     conduit:cache:flush_errors                 hash  error kind -> failed flushes of every
                                                      instance (carried by its next write)
-    conduit:cache:hit_rates:<region>           zset  live instance id -> hit ratio x 100 (percent)
+    conduit:cache:counts:<region>              hash  live instance id -> '<hit_count> <miss_count>'
+                                                     (drift, per-instance hit ratios)
     conduit:cache:stats:<instance>:<region>:response_times  list  the last raw response times
 
 On a Redis Cluster every script must stay in one hash slot, so the keys carry hash tags:
@@ -21,7 +22,7 @@ the instance-level keys share ``{global}`` and a region's keys share ``{<region>
     conduit:cache:{global}:instances                 conduit:cache:{<region>}:stats:<instance>
     conduit:cache:{global}:regions                   conduit:cache:{<region>}:aggregated
                                                      conduit:cache:{<region>}:aggregated:writes
-    conduit:cache:{global}:instance:<instance>       conduit:cache:{<region>}:hit_rates
+    conduit:cache:{global}:instance:<instance>       conduit:cache:{<region>}:counts
     conduit:cache:{global}:instance:<instance>:regions
     conduit:cache:{global}:flush_errors
 
@@ -46,12 +47,12 @@ class KeySchema:
             self._global = prefix + "{global}:"
             self._stats = "{{{region}}}:stats:{instance}"
             self._aggregate = "{{{region}}}:aggregated"
-            self._hit_rates = "{{{region}}}:hit_rates"
+            self._counts = "{{{region}}}:counts"
         else:
             self._global = prefix
             self._stats = "stats:{instance}:{region}"
             self._aggregate = "stats:aggregated:{region}"
-            self._hit_rates = "hit_rates:{region}"
+            self._counts = "counts:{region}"
 
     @property
     def instances(self) -> str:
@@ -84,10 +85,11 @@ class KeySchema:
         """The regions one instance reported."""
         return f"{self._global}instance:{instance_id}:regions"
 
-    def hit_rates(self, region: str) -> str:
-        """Live instances' hit ratios x 100 (percent) in one region: drift and per-instance
-        series (the key keeps its name ``hit_rates``)."""
-        return self.prefix + self._hit_rates.format(region=region)
+    def counts(self, region: str) -> str:
+        """Live instances' hit and miss counts in one region (``<hits> <misses>`` per
+        instance id), written by every flush that changes them: drift and per-instance
+        hit ratios, one read per region."""
+        return self.prefix + self._counts.format(region=region)
 
     def samples(self, instance_id: str, region: str) -> str:
         """The last raw response times of one instance in one region (a list)."""

@@ -10,6 +10,7 @@ region's keys are :func:`region_keys`, four per region, in the order the scripts
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -26,7 +27,6 @@ SCRIPTS: dict[str, tuple[str, ...]] = {
     "settled": ("settled.lua",),
     "liveness": ("liveness.lua",),
     "aggregates": ("aggregates.lua",),
-    "counts": ("counts.lua",),
     "acknowledge": ("acknowledge.lua",),
 }
 
@@ -134,11 +134,11 @@ class FlushResult:
 
 def region_keys(keys: KeySchema, instance_id: str, region: str) -> list[str]:
     """One region of one instance (``write_region()``, ``depart_region()``): stats hash,
-    aggregated hash, hit ratios, samples list."""
+    aggregated hash, counts hash, samples list."""
     return [
         keys.stats(instance_id, region),
         keys.aggregate(region),
-        keys.hit_rates(region),
+        keys.counts(region),
         keys.samples(instance_id, region),
     ]
 
@@ -283,12 +283,15 @@ def aggregates(keys: KeySchema, regions: Sequence[str]) -> Call:
     return Call("aggregates", [keys.aggregate(r) for r in regions], [])
 
 
-def counts(keys: KeySchema, region: str) -> Call:
-    """``lua/counts.lua`` (standalone): the hit ratios of one region with each member's
-    counts; ARGV: the stats key's prefix and region (``<prefix><member>:<region>``)."""
-    prefix = keys.prefix + "stats:"
-    assert keys.stats("i", "r") == f"{prefix}i:r", "counts.lua: standalone keys only"
-    return Call("counts", [keys.hit_rates(region)], [prefix, region])
+def check_reads(keys: KeySchema, instance_id: str, region: str) -> list[tuple[str, ...]]:
+    """A check as two plain reads instead of a script call (a Redis Cluster's write that
+    renews no TTL: one call per region's slot would cost more than the check): the stats
+    hash's token, write number and epoch, and the totals' epoch. :func:`check_passed`
+    decides as ``check_region()`` in ``lua/region.lua`` does."""
+    return [
+        ("HMGET", keys.stats(instance_id, region), "token", "seq", "epoch"),
+        ("HGET", keys.aggregate(region), "epoch"),
+    ]
 
 
 def acknowledge(keys: KeySchema, region: str) -> Call:
@@ -324,3 +327,24 @@ def beat_result(reply: Any) -> FlushResult:
 def regions_result(reply: Any) -> tuple[tuple[str, ...], dict[str, str]]:
     """``lua/regions.lua``'s reply: the regions that need a full entry, and the epochs."""
     return tuple(str(r) for r in reply[0]), epochs(reply[1])
+
+
+def check_passed(token: str, entry: Entry, stats: Any, epoch: Any) -> bool:
+    """Redis still holds every write of the region up to ``entry.after`` for ``token``, in
+    the totals it was written to (the replies of :func:`check_reads`); else the region is
+    resent whole, as when ``check_region()`` says ``full``."""
+    if isinstance(stats, Exception):  # not a hash
+        return False
+    got, seq, written_to = stats
+    return (
+        got == token and _count(seq) >= entry.after and (written_to is None or epoch == written_to)
+    )
+
+
+def _count(value: Any) -> float:
+    """A stored number as ``num()`` in ``lua/lib.lua`` reads it: malformed is 0."""
+    try:
+        n = float(value)
+    except (TypeError, ValueError):
+        return 0.0
+    return n if math.isfinite(n) and n >= 0 else 0.0

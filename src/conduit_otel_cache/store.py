@@ -55,8 +55,6 @@ def _pairs(reply: Any) -> list[tuple[str, float]]:
 #: pipeline only when it has run all of it, and 10,000 instances take up to 0.2 s per region
 #: (a pass over 100 regions in one round trip outlasted the default ``socket_timeout``)
 PASS_ROUND_TRIP = 0.5
-#: and, on a Redis Cluster, in pipelines of at most this many reads
-PASS_COMMANDS = 10_000
 
 _NOPERM = re.compile(r"NOPERM.*?'([A-Za-z|_-]+)' command|no permissions to run the '([^']+)'")
 
@@ -123,6 +121,10 @@ class Heartbeats:
     errors: tuple[str, ...] = ()
 
 
+#: ``{region: {instance_id: (hit_count, miss_count)}}`` as stored
+Counts = dict[str, dict[str, tuple[str, str]]]
+
+
 class Store:
     """Every Redis operation of the library, on one key schema (standalone or Redis Cluster)."""
 
@@ -175,21 +177,31 @@ class Store:
         sets)."""
         items = list(entries.items())
         header = writer.header(refresh, seq, known, checks)
-        head, rest = self.topology.write(self, writer.instance_id, header, items)
-        if rest and beat_first:
+        head, rest, plain = self.topology.write(self, writer.instance_id, header, items, refresh)
+        reads = [
+            read
+            for region, _ in plain
+            for read in protocol.check_reads(self.keys, writer.instance_id, region)
+        ]
+        if (rest or reads) and beat_first:
             result = protocol.beat_result(self._run([head])[0])
             if result.status != "ok":
                 return result
-            replies = self._run([*self._leave_earlier(writer, result, items), *rest])[-len(rest) :]
+            leave = self._leave_earlier(writer, result, items)
+            replies = self._run([*leave, *rest], reads)[len(leave) :]
         else:
-            replies = self._run([head, *rest])
+            replies = self._run([head, *rest], reads)
             result = protocol.beat_result(replies.pop(0))
         need = list(result.need_full)
         epochs = dict(result.epochs)
-        for reply in replies:
+        for reply in replies[: len(rest)]:
             refused, written = protocol.regions_result(reply)
             need += refused
             epochs.update(written)
+        got = replies[len(rest) :]
+        for n, (region, entry) in enumerate(plain):
+            if not protocol.check_passed(writer.token, entry, got[2 * n], got[2 * n + 1]):
+                need.append(region)
         return dataclasses.replace(result, need_full=tuple(need), epochs=epochs)
 
     def _leave_earlier(
@@ -229,12 +241,15 @@ class Store:
             self._run(calls)
         self._run([protocol.settled(self.keys, writer.instance_id, writer.token)])
 
-    def _run(self, calls: Sequence[Call]) -> list[Any]:
-        """Run script calls in one non-transactional pipeline (a Redis Cluster groups them
-        per node); a node that lacks a script (new, or promoted by a failover) gets every
-        script loaded and the calls it refused run again. Raises the first error."""
-        replies = self._pipeline_scripts(calls)
-        refused = [n for n, reply in enumerate(replies) if isinstance(reply, NoScriptError)]
+    def _run(self, calls: Sequence[Call], reads: Sequence[tuple[str, ...]] = ()) -> list[Any]:
+        """Run script calls, then plain ``reads``, in one non-transactional pipeline (a
+        Redis Cluster groups them per node); a node that lacks a script (new, or promoted by
+        a failover) gets every script loaded and the calls it refused run again. Raises the
+        first error of a script call; a read's error is its reply."""
+        replies = self._pipeline_scripts(calls, reads)
+        refused = [
+            n for n, reply in enumerate(replies[: len(calls)]) if isinstance(reply, NoScriptError)
+        ]
         if refused:
             for name in {calls[n].script for n in refused}:
                 # on every primary of a Redis Cluster
@@ -246,13 +261,17 @@ class Store:
                 raise _named(reply, self._scripts[call.script])
         return replies
 
-    def _pipeline_scripts(self, calls: Sequence[Call]) -> list[Any]:
+    def _pipeline_scripts(
+        self, calls: Sequence[Call], reads: Sequence[tuple[str, ...]] = ()
+    ) -> list[Any]:
         pipe = pipeline(self.client)
         for call in calls:
             # queued as a plain command: redis-py's Redis Cluster pipeline has no evalsha(), yet
             # it routes EVALSHA by its keys (which must share one hash slot)
             sha = self._scripts[call.script].sha
             pipe.execute_command("EVALSHA", sha, len(call.keys), *call.keys, *call.args)
+        for read in reads:
+            pipe.execute_command(*read)
         return list(pipe.execute(raise_on_error=False))
 
     def depart(
@@ -406,33 +425,6 @@ class Store:
                 errors.append(f"{self.keys.instances}: invalid member {member[:40]!r}")
         return beats
 
-    def read_hit_ratios(
-        self, regions: Sequence[str]
-    ) -> tuple[dict[str, dict[str, float]], list[str]]:
-        """``{region: {instance_id: hit ratio}}`` of live instances (stored x 100), pipelined,
-        and the malformed entries skipped."""
-        if not regions:
-            return {}, []
-        pipe = self.client.pipeline(transaction=False)
-        for region in regions:
-            _zrange(pipe, self.keys.hit_rates(region))
-        result: dict[str, dict[str, float]] = {}
-        errors: list[str] = []
-        valid: set[str] = set()  # the same instance ids recur in every region
-        for region, reply in zip(regions, pipe.execute(raise_on_error=False)):
-            if isinstance(reply, Exception):
-                errors.append(f"{self.keys.hit_rates(region)}: {reply}")
-                continue
-            result[region] = rates = {}
-            for member, rate in _pairs(reply):
-                if member not in valid and valid_name(member):
-                    valid.add(member)
-                if member in valid and 0 <= rate <= 100:
-                    rates[member] = rate / 100
-                else:
-                    errors.append(f"{self.keys.hit_rates(region)}: bad entry {member[:40]!r}")
-        return result, errors
-
     def read_instances(
         self, instance_ids: Sequence[str], regions: Sequence[str]
     ) -> dict[tuple[str, str], dict[str, str] | Exception]:
@@ -445,15 +437,40 @@ class Store:
             pipe.hgetall(self.keys.stats(instance_id, region))
         return dict(zip(pairs, pipe.execute(raise_on_error=False)))
 
-    def read_request_counts(
-        self, regions: Sequence[str]
-    ) -> tuple[dict[str, dict[str, tuple[str, str]]], list[str]]:
-        """``{region: {instance_id: (hit_count, miss_count)}}`` of the instances in each
-        region's hit-ratio set (as stored, '' when absent), in one round trip, and the
-        malformed entries skipped (as :meth:`read_hit_ratios` reports them)."""
-        if not regions:
-            return {}, []
-        return self.topology.read_request_counts(self, regions)
+    def read_request_counts(self, regions: Sequence[str]) -> tuple[Counts, list[str]]:
+        """``{region: {instance_id: (hit_count, miss_count)}}`` of the live instances in
+        each region's counts hash (as stored), one ``HGETALL`` per region, pipelined in
+        round trips of about ``pass_round_trip`` (Redis answers a pipeline only when it has
+        run all of it); and the malformed entries skipped."""
+        result: Counts = {}
+        errors: list[str] = []
+        valid: set[str] = set()  # the same instance ids recur in every region
+        size, start = 1, 0  # regions per round trip, grown so that each takes pass_round_trip
+        while start < len(regions):
+            chunk = regions[start : start + size]
+            began = time.monotonic()
+            pipe = self.client.pipeline(transaction=False)
+            for region in chunk:
+                pipe.hgetall(self.keys.counts(region))
+            replies = pipe.execute(raise_on_error=False)
+            per_region = (time.monotonic() - began) / len(chunk)
+            start += len(chunk)
+            size = max(1, min(256, int(self.pass_round_trip / max(per_region, 1e-6))))
+            for region, reply in zip(chunk, replies):
+                key = self.keys.counts(region)
+                if isinstance(reply, Exception):
+                    errors.append(f"{key}: {reply}")
+                    continue
+                result[region] = counts = {}
+                for member, value in reply.items():
+                    if member not in valid and valid_name(member):
+                        valid.add(member)
+                    hits, _, misses = value.partition(" ")
+                    if member in valid and misses:
+                        counts[member] = (hits, misses)
+                    else:
+                        errors.append(f"{key}: bad entry {member[:40]!r}")
+        return result, errors
 
     def read_samples(
         self, instance_ids: Sequence[str], region: str, count: int
@@ -500,9 +517,6 @@ class Store:
         self.client.close()
 
 
-Counts = dict[str, dict[str, tuple[str, str]]]
-
-
 class Topology(Protocol):
     """What differs between a standalone Redis and a Redis Cluster, chosen once per store."""
 
@@ -512,9 +526,15 @@ class Topology(Protocol):
     regions_apart: bool
 
     def write(
-        self, store: Store, instance_id: str, header: list[Any], items: list[tuple[str, Entry]]
-    ) -> tuple[Call, list[Call]]:
-        """One write: the call with the heartbeat, then the other calls (one pipeline)."""
+        self,
+        store: Store,
+        instance_id: str,
+        header: list[Any],
+        items: list[tuple[str, Entry]],
+        refresh: bool,
+    ) -> tuple[Call, list[Call], list[tuple[str, Entry]]]:
+        """One write: the call with the heartbeat, the other calls, and the checks sent as
+        plain reads (:func:`protocol.check_reads`), all in one pipeline."""
         ...
 
     def leave(
@@ -533,10 +553,6 @@ class Topology(Protocol):
         """The aggregated hash of each region; errors are returned, not raised."""
         ...
 
-    def read_request_counts(self, store: Store, regions: Sequence[str]) -> tuple[Counts, list[str]]:
-        """See :meth:`Store.read_request_counts`."""
-        ...
-
 
 class Standalone:
     """One Redis: a write is one ``lua/flush.lua`` call (more regions than ``batch_size``
@@ -546,8 +562,13 @@ class Standalone:
     regions_apart = False
 
     def write(
-        self, store: Store, instance_id: str, header: list[Any], items: list[tuple[str, Entry]]
-    ) -> tuple[Call, list[Call]]:
+        self,
+        store: Store,
+        instance_id: str,
+        header: list[Any],
+        items: list[tuple[str, Entry]],
+        refresh: bool,
+    ) -> tuple[Call, list[Call], list[tuple[str, Entry]]]:
         step = store.batch_size
         batches = [items[i : i + step] for i in range(0, len(items), step)] or [[]]
         head = protocol.flush(store.keys, header, instance_id, batches[0])
@@ -555,7 +576,7 @@ class Standalone:
             protocol.regions(store.keys, header, instance_id, batch, with_sets=True)
             for batch in batches[1:]
         ]
-        return head, rest
+        return head, rest, []  # a check costs least inside the one script call
 
     def leave(
         self, keys: KeySchema, instance_id: str, regions: Sequence[str], **how: Any
@@ -590,32 +611,6 @@ class Standalone:
             for ok, flat in chunk
         ]
 
-    def read_request_counts(self, store: Store, regions: Sequence[str]) -> tuple[Counts, list[str]]:
-        result: Counts = {}
-        errors: list[str] = []
-        replies: list[Any] = []
-        size, start = 1, 0  # regions per round trip, grown so that each takes pass_round_trip
-        while start < len(regions):
-            chunk = regions[start : start + size]
-            began = time.monotonic()
-            replies += store._run([protocol.counts(store.keys, r) for r in chunk])
-            per_region = (time.monotonic() - began) / len(chunk)
-            start += len(chunk)
-            size = max(1, min(256, int(store.pass_round_trip / max(per_region, 1e-6))))
-        for region, (ok, flat) in zip(regions, replies):
-            key = store.keys.hit_rates(region)
-            if not ok:
-                errors.append(f"{key}: {flat}")
-                continue
-            result[region] = counts = {}
-            for n in range(0, len(flat), 4):
-                member, ratio = flat[n], float(flat[n + 1])
-                if valid_name(member) and 0 <= ratio <= 100:
-                    counts[member] = (flat[n + 2], flat[n + 3])
-                else:
-                    errors.append(f"{key}: bad entry {member[:40]!r}")
-        return result, errors
-
 
 class RedisClusterTopology:
     """A Redis Cluster: every script call stays in one hash slot, so a write is a
@@ -627,14 +622,22 @@ class RedisClusterTopology:
     regions_apart = True
 
     def write(
-        self, store: Store, instance_id: str, header: list[Any], items: list[tuple[str, Entry]]
-    ) -> tuple[Call, list[Call]]:
+        self,
+        store: Store,
+        instance_id: str,
+        header: list[Any],
+        items: list[tuple[str, Entry]],
+        refresh: bool,
+    ) -> tuple[Call, list[Call], list[tuple[str, Entry]]]:
         head = protocol.beat(store.keys, header, instance_id, items)
+        # a check that renews no TTL is two plain reads, not a script call in its slot
+        checks = [(r, e) for r, e in items if e.is_check and not refresh]
         rest = [
-            protocol.regions(store.keys, header, instance_id, [item], with_sets=False)
-            for item in items
+            protocol.regions(store.keys, header, instance_id, [(r, e)], with_sets=False)
+            for r, e in items
+            if not (e.is_check and not refresh)
         ]
-        return head, rest
+        return head, rest, checks
 
     def leave(
         self, keys: KeySchema, instance_id: str, regions: Sequence[str], **how: Any
@@ -666,17 +669,3 @@ class RedisClusterTopology:
         for region in regions:
             pipe.hgetall(store.keys.aggregate(region))
         return list(pipe.execute(raise_on_error=False))
-
-    def read_request_counts(self, store: Store, regions: Sequence[str]) -> tuple[Counts, list[str]]:
-        result: Counts = {}
-        rates, errors = store.read_hit_ratios(regions)
-        pairs = [(i, region) for region, by_instance in rates.items() for i in by_instance]
-        for start in range(0, len(pairs), PASS_COMMANDS):  # bounded replies
-            part = pairs[start : start + PASS_COMMANDS]
-            pipe = store.client.pipeline(transaction=False)
-            for instance_id, region in part:
-                pipe.hmget(store.keys.stats(instance_id, region), "hit_count", "miss_count")
-            for (instance_id, region), reply in zip(part, pipe.execute(raise_on_error=False)):
-                hits, misses = ("x", "x") if isinstance(reply, Exception) else reply
-                result.setdefault(region, {})[instance_id] = (hits or "", misses or "")
-        return result, errors

@@ -2,7 +2,7 @@
 -- Cluster (after beat.lua, which records the region names, in the same pipeline), and the
 -- entries after the first batch_size of a large standalone write. Argument layout: see
 -- lib.lua. Encoded by protocol.regions() in protocol.py.
--- KEYS: per region entry: instance stats hash, aggregated hash, hit-rates zset,
+-- KEYS: per region entry: instance stats hash, aggregated hash, counts hash,
 --       response-time samples list; then, when they share the slot (standalone), the
 --       regions set and the instance regions set, which record the entries' names.
 -- Returns the regions that need a full entry (nothing written for them), and region, epoch
