@@ -190,10 +190,13 @@ class Aggregator:
         self.aggregations += 1
         previous = self._view or ClusterView()
         try:
+            # without the background pass, the pass's check of the heartbeats comes first,
+            # so that the count of live instances this read returns leaves out strays
+            strays = None if self.background else self._strays()
             data = self.store.read_cluster(self.settings.instance_timeout, reap=True)
             memory, memory_error = self._memory()
-            if not self.background:
-                self.refresh_instances(data)
+            if strays is not None:
+                self.refresh_instances(data, strays)
         except Exception as exc:
             error = explain(exc)
             self._errors.error(
@@ -214,11 +217,17 @@ class Aggregator:
         except redis.ResponseError as exc:  # NoPermissionError is one
             return 0, explain(exc)
 
-    def refresh_instances(self, data: ClusterData | None = None) -> None:
+    def _strays(self) -> list[str]:
+        return self.store.remove_strays(self.settings.instance_timeout)
+
+    def refresh_instances(
+        self, data: ClusterData | None = None, strays: list[str] | None = None
+    ) -> None:
         """Read every live instance's hit ratio per region (the per-instance series) now,
-        and check every heartbeat (malformed members are reported here)."""
+        and check every heartbeat (malformed members are removed and reported here;
+        ``strays``: already checked, these were removed)."""
+        errors: list[str] = self._strays() if strays is None else list(strays)
         data = data or self.store.read_cluster(self.settings.instance_timeout)
-        errors: list[str] = []
         rates = self._windowed_drift(sorted(data.aggregates), errors)
         live = {region: _live_ratio(fields) for region, fields in data.aggregates.items()}
         # the farthest first, from a generator: a row not kept is freed at once (100,000 rows

@@ -27,7 +27,7 @@ the instance-level keys share ``{global}`` and a region's keys share ``{<region>
     conduit:cache:{global}:flush_errors
 
 Every key a script touches is named here and passed to it in ``KEYS``, but for two derived
-in the same slot: ``lua/liveness.lua`` derives instance meta keys from :meth:`KeySchema.meta`
+in the same slot: ``lua/members.lua`` derives instance meta keys from :meth:`KeySchema.meta`
 of an empty id, and ``lua/region.lua`` the record of a region's writes from its aggregated
 hash (``<aggregated>:writes``).
 """

@@ -26,6 +26,7 @@ SCRIPTS: dict[str, tuple[str, ...]] = {
     "redis_cluster_depart": ("instance.lua", "redis_cluster_depart.lua"),
     "settled": ("settled.lua",),
     "liveness": ("liveness.lua",),
+    "members": ("members.lua",),
     "aggregates": ("aggregates.lua",),
     "acknowledge": ("acknowledge.lua",),
 }
@@ -269,13 +270,14 @@ def settled(keys: KeySchema, instance_id: str, token: str) -> Call:
 
 
 def liveness(keys: KeySchema, instance_timeout: float) -> Call:
-    """``lua/liveness.lua``: heartbeats, regions set, flush errors; ARGV: instance_timeout
-    and the meta hash key of an empty id (the script derives each instance's)."""
-    return Call(
-        "liveness",
-        [keys.instances, keys.regions, keys.flush_errors],
-        [instance_timeout, keys.meta("")],
-    )
+    """``lua/liveness.lua``: heartbeats, regions set, flush errors; ARGV: instance_timeout."""
+    return Call("liveness", [keys.instances, keys.regions, keys.flush_errors], [instance_timeout])
+
+
+def members(keys: KeySchema, instance_timeout: float) -> Call:
+    """``lua/members.lua``: the heartbeats; ARGV: instance_timeout and the meta hash key of
+    an empty id (the script derives each instance's)."""
+    return Call("members", [keys.instances], [instance_timeout, keys.meta("")])
 
 
 def aggregates(keys: KeySchema, regions: Sequence[str]) -> Call:

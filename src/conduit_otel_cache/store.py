@@ -343,17 +343,16 @@ class Store:
 
     def read_cluster(self, instance_timeout: float, *, reap: bool = False) -> ClusterData:
         """Liveness and the cluster totals of every region, in two round trips whatever
-        the number of instances (live ones are counted by Redis, not listed); with
-        ``reap``, expired instances leave the live gauges before the totals are read.
+        the number of instances (live ones are counted by Redis, not listed or read: see
+        :meth:`remove_strays`); with ``reap``, expired instances leave the live gauges
+        before the totals are read.
 
         Keys of the wrong type or malformed entries are skipped and listed in ``errors``.
         """
-        ((seconds, micros, active, missing, members, bad, failed),) = self._run(
+        ((seconds, micros, active, missing, members, failed),) = self._run(
             [protocol.liveness(self.keys, instance_timeout)]
         )
-        errors: list[str] = [
-            f"{self.keys.instances}: removed member {str(m)[:40]!r} (no live instance)" for m in bad
-        ]
+        errors: list[str] = []
         for key, (ok, reply) in (
             (self.keys.instances, missing),
             (self.keys.regions, members),
@@ -398,6 +397,16 @@ class Store:
             reap_error,
             flush_errors,
         )
+
+    def remove_strays(self, instance_timeout: float) -> list[str]:
+        """Check every heartbeat younger than ``instance_timeout`` (one read each, in one
+        script call): members that are no live instance (foreign data, or an instance whose
+        records Redis lost) are removed, so that :meth:`read_cluster`'s count is of live
+        instances; returns them as errors to report."""
+        (bad,) = self._run([protocol.members(self.keys, instance_timeout)])
+        return [
+            f"{self.keys.instances}: removed member {str(m)[:40]!r} (no live instance)" for m in bad
+        ]
 
     def _read_aggregates(self, regions: list[str]) -> list[dict[str, str] | Exception]:
         """The aggregated hash of each region; errors are returned, not raised."""
