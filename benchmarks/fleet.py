@@ -26,9 +26,10 @@ the fill;
 - *reads*: what a ``serve`` replica does against Redis: the totals
   (``Aggregator.view()`` with the pass in the background: ``lua/liveness.lua``, the
   aggregated hashes, ``INFO memory``) and the per-instance pass
-  (``Aggregator.refresh_instances()``), whose duration is timed too. At full size the pass
-  runs on ``PASS_REGIONS`` of the regions (its reads grow linearly with them), and its
-  duration and CPU are scaled to all of them, after one read of the totals.
+  (``Aggregator.refresh_instances()``: the heartbeats checked, one counts hash read per
+  region), whose duration is timed too, with the default ``socket_timeout``. It runs on
+  ``PASS_REGIONS`` of the regions (all of them: its reads grow linearly with them; fewer
+  are scaled to all), after one read of the totals.
 
 Extrapolated: N / ``flush_interval`` flushes per second times the CPU per flush of each
 primary; two replicas reading the totals every ``aggregation_cache_ttl`` and running the pass
@@ -77,9 +78,8 @@ PASS_EVERY = Settings().aggregation_interval
 MASTER_SHARE = 0.40
 PASS_LIMIT_S = 5.0
 #: the per-instance pass is measured on this many regions and scaled to all (its reads grow
-#: linearly with the regions: one read per region; the whole pass takes minutes at full size)
-PASS_REGIONS = 10
-READ_TIMEOUT = 60.0  # socket_timeout of the replica's reads (the default is 5 s)
+#: linearly with the regions: one counts hash per region)
+PASS_REGIONS = 100
 CLONE_CHUNK = 500  # copies per script call (short: see CLONE_LUA)
 
 #: Copies of seed instances' keys of one slot under new ids ``inst-<n>`` (n from ARGV[5] to
@@ -329,14 +329,9 @@ class Reads:
 
 def reads(url: str, nodes: Nodes, r: int, quick: bool) -> Reads:
     """A ``serve`` replica's Redis reads: the totals, and the per-instance pass on
-    ``PASS_REGIONS`` of the ``r`` regions (with ``READ_TIMEOUT`` for ``socket_timeout``: at
-    full size one script call of the pass takes longer than the default)."""
+    ``PASS_REGIONS`` of the ``r`` regions."""
     s = settings(
-        redis_url=url,
-        aggregation_cache_ttl=0,
-        instance_timeout=3600,
-        retention_period=7200,
-        socket_timeout=READ_TIMEOUT,
+        redis_url=url, aggregation_cache_ttl=0, instance_timeout=3600, retention_period=7200
     )
     store = Store.from_settings(s)
     agg = Aggregator(store, s, background=True)
