@@ -66,6 +66,11 @@ class Entry:
         return not self.full and not self.fields and not self.samples
 
 
+#: the position in :meth:`Writer.header` of whether the write refreshes ('1') or checks
+#: ('c') regions, or neither ('0')
+HEADER_CHECKS = 7
+
+
 @dataclasses.dataclass(frozen=True)
 class Writer:
     """Who writes: the instance id, its incarnation token and owner (``host:pid``), and
@@ -202,8 +207,10 @@ def beat(
     keys: KeySchema, header: list[Any], instance_id: str, entries: Sequence[tuple[str, Entry]]
 ) -> Call:
     """``lua/beat.lua``: the instance part of a write; of ``entries`` it needs only the names
-    and whether each is full (the rest is sent empty, in the same layout)."""
-    names = [(region, Entry({}, entry.full)) for region, entry in entries]
+    of the full ones, and of all when the write checks regions (``listed_regions()`` in
+    ``lua/lib.lua``): those are sent, the rest of each entry empty, in the same layout."""
+    every = header[HEADER_CHECKS] != "0"
+    names = [(region, Entry({}, entry.full)) for region, entry in entries if every or entry.full]
     return Call("beat", beat_keys(keys, instance_id), [*header, *entry_args(names)])
 
 
