@@ -26,7 +26,7 @@ from collections.abc import Collection
 import redis
 
 from .background import quietly
-from .config import Settings, valid_name
+from .config import Settings
 from .continuity import Continuity, LossCount
 from .model import Statistics
 from .ratelimit import RateLimitedLog
@@ -259,7 +259,7 @@ class Aggregator:
         now: dict[str, dict[str, int]] = {}  # hits << 64 | misses: small, 100,000 of them
         rates: dict[str, dict[str, float]] = {}
         drift: dict[str, float] = {}
-        read, bad = self.store.read_request_counts(regions)
+        read, bad = self.store.read_request_counts(regions)  # valid instance ids only
         errors += bad
         for region, by_instance in read.items():
             rates[region] = ratios = {}
@@ -268,8 +268,6 @@ class Aggregator:
             window: list[tuple[int, int]] = []
             for instance_id, (hit_count, miss_count) in by_instance.items():
                 try:
-                    if not valid_name(instance_id):
-                        raise ValueError("invalid instance id")
                     hits, misses = int(hit_count or 0), int(miss_count or 0)
                     if not (0 <= hits < 2**63 and 0 <= misses < 2**63):
                         raise ValueError("count out of range")
