@@ -266,9 +266,10 @@ class Aggregator:
             now[region] = counts = {}
             before = self._counts.get(region, {})
             window: list[tuple[int, int]] = []
-            for instance_id, (hit_count, miss_count) in by_instance.items():
+            for instance_id, value in by_instance.items():
                 try:
-                    hits, misses = int(hit_count or 0), int(miss_count or 0)
+                    hit_count, _, miss_count = value.partition(" ")
+                    hits, misses = int(hit_count), int(miss_count)
                     if not (0 <= hits < 2**63 and 0 <= misses < 2**63):
                         raise ValueError("count out of range")
                 except ValueError as exc:

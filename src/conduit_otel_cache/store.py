@@ -121,8 +121,8 @@ class Heartbeats:
     errors: tuple[str, ...] = ()
 
 
-#: ``{region: {instance_id: (hit_count, miss_count)}}`` as stored
-Counts = dict[str, dict[str, tuple[str, str]]]
+#: ``{region: {instance_id: "<hit_count> <miss_count>"}}`` as stored
+Counts = dict[str, dict[str, str]]
 
 
 class Store:
@@ -447,10 +447,11 @@ class Store:
         return dict(zip(pairs, pipe.execute(raise_on_error=False)))
 
     def read_request_counts(self, regions: Sequence[str]) -> tuple[Counts, list[str]]:
-        """``{region: {instance_id: (hit_count, miss_count)}}`` of the live instances in
-        each region's counts hash (as stored), one ``HGETALL`` per region, pipelined in
-        round trips of about ``pass_round_trip`` (Redis answers a pipeline only when it has
-        run all of it); and the malformed entries skipped."""
+        """``{region: {instance_id: "<hit_count> <miss_count>"}}`` of the live instances in
+        each region's counts hash (as stored: the caller parses them), one ``HGETALL`` per
+        region, pipelined in round trips of about ``pass_round_trip`` (Redis answers a
+        pipeline only when it has run all of it); members that are no instance id are
+        skipped and reported."""
         result: Counts = {}
         errors: list[str] = []
         valid: set[str] = set()  # the same instance ids recur in every region
@@ -470,15 +471,12 @@ class Store:
                 if isinstance(reply, Exception):
                     errors.append(f"{key}: {reply}")
                     continue
-                result[region] = counts = {}
-                for member, value in reply.items():
-                    if member not in valid and valid_name(member):
-                        valid.add(member)
-                    hits, _, misses = value.partition(" ")
-                    if member in valid and misses:
-                        counts[member] = (hits, misses)
-                    else:
-                        errors.append(f"{key}: bad entry {member[:40]!r}")
+                valid.update(m for m in reply if m not in valid and valid_name(m))
+                bad = [m for m in reply if m not in valid]
+                for member in bad:
+                    del reply[member]
+                    errors.append(f"{key}: bad entry {member[:40]!r}")
+                result[region] = reply
         return result, errors
 
     def read_samples(
