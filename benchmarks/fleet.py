@@ -7,12 +7,12 @@ of the per-instance pass.
 For each topology, Redis is first filled to the fleet's size, N instances x R regions:
 ``SEED_INSTANCES`` instances are written through ``Store.flush()`` (as ``scale.py`` does),
 then copied inside Redis under new instance ids (``CLONE_LUA``: ``DUMP``/``RESTORE`` of each
-seed's statistics hashes and instance keys, its member in each region's hit-ratio set and
-in the heartbeats), so that Redis holds the keys, encodings and sizes of N instances written
-by the library in under a minute, where writing 1,000,000 regions one flush at a time
-takes 7 (standalone) to 15 minutes (Redis Cluster) on this machine. Only the totals are not
-those of N instances (the copies add nothing to them): what is measured does not depend on
-their values.
+seed's statistics hashes and instance keys, its field in each region's counts hash and
+its member in the heartbeats), so that Redis holds the keys, encodings and sizes of N
+instances written by the library in under a minute, where writing 1,000,000 regions one
+flush at a time takes 7 (standalone) to 15 minutes (Redis Cluster) on this machine. Only
+the totals are not those of N instances (the copies add nothing to them): what is measured
+does not depend on their values.
 
 Measured, per primary (``INFO cpu``: ``used_cpu_sys`` + ``used_cpu_user`` of the server
 process, protocol handling included, less the node's idle rate once it has settled after
@@ -26,9 +26,10 @@ the fill;
 - *reads*: what a ``serve`` replica does against Redis: the totals
   (``Aggregator.view()`` with the pass in the background: ``lua/liveness.lua``, the
   aggregated hashes, ``INFO memory``) and the per-instance pass
-  (``Aggregator.refresh_instances()``), whose duration is timed too. At full size the pass
-  runs on ``PASS_REGIONS`` of the regions (its reads grow linearly with them), and its
-  duration and CPU are scaled to all of them, after one read of the totals.
+  (``Aggregator.refresh_instances()``: the heartbeats checked, one counts hash read per
+  region), whose duration is timed too, with the default ``socket_timeout``. It runs on
+  ``PASS_REGIONS`` of the regions (all of them: its reads grow linearly with them; fewer
+  are scaled to all), after one read of the totals.
 
 Extrapolated: N / ``flush_interval`` flushes per second times the CPU per flush of each
 primary; two replicas reading the totals every ``aggregation_cache_ttl`` and running the pass
@@ -77,20 +78,19 @@ PASS_EVERY = Settings().aggregation_interval
 MASTER_SHARE = 0.40
 PASS_LIMIT_S = 5.0
 #: the per-instance pass is measured on this many regions and scaled to all (its reads grow
-#: linearly with the regions: one read per region; the whole pass takes minutes at full size)
-PASS_REGIONS = 10
-READ_TIMEOUT = 60.0  # socket_timeout of the replica's reads (the default is 5 s)
+#: linearly with the regions: one counts hash per region)
+PASS_REGIONS = 100
 CLONE_CHUNK = 500  # copies per script call (short: see CLONE_LUA)
 
 #: Copies of seed instances' keys of one slot under new ids ``inst-<n>`` (n from ARGV[5] to
 #: ARGV[6]), from their ``DUMP``s: the statistics hash of one region (and its samples list,
-#: if any) and the member of the region's hit-ratio set; or, with ARGV[4] empty, the
+#: if any) and the field of the region's counts hash; or, with ARGV[4] empty, the
 #: instance's meta hash and regions set and its heartbeat (score: now). Small calls: a
 #: script that holds a Redis Cluster node for long gets it marked as failing.
 #: KEYS[1]: a key of the slot (aggregated hash of the region, or the heartbeats zset).
 #: ARGV: key prefix, key suffix (a key is prefix .. id .. suffix), the second key's suffix
-#: after that, hit-ratio set key or '', first n, last n, then per seed: DUMP and PTTL of
-#: its key, of its second key ('' if none), its hit ratio ('' if none).
+#: after that, counts hash key or '', first n, last n, then per seed: DUMP and PTTL of
+#: its key, of its second key ('' if none), its counts ('' if none).
 CLONE_LUA = """
 local prefix, suffix, extra, rates = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
 local seeds = (#ARGV - 6) / 5
@@ -104,10 +104,19 @@ for n = tonumber(ARGV[5]), tonumber(ARGV[6]) do
   if ARGV[a + 2] ~= '' then
     redis.call('RESTORE', key .. extra, ARGV[a + 3], ARGV[a + 2], 'REPLACE')
   end
-  local score = rates == '' and t[1] or ARGV[a + 4]
-  if score ~= '' then zadd[#zadd + 1], zadd[#zadd + 2] = score, id end
+  if rates == '' then
+    zadd[#zadd + 1], zadd[#zadd + 2] = t[1], id
+  elseif ARGV[a + 4] ~= '' then
+    zadd[#zadd + 1], zadd[#zadd + 2] = id, ARGV[a + 4]
+  end
 end
-if #zadd > 0 then redis.call('ZADD', rates == '' and KEYS[1] or rates, unpack(zadd)) end
+if #zadd > 0 then
+  if rates == '' then
+    redis.call('ZADD', KEYS[1], unpack(zadd))
+  else
+    redis.call('HSET', rates, unpack(zadd))
+  end
+end
 return #zadd / 2
 """
 
@@ -222,14 +231,14 @@ def fill(store: Store, raw: Any, n: int, r: int) -> tuple[float, float]:
     ids = [f"inst-{i:04d}" for i in range(seeds)]  # scale.populate's ids
     keys = store.keys
     start = time.perf_counter()
-    # (key naming the slot, prefix, suffix, second key's suffix, hit-ratio set) of each slot
+    # (key naming the slot, prefix, suffix, second key's suffix, counts hash) of each slot
     meta_prefix, meta_suffix = keys.meta("\0").split("\0")
     slots = [(keys.instances, meta_prefix, meta_suffix, ":regions", "")]
     for j in range(r):
         region = region_name(j)
         prefix, suffix = keys.stats("\0", region).split("\0")
         slots.append((keys.aggregate(region), prefix, suffix, ":response_times",
-                      keys.hit_rates(region)))  # fmt: skip
+                      keys.counts(region)))  # fmt: skip
     dumps: list[list[Any]] = []  # per slot: the seeds' DUMP, PTTL, ... (CLONE_LUA's ARGV)
     for _, prefix, suffix, extra, rates in slots:
         pipe = raw.pipeline(transaction=False)
@@ -238,13 +247,13 @@ def fill(store: Store, raw: Any, n: int, r: int) -> tuple[float, float]:
             for name in (key, key + extra):
                 pipe.dump(name)
                 pipe.pttl(name)
-            pipe.zscore(rates, seed) if rates else pipe.exists(key)  # a reply in its place
+            pipe.hget(rates, seed) if rates else pipe.exists(key)  # a reply in its place
         replies = pipe.execute()
         args: list[Any] = []
         for k in range(0, len(replies), 5):
             main, main_ttl, second, second_ttl, score = replies[k : k + 5]
             args += [main, max(0, main_ttl), second or "", max(0, second_ttl),
-                     repr(score) if rates and score is not None else ""]  # fmt: skip
+                     score if rates and score is not None else ""]  # fmt: skip
         dumps.append(args)
     copied = 0
     for first in range(seeds, n, CLONE_CHUNK):
@@ -320,14 +329,9 @@ class Reads:
 
 def reads(url: str, nodes: Nodes, r: int, quick: bool) -> Reads:
     """A ``serve`` replica's Redis reads: the totals, and the per-instance pass on
-    ``PASS_REGIONS`` of the ``r`` regions (with ``READ_TIMEOUT`` for ``socket_timeout``: at
-    full size one script call of the pass takes longer than the default)."""
+    ``PASS_REGIONS`` of the ``r`` regions."""
     s = settings(
-        redis_url=url,
-        aggregation_cache_ttl=0,
-        instance_timeout=3600,
-        retention_period=7200,
-        socket_timeout=READ_TIMEOUT,
+        redis_url=url, aggregation_cache_ttl=0, instance_timeout=3600, retention_period=7200
     )
     store = Store.from_settings(s)
     agg = Aggregator(store, s, background=True)

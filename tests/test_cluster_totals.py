@@ -131,6 +131,31 @@ def test_expired_heartbeat_leaves_live_gauges(make_stats: MakeStats, r: redis.Re
     assert cluster.hit_count == 30 and cluster.size_bytes == 300 and cluster.instance_count == 2
 
 
+def test_the_counts_hash_lists_live_instances_only(make_stats: MakeStats, r: redis.Redis) -> None:
+    """The per-instance pass reads one hash per region of the live instances' hits and
+    misses: a flush writes an instance's field, and shutdown, reaping and cleanup each take
+    it out (the last one out deletes the hash)."""
+    key = f"conduit:cache:counts:{REGION}"
+    a, b, c = make_stats("api-1"), make_stats("api-2"), make_stats("api-3")
+    for stats, hits, misses in ((a, 3, 1), (b, 2, 2), (c, 1, 3)):
+        record(stats, hits, misses)
+        assert stats.flush()
+    assert r.hgetall(key) == {"api-1": "3 1", "api-2": "2 2", "api-3": "1 3"}
+    record(a, 2, 0)
+    assert a.flush()
+    assert r.hget(key, "api-1") == "5 1"
+    b.shutdown()
+    assert set(r.hgetall(key)) == {"api-1", "api-3"}
+    now = float(r.time()[0])
+    r.zadd("conduit:cache:instances", {"api-3": now - 120})  # crashed: its heartbeat expired
+    store = a.aggregator.store
+    assert store.reap(60) == ["api-3"]
+    assert r.hgetall(key) == {"api-1": "5 1"}
+    r.zadd("conduit:cache:instances", {"api-1": now - 7200})  # gone longer than retention
+    assert store.cleanup(3600) == ["api-1"]
+    assert not r.exists(key)
+
+
 def test_restart_with_same_id_keeps_cluster_counter_monotonic(
     make_stats: MakeStats, r: redis.Redis
 ) -> None:
@@ -401,15 +426,14 @@ def test_the_per_instance_pass_outlasting_socket_timeout_reads_in_bounded_round_
 ) -> None:
     """Redis answers a pipeline only when it has run all of it: a pass over many instances
     and regions in one round trip would outlast ``socket_timeout`` (10,000 instances x 40
-    regions failed after the default 5 s). The pass reads in round trips of a quarter of it."""
+    regions failed after the default 5 s, when it read every statistics hash). The pass
+    reads in round trips of a quarter of it."""
     keys = KeySchema()
-    instances, regions = 3000, [f"r{n}" for n in range(40)]
+    instances, regions = 10_000, [f"r{n}" for n in range(60)]
     pipe = r.pipeline(transaction=False)
     for region in regions:
-        pipe.zadd(keys.hit_rates(region), {f"i{n}": 50 for n in range(instances)})
-        for n in range(instances):
-            pipe.hset(keys.stats(f"i{n}", region), mapping={"hit_count": n, "miss_count": 1})
-        pipe.execute()
+        pipe.hset(keys.counts(region), mapping={f"i{n}": f"{n} 1" for n in range(instances)})
+    pipe.execute()
     timeout = 0.4
     store = Store.from_settings(Settings.load(redis_url=redis_url, socket_timeout=timeout))
     began = time.monotonic()
@@ -418,4 +442,4 @@ def test_the_per_instance_pass_outlasting_socket_timeout_reads_in_bounded_round_
     assert took > timeout, f"the pass took {took:.2f} s: too small to outlast socket_timeout"
     assert errors == [] and set(counts) == set(regions)
     assert all(len(counts[region]) == instances for region in regions)
-    assert counts["r7"]["i42"] == ("42", "1")
+    assert counts["r7"]["i42"] == "42 1"

@@ -189,7 +189,7 @@ class Cluster(RuleBasedStateMachine):
         return sorted(owners)
 
     @rule(kind=st.sampled_from(["stats", "aggregated", "regions", "instance_regions", "meta",
-                                "hit_rates", "instances", "samples"]),
+                                "counts", "instances", "samples"]),
           instance_id=IDS, region=st.sampled_from(["R1", "R2", SIZED]),
           which=st.integers(0, 1))  # fmt: skip
     def redis_loses_a_key(self, kind: str, instance_id: str, region: str, which: int) -> None:
@@ -204,7 +204,7 @@ class Cluster(RuleBasedStateMachine):
         keys = {
             "aggregated": f"conduit:cache:stats:aggregated:{region}",
             "regions": "conduit:cache:regions",
-            "hit_rates": f"conduit:cache:hit_rates:{region}",
+            "counts": f"conduit:cache:counts:{region}",
             "instances": "conduit:cache:instances",
         }
         if own is not None:

@@ -90,7 +90,7 @@ def test_regions_land_on_different_primaries(make_stats: MakeStats, rc: RedisClu
     owners = {}
     for region in REGIONS:
         keys = [f"conduit:cache:{{{region}}}:stats:api-1", f"conduit:cache:{{{region}}}:aggregated",
-                f"conduit:cache:{{{region}}}:hit_rates"]  # fmt: skip
+                f"conduit:cache:{{{region}}}:counts"]  # fmt: skip
         assert len({rc.keyslot(k) for k in keys}) == 1  # one slot: one script call
         port = owner_port(rc, keys[0])
         assert [on_node(port, "EXISTS", k) for k in keys] == [1, 1, 1]  # really on that node
@@ -186,8 +186,8 @@ def test_every_key_has_a_ttl(make_stats: MakeStats, rc: RedisCluster) -> None:
         record(stats, region, 1, 1)
     assert stats.flush()
     keys = list(rc.scan_iter("conduit:*", target_nodes=RedisCluster.PRIMARIES))
-    # per region: stats hash, aggregated hash and the record of its writes, hit-rates
-    # zset, response-time samples list
+    # per region: stats hash, aggregated hash and the record of its writes, counts hash,
+    # response-time samples list
     assert len(keys) == 4 + 5 * len(REGIONS)
     for key in keys:
         assert 0 < rc.ttl(key) <= 3600, key
@@ -213,7 +213,7 @@ def test_shutdown_keeps_counters_and_drops_live_gauges(
     assert rc.exists(f"conduit:cache:{{{REGION}}}:stats:api-2", "conduit:cache:{Users}:stats:api-2",
                      "conduit:cache:{global}:instance:api-2",
                      "conduit:cache:{global}:instance:api-2:regions") == 0  # fmt: skip
-    assert rc.zrange(f"conduit:cache:{{{REGION}}}:hit_rates", 0, -1) == ["api-1"]
+    assert rc.hgetall(f"conduit:cache:{{{REGION}}}:counts") == {"api-1": "10 0"}
     record(b, REGION, 5, 0)  # after shutdown: writes nothing
     assert not b.flush()
     assert a.cluster_statistics(REGION).hit_count == 30

@@ -11,6 +11,7 @@ import pytest
 import redis
 
 from conduit_otel_cache import setup
+from conduit_otel_cache.aggregate import Aggregator
 from conduit_otel_cache.health import evaluate
 from conduit_otel_cache.store import Entry, Store, Writer
 from conduit_otel_cache.writethrough import CHECK_EVERY
@@ -161,7 +162,7 @@ def test_restart_in_place_clears_every_live_gauge_of_the_dead_incarnation(
     a, b = second.cluster_statistics("A"), second.cluster_statistics("B")
     assert (a.hit_count, a.size_bytes, a.instance_count) == (2, 10, 1)
     assert (b.hit_count, b.size_bytes, b.instance_count) == (1, 0, 0)  # counters stay
-    assert r.zrange("conduit:cache:hit_rates:B", 0, -1) == []
+    assert r.hgetall("conduit:cache:counts:B") == {}
     assert r.exists("conduit:cache:stats:p:B:response_times") == 0
     assert r.hget("conduit:cache:stats:aggregated:B", "live_hit_count") == "0"
     assert r.hget("conduit:cache:instance:p", "stale") is None  # settled
@@ -185,6 +186,24 @@ def test_garbage_in_the_heartbeat_set_is_no_live_instance(
     stats.shutdown()
     view = make_stats("reader").cluster_view()
     assert view.active_count == 0  # the cluster is down: ConduitCacheNoLiveInstances fires
+
+
+def test_serve_counts_heartbeats_and_its_pass_removes_strays(
+    make_stats: MakeStats, r: redis.Redis
+) -> None:
+    """A read of the totals counts the fresh heartbeats (one ZCOUNT, not a read per
+    instance); the per-instance pass, which serve runs every aggregation_interval, checks
+    each one and removes a stray, which is counted until then."""
+    stats = make_stats("api-1")
+    stats.record_hit(REGION)
+    assert stats.flush()
+    r.zadd("conduit:cache:instances", {"ghost": float(r.time()[0])})
+    aggregator = Aggregator(Store(r), stats.settings, background=True)
+    assert aggregator.view(max_age=0).active_count == 2
+    aggregator.refresh_instances()
+    view = aggregator.view(max_age=0)
+    assert view.active_count == 1 and r.zscore("conduit:cache:instances", "ghost") is None
+    assert any("ghost" in e for e in view.data_errors)
 
 
 def test_an_instance_that_recorded_nothing_is_not_live(

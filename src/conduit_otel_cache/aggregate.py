@@ -9,8 +9,8 @@ the hits and misses since the previous per-instance pass (in ``serve``, in the b
 every ``aggregation_interval``), of live instances with at least
 ``DRIFT_MIN_WINDOW_REQUESTS`` in it; 0 with fewer than two. The first pass that sees an
 instance (or its new incarnation) takes all its counts. The per-instance hit-ratio series
-are lifetime ratios, from the sorted set of live hit ratios (stored x 100) that every
-flush and departure keeps in Redis.
+are lifetime ratios. Both come from one hash per region of the live instances' hit and
+miss counts, which every flush and departure keeps in Redis (one read per region).
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from collections.abc import Collection
 import redis
 
 from .background import quietly
-from .config import Settings, valid_name
+from .config import Settings
 from .continuity import Continuity, LossCount
 from .model import Statistics
 from .ratelimit import RateLimitedLog
@@ -99,10 +99,11 @@ class Aggregator:
     The cluster totals are a few reads whatever the cluster size; a burst of readers within
     ``aggregation_cache_ttl`` shares one read, and a reader that arrives while another
     reads gets the last view at once instead of waiting. The per-instance pass (drift,
-    per-instance hit ratios) reads every instance: with ``background=True`` it runs in a
-    thread every ``aggregation_interval`` so that no reader waits for it; otherwise it
-    runs with each refresh of the totals. Full per-instance statistics are read on
-    demand by :meth:`per_instance`.
+    per-instance hit ratios) reads one counts hash per region (every live instance's hits
+    and misses): with ``background=True`` it runs in a thread every
+    ``aggregation_interval`` so that no reader waits for it; otherwise it runs with each
+    refresh of the totals. Full per-instance statistics are read on demand by
+    :meth:`per_instance`.
     """
 
     def __init__(self, store: Store, settings: Settings, *, background: bool = False) -> None:
@@ -189,10 +190,13 @@ class Aggregator:
         self.aggregations += 1
         previous = self._view or ClusterView()
         try:
+            # without the background pass, the pass's check of the heartbeats comes first,
+            # so that the count of live instances this read returns leaves out strays
+            strays = None if self.background else self._strays()
             data = self.store.read_cluster(self.settings.instance_timeout, reap=True)
             memory, memory_error = self._memory()
-            if not self.background:
-                self.refresh_instances(data)
+            if strays is not None:
+                self.refresh_instances(data, strays)
         except Exception as exc:
             error = explain(exc)
             self._errors.error(
@@ -213,11 +217,17 @@ class Aggregator:
         except redis.ResponseError as exc:  # NoPermissionError is one
             return 0, explain(exc)
 
-    def refresh_instances(self, data: ClusterData | None = None) -> None:
+    def _strays(self) -> list[str]:
+        return self.store.remove_strays(self.settings.instance_timeout)
+
+    def refresh_instances(
+        self, data: ClusterData | None = None, strays: list[str] | None = None
+    ) -> None:
         """Read every live instance's hit ratio per region (the per-instance series) now,
-        and check every heartbeat (malformed members are reported here)."""
+        and check every heartbeat (malformed members are removed and reported here;
+        ``strays``: already checked, these were removed)."""
+        errors: list[str] = self._strays() if strays is None else list(strays)
         data = data or self.store.read_cluster(self.settings.instance_timeout)
-        errors: list[str] = []
         rates = self._windowed_drift(sorted(data.aggregates), errors)
         live = {region: _live_ratio(fields) for region, fields in data.aggregates.items()}
         # the farthest first, from a generator: a row not kept is freed at once (100,000 rows
@@ -249,22 +259,21 @@ class Aggregator:
         now: dict[str, dict[str, int]] = {}  # hits << 64 | misses: small, 100,000 of them
         rates: dict[str, dict[str, float]] = {}
         drift: dict[str, float] = {}
-        read, bad = self.store.read_request_counts(regions)
+        read, bad = self.store.read_request_counts(regions)  # valid instance ids only
         errors += bad
         for region, by_instance in read.items():
             rates[region] = ratios = {}
             now[region] = counts = {}
             before = self._counts.get(region, {})
             window: list[tuple[int, int]] = []
-            for instance_id, (hit_count, miss_count) in by_instance.items():
+            for instance_id, value in by_instance.items():
                 try:
-                    if not valid_name(instance_id):
-                        raise ValueError("invalid instance id")
-                    hits, misses = int(hit_count or 0), int(miss_count or 0)
+                    hit_count, _, miss_count = value.partition(" ")
+                    hits, misses = int(hit_count), int(miss_count)
                     if not (0 <= hits < 2**63 and 0 <= misses < 2**63):
                         raise ValueError("count out of range")
                 except ValueError as exc:
-                    key = self.store.keys.stats(instance_id[:40], region)
+                    key = self.store.keys.counts(region)
                     errors.append(f"{key} (instance {instance_id[:40]!r}): {exc}")
                     continue
                 if hits + misses == 0:

@@ -12,7 +12,8 @@ Keys (``conduit:`` is ``key_prefix``)::
     conduit:cache:instance:<instance>:regions  set   regions the instance reported
     conduit:cache:flush_errors                 hash  error kind -> failed flushes of every
                                                      instance (carried by its next write)
-    conduit:cache:hit_rates:<region>           zset  live instance id -> hit ratio x 100 (percent)
+    conduit:cache:counts:<region>              hash  live instance id -> '<hit_count> <miss_count>'
+                                                     (drift, per-instance hit ratios)
     conduit:cache:stats:<instance>:<region>:response_times  list  the last raw response times
 
 On a Redis Cluster every script must stay in one hash slot, so the keys carry hash tags:
@@ -21,30 +22,37 @@ the instance-level keys share ``{global}`` and a region's keys share ``{<region>
     conduit:cache:{global}:instances                 conduit:cache:{<region>}:stats:<instance>
     conduit:cache:{global}:regions                   conduit:cache:{<region>}:aggregated
                                                      conduit:cache:{<region>}:aggregated:writes
-    conduit:cache:{global}:instance:<instance>       conduit:cache:{<region>}:hit_rates
+    conduit:cache:{global}:instance:<instance>       conduit:cache:{<region>}:counts
     conduit:cache:{global}:instance:<instance>:regions
     conduit:cache:{global}:flush_errors
 
 Every key a script touches is named here and passed to it in ``KEYS``, but for two derived
-in the same slot: ``lua/liveness.lua`` derives instance meta keys from :meth:`KeySchema.meta`
+in the same slot: ``lua/members.lua`` derives instance meta keys from :meth:`KeySchema.meta`
 of an empty id, and ``lua/region.lua`` the record of a region's writes from its aggregated
 hash (``<aggregated>:writes``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-
 
 class KeySchema:
     """Key names under ``key_prefix``; hash-tagged on a Redis Cluster (the instance-level
     keys share ``{global}``, a region's keys ``{<region>}``; names cannot contain braces), so
-    that every script call stays in one hash slot."""
+    that every script call stays in one hash slot. The layout is chosen once, here: the
+    methods below only fill it in."""
 
     def __init__(self, key_prefix: str = "conduit:", *, redis_cluster: bool = False) -> None:
-        self.prefix = key_prefix + "cache:"
-        self.redis_cluster = redis_cluster
-        self._global = self.prefix + "{global}:" if redis_cluster else self.prefix
+        self.prefix = prefix = key_prefix + "cache:"
+        if redis_cluster:  # a region's keys share the slot {<region>}, the others {global}
+            self._global = prefix + "{global}:"
+            self._stats = "{{{region}}}:stats:{instance}"
+            self._aggregate = "{{{region}}}:aggregated"
+            self._counts = "{{{region}}}:counts"
+        else:
+            self._global = prefix
+            self._stats = "stats:{instance}:{region}"
+            self._aggregate = "stats:aggregated:{region}"
+            self._counts = "counts:{region}"
 
     @property
     def instances(self) -> str:
@@ -63,15 +71,11 @@ class KeySchema:
 
     def stats(self, instance_id: str, region: str) -> str:
         """One instance's statistics of one region."""
-        if self.redis_cluster:
-            return f"{self.prefix}{{{region}}}:stats:{instance_id}"
-        return f"{self.prefix}stats:{instance_id}:{region}"
+        return self.prefix + self._stats.format(instance=instance_id, region=region)
 
     def aggregate(self, region: str) -> str:
         """The cluster totals of one region."""
-        if self.redis_cluster:
-            return f"{self.prefix}{{{region}}}:aggregated"
-        return f"{self.prefix}stats:aggregated:{region}"
+        return self.prefix + self._aggregate.format(region=region)
 
     def meta(self, instance_id: str) -> str:
         """One instance's incarnation token, owner and live flag."""
@@ -81,50 +85,12 @@ class KeySchema:
         """The regions one instance reported."""
         return f"{self._global}instance:{instance_id}:regions"
 
-    def hit_rates(self, region: str) -> str:
-        """Live instances' hit ratios x 100 (percent) in one region: drift and per-instance
-        series (the key keeps its name ``hit_rates``)."""
-        if self.redis_cluster:
-            return f"{self.prefix}{{{region}}}:hit_rates"
-        return f"{self.prefix}hit_rates:{region}"
+    def counts(self, region: str) -> str:
+        """Live instances' hit and miss counts in one region (``<hits> <misses>`` per
+        instance id), written by every flush that changes them: drift and per-instance
+        hit ratios, one read per region."""
+        return self.prefix + self._counts.format(region=region)
 
     def samples(self, instance_id: str, region: str) -> str:
         """The last raw response times of one instance in one region (a list)."""
         return self.stats(instance_id, region) + ":response_times"
-
-    # -- the KEYS of the scripts (lua/lib.lua) --------------------------------------------
-
-    def region(self, instance_id: str, region: str) -> list[str]:
-        """One region of one instance: stats hash, aggregated hash, hit ratios, samples."""
-        return [
-            self.stats(instance_id, region),
-            self.aggregate(region),
-            self.hit_rates(region),
-            self.samples(instance_id, region),
-        ]
-
-    def beat(self, instance_id: str) -> list[str]:
-        """The instance-level keys of a write (``beat()`` in ``lua/instance.lua``)."""
-        return [
-            self.instances,
-            self.regions,
-            self.meta(instance_id),
-            self.instance_regions(instance_id),
-            self.flush_errors,
-        ]
-
-    def batch(self, instance_id: str, regions: Iterable[str]) -> list[str]:
-        """A ``lua/regions.lua`` call: the regions sets (standalone only: a Redis Cluster's
-        region calls stay in the region's slot, the beat records the names), then each
-        region's keys."""
-        keys = [] if self.redis_cluster else [self.regions, self.instance_regions(instance_id)]
-        for region in regions:
-            keys += self.region(instance_id, region)
-        return keys
-
-    def instance(self, instance_id: str, regions: Iterable[str]) -> list[str]:
-        """A departure (``lua/depart.lua``): the instance's keys, then each region's."""
-        keys = [self.instances, self.meta(instance_id), self.instance_regions(instance_id)]
-        for region in regions:
-            keys += self.region(instance_id, region)
-        return keys

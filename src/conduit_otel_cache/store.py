@@ -1,9 +1,11 @@
 """Every Redis call of the library, through the scripts of ``lua/`` and the key schema of
 :mod:`.keys`.
 
-A write is one ``lua/flush.lua`` call on a standalone Redis; on a Redis Cluster one
-pipeline of a ``lua/beat.lua`` call and one ``lua/regions.lua`` call per region (the same
-Lua functions and the same argument layout, ``lua/lib.lua``).
+What each script takes and returns is :mod:`.protocol`; what differs between a standalone
+Redis and a Redis Cluster is one :class:`Topology` object, chosen when the store is made. A
+write is one ``lua/flush.lua`` call on a standalone Redis; on a Redis Cluster one pipeline
+of a ``lua/beat.lua`` call and one ``lua/regions.lua`` call per region (the same Lua
+functions and the same argument layout, ``lua/lib.lua``).
 """
 
 from __future__ import annotations
@@ -14,16 +16,20 @@ import re
 import time
 from collections.abc import Mapping, Sequence
 from importlib.resources import files
-from typing import Any
+from typing import Any, Protocol
 
 import redis
 from redis.cluster import RedisCluster
 from redis.commands.core import Script
 from redis.exceptions import NoScriptError
 
+from . import protocol
 from .config import Settings, valid_name
 from .connection import Client, connect, pipeline
 from .keys import KeySchema
+from .protocol import Call, Entry, FlushResult, Writer
+
+__all__ = ["ClusterData", "Entry", "FlushResult", "Heartbeats", "Store", "Writer", "explain"]
 
 
 def _strs(reply: Any) -> list[str]:
@@ -49,8 +55,6 @@ def _pairs(reply: Any) -> list[tuple[str, float]]:
 #: pipeline only when it has run all of it, and 10,000 instances take up to 0.2 s per region
 #: (a pass over 100 regions in one round trip outlasted the default ``socket_timeout``)
 PASS_ROUND_TRIP = 0.5
-#: and, on a Redis Cluster, in pipelines of at most this many reads
-PASS_COMMANDS = 10_000
 
 _NOPERM = re.compile(r"NOPERM.*?'([A-Za-z|_-]+)' command|no permissions to run the '([^']+)'")
 
@@ -84,113 +88,10 @@ def _named(exc: Exception, script: Script) -> Exception:
     return type(exc)(f"the Redis user may not run {command.upper()} (allow +{command}): {exc}")
 
 
-def _entry_args(entries: Sequence[tuple[str, Entry]]) -> list[Any]:
-    """Region entries as script arguments (the layout of ``lua/lib.lua``)."""
-    args: list[Any] = []
-    for region, entry in entries:
-        args += [region, "1" if entry.full else "0", entry.after, entry.epoch, len(entry.fields)]
-        for name, value in entry.fields.items():
-            args += [name, value]
-        args.append(len(entry.base))
-        for name, value in entry.base.items():
-            args += [name, value]
-        args.append(",".join(repr(float(x)) for x in entry.samples))
-    return args
-
-
-def _epochs(flat: Any) -> dict[str, str]:
-    """``{region: epoch}`` of a flat region, epoch reply."""
-    return {str(flat[i]): str(flat[i + 1]) for i in range(0, len(flat) - 1, 2)}
-
-
 def _script_source(*names: str) -> str:
     """``lib.lua`` followed by the named files of ``lua/``, as one script."""
     lua = files(__package__).joinpath("lua")
     return "\n".join(lua.joinpath(name).read_text() for name in ("lib.lua", *names))
-
-
-@dataclasses.dataclass(frozen=True)
-class Entry:
-    """One region of a write: cumulative values of the changed (or, ``full``, all) fields,
-    and raw response times since the last write. ``after``: the number of the region's
-    last write Redis acknowledged, which a partial entry continues from (Redis refuses it
-    when it does not hold that write). A partial entry with no fields and no samples is a
-    check: Redis only confirms it holds the region up to ``after``. ``epoch``: the epoch of
-    the totals that hold the writer's last acknowledged write of the region, and ``base``
-    what that write held (a full entry: if the stats hash is gone while the totals still
-    hold it, Redis continues from ``base``; ``base["live"] == "1"`` when the live gauges
-    are still in the totals)."""
-
-    fields: Mapping[str, str]
-    full: bool = True
-    samples: Sequence[float] = ()
-    after: int = 0
-    epoch: str = ""
-    base: Mapping[str, str] = dataclasses.field(default_factory=dict)
-
-
-@dataclasses.dataclass(frozen=True)
-class Writer:
-    """Who writes: the instance id, its incarnation token and owner (``host:pid``), and
-    the limits every write carries."""
-
-    instance_id: str
-    token: str
-    owner: str
-    ttl: float
-    instance_timeout: float
-    sample_cap: int = 0
-    sample_ttl: float = 3600.0
-    #: failed flushes of the incarnation so far by kind (``Kind=n,...``), and the last kind
-    errors: str = ""
-    last_error: str = ""
-
-    def header(
-        self, refresh: bool = True, seq: int = 0, known: bool = False, checks: bool = False
-    ) -> list[Any]:
-        """The first arguments of every write script (the layout of ``lua/lib.lua``);
-        ``refresh``: renew the TTLs of every key the write names and check key types;
-        ``checks``: the write checks regions (it lists every region it names);
-        ``seq``: the write's number; ``known``: Redis acknowledged this incarnation before."""
-        return [
-            self.instance_id,
-            self.token,
-            self.owner,
-            max(1, int(self.ttl)),
-            self.instance_timeout,
-            max(1, self.sample_cap),
-            max(1, int(self.sample_ttl)),
-            "1" if refresh else "c" if checks else "0",
-            seq,
-            "1" if known else "0",
-            self.errors,
-            self.last_error,
-        ]
-
-
-@dataclasses.dataclass(frozen=True)
-class FlushResult:
-    """What a write learnt from Redis.
-
-    ``status`` is ``ok``; ``duplicate`` (another live process writes as this instance id:
-    nothing was written); or ``unregistered`` (a new incarnation with nothing to write:
-    it is not live). ``stale`` lists the regions an earlier incarnation under this id
-    reported (to leave the live gauges); ``need_full`` the entries refused for being
-    partial where Redis holds no state of this incarnation (resend them whole).
-    """
-
-    server_time: float
-    status: str = "ok"
-    stale: tuple[str, ...] = ()
-    need_full: tuple[str, ...] = ()
-    #: Redis did not hold this incarnation as live (reaped, or lost): write it whole
-    rebuild: bool = False
-    #: the incarnation that left ``stale`` was live when this one took over: ``"1"``;
-    #: ``"m"``: it was, but Redis lost its regions set (``stale`` is then every region,
-    #: and it leaves those where Redis still shows it live); else ``"0"``
-    stale_live: str = "0"
-    #: ``{region: epoch}`` of the totals each full entry was written to
-    epochs: Mapping[str, str] = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -220,6 +121,10 @@ class Heartbeats:
     errors: tuple[str, ...] = ()
 
 
+#: ``{region: {instance_id: "<hit_count> <miss_count>"}}`` as stored
+Counts = dict[str, dict[str, str]]
+
+
 class Store:
     """Every Redis operation of the library, on one key schema (standalone or Redis Cluster)."""
 
@@ -228,30 +133,20 @@ class Store:
         #: most regions one standalone flush script call updates (the rest follow in the
         #: same pipeline), so that no script holds Redis for long
         self.batch_size = batch_size
-        #: Redis Cluster: hash-tagged keys, one script call per hash slot
-        self.redis_cluster = isinstance(client, RedisCluster)
+        #: what differs between a standalone Redis and a Redis Cluster (hash-tagged keys,
+        #: one script call per hash slot)
+        self.topology: Topology = (
+            RedisClusterTopology() if isinstance(client, RedisCluster) else Standalone()
+        )
         pool = getattr(client, "connection_pool", None)
         timeout = pool.connection_kwargs.get("socket_timeout") if pool is not None else None
         #: the per-instance pass's round trips take about this long (a quarter of the timeout)
         self.pass_round_trip = min(PASS_ROUND_TRIP, (timeout or PASS_ROUND_TRIP * 4) / 4)
-        self.keys = KeySchema(key_prefix, redis_cluster=self.redis_cluster)
-        # the instance part of a flush; alone, a heartbeat (its keys share one hash slot)
-        self._beat = self._script("instance.lua", "beat.lua")
-        self._regions = self._script("region.lua", "regions.lua")
-        self._depart_regions = self._script("region.lua", "depart_regions.lua")
-        self._settled = self._script("settled.lua")
-        if self.redis_cluster:
-            self._depart_instance = self._script("instance.lua", "redis_cluster_depart.lua")
-        else:
-            self._flush = self._script("region.lua", "instance.lua", "flush.lua")
-            self._depart = self._script("region.lua", "instance.lua", "depart.lua")
-            self._aggregates = self._script("aggregates.lua")
-            self._counts = self._script("counts.lua")
-        self._liveness = self._script("liveness.lua")
-        self._acknowledge = self._script("acknowledge.lua")
-
-    def _script(self, *names: str) -> Script:
-        return self.client.register_script(_script_source(*names))
+        self.keys = KeySchema(key_prefix, redis_cluster=self.topology.tagged)
+        self._scripts = {
+            name: client.register_script(_script_source(*names))
+            for name, names in protocol.SCRIPTS.items()
+        }
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Store:
@@ -282,80 +177,55 @@ class Store:
         sets)."""
         items = list(entries.items())
         header = writer.header(refresh, seq, known, checks)
-        head: tuple[Script, list[str], list[Any]]
-        if self.redis_cluster:  # the beat alone, then one call per region (its own slot)
-            names: list[Any] = []
-            for region, entry in items:
-                names += [region, "1" if entry.full else "0", 0, "", 0, 0, ""]
-            head = (self._beat, self.keys.beat(writer.instance_id), [*header, *names])
-            batches = [[item] for item in items]
-        else:  # the beat with the first batch_size regions, then the other batches
-            step = self.batch_size
-            batches = [items[i : i + step] for i in range(0, len(items), step)] or [[]]
-            keys = self.keys.beat(writer.instance_id)
-            for region, _ in batches[0]:
-                keys += self.keys.region(writer.instance_id, region)
-            head = (self._flush, keys, [*header, *_entry_args(batches.pop(0))])
-        rest = [
-            (
-                self._regions,
-                self.keys.batch(writer.instance_id, [r for r, _ in batch]),
-                [*header, *_entry_args(batch)],
-            )
-            for batch in batches
+        head, rest, plain = self.topology.write(self, writer.instance_id, header, items, refresh)
+        reads = [
+            read
+            for region, _ in plain
+            for read in protocol.check_reads(self.keys, writer.instance_id, region)
         ]
-        if rest and beat_first:
-            result = self._head_result(self._run([head])[0])
+        if (rest or reads) and beat_first:
+            result = protocol.beat_result(self._run([head])[0])
             if result.status != "ok":
                 return result
-            replies = self._run([*self._leave_earlier(writer, result, items), *rest])[-len(rest) :]
+            leave = self._leave_earlier(writer, result, items)
+            replies = self._run([*leave, *rest], reads)[len(leave) :]
         else:
-            replies = self._run([head, *rest])
-            result = self._head_result(replies.pop(0))
-        need = (*result.need_full, *(str(r) for reply in replies for r in reply[0]))
+            replies = self._run([head, *rest], reads)
+            result = protocol.beat_result(replies.pop(0))
+        need = list(result.need_full)
         epochs = dict(result.epochs)
-        for reply in replies:
-            epochs.update(_epochs(reply[1]))
-        return dataclasses.replace(result, need_full=need, epochs=epochs)
+        for reply in replies[: len(rest)]:
+            refused, written = protocol.regions_result(reply)
+            need += refused
+            epochs.update(written)
+        got = replies[len(rest) :]
+        for n, (region, entry) in enumerate(plain):
+            if not protocol.check_passed(writer.token, entry, got[2 * n], got[2 * n + 1]):
+                need.append(region)
+        return dataclasses.replace(result, need_full=tuple(need), epochs=epochs)
 
     def _leave_earlier(
         self, writer: Writer, result: FlushResult, items: Sequence[tuple[str, Entry]]
-    ) -> list[tuple[Script, list[str], list[Any]]]:
+    ) -> list[Call]:
         """Before a new incarnation's regions that its beat went ahead of: the live gauges
         of a live earlier incarnation leave those regions (as ``lua/flush.lua`` does for
         the ones it writes with the beat), also where its stats hash is gone."""
         if result.stale_live == "0":
             return []
-        args = [writer.instance_id, "0", writer.token, result.stale_live]
         earlier = set(result.stale)
-        return [
-            (self._depart_regions, self.keys.region(writer.instance_id, region), args)
-            for region, _ in items
-            if region in earlier
-        ]
-
-    @staticmethod
-    def _beat_result(reply: Any) -> FlushResult:
-        now, status, stale, rebuild, stale_live = reply[:5]
-        stale = tuple(str(r) for r in stale)
-        return FlushResult(
-            float(now), str(status), stale, rebuild=rebuild == "1", stale_live=str(stale_live)
+        return self.topology.leave(
+            self.keys,
+            writer.instance_id,
+            [region for region, _ in items if region in earlier],
+            unless_token=writer.token,
+            was_live=result.stale_live,
         )
-
-    @classmethod
-    def _head_result(cls, reply: Any) -> FlushResult:
-        """beat.lua's reply, or flush.lua's (which adds the regions that need a full entry)."""
-        result = cls._beat_result(reply)
-        if len(reply) <= 5:
-            return result
-        need = tuple(str(r) for r in reply[5])
-        return dataclasses.replace(result, need_full=need, epochs=_epochs(reply[6]))
 
     def heartbeat(self, writer: Writer) -> FlushResult:
         """Beat the heartbeat (Redis server time) without writing statistics; an
         incarnation that has written nothing yet stays unregistered."""
-        reply = self._beat(keys=self.keys.beat(writer.instance_id), args=writer.header(False))
-        return self._beat_result(reply)
+        call = protocol.beat(self.keys, writer.header(False), writer.instance_id, [])
+        return protocol.beat_result(self._run([call])[0])
 
     def leave_stale(self, writer: Writer, regions: Sequence[str], *, live: str = "0") -> None:
         """Take the regions that earlier incarnations under ``writer``'s id reported, and
@@ -364,40 +234,44 @@ class Store:
         that is gone left its live gauges behind), ``"m"`` when Redis also lost its regions
         set (see :attr:`FlushResult.stale_live`)."""
         valid = sorted(r for r in set(regions) if valid_name(r))
-        args = [writer.instance_id, "0", writer.token, live]
-        if self.redis_cluster:
-            calls = [
-                (self._depart_regions, self.keys.region(writer.instance_id, r), args) for r in valid
-            ]
-        else:
-            keys = [k for r in valid for k in self.keys.region(writer.instance_id, r)]
-            calls = [(self._depart_regions, keys, args)] if keys else []
+        calls = self.topology.leave(
+            self.keys, writer.instance_id, valid, unless_token=writer.token, was_live=live
+        )
         if calls:
             self._run(calls)
-        self._run([(self._settled, [self.keys.meta(writer.instance_id)], [writer.token])])
+        self._run([protocol.settled(self.keys, writer.instance_id, writer.token)])
 
-    def _run(self, calls: Sequence[tuple[Script, list[str], list[Any]]]) -> list[Any]:
-        """Run script calls in one non-transactional pipeline (a Redis Cluster groups them
-        per node); a node that lacks a script (new, or promoted by a failover) gets every
-        script loaded and the calls it refused run again. Raises the first error."""
-        replies = self._pipeline_scripts(calls)
-        refused = [n for n, reply in enumerate(replies) if isinstance(reply, NoScriptError)]
+    def _run(self, calls: Sequence[Call], reads: Sequence[tuple[str, ...]] = ()) -> list[Any]:
+        """Run script calls, then plain ``reads``, in one non-transactional pipeline (a
+        Redis Cluster groups them per node); a node that lacks a script (new, or promoted by
+        a failover) gets every script loaded and the calls it refused run again. Raises the
+        first error of a script call; a read's error is its reply."""
+        replies = self._pipeline_scripts(calls, reads)
+        refused = [
+            n for n, reply in enumerate(replies[: len(calls)]) if isinstance(reply, NoScriptError)
+        ]
         if refused:
-            for script in {id(calls[n][0]): calls[n][0] for n in refused}.values():
-                self.client.script_load(script.script)  # on every primary of a Redis Cluster
+            for name in {calls[n].script for n in refused}:
+                # on every primary of a Redis Cluster
+                self.client.script_load(self._scripts[name].script)
             for n, reply in zip(refused, self._pipeline_scripts([calls[n] for n in refused])):
                 replies[n] = reply
-        for (script, _, _), reply in zip(calls, replies):
+        for call, reply in zip(calls, replies):
             if isinstance(reply, Exception):
-                raise _named(reply, script)
+                raise _named(reply, self._scripts[call.script])
         return replies
 
-    def _pipeline_scripts(self, calls: Sequence[tuple[Script, list[str], list[Any]]]) -> list[Any]:
+    def _pipeline_scripts(
+        self, calls: Sequence[Call], reads: Sequence[tuple[str, ...]] = ()
+    ) -> list[Any]:
         pipe = pipeline(self.client)
-        for script, keys, args in calls:
+        for call in calls:
             # queued as a plain command: redis-py's Redis Cluster pipeline has no evalsha(), yet
             # it routes EVALSHA by its keys (which must share one hash slot)
-            pipe.execute_command("EVALSHA", script.sha, len(keys), *keys, *args)
+            sha = self._scripts[call.script].sha
+            pipe.execute_command("EVALSHA", sha, len(call.keys), *call.keys, *call.args)
+        for read in reads:
+            pipe.execute_command(*read)
         return list(pipe.execute(raise_on_error=False))
 
     def depart(
@@ -413,21 +287,8 @@ class Store:
         ``regions``: regions the instance wrote besides those Redis lists for it (the
         writer's own, in case the list was lost)."""
         age = "" if max_age is None else repr(float(max_age))
-        if self.redis_cluster:
-            return self._depart_redis_cluster(instance_id, age, remove, regions)
-        pipe = self.client.pipeline(transaction=False)
-        pipe.smembers(self.keys.instance_regions(instance_id))
-        pipe.hget(self.keys.meta(instance_id), "live")
-        members, live = pipe.execute(raise_on_error=False)
-        # not a set: nothing to take out but the heartbeat
-        listed = [] if isinstance(members, Exception) else _strs(members)
-        lost = not listed and live == "1"  # Redis lost its regions set: every region
-        if lost:
-            listed = self._all_regions()
-        valid = {r for r in regions if valid_name(r)}
-        keys = self.keys.instance(instance_id, sorted(valid.union(listed)))
-        args = [instance_id, age, "1" if remove else "0", "m" if lost else ""]
-        return bool(self._depart(keys=keys, args=args))
+        extra = {r for r in regions if valid_name(r)}
+        return self.topology.depart(self, instance_id, age, remove, extra)
 
     def _all_regions(self) -> list[str]:
         """Every region Redis lists (an instance whose regions set is lost may be in any)."""
@@ -435,37 +296,6 @@ class Store:
             return [r for r in _strs(self.client.smembers(self.keys.regions)) if valid_name(r)]
         except redis.ResponseError:
             return []
-
-    def _depart_redis_cluster(
-        self, instance_id: str, age: str, remove: bool, extra: Sequence[str]
-    ) -> bool:
-        # 1. is it due, and its regions; 2. the regions (one call per slot, pipelined);
-        # 3. only then the instance keys, so a failure in 2 leaves it to be reaped again
-        keys = [
-            self.keys.instances,
-            self.keys.meta(instance_id),
-            self.keys.instance_regions(instance_id),
-        ]
-        (due,) = self._run([(self._depart_instance, keys, [instance_id, age, "check"])])
-        if due is None:
-            return False
-        live, regions = due
-        if live == "1" and not regions:  # Redis lost its regions set: every region
-            live, regions = "m", self._all_regions()
-        flag = "1" if remove else "0"
-        calls = [
-            (
-                self._depart_regions,
-                self.keys.region(instance_id, region),
-                [instance_id, flag, "", live],
-            )
-            for region in sorted(set(regions).union(extra))
-            if valid_name(region)
-        ]
-        self._run(calls)
-        phase = "remove" if remove else "keep"
-        (done,) = self._run([(self._depart_instance, keys, [instance_id, age, phase])])
-        return bool(done)
 
     def reap(self, instance_timeout: float, expired: Sequence[str] | None = None) -> list[str]:
         """Take every instance whose heartbeat expired (or those of ``expired``) out of the
@@ -500,9 +330,7 @@ class Store:
         """Acknowledge every data loss reported so far (health is no longer Degraded for
         them; the loss counters are unchanged); returns the regions that had any."""
         regions = sorted(self._all_regions())
-        calls: list[tuple[Script, list[str], list[Any]]] = [
-            (self._acknowledge, [self.keys.aggregate(r)], []) for r in regions
-        ]
+        calls = [protocol.acknowledge(self.keys, r) for r in regions]
         replies = self._run(calls) if calls else []
         return [region for region, done in zip(regions, replies) if done == 1]
 
@@ -515,18 +343,16 @@ class Store:
 
     def read_cluster(self, instance_timeout: float, *, reap: bool = False) -> ClusterData:
         """Liveness and the cluster totals of every region, in two round trips whatever
-        the number of instances (live ones are counted by Redis, not listed); with
-        ``reap``, expired instances leave the live gauges before the totals are read.
+        the number of instances (live ones are counted by Redis, not listed or read: see
+        :meth:`remove_strays`); with ``reap``, expired instances leave the live gauges
+        before the totals are read.
 
         Keys of the wrong type or malformed entries are skipped and listed in ``errors``.
         """
-        keys = [self.keys.instances, self.keys.regions, self.keys.flush_errors]
-        ((seconds, micros, active, missing, members, bad, failed),) = self._run(
-            [(self._liveness, keys, [instance_timeout, self.keys.meta("")])]
+        ((seconds, micros, active, missing, members, failed),) = self._run(
+            [protocol.liveness(self.keys, instance_timeout)]
         )
-        errors: list[str] = [
-            f"{self.keys.instances}: removed member {str(m)[:40]!r} (no live instance)" for m in bad
-        ]
+        errors: list[str] = []
         for key, (ok, reply) in (
             (self.keys.instances, missing),
             (self.keys.regions, members),
@@ -572,25 +398,19 @@ class Store:
             flush_errors,
         )
 
+    def remove_strays(self, instance_timeout: float) -> list[str]:
+        """Check every heartbeat younger than ``instance_timeout`` (one read each, in one
+        script call): members that are no live instance (foreign data, or an instance whose
+        records Redis lost) are removed, so that :meth:`read_cluster`'s count is of live
+        instances; returns them as errors to report."""
+        (bad,) = self._run([protocol.members(self.keys, instance_timeout)])
+        return [
+            f"{self.keys.instances}: removed member {str(m)[:40]!r} (no live instance)" for m in bad
+        ]
+
     def _read_aggregates(self, regions: list[str]) -> list[dict[str, str] | Exception]:
         """The aggregated hash of each region; errors are returned, not raised."""
-        if not regions:
-            return []
-        if self.redis_cluster:
-            pipe = self.client.pipeline(transaction=False)
-            for region in regions:
-                pipe.hgetall(self.keys.aggregate(region))
-            return list(pipe.execute(raise_on_error=False))
-        step = self.batch_size  # so that no script call holds Redis for long
-        calls: list[tuple[Script, list[str], list[Any]]] = [
-            (self._aggregates, [self.keys.aggregate(r) for r in regions[i : i + step]], [])
-            for i in range(0, len(regions), step)
-        ]
-        return [
-            dict(zip(flat[::2], flat[1::2])) if ok else redis.ResponseError(flat)
-            for chunk in self._run(calls)
-            for ok, flat in chunk
-        ]
+        return self.topology.read_aggregates(self, regions) if regions else []
 
     def heartbeats(self) -> Heartbeats:
         """Every registered instance's heartbeat (lists them all: one round trip)."""
@@ -614,33 +434,6 @@ class Store:
                 errors.append(f"{self.keys.instances}: invalid member {member[:40]!r}")
         return beats
 
-    def read_hit_ratios(
-        self, regions: Sequence[str]
-    ) -> tuple[dict[str, dict[str, float]], list[str]]:
-        """``{region: {instance_id: hit ratio}}`` of live instances (stored x 100), pipelined,
-        and the malformed entries skipped."""
-        if not regions:
-            return {}, []
-        pipe = self.client.pipeline(transaction=False)
-        for region in regions:
-            _zrange(pipe, self.keys.hit_rates(region))
-        result: dict[str, dict[str, float]] = {}
-        errors: list[str] = []
-        valid: set[str] = set()  # the same instance ids recur in every region
-        for region, reply in zip(regions, pipe.execute(raise_on_error=False)):
-            if isinstance(reply, Exception):
-                errors.append(f"{self.keys.hit_rates(region)}: {reply}")
-                continue
-            result[region] = rates = {}
-            for member, rate in _pairs(reply):
-                if member not in valid and valid_name(member):
-                    valid.add(member)
-                if member in valid and 0 <= rate <= 100:
-                    rates[member] = rate / 100
-                else:
-                    errors.append(f"{self.keys.hit_rates(region)}: bad entry {member[:40]!r}")
-        return result, errors
-
     def read_instances(
         self, instance_ids: Sequence[str], regions: Sequence[str]
     ) -> dict[tuple[str, str], dict[str, str] | Exception]:
@@ -653,52 +446,37 @@ class Store:
             pipe.hgetall(self.keys.stats(instance_id, region))
         return dict(zip(pairs, pipe.execute(raise_on_error=False)))
 
-    def read_request_counts(
-        self, regions: Sequence[str]
-    ) -> tuple[dict[str, dict[str, tuple[str, str]]], list[str]]:
-        """``{region: {instance_id: (hit_count, miss_count)}}`` of the instances in each
-        region's hit-ratio set (as stored, '' when absent), in one round trip, and the
-        malformed entries skipped (as :meth:`read_hit_ratios` reports them)."""
-        result: dict[str, dict[str, tuple[str, str]]] = {}
+    def read_request_counts(self, regions: Sequence[str]) -> tuple[Counts, list[str]]:
+        """``{region: {instance_id: "<hit_count> <miss_count>"}}`` of the live instances in
+        each region's counts hash (as stored: the caller parses them), one ``HGETALL`` per
+        region, pipelined in round trips of about ``pass_round_trip`` (Redis answers a
+        pipeline only when it has run all of it); members that are no instance id are
+        skipped and reported."""
+        result: Counts = {}
         errors: list[str] = []
-        if not regions:
-            return result, errors
-        if self.redis_cluster:
-            rates, errors = self.read_hit_ratios(regions)
-            pairs = [(i, region) for region, by_instance in rates.items() for i in by_instance]
-            for start in range(0, len(pairs), PASS_COMMANDS):  # bounded replies
-                part = pairs[start : start + PASS_COMMANDS]
-                pipe = self.client.pipeline(transaction=False)
-                for instance_id, region in part:
-                    pipe.hmget(self.keys.stats(instance_id, region), "hit_count", "miss_count")
-                for (instance_id, region), reply in zip(part, pipe.execute(raise_on_error=False)):
-                    hits, misses = ("x", "x") if isinstance(reply, Exception) else reply
-                    result.setdefault(region, {})[instance_id] = (hits or "", misses or "")
-            return result, errors
-        prefix = self.keys.prefix + "stats:"
-        assert self.keys.stats("i", "r") == f"{prefix}i:r"
-        replies: list[Any] = []
+        valid: set[str] = set()  # the same instance ids recur in every region
         size, start = 1, 0  # regions per round trip, grown so that each takes pass_round_trip
         while start < len(regions):
             chunk = regions[start : start + size]
             began = time.monotonic()
-            calls = [(self._counts, [self.keys.hit_rates(r)], [prefix, r]) for r in chunk]
-            replies += self._run(calls)
+            pipe = self.client.pipeline(transaction=False)
+            for region in chunk:
+                pipe.hgetall(self.keys.counts(region))
+            replies = pipe.execute(raise_on_error=False)
             per_region = (time.monotonic() - began) / len(chunk)
             start += len(chunk)
             size = max(1, min(256, int(self.pass_round_trip / max(per_region, 1e-6))))
-        for region, (ok, flat) in zip(regions, replies):
-            key = self.keys.hit_rates(region)
-            if not ok:
-                errors.append(f"{key}: {flat}")
-                continue
-            result[region] = counts = {}
-            for n in range(0, len(flat), 4):
-                member, ratio = flat[n], float(flat[n + 1])
-                if valid_name(member) and 0 <= ratio <= 100:
-                    counts[member] = (flat[n + 2], flat[n + 3])
-                else:
+            for region, reply in zip(chunk, replies):
+                key = self.keys.counts(region)
+                if isinstance(reply, Exception):
+                    errors.append(f"{key}: {reply}")
+                    continue
+                valid.update(m for m in reply if m not in valid and valid_name(m))
+                bad = [m for m in reply if m not in valid]
+                for member in bad:
+                    del reply[member]
                     errors.append(f"{key}: bad entry {member[:40]!r}")
+                result[region] = reply
         return result, errors
 
     def read_samples(
@@ -744,3 +522,155 @@ class Store:
     def close(self) -> None:
         """Release the connection pool."""
         self.client.close()
+
+
+class Topology(Protocol):
+    """What differs between a standalone Redis and a Redis Cluster, chosen once per store."""
+
+    #: keys are hash-tagged (``{global}``, ``{<region>}``)
+    tagged: bool
+    #: a write's region calls run beside its beat (so also when the beat refuses the write)
+    regions_apart: bool
+
+    def write(
+        self,
+        store: Store,
+        instance_id: str,
+        header: list[Any],
+        items: list[tuple[str, Entry]],
+        refresh: bool,
+    ) -> tuple[Call, list[Call], list[tuple[str, Entry]]]:
+        """One write: the call with the heartbeat, the other calls, and the checks sent as
+        plain reads (:func:`protocol.check_reads`), all in one pipeline."""
+        ...
+
+    def leave(
+        self, keys: KeySchema, instance_id: str, regions: Sequence[str], **how: Any
+    ) -> list[Call]:
+        """``lua/depart_regions.lua`` calls for ``regions`` (``how``: its options)."""
+        ...
+
+    def depart(
+        self, store: Store, instance_id: str, age: str, remove: bool, extra: set[str]
+    ) -> bool:
+        """A whole departure (see :meth:`Store.depart`)."""
+        ...
+
+    def read_aggregates(self, store: Store, regions: list[str]) -> list[dict[str, str] | Exception]:
+        """The aggregated hash of each region; errors are returned, not raised."""
+        ...
+
+
+class Standalone:
+    """One Redis: a write is one ``lua/flush.lua`` call (more regions than ``batch_size``
+    follow as ``lua/regions.lua`` calls), a departure one ``lua/depart.lua`` call."""
+
+    tagged = False
+    regions_apart = False
+
+    def write(
+        self,
+        store: Store,
+        instance_id: str,
+        header: list[Any],
+        items: list[tuple[str, Entry]],
+        refresh: bool,
+    ) -> tuple[Call, list[Call], list[tuple[str, Entry]]]:
+        step = store.batch_size
+        batches = [items[i : i + step] for i in range(0, len(items), step)] or [[]]
+        head = protocol.flush(store.keys, header, instance_id, batches[0])
+        rest = [
+            protocol.regions(store.keys, header, instance_id, batch, with_sets=True)
+            for batch in batches[1:]
+        ]
+        return head, rest, []  # a check costs least inside the one script call
+
+    def leave(
+        self, keys: KeySchema, instance_id: str, regions: Sequence[str], **how: Any
+    ) -> list[Call]:
+        return [protocol.depart_regions(keys, instance_id, regions, **how)] if regions else []
+
+    def depart(
+        self, store: Store, instance_id: str, age: str, remove: bool, extra: set[str]
+    ) -> bool:
+        pipe = store.client.pipeline(transaction=False)
+        pipe.smembers(store.keys.instance_regions(instance_id))
+        pipe.hget(store.keys.meta(instance_id), "live")
+        members, live = pipe.execute(raise_on_error=False)
+        # not a set: nothing to take out but the heartbeat
+        listed = [] if isinstance(members, Exception) else _strs(members)
+        lost = not listed and live == "1"  # Redis lost its regions set: every region
+        if lost:
+            listed = store._all_regions()
+        regions = sorted(extra.union(listed))
+        (done,) = store._run([protocol.depart(store.keys, instance_id, regions, age, remove, lost)])
+        return bool(done)
+
+    def read_aggregates(self, store: Store, regions: list[str]) -> list[dict[str, str] | Exception]:
+        step = store.batch_size  # so that no script call holds Redis for long
+        calls = [
+            protocol.aggregates(store.keys, regions[i : i + step])
+            for i in range(0, len(regions), step)
+        ]
+        return [
+            dict(zip(flat[::2], flat[1::2])) if ok else redis.ResponseError(flat)
+            for chunk in store._run(calls)
+            for ok, flat in chunk
+        ]
+
+
+class RedisClusterTopology:
+    """A Redis Cluster: every script call stays in one hash slot, so a write is a
+    ``lua/beat.lua`` call (slot ``{global}``) and one ``lua/regions.lua`` call per region
+    (slot ``{<region>}``) in one pipeline; a departure checks the instance, takes out each
+    region, then marks or removes the instance (``lua/redis_cluster_depart.lua``)."""
+
+    tagged = True
+    regions_apart = True
+
+    def write(
+        self,
+        store: Store,
+        instance_id: str,
+        header: list[Any],
+        items: list[tuple[str, Entry]],
+        refresh: bool,
+    ) -> tuple[Call, list[Call], list[tuple[str, Entry]]]:
+        head = protocol.beat(store.keys, header, instance_id, items)
+        # a check that renews no TTL is two plain reads, not a script call in its slot
+        checks = [(r, e) for r, e in items if e.is_check and not refresh]
+        rest = [
+            protocol.regions(store.keys, header, instance_id, [(r, e)], with_sets=False)
+            for r, e in items
+            if not (e.is_check and not refresh)
+        ]
+        return head, rest, checks
+
+    def leave(
+        self, keys: KeySchema, instance_id: str, regions: Sequence[str], **how: Any
+    ) -> list[Call]:
+        return [protocol.depart_regions(keys, instance_id, [r], **how) for r in regions]
+
+    def depart(
+        self, store: Store, instance_id: str, age: str, remove: bool, extra: set[str]
+    ) -> bool:
+        # 1. is it due, and its regions; 2. the regions (one call per slot, pipelined);
+        # 3. only then the instance keys, so a failure in 2 leaves it to be reaped again
+        keys = store.keys
+        (due,) = store._run([protocol.redis_cluster_depart(keys, instance_id, age, "check")])
+        if due is None:
+            return False
+        live, regions = due
+        if live == "1" and not regions:  # Redis lost its regions set: every region
+            live, regions = "m", store._all_regions()
+        valid = sorted(r for r in extra.union(regions) if valid_name(r))
+        store._run(self.leave(keys, instance_id, valid, remove=remove, was_live=live))
+        phase = "remove" if remove else "keep"
+        (done,) = store._run([protocol.redis_cluster_depart(keys, instance_id, age, phase)])
+        return bool(done)
+
+    def read_aggregates(self, store: Store, regions: list[str]) -> list[dict[str, str] | Exception]:
+        pipe = store.client.pipeline(transaction=False)
+        for region in regions:
+            pipe.hgetall(store.keys.aggregate(region))
+        return list(pipe.execute(raise_on_error=False))

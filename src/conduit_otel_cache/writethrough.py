@@ -47,9 +47,10 @@ from .config import Settings
 from .identity import Identity
 from .instruments import COUNTER_INSTRUMENTS, RESPONSE_TIME_INSTRUMENT, SCOPE, SIZE_INSTRUMENT
 from .model import ResponseTimes
+from .protocol import Entry, FlushResult, Writer
 from .ratelimit import RateLimitedLog
 from .spool import Spool
-from .store import Entry, FlushResult, Store, Writer, explain
+from .store import Store, explain
 
 log = logging.getLogger(__name__)
 
@@ -245,7 +246,7 @@ class RedisMetricExporter(MetricExporter):
         entries = self._entries(fields, full, check)
         result = self._send(entries, refresh, check)
         if result.status == "duplicate":
-            if self._confirmed and self.store.redis_cluster:  # region calls ran beside the beat
+            if self._confirmed and self.store.topology.regions_apart:  # ran beside the beat
                 applied = {r: e for r, e in entries.items() if r not in result.need_full}
                 self._ack(applied, self._seq, result.epochs)
             self._move_aside()

@@ -56,9 +56,10 @@ CORRUPTIONS = {
     "instance hash garbage": lambda r: r.hset("conduit:cache:stats:api-1:Other", "hit_count", "?"),
     "instance key wrong type": lambda r: (r.delete("conduit:cache:stats:api-2:Other"),
                                           r.lpush("conduit:cache:stats:api-2:Other", "x")),
-    "wrong type hit ratios": lambda r: (r.delete("conduit:cache:hit_rates:Other"),
-                                       r.set("conduit:cache:hit_rates:Other", "junk")),
-    "hit ratio out of range": lambda r: r.zadd("conduit:cache:hit_rates:Other", {"ghost": 250}),
+    "wrong type counts": lambda r: (r.delete("conduit:cache:counts:Other"),
+                                   r.set("conduit:cache:counts:Other", "junk")),
+    "counts not a number": lambda r: r.hset("conduit:cache:counts:Other", "ghost", "x 1"),
+    "counts malformed": lambda r: r.hset("conduit:cache:counts:Other", "ghost", "250"),
     "member without stats": lambda r: r.zadd("conduit:cache:instances", {"ghost": 1e12}),
     "bad region member": lambda r: r.sadd("conduit:cache:regions", "bad region\n"),
 }  # fmt: skip

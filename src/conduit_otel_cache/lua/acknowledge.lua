@@ -1,3 +1,4 @@
+-- Encoded by protocol.acknowledge() in protocol.py (KEYS and ARGV as below).
 -- An operator acknowledges a region's data losses (cleanup --acknowledge-losses): health is
 -- no longer Degraded for them; lost_count (conduit_cache_data_losses_total) is unchanged.
 -- KEYS: the region's aggregated hash.  Returns 1 when it had losses to acknowledge, else 0.

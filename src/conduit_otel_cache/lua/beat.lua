@@ -1,3 +1,4 @@
+-- Encoded by protocol.beat() in protocol.py (KEYS and ARGV as below), decoded by beat_result().
 -- The instance part of a write on a Redis Cluster (slot of {global}); the region entries
 -- follow in regions.lua calls. With no entries: a heartbeat (heartbeat_interval), which
 -- never registers an incarnation that has written nothing. Argument layout: see lib.lua

@@ -1,8 +1,9 @@
+-- Encoded by protocol.depart() in protocol.py (KEYS and ARGV as below).
 -- Take an instance's live gauges (size, instance count, live hit and miss sums, hit ratio)
 -- out of the cluster totals; its counted events stay. With a max age, only if its
 -- heartbeat is older than that (standalone Redis: one script call).
 -- KEYS: instances zset, instance meta hash, instance regions set,
---       then per region: instance stats hash, aggregated hash, hit-rates zset,
+--       then per region: instance stats hash, aggregated hash, counts hash,
 --       response-time samples list.
 -- ARGV: instance id, max heartbeat age in seconds or '' (now), '1' to delete its keys,
 --       'm' when its regions set is lost (the regions are every region: see depart_region).

@@ -1,7 +1,8 @@
+-- Encoded by protocol.depart_regions() in protocol.py (KEYS and ARGV as below).
 -- Regions leaving the live gauges: one call per hash slot on a Redis Cluster (a departure),
 -- and the regions an earlier incarnation under the same id left behind (a restart in
 -- place), in either topology.
--- KEYS: per region: instance stats hash, aggregated hash, hit-rates zset, samples list.
+-- KEYS: per region: instance stats hash, aggregated hash, counts hash, samples list.
 -- ARGV: instance id, '1' to delete the stats hash, a token: when not '', only regions
 --       last written by another incarnation than that token leave; and '1' when the
 --       instance was live (a departure: a stats hash that is gone is reported), 'm' when

@@ -1,7 +1,8 @@
+-- Encoded by protocol.flush() in protocol.py (KEYS and ARGV as below), decoded by beat_result().
 -- One write of one instance, standalone Redis: the heartbeat and every region entry in one
 -- script call (one round trip). Argument layout: see lib.lua.
 -- KEYS: instances zset, regions set, instance meta hash, instance regions set, flush
---       errors hash, then per region entry: instance stats hash, aggregated hash, hit-rates zset,
+--       errors hash, then per region entry: instance stats hash, aggregated hash, counts hash,
 --       response-time samples list (every key is declared, so Redis Cluster checks them
 --       all before the script runs: a script never stops half way).
 -- Returns beat()'s reply (instance.lua), the regions that need a full entry, and region,

@@ -44,7 +44,8 @@ end
 
 local function server_time_s() return string.format('%.6f', server_time()) end
 
--- The one argument layout of the write scripts (flush.lua, beat.lua, regions.lua):
+-- The one argument layout of the write scripts (flush.lua, beat.lua, regions.lua), encoded
+-- by Writer.header() and entry_args() in protocol.py:
 --   ARGV[1..12] instance id, incarnation token, owner (host:pid[:pid namespace]), ttl
 --               seconds, instance timeout seconds, sample cap, sample ttl seconds, '1' to
 --               refresh (TTLs of every key the write names are renewed, key types

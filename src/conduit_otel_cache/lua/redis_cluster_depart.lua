@@ -1,3 +1,4 @@
+-- Encoded by protocol.redis_cluster_depart() in protocol.py (KEYS and ARGV as below).
 -- Redis Cluster departure, instance part (slot of {global}).
 -- KEYS: instances zset, instance meta hash, instance regions set.
 -- ARGV: instance id, max heartbeat age in seconds or '', phase:

@@ -1,5 +1,5 @@
--- One region of one instance: the stats hash, the region's aggregated hash, its hit-rates
--- zset and the instance's raw samples list (one hash slot in Redis Cluster: the keys share
+-- One region of one instance: the stats hash, the region's aggregated hash, its counts
+-- hash and the instance's raw samples list (one hash slot in Redis Cluster: the keys share
 -- the tag {<region>}).
 
 local LIVE = {size_bytes = 'size_bytes', hit_count = 'live_hit_count',
@@ -31,11 +31,11 @@ end
 local REMOVED_CAP = 1000
 local function writes_key(akey) return akey .. ':writes' end
 
-local function refresh_region(skey, akey, rkey, lkey, h)
+local function refresh_region(skey, akey, ckey, lkey, h)
   redis.call('EXPIRE', skey, h.ttl)
   redis.call('EXPIRE', akey, h.ttl)
   redis.pcall('EXPIRE', writes_key(akey), h.ttl)
-  redis.pcall('EXPIRE', rkey, h.ttl)
+  redis.pcall('EXPIRE', ckey, h.ttl)
   redis.pcall('EXPIRE', lkey, h.sample_ttl)
 end
 
@@ -116,18 +116,18 @@ local function unsure_values(b)
   return v
 end
 
-local function check_region(skey, akey, rkey, lkey, h, e)
+local function check_region(skey, akey, ckey, lkey, h, e)
   -- A check: Redis still holds every write of the region up to e.after for h.token, in the
   -- totals it was written to (an evicted or deleted key, or a failover that lost writes,
   -- fails it: 'full').
   local got = redis.pcall('HMGET', skey, 'token', 'seq', 'epoch')
   if failed(got) or got[1] ~= h.token or num(got[2]) < e.after then return 'full' end
   if got[3] and redis.pcall('HGET', akey, 'epoch') ~= got[3] then return 'full' end
-  if h.refresh then refresh_region(skey, akey, rkey, lkey, h) end
+  if h.refresh then refresh_region(skey, akey, ckey, lkey, h) end
   return 'ok'
 end
 
-local function write_region(skey, akey, rkey, lkey, h, e, now_s)
+local function write_region(skey, akey, ckey, lkey, h, e, now_s)
   -- Apply one region entry e of incarnation h.token. Counters are cumulative per
   -- incarnation: only an increase is added to the aggregated hash, so a repeated or late
   -- (older) write adds nothing; a field left out is unchanged. Another token (a restart
@@ -140,7 +140,7 @@ local function write_region(skey, akey, rkey, lkey, h, e, now_s)
   -- TTLs are renewed by new regions and by refreshing writes (h.refresh), not by every write.
   -- Returns 'ok', 'full' and the epoch of the totals.
   if is_check(e) then
-    return check_region(skey, akey, rkey, lkey, h, e)
+    return check_region(skey, akey, ckey, lkey, h, e)
   end
   local names = {'token', 'live', 'hit_count', 'miss_count', 'size_bytes', 'seq', 'epoch'}
   for f in pairs(e.fields) do names[#names + 1] = f end
@@ -189,9 +189,9 @@ local function write_region(skey, akey, rkey, lkey, h, e, now_s)
       -- the stats hash is gone, the totals hold what Redis acknowledged: continue from it
       old, same, resumed = from, true, true
       -- its live gauges are still in the totals unless it departed: the writer saw it
-      -- live, or it is still listed among the region's live hit ratios (a departure
+      -- live, or it is still listed in the region's counts hash (a departure
       -- takes it out of both)
-      was_live = from['live'] == '1' or type(redis.pcall('ZSCORE', rkey, h.id)) == 'string'
+      was_live = from['live'] == '1' or redis.pcall('HEXISTS', ckey, h.id) == 1
       if unknown then mark_lost(akey, now_s) end
     elseif redis.call('HSETNX', akey, 'rebuilt', '1') == 1 then
       mark_lost(akey, now_s)  -- the totals were lost: rebuilt whole from the live writers
@@ -231,17 +231,18 @@ local function write_region(skey, akey, rkey, lkey, h, e, now_s)
   end
   if not was_live then incr(akey, 'instance_count', 1, false) end
 
-  -- The instance's hit ratio (x 100), updated in place when it changed (drift and the
-  -- per-instance series are computed from these rates by the reader's per-instance pass).
-  -- Removing the last member deletes the zset: it is then not touched again in this
-  -- script (in a Redis Cluster slot being migrated that would fail).
+  -- The instance's hit and miss counts in the region's counts hash ('<hits> <misses>'),
+  -- updated in place when they changed: the reader's per-instance pass reads one hash per
+  -- region for drift and the per-instance hit ratios. Removing the last field deletes the
+  -- hash: it is then not touched again in this script (in a Redis Cluster slot being
+  -- migrated that would fail).
   local hits, misses = value('hit_count'), value('miss_count')
   local rated = hits + misses > 0
   if cur['hit_count'] or cur['miss_count'] or not (same and was_live) then
     if rated then
-      call_on(rkey, 'ZADD', rkey, string.format('%.17g', 100 * hits / (hits + misses)), h.id)
+      call_on(ckey, 'HSET', ckey, h.id, string.format('%.0f %.0f', hits, misses))
     else
-      redis.pcall('ZREM', rkey, h.id)
+      redis.pcall('HDEL', ckey, h.id)
     end
   end
 
@@ -267,7 +268,7 @@ local function write_region(skey, akey, rkey, lkey, h, e, now_s)
   end
   call_on(akey, 'HSET', akey, 'last_aggregated', now_s)
   call_on(writes_key(akey), 'HSET', writes_key(akey), h.id, h.token .. ':' .. h.seq)
-  if e.full or h.refresh then refresh_region(skey, akey, rkey, lkey, h) end
+  if e.full or h.refresh then refresh_region(skey, akey, ckey, lkey, h) end
   return 'ok', epoch
 end
 
@@ -292,14 +293,14 @@ local function leave_gauges(akey, size, hits, misses, counted)
   if #fix > 0 then redis.call('HSET', akey, unpack(fix)) end
 end
 
-local function depart_region(skey, akey, rkey, lkey, id, remove, unless_token, was_live)
+local function depart_region(skey, akey, ckey, lkey, id, remove, unless_token, was_live)
   -- Take the instance's live gauges of this region out of the totals; counters stay.
   -- With unless_token, only when the region was last written by another incarnation.
   -- was_live: the instance was live, so a stats hash that is gone took its live gauges
   -- with it (deleted, evicted, expired): its instance count leaves, and the rest is
   -- reported (mark_lost) until no live instance is left in the region. was_live 'm': it
   -- was live, but Redis lost the list of its regions, so this region may not be one of
-  -- them: only when the region's hit ratios still list it.
+  -- them: only when the region's counts hash still lists it.
   ensure_hash(skey)
   ensure_hash(akey)
   local s = redis.call('HMGET', skey, 'live', 'size_bytes', 'hit_count', 'miss_count', 'token',
@@ -312,13 +313,13 @@ local function depart_region(skey, akey, rkey, lkey, id, remove, unless_token, w
     end
     redis.call('HSET', skey, 'live', '0')
   elseif not s[5] and totals and (was_live == true or (was_live == 'm'
-         and type(redis.pcall('ZSCORE', rkey, id)) == 'string')) then
+         and redis.pcall('HEXISTS', ckey, id) == 1)) then
     leave_gauges(akey, 0, 0, 0, true)
     local left = tonumber(redis.call('HGET', akey, 'instance_count')) or 0
     if left > 0 then mark_lost(akey, server_time_s()) end
   end
-  ensure_type(rkey, 'zset')
-  redis.call('ZREM', rkey, id)
+  ensure_type(ckey, 'hash')
+  redis.call('HDEL', ckey, id)
   if remove or unless_token ~= '' then redis.call('DEL', lkey) end
   if remove then
     redis.call('DEL', skey)
