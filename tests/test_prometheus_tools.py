@@ -246,6 +246,7 @@ def test_promtool_unit_tests_catch_rules_that_count_replicas_twice(tmp_path: Pat
         "ConduitCacheDriftHigh",
         "ConduitCacheLowHitRatio",
         "ConduitCacheAggregationErrors",
+        "ConduitCacheInstanceFlushErrors",
     }
 
 

@@ -25,6 +25,9 @@ from .config import Settings, valid_name
 from .connection import Client, connect, pipeline
 from .keys import KeySchema
 
+#: a hash read, or why it could not be
+Hash = dict[str, str] | Exception
+
 
 def _strs(reply: Any) -> list[str]:
     """A Redis list or set reply (``decode_responses=True``) as a list of str."""
@@ -209,6 +212,9 @@ class ClusterData:
     reap_error: str | None = None
     #: ``{error kind: count}`` of the instances' failed flushes, carried by their next writes
     flush_errors: dict[str, int] = dataclasses.field(default_factory=dict)
+    #: ``{region: continuity record}`` (``{}`` when it has none): what data losses took
+    #: from each region's totals, carried over by every reader (continuity.py)
+    continuity: dict[str, dict[str, str]] = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -249,6 +255,7 @@ class Store:
             self._counts = self._script("counts.lua")
         self._liveness = self._script("liveness.lua")
         self._acknowledge = self._script("acknowledge.lua")
+        self._continuity = self._script("continuity.lua")
 
     def _script(self, *names: str) -> Script:
         return self.client.register_script(_script_source(*names))
@@ -557,11 +564,16 @@ class Store:
             except redis.ResponseError as exc:  # a refused write (OOM, READONLY, ACL)
                 reap_error = explain(exc)
         aggregates: dict[str, dict[str, str]] = {}
-        for region, reply in zip(regions, self._read_aggregates(regions)):
+        continuity: dict[str, dict[str, str]] = {}
+        for region, reply, record in zip(regions, *self._read_aggregates(regions)):
             if isinstance(reply, Exception):
                 errors.append(f"{self.keys.aggregate(region)}: {reply}")
             elif reply:
                 aggregates[region] = reply
+            if isinstance(record, Exception):  # written again by a reader that knows it
+                errors.append(f"{self.keys.continuity(region)}: {record}")
+            elif reply:
+                continuity[region] = record
         return ClusterData(
             float(seconds) + int(micros) / 1e6,
             int(active[1]) if active[0] else 0,
@@ -570,27 +582,48 @@ class Store:
             tuple(errors),
             reap_error,
             flush_errors,
+            continuity,
         )
 
-    def _read_aggregates(self, regions: list[str]) -> list[dict[str, str] | Exception]:
-        """The aggregated hash of each region; errors are returned, not raised."""
+    def _read_aggregates(self, regions: list[str]) -> tuple[list[Hash], list[Hash]]:
+        """The aggregated hash and the continuity record of each region; errors are
+        returned, not raised."""
+        keys = [k for r in regions for k in (self.keys.aggregate(r), self.keys.continuity(r))]
         if not regions:
-            return []
+            return [], []
         if self.redis_cluster:
             pipe = self.client.pipeline(transaction=False)
-            for region in regions:
-                pipe.hgetall(self.keys.aggregate(region))
-            return list(pipe.execute(raise_on_error=False))
-        step = self.batch_size  # so that no script call holds Redis for long
-        calls: list[tuple[Script, list[str], list[Any]]] = [
-            (self._aggregates, [self.keys.aggregate(r) for r in regions[i : i + step]], [])
-            for i in range(0, len(regions), step)
-        ]
-        return [
-            dict(zip(flat[::2], flat[1::2])) if ok else redis.ResponseError(flat)
-            for chunk in self._run(calls)
-            for ok, flat in chunk
-        ]
+            for key in keys:
+                pipe.hgetall(key)
+            replies: list[Hash] = list(pipe.execute(raise_on_error=False))
+        else:
+            step = 2 * self.batch_size  # so that no script call holds Redis for long
+            calls: list[tuple[Script, list[str], list[Any]]] = [
+                (self._aggregates, keys[i : i + step], []) for i in range(0, len(keys), step)
+            ]
+            replies = [
+                dict(zip(flat[::2], flat[1::2])) if ok else redis.ResponseError(flat)
+                for chunk in self._run(calls)
+                for ok, flat in chunk
+            ]
+        return replies[::2], replies[1::2]
+
+    def share_continuity(
+        self, region: str, expected: str, record: dict[str, str]
+    ) -> dict[str, str]:
+        """Write a region's continuity ``record`` unless its epoch in Redis is no longer
+        ``expected`` (``""``: there was none): a compare-and-set, so that of two readers
+        that saw one data loss only the first adds it. Returns the record Redis holds."""
+        (reply,) = self._run(
+            [
+                (
+                    self._continuity,
+                    [self.keys.continuity(region), self.keys.aggregate(region)],
+                    [expected, *(x for pair in record.items() for x in pair)],
+                )
+            ]
+        )
+        return record if reply == 1 else dict(zip(reply[::2], reply[1::2]))
 
     def heartbeats(self) -> Heartbeats:
         """Every registered instance's heartbeat (lists them all: one round trip)."""
