@@ -1,7 +1,8 @@
 """A real TCP proxy on loopback between a client and a server (here: a `serve` replica and
 Redis), which a test can cut (every connection closed, new ones closed at once) and restore,
-or slow down (each chunk forwarded after a delay), or make it lose replies (requests reach
-the server, which applies them; its replies are dropped)."""
+or slow down (each chunk forwarded after a delay), or make it trickle replies (a byte at a
+time: each within the client's socket timeout, the whole reply in minutes), or make it lose
+replies (requests reach the server, which applies them; its replies are dropped)."""
 
 from __future__ import annotations
 
@@ -15,13 +16,16 @@ from typing import Any
 
 class TcpProxy:
     """Forwards ``127.0.0.1:port`` to ``target``; :meth:`cut`, :meth:`restore`,
-    :attr:`delay` (seconds before each chunk is forwarded), :attr:`drop_replies` (while
-    true, what the server sends is dropped: a client times out on a request the server
-    applied)."""
+    :attr:`delay` (seconds before each chunk is forwarded), :attr:`trickle` (while above 0,
+    what the server sends is forwarded one byte every ``trickle`` seconds: a client whose
+    socket timeout is longer waits for the reply without ever timing out),
+    :attr:`drop_replies` (while true, what the server sends is dropped: a client times out
+    on a request the server applied)."""
 
     def __init__(self, target: tuple[str, int]) -> None:
         self.target = target
         self.delay = 0.0
+        self.trickle = 0.0
         self.drop_replies = False
         self.refused = 0  # connections closed at once while cut
         self._cut = threading.Event()
@@ -88,6 +92,14 @@ class TcpProxy:
                 self._conns |= {client, upstream}
             threading.Thread(target=self._pump, args=(client, upstream), daemon=True).start()
 
+    def _trickle(self, client: socket.socket, data: bytes) -> bytes:
+        """Send ``data`` to ``client`` a byte at a time while trickling; what is left."""
+        while data and self.trickle and not self._stop.is_set():
+            time.sleep(self.trickle)
+            client.sendall(data[:1])
+            data = data[1:]
+        return data
+
     def _pump(self, client: socket.socket, upstream: socket.socket) -> None:
         peers = {client: upstream, upstream: client}
         try:
@@ -101,6 +113,8 @@ class TcpProxy:
                         continue
                     if self.delay:
                         time.sleep(self.delay)
+                    if sock is upstream and self.trickle:
+                        data = self._trickle(client, data)
                     peers[sock].sendall(data)
         except (OSError, ValueError):  # closed by cut()
             return

@@ -6,7 +6,11 @@ application stopped, memory filled, a malformed entry, a region's totals deleted
 application cut off from Redis, replicas stopped) and nothing when it
 must not, in particular while one replica is cut off from Redis and keeps its last good
 values. The expressions are evaluated through the query API as Prometheus loaded them (their
-``for`` is the unit tests' job: tests/promtool/alerts_test.yml)."""
+``for`` is the unit tests' job: tests/promtool/alerts_test.yml). Meanwhile a fourth replica,
+scraped as another job, reads Redis through a proxy that trickles its replies (each byte
+within the socket timeout, so Redis stays up for it, but its refresh never ends): scrapes
+keep getting its last view and ConduitCacheAggregationStale, with its ``for``, fires for it
+alone."""
 
 from __future__ import annotations
 
@@ -26,7 +30,16 @@ from conduit_otel_cache.embedded import RedisServer, free_port
 from conduit_otel_cache.keys import KeySchema
 
 from .tcp_proxy import TcpProxy
-from .test_prometheus_tools import ALERTS, HERE, JOB, alert_names, api, query, run_prometheus
+from .test_prometheus_tools import (
+    ALERTS,
+    HERE,
+    JOB,
+    active_alerts,
+    alert_names,
+    api,
+    query,
+    run_prometheus,
+)
 from .test_prometheus_tools import wait_for as wait
 
 #: the replicas' settings: every scrape reads Redis; short timeouts so that a cut is seen fast
@@ -43,6 +56,12 @@ SERVE_ENV = {
 #: ProviderResponses at 0.8 with the instances 10 points apart (drift), Sessions at 0.2
 TRAFFIC = {"api-1": (9, 1, 2, 8), "api-2": (7, 3, 2, 8)}
 KEYS = KeySchema()
+#: the job of the replica whose refresh never ends (its own job: its last view, which it
+#: keeps publishing, would otherwise stand beside the other replicas' cluster series)
+STUCK_JOB = "conduit-cache-stuck"
+#: seconds between two bytes of a reply to the stuck replica: within its socket timeout (1 s),
+#: and its Redis read's replies (some 2 KB) take minutes
+TRICKLE = 0.5
 
 
 class Replica:
@@ -86,11 +105,12 @@ def application(
 def replicas(redis_server: RedisServer) -> Iterator[dict[str, Replica]]:
     started: dict[str, Replica] = {}
     try:
-        for name in "abc":
+        for name in "abcd":
             started[name] = Replica(name, redis_server.port)
         yield started
     finally:
         for replica in started.values():
+            replica.proxy.trickle = 0.0  # its refresh ends: it can stop
             replica.stop()
 
 
@@ -98,19 +118,23 @@ def replicas(redis_server: RedisServer) -> Iterator[dict[str, Replica]]:
 def test_every_alert_fires_when_it_must_with_one_replica_cut_off(
     redis_server: RedisServer, replicas: dict[str, Replica], tmp_path: Path, r: Any
 ) -> None:
-    a, b, c = replicas["a"], replicas["b"], replicas["c"]
-    targets = ", ".join(f"'{rep.instance}'" for rep in replicas.values())
+    a, b, c, d = (replicas[name] for name in "abcd")
+    targets = ", ".join(f"'{rep.instance}'" for rep in (a, b, c))
     config = (
         "global: {scrape_interval: 2s, scrape_timeout: 2s, evaluation_interval: 1s}\n"
         f"rule_files: [{json.dumps(str(ALERTS))}]\n"
         "scrape_configs:\n"
         f"  - job_name: {JOB}\n"
         f"    static_configs: [{{targets: [{targets}]}}]\n"
+        f"  - job_name: {STUCK_JOB}\n"
+        f"    static_configs: [{{targets: ['{d.instance}']}}]\n"
     )
     apps = {i: application(redis_server.url, i) for i in TRAFFIC}
     try:
         with run_prometheus(tmp_path, config) as prometheus:
+            stuck_since = stick(prometheus, d)
             run_scenario(prometheus, redis_server, apps, a, b, c, r)
+            stale_fires_for_the_stuck_replica_alone(prometheus, d, stuck_since)
     finally:
         for proc in apps.values():
             if proc.poll() is None:
@@ -132,8 +156,9 @@ def run_scenario(
     assert set(rules) == set(alert_names())
 
     def selected(name: str, expr: str | None = None) -> list[dict[str, str]]:
-        """The label sets the alert's expression selects now."""
-        return [s["metric"] for s in query(prometheus, expr or rules[name])]
+        """The label sets the alert's expression selects now (in the job of a, b, c)."""
+        found = [s["metric"] for s in query(prometheus, expr or rules[name])]
+        return [labels for labels in found if labels.get("job") == JOB]
 
     def instances(name: str, expr: str | None = None) -> set[str]:
         return {labels.get("instance", "") for labels in selected(name, expr)}
@@ -174,9 +199,22 @@ def run_scenario(
     wait("the loss's alert", lambda: selected("ConduitCacheDataLost"))
     assert selected("ConduitCacheDataLost") == [{"job": JOB, "region": "Sessions"}]
 
+    # -- the first failed flushes of a kind no series had (not one published at 0): the
+    #    kindless counter, on every replica at 0 before any failure, counts them (the kind's
+    #    own series is born at its count, which increase() does not see). The hash is written
+    #    as an application's next successful write carries its failures (tests/test_partitions.py)
+    every_kind = "conduit_cache_instances_flush_errors_all_kinds_total"
+    assert [s["value"][1] for s in scraped(every_kind)] == ["0"] * 3
+    silent("ConduitCacheInstanceFlushErrors")
+    r.hincrby(KEYS.flush_errors, "BusyLoadingError", 2)
+    wait("the flush errors' alert", lambda: selected("ConduitCacheInstanceFlushErrors"))
+    assert selected("ConduitCacheInstanceFlushErrors") == [{"job": JOB}]
+    # the per-kind series alone (what the rule summed before) see no increase at all
+    by_kind = "increase(conduit_cache_instances_flush_errors_total[10m])"
+    assert not selected("", f"sum without (kind) (max without (instance, pod) ({by_kind})) > 0")
+
     # -- an application cut off from Redis (its own proxy) fails to flush; its next write
     #    carries the failures, and they are alerted on once for the job
-    silent("ConduitCacheInstanceFlushErrors")
     with TcpProxy(("127.0.0.1", redis_server.port)) as path:
         api3 = application(path.url(), "api-3", traffic="api-1")
         try:
@@ -184,7 +222,7 @@ def run_scenario(
             path.cut()
             wait("api-3's flushes to fail", lambda: path.refused >= 3)
             path.restore()
-            wait("the flush errors' alert", lambda: selected("ConduitCacheInstanceFlushErrors"))
+            wait("api-3's failures carried", lambda: (value(every_kind, a.instance) or 0) > 2)
             assert selected("ConduitCacheInstanceFlushErrors") == [{"job": JOB}]
         finally:
             assert api3.stdin is not None
@@ -292,6 +330,55 @@ def run_scenario(
     wait("ConduitCacheExporterDown to select", lambda: selected("ConduitCacheExporterDown"))
     assert selected("ConduitCacheExporterDown") == [{"job": JOB}]
     silent("ConduitCacheExporterReplicaDown", "ConduitCacheNoLiveInstances")
+
+
+def stick(prometheus: str, d: Replica) -> float:
+    """Once Prometheus has scraped a good view of ``d``, trickle its Redis replies: its next
+    refresh never ends while each read gets a byte within its socket timeout. Returns the
+    time of its last good read."""
+    up = f'conduit_cache_redis_up{{job="{STUCK_JOB}"}} == 1'
+    wait("d's first good view", lambda: query(prometheus, up), timeout=60)
+    d.proxy.trickle = TRICKLE
+    stamp = f'conduit_cache_last_successful_aggregation_timestamp_seconds{{job="{STUCK_JOB}"}}'
+
+    def read_at() -> list[float]:
+        return [float(s["value"][1]) for s in query(prometheus, stamp)]
+
+    def last_read() -> float | None:  # the view d keeps serving: its time stops moving
+        first = read_at()
+        time.sleep(5)
+        again = read_at()
+        return again[0] if first and again == first else None
+
+    stuck_since: float = wait("d's refresh to hang", last_read, timeout=60)
+    return stuck_since
+
+
+def stale_fires_for_the_stuck_replica_alone(
+    prometheus: str, d: Replica, stuck_since: float
+) -> None:
+    """ConduitCacheAggregationStale, with its ``for``, fires for ``d`` (Redis up, its last
+    successful aggregation more than 120 s old), and for no replica of the other job."""
+    firing = lambda: [  # noqa: E731
+        alert
+        for alert in active_alerts(prometheus, "ConduitCacheAggregationStale")
+        if alert["state"] == "firing"
+    ]
+    left = stuck_since + 120 + 60 + 30 - time.time()  # its threshold, its `for`, a margin
+    alerts = wait("the stale alert to fire for d", firing, timeout=max(left, 10))
+    assert [(a["labels"]["job"], a["labels"]["instance"]) for a in alerts] == [
+        (STUCK_JOB, d.instance)
+    ]
+    fired = time.time() - stuck_since
+    assert fired >= 180  # not before its threshold and its `for`
+    assert float(alerts[0]["value"]) > 120
+    print(f"AggregationStale firing for the stuck replica {fired:.0f} s after its last good "
+          f"read (value {float(alerts[0]['value']):.0f} s)")  # fmt: skip
+    # Redis was up for it all along, as it reported (no timeout: a byte at a time)
+    redis_up = query(prometheus, f'min_over_time(conduit_cache_redis_up{{job="{STUCK_JOB}"}}[3m])')
+    assert [s["value"][1] for s in redis_up] == ["1"]
+    assert [a for a in active_alerts(prometheus, "ConduitCacheAggregationStale")
+            if a["labels"]["job"] == JOB] == []  # fmt: skip
 
 
 def cleanup(url: str) -> bool:

@@ -20,6 +20,7 @@ import redis
 
 from conduit_otel_cache import CacheStatistics, Settings, setup
 from conduit_otel_cache.embedded import RedisServer, redis_server_binary
+from conduit_otel_cache.store import Store
 
 ROOT = Path(__file__).resolve().parent.parent
 OPERATIONS = ROOT / "docs" / "operations.md"
@@ -58,7 +59,9 @@ COMMANDS = [
 
 @pytest.fixture(scope="module")
 def cluster() -> Iterator[RedisServer]:
-    """A real Redis with two instances that flushed two regions each (default key prefix)."""
+    """A real Redis with two instances that flushed two regions each (default key prefix),
+    and the continuity record of a region, as a `serve` replica shares what a data loss took
+    (here 4 hits)."""
     with RedisServer() as server:
         handles: list[CacheStatistics] = []
         for n, instance_id in enumerate(INSTANCES, start=1):
@@ -72,6 +75,11 @@ def cluster() -> Iterator[RedisServer]:
                 stats.record_set(region)
                 stats.set_size_bytes(region, 1024 * n)
             assert stats.flush()
+        client = redis.Redis(port=server.port, decode_responses=True)
+        store = Store(client)
+        epoch = client.hget(store.keys.aggregate(REGIONS[0]), "epoch") or ""
+        store.share_continuity(REGIONS[0], "", {"epoch": epoch, "hit_count": "4"})
+        client.close()
         yield server
         for stats in handles:
             stats.shutdown()
@@ -90,7 +98,9 @@ def check_output(name: str, args: list[str], out: str) -> None:
         assert _integer(out) > 1e9, out
     elif name == "HGETALL":
         fields = dict(zip(lines[::2], lines[1::2]))
-        if args[1].startswith("conduit:cache:stats:aggregated:"):
+        if args[1].endswith(":continuity"):
+            assert fields["hit_count"] == "4" and fields["epoch"], fields
+        elif args[1].startswith("conduit:cache:stats:aggregated:"):
             assert fields["hit_count"] == "3" and fields["instance_count"] == "2", fields
         elif args[1].startswith("conduit:cache:stats:"):
             assert fields["hit_count"] == "1" and fields["miss_count"] == "1", fields
@@ -270,6 +280,11 @@ def live_cluster() -> Iterator[RedisServer]:
                 stats.record_hit(region, 0.001)
                 stats.record_miss(region, 0.002)
             assert stats.flush()
+        client = redis.Redis(port=server.port, decode_responses=True)
+        store = Store(client)
+        epoch = client.hget(store.keys.aggregate(REGIONS[0]), "epoch") or ""
+        store.share_continuity(REGIONS[0], "", {"epoch": epoch, "hit_count": "4"})
+        client.close()
         yield server
         for stats in handles:
             stats.shutdown()

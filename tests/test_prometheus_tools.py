@@ -246,6 +246,7 @@ def test_promtool_unit_tests_catch_rules_that_count_replicas_twice(tmp_path: Pat
         "ConduitCacheDriftHigh",
         "ConduitCacheLowHitRatio",
         "ConduitCacheAggregationErrors",
+        "ConduitCacheInstanceFlushErrors",
     }
 
 
@@ -374,14 +375,18 @@ def test_dashboard_panels_and_thresholds() -> None:
         assert panel["targets"][0]["legendFormat"] == "{{instance}}"
     # the cluster's health is the best replica's (a cut-off replica is Unhealthy alone)
     assert by_title["Health status"]["targets"][0]["expr"].startswith("min(")
-    # the conditional counters: per kind / region, and 0 (not "no data") when none
-    for title, metric, by in (
-        ("Instance flush failures", "instances_flush_errors_total", "kind"),
-        ("Data losses", "data_losses_total", "region"),
-    ):
-        expr = by_title[title]["targets"][0]["expr"]
-        assert expr.startswith(f"sum by ({by}) (max without (instance, pod) (increase(")
-        assert f"conduit_cache_{metric}{{" in expr and expr.endswith(" or on () vector(0)")
+    # the conditional counters: per region, and 0 (not "no data") when none
+    losses = by_title["Data losses"]["targets"][0]["expr"]
+    assert losses.startswith("sum by (region) (max without (instance, pod) (increase(")
+    assert "conduit_cache_data_losses_total{" in losses and losses.endswith(" or on () vector(0)")
+    # flush failures: every kind together from the kindless counter (published from 0, so
+    # the first failure of a kind never seen is counted), then the breakdown by kind
+    every, by_kind = (t["expr"] for t in by_title["Instance flush failures"]["targets"])
+    assert every.startswith("sum(max without (instance, pod) (increase(")
+    assert "conduit_cache_instances_flush_errors_all_kinds_total{" in every
+    assert every.endswith(" or on () vector(0)")
+    assert by_kind.startswith("sum by (kind) (max without (instance, pod) (increase(")
+    assert "conduit_cache_instances_flush_errors_total{" in by_kind
     table = by_title["Per-instance hit ratio"]
     assert table["type"] == "table" and table["targets"][0]["format"] == "table"
     assert "by (region, instance_id)" in table["targets"][0]["expr"]

@@ -434,3 +434,25 @@ def test_lost_keys_and_a_duplicate_id_stay_exact_on_a_redis_cluster(
         assert totals["instance_count"] == "2"
     finally:
         second.shutdown()
+
+
+def test_a_data_loss_is_carried_once_and_shared_on_a_redis_cluster(
+    make_stats: MakeStats, rc: RedisCluster
+) -> None:
+    """The region's continuity record lives in its hash slot: a reader that saw the loss of
+    the totals shares what it took, and a reader started afterwards publishes the same."""
+    gone, live, first = make_stats("api-0"), make_stats("api-1"), make_stats("reader-1")
+    record(gone, "R", 30, 10)
+    assert gone.flush()
+    gone.shutdown()  # departs: 30 hits, 10 misses are the departed part
+    record(live, "R", 5, 5)
+    assert live.flush()
+    assert first.cluster_view().regions["R"].hit_count == 35
+    keys = live.exporter.store.keys
+    rc.delete(keys.aggregate("R"))  # lost: the live instance rebuilds its part
+    record(live, "R", 2, 0)
+    assert live.flush()
+    assert int(rc.hget(keys.aggregate("R"), "hit_count")) == 7
+    assert first.cluster_view().regions["R"].hit_count == 37
+    assert rc.hget(keys.continuity("R"), "hit_count") == "30"
+    assert make_stats("reader-2").cluster_view().regions["R"].hit_count == 37

@@ -1,8 +1,8 @@
 """The cluster view: totals, drift, per-instance hit ratios, liveness; cached briefly.
 
 Cluster counters come from the aggregated hashes that every flush keeps up to date
-(so they include departed instances and never go back; across a Redis data loss the reader
-keeps them monotonic: continuity.py); gauges count live instances.
+(so they include departed instances and never go back; across a Redis data loss the
+readers keep them monotonic, and the same: continuity.py); gauges count live instances.
 Drift of a region is the largest distance, in percentage points (hit ratio x 100), between
 a live instance's hit ratio and the hit ratio of those instances together, over a window:
 the hits and misses since the previous per-instance pass (in ``serve``, in the background
@@ -124,8 +124,8 @@ class Aggregator:
         self._counts: dict[str, dict[str, int]] = {}
         self._instance_errors: dict[str, tuple[str, ...]] = {}
         self._reported: dict[str, frozenset[str]] = {}  # the malformed entries of each read
-        #: the counters stay monotonic across a Redis data loss while this reader runs
-        self.continuity = Continuity()
+        #: the counters stay monotonic across a Redis data loss, the same on every reader
+        self.continuity = Continuity(settings.response_time_buckets, share=self._share)
         self.loss_count = LossCount()
         self._errors = RateLimitedLog(log)
         self._stop = threading.Event()
@@ -346,6 +346,20 @@ class Aggregator:
         for error in new[:1]:
             self._errors.error("conduit-otel-cache: skipped malformed data: %s", error)
 
+    def _share(self, region: str, expected: str, record: dict[str, str]) -> dict[str, str]:
+        """Share what a data loss took from a region's totals with the other readers
+        (continuity.py); a failed write keeps it in this reader, to be written next read."""
+        try:
+            return self.store.share_continuity(region, expected, record)
+        except redis.RedisError as exc:
+            self._errors.error(
+                "conduit-otel-cache: could not share the counters carried over a data "
+                "loss of region %s: %s",
+                region,
+                explain(exc),
+            )
+            return record
+
     def _build(self, data: ClusterData, memory: int, start: float) -> ClusterView:
         errors = list(data.errors)
         bounds = self.settings.response_time_buckets
@@ -372,7 +386,7 @@ class Aggregator:
                 errors.append(f"{self.store.keys.aggregate(region)}: {exc}")
         self._count("cluster", errors)
         drops = self.continuity.losses
-        regions = self.continuity.apply(regions, data.aggregates)
+        regions = self.continuity.apply(regions, data.aggregates, data.continuity)
         if self.continuity.losses > drops:
             self._errors.error(
                 "conduit-otel-cache: Redis lost cluster counts (an empty restart or "

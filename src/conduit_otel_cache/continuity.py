@@ -1,36 +1,53 @@
-"""Cluster counters that never go backwards while a reader runs, across a Redis data loss.
+"""Cluster counters that never go backwards across a Redis data loss, the same on every
+``serve`` replica, a replica started after the loss too.
 
 Redis's totals of a region are the departed instances' counts plus the live instances'
 (``live_hit_count`` / ``live_miss_count`` in the aggregated hash are the live part of hits
-and misses). When Redis loses its data (an empty restart, a failover that lost writes), the
-live instances write their lifetime counts again (the write protocol's healing) but the
-departed instances' counts are gone, so the totals drop, and a reader that published them as
-they are would make Prometheus see a counter reset and count the rebuilt totals as new
+and misses). When Redis loses its data (an empty restart, an evicted or deleted aggregated
+hash), the live instances write their lifetime counts again (the write protocol's healing)
+but the departed instances' counts are gone, so the totals drop, and a reader that published
+them as they are would make Prometheus see a counter reset and count the rebuilt totals as new
 events (``rate()`` many times too high for a whole window).
 
-:class:`Continuity` sees the loss (a counter of the region went down) and carries the
-departed instances' part over: from then on it publishes Redis's totals plus that part, and
-never less than it published before. While the live instances rebuild (until each has
-written again, one ``flush_interval``) the counters hold still; once they have, they
-continue exactly where they would have been. Hits and misses are exact (their departed part
-is known); the departed part of sets, evictions and the response-time histogram is taken in
-the proportion of hits and misses it had. A loss that the live instances have rebuilt past
-the last published totals before the next read goes unseen: the counters stay monotonic but
-lack the departed part from then on.
+A lost and rebuilt aggregated hash has another ``epoch``. A reader that read the totals of the
+previous epoch sees the loss and carries the departed instances' part of its last read over:
+from then on it publishes Redis's totals plus what the losses took, and never less than it
+published before. While the live instances rebuild (until each has written again, one
+``flush_interval``) the counters hold still; once they have, they continue exactly where
+they would have been. Hits and misses are exact (their departed part is known); the departed
+part of sets, evictions and the response-time histogram is taken in the proportion of hits
+and misses it had. Counters that go down within one epoch (writes a failover lost, which the
+live instances write again) are held where they were, nothing carried.
+
+What the losses took is shared through Redis (``share``: the region's continuity record,
+:meth:`~conduit_otel_cache.keys.KeySchema.continuity`: the epoch it is for and the counters
+carried), so that every reader publishes the same counters, a reader started after the loss
+too. A reader that saw the loss advances the record from the epoch it read to the new one,
+only if no other reader has meanwhile (compare-and-set on the epoch: two readers that see
+the same loss add it once); a reader that did not see it never writes. A record lost while
+a reader runs is written again from that reader's memory. Lost with every reader stopped
+(or with the totals, when no reader ran across the loss), what it carried is gone: the
+counters then restart lower (Prometheus sees a reset).
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 
 from .model import ResponseTimes, Statistics
 
 _COUNTS = ("hit_count", "miss_count", "set_count", "eviction_count")
 
+#: ``(region, epoch of the record as read ("" when there was none), new record) -> the
+#: record Redis holds afterwards`` (the new one when written; the one another reader wrote
+#: first when not)
+Share = Callable[[str, str, dict[str, str]], Mapping[str, str]]
+
 
 @dataclasses.dataclass
 class _Region:
+    epoch: str  # the epoch of Redis's totals at the last read
     raw: Statistics  # Redis's totals at the last read
     departed: tuple[int, int]  # hits, misses of departed instances at the last read
     carried: Statistics  # what losses took, carried over (counters only)
@@ -38,35 +55,95 @@ class _Region:
 
 
 class Continuity:
-    """Keeps every region's counters monotonic across Redis data losses (per reader)."""
+    """Keeps every region's counters monotonic across Redis data losses, shared by readers
+    through ``share`` (without it, in this reader's memory only)."""
 
-    def __init__(self) -> None:
+    def __init__(self, bounds: Iterable[float] = (), share: Share | None = None) -> None:
+        self._bounds = tuple(bounds)
+        self._share = share
         self._regions: dict[str, _Region] = {}
-        #: Redis data losses seen (one per region that lost counts)
+        #: Redis data losses this reader saw (one per region that lost counts)
         self.losses = 0
 
     def apply(
-        self, regions: dict[str, Statistics], aggregates: dict[str, dict[str, str]]
+        self,
+        regions: dict[str, Statistics],
+        aggregates: Mapping[str, Mapping[str, str]],
+        records: Mapping[str, Mapping[str, str]] | None = None,
     ) -> dict[str, Statistics]:
         """The statistics to publish for Redis's ``regions`` (parsed from ``aggregates``,
-        the aggregated hashes they were read from)."""
+        the aggregated hashes they were read from), with the continuity ``records`` read
+        with them (``{}`` where a region has none)."""
         result = {}
+        records = records or {}
         for name, raw in regions.items():
-            departed = _departed(raw, aggregates.get(name, {}))
+            fields = aggregates.get(name, {})
+            epoch, departed = fields.get("epoch", ""), _departed(raw, fields)
+            record = records.get(name, {})
+            shared = self._parse(record)
             state = self._regions.get(name)
-            if state is None:
-                state = _Region(raw, departed, Statistics(), raw)
-            elif _lost(state, raw):
-                self.losses += 1
-                state.carried = _add(state.carried, _departed_part(state))
-            published = _max(state.published, _add(raw, state.carried))
-            state.raw, state.departed, state.published = raw, departed, published
+            if state is None:  # what this reader knows of earlier epochs is what is shared
+                carried = shared[1] if shared is not None else Statistics()
+                state = _Region(epoch, raw, departed, carried, _add(raw, carried))
+            else:
+                state.carried = self._carried(name, state, raw, epoch, record, shared)
+            state.published = _max(state.published, _add(raw, state.carried))
+            state.epoch, state.raw, state.departed = epoch, raw, departed
             self._regions[name] = state
-            result[name] = published
+            result[name] = state.published
         return result
 
+    def _carried(
+        self,
+        name: str,
+        state: _Region,
+        raw: Statistics,
+        epoch: str,
+        record: Mapping[str, str],
+        shared: tuple[str, Statistics] | None,
+    ) -> Statistics:
+        """What the losses took, for this read: the shared record's when it is for this
+        epoch; advanced (and shared) when this reader saw the loss; written again from
+        memory when the record was lost."""
+        if shared is not None and shared[0] == epoch:
+            return shared[1]
+        # a lost and rebuilt hash has another epoch (totals that adopt their first epoch
+        # lost nothing unless a counter went down)
+        lost = epoch != state.epoch and (state.epoch != "" or _went_down(state, raw))
+        if lost:
+            self.losses += 1
+            base = shared[1] if shared is not None else state.carried
+            carried = _add(base, _departed_part(state))
+        elif shared is not None:
+            return shared[1]  # a record of an epoch this reader did not see: it adds nothing
+        else:
+            carried = state.carried  # the record was lost: written again from memory
+        if self._share is None or (not lost and carried == Statistics()):
+            return carried
+        proposed = {"epoch": epoch, **_fields(carried)}
+        found = self._parse(self._share(name, record.get("epoch", ""), proposed))
+        return found[1] if found is not None and found[0] == epoch else carried
 
-def _departed(raw: Statistics, fields: dict[str, str]) -> tuple[int, int]:
+    def _parse(self, record: Mapping[str, str]) -> tuple[str, Statistics] | None:
+        """``(epoch, carried)`` of a continuity record; None when there is none (or it is
+        malformed: it is written again)."""
+        if "epoch" not in record:
+            return None
+        try:
+            return record["epoch"], Statistics.from_fields(record, self._bounds)
+        except ValueError:
+            return None
+
+
+def _fields(carried: Statistics) -> dict[str, str]:
+    """A continuity record's counters (as the aggregated hash names them)."""
+    return {
+        **{f: str(getattr(carried, f)) for f in _COUNTS},
+        **carried.response_times.to_fields(),
+    }
+
+
+def _departed(raw: Statistics, fields: Mapping[str, str]) -> tuple[int, int]:
     """Hits and misses of departed instances: the totals less the live sums."""
     try:
         live_hits = int(fields.get("live_hit_count", "0"))
@@ -76,9 +153,9 @@ def _departed(raw: Statistics, fields: dict[str, str]) -> tuple[int, int]:
     return max(0, raw.hit_count - live_hits), max(0, raw.miss_count - live_misses)
 
 
-def _lost(state: _Region, raw: Statistics) -> bool:
-    """Redis lost counts of this region since the last read: a counter went down (the
-    departed part alone may: an expired instance that writes again is live again)."""
+def _went_down(state: _Region, raw: Statistics) -> bool:
+    """A counter of the region went down since the last read (the departed part alone may:
+    an expired instance that writes again is live again)."""
     before = state.raw
     return (
         any(getattr(raw, f) < getattr(before, f) for f in _COUNTS)

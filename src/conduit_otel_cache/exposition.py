@@ -67,9 +67,10 @@ DATA_AGE_HEADER = "X-Conduit-Data-Age"
 MAX_MALFORMED_KEYS = 20
 #: ``service.name`` of the exporter's resource (``service.instance.id`` is its ``instance_id``)
 SERVICE_NAME = "conduit-otel-cache-exporter"
-#: flush error kinds published at 0 until an instance reports one: a first failure is then
-#: an increase Prometheus sees (a series born at its count is not); other kinds appear
-#: when first reported
+#: flush error kinds published at 0 until an instance reports one (a breakdown by kind:
+#: other kinds appear when first reported, born at their count; the kindless
+#: ``conduit_cache_instances_flush_errors_all_kinds_total``, published from 0, counts
+#: every failure, the first of a new kind too)
 FLUSH_ERROR_KINDS = (
     "ConnectionError",
     "TimeoutError",
@@ -263,6 +264,13 @@ class Exposition:
             unit="{error}",
             description="Failed flushes of every instance by error kind, carried through "
             "Redis by the instance's next successful write",
+        )
+        meter.create_observable_counter(
+            "conduit.cache.instances.flush_errors.all_kinds",
+            callbacks=[self._scalar(lambda v: sum(v.instance_flush_errors.values()))],
+            unit="{error}",
+            description="Failed flushes of every instance, every error kind together "
+            "(published from 0: a first failure of any kind is an increase)",
         )
         meter.create_observable_counter(
             "conduit.cache.data_losses",

@@ -8,6 +8,9 @@ Keys (``conduit:`` is ``key_prefix``)::
     conduit:cache:stats:aggregated:<region>    hash  the cluster totals, kept at flush time
     conduit:cache:stats:aggregated:<region>:writes  hash  the writes the totals hold: instance
                                                      id -> token:write number, their epoch
+    conduit:cache:stats:aggregated:<region>:continuity  hash  what Redis data losses took from
+                                                     the totals, carried over by every serve
+                                                     replica: the epoch it is for, counters
     conduit:cache:instance:<instance>          hash  incarnation token, owner, live flag, last flush
     conduit:cache:instance:<instance>:regions  set   regions the instance reported
     conduit:cache:flush_errors                 hash  error kind -> failed flushes of every
@@ -22,14 +25,16 @@ the instance-level keys share ``{global}`` and a region's keys share ``{<region>
     conduit:cache:{global}:instances                 conduit:cache:{<region>}:stats:<instance>
     conduit:cache:{global}:regions                   conduit:cache:{<region>}:aggregated
                                                      conduit:cache:{<region>}:aggregated:writes
+                                                     conduit:cache:{<region>}:aggregated:continuity
     conduit:cache:{global}:instance:<instance>       conduit:cache:{<region>}:counts
     conduit:cache:{global}:instance:<instance>:regions
     conduit:cache:{global}:flush_errors
 
-Every key a script touches is named here and passed to it in ``KEYS``, but for two derived
+Every key a script touches is named here and passed to it in ``KEYS``, but for three derived
 in the same slot: ``lua/members.lua`` derives instance meta keys from :meth:`KeySchema.meta`
 of an empty id, and ``lua/region.lua`` the record of a region's writes from its aggregated
-hash (``<aggregated>:writes``).
+hash (``<aggregated>:writes``) and renews the TTL of its continuity record
+(``<aggregated>:continuity``) with the totals'.
 """
 
 from __future__ import annotations
@@ -76,6 +81,11 @@ class KeySchema:
     def aggregate(self, region: str) -> str:
         """The cluster totals of one region."""
         return self.prefix + self._aggregate.format(region=region)
+
+    def continuity(self, region: str) -> str:
+        """What Redis data losses took from one region's totals, carried over by every
+        reader (continuity.py), in the totals' hash slot."""
+        return self.aggregate(region) + ":continuity"
 
     def meta(self, instance_id: str) -> str:
         """One instance's incarnation token, owner and live flag."""

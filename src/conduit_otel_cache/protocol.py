@@ -29,6 +29,7 @@ SCRIPTS: dict[str, tuple[str, ...]] = {
     "members": ("members.lua",),
     "aggregates": ("aggregates.lua",),
     "acknowledge": ("acknowledge.lua",),
+    "continuity": ("continuity.lua",),
 }
 
 
@@ -285,9 +286,21 @@ def members(keys: KeySchema, instance_timeout: float) -> Call:
     return Call("members", [keys.instances], [instance_timeout, keys.meta("")])
 
 
-def aggregates(keys: KeySchema, regions: Sequence[str]) -> Call:
-    """``lua/aggregates.lua`` (standalone): the aggregated hash of each region."""
-    return Call("aggregates", [keys.aggregate(r) for r in regions], [])
+def aggregates(hashes: Sequence[str]) -> Call:
+    """``lua/aggregates.lua`` (standalone): each hash named (the regions' aggregated hashes
+    and continuity records)."""
+    return Call("aggregates", list(hashes), [])
+
+
+def continuity(keys: KeySchema, region: str, expected: str, record: dict[str, str]) -> Call:
+    """``lua/continuity.lua``: the region's continuity record written unless its epoch is no
+    longer ``expected``. KEYS: continuity record, aggregated hash; ARGV: expected epoch,
+    then field and value pairs."""
+    return Call(
+        "continuity",
+        [keys.continuity(region), keys.aggregate(region)],
+        [expected, *(x for pair in record.items() for x in pair)],
+    )
 
 
 def check_reads(keys: KeySchema, instance_id: str, region: str) -> list[tuple[str, ...]]:

@@ -31,6 +31,9 @@ from .protocol import Call, Entry, FlushResult, Writer
 
 __all__ = ["ClusterData", "Entry", "FlushResult", "Heartbeats", "Store", "Writer", "explain"]
 
+#: a hash read, or why it could not be
+Hash = dict[str, str] | Exception
+
 
 def _strs(reply: Any) -> list[str]:
     """A Redis list or set reply (``decode_responses=True``) as a list of str."""
@@ -110,6 +113,9 @@ class ClusterData:
     reap_error: str | None = None
     #: ``{error kind: count}`` of the instances' failed flushes, carried by their next writes
     flush_errors: dict[str, int] = dataclasses.field(default_factory=dict)
+    #: ``{region: continuity record}`` (``{}`` when it has none): what data losses took
+    #: from each region's totals, carried over by every reader (continuity.py)
+    continuity: dict[str, dict[str, str]] = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -383,11 +389,16 @@ class Store:
             except redis.ResponseError as exc:  # a refused write (OOM, READONLY, ACL)
                 reap_error = explain(exc)
         aggregates: dict[str, dict[str, str]] = {}
-        for region, reply in zip(regions, self._read_aggregates(regions)):
+        continuity: dict[str, dict[str, str]] = {}
+        for region, reply, record in zip(regions, *self._read_aggregates(regions)):
             if isinstance(reply, Exception):
                 errors.append(f"{self.keys.aggregate(region)}: {reply}")
             elif reply:
                 aggregates[region] = reply
+            if isinstance(record, Exception):  # written again by a reader that knows it
+                errors.append(f"{self.keys.continuity(region)}: {record}")
+            elif reply:
+                continuity[region] = record
         return ClusterData(
             float(seconds) + int(micros) / 1e6,
             int(active[1]) if active[0] else 0,
@@ -396,6 +407,7 @@ class Store:
             tuple(errors),
             reap_error,
             flush_errors,
+            continuity,
         )
 
     def remove_strays(self, instance_timeout: float) -> list[str]:
@@ -408,9 +420,21 @@ class Store:
             f"{self.keys.instances}: removed member {str(m)[:40]!r} (no live instance)" for m in bad
         ]
 
-    def _read_aggregates(self, regions: list[str]) -> list[dict[str, str] | Exception]:
-        """The aggregated hash of each region; errors are returned, not raised."""
-        return self.topology.read_aggregates(self, regions) if regions else []
+    def _read_aggregates(self, regions: list[str]) -> tuple[list[Hash], list[Hash]]:
+        """The aggregated hash and the continuity record of each region; errors are
+        returned, not raised."""
+        keys = [k for r in regions for k in (self.keys.aggregate(r), self.keys.continuity(r))]
+        replies = self.topology.read_hashes(self, keys) if keys else []
+        return replies[::2], replies[1::2]
+
+    def share_continuity(
+        self, region: str, expected: str, record: dict[str, str]
+    ) -> dict[str, str]:
+        """Write a region's continuity ``record`` unless its epoch in Redis is no longer
+        ``expected`` (``""``: there was none): a compare-and-set, so that of two readers
+        that saw one data loss only the first adds it. Returns the record Redis holds."""
+        (reply,) = self._run([protocol.continuity(self.keys, region, expected, record)])
+        return record if reply == 1 else dict(zip(reply[::2], reply[1::2]))
 
     def heartbeats(self) -> Heartbeats:
         """Every registered instance's heartbeat (lists them all: one round trip)."""
@@ -556,8 +580,9 @@ class Topology(Protocol):
         """A whole departure (see :meth:`Store.depart`)."""
         ...
 
-    def read_aggregates(self, store: Store, regions: list[str]) -> list[dict[str, str] | Exception]:
-        """The aggregated hash of each region; errors are returned, not raised."""
+    def read_hashes(self, store: Store, keys: list[str]) -> list[Hash]:
+        """The hashes named (aggregated hashes, continuity records); errors are returned,
+        not raised."""
         ...
 
 
@@ -606,12 +631,9 @@ class Standalone:
         (done,) = store._run([protocol.depart(store.keys, instance_id, regions, age, remove, lost)])
         return bool(done)
 
-    def read_aggregates(self, store: Store, regions: list[str]) -> list[dict[str, str] | Exception]:
+    def read_hashes(self, store: Store, keys: list[str]) -> list[Hash]:
         step = store.batch_size  # so that no script call holds Redis for long
-        calls = [
-            protocol.aggregates(store.keys, regions[i : i + step])
-            for i in range(0, len(regions), step)
-        ]
+        calls = [protocol.aggregates(keys[i : i + step]) for i in range(0, len(keys), step)]
         return [
             dict(zip(flat[::2], flat[1::2])) if ok else redis.ResponseError(flat)
             for chunk in store._run(calls)
@@ -669,8 +691,8 @@ class RedisClusterTopology:
         (done,) = store._run([protocol.redis_cluster_depart(keys, instance_id, age, phase)])
         return bool(done)
 
-    def read_aggregates(self, store: Store, regions: list[str]) -> list[dict[str, str] | Exception]:
+    def read_hashes(self, store: Store, keys: list[str]) -> list[Hash]:
         pipe = store.client.pipeline(transaction=False)
-        for region in regions:
-            pipe.hgetall(store.keys.aggregate(region))
+        for key in keys:
+            pipe.hgetall(key)
         return list(pipe.execute(raise_on_error=False))

@@ -1,6 +1,6 @@
 -- Encoded by protocol.aggregates() in protocol.py (KEYS and ARGV as below).
--- The aggregated hashes of the regions in KEYS as flat field/value arrays: one reply for
--- many regions instead of one per region (standalone Redis; a Redis Cluster pipelines
+-- The hashes in KEYS (regions' aggregated hashes and continuity records) as flat
+-- field/value arrays: one reply for many instead of one per hash (standalone Redis; a Redis Cluster pipelines
 -- HGETALL per slot). A key of the wrong type gives {false, error} in its place.
 local out = {}
 for i, key in ipairs(KEYS) do

@@ -36,6 +36,8 @@ local function refresh_region(skey, akey, ckey, lkey, h)
   redis.call('EXPIRE', akey, h.ttl)
   redis.pcall('EXPIRE', writes_key(akey), h.ttl)
   redis.pcall('EXPIRE', ckey, h.ttl)
+  -- what data losses took from the totals (serve's continuity record) lives as long
+  redis.pcall('EXPIRE', akey .. ':continuity', h.ttl)
   redis.pcall('EXPIRE', lkey, h.sample_ttl)
 end
 
