@@ -26,7 +26,7 @@ from prometheus_client import generate_latest
 
 from conduit_otel_cache.config import Settings
 from conduit_otel_cache.embedded import RedisServer
-from conduit_otel_cache.server import ExporterService
+from conduit_otel_cache.serve.service import ExporterService
 from conduit_otel_cache.store import Store
 
 from .common import ratio, show

@@ -78,7 +78,7 @@ def serve_child(url: str, mode: str, ttl: float, every: float = QUIET) -> None:
     """Run in a subprocess: ``serve`` for ``url`` with the per-instance pass ``every``
     seconds; prints its port once the pass ran, serves until stdin closes, then prints its
     refresh figures."""
-    from conduit_otel_cache.server import ExporterService
+    from conduit_otel_cache.serve.service import ExporterService
 
     s = settings(
         redis_url=url,

@@ -15,8 +15,8 @@ import pytest
 from prometheus_client.exposition import choose_encoder
 
 from conduit_otel_cache import Settings
-from conduit_otel_cache.render_process import NICENESS
-from conduit_otel_cache.server import ExporterService
+from conduit_otel_cache.serve.render_process import NICENESS
+from conduit_otel_cache.serve.service import ExporterService
 
 from .conftest import MakeStats, wait_for
 from .serve_process import ServeProcess

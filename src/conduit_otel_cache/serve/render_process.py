@@ -7,7 +7,7 @@ process, at a lower CPU priority, which collects it through its own OpenTelemetr
 MeterProvider (the same instruments, views and exporter as in-process), adds the serving
 process's own process, platform and GC series (collected there, sent with the view) and
 returns every format asked for, encoded and gzipped: the serving process keeps only the
-finished bytes. The child (``python -m conduit_otel_cache.render_process``,
+finished bytes. The child (``python -m conduit_otel_cache.serve.render_process``,
 talking pickles over a socket pair) gets no Redis URL, no ``CONDUIT_CACHE_STATS_*``
 environment and reads nothing from Redis; it ends when this process is gone. Until it is
 ready, and whenever it fails, the refresh renders in-process.
@@ -28,8 +28,8 @@ from typing import Any
 
 from prometheus_client.metrics_core import Metric
 
-from .aggregate import ClusterView
-from .config import Settings
+from ..aggregate import ClusterView
+from ..config import Settings
 from .exposition import Encoder, Exposition, Variant
 
 #: ``nice`` increment of the child: a refresh yields the CPU to the scrapes being answered
@@ -48,7 +48,7 @@ class RenderError(RuntimeError):
 class RenderProcess:
     """A spawned child that encodes the OpenTelemetry series of a :class:`ClusterView`.
 
-    :meth:`render` is the ``renderer`` of :class:`~conduit_otel_cache.exposition.Exposition`.
+    :meth:`render` is the ``renderer`` of :class:`~conduit_otel_cache.serve.exposition.Exposition`.
     It never waits for a child to start: until one is ready it returns None, and the caller
     renders in-process. A child that fails is replaced ``restart_after`` seconds later.
     """

@@ -10,10 +10,10 @@ OpenTelemetry collection. The data a scrape sees (header ``X-Conduit-Data-Age``)
 most ``aggregation_cache_ttl`` plus one refresh (Redis read and rendering) old. With
 ``aggregation_cache_ttl`` 0 (or ``prerender=False``) every scrape collects and renders
 on demand. A name filter (``?name[]=...``) is rendered on demand by prometheus_client.
-A ``renderer`` (``serve``'s :class:`~conduit_otel_cache.render_process.RenderProcess`)
+A ``renderer`` (``serve``'s :class:`~conduit_otel_cache.serve.render_process.RenderProcess`)
 renders a background refresh in another process: this one collects only its own process,
 platform, GC and build-info series and hands them over with the view. More ``readers``
-of the same instruments (``serve``'s OTLP push, :mod:`~conduit_otel_cache.otlp`) read them
+of the same instruments (``serve``'s OTLP push, :mod:`~conduit_otel_cache.serve.otlp`) read them
 with :meth:`Exposition.read`.
 """
 
@@ -43,21 +43,21 @@ from prometheus_client import (
 from prometheus_client.exposition import choose_encoder, gzip_accepted
 from prometheus_client.metrics_core import Metric
 
-from . import __version__
-from .aggregate import ClusterView
-from .background import quietly
-from .config import Settings
-from .health import evaluate
-from .instruments import (
+from .. import __version__
+from ..aggregate import ClusterView
+from ..background import quietly
+from ..config import Settings
+from ..health import evaluate
+from ..instruments import (
     RESPONSE_TIME_INSTRUMENT,
     SCOPE,
     histogram_views,
     observe,
     register_cache_instruments,
 )
-from .model import Statistics
-from .ratelimit import RateLimitedLog
-from .sdk_hook import prometheus_reader
+from ..model import Statistics
+from ..ratelimit import RateLimitedLog
+from ..sdk_hook import prometheus_reader
 
 log = logging.getLogger(__name__)
 

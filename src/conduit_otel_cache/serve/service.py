@@ -6,18 +6,19 @@ import gc
 import logging
 import threading
 
-from . import __version__
-from .aggregate import Aggregator, ClusterView
-from .api import make_stats_app
-from .config import Settings
+from .. import __version__
+from ..aggregate import Aggregator, ClusterView
+from ..api import make_stats_app
+from ..config import Settings
+from ..health import Health, evaluate
+from ..model import Statistics
+from ..recovery import Recoverer
+from ..store import Store
 from .exposition import Exposition
-from .health import Health, evaluate
-from .http import landing_page, make_app, make_http_server
-from .model import Statistics
+from .http import make_app, make_http_server
+from .landing import landing_page
 from .otlp import OtlpPush
-from .recovery import Recoverer
 from .render_process import RenderProcess
-from .store import Store
 from .webconfig import BasicAuth, LiveWebConfig, WebConfig
 
 log = logging.getLogger(__name__)
@@ -38,9 +39,9 @@ class ExporterService:
     read again when its files change (every ``WEB_CONFIG_CHECK_INTERVAL`` s) or at
     :meth:`reload_web_config`; ``probes_without_auth`` leaves ``/-/healthy`` and
     ``/-/ready`` open. With ``render_process`` (as ``serve`` runs) ``/metrics`` is rendered
-    in a child process (:mod:`~conduit_otel_cache.render_process`). With
+    in a child process (:mod:`~conduit_otel_cache.serve.render_process`). With
     ``settings.otlp_endpoint`` the same series are pushed over OTLP/HTTP every
-    ``otlp_interval`` (:mod:`~conduit_otel_cache.otlp`)."""
+    ``otlp_interval`` (:mod:`~conduit_otel_cache.serve.otlp`)."""
 
     def __init__(
         self,

@@ -36,10 +36,10 @@ from opentelemetry.sdk.metrics.export import (
 )
 from prometheus_client import Counter
 
-from .background import quietly
-from .config import ConfigError, Settings, redact_url
+from ..background import quietly
+from ..config import ConfigError, Settings, redact_url
+from ..ratelimit import RateLimitedLog
 from .exposition import series_limit
-from .ratelimit import RateLimitedLog
 
 log = logging.getLogger(__name__)
 
@@ -115,7 +115,7 @@ def without_exemplars(data: MetricsData) -> MetricsData:
 class OtlpPush:
     """Pushes what :attr:`reader` collects every ``settings.otlp_interval`` seconds.
 
-    Give :attr:`reader` to the :class:`~conduit_otel_cache.exposition.Exposition`
+    Give :attr:`reader` to the :class:`~conduit_otel_cache.serve.exposition.Exposition`
     (``readers``), then :meth:`start` it with that exposition's :meth:`read`.
     """
 
