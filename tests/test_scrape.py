@@ -20,8 +20,8 @@ from prometheus_client.openmetrics.parser import (
 from prometheus_client.parser import text_string_to_metric_families
 
 from conduit_otel_cache import Settings
-from conduit_otel_cache.serve.exposition import DATA_AGE_HEADER
 from conduit_otel_cache.serve.http import WORKER_THREADS
+from conduit_otel_cache.serve.series import DATA_AGE_HEADER
 from conduit_otel_cache.serve.service import ExporterService
 
 from .conftest import MakeStats, wait_for
@@ -93,7 +93,7 @@ def test_flushed_events_appear_within_ttl_plus_one_refresh(
     stats.record_hit("Orders")
     assert stats.flush()
     service = serve(ttl)
-    exporter = service.exposition
+    exporter = service.exposition.renderings
     get(service, **PROMETHEUS)  # Prometheus scrapes: from now on rendered in the background
     ages: list[float] = []
     for round_ in range(1, 4):

@@ -57,15 +57,14 @@ class ExporterService:
         self.store = Store.from_settings(settings)
         self.aggregator = Aggregator(self.store, settings, background=True)
         self.push = OtlpPush(settings) if settings.otlp_endpoint is not None else None
-        readers = () if self.push is None else (self.push.reader,)
-        self.exposition = Exposition(self.aggregator, readers=readers)
+        self.exposition = Exposition(self.aggregator)
         if self.push is not None:
             self.exposition.register_own(self.push.pushes)
         self._reached = threading.Event()  # Redis answered once: /-/ready
         api = make_stats_app(cluster=self.cluster_regions)  # /api/cache/stats/distributed
         landing = landing_page(__version__, settings.safe_redis_url)
         self.app = make_app(
-            self.exposition.wsgi_app(), self.health, api, ready=self.ready, landing=landing
+            self.exposition.route.wsgi_app, self.health, api, ready=self.ready, landing=landing
         )
         web = web_config or WebConfig()
         auth = None
@@ -73,7 +72,7 @@ class ExporterService:
             auth = BasicAuth(self.app, web.users, PROBES if probes_without_auth else ())
         self.web_config = LiveWebConfig(web, auth)
         # /metrics from finished bytes on the event loop (with basic auth: through the app)
-        direct = None if web.users else self.exposition.ready_reply
+        direct = None if web.users else self.exposition.route.ready_reply
         self.server = make_http_server(
             auth or self.app, host, port, ssl_context=web.ssl_context, direct=direct
         )
@@ -113,16 +112,16 @@ class ExporterService:
         is frozen out of the cyclic garbage collector (``gc.freeze()``), so that a full
         collection walks only what came later: a pause of a few ms, not tens, while
         scrapes wait."""
-        if self._render_wanted and self.exposition.prerender:
+        if self._render_wanted and self.exposition.renderings.prerender:
             self.render_process = RenderProcess(self.settings)
-            self.exposition.renderer = self.render_process.render
+            self.exposition.render_elsewhere(self.render_process.render)
         if freeze:
             gc.collect()
             gc.freeze()
             self.server.collect_when_idle()
         self.aggregator.start()
         if self.push is not None:
-            self.push.start(self.exposition.read)
+            self.push.start(self.exposition.series)
         targets = [self.server.serve_forever, self._cleanup_loop]
         if self.settings.spool_dir is not None:  # a sidecar of the application's pod
             targets.append(self._recovery_loop)
