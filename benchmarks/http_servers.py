@@ -27,7 +27,7 @@ HEADER_TIMEOUT = 5.0
 def serve(name: str, port: int, redis_url: str) -> None:
     """Child: serve the real app with server ``name`` on ``port``."""
     from conduit_otel_cache.config import Settings
-    from conduit_otel_cache.server import ExporterService
+    from conduit_otel_cache.serve.service import ExporterService
 
     service = ExporterService(Settings.load(redis_url=redis_url), port=0)
     service.aggregator.start()
@@ -60,8 +60,8 @@ def serve(name: str, port: int, redis_url: str) -> None:
         asgi = WSGIMiddleware(app, workers=8)  # type: ignore[arg-type]
         uvicorn.run(asgi, host="127.0.0.1", port=port, log_level="error",
                     timeout_keep_alive=int(HEADER_TIMEOUT), backlog=1024)  # fmt: skip
-    elif name == "hypercorn":  # what serve ships: conduit_otel_cache.http.HTTPServer
-        from conduit_otel_cache.http import make_http_server
+    elif name == "hypercorn":  # what serve ships: conduit_otel_cache.serve.http.HTTPServer
+        from conduit_otel_cache.serve.http import make_http_server
 
         make_http_server(app, "127.0.0.1", port).serve_forever()
 

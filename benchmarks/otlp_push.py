@@ -6,8 +6,8 @@ of the same view in the same run.
 An ``ExporterService`` (as ``serve`` builds it, with ``otlp_endpoint``) reads a cluster
 written as in ``benchmarks.scale`` to a real redis-server; a receiver in this process takes
 each OTLP/HTTP request and answers ``200`` without decoding it. Figures (median of 5): data
-points per push; the collection by the push's reader (the OpenTelemetry callbacks over one
-view); the whole push (collection, protobuf encoding, HTTP); the request size; and, as the
+points per push; the collection (the series of one view, as OpenTelemetry data); the whole
+push (collection, protobuf encoding, HTTP); the request size; and, as the
 yardstick, collecting and rendering ``/metrics`` as text from the same view
 (``generate_latest`` of the exposition's registry, what a scrape that finds no rendering
 costs). All in the serving process, in CPU-bound pure Python.
@@ -26,7 +26,8 @@ from prometheus_client import generate_latest
 
 from conduit_otel_cache.config import Settings
 from conduit_otel_cache.embedded import RedisServer
-from conduit_otel_cache.server import ExporterService
+from conduit_otel_cache.serve.otlp import metrics_data
+from conduit_otel_cache.serve.service import ExporterService
 from conduit_otel_cache.store import Store
 
 from .common import ratio, show
@@ -65,11 +66,13 @@ def measure(n: int, r: int) -> list[str]:
         assert push is not None
         try:
             service.aggregator.refresh_instances()
-            push.start(service.exposition.read)  # the first push, then one an hour
+            push.start(service.exposition.series)  # the first push, then one an hour
             collect, whole, render = [], [], []
             for _ in range(REPEAT):
                 start = time.perf_counter()
-                data = service.exposition.read(push.reader)
+                data = metrics_data(
+                    service.exposition.series(), push.resource, push.start_ns, time.time_ns()
+                )
                 collect.append(time.perf_counter() - start)
                 start = time.perf_counter()
                 assert push.push()

@@ -34,7 +34,7 @@ from conduit_otel_cache.config import DEFAULT_BUCKETS, Settings
 from conduit_otel_cache.embedded import RedisServer
 from conduit_otel_cache.keys import KeySchema
 from conduit_otel_cache.model import ResponseTimes
-from conduit_otel_cache.server import ExporterService
+from conduit_otel_cache.serve.service import ExporterService
 from conduit_otel_cache.store import Entry, Store, Writer
 
 from .common import (

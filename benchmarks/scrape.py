@@ -7,7 +7,7 @@ prometheus_client's multiprocess mode, at the same sizes.
 
 Each ``serve`` runs in its own process (``ExporterService`` with its render process, as
 ``serve`` runs; default ``aggregation_cache_ttl`` 5 s; the old way sets
-``exporter.prerender = False``) against one redis-server holding the cluster (written as in
+``renderings.prerender = False``) against one redis-server holding the cluster (written as in
 ``benchmarks.scale``). Figures: p50 / p99 of ``GET /metrics`` with 4 clients scraping
 together every 0.1 s (text, OpenMetrics, gzip, and the headers Prometheus sends); the data
 age each answer reports (``X-Conduit-Data-Age``); CPU seconds per minute and RSS of the
@@ -78,7 +78,7 @@ def serve_child(url: str, mode: str, ttl: float, every: float = QUIET) -> None:
     """Run in a subprocess: ``serve`` for ``url`` with the per-instance pass ``every``
     seconds; prints its port once the pass ran, serves until stdin closes, then prints its
     refresh figures."""
-    from conduit_otel_cache.server import ExporterService
+    from conduit_otel_cache.serve.service import ExporterService
 
     s = settings(
         redis_url=url,
@@ -90,7 +90,7 @@ def serve_child(url: str, mode: str, ttl: float, every: float = QUIET) -> None:
     )
     svc = ExporterService(s, port=0, render_process=True)  # as serve runs
     if mode == "old":
-        svc.exposition.prerender = False
+        svc.exposition.renderings.prerender = False
     svc.start(freeze=True)  # as serve does
     deadline = time.monotonic() + 300
     while not svc.aggregator.view().instance_series and time.monotonic() < deadline:
@@ -100,7 +100,7 @@ def serve_child(url: str, mode: str, ttl: float, every: float = QUIET) -> None:
         svc.render_process.wait_ready(60)
     print(json.dumps({"port": svc.port}), flush=True)
     sys.stdin.read()
-    exporter = svc.exposition
+    exporter = svc.exposition.renderings
     child = svc.render_process
     print(
         json.dumps(

@@ -132,7 +132,7 @@ def scrape_once(**options: Any) -> str:
     from prometheus_client import generate_latest
 
     from conduit_otel_cache.config import Settings
-    from conduit_otel_cache.server import ExporterService
+    from conduit_otel_cache.serve.service import ExporterService
 
     service = ExporterService(Settings.load(aggregation_cache_ttl=0, **options), port=0)
     try:

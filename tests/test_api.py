@@ -18,8 +18,8 @@ import uvicorn
 from conduit_otel_cache import Settings, Statistics
 from conduit_otel_cache.api import make_stats_app, make_stats_asgi_app
 from conduit_otel_cache.embedded import RedisServer
-from conduit_otel_cache.http import make_http_server
-from conduit_otel_cache.server import ExporterService
+from conduit_otel_cache.serve.http import make_http_server
+from conduit_otel_cache.serve.service import ExporterService
 
 from .conftest import MakeStats, wait_for
 

@@ -195,7 +195,7 @@ def test_retention_period_option_decides_what_cleanup_removes(
 def test_serve_runs_cleanup_every_cleanup_interval(make_stats: MakeStats, redis_url: str,
                                                    r: redis.Redis) -> None:  # fmt: skip
     from conduit_otel_cache.config import Settings
-    from conduit_otel_cache.server import ExporterService
+    from conduit_otel_cache.serve.service import ExporterService
 
     from .conftest import wait_for
 

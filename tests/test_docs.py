@@ -328,3 +328,18 @@ def test_readme_quotes_the_saved_benchmark_results() -> None:
     from benchmarks import results
 
     assert results.readme_block(README.read_text()) == results.render(results.load())
+
+
+def test_the_readme_module_table_names_every_module() -> None:
+    """README's module table names every module of the package (``integrations/`` and
+    ``lua/`` as folders) and nothing that is not there."""
+    package = ROOT / "src" / "conduit_otel_cache"
+    text = README.read_text()
+    table = text[text.index("| module | job |") :].split("\n\n", 1)[0]
+    first_cells = [row.split(" | ")[0] for row in table.splitlines()[2:]]
+    named = {n for cell in first_cells for n in re.findall(r"`([\w/]+(?:\.py|/))`", cell)}
+    folders = {"integrations/", "lua/"}
+    modules = {str(p.relative_to(package)) for p in package.rglob("*.py")}
+    present = {m for m in modules if not m.startswith(tuple(folders)) and m != "serve/__init__.py"}
+    assert named - folders == present
+    assert folders <= named

@@ -25,7 +25,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from conduit_otel_cache.config import ConfigError, Settings
 from conduit_otel_cache.embedded import free_port
-from conduit_otel_cache.otlp import metrics_url
+from conduit_otel_cache.serve.otlp import metrics_url
 
 from .conftest import MakeStats, wait_for
 from .serve_process import ServeProcess

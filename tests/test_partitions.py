@@ -13,7 +13,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from conduit_otel_cache import setup
 from conduit_otel_cache.embedded import RedisServer
-from conduit_otel_cache.exposition import FLUSH_ERROR_KINDS
+from conduit_otel_cache.serve.series import FLUSH_ERROR_KINDS
 from conduit_otel_cache.store import Store
 
 from .conftest import scrape_once

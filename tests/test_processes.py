@@ -130,7 +130,7 @@ def test_http_errors(serve: str) -> None:
 
 def test_request_flood_costs_one_aggregation(make_stats, redis_url: str) -> None:
     from conduit_otel_cache.config import Settings
-    from conduit_otel_cache.server import ExporterService
+    from conduit_otel_cache.serve.service import ExporterService
 
     stats = make_stats("api-1")
     stats.record_hit("ProviderResponses")

@@ -27,7 +27,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from conduit_otel_cache import Settings, setup
 from conduit_otel_cache.embedded import RedisServer, free_port
-from conduit_otel_cache.server import ExporterService
+from conduit_otel_cache.serve.service import ExporterService
 
 HERE = Path(__file__).parent
 ROOT = HERE.parent

@@ -7,6 +7,7 @@ from __future__ import annotations
 import gzip
 import os
 import signal
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -15,8 +16,10 @@ import pytest
 from prometheus_client.exposition import choose_encoder
 
 from conduit_otel_cache import Settings
-from conduit_otel_cache.render_process import NICENESS
-from conduit_otel_cache.server import ExporterService
+from conduit_otel_cache.serve.render_process import NICENESS
+from conduit_otel_cache.serve.rendering import encode
+from conduit_otel_cache.serve.series import families
+from conduit_otel_cache.serve.service import ExporterService
 
 from .conftest import MakeStats, wait_for
 from .serve_process import ServeProcess
@@ -48,8 +51,11 @@ def test_the_child_encodes_what_this_process_would(
     variants = {(t, gz): e for e, t in map(choose_encoder, ("", OPENMETRICS)) for gz in (0, 1)}
     own = service.exposition.own_series()
     assert service.render_process is not None
-    child = service.render_process.render(view, service.aggregator.errors_total, own, variants)
-    here = service.exposition.render(view, own, variants)
+    errors, now = service.aggregator.errors_total, time.time()
+    child = service.render_process.render(view, errors, now, own, variants)
+    # the same pure function here
+    cluster = families(view, settings=service.settings, errors_total=errors, now=now)
+    here = encode(cluster + own, variants)
     assert child is not None and set(child) == set(here) == set(variants)
     for (content_type, gzipped), body in here.items():  # equal but for the age and gzip's time
         theirs = child[(content_type, gzipped)]

@@ -16,7 +16,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from conduit_otel_cache import Settings
 from conduit_otel_cache.health import evaluate
 from conduit_otel_cache.keys import KeySchema
-from conduit_otel_cache.server import ExporterService
+from conduit_otel_cache.serve.service import ExporterService
 
 from .conftest import MakeStats, wait_for
 from .tcp_proxy import TcpProxy

@@ -20,9 +20,9 @@ from prometheus_client.openmetrics.parser import (
 from prometheus_client.parser import text_string_to_metric_families
 
 from conduit_otel_cache import Settings
-from conduit_otel_cache.exposition import DATA_AGE_HEADER
-from conduit_otel_cache.http import WORKER_THREADS
-from conduit_otel_cache.server import ExporterService
+from conduit_otel_cache.serve.http import WORKER_THREADS
+from conduit_otel_cache.serve.series import DATA_AGE_HEADER
+from conduit_otel_cache.serve.service import ExporterService
 
 from .conftest import MakeStats, wait_for
 from .test_prometheus_tools import assert_ok, promtool
@@ -93,7 +93,7 @@ def test_flushed_events_appear_within_ttl_plus_one_refresh(
     stats.record_hit("Orders")
     assert stats.flush()
     service = serve(ttl)
-    exporter = service.exposition
+    exporter = service.exposition.renderings
     get(service, **PROMETHEUS)  # Prometheus scrapes: from now on rendered in the background
     ages: list[float] = []
     for round_ in range(1, 4):
@@ -294,7 +294,7 @@ def test_serve_freezes_its_start_up_out_of_the_garbage_collector(redis_url: str)
     code = (
         "import gc, sys\n"
         "from conduit_otel_cache import Settings\n"
-        "from conduit_otel_cache.server import ExporterService\n"
+        "from conduit_otel_cache.serve.service import ExporterService\n"
         "s = ExporterService(Settings.load(redis_url=sys.argv[1]), port=0)\n"
         "before = gc.get_freeze_count()\n"
         "s.start(freeze=True)\n"
@@ -314,7 +314,7 @@ def test_serve_collects_garbage_between_requests_not_during_them() -> None:
     import gc
     import weakref
 
-    from conduit_otel_cache.http import IDLE_GC_AFTER, make_http_server
+    from conduit_otel_cache.serve.http import IDLE_GC_AFTER, make_http_server
 
     entered, release = threading.Event(), threading.Event()
 

@@ -32,7 +32,7 @@ from hypothesis import strategies as st
 from conduit_otel_cache import cli, setup
 from conduit_otel_cache.config import ConfigError, Settings, redact_url
 from conduit_otel_cache.embedded import RedisServer, free_port
-from conduit_otel_cache.server import ExporterService
+from conduit_otel_cache.serve.service import ExporterService
 
 USER = "app"
 #: Every printable character (letters, marks, digits, punctuation, symbols, the space).

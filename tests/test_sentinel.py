@@ -18,7 +18,7 @@ import redis
 from conduit_otel_cache import CacheStatistics, Settings, setup
 from conduit_otel_cache.config import ConfigError, redact_url, sentinel_address
 from conduit_otel_cache.embedded import RedisServer, free_port, redis_server_binary
-from conduit_otel_cache.server import ExporterService
+from conduit_otel_cache.serve.service import ExporterService
 
 from .conftest import wait_for
 from .servers import chosen_server, has_tls, running_server

@@ -16,7 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from prometheus_client.parser import text_string_to_metric_families
 
-from conduit_otel_cache.http import MAX_HEADER_BYTES
+from conduit_otel_cache.serve.http import MAX_HEADER_BYTES
 from tests.conftest import MakeStats
 from tests.serve_process import ServeProcess
 

@@ -16,7 +16,7 @@ import pytest
 
 from conduit_otel_cache import __version__
 from conduit_otel_cache.config import Settings
-from conduit_otel_cache.server import ExporterService
+from conduit_otel_cache.serve.service import ExporterService
 from tests.conftest import MakeStats
 
 WIDTH, HEIGHT = 900, 500

@@ -30,8 +30,8 @@ import pytest
 from hyperframe.frame import ContinuationFrame, HeadersFrame, SettingsFrame
 
 from conduit_otel_cache.config import Settings
-from conduit_otel_cache.http import HEADER_TIMEOUT, RESERVED_FDS
-from conduit_otel_cache.server import ExporterService
+from conduit_otel_cache.serve.http import HEADER_TIMEOUT, RESERVED_FDS
+from conduit_otel_cache.serve.service import ExporterService
 from tests.conftest import MakeStats, wait_for
 from tests.serve_process import ServeProcess
 from tests.test_serve_webconfig import write

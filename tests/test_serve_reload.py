@@ -27,8 +27,8 @@ import bcrypt
 import pytest
 
 from conduit_otel_cache.config import ConfigError
-from conduit_otel_cache.server import WEB_CONFIG_CHECK_INTERVAL
-from conduit_otel_cache.webconfig import load_web_config
+from conduit_otel_cache.serve.service import WEB_CONFIG_CHECK_INTERVAL
+from conduit_otel_cache.serve.webconfig import load_web_config
 from tests.conftest import MakeStats, wait_for
 from tests.serve_process import ServeProcess
 

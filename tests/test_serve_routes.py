@@ -13,7 +13,7 @@ import pytest
 from conduit_otel_cache import __version__
 from conduit_otel_cache.config import Settings
 from conduit_otel_cache.embedded import RedisServer, free_port
-from conduit_otel_cache.server import ExporterService
+from conduit_otel_cache.serve.service import ExporterService
 from tests.conftest import MakeStats, wait_for
 
 ROUTES = ["/", "/metrics", "/health", "/health/cache_statistics", "/-/healthy", "/-/ready",

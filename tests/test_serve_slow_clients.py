@@ -16,7 +16,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-from conduit_otel_cache.http import HEADER_TIMEOUT, WORKER_THREADS
+from conduit_otel_cache.serve.http import HEADER_TIMEOUT, WORKER_THREADS
 from tests.conftest import MakeStats, wait_for
 from tests.serve_process import ServeProcess
 

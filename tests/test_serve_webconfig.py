@@ -23,8 +23,8 @@ import pytest
 from conduit_otel_cache.cli import main
 from conduit_otel_cache.config import ConfigError, Settings
 from conduit_otel_cache.embedded import free_port
-from conduit_otel_cache.server import ExporterService
-from conduit_otel_cache.webconfig import BasicAuth, WebConfig, load_web_config
+from conduit_otel_cache.serve.service import ExporterService
+from conduit_otel_cache.serve.webconfig import BasicAuth, WebConfig, load_web_config
 from tests.conftest import MakeStats
 from tests.serve_process import ServeProcess
 from tests.test_prometheus_tools import query, tool, wait_for

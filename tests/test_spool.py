@@ -187,7 +187,7 @@ def test_spool_dir_must_be_a_writable_directory(tmp_path: Path) -> None:
 def test_serve_as_a_sidecar_recovers_dead_spools(
     make_stats: MakeStats, redis_url: str, tmp_path: Path
 ) -> None:
-    from conduit_otel_cache.server import ExporterService
+    from conduit_otel_cache.serve.service import ExporterService
 
     kill(start(redis_url, tmp_path, "R", 200))
     service = ExporterService(

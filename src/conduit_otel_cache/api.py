@@ -19,7 +19,6 @@ import json
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from typing import Any
 
-from .http import json_reply, refusal, refuse
 from .model import Statistics
 
 WSGIApp = Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]
@@ -102,6 +101,48 @@ def make_stats_asgi_app(
         await send({"type": "http.response.body", "body": b"" if method == "HEAD" else body})
 
     return app
+
+
+Refusal = tuple[str, Any, list[tuple[str, str]]]
+
+
+def refusal(method: str, *, found: bool) -> Refusal | None:
+    """Status, JSON and headers of a 404 for an unknown path or a 405 for methods other
+    than GET and HEAD; None when the request may go on."""
+    if not found:
+        return "404 Not Found", {"error": "not found"}, []
+    if method not in ("GET", "HEAD"):
+        return "405 Method Not Allowed", {"error": "use GET"}, [("Allow", "GET, HEAD")]
+    return None
+
+
+def refuse(start_response: Callable[..., Any], method: str, *, found: bool) -> list[bytes] | None:
+    """:func:`refusal` sent as the WSGI reply; None when the request may go on."""
+    refused = refusal(method, found=found)
+    if refused is None:
+        return None
+    status, payload, headers = refused
+    return json_reply(start_response, status, payload, method, headers)
+
+
+def json_reply(
+    start_response: Callable[..., Any],
+    status: str,
+    payload: Any,
+    method: str,
+    headers: list[tuple[str, str]] | None = None,
+) -> list[bytes]:
+    """Send ``payload`` as a JSON response (no body for HEAD)."""
+    body = json.dumps(payload, indent=2).encode()
+    start_response(
+        status,
+        [
+            ("Content-Type", "application/json"),
+            ("Content-Length", str(len(body))),
+            *(headers or []),
+        ],
+    )
+    return [] if method == "HEAD" else [body]
 
 
 def _answer(source: StatsSource) -> tuple[str, Any]:

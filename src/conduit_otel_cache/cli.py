@@ -163,8 +163,8 @@ def cmd_cleanup(args: argparse.Namespace) -> int:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     """Run the cluster exporter until SIGINT/SIGTERM."""
-    from .server import ExporterService
-    from .webconfig import load_web_config, tls_files_config
+    from .serve.service import ExporterService
+    from .serve.webconfig import load_web_config, tls_files_config
 
     web_config = None
     if args.web_config_file:

@@ -185,7 +185,7 @@ class Settings:
     #: ``redis_url`` names a Redis Cluster (implied by ``redis+cluster://``/``rediss+cluster://``)
     redis_cluster: bool = False
     mode: str = ""  # "": "distributed" when redis_url is given, else "local"
-    #: ``serve`` pushes the cluster view over OTLP/HTTP to this URL (:mod:`.otlp`)
+    #: ``serve`` pushes the cluster view over OTLP/HTTP to this URL (:mod:`.serve.otlp`)
     otlp_endpoint: str | None = None
     otlp_interval: float = 15.0
 

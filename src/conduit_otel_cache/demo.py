@@ -14,7 +14,7 @@ import time
 from .config import Settings
 from .embedded import RedisServer, free_port
 from .report import format_table, read_per_instance
-from .server import ExporterService
+from .serve.service import ExporterService
 
 HIT_RATIOS = (0.9, 0.75, 0.6, 0.85, 0.5)
 REGIONS = ("ProviderResponses", "ModelCatalog", "Embeddings")

@@ -8,9 +8,6 @@ Nothing public does these jobs:
   (:class:`PreAggregatedHistogramFor` chooses it for one instrument on a reader).
 - :func:`collecting_readers` and :func:`exporter_of` tell which exporter a ``MeterProvider``
   already drives (``MeterProvider`` lists no readers publicly).
-- :func:`prometheus_reader` builds a ``PrometheusMetricReader`` on a private registry with
-  the options each supported ``opentelemetry-exporter-prometheus`` version has (before
-  0.63b0 the reader always registers on the global registry: its collector is moved).
 
 Each hook verifies, on first use, the signatures and attributes it relies on, and the
 histogram hook runs an end-to-end self-test through a real ``MeterProvider``. A mismatch
@@ -19,7 +16,6 @@ raises :class:`SdkCompatibilityError` naming the installed SDK version: never wr
 
 from __future__ import annotations
 
-import functools
 import inspect
 import math
 import threading
@@ -46,9 +42,7 @@ from opentelemetry.sdk.metrics.view import Aggregation, DefaultAggregation
 from .model import ResponseTimes
 
 if TYPE_CHECKING:  # no public path for the measurement type
-    from opentelemetry.exporter.prometheus import PrometheusMetricReader
     from opentelemetry.sdk.metrics._internal.measurement import Measurement
-    from prometheus_client import CollectorRegistry
 
 __all__ = [
     "HistogramObservation",
@@ -60,7 +54,7 @@ __all__ = [
     "collection_lock",
     "export_lock",
     "exporter_of",
-    "prometheus_reader",
+    "histogram_point",
 ]
 
 
@@ -178,18 +172,25 @@ class _PreAggregatedHistogramAggregation(_ExplicitBucketHistogramAggregation):
                         tuple(a - b for a, b in zip(latest.counts, previous.counts)),
                         latest.sum - previous.sum,
                     )
-            return HistogramDataPoint(
-                attributes=self._attributes,
-                exemplars=[],
-                start_time_unix_nano=start,
-                time_unix_nano=collection_start_nano,
-                count=point.count,
-                sum=point.sum,
-                bucket_counts=point.counts,
-                explicit_bounds=point.bounds,
-                min=math.inf,
-                max=-math.inf,
-            )
+            return histogram_point(self._attributes, point, start, collection_start_nano)
+
+
+def histogram_point(
+    attributes: Any, histogram: ResponseTimes, start_ns: int, time_ns: int
+) -> HistogramDataPoint:
+    """``histogram`` as the SDK's data point (no min and max: the buckets hold none)."""
+    return HistogramDataPoint(
+        attributes=attributes,
+        exemplars=[],
+        start_time_unix_nano=start_ns,
+        time_unix_nano=time_ns,
+        count=histogram.count,
+        sum=histogram.sum,
+        bucket_counts=histogram.counts,
+        explicit_bounds=histogram.bounds,
+        min=math.inf,
+        max=-math.inf,
+    )
 
 
 # -- checks -------------------------------------------------------------------------------
@@ -386,50 +387,3 @@ def collection_lock(provider: object) -> Any:
     consumer = getattr(provider, "_measurement_consumer", None)
     lock = getattr(consumer, "_lock", None)
     return lock if hasattr(lock, "acquire") and hasattr(lock, "release") else None
-
-
-def prometheus_reader(registry: CollectorRegistry, series_limit: int) -> PrometheusMetricReader:
-    """A reader whose series only ``registry`` serves, without ``target_info`` or scope
-    labels, keeping up to ``series_limit`` series per observable instrument (imported here:
-    only ``serve`` needs the Prometheus exporter)."""
-    from opentelemetry.exporter.prometheus import PrometheusMetricReader
-
-    parameters = inspect.signature(PrometheusMetricReader.__init__).parameters
-    options: dict[str, Any] = {"disable_target_info": True}
-    if "scope_info_enabled" in parameters:  # since 0.64b0; no scope labels before
-        options["scope_info_enabled"] = False
-    if "cardinality_limits" in parameters:  # since 0.66b2 (sdk 1.45.2); no limit before
-        options["cardinality_limits"] = dict.fromkeys(_observable_kinds(), series_limit)
-    if "registry" in parameters:  # since 0.63b0
-        return PrometheusMetricReader(registry=registry, **options)
-    reader: PrometheusMetricReader = _moved_reader_class()(registry, **options)
-    return reader
-
-
-@functools.cache
-def _moved_reader_class() -> type[Any]:
-    from opentelemetry.exporter.prometheus import PrometheusMetricReader
-    from prometheus_client import REGISTRY
-
-    class _MovedPrometheusReader(PrometheusMetricReader):
-        """A reader of ``opentelemetry-exporter-prometheus`` < 0.63b0, whose collector
-        always registers on the global registry: moved to ``registry`` (and taken off it
-        at shutdown)."""
-
-        def __init__(self, registry: CollectorRegistry, **options: Any) -> None:
-            super().__init__(**options)
-            collector = getattr(self, "_collector", None)
-            if collector is None or not callable(getattr(collector, "collect", None)):
-                raise _incompatible(
-                    "PrometheusMetricReader has no registry option and no _collector",
-                    "opentelemetry-exporter-prometheus",
-                )
-            REGISTRY.unregister(collector)
-            registry.register(collector)
-            self._moved_to = (registry, collector)
-
-        def shutdown(self, timeout_millis: float = 30_000, **kwargs: Any) -> None:
-            registry, collector = self._moved_to
-            registry.unregister(collector)
-
-    return _MovedPrometheusReader

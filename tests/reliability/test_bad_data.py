@@ -13,7 +13,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from conduit_otel_cache.config import Settings
 from conduit_otel_cache.embedded import RedisServer
-from conduit_otel_cache.server import ExporterService
+from conduit_otel_cache.serve.service import ExporterService
 
 from ..conftest import MakeStats
 

@@ -17,7 +17,7 @@ from conduit_otel_cache import setup
 from conduit_otel_cache.aggregate import Aggregator
 from conduit_otel_cache.config import Settings
 from conduit_otel_cache.embedded import RedisServer
-from conduit_otel_cache.server import ExporterService
+from conduit_otel_cache.serve.service import ExporterService
 from conduit_otel_cache.store import Store
 
 from ..conftest import MakeStats, wait_for

@@ -3,14 +3,15 @@
 Collecting and encoding the cluster's series is pure Python (about 0.1 s at 1000 instances x
 100 regions): in the serving process it holds the interpreter lock while scrapes are
 answered. ``serve`` therefore hands each background refresh's view to a spawned child
-process, at a lower CPU priority, which collects it through its own OpenTelemetry
-MeterProvider (the same instruments, views and exporter as in-process), adds the serving
+process, at a lower CPU priority, which turns it into families with the same pure function
+as in-process (:func:`~conduit_otel_cache.serve.series.families`), adds the serving
 process's own process, platform and GC series (collected there, sent with the view) and
-returns every format asked for, encoded and gzipped: the serving process keeps only the
-finished bytes. The child (``python -m conduit_otel_cache.render_process``,
-talking pickles over a socket pair) gets no Redis URL, no ``CONDUIT_CACHE_STATS_*``
-environment and reads nothing from Redis; it ends when this process is gone. Until it is
-ready, and whenever it fails, the refresh renders in-process.
+returns every format asked for, encoded and gzipped (:func:`.rendering.encode`): the
+serving process keeps only the finished bytes. The child
+(``python -m conduit_otel_cache.serve.render_process``, talking pickles over a socket
+pair) gets no Redis URL, no ``CONDUIT_CACHE_STATS_*`` environment and reads nothing from
+Redis; it ends when this process is gone. Until it is ready, and whenever it fails, the
+refresh renders in-process.
 """
 
 from __future__ import annotations
@@ -28,9 +29,10 @@ from typing import Any
 
 from prometheus_client.metrics_core import Metric
 
-from .aggregate import ClusterView
-from .config import Settings
-from .exposition import Encoder, Exposition, Variant
+from ..aggregate import ClusterView
+from ..config import Settings
+from .rendering import Encoder, Variant, encode
+from .series import families
 
 #: ``nice`` increment of the child: a refresh yields the CPU to the scrapes being answered
 NICENESS = 10
@@ -46,9 +48,10 @@ class RenderError(RuntimeError):
 
 
 class RenderProcess:
-    """A spawned child that encodes the OpenTelemetry series of a :class:`ClusterView`.
+    """A spawned child that encodes the series of a :class:`ClusterView`.
 
-    :meth:`render` is the ``renderer`` of :class:`~conduit_otel_cache.exposition.Exposition`.
+    :meth:`render` renders for
+    :meth:`~conduit_otel_cache.serve.exposition.Exposition.render_elsewhere`.
     It never waits for a child to start: until one is ready it returns None, and the caller
     renders in-process. A child that fails is replaced ``restart_after`` seconds later.
     """
@@ -90,20 +93,20 @@ class RenderProcess:
         self,
         view: ClusterView,
         errors_total: int,
+        now: float,
         own: list[Metric],
         variants: dict[Variant, Encoder],
     ) -> dict[Variant, bytes] | None:
-        """:meth:`Exposition.render` of ``view``, ``own`` and ``variants`` in the child
-        (``errors_total`` is the aggregator's); None while no child is ready. Raises
-        :class:`RenderError` when the child fails."""
+        """``variants`` of the families of ``view`` (``errors_total`` is the aggregator's,
+        ``now`` the time of collection) followed by ``own``, rendered in the child; None
+        while no child is ready. Raises :class:`RenderError` when the child fails."""
         with self._lock:
             if not self._ready and not self._started():
                 return None
             try:
                 # per-instance ratios are not series (instance_series holds those shown)
-                self._conn.send(
-                    (dataclasses.replace(view, instance_hit_ratios={}), errors_total, own, variants)
-                )
+                view = dataclasses.replace(view, instance_hit_ratios={})
+                self._conn.send((view, errors_total, now, own, variants))
                 if not self._conn.poll(TIMEOUT):
                     raise RenderError(f"the render process took over {TIMEOUT:g} s")
                 reply: Any = self._conn.recv()
@@ -173,22 +176,9 @@ class RenderProcess:
             self._stop()
 
 
-class _Views:
-    """The child's stand-in for the aggregator: it only ever collects views it is sent."""
-
-    def __init__(self, settings: Settings) -> None:
-        self.settings = settings
-        self.errors_total = 0
-
-    def view(self, max_age: float | None = None) -> ClusterView:
-        raise RuntimeError("the render process collects only the views it is sent")
-
-
 def _child(conn: Connection) -> None:
     """The child process: encode every view received until the socket closes."""
     settings: Settings = conn.recv()
-    views = _Views(settings)
-    exposition = Exposition(views, prerender=False)
     conn.send(_READY)
     while True:
         try:
@@ -197,9 +187,10 @@ def _child(conn: Connection) -> None:
             return
         if message is None:
             return
-        view, views.errors_total, own, variants = message
+        view, errors_total, now, own, variants = message
         try:
-            reply: Any = exposition.render(view, own, variants)
+            cluster = families(view, settings=settings, errors_total=errors_total, now=now)
+            reply: Any = encode(cluster + own, variants)
         except Exception as exc:  # reported to the parent, which renders in-process
             reply = f"{type(exc).__name__}: {exc}"
         conn.send(reply)

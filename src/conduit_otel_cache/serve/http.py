@@ -22,8 +22,6 @@ import contextlib
 import errno
 import functools
 import gc
-import html
-import json
 import logging
 import resource
 import socket
@@ -35,8 +33,10 @@ from collections.abc import Callable, Iterable, Mapping
 from http import HTTPStatus
 from typing import Any
 
-from .health import Health
-from .ratelimit import RateLimitedLog
+from ..api import json_reply, refuse
+from ..health import Health
+from ..ratelimit import RateLimitedLog
+from .landing import LANDING_HEADERS
 
 StartResponse = Callable[..., Any]
 Environ = dict[str, Any]
@@ -71,10 +71,6 @@ ACCEPT_ERROR_LOG_EVERY = 10.0
 IDLE_GC_AFTER = 0.01
 IDLE_GC_EVERY = 1.0
 
-LANDING_HEADERS = [
-    ("Content-Security-Policy", "default-src 'none'; style-src 'unsafe-inline'"),
-    ("X-Content-Type-Options", "nosniff"),
-]
 ROUTES = ("/", "/metrics", "/health", "/health/cache_statistics", "/-/healthy", "/-/ready")
 
 
@@ -187,80 +183,6 @@ def reply(
         [("Content-Type", content_type), ("Content-Length", str(len(body))), *(headers or [])],
     )
     return [body]
-
-
-def landing_page(version: str, redis_url: str) -> str:
-    """The HTML of ``GET /``: the exporter, its version, the (password-masked) Redis URL
-    it reads and links to every route (relative, so that a path prefix keeps working)."""
-    links = [
-        ("metrics", "Metrics"),
-        ("health", "Health (cluster report)"),
-        ("-/healthy", "Liveness probe"),
-        ("-/ready", "Readiness probe"),
-        ("api/cache/stats/distributed", "Cluster statistics (JSON)"),
-    ]
-    items = "\n".join(
-        f'      <li><a href="{href}">{html.escape(text)}</a></li>' for href, text in links
-    )
-    return f"""<!DOCTYPE html>
-<html lang="en">
-  <head>
-    <meta charset="utf-8">
-    <title>conduit-otel-cache exporter</title>
-    <style>body {{ font-family: sans-serif; margin: 2em; max-width: 48em; }}</style>
-  </head>
-  <body>
-    <h1>conduit-otel-cache exporter</h1>
-    <p>Version {html.escape(version)}, cluster cache statistics from
-      <code>{html.escape(redis_url)}</code>.</p>
-    <ul>
-{items}
-    </ul>
-  </body>
-</html>
-"""
-
-
-Refusal = tuple[str, Any, list[tuple[str, str]]]
-
-
-def refusal(method: str, *, found: bool) -> Refusal | None:
-    """Status, JSON and headers of a 404 for an unknown path or a 405 for methods other
-    than GET and HEAD; None when the request may go on."""
-    if not found:
-        return "404 Not Found", {"error": "not found"}, []
-    if method not in ("GET", "HEAD"):
-        return "405 Method Not Allowed", {"error": "use GET"}, [("Allow", "GET, HEAD")]
-    return None
-
-
-def refuse(start_response: StartResponse, method: str, *, found: bool) -> list[bytes] | None:
-    """:func:`refusal` sent as the WSGI reply; None when the request may go on."""
-    refused = refusal(method, found=found)
-    if refused is None:
-        return None
-    status, payload, headers = refused
-    return json_reply(start_response, status, payload, method, headers)
-
-
-def json_reply(
-    start_response: StartResponse,
-    status: str,
-    payload: Any,
-    method: str,
-    headers: list[tuple[str, str]] | None = None,
-) -> list[bytes]:
-    """Send ``payload`` as a JSON response (no body for HEAD)."""
-    body = json.dumps(payload, indent=2).encode()
-    start_response(
-        status,
-        [
-            ("Content-Type", "application/json"),
-            ("Content-Length", str(len(body))),
-            *(headers or []),
-        ],
-    )
-    return [] if method == "HEAD" else [body]
 
 
 class HTTPServer:

@@ -6,18 +6,19 @@ import gc
 import logging
 import threading
 
-from . import __version__
-from .aggregate import Aggregator, ClusterView
-from .api import make_stats_app
-from .config import Settings
+from .. import __version__
+from ..aggregate import Aggregator, ClusterView
+from ..api import make_stats_app
+from ..config import Settings
+from ..health import Health, evaluate
+from ..model import Statistics
+from ..recovery import Recoverer
+from ..store import Store
 from .exposition import Exposition
-from .health import Health, evaluate
-from .http import landing_page, make_app, make_http_server
-from .model import Statistics
+from .http import make_app, make_http_server
+from .landing import landing_page
 from .otlp import OtlpPush
-from .recovery import Recoverer
 from .render_process import RenderProcess
-from .store import Store
 from .webconfig import BasicAuth, LiveWebConfig, WebConfig
 
 log = logging.getLogger(__name__)
@@ -38,9 +39,9 @@ class ExporterService:
     read again when its files change (every ``WEB_CONFIG_CHECK_INTERVAL`` s) or at
     :meth:`reload_web_config`; ``probes_without_auth`` leaves ``/-/healthy`` and
     ``/-/ready`` open. With ``render_process`` (as ``serve`` runs) ``/metrics`` is rendered
-    in a child process (:mod:`~conduit_otel_cache.render_process`). With
+    in a child process (:mod:`~conduit_otel_cache.serve.render_process`). With
     ``settings.otlp_endpoint`` the same series are pushed over OTLP/HTTP every
-    ``otlp_interval`` (:mod:`~conduit_otel_cache.otlp`)."""
+    ``otlp_interval`` (:mod:`~conduit_otel_cache.serve.otlp`)."""
 
     def __init__(
         self,
@@ -56,15 +57,14 @@ class ExporterService:
         self.store = Store.from_settings(settings)
         self.aggregator = Aggregator(self.store, settings, background=True)
         self.push = OtlpPush(settings) if settings.otlp_endpoint is not None else None
-        readers = () if self.push is None else (self.push.reader,)
-        self.exposition = Exposition(self.aggregator, readers=readers)
+        self.exposition = Exposition(self.aggregator)
         if self.push is not None:
             self.exposition.register_own(self.push.pushes)
         self._reached = threading.Event()  # Redis answered once: /-/ready
         api = make_stats_app(cluster=self.cluster_regions)  # /api/cache/stats/distributed
         landing = landing_page(__version__, settings.safe_redis_url)
         self.app = make_app(
-            self.exposition.wsgi_app(), self.health, api, ready=self.ready, landing=landing
+            self.exposition.route.wsgi_app, self.health, api, ready=self.ready, landing=landing
         )
         web = web_config or WebConfig()
         auth = None
@@ -72,7 +72,7 @@ class ExporterService:
             auth = BasicAuth(self.app, web.users, PROBES if probes_without_auth else ())
         self.web_config = LiveWebConfig(web, auth)
         # /metrics from finished bytes on the event loop (with basic auth: through the app)
-        direct = None if web.users else self.exposition.ready_reply
+        direct = None if web.users else self.exposition.route.ready_reply
         self.server = make_http_server(
             auth or self.app, host, port, ssl_context=web.ssl_context, direct=direct
         )
@@ -112,16 +112,16 @@ class ExporterService:
         is frozen out of the cyclic garbage collector (``gc.freeze()``), so that a full
         collection walks only what came later: a pause of a few ms, not tens, while
         scrapes wait."""
-        if self._render_wanted and self.exposition.prerender:
+        if self._render_wanted and self.exposition.renderings.prerender:
             self.render_process = RenderProcess(self.settings)
-            self.exposition.renderer = self.render_process.render
+            self.exposition.render_elsewhere(self.render_process.render)
         if freeze:
             gc.collect()
             gc.freeze()
             self.server.collect_when_idle()
         self.aggregator.start()
         if self.push is not None:
-            self.push.start(self.exposition.read)
+            self.push.start(self.exposition.series)
         targets = [self.server.serve_forever, self._cleanup_loop]
         if self.settings.spool_dir is not None:  # a sidecar of the application's pod
             targets.append(self._recovery_loop)

@@ -1,11 +1,11 @@
 """Pushing the cluster view over OTLP/HTTP (``serve --otlp-endpoint``).
 
-No second list of series: :class:`OtlpPush` is one more reader of the exposition's
-``MeterProvider`` (an ``InMemoryMetricReader``, public SDK API), so every
-``otlp_interval`` it collects the very instruments and callbacks that ``/metrics`` is
-rendered from, all over one view of the aggregator (:meth:`Exposition.read`), and hands
-the data to the SDK's OTLP/HTTP exporter (``opentelemetry-exporter-otlp-proto-http``, the
-``otlp`` extra). Every instrument is reported cumulatively, whatever
+No second list of series: every ``otlp_interval`` :class:`OtlpPush` takes the series that
+``/metrics`` is rendered from (:func:`~conduit_otel_cache.serve.series.series` of the
+aggregator's view), turns them into the SDK's ``MetricsData`` (:func:`metrics_data`: the
+same instrument names, units, descriptions and attributes) and hands that to the SDK's
+OTLP/HTTP exporter (``opentelemetry-exporter-otlp-proto-http``, the ``otlp`` extra). Every
+series is reported cumulatively (one start time per replica), whatever
 ``OTEL_EXPORTER_OTLP_METRICS_TEMPORALITY_PREFERENCE`` says: the counters are the cluster's
 totals, monotonic across a Redis data loss (:mod:`.continuity`), and the response-time
 histogram is the exactly merged one, as on ``/metrics``. The resource is
@@ -20,31 +20,42 @@ again, so nothing is lost but resolution.
 
 from __future__ import annotations
 
-import dataclasses
-import inspect
 import logging
 import threading
-from collections.abc import Callable
-from typing import Any, cast
+import time
+from collections.abc import Callable, Sequence
 
-from opentelemetry.sdk.metrics import ObservableCounter, ObservableGauge
 from opentelemetry.sdk.metrics.export import (
-    InMemoryMetricReader,
+    AggregationTemporality,
+    Gauge,
+    Histogram,
+    Metric,
     MetricExporter,
     MetricExportResult,
     MetricsData,
+    NumberDataPoint,
+    ResourceMetrics,
+    ScopeMetrics,
+    Sum,
 )
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from prometheus_client import Counter
 
-from .background import quietly
-from .config import ConfigError, Settings, redact_url
-from .exposition import series_limit
-from .ratelimit import RateLimitedLog
+from ..background import quietly
+from ..config import ConfigError, Settings, redact_url
+from ..instruments import SCOPE
+from ..model import ResponseTimes
+from ..ratelimit import RateLimitedLog
+from ..sdk_hook import histogram_point
+from .series import Series
 
 log = logging.getLogger(__name__)
 
 #: the path of the metrics signal under an OTLP/HTTP endpoint
 METRICS_PATH = "/v1/metrics"
+#: ``service.name`` of the pushed resource (``service.instance.id`` is its ``instance_id``)
+SERVICE_NAME = "conduit-otel-cache-exporter"
 #: seconds :meth:`OtlpPush.stop` waits for a push in flight
 STOP_TIMEOUT = 5.0
 
@@ -69,55 +80,59 @@ def otlp_exporter(endpoint: str) -> MetricExporter:
     return exporter
 
 
-def without_exemplars(data: MetricsData) -> MetricsData:
-    """``data`` without exemplars. ``serve`` records no spans, and its provider samples no
-    exemplars, but older SDKs (1.28, the floor) attach one to every observation of an
-    observable instrument whatever the exemplar filter, with no span and trace id, which
-    their OTLP exporter cannot encode (``EncodingException``: every push failed)."""
-    if not any(
-        p.exemplars
-        for rm in data.resource_metrics
-        for sm in rm.scope_metrics
-        for m in sm.metrics
-        for p in m.data.data_points
-    ):
-        return data
-    return dataclasses.replace(
-        data,
-        resource_metrics=[
-            dataclasses.replace(
-                rm,
-                scope_metrics=[
-                    dataclasses.replace(
-                        sm,
-                        metrics=[
-                            dataclasses.replace(
-                                m,
-                                data=dataclasses.replace(
-                                    cast(Any, m.data),
-                                    data_points=[
-                                        dataclasses.replace(p, exemplars=[])
-                                        for p in m.data.data_points
-                                    ],
-                                ),
-                            )
-                            for m in sm.metrics
-                        ],
-                    )
-                    for sm in rm.scope_metrics
+def metrics_data(
+    found: Sequence[Series], resource: Resource, start_ns: int, now_ns: int
+) -> MetricsData:
+    """``found`` as OpenTelemetry data of ``resource``: counters as cumulative monotonic
+    sums from ``start_ns``, gauges, and the response times as cumulative histograms, all
+    at ``now_ns``."""
+    metrics = []
+    for one in found:
+        spec = one.spec
+        data: Sum | Gauge | Histogram
+        if spec.kind == "histogram":
+            data = Histogram(
+                data_points=[
+                    histogram_point(dict(labels), value, start_ns, now_ns)
+                    for labels, value in one.points
+                    if isinstance(value, ResponseTimes)
                 ],
+                aggregation_temporality=AggregationTemporality.CUMULATIVE,
             )
-            for rm in data.resource_metrics
-        ],
+        else:
+            points = [
+                NumberDataPoint(
+                    attributes=dict(labels),
+                    start_time_unix_nano=start_ns if spec.kind == "counter" else 0,
+                    time_unix_nano=now_ns,
+                    value=value,
+                )
+                for labels, value in one.points
+                if not isinstance(value, ResponseTimes)
+            ]
+            data = (
+                Sum(
+                    data_points=points,
+                    aggregation_temporality=AggregationTemporality.CUMULATIVE,
+                    is_monotonic=True,
+                )
+                if spec.kind == "counter"
+                else Gauge(data_points=points)
+            )
+        metrics.append(
+            Metric(name=spec.name, description=spec.description, unit=spec.unit, data=data)
+        )
+    scope = ScopeMetrics(scope=InstrumentationScope(SCOPE), metrics=metrics, schema_url="")
+    return MetricsData(
+        resource_metrics=[ResourceMetrics(resource=resource, scope_metrics=[scope], schema_url="")]
     )
 
 
 class OtlpPush:
-    """Pushes what :attr:`reader` collects every ``settings.otlp_interval`` seconds.
-
-    Give :attr:`reader` to the :class:`~conduit_otel_cache.exposition.Exposition`
-    (``readers``), then :meth:`start` it with that exposition's :meth:`read`.
-    """
+    """Pushes the series that a function returns every ``settings.otlp_interval`` seconds
+    (:meth:`start` it with :meth:`~conduit_otel_cache.serve.exposition.Exposition.series`).
+    The resource is ``service.name`` :data:`SERVICE_NAME` and ``service.instance.id`` the
+    replica's ``instance_id``."""
 
     def __init__(self, settings: Settings, exporter: MetricExporter | None = None) -> None:
         if settings.otlp_endpoint is None and exporter is None:
@@ -125,11 +140,11 @@ class OtlpPush:
         self.interval = settings.otlp_interval
         self.endpoint = redact_url(metrics_url(settings.otlp_endpoint or ""))
         self.exporter = exporter or otlp_exporter(settings.otlp_endpoint or "")
-        options: dict[str, Any] = {}  # the SDK's default temporality: cumulative for all
-        if "cardinality_limits" in inspect.signature(InMemoryMetricReader).parameters:
-            limit = series_limit(settings)  # since sdk 1.45.2; no limit before
-            options["cardinality_limits"] = {ObservableCounter: limit, ObservableGauge: limit}
-        self.reader = InMemoryMetricReader(**options)
+        self.resource = Resource.create(
+            {"service.name": SERVICE_NAME, "service.instance.id": settings.instance_id}
+        )
+        #: the start of every cumulative series this replica pushes
+        self.start_ns = time.time_ns()
         #: pushes by result (``success``, ``failure``), for ``/metrics``
         self.pushes = Counter(
             "conduit_cache_exporter_otlp_pushes",
@@ -139,26 +154,25 @@ class OtlpPush:
         )
         for result in ("success", "failure"):
             self.pushes.labels(result)
-        self._read: Callable[[InMemoryMetricReader], MetricsData | None] | None = None
+        self._collect: Callable[[], Sequence[Series]] | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._errors = RateLimitedLog(log)
 
-    def start(self, read: Callable[[InMemoryMetricReader], MetricsData | None]) -> None:
-        """Push what ``read(reader)`` returns now and every ``interval`` seconds after."""
-        self._read = read
+    def start(self, collect: Callable[[], Sequence[Series]]) -> None:
+        """Push what ``collect()`` returns now and every ``interval`` seconds after."""
+        self._collect = collect
         self._thread = threading.Thread(target=self._loop, daemon=True, name="conduit-otlp-push")
         self._thread.start()
 
     def push(self) -> bool:
         """Collect and push once; whether the receiver took it."""
-        assert self._read is not None, "start() first"
+        assert self._collect is not None, "start() first"
         try:
             with quietly():  # collecting is pure Python: scrapes being answered go first
-                data = self._read(self.reader)
-            ok = data is None or self.exporter.export(without_exemplars(data)) is (
-                MetricExportResult.SUCCESS
-            )
+                found = self._collect()
+            data = metrics_data(found, self.resource, self.start_ns, time.time_ns())
+            ok = self.exporter.export(data) is MetricExportResult.SUCCESS
             problem = "the receiver refused it or could not be reached (logged above)"
         except Exception as exc:
             ok, problem = False, f"{type(exc).__name__}: {exc}"
