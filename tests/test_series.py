@@ -25,10 +25,11 @@ from conduit_otel_cache.serve.series import (
     PROMETHEUS_UNITS,
     families,
     series,
+    stale_after,
 )
 
 SETTINGS = Settings.load(instance_id="exporter-1", max_instance_series=5000)
-NOW = 2000.0
+NOW = 1910.0  # 10 s after the view's Redis read: fresh
 #: the series a replica cut off from Redis publishes: its own, none of the cluster's
 OWN_ONLY = {
     "conduit_cache_redis_up",
@@ -152,3 +153,19 @@ def test_every_instance_series_is_published_none_folded() -> None:
     ratios = [k for k in published if k[0] == "conduit_cache_instance_hit_ratio"]
     assert len(ratios) == 2500
     assert len(pushed(view)) == len(published)
+
+
+def test_a_stale_view_publishes_its_own_series_only() -> None:
+    """A view that reached Redis but whose refresh has not ended for longer than
+    stale_after (a Redis that trickles its reply): the replica publishes what a replica cut
+    off from Redis does, with its data age; a view just within the bound publishes all."""
+    view = a_view(random.Random(7))  # its Redis read began at 1899.99
+    read = 1900.0 - view.aggregation_latency
+    within = families(view, settings=SETTINGS, errors_total=0, now=read + stale_after(SETTINGS))
+    assert "conduit_cache_hits" in {f.name for f in within}
+    late = read + stale_after(SETTINGS) + 1
+    published = {f.name: f for f in families(view, settings=SETTINGS, errors_total=0, now=late)}
+    assert {f"{name}_total" if published[name].type == "counter" else name
+            for name in published} <= OWN_ONLY  # fmt: skip
+    (age,) = published["conduit_cache_exporter_data_age_seconds"].samples
+    assert age.value == pytest.approx(stale_after(SETTINGS) + 1)

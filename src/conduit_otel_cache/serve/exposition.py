@@ -23,7 +23,7 @@ from ..aggregate import ClusterView
 from ..config import Settings
 from .rendering import KEEP_WARM, Encoder, Renderings, Variant
 from .scrape import MetricsRoute
-from .series import Series, families, series
+from .series import Series, families, series, stale
 
 #: ``(view, aggregation errors so far, Unix time of collection, own series, {variant:
 #: encoder}) -> {variant: bytes}``: the series of ``view`` and ``own`` rendered elsewhere
@@ -57,6 +57,7 @@ class Exposition:
             ttl=ttl,
             prerender=prerender,
             keep_warm=keep_warm,
+            stale=lambda view: stale(view, settings, time.time()),
         )
         self.route = MetricsRoute(self.renderings)
         # this process's own series, after the cluster's

@@ -142,9 +142,12 @@ class Renderings:
         prerender: bool = True,
         keep_warm: float = KEEP_WARM,
         renderer: Renderer | None = None,
+        stale: Callable[[ClusterView], bool] = lambda view: False,
     ) -> None:
         self.read = read
         self.collect = collect
+        #: whether a view is too old to publish the cluster's series from (series.stale)
+        self.stale = stale
         self.ttl = ttl
         #: render in the background and serve finished bytes (needs a TTL above 0)
         self.prerender = prerender and ttl > 0
@@ -189,6 +192,8 @@ class Renderings:
             return current
         if not self._refreshing.acquire(blocking=current is None):
             assert current is not None
+            if self.stale(current.view):  # the refresh has not ended for too long: collected
+                return Rendering(None, current.view, time.time(), self.collect)  # anew, now
             return current
         try:
             current = self.current

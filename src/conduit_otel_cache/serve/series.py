@@ -168,10 +168,25 @@ DATA_LOSSES = _spec(
 )
 
 
+def stale_after(settings: Settings) -> float:
+    """Seconds after which a view whose refresh has not ended is stale: at least 30, and
+    two refreshes of ``aggregation_cache_ttl`` that each waited ``socket_timeout``."""
+    return max(30.0, 2 * (settings.aggregation_cache_ttl + settings.socket_timeout))
+
+
+def stale(view: ClusterView, settings: Settings, now: float) -> bool:
+    """Whether ``view`` reached Redis but is older than :func:`stale_after` (its refresh
+    has not ended: a Redis that trickles a reply, each piece within ``socket_timeout``)."""
+    age = data_age(view, now)
+    return view.redis_up and age is not None and age > stale_after(settings)
+
+
 def series(view: ClusterView, *, settings: Settings, errors_total: int, now: float) -> list[Series]:
     """Every cluster series of ``view`` (``errors_total``: the aggregator's malformed
-    entries so far; ``now``: Unix time of the collection), in publishing order."""
-    fresh = view.redis_up
+    entries so far; ``now``: Unix time of the collection), in publishing order. A replica
+    cut off from Redis, or whose view is :func:`stale`, publishes its own series only, so
+    that rules taking the largest value over replicas use the fresh ones."""
+    fresh = view.redis_up and not stale(view, settings, now)
     regions: Mapping[str, Statistics] = view.regions if fresh else {}
 
     def per_region(value: Callable[[Statistics], Value]) -> list[Point]:
