@@ -27,7 +27,7 @@ from conduit_otel_cache.serve.series import (
     series,
 )
 
-SETTINGS = Settings.load(instance_id="exporter-1", max_instance_series=5000)
+SETTINGS = Settings.load(instance_id="exporter-1", max_instance_series=5000).serve
 NOW = 2000.0
 #: the series a replica cut off from Redis publishes: its own, none of the cluster's
 OWN_ONLY = {

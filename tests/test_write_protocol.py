@@ -181,7 +181,7 @@ def test_garbage_in_the_heartbeat_set_is_no_live_instance(
     view = stats.cluster_view()
     assert view.active_count == 1
     assert any("x y" in e for e in view.data_errors)
-    assert evaluate(view, stats.settings).status.label == "Degraded"  # reported once
+    assert evaluate(view, stats.settings.health).status.label == "Degraded"  # reported once
     assert r.zcard("conduit:cache:instances") == 1  # reaped by the read
     stats.shutdown()
     view = make_stats("reader").cluster_view()

@@ -144,7 +144,7 @@ class CacheStatistics:
         self._reset_locks()
         self._reader: PeriodicExportingMetricReader | None = None
         shared = (
-            shared_write_through(meter_provider, settings)
+            shared_write_through(meter_provider, settings.write_through)
             if meter_provider is not None and distributed
             else None
         )
@@ -154,7 +154,7 @@ class CacheStatistics:
             self.exporter.samples = recorder.drain_samples
         elif distributed:
             self.exporter = RedisMetricExporter(
-                settings, identity=identity, samples=recorder.drain_samples
+                settings.write_through, identity=identity, samples=recorder.drain_samples
             )
             interval = settings.flush_interval
             self._reader = PeriodicExportingMetricReader(
@@ -177,7 +177,7 @@ class CacheStatistics:
         if meter_provider is not None or metric_readers:  # read by more than the flush
             register_self_instruments(self.meter_provider.get_meter(SCOPE), self)
         if self.exporter is not None and settings.spool_dir is not None:
-            self._recoverer = Recoverer(settings, self.exporter.store)
+            self._recoverer = Recoverer(settings.write_through, self.exporter.store)
             self._open_spool()
         self._start_beats()
         lifecycle.register(
@@ -300,7 +300,7 @@ class CacheStatistics:
             self.settings = dataclasses.replace(
                 self.settings, instance_id=exporter.identity.instance_id
             )
-            exporter.after_fork(self.settings)
+            exporter.after_fork(self.settings.write_through)
             if self._recoverer is not None:
                 self._open_spool()
             self._start_beats()
@@ -438,7 +438,7 @@ class CacheStatistics:
     def aggregator(self) -> Aggregator | None:
         """The cluster reader (None without Redis)."""
         if self._aggregator is None and self.exporter is not None:
-            self._aggregator = Aggregator(self.exporter.store, self.settings)
+            self._aggregator = Aggregator(self.exporter.store, self.settings.aggregation)
         return self._aggregator
 
     def cluster_view(self) -> ClusterView:
@@ -481,7 +481,7 @@ class CacheStatistics:
 
     def health(self) -> Health:
         """The health rules applied to the cluster view and this instance's flushes."""
-        return evaluate(self.cluster_view(), self.settings, self.exporter, self._recoverer)
+        return evaluate(self.cluster_view(), self.settings.health, self.exporter, self._recoverer)
 
     # -- lifecycle ----------------------------------------------------------------------
 

@@ -34,9 +34,9 @@ def report(line: str) -> None:
 
 def cluster_totals(url: str) -> tuple[int, int]:
     settings = Settings.load(redis_url=url, aggregation_cache_ttl=0)
-    store = Store.from_settings(settings)
+    store = Store.from_settings(settings.connection)
     try:
-        stats = Aggregator(store, settings).view().regions.get(REGION)
+        stats = Aggregator(store, settings.aggregation).view().regions.get(REGION)
         return (stats.hit_count, stats.miss_count) if stats else (0, 0)
     finally:
         store.close()
@@ -60,8 +60,8 @@ def test_redis_killed_twice_while_three_processes_record(persist: bool) -> None:
             server.kill()  # SIGKILL mid-run
             settings = Settings.load(redis_url=server.url, socket_timeout=0.5,
                                      connect_timeout=0.5, aggregation_cache_ttl=0)  # fmt: skip
-            store = Store.from_settings(settings)
-            health = Aggregator(store, settings).view()
+            store = Store.from_settings(settings.connection)
+            health = Aggregator(store, settings.aggregation).view()
             assert health.redis_up is False  # -> Unhealthy while down
             time.sleep(0.5)  # the instances keep recording and their flushes fail meanwhile
             server.start()

@@ -32,7 +32,7 @@ from prometheus_client.metrics_core import (
 )
 
 from ..aggregate import ClusterView
-from ..config import Settings
+from ..config import ServeSettings
 from ..health import evaluate
 from ..instruments import COUNTER_INSTRUMENTS, RESPONSE_TIME_INSTRUMENT, SIZE_INSTRUMENT
 from ..model import ResponseTimes, Statistics
@@ -168,7 +168,9 @@ DATA_LOSSES = _spec(
 )
 
 
-def series(view: ClusterView, *, settings: Settings, errors_total: int, now: float) -> list[Series]:
+def series(
+    view: ClusterView, *, settings: ServeSettings, errors_total: int, now: float
+) -> list[Series]:
     """Every cluster series of ``view`` (``errors_total``: the aggregator's malformed
     entries so far; ``now``: Unix time of the collection), in publishing order."""
     fresh = view.redis_up
@@ -215,7 +217,7 @@ def series(view: ClusterView, *, settings: Settings, errors_total: int, now: flo
         (AGGREGATION_LATENCY, scalar(view.aggregation_latency)),
         (REDIS_MEMORY, cluster(lambda: view.redis_memory_bytes)),
         (LAST_SUCCESS, scalar(view.last_successful_aggregation)),
-        (HEALTH_STATUS, scalar(int(evaluate(view, settings).status))),
+        (HEALTH_STATUS, scalar(int(evaluate(view, settings.health).status))),
         (DATA_AGE, scalar(data_age(view, now))),
         (AGGREGATION_ERRORS, scalar(errors_total)),
         (FLUSH_ERRORS, [((("kind", k),), n) for k, n in sorted(flush_errors.items())]),
@@ -226,7 +228,7 @@ def series(view: ClusterView, *, settings: Settings, errors_total: int, now: flo
 
 
 def families(
-    view: ClusterView, *, settings: Settings, errors_total: int, now: float
+    view: ClusterView, *, settings: ServeSettings, errors_total: int, now: float
 ) -> list[Metric]:
     """The prometheus_client families of :func:`series` of ``view``."""
     return [family(s) for s in series(view, settings=settings, errors_total=errors_total, now=now)]
