@@ -162,7 +162,7 @@ def test_restart_with_same_id_keeps_cluster_counter_monotonic(
     first = make_stats("api-1")
     record(first, 100, 10, size=500)
     first.flush()
-    first._closed = True  # it crashed: no more flushes, no deregistration
+    first.pipeline.closed = True  # it crashed: no more flushes, no deregistration
     # a new process (new token) with the same id starts again from zero
     second = make_stats("api-1")
     record(second, 7, 3, size=50)

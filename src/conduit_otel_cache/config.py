@@ -187,6 +187,8 @@ class PipelineSettings:
     #: how long a flush waits to share one in progress (``batch_timeout``; 0 without
     #: ``enable_batching``)
     batch_wait: float
+    #: with twice ``flush_timeout``, how long a flush keeps its caller at most
+    batch_timeout: float
     shutdown_timeout: float
     instance_timeout: float
     handle_signals: bool

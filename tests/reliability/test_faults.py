@@ -225,7 +225,7 @@ def test_churn_of_10000_instances_leaves_memory_bounded(
         if n % 3:
             handle.shutdown()  # left cleanly: removed at once
         else:  # crashed: stays until its heartbeat is older than retention_period
-            handle._closed = True
+            handle.pipeline.closed = True
             handle.exporter.store.close()  # type: ignore[union-attr]
         if n % 1000 == 999:
             peak_keys = max(peak_keys, r.dbsize())
