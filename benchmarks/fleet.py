@@ -333,8 +333,8 @@ def reads(url: str, nodes: Nodes, r: int, quick: bool) -> Reads:
     s = settings(
         redis_url=url, aggregation_cache_ttl=0, instance_timeout=3600, retention_period=7200
     )
-    store = Store.from_settings(s)
-    agg = Aggregator(store, s, background=True)
+    store = Store.from_settings(s.connection)
+    agg = Aggregator(store, s.aggregation, background=True)
     try:
         live = agg.view().active_count  # connections open, scripts loaded
         reps, budget = (3, 5.0) if quick else (5, 10.0)
@@ -383,7 +383,7 @@ def one_topology(redis_cluster: bool, n: int, r: int, quick: bool) -> Run:
     with topology(redis_cluster, r) as (url, raw, nodes):
         s = settings(redis_url=url, aggregation_cache_ttl=0, instance_timeout=3600,
                      retention_period=7200)  # fmt: skip
-        store = Store.from_settings(s)
+        store = Store.from_settings(s.connection)
         try:
             mem0 = store.used_memory()
             seeded, cloned = fill(store, raw, n, r)

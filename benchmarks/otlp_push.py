@@ -54,7 +54,7 @@ def measure(n: int, r: int) -> list[str]:
     receiver = ThreadingHTTPServer(("127.0.0.1", 0), _Discard)
     threading.Thread(target=receiver.serve_forever, daemon=True).start()
     with RedisServer() as redis_server:
-        populate(Store.from_settings(Settings.load(redis_url=redis_server.url)), n, r)
+        populate(Store.from_settings(Settings.load(redis_url=redis_server.url).connection), n, r)
         settings = Settings.load(
             redis_url=redis_server.url,
             otlp_endpoint=f"http://127.0.0.1:{receiver.server_address[1]}",

@@ -250,7 +250,7 @@ def one_scale(
             instance_timeout=3600,
             retention_period=7200,
         )
-        store = Store.from_settings(s0)
+        store = Store.from_settings(s0.connection)
         mem0 = store.used_memory()
         res["populate_s"] = populate(store, n, r)
         mem1 = store.used_memory()
@@ -264,7 +264,7 @@ def one_scale(
 
         # the per-instance pass with drift: a synchronous aggregator with TTL 0 reads the
         # totals, drift and every live instance's hit ratio
-        sync = Aggregator(store, s0)
+        sync = Aggregator(store, s0.aggregation)
         res["view_sync"], res["view_sync_trips"] = measure_trips(sync.view, slow_reps, budget)
 
         # connect first (to every node): the handshake is not a round trip of the read

@@ -362,7 +362,7 @@ def populated_cluster(n: int, r: int) -> Iterator[str]:
     """A redis-server holding ``n`` instances x ``r`` regions; yields its URL."""
     with RedisServer() as server:
         store = Store.from_settings(
-            settings(redis_url=server.url, instance_timeout=3600, retention_period=7200)
+            settings(redis_url=server.url, instance_timeout=3600, retention_period=7200).connection
         )
         populate(store, n, r)
         store.close()

@@ -104,7 +104,7 @@ def slow_clients(port: int, stop: threading.Event, n: int = 200) -> list[threadi
 def measure(n: int, r: int, seconds: float) -> dict[str, Any]:
     with RedisServer() as server:
         settings = Settings.load(redis_url=server.url)
-        populate(Store.from_settings(settings), n, r)
+        populate(Store.from_settings(settings.connection), n, r)
         port = free_port()
         proc = subprocess.Popen(
             [sys.executable, "-m", "conduit_otel_cache.cli", "serve", "--redis-url", server.url,

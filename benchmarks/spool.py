@@ -94,8 +94,8 @@ def run(quick: bool = False) -> list[Target]:
     with RedisServer() as server, tempfile.TemporaryDirectory() as d:
         kill_incarnations(server.url, d, dead)
         settings = Settings.load(redis_url=server.url, spool_dir=d)
-        store = Store.from_settings(settings)
-        recoverer = Recoverer(settings, store)
+        store = Store.from_settings(settings.connection)
+        recoverer = Recoverer(settings.write_through, store)
         start = time.perf_counter()
         done = recoverer.run()
         seconds = time.perf_counter() - start

@@ -379,7 +379,7 @@ def stale_fires_for_the_stuck_replica_alone(
     assert [s["value"][1] for s in redis_up] == ["1"]
     assert [a for a in active_alerts(prometheus, "ConduitCacheAggregationStale")
             if a["labels"]["job"] == JOB] == []  # fmt: skip
-    # its view stale (older than series.stale_after, 30 s here), d publishes its own series
+    # its view stale (older than ServeSettings.stale_after, 30 s here), d publishes its own series
     # only, as a replica cut off from Redis does: no stale cluster series for the rules'
     # max over replicas to take; its data age keeps growing
     for name in ("conduit_cache_hits_total", "conduit_cache_instances_active"):

@@ -45,7 +45,7 @@ def test_cleanup_removes_instances_past_retention(
     stats.record_hit("ProviderResponses")
     stats.set_size_bytes("ProviderResponses", 10)
     stats.flush()
-    stats._closed = True  # crashed
+    stats.pipeline.closed = True  # crashed
     r.zadd("conduit:cache:instances", {"api-1": float(r.time()[0]) - 7200})
     assert main(["cleanup", "--redis-url", redis_url]) == 0
     assert "removed 1" in capsys.readouterr().out
@@ -111,7 +111,7 @@ def test_cleanup_retention_period_flag(make_stats, redis_url: str, r, capsys) ->
     stats = make_stats("api-1")
     stats.record_hit("ProviderResponses")
     stats.flush()
-    stats._closed = True  # crashed
+    stats.pipeline.closed = True  # crashed
     r.zadd("conduit:cache:instances", {"api-1": float(r.time()[0]) - 120})
     assert main(["cleanup", "--redis-url", redis_url]) == 0  # 2 minutes: within the hour
     assert "removed 0" in capsys.readouterr().out
@@ -177,7 +177,7 @@ def test_retention_period_option_decides_what_cleanup_removes(
         stats = make_stats(name)
         stats.record_hit("ProviderResponses")
         stats.flush()
-        stats._closed = True  # crashed
+        stats.pipeline.closed = True  # crashed
     now = float(r.time()[0])
     r.zadd("conduit:cache:instances", {"old": now - 600, "older": now - 1200})
     env = {"CONDUIT_CACHE_STATS_RETENTION_PERIOD": "900"}
@@ -202,7 +202,7 @@ def test_serve_runs_cleanup_every_cleanup_interval(make_stats: MakeStats, redis_
     stats = make_stats("gone")
     stats.record_hit("ProviderResponses")
     stats.flush()
-    stats._closed = True  # crashed
+    stats.pipeline.closed = True  # crashed
     r.zadd("conduit:cache:instances", {"gone": float(r.time()[0]) - 7200})
     settings = Settings.load(redis_url=redis_url, cleanup_interval=0.1, retention_period=3600)
     service = ExporterService(settings, port=0).start()

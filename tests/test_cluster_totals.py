@@ -162,7 +162,7 @@ def test_restart_with_same_id_keeps_cluster_counter_monotonic(
     first = make_stats("api-1")
     record(first, 100, 10, size=500)
     first.flush()
-    first._closed = True  # it crashed: no more flushes, no deregistration
+    first.pipeline.closed = True  # it crashed: no more flushes, no deregistration
     # a new process (new token) with the same id starts again from zero
     second = make_stats("api-1")
     record(second, 7, 3, size=50)
@@ -354,7 +354,7 @@ def test_a_view_after_invalidate_reflects_earlier_flushes_while_a_read_is_under_
     record(writer, 1, 0)
     assert writer.flush()
     settings = Settings.load(redis_url=redis_url, aggregation_cache_ttl=60.0)
-    store = Store.from_settings(settings)
+    store = Store.from_settings(settings.connection)
     read, release = threading.Event(), threading.Event()
 
     class HeldStore:
@@ -373,7 +373,7 @@ def test_a_view_after_invalidate_reflects_earlier_flushes_while_a_read_is_under_
             return data
 
     held = HeldStore()
-    aggregator = Aggregator(held, settings)  # type: ignore[arg-type]
+    aggregator = Aggregator(held, settings.aggregation)  # type: ignore[arg-type]
     assert aggregator.view().regions[REGION].hit_count == 1
     held.hold = True
     aggregator.invalidate()
@@ -411,7 +411,9 @@ def test_drift_is_absent_until_the_first_per_instance_pass(
     record(b, 50, 50)
     a.flush(), b.flush()
     settings = Settings.load(redis_url=redis_url)
-    aggregator = Aggregator(Store.from_settings(settings), settings, background=True)
+    aggregator = Aggregator(
+        Store.from_settings(settings.connection), settings.aggregation, background=True
+    )
     view = aggregator.view()
     assert REGION in view.regions and REGION not in view.drift
     assert view_json(view, {})["regions"][REGION]["drift_percent"] is None
@@ -435,7 +437,9 @@ def test_the_per_instance_pass_outlasting_socket_timeout_reads_in_bounded_round_
         pipe.hset(keys.counts(region), mapping={f"i{n}": f"{n} 1" for n in range(instances)})
     pipe.execute()
     timeout = 0.4
-    store = Store.from_settings(Settings.load(redis_url=redis_url, socket_timeout=timeout))
+    store = Store.from_settings(
+        Settings.load(redis_url=redis_url, socket_timeout=timeout).connection
+    )
     began = time.monotonic()
     counts, errors = store.read_request_counts(regions)
     took = time.monotonic() - began

@@ -28,7 +28,7 @@ def settings(**options) -> Settings:
 
 
 def test_healthy_by_default() -> None:
-    health = evaluate(view(), settings())
+    health = evaluate(view(), settings().health)
     assert health.status is Status.HEALTHY and health.http_status == 200
     assert health.data["ActiveInstances"] == 2 and health.data["RedisConnected"] is True
 
@@ -53,12 +53,14 @@ def test_healthy_by_default() -> None:
     ],
 )  # fmt: skip
 def test_each_rule_and_its_option(changes, options, status, reason) -> None:
-    health = evaluate(view(**changes), settings(**options))
+    health = evaluate(view(**changes), settings(**options).health)
     assert health.status is status, health.reasons
     assert reason in "; ".join(health.reasons)
     assert health.http_status == (503 if status is Status.UNHEALTHY else 200)
 
 
 def test_worst_rule_wins() -> None:
-    health = evaluate(view(redis_up=False, aggregation_latency=9.0, drift={"r": 50.0}), settings())
+    health = evaluate(
+        view(redis_up=False, aggregation_latency=9.0, drift={"r": 50.0}), settings().health
+    )
     assert health.status is Status.UNHEALTHY and len(health.reasons) == 3

@@ -363,7 +363,7 @@ class Cluster(RuleBasedStateMachine):
     def crash(self, instance_id: str) -> None:
         if instance_id in self.live:
             inc = self.live.pop(instance_id)
-            inc.handle._closed = True  # killed: no flush, no departure
+            inc.handle.pipeline.closed = True  # killed: no flush, no departure
             self.ended.append(inc)
             if inc.regions_written:
                 self.crashed[actual_id(inc)] = inc
@@ -408,8 +408,8 @@ class Cluster(RuleBasedStateMachine):
 
     def teardown(self) -> None:
         for handle in reversed(self.opened):
-            if handle._closer is None:  # crashed: never shut down
-                handle._closed = False
+            if handle.pipeline._closer is None:  # crashed: never shut down
+                handle.pipeline.closed = False
             handle.shutdown()
         self.r.close()
 

@@ -70,7 +70,7 @@ def test_connect_retries_is_the_number_of_reconnects(retries: int) -> None:
     # redis-py (since 7.2) retries both the connect and the command, each `retries` times
     both = tuple(int(x) for x in redis.__version__.split(".")[:2]) >= (7, 2)
     assert server.accepted == (retries + 1) ** (2 if both else 1)
-    stats._closed = True
+    stats.pipeline.closed = True
     server.sock.close()
 
 

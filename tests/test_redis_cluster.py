@@ -246,7 +246,7 @@ def test_restart_with_same_id_keeps_counters_monotonic(make_stats: MakeStats) ->
     first = make_stats("api-1")
     record(first, REGION, 100, 10, size=500)
     assert first.flush()
-    first._closed = True  # crashed: no more flushes, no deregistration
+    first.pipeline.closed = True  # crashed: no more flushes, no deregistration
     second = make_stats("api-1")  # a new token, the same id, from zero
     record(second, REGION, 7, 3, size=50)
     assert second.flush()

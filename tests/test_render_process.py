@@ -54,7 +54,7 @@ def test_the_child_encodes_what_this_process_would(
     errors, now = service.aggregator.errors_total, time.time()
     child = service.render_process.render(view, errors, now, own, variants)
     # the same pure function here
-    cluster = families(view, settings=service.settings, errors_total=errors, now=now)
+    cluster = families(view, settings=service.serve, errors_total=errors, now=now)
     here = encode(cluster + own, variants)
     assert child is not None and set(child) == set(here) == set(variants)
     for (content_type, gzipped), body in here.items():  # equal but for the age and gzip's time

@@ -148,7 +148,7 @@ def test_a_malformed_entry_is_counted_once(
         assert scrape(replica)[errors] == 1  # one bad entry, read five times
     found = scrape(replica)
     assert found[("conduit_cache_malformed_entries", (("key", key),))] == 1
-    health = evaluate(replica.aggregator.view(), replica.settings)
+    health = evaluate(replica.aggregator.view(), replica.settings.health)
     assert f"{key}: invalid literal" in health.check_json()["description"]  # names the key
     r.hset(KEYS.aggregate("Sessions"), "miss_count", "z")  # another bad entry
     assert scrape(replica)[errors] == 2

@@ -25,10 +25,9 @@ from conduit_otel_cache.serve.series import (
     PROMETHEUS_UNITS,
     families,
     series,
-    stale_after,
 )
 
-SETTINGS = Settings.load(instance_id="exporter-1", max_instance_series=5000)
+SETTINGS = Settings.load(instance_id="exporter-1", max_instance_series=5000).serve
 NOW = 1910.0  # 10 s after the view's Redis read: fresh
 #: the series a replica cut off from Redis publishes: its own, none of the cluster's
 OWN_ONLY = {
@@ -161,11 +160,11 @@ def test_a_stale_view_publishes_its_own_series_only() -> None:
     off from Redis does, with its data age; a view just within the bound publishes all."""
     view = a_view(random.Random(7))  # its Redis read began at 1899.99
     read = 1900.0 - view.aggregation_latency
-    within = families(view, settings=SETTINGS, errors_total=0, now=read + stale_after(SETTINGS))
+    within = families(view, settings=SETTINGS, errors_total=0, now=read + SETTINGS.stale_after)
     assert "conduit_cache_hits" in {f.name for f in within}
-    late = read + stale_after(SETTINGS) + 1
+    late = read + SETTINGS.stale_after + 1
     published = {f.name: f for f in families(view, settings=SETTINGS, errors_total=0, now=late)}
     assert {f"{name}_total" if published[name].type == "counter" else name
             for name in published} <= OWN_ONLY  # fmt: skip
     (age,) = published["conduit_cache_exporter_data_age_seconds"].samples
-    assert age.value == pytest.approx(stale_after(SETTINGS) + 1)
+    assert age.value == pytest.approx(SETTINGS.stale_after + 1)

@@ -82,8 +82,8 @@ def test_concurrent_recoverers_write_each_dead_incarnation_once(
     for proc in procs:  # all alive until now: none recovered another
         kill(proc)
     settings = Settings.load(redis_url=redis_url, spool_dir=str(tmp_path))
-    stores = [Store.from_settings(settings) for _ in range(3)]
-    recoverers = [Recoverer(settings, store) for store in stores]
+    stores = [Store.from_settings(settings.connection) for _ in range(3)]
+    recoverers = [Recoverer(settings.write_through, store) for store in stores]
     threads = [threading.Thread(target=rec.run) for rec in recoverers]
     for t in threads:
         t.start()
@@ -257,9 +257,9 @@ def test_a_spool_whose_final_flush_was_written_is_only_removed(
     spool.finish()
     spool.abandon()
     settings = Settings.load(redis_url=redis_url, spool_dir=str(tmp_path))
-    store = Store.from_settings(settings)
+    store = Store.from_settings(settings.connection)
     try:
-        done = Recoverer(settings, store).run()
+        done = Recoverer(settings.write_through, store).run()
     finally:
         store.close()
     assert (done.written, done.dropped, done.failed) == (0, 0, 0)

@@ -79,8 +79,8 @@ class Pod(RuleBasedStateMachine):
             flush_interval=3600, instance_timeout=7200, retention_period=14400,
             aggregation_cache_ttl=0, spool_dir=self.spool_dir,
         )  # fmt: skip
-        assert isinstance(handle, CacheStatistics) and handle._recoverer is not None
-        recoverer = handle._recoverer
+        assert isinstance(handle, CacheStatistics) and handle.pipeline.recoverer is not None
+        recoverer = handle.pipeline.recoverer
         wait_for(lambda: recoverer.passes >= 1, what="the recovery at start")
         self.live.append(Process(handle))
         self._recovered_all()
@@ -117,9 +117,9 @@ class Pod(RuleBasedStateMachine):
         if self.live:
             proc = self.live.pop(pick % len(self.live))
             handle = proc.handle
-            handle._closed = True
-            handle._stop_beats.set()
-            lifecycle.forget(handle)
+            handle.pipeline.closed = True
+            handle.pipeline._stop_beats.set()
+            lifecycle.forget(handle.pipeline)
             assert handle.spool is not None
             handle.spool.abandon()
             self.dead.append(proc)
@@ -134,9 +134,9 @@ class Pod(RuleBasedStateMachine):
         threads = []
         for proc in recoverers.values():
             handle = proc.handle
-            assert handle._recoverer is not None and handle.spool is not None
+            assert handle.pipeline.recoverer is not None and handle.spool is not None
             own = (handle.spool.path,)
-            threads.append(threading.Thread(target=handle._recoverer.run, args=(own,)))
+            threads.append(threading.Thread(target=handle.pipeline.recoverer.run, args=(own,)))
         for t in threads:
             t.start()
         for t in threads:

@@ -154,7 +154,7 @@ def test_restart_in_place_clears_every_live_gauge_of_the_dead_incarnation(
         first.record_hit(region, 0.001)
         first.set_size_bytes(region, 1000)
     assert first.flush()
-    first._closed = True  # killed: no deregistration
+    first.pipeline.closed = True  # killed: no deregistration
     second = make_stats("p", max_response_time_samples=10)  # same host:pid: a restart
     second.record_hit("A", 0.002)
     second.set_size_bytes("A", 10)
@@ -181,7 +181,7 @@ def test_garbage_in_the_heartbeat_set_is_no_live_instance(
     view = stats.cluster_view()
     assert view.active_count == 1
     assert any("x y" in e for e in view.data_errors)
-    assert evaluate(view, stats.settings).status.label == "Degraded"  # reported once
+    assert evaluate(view, stats.settings.health).status.label == "Degraded"  # reported once
     assert r.zcard("conduit:cache:instances") == 1  # reaped by the read
     stats.shutdown()
     view = make_stats("reader").cluster_view()

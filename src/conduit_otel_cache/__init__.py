@@ -76,7 +76,7 @@ def setup(
         existing = _handles.get(key)
         if (
             existing is not None
-            and not existing._closed
+            and not existing.pipeline.closed
             and existing.settings.instance_id == settings.instance_id  # not forked since
         ):
             log.warning(

@@ -26,7 +26,7 @@ from collections.abc import Collection
 import redis
 
 from .background import quietly
-from .config import Settings
+from .config import AggregationSettings
 from .continuity import Continuity, LossCount
 from .model import Statistics
 from .ratelimit import RateLimitedLog
@@ -106,7 +106,9 @@ class Aggregator:
     :meth:`per_instance`.
     """
 
-    def __init__(self, store: Store, settings: Settings, *, background: bool = False) -> None:
+    def __init__(
+        self, store: Store, settings: AggregationSettings, *, background: bool = False
+    ) -> None:
         self.store = store
         self.settings = settings
         self.background = background

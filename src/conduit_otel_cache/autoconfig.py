@@ -21,7 +21,7 @@ import weakref
 from opentelemetry.sdk.metrics import ObservableGauge
 from opentelemetry.sdk.metrics.export import PeriodicExportingMetricReader
 
-from .config import ConfigError, Settings
+from .config import ConfigError, Settings, WriteThroughSettings
 from .instruments import RESPONSE_TIME_INSTRUMENT
 from .sdk_hook import (
     PreAggregatedHistogramFor,
@@ -59,7 +59,7 @@ class ConduitRedisMetricExporter(RedisMetricExporter):
         # The auto-configured provider has no views: report the pre-aggregated response
         # times as a histogram on this exporter's reader, other gauges as usual.
         super().__init__(
-            settings,
+            settings.write_through,
             preferred_aggregation={
                 ObservableGauge: PreAggregatedHistogramFor(RESPONSE_TIME_INSTRUMENT)
             },
@@ -76,7 +76,7 @@ def _export_interval_seconds() -> float:
 
 
 def shared_write_through(
-    provider: object, settings: Settings
+    provider: object, settings: WriteThroughSettings
 ) -> tuple[PeriodicExportingMetricReader, RedisMetricExporter] | None:
     """The reader and exporter of a :class:`ConduitRedisMetricExporter` that ``provider``
     collects for, else None.
@@ -98,12 +98,17 @@ def shared_write_through(
     return None
 
 
-def _check_same_target(mine: Settings, theirs: Settings) -> None:
-    for name in ("instance_id", "key_prefix", "redis_url"):
-        wanted, used = getattr(mine, name), getattr(theirs, name)
-        if wanted is not None and wanted != used:
+def _check_same_target(mine: WriteThroughSettings, theirs: WriteThroughSettings) -> None:
+    targets: tuple[tuple[str, object, object], ...] = (
+        ("instance_id", mine.instance_id, theirs.instance_id),
+        ("key_prefix", mine.connection.key_prefix, theirs.connection.key_prefix),
+        ("redis_url", mine.connection.redis_url, theirs.connection.redis_url),
+    )
+    for name, wanted, used in targets:
+        if wanted != used:
             if name == "redis_url":
-                wanted, used = mine.safe_redis_url, theirs.safe_redis_url
+                wanted = mine.connection.safe_redis_url
+                used = theirs.connection.safe_redis_url
             raise ConfigError(
                 f"{name}: setup() got {wanted!r} but the conduit write-through "
                 f"already on meter_provider uses {used!r}"

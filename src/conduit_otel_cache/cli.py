@@ -79,7 +79,7 @@ def _settings(args: argparse.Namespace, **extra: Any) -> Settings:
 
 def _read_view(args: argparse.Namespace) -> tuple[Settings, ClusterView, Aggregator]:
     settings = _settings(args, aggregation_cache_ttl=0)
-    aggregator = Aggregator(Store.from_settings(settings), settings)
+    aggregator = Aggregator(Store.from_settings(settings.connection), settings.aggregation)
     return settings, aggregator.view(), aggregator
 
 
@@ -136,7 +136,7 @@ def print_samples(
 def cmd_health(args: argparse.Namespace) -> int:
     """Print the health JSON; exit 0 Healthy, 1 Degraded, 2 Unhealthy."""
     settings, view, _ = _read_view(args)
-    health = evaluate(view, settings)
+    health = evaluate(view, settings.health)
     print(json.dumps(health.report_json(), indent=2))
     return int(health.status)
 
@@ -144,7 +144,7 @@ def cmd_health(args: argparse.Namespace) -> int:
 def cmd_cleanup(args: argparse.Namespace) -> int:
     """Remove instances whose heartbeat is older than the retention period."""
     settings = _settings(args)
-    store = Store.from_settings(settings)
+    store = Store.from_settings(settings.connection)
     try:
         removed = store.cleanup(settings.retention_period)
         reaped = store.reap(settings.instance_timeout)

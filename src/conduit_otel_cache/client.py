@@ -1,54 +1,32 @@
-"""The handle ``setup()`` returns, composed of the recorder (the hot path), the write-through
-(an OTel reader and exporter) and the cluster reader; with ``enabled=false`` a null recorder
-and nothing else."""
+"""The handle ``setup()`` returns: a recorder (the hot path), a pipeline (the OTel
+provider and the write-through) and a reader of the cluster; with ``enabled=false`` a null
+recorder and a null pipeline."""
 
 from __future__ import annotations
 
 import dataclasses
-import logging
-import math
-import sys
-import threading
-import time
-from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any, Protocol
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Protocol
 
-from opentelemetry import metrics
 from opentelemetry.metrics import MeterProvider as APIMeterProvider
-from opentelemetry.metrics import NoOpMeterProvider
 from opentelemetry.sdk.metrics import MeterProvider
-from opentelemetry.sdk.metrics.export import MetricReader, PeriodicExportingMetricReader
-from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.metrics.export import MetricReader
 
-from . import lifecycle
 from .aggregate import Aggregator, ClusterView
-from .autoconfig import shared_write_through
-from .background import quietly
+from .cluster import ClusterReader, LocalReader
 from .config import Settings
-from .health import Health, evaluate
-from .identity import Identity
-from .instruments import (
-    RESPONSE_TIME_INSTRUMENT,
-    SCOPE,
-    histogram_views,
-    register_cache_instruments,
-    register_self_instruments,
-)
+from .health import Health
+from .instruments import RESPONSE_TIME_INSTRUMENT, histogram_views
 from .integrations.lookup import TimedLookup
 from .model import Statistics
-from .ratelimit import RateLimitedLog
+from .pipeline import NullPipeline, Pipeline
 from .recorder import NullRecorder, Recorder
-from .recovery import Recoverer
-from .sdk_hook import collection_lock, export_lock, stop_reader_thread
 from .spool import Spool
-from .store import explain
 from .strategies import AggregationStrategy, strategy_named
 from .writethrough import RedisMetricExporter
 
 if TYPE_CHECKING:
     from .api import ASGIApp, WSGIApp
-
-log = logging.getLogger(__name__)
 
 
 def views() -> list[object]:
@@ -67,25 +45,6 @@ class RecordEvent(Protocol):
 
 class RecordSize(Protocol):
     def __call__(self, region: str | None, size_bytes: int) -> None: ...
-
-
-def _beat_until(exporter: RedisMetricExporter, every: float, stop: threading.Event) -> None:
-    # a module function: the thread holds the exporter, not the handle
-    while not stop.wait(every):
-        exporter.heartbeat()
-
-
-def _promptly(collect: Callable[..., None]) -> Callable[..., None]:
-    """``collect`` run :func:`~.background.quietly`: a flush (the SDK's collection and the
-    write) is milliseconds of pure Python, during which the application's threads would
-    otherwise wait up to ``sys.getswitchinterval()`` for the interpreter lock at each step,
-    and full collections that its short-lived objects set off would stop them all."""
-
-    def collect_promptly(*args: Any, **kwargs: Any) -> None:
-        with quietly():
-            collect(*args, **kwargs)
-
-    return collect_promptly
 
 
 class CacheStatistics:
@@ -111,199 +70,76 @@ class CacheStatistics:
     ) -> None:
         # mode "local" (or enabled=False on a direct construction): no exporter, no reader,
         # no Redis call at all, even with a redis_url
-        distributed = settings.redis_url is not None and settings.mode != "local"
-        distributed = distributed and settings.enabled
-        keep = settings.enable_response_time_tracking and distributed
+        keep = settings.enable_response_time_tracking and settings.writes_through
         self.settings = settings
-        identity = Identity(settings.instance_id)
-        self.spool: Spool | None = None
-        self.recorder = recorder = (
-            Recorder(
+        self.strategy: AggregationStrategy = aggregation_strategy or strategy_named(
+            settings.aggregation_strategy, settings.aggregation_cache_ttl
+        )
+        self.recorder: Recorder | NullRecorder
+        self.pipeline: Pipeline | NullPipeline
+        if settings.enabled:
+            self.recorder = Recorder(
                 settings.response_time_buckets,
                 settings.max_regions,
                 settings.default_region,
                 max_samples=settings.max_response_time_samples if keep else 0,
             )
-            if settings.enabled
-            else NullRecorder()
-        )
+            self.pipeline = Pipeline(
+                settings.pipeline,
+                self.recorder,
+                meter_provider=meter_provider,
+                metric_readers=metric_readers,
+                flushed=self._flushed,
+                forked=self._forked,
+            )
+        else:  # a null handle: no MeterProvider, no thread, no Redis
+            self.recorder, self.pipeline = NullRecorder(), NullPipeline()
+        recorder = self.recorder
         self.record_hit = recorder.record_hit
         self.record_miss = recorder.record_miss
         self.record_set = recorder.record_set
         self.record_eviction = recorder.record_eviction
         self.set_size_bytes = recorder.set_size_bytes
-        self.strategy: AggregationStrategy = aggregation_strategy or strategy_named(
-            settings.aggregation_strategy, settings.aggregation_cache_ttl
-        )
-        self.exporter: RedisMetricExporter | None = None
-        self._aggregator: Aggregator | None = None
-        self._closed = False
-        self._timeout_logged = False
-        self._close_started = 0.0
-        self._slow = RateLimitedLog(log)  # flushes the caller stopped waiting for
-        self._reset_locks()
-        self._reader: PeriodicExportingMetricReader | None = None
-        shared = (
-            shared_write_through(meter_provider, settings)
-            if meter_provider is not None and distributed
-            else None
-        )
-        self._owns_exporter = shared is None
-        if shared is not None:  # the conduit_redis exporter writes through already
-            self._reader, self.exporter = shared
-            self.exporter.samples = recorder.drain_samples
-        elif distributed:
-            self.exporter = RedisMetricExporter(
-                settings, identity=identity, samples=recorder.drain_samples
+        exporter = self.pipeline.exporter
+        self.reader: ClusterReader | LocalReader = (
+            ClusterReader(
+                exporter.store,
+                settings.aggregation,
+                settings.health,
+                flushes=exporter,
+                recoveries=self.pipeline.recoverer,
             )
-            interval = settings.flush_interval
-            self._reader = PeriodicExportingMetricReader(
-                self.exporter,
-                export_interval_millis=math.inf if interval is None else interval * 1000,
-                export_timeout_millis=max(settings.socket_timeout * 2000, 1000),
+            if exporter is not None
+            else LocalReader(
+                recorder.snapshot,
+                settings.instance_id,
+                settings.health,
+                mode=settings.mode,
+                enabled=settings.enabled,
             )
-            self._reader.collect = _promptly(self._reader.collect)  # type: ignore[method-assign,misc]
-        self._recoverer: Recoverer | None = None
-        if not settings.enabled:  # a null handle: no MeterProvider, no thread, no Redis
-            self.meter_provider: APIMeterProvider = NoOpMeterProvider()
-            self._owned: list[MeterProvider] = []
-            self._start_beats()  # none: there is no exporter
-            return
-        self.meter_provider, self._owned = self._providers(meter_provider, metric_readers, shared)
-        for provider in self._owned:
-            register_cache_instruments(provider.get_meter(SCOPE), recorder.snapshot)
-        if meter_provider is not None:
-            register_cache_instruments(meter_provider.get_meter(SCOPE), recorder.snapshot)
-        if meter_provider is not None or metric_readers:  # read by more than the flush
-            register_self_instruments(self.meter_provider.get_meter(SCOPE), self)
-        if self.exporter is not None and settings.spool_dir is not None:
-            self._recoverer = Recoverer(settings, self.exporter.store)
-            self._open_spool()
-        self._start_beats()
-        lifecycle.register(
-            self, handle_signals=settings.handle_signals, flush_interval=settings.flush_interval
         )
 
-    def _open_spool(self) -> None:
-        """This incarnation's spool (:mod:`.spool`); the recorder counts in it from now."""
-        exporter = self.exporter
-        assert exporter is not None and self.settings.spool_dir is not None
-        try:
-            self.spool = Spool(
-                self.settings.spool_dir,
-                self.recorder.width,
-                exporter.spool_identity(confirmed=False),
-            )
-        except OSError as exc:
-            log.warning(
-                "conduit-otel-cache: cannot create a spool in spool_dir %r (%s: %s); this "
-                "process records without one",
-                self.settings.spool_dir,
-                type(exc).__name__,
-                exc,
-            )
-            self.spool = None
-        exporter.spool = self.spool
-        self.recorder.reset(self.spool)
+    def _flushed(self) -> None:
+        self.reader.invalidate()
 
-    def _providers(
-        self,
-        meter_provider: MeterProvider | None,
-        metric_readers: Sequence[MetricReader],
-        shared: object,
-    ) -> tuple[MeterProvider, list[MeterProvider]]:
-        """The provider the instruments are on, and the providers this handle owns."""
-        resource = Resource.create(
-            {
-                "service.name": self.settings.service_name,
-                "service.instance.id": self.settings.instance_id,
-            }
-        )
-        private: list[MetricReader] = []
-        if self._reader is not None and shared is None:
-            private.append(self._reader)
+    def _forked(self, instance_id: str) -> None:
+        self.reader.after_fork()
+        self.settings = dataclasses.replace(self.settings, instance_id=instance_id)
 
-        def provider(readers: list[MetricReader]) -> MeterProvider:
-            return MeterProvider(
-                metric_readers=readers,
-                resource=resource,
-                views=histogram_views(RESPONSE_TIME_INSTRUMENT),
-                shutdown_on_exit=False,
-            )
+    @property
+    def meter_provider(self) -> APIMeterProvider:
+        """The provider the cache instruments are on (yours when you passed one)."""
+        return self.pipeline.meter_provider
 
-        if meter_provider is None:
-            own = provider([*metric_readers, *private])
-            if self.settings.set_global:
-                metrics.set_meter_provider(own)
-            return own, [own]
-        # The user's provider gets the instruments; the write-through gets its own.
-        return meter_provider, [provider(private)] if private else []
+    @property
+    def exporter(self) -> RedisMetricExporter | None:
+        """The write-through (None when nothing is written to Redis)."""
+        return self.pipeline.exporter
 
-    def _reset_locks(self) -> None:
-        self._close_lock = threading.Lock()
-        self._closer: threading.Thread | None = None
-        self._flushes = threading.Condition()  # batches concurrent flush() calls
-        self._flushing = False
-        self._flush_started = -math.inf
-        self._flush_result = False
-
-    def _start_beats(self) -> None:
-        self._stop_beats = threading.Event()
-        if self._recoverer is not None:
-            spool = self.spool
-            threading.Thread(
-                target=self._recoverer.loop,
-                args=(
-                    self._stop_beats,
-                    self.settings.flush_interval or 10.0,
-                    lambda: (spool.path,) if spool is not None else (),
-                ),
-                daemon=True,
-                name="conduit-spool-recovery",
-            ).start()
-        if self.exporter is not None and self.settings.heartbeat_interval is not None:
-            threading.Thread(
-                target=_beat_until,
-                args=(self.exporter, self.settings.heartbeat_interval, self._stop_beats),
-                daemon=True,
-                name="conduit-heartbeat",
-            ).start()
-
-    def _write_locks(self) -> list[Any]:
-        """The locks a write holds, in the order it takes them (held across a fork)."""
-        if self.exporter is None or self._closed or not self._owns_exporter:
-            return []
-        locks = [export_lock(self._reader)] if self._reader is not None else []
-        locks.append(self.exporter.write_lock)
-        locks += [collection_lock(provider) for provider in self._owned]  # taken alone
-        return [lock for lock in locks if lock is not None]
-
-    def _stop_threads(self) -> None:
-        """Stop the flush and heartbeat threads (a uWSGI master that forks without the fork
-        hooks must run none; its workers flush on a timer)."""
-        self._stop_beats.set()
-        if self._reader is not None:
-            stop_reader_thread(self._reader)
-
-    def _after_fork(self) -> None:
-        """In a process forked after ``setup()``: a new instance with fresh tallies, its
-        own id and token, its own flush and heartbeat (the SDK restarts its reader)."""
-        if self.spool is not None:
-            self.spool.abandon()  # the parent's: its lock must go with the parent
-            self.spool = None
-        self.recorder.reset()
-        self._reset_locks()
-        self._aggregator = None
-        exporter = self.exporter
-        if exporter is not None and not self._closed:
-            exporter.identity.after_fork()
-            self.settings = dataclasses.replace(
-                self.settings, instance_id=exporter.identity.instance_id
-            )
-            exporter.after_fork(self.settings)
-            if self._recoverer is not None:
-                self._open_spool()
-            self._start_beats()
+    @property
+    def spool(self) -> Spool | None:
+        """This incarnation's spool (with ``spool_dir``)."""
+        return self.pipeline.spool
 
     # -- this instance ------------------------------------------------------------------
 
@@ -335,23 +171,13 @@ class CacheStatistics:
         ``/api/cache/stats/distributed`` (the cluster view) as JSON per region."""
         from .api import make_stats_app
 
-        return make_stats_app(local=self.snapshot, cluster=self._cluster_regions)
+        return make_stats_app(local=self.snapshot, cluster=self.reader.regions)
 
     def asgi_app(self) -> ASGIApp:
         """The same API as :meth:`wsgi_app` as an ASGI app (Starlette, FastAPI, uvicorn)."""
         from .api import make_stats_asgi_app
 
-        return make_stats_asgi_app(local=self.snapshot, cluster=self._cluster_regions)
-
-    def _cluster_regions(self) -> dict[str, Statistics]:
-        """The cluster view's regions for the stats API; in mode ``local`` there is none,
-        and the API says so (503) rather than answer this instance's numbers."""
-        if self.aggregator is None:
-            raise LookupError(
-                f"mode {self.settings.mode}: no cluster view here (mode hybrid or "
-                "distributed writes through to Redis and reads the cluster)"
-            )
-        return self.cluster_view().regions
+        return make_stats_asgi_app(local=self.snapshot, cluster=self.reader.regions)
 
     def timed_lookup(self, region: str) -> TimedLookup:
         """``with stats.timed_lookup(region) as lookup:`` ... ``lookup.hit()`` or
@@ -363,199 +189,50 @@ class CacheStatistics:
 
         Concurrent calls are batched: a call waits up to ``batch_timeout`` for a flush in
         progress, and when a flush that began after the call has finished, it carried the
-        call's events, so its result is shared instead of writing again. On the main thread
-        it waits at most ``batch_timeout + 4 x socket_timeout`` (False: the flush goes on in
-        the background).
+        call's events, so its result is shared instead of writing again.
         """
-        if threading.current_thread() is not threading.main_thread() or self._closed:
-            return self._flush_in_place()
-        # A signal handler may raise (SystemExit, KeyboardInterrupt) anywhere on the main
-        # thread. The SDK's collection must not stop half way (a measurement taken but not
-        # collected is added to the next one), nor may this thread hold the write's locks
-        # when the handler shuts down: the flush runs in a thread, this one waits for it.
-        result: list[bool] = []
-        worker = lifecycle.start_thread(
-            lambda: result.append(self._flush_in_place()), "conduit-flush"
-        )
-        if worker is None:  # the interpreter is ending (an ``atexit`` handler): no signal
-            return self._flush_in_place()  # handler can interrupt the flush any more
-        # A flush ends within its Redis calls' timeouts; something else of the collection
-        # (an observable callback of the application's on a shared provider, a finalizer the
-        # collector runs in that thread) can block it for ever: the caller does not wait.
-        bound = self.settings.batch_timeout + 4 * self.settings.socket_timeout
-        worker.join(bound)
-        if worker.is_alive():
-            self._slow.error(
-                "conduit-otel-cache: a flush of instance %s did not end within %.1f s "
-                "(batch_timeout + 4 x socket_timeout); it goes on in the background",
-                self.settings.instance_id,
-                bound,
-            )
-            return False
-        return bool(result and result[0])
-
-    def _flush_in_place(self) -> bool:
-        """:meth:`flush` on this thread (uWSGI's timer: its signals are handled in C)."""
-        if self._reader is None or self._closed or self.exporter is None:
-            return False
-        return self._flush()
-
-    def _flush(self) -> bool:
-        assert self._reader is not None and self.exporter is not None
-        requested = time.monotonic()
-        wait = self.settings.batch_timeout if self.settings.enable_batching else 0.0
-        with self._flushes:
-            deadline = requested + wait
-            while self._flushing and time.monotonic() < deadline:
-                self._flushes.wait(deadline - time.monotonic())
-            if not self._flushing and self._flush_started >= requested:
-                return self._flush_result  # a later flush already wrote these events
-            self._flushing = True
-            self._flush_started = time.monotonic()
-        ok = False
-        try:
-            exports = self.exporter.exports
-            self._reader.force_flush(timeout_millis=self.settings.socket_timeout * 2000)
-            # no export: the SDK collected nothing (nothing recorded), so nothing to write
-            ok = self.exporter.last_ok or self.exporter.exports == exports
-        finally:
-            with self._flushes:
-                self._flushing = False
-                self._flush_result = ok
-                self._flushes.notify_all()
-        if self._aggregator is not None:
-            self._aggregator.invalidate()
-        return ok
+        return self.pipeline.flush()
 
     @property
     def flush_errors(self) -> int:
         """Failed write-throughs so far (``conduit_cache_flush_errors_total``)."""
-        return self.exporter.flush_errors if self.exporter is not None else 0
+        return self.pipeline.flush_errors
 
     # -- the cluster --------------------------------------------------------------------
 
     @property
     def aggregator(self) -> Aggregator | None:
-        """The cluster reader (None without Redis)."""
-        if self._aggregator is None and self.exporter is not None:
-            self._aggregator = Aggregator(self.exporter.store, self.settings)
-        return self._aggregator
+        """The cluster reader's aggregator (None without Redis)."""
+        return self.reader.aggregator
 
     def cluster_view(self) -> ClusterView:
         """The whole cluster view (cached for ``aggregation_cache_ttl``)."""
-        aggregator = self.aggregator
-        if not self.settings.enabled:
-            return ClusterView(redis_error="statistics disabled (enabled=false)")
-        if aggregator is None:
-            local = self.snapshot()
-            return ClusterView(
-                regions=local,
-                drift=dict.fromkeys(local, 0.0),
-                instance_hit_ratios={
-                    r: {self.settings.instance_id: s.hit_ratio} for r, s in local.items()
-                },
-                active_count=1,
-                redis_up=False,
-                redis_error="no redis_url configured",
-            )
-        return aggregator.view()
+        return self.reader.view()
 
     def cluster_statistics(self, region: str) -> Statistics:
         """Cluster statistics of ``region`` as the aggregation strategy combines them; by
         default counters over every instance that reported, gauges and ``instance_count``
         over live instances."""
-        return self.strategy.aggregate(region, self)
+        return self.strategy.aggregate(region, self.reader)
 
     def cluster_totals(self, region: str) -> Statistics:
         """The totals kept in Redis for ``region`` (what :class:`SumStrategy` returns)."""
-        return self.cluster_view().regions.get(region, Statistics())
+        return self.reader.cluster_totals(region)
 
     def per_instance_statistics(self, region: str) -> dict[str, Statistics]:
         """``{instance_id: statistics}`` of ``region`` for every registered instance
         (read now: one pipelined read per instance)."""
-        aggregator = self.aggregator
-        if aggregator is None:
-            local = self.snapshot()
-            return {self.settings.instance_id: local[region]} if region in local else {}
-        return aggregator.per_instance(region)
+        return self.reader.per_instance_statistics(region)
 
     def health(self) -> Health:
         """The health rules applied to the cluster view and this instance's flushes."""
-        return evaluate(self.cluster_view(), self.settings, self.exporter, self._recoverer)
+        return self.reader.health()
 
     # -- lifecycle ----------------------------------------------------------------------
 
-    @lifecycle.exit_path
     def shutdown(self) -> None:
         """Final flush, then deregister from the heartbeat set; the whole of it bounded by
         ``shutdown_timeout``. Safe to call twice, and from a signal handler that
         interrupted a flush (it then returns at once and the flush finishes when the
-        interrupted code goes on: at ``sys.exit``, for example).
-
-        The close runs in a thread of its own, so that ``shutdown_timeout`` bounds it. In
-        ``atexit`` handlers of Python 3.12.0 and 3.12.1, which start no thread, it runs on
-        the exiting thread instead: a hung Redis then holds the exit for its
-        ``socket_timeout`` (each write gives up after it), not for ``shutdown_timeout``."""
-        # a signal handler that interrupted the write path: the close waits for locks this
-        # thread holds, so the interrupted code must go on first
-        interrupted = lifecycle.inside_write_path(sys._getframe(1))
-        with self._close_lock:
-            if self._closer is None:
-                if self._closed:  # closed in the parent before a fork, or on the exiting thread
-                    return
-                self._closed = True
-                self._close_started = time.monotonic()
-                self._closer = lifecycle.start_thread(self._close, "conduit-shutdown")
-                if self._closer is None and interrupted:
-                    self._closed = False  # nothing can wait for the locks: a later call closes
-                    return
-                self._stop_beats.set()
-            closer = self._closer
-        if closer is None:
-            self._close()
-            lifecycle.end_if_signalled()
-            return
-        if interrupted:
-            return
-        budget = self._close_started + self.settings.shutdown_timeout - time.monotonic()
-        closer.join(max(0.0, budget))
-        if closer.is_alive() and not self._timeout_logged:
-            self._timeout_logged = True
-            log.warning(
-                "conduit-otel-cache: shutdown of instance %s took longer than "
-                "shutdown_timeout=%gs; giving up (it expires after instance_timeout)",
-                self.settings.instance_id,
-                self.settings.shutdown_timeout,
-            )
-        lifecycle.end_if_signalled()
-
-    def _close(self) -> None:
-        # deregister unless the final write failed: a hung Redis costs one timeout, not three
-        depart = written = False
-        if self._reader is not None and self.exporter is not None:
-            try:
-                depart = written = self._flush()
-            except Exception as exc:  # the SDK's collection (a slow callback), not Redis
-                log.warning(
-                    "conduit-otel-cache: the final collection of instance %s failed (%s); "
-                    "what its last flush wrote stands",
-                    self.settings.instance_id,
-                    explain(exc),
-                )
-                depart = self.spool is None  # else a later process writes the spool for it
-        if self.exporter is not None and self._owns_exporter:
-            if not depart and self.exporter.flush_count:
-                log.warning(
-                    "conduit-otel-cache: the final flush of instance %s failed; it leaves the "
-                    "live gauges after instance_timeout=%gs",
-                    self.settings.instance_id,
-                    self.settings.instance_timeout,
-                )
-            if written and self.spool is not None:  # Redis holds all of it: nothing to
-                self.spool.finish()  # recover, even if the process is killed now
-            self.exporter.close(depart=depart)
-            if written and self.spool is not None:  # else a later process writes it for us
-                self.spool.remove()
-        for provider in self._owned:  # the write-through reader is always on an owned one
-            provider.shutdown()
-        lifecycle.forget(self)
+        interrupted code goes on: at ``sys.exit``, for example)."""
+        self.pipeline.shutdown()

@@ -11,7 +11,7 @@ import math
 import os
 import re
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import SplitResult, parse_qs, parse_qsl, unquote, unquote_plus, urlsplit
 
 from .identity import default_instance_id
@@ -129,6 +129,121 @@ def valid_name(name: object) -> bool:
     return isinstance(name, str) and NAME_PATTERN.fullmatch(name) is not None
 
 
+_Part = TypeVar("_Part")
+
+
+@dataclasses.dataclass(frozen=True)
+class ConnectionSettings:
+    """Where Redis is and how to reach it (:mod:`.connection`), and where in it the
+    statistics live (:class:`~conduit_otel_cache.store.Store`)."""
+
+    redis_url: str = dataclasses.field(repr=False)
+    redis_cluster: bool
+    socket_timeout: float
+    connect_timeout: float
+    connect_retries: int
+    socket_keepalive: bool
+    ssl_ca_certs: str | None
+    ssl_certfile: str | None
+    ssl_keyfile: str | None
+    key_prefix: str
+    #: scripts per round trip (1 without ``enable_batching``)
+    batch_size: int
+
+    @property
+    def safe_redis_url(self) -> str:
+        """The Redis URL with its password masked, for logs and output."""
+        return redact_url(self.redis_url)
+
+
+@dataclasses.dataclass(frozen=True)
+class WriteThroughSettings:
+    """What the write-through (:mod:`.writethrough`) and the recovery of dead spools
+    (:mod:`.recovery`) use."""
+
+    connection: ConnectionSettings
+    instance_id: str
+    statistics_ttl: float
+    instance_timeout: float
+    max_response_time_samples: int
+    response_time_sample_ttl: float
+    response_time_buckets: tuple[float, ...]
+    spool_dir: str | None
+
+
+@dataclasses.dataclass(frozen=True)
+class PipelineSettings:
+    """What the pipeline (:mod:`.pipeline`) uses: its provider, flushes, heartbeat,
+    spool and shutdown; ``write_through`` is None when nothing is written to Redis."""
+
+    write_through: WriteThroughSettings | None
+    instance_id: str
+    service_name: str
+    set_global: bool
+    flush_interval: float | None
+    heartbeat_interval: float | None
+    #: how long one collection and write may take (twice ``socket_timeout``)
+    flush_timeout: float
+    #: how long a flush waits to share one in progress (``batch_timeout``; 0 without
+    #: ``enable_batching``)
+    batch_wait: float
+    #: with twice ``flush_timeout``, how long a flush keeps its caller at most
+    batch_timeout: float
+    shutdown_timeout: float
+    instance_timeout: float
+    handle_signals: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class AggregationSettings:
+    """What the cluster reader (:class:`~conduit_otel_cache.aggregate.Aggregator`) uses."""
+
+    safe_redis_url: str
+    instance_timeout: float
+    enable_aggregation_cache: bool
+    aggregation_cache_ttl: float
+    aggregation_interval: float
+    max_instance_series: int
+    response_time_buckets: tuple[float, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class HealthSettings:
+    """The thresholds of the health rules (:mod:`.health`)."""
+
+    min_active_instances: int
+    instance_timeout: float
+    missing_instance_grace: float
+    max_aggregation_latency: float
+    drift_min_requests: int
+    max_drift_percent: float
+    max_memory_bytes: int
+    data_loss_period: float
+
+
+@dataclasses.dataclass(frozen=True)
+class ServeSettings:
+    """What ``serve`` itself uses beside the store, the aggregator and the health rules:
+    its identity, the series it publishes, cleanup and the OTLP push."""
+
+    instance_id: str
+    safe_redis_url: str
+    #: how long a rendering is served (0: every scrape reads again)
+    cache_ttl: float
+    instance_timeout: float
+    max_instance_series: int
+    cleanup_interval: float
+    retention_period: float
+    spool_dir: str | None
+    otlp_endpoint: str | None = dataclasses.field(repr=False)
+    otlp_interval: float
+    health: HealthSettings
+    #: a view whose refresh has not ended for this long is stale: the cluster's series are
+    #: no longer published from it (at least 30 s, and two refreshes of
+    #: ``aggregation_cache_ttl`` that each waited ``socket_timeout``)
+    stale_after: float
+
+
 @dataclasses.dataclass(frozen=True)
 class Settings:
     """Every option of the library; build with :meth:`Settings.load`."""
@@ -215,6 +330,61 @@ class Settings:
         return self.redis_url is not None and (
             self.redis_cluster or urlsplit(self.redis_url).scheme in REDIS_CLUSTER_SCHEMES
         )
+
+    @property
+    def writes_through(self) -> bool:
+        """True when this process writes its statistics through to Redis (a ``redis_url``,
+        a mode other than ``local``, and ``enabled``)."""
+        return self.redis_url is not None and self.mode != "local" and self.enabled
+
+    def _part(self, cls: type[_Part], **computed: Any) -> _Part:
+        """The ``cls`` options of a component: its fields of the same names as options,
+        and ``computed``."""
+        names = {f.name for f in dataclasses.fields(cls)} - set(computed)  # type: ignore[arg-type]
+        return cls(**{name: getattr(self, name) for name in names}, **computed)
+
+    @property
+    def connection(self) -> ConnectionSettings:
+        """The options of the Redis connection (needs a ``redis_url``)."""
+        if self.redis_url is None:
+            raise ConfigError("redis_url: needed to connect to Redis")
+        return self._part(
+            ConnectionSettings,
+            redis_cluster=self.is_redis_cluster,
+            batch_size=self.batch_size if self.enable_batching else 1,
+        )
+
+    @property
+    def write_through(self) -> WriteThroughSettings:
+        """The options of the write-through (needs a ``redis_url``)."""
+        return self._part(WriteThroughSettings, connection=self.connection)
+
+    @property
+    def pipeline(self) -> PipelineSettings:
+        """The options of the pipeline; it writes through when :attr:`writes_through`."""
+        return self._part(
+            PipelineSettings,
+            write_through=self.write_through if self.writes_through else None,
+            flush_timeout=self.socket_timeout * 2,
+            batch_wait=self.batch_timeout if self.enable_batching else 0.0,
+        )
+
+    @property
+    def aggregation(self) -> AggregationSettings:
+        """The options of the cluster reader."""
+        return self._part(AggregationSettings)
+
+    @property
+    def health(self) -> HealthSettings:
+        """The thresholds of the health rules."""
+        return self._part(HealthSettings)
+
+    @property
+    def serve(self) -> ServeSettings:
+        """The options of ``serve`` itself."""
+        ttl = self.aggregation_cache_ttl if self.enable_aggregation_cache else 0.0
+        stale_after = max(30.0, 2 * (self.aggregation_cache_ttl + self.socket_timeout))
+        return self._part(ServeSettings, cache_ttl=ttl, health=self.health, stale_after=stale_after)
 
     @classmethod
     def load(cls, environ: Mapping[str, str] | None = None, **options: Any) -> Settings:

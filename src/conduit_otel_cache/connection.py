@@ -11,7 +11,12 @@ from redis.cluster import ClusterNode, RedisCluster
 from redis.retry import Retry
 from redis.sentinel import Sentinel
 
-from .config import SENTINEL_SCHEMES, Settings, redis_cluster_address, sentinel_address
+from .config import (
+    SENTINEL_SCHEMES,
+    ConnectionSettings,
+    redis_cluster_address,
+    sentinel_address,
+)
 
 #: A standalone client or a Redis Cluster client.
 Client: TypeAlias = redis.Redis | RedisCluster
@@ -67,7 +72,7 @@ def _no_client_setinfo() -> dict[str, Any]:
     return {}
 
 
-def _retry(settings: Settings) -> Retry:
+def _retry(settings: ConnectionSettings) -> Retry:
     """A dropped connection is re-established ``connect_retries`` times at once; a timeout is
     not retried, so a hung Redis costs one ``socket_timeout``, not several."""
     return Retry(
@@ -77,10 +82,9 @@ def _retry(settings: Settings) -> Retry:
     )
 
 
-def _sentinel_client(settings: Settings, tls: dict[str, Any]) -> redis.Redis:
+def _sentinel_client(settings: ConnectionSettings, tls: dict[str, Any]) -> redis.Redis:
     """The primary that the sentinels of ``settings.redis_url`` name, rediscovered from them
     whenever a connection drops or the server it reaches was demoted to a replica."""
-    assert settings.redis_url is not None
     address = sentinel_address(settings.redis_url)
     sockets: dict[str, Any] = {
         "socket_timeout": settings.socket_timeout,
@@ -114,11 +118,10 @@ def _sentinel_client(settings: Settings, tls: dict[str, Any]) -> redis.Redis:
     return client
 
 
-def connect(settings: Settings) -> Client:
+def connect(settings: ConnectionSettings) -> Client:
     """A Redis client for ``settings.redis_url`` with the configured timeouts: a
     :class:`redis.cluster.RedisCluster` when the URL names a Redis Cluster, the current
     primary of a Redis Sentinel service for ``redis+sentinel://``."""
-    assert settings.redis_url is not None
     tls: dict[str, Any] = {}
     if settings.redis_url.startswith("rediss"):
         tls = {
@@ -128,7 +131,7 @@ def connect(settings: Settings) -> Client:
         }
     if settings.redis_url.partition(":")[0] in SENTINEL_SCHEMES:
         return _sentinel_client(settings, tls)
-    if settings.is_redis_cluster:
+    if settings.redis_cluster:
         address = redis_cluster_address(settings.redis_url)
         return RedisCluster(
             startup_nodes=[

@@ -10,7 +10,7 @@ from datetime import datetime, timezone
 from typing import Any, Protocol
 
 from .aggregate import ClusterView
-from .config import Settings
+from .config import HealthSettings
 
 
 class Status(enum.IntEnum):
@@ -76,7 +76,7 @@ class Recoveries(Protocol):
 
 def evaluate(
     view: ClusterView,
-    settings: Settings,
+    settings: HealthSettings,
     flushes: Flushes | None = None,
     recoveries: Recoveries | None = None,
 ) -> Health:

@@ -101,18 +101,20 @@ def register_cache_instruments(meter: Meter, snapshot: Snapshot) -> None:
     )
 
 
-class _SelfState(Protocol):
+class _Folded(Protocol):
+    """What the recorder folded or dropped."""
+
     @property
     def invalid_events(self) -> int: ...
     @property
     def overflow_events(self) -> int: ...
     @property
     def rejected_values(self) -> int: ...
-    @property
-    def flush_errors(self) -> int: ...
 
 
-def register_self_instruments(meter: Meter, state: _SelfState) -> None:
+def register_self_instruments(
+    meter: Meter, state: _Folded, flush_errors: Callable[[], int]
+) -> None:
     """Instruments about this instance's own statistics pipeline: failed flushes,
     events folded into ``_invalid``/``_overflow``, rejected values."""
 
@@ -128,7 +130,7 @@ def register_self_instruments(meter: Meter, state: _SelfState) -> None:
         "conduit.cache.flush.errors",
         "{error}",
         "Failed write-throughs to Redis",
-        lambda: state.flush_errors,
+        flush_errors,
     )
     counter(
         "conduit.cache.rejected_values",

@@ -1,9 +1,9 @@
 """The whole life of a process that records, in one module: start, fork, the final flush
 with deregistration, signals and the server hooks.
 
-A handle (what ``setup()`` returns) is registered here at start-up and forgotten at its
-shutdown. Every way a Python process ends runs the same final flush (``shutdown_all``),
-bounded by each handle's ``shutdown_timeout``:
+A handle's pipeline (:mod:`.pipeline`; "handle" below) is registered here at start-up and
+forgotten at its shutdown. Every way a Python process ends runs the same final flush
+(``shutdown_all``), bounded by each handle's ``shutdown_timeout``:
 
 ==============================================  ==============================================
 how the process ends                            what runs

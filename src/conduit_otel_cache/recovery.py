@@ -22,7 +22,7 @@ import threading
 import time
 from typing import Any
 
-from .config import Settings
+from .config import WriteThroughSettings
 from .identity import Identity
 from .model import ResponseTimes
 from .ratelimit import RateLimitedLog
@@ -64,7 +64,7 @@ def spool_fields(spool: DeadSpool) -> Fields:
 class Recoverer:
     """Recovers the dead incarnations' spools of ``settings.spool_dir`` into ``store``."""
 
-    def __init__(self, settings: Settings, store: Store) -> None:
+    def __init__(self, settings: WriteThroughSettings, store: Store) -> None:
         assert settings.spool_dir is not None
         self.settings = settings
         self.directory = settings.spool_dir

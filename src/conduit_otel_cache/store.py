@@ -24,7 +24,7 @@ from redis.commands.core import Script
 from redis.exceptions import NoScriptError
 
 from . import protocol
-from .config import Settings, valid_name
+from .config import ConnectionSettings, valid_name
 from .connection import Client, connect, pipeline
 from .keys import KeySchema
 from .protocol import Call, Entry, FlushResult, Writer
@@ -155,10 +155,9 @@ class Store:
         }
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> Store:
+    def from_settings(cls, settings: ConnectionSettings) -> Store:
         """A store on a new client for ``settings``."""
-        batch = settings.batch_size if settings.enable_batching else 1
-        return cls(connect(settings), settings.key_prefix, batch)
+        return cls(connect(settings), settings.key_prefix, settings.batch_size)
 
     # -- writes -------------------------------------------------------------------------
 

@@ -43,7 +43,7 @@ from opentelemetry.sdk.metrics.export import (
 )
 from opentelemetry.sdk.metrics.view import Aggregation
 
-from .config import Settings
+from .config import WriteThroughSettings
 from .identity import Identity
 from .instruments import COUNTER_INSTRUMENTS, RESPONSE_TIME_INSTRUMENT, SCOPE, SIZE_INSTRUMENT
 from .model import ResponseTimes
@@ -116,7 +116,7 @@ class RedisMetricExporter(MetricExporter):
 
     def __init__(
         self,
-        settings: Settings,
+        settings: WriteThroughSettings,
         store: Store | None = None,
         *,
         identity: Identity | None = None,
@@ -128,7 +128,7 @@ class RedisMetricExporter(MetricExporter):
             preferred_aggregation=preferred_aggregation,
         )
         self.settings = settings
-        self.store = store if store is not None else Store.from_settings(settings)
+        self.store = store if store is not None else Store.from_settings(settings.connection)
         self.identity = identity if identity is not None else Identity(settings.instance_id)
         self.samples = samples
         self.exports = 0  # calls of export(): the SDK makes none when it collected nothing
@@ -172,7 +172,7 @@ class RedisMetricExporter(MetricExporter):
         """Held by each write (``export``, the final write); taken across a fork."""
         return self._lock
 
-    def after_fork(self, settings: Settings) -> None:
+    def after_fork(self, settings: WriteThroughSettings) -> None:
         """In a forked child: a new incarnation with nothing written."""
         self.settings = settings
         self.flush_count = self.flush_errors = self.stale_collections = 0
@@ -225,7 +225,7 @@ class RedisMetricExporter(MetricExporter):
                 self._errors.error(
                     "conduit-otel-cache: flush of instance %s to %s failed: %s",
                     self.identity.instance_id,
-                    self.settings.safe_redis_url,
+                    self.settings.connection.safe_redis_url,
                     self.last_error,
                 )
                 return MetricExportResult.FAILURE
@@ -468,7 +468,7 @@ class RedisMetricExporter(MetricExporter):
                 self._errors.error(
                     "conduit-otel-cache: heartbeat of instance %s to %s failed: %s",
                     self.identity.instance_id,
-                    self.settings.safe_redis_url,
+                    self.settings.connection.safe_redis_url,
                     explain(exc),
                 )
                 return False

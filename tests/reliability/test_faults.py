@@ -34,9 +34,9 @@ def report(line: str) -> None:
 
 def cluster_totals(url: str) -> tuple[int, int]:
     settings = Settings.load(redis_url=url, aggregation_cache_ttl=0)
-    store = Store.from_settings(settings)
+    store = Store.from_settings(settings.connection)
     try:
-        stats = Aggregator(store, settings).view().regions.get(REGION)
+        stats = Aggregator(store, settings.aggregation).view().regions.get(REGION)
         return (stats.hit_count, stats.miss_count) if stats else (0, 0)
     finally:
         store.close()
@@ -60,8 +60,8 @@ def test_redis_killed_twice_while_three_processes_record(persist: bool) -> None:
             server.kill()  # SIGKILL mid-run
             settings = Settings.load(redis_url=server.url, socket_timeout=0.5,
                                      connect_timeout=0.5, aggregation_cache_ttl=0)  # fmt: skip
-            store = Store.from_settings(settings)
-            health = Aggregator(store, settings).view()
+            store = Store.from_settings(settings.connection)
+            health = Aggregator(store, settings.aggregation).view()
             assert health.redis_up is False  # -> Unhealthy while down
             time.sleep(0.5)  # the instances keep recording and their flushes fail meanwhile
             server.start()
@@ -112,11 +112,12 @@ def test_restart_empty_rebuilds_totals_from_live_instances(
     # from Redis ...
     assert r.hget(f"conduit:cache:stats:aggregated:{REGION}", "hit_count") == "10"
     assert r.hget(f"conduit:cache:stats:aggregated:{REGION}", "instance_count") == "1"
-    # ... but a reader that ran across the loss carries them over (continuity.py); a new
-    # reader sees what Redis holds
+    # ... but a reader that ran across the loss carries them over (continuity.py), and
+    # shares what it carried in the region's continuity record: a new reader adds the same
     assert live.cluster_statistics(REGION).hit_count == 20
+    assert r.hget(f"conduit:cache:stats:aggregated:{REGION}:continuity", "hit_count") == "10"
     fresh = make_stats("reader")
-    assert fresh.cluster_statistics(REGION).hit_count == 10
+    assert fresh.cluster_statistics(REGION).hit_count == 20
 
 
 def test_hung_redis_times_out_and_scrapes_answer_without_stale_cluster_series(
@@ -225,7 +226,7 @@ def test_churn_of_10000_instances_leaves_memory_bounded(
         if n % 3:
             handle.shutdown()  # left cleanly: removed at once
         else:  # crashed: stays until its heartbeat is older than retention_period
-            handle._closed = True
+            handle.pipeline.closed = True
             handle.exporter.store.close()  # type: ignore[union-attr]
         if n % 1000 == 999:
             peak_keys = max(peak_keys, r.dbsize())

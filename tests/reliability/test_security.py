@@ -65,7 +65,7 @@ def test_whole_product_works_under_least_privilege_acl(acl_server: RedisServer) 
     handles[2].shutdown()  # deregistration under the ACL
     a = admin(acl_server)
     a.zadd("conduit:cache:instances", {"api-1": float(a.time()[0]) - 7200})
-    handles[1]._closed = True  # as if it had crashed
+    handles[1].pipeline.closed = True  # as if it had crashed
     assert main(["cleanup", "--redis-url", url]) == 0
     assert main(["stats", "--redis-url", url, "--json"]) == 0
     assert a.zrange("conduit:cache:instances", 0, -1) == ["api-0"]

@@ -20,7 +20,7 @@ from prometheus_client.metrics_core import Metric
 
 from .. import __version__
 from ..aggregate import ClusterView
-from ..config import Settings
+from ..config import ServeSettings
 from .rendering import KEEP_WARM, Encoder, Renderings, Variant
 from .scrape import MetricsRoute
 from .series import Series, families, series, stale
@@ -36,7 +36,6 @@ RenderElsewhere = Callable[
 class ViewSource(Protocol):
     """What the exposition reads: the :class:`~conduit_otel_cache.aggregate.Aggregator`."""
 
-    settings: Settings
     errors_total: int
 
     def view(self, max_age: float | None = None) -> ClusterView: ...
@@ -46,11 +45,16 @@ class Exposition:
     """Publishes cluster totals, hit ratios, drift and health for Prometheus to scrape."""
 
     def __init__(
-        self, aggregator: ViewSource, *, prerender: bool = True, keep_warm: float = KEEP_WARM
+        self,
+        aggregator: ViewSource,
+        settings: ServeSettings,
+        *,
+        prerender: bool = True,
+        keep_warm: float = KEEP_WARM,
     ) -> None:
-        settings = aggregator.settings
         self.aggregator = aggregator
-        ttl = settings.aggregation_cache_ttl if settings.enable_aggregation_cache else 0.0
+        self.settings = settings
+        ttl = settings.cache_ttl
         self.renderings = Renderings(
             lambda max_age: aggregator.view(max_age=max_age),
             self.collect,
@@ -78,7 +82,7 @@ class Exposition:
         """The cluster series of ``view`` (of the aggregator's current one when None)."""
         return series(
             self.aggregator.view() if view is None else view,
-            settings=self.aggregator.settings,
+            settings=self.settings,
             errors_total=self.aggregator.errors_total,
             now=time.time(),
         )
@@ -87,7 +91,7 @@ class Exposition:
         """The cluster's families of ``view``."""
         return families(
             view,
-            settings=self.aggregator.settings,
+            settings=self.settings,
             errors_total=self.aggregator.errors_total,
             now=time.time(),
         )

@@ -43,7 +43,7 @@ from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from prometheus_client import Counter
 
 from ..background import quietly
-from ..config import ConfigError, Settings, redact_url
+from ..config import ConfigError, ServeSettings, redact_url
 from ..instruments import SCOPE
 from ..model import ResponseTimes
 from ..ratelimit import RateLimitedLog
@@ -134,7 +134,7 @@ class OtlpPush:
     The resource is ``service.name`` :data:`SERVICE_NAME` and ``service.instance.id`` the
     replica's ``instance_id``."""
 
-    def __init__(self, settings: Settings, exporter: MetricExporter | None = None) -> None:
+    def __init__(self, settings: ServeSettings, exporter: MetricExporter | None = None) -> None:
         if settings.otlp_endpoint is None and exporter is None:
             raise ConfigError("otlp_endpoint: required for an OTLP push")
         self.interval = settings.otlp_interval

@@ -30,7 +30,7 @@ from typing import Any
 from prometheus_client.metrics_core import Metric
 
 from ..aggregate import ClusterView
-from ..config import Settings
+from ..config import ServeSettings
 from .rendering import Encoder, Variant, encode
 from .series import families
 
@@ -56,10 +56,10 @@ class RenderProcess:
     renders in-process. A child that fails is replaced ``restart_after`` seconds later.
     """
 
-    def __init__(self, settings: Settings, *, restart_after: float = RESTART_AFTER) -> None:
+    def __init__(self, settings: ServeSettings, *, restart_after: float = RESTART_AFTER) -> None:
         self.restart_after = restart_after
-        # the child reads no Redis and pushes nothing: it gets neither URL
-        self._settings = dataclasses.replace(settings, redis_url=None, otlp_endpoint=None)
+        # the child reads no Redis and pushes nothing: it gets no URL
+        self._settings = dataclasses.replace(settings, otlp_endpoint=None)
         self._lock = threading.Lock()
         #: renderings done by the child, and the child's failures
         self.renderings = 0
@@ -178,7 +178,7 @@ class RenderProcess:
 
 def _child(conn: Connection) -> None:
     """The child process: encode every view received until the socket closes."""
-    settings: Settings = conn.recv()
+    settings: ServeSettings = conn.recv()
     conn.send(_READY)
     while True:
         try:

@@ -32,7 +32,7 @@ from prometheus_client.metrics_core import (
 )
 
 from ..aggregate import ClusterView
-from ..config import Settings
+from ..config import ServeSettings
 from ..health import evaluate
 from ..instruments import COUNTER_INSTRUMENTS, RESPONSE_TIME_INSTRUMENT, SIZE_INSTRUMENT
 from ..model import ResponseTimes, Statistics
@@ -168,20 +168,17 @@ DATA_LOSSES = _spec(
 )
 
 
-def stale_after(settings: Settings) -> float:
-    """Seconds after which a view whose refresh has not ended is stale: at least 30, and
-    two refreshes of ``aggregation_cache_ttl`` that each waited ``socket_timeout``."""
-    return max(30.0, 2 * (settings.aggregation_cache_ttl + settings.socket_timeout))
-
-
-def stale(view: ClusterView, settings: Settings, now: float) -> bool:
-    """Whether ``view`` reached Redis but is older than :func:`stale_after` (its refresh
-    has not ended: a Redis that trickles a reply, each piece within ``socket_timeout``)."""
+def stale(view: ClusterView, settings: ServeSettings, now: float) -> bool:
+    """Whether ``view`` reached Redis but is older than ``settings.stale_after`` (its
+    refresh has not ended: a Redis that trickles a reply, each piece within
+    ``socket_timeout``)."""
     age = data_age(view, now)
-    return view.redis_up and age is not None and age > stale_after(settings)
+    return view.redis_up and age is not None and age > settings.stale_after
 
 
-def series(view: ClusterView, *, settings: Settings, errors_total: int, now: float) -> list[Series]:
+def series(
+    view: ClusterView, *, settings: ServeSettings, errors_total: int, now: float
+) -> list[Series]:
     """Every cluster series of ``view`` (``errors_total``: the aggregator's malformed
     entries so far; ``now``: Unix time of the collection), in publishing order. A replica
     cut off from Redis, or whose view is :func:`stale`, publishes its own series only, so
@@ -230,7 +227,7 @@ def series(view: ClusterView, *, settings: Settings, errors_total: int, now: flo
         (AGGREGATION_LATENCY, scalar(view.aggregation_latency)),
         (REDIS_MEMORY, cluster(lambda: view.redis_memory_bytes)),
         (LAST_SUCCESS, scalar(view.last_successful_aggregation)),
-        (HEALTH_STATUS, scalar(int(evaluate(view, settings).status))),
+        (HEALTH_STATUS, scalar(int(evaluate(view, settings.health).status))),
         (DATA_AGE, scalar(data_age(view, now))),
         (AGGREGATION_ERRORS, scalar(errors_total)),
         (FLUSH_ERRORS, [((("kind", k),), n) for k, n in sorted(flush_errors.items())]),
@@ -241,7 +238,7 @@ def series(view: ClusterView, *, settings: Settings, errors_total: int, now: flo
 
 
 def families(
-    view: ClusterView, *, settings: Settings, errors_total: int, now: float
+    view: ClusterView, *, settings: ServeSettings, errors_total: int, now: float
 ) -> list[Metric]:
     """The prometheus_client families of :func:`series` of ``view``."""
     return [family(s) for s in series(view, settings=settings, errors_total=errors_total, now=now)]

@@ -54,15 +54,16 @@ class ExporterService:
         render_process: bool = False,
     ) -> None:
         self.settings = settings
-        self.store = Store.from_settings(settings)
-        self.aggregator = Aggregator(self.store, settings, background=True)
-        self.push = OtlpPush(settings) if settings.otlp_endpoint is not None else None
-        self.exposition = Exposition(self.aggregator)
+        self.serve = serve = settings.serve
+        self.store = Store.from_settings(settings.connection)
+        self.aggregator = Aggregator(self.store, settings.aggregation, background=True)
+        self.push = OtlpPush(serve) if serve.otlp_endpoint is not None else None
+        self.exposition = Exposition(self.aggregator, serve)
         if self.push is not None:
             self.exposition.register_own(self.push.pushes)
         self._reached = threading.Event()  # Redis answered once: /-/ready
         api = make_stats_app(cluster=self.cluster_regions)  # /api/cache/stats/distributed
-        landing = landing_page(__version__, settings.safe_redis_url)
+        landing = landing_page(__version__, serve.safe_redis_url)
         self.app = make_app(
             self.exposition.route.wsgi_app, self.health, api, ready=self.ready, landing=landing
         )
@@ -86,7 +87,7 @@ class ExporterService:
 
     def health(self) -> Health:
         """The health rules applied to the current cluster view."""
-        return evaluate(self._view(), self.settings)
+        return evaluate(self._view(), self.serve.health)
 
     def ready(self) -> bool:
         """Whether Redis was reached at least once (``/-/ready``); never waits for Redis."""
@@ -113,7 +114,7 @@ class ExporterService:
         collection walks only what came later: a pause of a few ms, not tens, while
         scrapes wait."""
         if self._render_wanted and self.exposition.renderings.prerender:
-            self.render_process = RenderProcess(self.settings)
+            self.render_process = RenderProcess(self.serve)
             self.exposition.render_elsewhere(self.render_process.render)
         if freeze:
             gc.collect()
@@ -123,7 +124,7 @@ class ExporterService:
         if self.push is not None:
             self.push.start(self.exposition.series)
         targets = [self.server.serve_forever, self._cleanup_loop]
-        if self.settings.spool_dir is not None:  # a sidecar of the application's pod
+        if self.serve.spool_dir is not None:  # a sidecar of the application's pod
             targets.append(self._recovery_loop)
         if self.web_config.config.source is not None:
             targets.append(self._web_config_loop)
@@ -137,9 +138,9 @@ class ExporterService:
         while not self._reached.is_set() and not self._stop.is_set():  # until Redis answers
             self._view()
             self._stop.wait(1.0)
-        while not self._stop.wait(self.settings.cleanup_interval):
+        while not self._stop.wait(self.serve.cleanup_interval):
             try:
-                removed = self.store.cleanup(self.settings.retention_period)
+                removed = self.store.cleanup(self.serve.retention_period)
                 if removed:
                     log.info("cleanup removed %d dead instance(s)", len(removed))
             except Exception as exc:
@@ -147,7 +148,8 @@ class ExporterService:
 
     def _recovery_loop(self) -> None:
         """Recover the spools of dead incarnations in ``spool_dir`` (:mod:`.recovery`)."""
-        Recoverer(self.settings, self.store).loop(self._stop, SPOOL_RECOVERY_INTERVAL, tuple)
+        recoverer = Recoverer(self.settings.write_through, self.store)
+        recoverer.loop(self._stop, SPOOL_RECOVERY_INTERVAL, tuple)
 
     def reload_web_config(self) -> None:
         """Read the web configuration's files again now (``SIGHUP``), changed or not."""
