@@ -321,3 +321,25 @@ def test_a_redis_back_from_an_older_snapshot_is_exact(
     assert t["live_hit_count"] == 20
     assert t["lost"] >= 1  # Redis lost writes: reported, though the live instances made up
     raw.close()
+
+
+def test_a_crashed_instance_rebuilt_out_of_the_totals_leaves_no_count_twice(
+    make_stats: MakeStats, r: redis.Redis
+) -> None:
+    """A crashed instance's totals are lost and rebuilt from the live instances alone, then
+    its own stats hash is lost too: when its id is taken over, it leaves nothing (it holds
+    nothing of the new totals); the live instance's count stays. (Found by the model.)"""
+    crashed, live = make_stats("b"), make_stats("a")
+    record(crashed, "A", 1)
+    assert crashed.flush()
+    crashed.pipeline.closed = True  # killed: no flush, no departure
+    record(live, "A", 1)
+    assert live.flush()
+    r.delete(AGG + "A")  # rebuilt from the live instance alone
+    record(live, "A", 1)
+    assert live.flush()
+    r.delete("conduit:cache:stats:b:A")  # the crashed instance's own record, lost too
+    again = make_stats("b")  # its id restarts in place and takes over
+    record(again, "A", 1)
+    assert again.flush()
+    assert totals(r, "A")["instance_count"] == 2

@@ -100,6 +100,17 @@ local function write_fate(akey, id, token, seq, epoch)
   return got[2] and 'unknown' or 'none'
 end
 
+local function written_to(akey, id)
+  -- Whether these totals may hold live gauges of id: false only when the record of their
+  -- writes (of the same epoch, never started again) lists no write of it, as after the
+  -- totals were lost and rebuilt from the live instances alone.
+  local got = redis.pcall('HMGET', writes_key(akey), 'epoch', 'reset', id)
+  if failed(got) or got[2] or got[3] or got[1] ~= redis.call('HGET', akey, 'epoch') then
+    return true
+  end
+  return false
+end
+
 local function unsure_fate(akey, h, b, epoch)
   -- Did Redis apply the writer's write b.unsure (its reply was lost) to these totals?
   -- 'yes', 'no', or 'unknown'.
@@ -315,7 +326,7 @@ local function depart_region(skey, akey, ckey, lkey, id, remove, unless_token, w
     end
     redis.call('HSET', skey, 'live', '0')
   elseif not s[5] and totals and (was_live == true or (was_live == 'm'
-         and redis.pcall('HEXISTS', ckey, id) == 1)) then
+         and redis.pcall('HEXISTS', ckey, id) == 1)) and written_to(akey, id) then
     leave_gauges(akey, 0, 0, 0, true)
     local left = tonumber(redis.call('HGET', akey, 'instance_count')) or 0
     if left > 0 then mark_lost(akey, server_time_s()) end
