@@ -79,6 +79,9 @@ SERVE_FAMILIES = {
     "conduit_cache_last_successful_aggregation_timestamp_seconds",
     "conduit_cache_health_status",
     "conduit_cache_aggregation_errors",
+    "conduit_cache_instances_flush_errors",
+    "conduit_cache_instances_flush_errors_all_kinds",
+    "conduit_cache_data_losses",
 }
 
 
