@@ -97,20 +97,28 @@ def test_sigterm_interrupting_a_flush(mode: str, redis_url: str, reader: Cluster
     locks would wait all of it, with no final flush), exact (an SDK collection stopped half
     way by the handler's ``SystemExit`` would count the next one twice), and deregistered."""
     events = 500
-    for attempt in range(6):
-        # each attempt starts from an empty Redis (below): a reader that ran across the
-        # deletion would carry the earlier attempts' counts over it (continuity.py)
-        reader.stats.shutdown()
-        reader = ClusterReader(reader.redis_url)
-        proc, _ = start(redis_url, "flush_loop", mode, str(events))
-        assert proc.stdout is not None and proc.stdout.readline().strip() == "recorded"
-        time.sleep(0.01 * attempt)  # the flush loop goes on; vary where the signal lands
-        sent = time.monotonic()
-        proc.send_signal(signal.SIGTERM)
-        _, err = proc.communicate(timeout=SHUTDOWN_TIMEOUT + 5)
-        took = time.monotonic() - sent
-        assert proc.returncode == (0 if mode == "own-handler" else -signal.SIGTERM), err
-        assert "shutdown_timeout" not in err and "Traceback" not in err, err
-        assert took < SHUTDOWN_TIMEOUT / 2, f"stopped after {took:.2f}s"
-        assert reader.state() == State(events, 0, 0, 0, frozenset()), attempt
-        reader.client.delete(*reader.client.keys("conduit:*"))
+    first = reader
+    try:
+        for attempt in range(6):
+            # each attempt starts from an empty Redis (below): a reader that ran across the
+            # deletion would carry the earlier attempts' counts over it (continuity.py); one
+            # open handle per id, so the last one closes first
+            if reader is not first:
+                reader.close()
+            first.stats.shutdown()
+            reader = ClusterReader(first.redis_url)
+            proc, _ = start(redis_url, "flush_loop", mode, str(events))
+            assert proc.stdout is not None and proc.stdout.readline().strip() == "recorded"
+            time.sleep(0.01 * attempt)  # the flush loop goes on; vary where the signal lands
+            sent = time.monotonic()
+            proc.send_signal(signal.SIGTERM)
+            _, err = proc.communicate(timeout=SHUTDOWN_TIMEOUT + 5)
+            took = time.monotonic() - sent
+            assert proc.returncode == (0 if mode == "own-handler" else -signal.SIGTERM), err
+            assert "shutdown_timeout" not in err and "Traceback" not in err, err
+            assert took < SHUTDOWN_TIMEOUT / 2, f"stopped after {took:.2f}s"
+            assert reader.state() == State(events, 0, 0, 0, frozenset()), attempt
+            reader.client.delete(*reader.client.keys("conduit:*"))
+    finally:
+        if reader is not first:
+            reader.close()  # the fixture closes the first
