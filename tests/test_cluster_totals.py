@@ -431,12 +431,12 @@ def test_the_per_instance_pass_outlasting_socket_timeout_reads_in_bounded_round_
     regions failed after the default 5 s, when it read every statistics hash). The pass
     reads in round trips of a quarter of it."""
     keys = KeySchema()
-    instances, regions = 10_000, [f"r{n}" for n in range(60)]
+    instances, regions = 10_000, [f"r{n}" for n in range(100)]
     pipe = r.pipeline(transaction=False)
     for region in regions:
         pipe.hset(keys.counts(region), mapping={f"i{n}": f"{n} 1" for n in range(instances)})
     pipe.execute()
-    timeout = 0.4
+    timeout = 0.2
     store = Store.from_settings(
         Settings.load(redis_url=redis_url, socket_timeout=timeout).connection
     )
