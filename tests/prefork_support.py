@@ -189,10 +189,12 @@ class State:
 class ClusterReader:
     """The cluster read with a fresh handle (which records nothing and never registers)."""
 
-    def __init__(self, redis_url: str, instance_timeout: float = INSTANCE_TIMEOUT) -> None:
+    def __init__(
+        self, redis_url: str, instance_timeout: float = INSTANCE_TIMEOUT, name: str = "test-reader"
+    ) -> None:
         self.redis_url = redis_url
         self.stats: CacheStatistics = setup(  # type: ignore[assignment]
-            redis_url=redis_url, instance_id="test-reader", set_global=False,
+            redis_url=redis_url, instance_id=name, set_global=False,
             flush_interval=None, aggregation_cache_ttl=0, instance_timeout=instance_timeout,
         )  # fmt: skip
         self.client = redis.Redis.from_url(redis_url, decode_responses=True)

@@ -420,17 +420,17 @@ def test_rate_stays_true_across_an_empty_redis_restart(
         with run_prometheus(tmp_path, config) as prometheus:
             # a departed instance: its counts are in Redis's totals, and the loss takes them
             gone = application(redis_server.url, "api-0", "api-1")
-            time.sleep(3)
+            time.sleep(3)  # it records traffic meanwhile (what the loss will take)
             stop_cleanly(gone)
             ticks = {i: tmp_path / f"{i}.ticks" for i in ("api-1", "api-2")}
             apps = {i: application(redis_server.url, i, ticks=ticks[i]) for i in ticks}
             hits = f'conduit_cache_hits_total{{job="{JOB}"}}'
             rate = f"sum(max without (instance, pod) (rate({hits}[30s])))"
-            time.sleep(35)
+            time.sleep(35)  # real traffic for rate() to measure before the restart
             restart = time.time()
             redis_server.kill()
             redis_server.start()
-            time.sleep(40)
+            time.sleep(40)  # and after it
             for proc in apps.values():
                 stop_cleanly(proc)
             rates = {}

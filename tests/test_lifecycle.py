@@ -91,22 +91,17 @@ def test_the_end_of_the_main_module(redis_url: str, reader: ClusterReader) -> No
 
 @pytest.mark.slow
 @pytest.mark.parametrize("mode", ["own-handler", "default"])
-def test_sigterm_interrupting_a_flush(mode: str, redis_url: str, reader: ClusterReader) -> None:
+def test_sigterm_interrupting_a_flush(mode: str, redis_url: str) -> None:
     """A main thread that flushes in a loop, so the signal lands inside ``flush()``: the
     process ends well within ``shutdown_timeout`` (a deadlock on the interrupted flush's
     locks would wait all of it, with no final flush), exact (an SDK collection stopped half
     way by the handler's ``SystemExit`` would count the next one twice), and deregistered."""
     events = 500
-    first = reader
-    try:
-        for attempt in range(6):
-            # each attempt starts from an empty Redis (below): a reader that ran across the
-            # deletion would carry the earlier attempts' counts over it (continuity.py); one
-            # open handle per id, so the last one closes first
-            if reader is not first:
-                reader.close()
-            first.stats.shutdown()
-            reader = ClusterReader(first.redis_url)
+    for attempt in range(6):
+        # each attempt starts from an empty Redis (below), read by a reader of its own: one
+        # that ran across the deletion would carry the earlier counts over it (continuity.py)
+        reader = ClusterReader(redis_url, name=f"test-reader-{attempt}")
+        try:
             proc, _ = start(redis_url, "flush_loop", mode, str(events))
             assert proc.stdout is not None and proc.stdout.readline().strip() == "recorded"
             time.sleep(0.01 * attempt)  # the flush loop goes on; vary where the signal lands
@@ -119,6 +114,5 @@ def test_sigterm_interrupting_a_flush(mode: str, redis_url: str, reader: Cluster
             assert took < SHUTDOWN_TIMEOUT / 2, f"stopped after {took:.2f}s"
             assert reader.state() == State(events, 0, 0, 0, frozenset()), attempt
             reader.client.delete(*reader.client.keys("conduit:*"))
-    finally:
-        if reader is not first:
-            reader.close()  # the fixture closes the first
+        finally:
+            reader.close()

@@ -105,7 +105,7 @@ def test_a_replica_cut_off_from_redis_publishes_only_its_own_series(
     assert cut[("conduit_cache_health_status", ())] == 2  # Unhealthy
     assert names(cut) >= OWN
     assert not names(cut) & CLUSTER, sorted(names(cut) & CLUSTER)
-    time.sleep(0.2)
+    time.sleep(0.2)  # the age to measure is the time itself
     later = scrape(replica)  # the data age keeps growing while it is cut off
     age = ("conduit_cache_exporter_data_age_seconds", ())
     assert later[age] > cut[age] >= 0
