@@ -30,11 +30,10 @@ the instance-level keys share ``{global}`` and a region's keys share ``{<region>
     conduit:cache:{global}:instance:<instance>:regions
     conduit:cache:{global}:flush_errors
 
-Every key a script touches is named here and passed to it in ``KEYS``, but for three derived
-in the same slot: ``lua/members.lua`` derives instance meta keys from :meth:`KeySchema.meta`
-of an empty id, and ``lua/region.lua`` the record of a region's writes from its aggregated
-hash (``<aggregated>:writes``) and renews the TTL of its continuity record
-(``<aggregated>:continuity``) with the totals'.
+Every key a script writes is named here and passed to it in ``KEYS``, so that a Redis Cluster
+routes the call by all of them (a slot in migration answers ASK or TRYAGAIN). Only
+``lua/members.lua`` derives keys, which it reads: instance meta keys from
+:meth:`KeySchema.meta` of an empty id.
 """
 
 from __future__ import annotations
@@ -81,6 +80,11 @@ class KeySchema:
     def aggregate(self, region: str) -> str:
         """The cluster totals of one region."""
         return self.prefix + self._aggregate.format(region=region)
+
+    def writes(self, region: str) -> str:
+        """The writes one region's totals hold (instance id -> ``token:write number``, and
+        their epoch), in the totals' hash slot."""
+        return self.aggregate(region) + ":writes"
 
     def continuity(self, region: str) -> str:
         """What Redis data losses took from one region's totals, carried over by every

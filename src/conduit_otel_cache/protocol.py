@@ -4,7 +4,7 @@ store sends nothing else; each Lua file states the same layout in its header.
 
 The write scripts (``flush``, ``beat``, ``regions``) share one ``ARGV`` layout
 (``lua/lib.lua``): :meth:`Writer.header`, then :func:`entry_args` per region entry. Every
-region's keys are :func:`region_keys`, four per region, in the order the scripts read them.
+region's keys are :func:`region_keys`, six per region, in the order the scripts read them.
 """
 
 from __future__ import annotations
@@ -140,13 +140,16 @@ class FlushResult:
 
 
 def region_keys(keys: KeySchema, instance_id: str, region: str) -> list[str]:
-    """One region of one instance (``write_region()``, ``depart_region()``): stats hash,
-    aggregated hash, counts hash, samples list."""
+    """One region of one instance (``region_at()`` in ``lua/region.lua``): stats hash,
+    aggregated hash, counts hash, samples list, the totals' record of writes, continuity
+    record. Declared, so that a Redis Cluster routes the call by every key it touches."""
     return [
         keys.stats(instance_id, region),
         keys.aggregate(region),
         keys.counts(region),
         keys.samples(instance_id, region),
+        keys.writes(region),
+        keys.continuity(region),
     ]
 
 

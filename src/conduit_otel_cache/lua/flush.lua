@@ -2,9 +2,7 @@
 -- One write of one instance, standalone Redis: the heartbeat and every region entry in one
 -- script call (one round trip). Argument layout: see lib.lua.
 -- KEYS: instances zset, regions set, instance meta hash, instance regions set, flush
---       errors hash, then per region entry: instance stats hash, aggregated hash, counts hash,
---       response-time samples list (every key is declared, so Redis Cluster checks them
---       all before the script runs: a script never stops half way).
+--       errors hash, then per region entry its REGION_KEYS keys (region_at() in region.lua).
 -- Returns beat()'s reply (instance.lua), the regions that need a full entry, and region,
 -- epoch pairs of the full entries written; nothing is written unless the status is 'ok'.
 local now = server_time()
@@ -25,11 +23,11 @@ if reply[2] == 'ok' then
   end
   local was_live = reply[5] == '1' or 'm'
   for i, e in ipairs(es) do
-    local k = 2 + 4 * i
+    local skey, akey, ckey, lkey = region_at(6 + REGION_KEYS * (i - 1))
     if earlier[e.region] then
-      depart_region(KEYS[k], KEYS[k + 1], KEYS[k + 2], KEYS[k + 3], h.id, false, h.token, was_live)
+      depart_region(skey, akey, ckey, lkey, h.id, false, h.token, was_live)
     end
-    local done, epoch = write_region(KEYS[k], KEYS[k + 1], KEYS[k + 2], KEYS[k + 3], h, e, now_s)
+    local done, epoch = write_region(skey, akey, ckey, lkey, h, e, now_s)
     if done == 'full' then
       need_full[#need_full + 1] = e.region
     elseif e.full then

@@ -29,7 +29,19 @@ end
 -- that would tell is gone: a writer's reply was lost, or Redis went back to an older
 -- snapshot.
 local REMOVED_CAP = 1000
-local function writes_key(akey) return akey .. ':writes' end
+
+-- A region's keys, declared in KEYS from k on (protocol.region_keys() in protocol.py):
+-- stats hash, aggregated hash, counts hash, samples list, then the totals' record of writes
+-- and continuity record, which the functions below find by the aggregated hash. Every key
+-- is declared, so that Redis Cluster routes a call by all of them: a slot in migration
+-- answers ASK or TRYAGAIN, and no key is ever written on a node that does not own it.
+local REGION_KEYS = 6
+local DECLARED = {}
+local function region_at(k)
+  DECLARED[KEYS[k + 1]] = {writes = KEYS[k + 4], continuity = KEYS[k + 5]}
+  return KEYS[k], KEYS[k + 1], KEYS[k + 2], KEYS[k + 3]
+end
+local function writes_key(akey) return DECLARED[akey].writes end
 
 local function refresh_region(skey, akey, ckey, lkey, h)
   redis.call('EXPIRE', skey, h.ttl)
@@ -37,7 +49,7 @@ local function refresh_region(skey, akey, ckey, lkey, h)
   redis.pcall('EXPIRE', writes_key(akey), h.ttl)
   redis.pcall('EXPIRE', ckey, h.ttl)
   -- what data losses took from the totals (serve's continuity record) lives as long
-  redis.pcall('EXPIRE', akey .. ':continuity', h.ttl)
+  redis.pcall('EXPIRE', DECLARED[akey].continuity, h.ttl)
   redis.pcall('EXPIRE', lkey, h.sample_ttl)
 end
 

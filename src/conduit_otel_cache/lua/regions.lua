@@ -2,22 +2,22 @@
 -- Cluster (after beat.lua, which records the region names, in the same pipeline), and the
 -- entries after the first batch_size of a large standalone write. Argument layout: see
 -- lib.lua. Encoded by protocol.regions() in protocol.py.
--- KEYS: per region entry: instance stats hash, aggregated hash, counts hash,
---       response-time samples list; then, when they share the slot (standalone), the
---       regions set and the instance regions set, which record the entries' names.
+-- KEYS: per region entry its REGION_KEYS keys (region_at() in region.lua); then, when they
+--       share the slot (standalone), the regions set and the instance regions set, which
+--       record the entries' names.
 -- Returns the regions that need a full entry (nothing written for them), and region, epoch
 -- pairs of the full entries written.
 local now_s = string.format('%.6f', server_time())
 local h = header()
 local need_full, epochs = {}, {}
 local es = entries()
-local gkey, ikey = KEYS[4 * #es + 1], KEYS[4 * #es + 2]
+local gkey, ikey = KEYS[REGION_KEYS * #es + 1], KEYS[REGION_KEYS * #es + 2]
 local _, listed = listed_regions(es, h)
 local sadd = {}
 for _, region in ipairs(listed) do sadd[region] = true end
 for i, e in ipairs(es) do
-  local k = 4 * i - 3
-  local done, epoch = write_region(KEYS[k], KEYS[k + 1], KEYS[k + 2], KEYS[k + 3], h, e, now_s)
+  local skey, akey, ckey, lkey = region_at(1 + REGION_KEYS * (i - 1))
+  local done, epoch = write_region(skey, akey, ckey, lkey, h, e, now_s)
   if done == 'full' then
     need_full[#need_full + 1] = e.region
   else
