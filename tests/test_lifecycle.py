@@ -34,11 +34,27 @@ def env(redis_url: str) -> dict[str, str]:
     return environ
 
 
+STARTED: list[subprocess.Popen[str]] = []
+
+
+@pytest.fixture(autouse=True)
+def no_process_left() -> Iterator[None]:
+    """A process a failed test leaves running (one that never ends: a flush loop whose
+    exit was lost) is killed, so that it cannot take the CPU from the tests after it."""
+    yield
+    while STARTED:
+        proc = STARTED.pop()
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+
+
 def start(redis_url: str, module: str, *args: str) -> tuple[subprocess.Popen[str], list[str]]:
     proc = subprocess.Popen(
         [sys.executable, "-m", f"tests.exit_apps.{module}", *args], cwd=REPO,
         env=env(redis_url), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
+    STARTED.append(proc)
     assert proc.stdout is not None
     lines = []
     while (line := proc.stdout.readline().strip()) != "ready":
