@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: demo test check test-lowest test-python test-valkey lint bench clean system-deps manifests
+.PHONY: demo test test-slow check test-lowest test-python test-valkey lint bench clean system-deps manifests
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -34,8 +34,13 @@ system-deps:
 	  fi; \
 	fi
 
+# The default run: lint and every test but the slow scenarios (real pre-fork servers, the end
+# of every process model, Redis faults under load, the live alert scenarios): make test-slow.
 test: system-deps lint
-	$(PY) -m pytest
+	$(PY) -m pytest -m "not slow"
+
+test-slow: system-deps $(VENV)/.installed
+	$(PY) -m pytest -m slow $(PYTEST_ARGS)
 
 # The quick local loop: lint and every test but the slow and Redis Cluster ones.
 check: system-deps lint
