@@ -463,3 +463,39 @@ def test_a_data_loss_is_carried_once_and_shared_on_a_redis_cluster(
     assert first.cluster_view().regions["R"].hit_count == 37
     assert rc.hget(keys.continuity("R"), "hit_count") == "30"
     assert make_stats("reader-2").cluster_view().regions["R"].hit_count == 37
+
+
+@pytest.mark.usefixtures("private_redis_cluster")  # the slot stays moved
+def test_global_slot_migration_keeps_every_live_instance(
+    redis_cluster: RedisClusterServers, make_stats: MakeStats, rc: RedisCluster
+) -> None:
+    """The ``{global}`` slot (heartbeats, instance meta hashes and regions sets) moves to
+    another primary key by key while the instances flush and the per-instance pass checks
+    every heartbeat between the moves: no live instance is taken for a stray and removed,
+    and the totals stay exact."""
+    traffic = Traffic(make_stats)
+    for _ in range(2):
+        traffic.round()
+    store = traffic.handles[0].aggregator.store
+    key = "conduit:cache:{global}:instances"
+    rc.nodes_manager.initialize()
+    slot = rc.keyslot(key)
+    source = owner_port(rc, key)
+    ports = [server.port for server in redis_cluster.servers]
+    primaries = [p for p in ports if on_node(p, "ROLE")[0] == "master"]
+    target = next(p for p in primaries if p != source)
+    source_id, target_id = (on_node(p, "CLUSTER", "MYID") for p in (source, target))
+    on_node(target, "CLUSTER", "SETSLOT", slot, "IMPORTING", source_id)
+    on_node(source, "CLUSTER", "SETSLOT", slot, "MIGRATING", target_id)
+    # the instances' own keys first, the heartbeats last: a check that read an instance's
+    # keys where they no longer are would find no instance behind its heartbeat
+    keys = sorted(on_node(source, "CLUSTER", "GETKEYSINSLOT", slot, 1000), key=lambda k: k == key)
+    for key_ in keys:
+        on_node(source, "MIGRATE", "127.0.0.1", target, key_, 0, 5000)
+        assert store.remove_strays(60.0) == [], key_
+        traffic.round()
+    for port in primaries:
+        on_node(port, "CLUSTER", "SETSLOT", slot, "NODE", target_id)
+    redis_cluster.wait_ok(20)
+    assert store.remove_strays(60.0) == []
+    traffic.check_exact()

@@ -32,8 +32,8 @@ the instance-level keys share ``{global}`` and a region's keys share ``{<region>
 
 Every key a script writes is named here and passed to it in ``KEYS``, so that a Redis Cluster
 routes the call by all of them (a slot in migration answers ASK or TRYAGAIN). Only
-``lua/members.lua`` derives keys, which it reads: instance meta keys from
-:meth:`KeySchema.meta` of an empty id.
+``lua/members.lua`` derives keys (instance meta keys from :meth:`KeySchema.meta` of an empty
+id), which it only reads: ``lua/stray.lua`` removes what it found, with the keys declared.
 """
 
 from __future__ import annotations

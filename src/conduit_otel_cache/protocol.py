@@ -26,7 +26,8 @@ SCRIPTS: dict[str, tuple[str, ...]] = {
     "redis_cluster_depart": ("instance.lua", "redis_cluster_depart.lua"),
     "settled": ("settled.lua",),
     "liveness": ("liveness.lua",),
-    "members": ("members.lua",),
+    "members": ("member.lua", "members.lua"),
+    "stray": ("member.lua", "stray.lua"),
     "aggregates": ("aggregates.lua",),
     "acknowledge": ("acknowledge.lua",),
     "continuity": ("continuity.lua",),
@@ -287,6 +288,14 @@ def members(keys: KeySchema, instance_timeout: float) -> Call:
     """``lua/members.lua``: the heartbeats; ARGV: instance_timeout and the meta hash key of
     an empty id (the script derives each instance's)."""
     return Call("members", [keys.instances], [instance_timeout, keys.meta("")])
+
+
+def stray(keys: KeySchema, member: str) -> Call:
+    """``lua/stray.lua``: one heartbeat member :func:`members` returned, removed if it still
+    has no live instance behind it. KEYS: heartbeats, its meta hash, its regions set."""
+    return Call(
+        "stray", [keys.instances, keys.meta(member), keys.instance_regions(member)], [member]
+    )
 
 
 def aggregates(hashes: Sequence[str]) -> Call:

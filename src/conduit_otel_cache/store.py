@@ -414,10 +414,17 @@ class Store:
         script call): members that are no live instance (foreign data, or an instance whose
         records Redis lost) are removed, so that :meth:`read_cluster`'s count is of live
         instances; returns them as errors to report."""
-        (bad,) = self._run([protocol.members(self.keys, instance_timeout)])
-        return [
-            f"{self.keys.instances}: removed member {str(m)[:40]!r} (no live instance)" for m in bad
-        ]
+        (candidates,) = self._run([protocol.members(self.keys, instance_timeout)])
+        removed = []
+        for member in map(str, candidates):
+            try:
+                (done,) = self._run([protocol.stray(self.keys, member)])
+            except (redis.exceptions.TryAgainError, redis.exceptions.ClusterError):
+                continue  # its keys are on two nodes (a slot in migration): the next pass
+            if done:
+                removed.append(f"{self.keys.instances}: removed member {member[:40]!r} "
+                               "(no live instance)")  # fmt: skip
+        return removed
 
     def _read_aggregates(self, regions: list[str]) -> tuple[list[Hash], list[Hash]]:
         """The aggregated hash and the continuity record of each region; errors are
