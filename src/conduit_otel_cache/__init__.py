@@ -15,8 +15,8 @@ from typing import Any
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import MetricReader
 
-from .client import CacheStatistics, views
 from .config import ConfigError, Settings
+from .handle import CacheStatistics, views
 from .health import Health, Status
 from .model import ResponseTimes, Statistics
 from .strategies import AggregationStrategy, LazyStrategy, SumStrategy, WeightedStrategy
