@@ -6,7 +6,6 @@ reaping. Its replacement recovers the spool at its start."""
 
 from __future__ import annotations
 
-import gc
 import os
 import re
 import sys
@@ -17,7 +16,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from celery import Celery
 
 from conduit_otel_cache.embedded import free_port
 
@@ -36,7 +34,7 @@ from .prefork_support import (
     pod_env,
     wait_ready,
 )
-from .test_prefork_celery import run_tasks, urls
+from .test_prefork_celery import celery_client, run_tasks, urls
 
 WORKERS = 3
 #: longer than the test waits for the recovery: what the victim recorded was not flushed
@@ -127,43 +125,37 @@ def test_celery_prefork_child_sigkilled_mid_task_loses_nothing(
     spool = tmp_path / "spool"
     spool.mkdir()
     broker, backend = urls(redis_url)
-    client = Celery("spool-test-client", broker=broker, backend=backend)
-    client.conf.result_backend_transport_options = {"retry_policy": {"max_retries": 0}}
     argv = [sys.executable, "-m", "celery", "-A", "tests.prefork_tasks", "worker",
             "--pool", "prefork", "-c", "3", "--loglevel", "WARNING", "--without-gossip",
             "--without-mingle", "--without-heartbeat", "-n", f"w1@{POD}"]  # fmt: skip
     env = spool_env(redis_url, spool, PREFORK_BROKER_URL=broker, PREFORK_BACKEND_URL=backend)
     pending: list[Any] = []
-    try:
-        with Server(argv, env, tmp_path / "celery.log") as server:
-            served = run_tasks(client, server, 30)
-            eventually(lambda: len(server.workers()), 3)
-            before, spooled = server.workers(), spools(spool)
-            assert len(spooled) == 4  # the master's and its children's
-            pending += [client.send_task("prefork.record") for _ in range(30)]
-            client.send_task("prefork.die")  # mid-traffic: the others keep running
-            served += [int(r.get(timeout=60)) for r in pending]
-            eventually(lambda: len(before - server.workers()), 1)
-            victim = next(iter(before - server.workers()))
-            eventually(lambda: len(server.workers()), 3)  # the replacement started
-            recovered(spool, spooled, reader, victim)
-            served += run_tasks(client, server, 30)
-            n = len(served) + 1  # + the task whose process was killed
-            eventually(lambda: len(spools(spool)), 4)
-            assert server.stop() == 0
-            out = server.output()
-            assert "shutdown_timeout" not in out, out
-            # the one traceback is Celery's report of the killed task
-            lost = r"Task handler raised error: WorkerLostError.*?exceptions.WorkerLostError"
-            assert re.sub(lost, "", out, flags=re.S).count("Traceback") == 0, out
-            after = reader.expect(HITS * n, MISSES * n, set)
-            assert after.live == frozenset()
-            assert spools(spool) == set()
-            assert reader.instance_keys() == set()
-    finally:
-        # results held in reference cycles go now, while their Redis still runs: collected
-        # later, a result's __del__ unsubscribes through a dead backend, in whatever thread
-        # the collection happens to run (it hung a later test's flush on Python 3.10)
-        pending.clear()
-        gc.collect()
-        client.close()
+    with celery_client("spool-test-client", redis_url) as client:
+        try:
+            with Server(argv, env, tmp_path / "celery.log") as server:
+                served = run_tasks(client, server, 30)
+                eventually(lambda: len(server.workers()), 3)
+                before, spooled = server.workers(), spools(spool)
+                assert len(spooled) == 4  # the master's and its children's
+                pending += [client.send_task("prefork.record") for _ in range(30)]
+                client.send_task("prefork.die")  # mid-traffic: the others keep running
+                served += [int(r.get(timeout=60)) for r in pending]
+                eventually(lambda: len(before - server.workers()), 1)
+                victim = next(iter(before - server.workers()))
+                eventually(lambda: len(server.workers()), 3)  # the replacement started
+                recovered(spool, spooled, reader, victim)
+                served += run_tasks(client, server, 30)
+                n = len(served) + 1  # + the task whose process was killed
+                eventually(lambda: len(spools(spool)), 4)
+                assert server.stop() == 0
+                out = server.output()
+                assert "shutdown_timeout" not in out, out
+                # the one traceback is Celery's report of the killed task
+                lost = r"Task handler raised error: WorkerLostError.*?exceptions.WorkerLostError"
+                assert re.sub(lost, "", out, flags=re.S).count("Traceback") == 0, out
+                after = reader.expect(HITS * n, MISSES * n, set)
+                assert after.live == frozenset()
+                assert spools(spool) == set()
+                assert reader.instance_keys() == set()
+        finally:
+            pending.clear()  # the results go before the client does (celery_client)
