@@ -415,16 +415,16 @@ class Store:
         records Redis lost) are removed, so that :meth:`read_cluster`'s count is of live
         instances; returns them as errors to report."""
         (candidates,) = self._run([protocol.members(self.keys, instance_timeout)])
-        removed = []
-        for member in map(str, candidates):
-            try:
-                (done,) = self._run([protocol.stray(self.keys, member)])
-            except (redis.exceptions.TryAgainError, redis.exceptions.ClusterError):
-                continue  # its keys are on two nodes (a slot in migration): the next pass
-            if done:
-                removed.append(f"{self.keys.instances}: removed member {member[:40]!r} "
-                               "(no live instance)")  # fmt: skip
-        return removed
+        members = [str(m) for m in candidates]
+        try:  # each checked again with its keys declared, in one round trip
+            done = self._run([protocol.stray(self.keys, m) for m in members]) if members else []
+        except (redis.exceptions.TryAgainError, redis.exceptions.ClusterError):
+            return []  # keys on two nodes (a slot in migration): the next pass checks again
+        return [
+            f"{self.keys.instances}: removed member {m[:40]!r} (no live instance)"
+            for m, removed in zip(members, done)
+            if removed
+        ]
 
     def _read_aggregates(self, regions: list[str]) -> tuple[list[Hash], list[Hash]]:
         """The aggregated hash and the continuity record of each region; errors are
