@@ -256,9 +256,8 @@ class Store:
             n for n, reply in enumerate(replies[: len(calls)]) if isinstance(reply, NoScriptError)
         ]
         if refused:
-            for name in {calls[n].script for n in refused}:
-                # on every primary of a Redis Cluster
-                self.client.script_load(self._scripts[name].script)
+            names = {calls[n].script for n in refused}
+            self.topology.load(self, [self._scripts[name] for name in names])
             for n, reply in zip(refused, self._pipeline_scripts([calls[n] for n in refused])):
                 replies[n] = reply
         for call, reply in zip(calls, replies):
@@ -591,6 +590,11 @@ class Topology(Protocol):
         not raised."""
         ...
 
+    def load(self, store: Store, scripts: list[Script]) -> None:
+        """Load ``scripts`` where a call found them missing (on a Redis Cluster: every
+        primary)."""
+        ...
+
 
 class Standalone:
     """One Redis: a write is one ``lua/flush.lua`` call (more regions than ``batch_size``
@@ -645,6 +649,10 @@ class Standalone:
             for chunk in store._run(calls)
             for ok, flat in chunk
         ]
+
+    def load(self, store: Store, scripts: list[Script]) -> None:
+        for script in scripts:
+            store.client.script_load(script.script)
 
 
 class RedisClusterTopology:
@@ -702,3 +710,11 @@ class RedisClusterTopology:
         for key in keys:
             pipe.hgetall(key)
         return list(pipe.execute(raise_on_error=False))
+
+    def load(self, store: Store, scripts: list[Script]) -> None:
+        # the node map again first: a primary that lacks them is new or promoted, or took a
+        # slot over, and redis-py (6.0) may hold it for a replica after a slot migration
+        assert isinstance(store.client, RedisCluster)
+        store.client.nodes_manager.initialize()
+        for script in scripts:
+            store.client.script_load(script.script)  # on every primary
