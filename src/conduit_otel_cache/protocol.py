@@ -10,6 +10,7 @@ region's keys are :func:`region_keys`, six per region, in the order the scripts 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
@@ -140,23 +141,27 @@ class FlushResult:
 # -- KEYS ----------------------------------------------------------------------------------
 
 
-def region_keys(keys: KeySchema, instance_id: str, region: str) -> list[str]:
+@functools.lru_cache(maxsize=4096)  # every flush names the same regions' keys again
+def region_keys(keys: KeySchema, instance_id: str, region: str) -> tuple[str, ...]:
     """One region of one instance (``region_at()`` in ``lua/region.lua``): stats hash,
     aggregated hash, counts hash, samples list, the totals' record of writes, continuity
     record. Declared, so that a Redis Cluster routes the call by every key it touches."""
-    return [
+    return (
         keys.stats(instance_id, region),
         keys.aggregate(region),
         keys.counts(region),
         keys.samples(instance_id, region),
         keys.writes(region),
         keys.continuity(region),
-    ]
+    )
 
 
 def regions_keys(keys: KeySchema, instance_id: str, regions: Iterable[str]) -> list[str]:
     """:func:`region_keys` of each region, in order."""
-    return [k for region in regions for k in region_keys(keys, instance_id, region)]
+    out: list[str] = []
+    for region in regions:
+        out += region_keys(keys, instance_id, region)
+    return out
 
 
 def beat_keys(keys: KeySchema, instance_id: str) -> list[str]:
