@@ -82,13 +82,14 @@ def main() -> None:
     machine_line, command = machine(), " ".join(["python -m benchmarks", *sys.argv[1:]])
     print(f"machine: {machine_line}")
     print(f"command: {command}", flush=True)
-    targets: list[Target] = []
+    measured: dict[str, list[Target]] = {}
     for name, module in BENCHMARKS.items():
         if name in only:
             peer = {"peer": not args.no_peer} if module is hot_path else {}
-            targets += module.run(quick=args.quick, **peer)
+            measured[name] = module.run(quick=args.quick, **peer)
+    targets = [t for ts in measured.values() for t in ts]
     if not args.quick:  # the figures README quotes (benchmarks/results.py)
-        results.save(targets, machine_line, command)
+        results.save(measured, machine_line, command)
         results.write_readme(results.load())
     print("\n## Summary")
     show_targets("All targets", targets)

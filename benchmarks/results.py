@@ -1,10 +1,11 @@
 """The one source of the figures README quotes: ``benchmarks/results.json``.
 
 A full ``python -m benchmarks`` run (``make bench``) saves every target with its verdict and
-figure there, beside the machine and the command; a run with ``--only`` replaces the targets
-it measured and keeps the others; a ``--quick`` run saves nothing. README's "Performance"
-table is generated from the file (``python -m benchmarks.results`` rewrites it between its
-markers), and ``tests/test_docs.py`` fails when the two differ.
+figure there, beside the machine, the command and the benchmark; a run with ``--only``
+replaces the targets of the benchmarks it ran and keeps the others; a ``--quick`` run saves
+nothing. README's "Performance" table is generated from the file (``python -m
+benchmarks.results`` rewrites it between its markers), and ``tests/test_docs.py`` fails when
+the two differ.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -33,14 +34,23 @@ def load(path: Path = RESULTS) -> dict[str, Any]:
     return data
 
 
-def save(targets: Sequence[Target], machine: str, command: str, path: Path = RESULTS) -> None:
-    """Keep ``targets`` (judged, not quick) in the file; those of other benchmarks stay, and
-    runs no target comes from any more are dropped."""
+def save(
+    measured: Mapping[str, Sequence[Target]], machine: str, command: str, path: Path = RESULTS
+) -> None:
+    """Keep the targets of each benchmark in ``measured`` (judged, not quick) in the file, in
+    place of that benchmark's earlier ones; those of other benchmarks stay, and runs no
+    target comes from any more are dropped."""
     data = load(path)
-    measured = {t.name for t in targets}
+    names = {t.name for ts in measured.values() for t in ts}
     runs = [*data["runs"], {"machine": machine, "command": command}]
-    saved = [t for t in data["targets"] if t["name"] not in measured]
-    saved += [dict(dataclasses.asdict(t), run=len(runs) - 1) for t in targets]
+    saved = [
+        t for t in data["targets"] if t.get("bench") not in measured and t["name"] not in names
+    ]
+    saved += [
+        dict(dataclasses.asdict(t), bench=bench, run=len(runs) - 1)
+        for bench, ts in measured.items()
+        for t in ts
+    ]
     used = sorted({t["run"] for t in saved})
     number = {old: new for new, old in enumerate(used)}
     data = {

@@ -42,6 +42,7 @@ def test_benchmarks_quick_run() -> None:
         "### Work horse per job: ms per job",
         "### Import time (fresh interpreter, median ms)",
         "### End to end: gunicorn gthread 2x4 on one core",
+        "### End to end: the library's own threads (the flush, the heartbeat) in the workers",
         "### Flush inside the application: CPU us per flush",
         "### Probe thread (sleeps 1 ms in a loop)",
         "### Spool size of one instance (one thread; a record per thread and region)",
@@ -49,6 +50,9 @@ def test_benchmarks_quick_run() -> None:
     ):
         assert header in out, f"missing {header!r} in:\n{out[-3000:]}"
     assert re.search(r"1 EVALSHA \(1 round trip\) per flush in steady state\s*\|\s*met\s*\|", out)
+    # the workers' thread accounting sees the flushes of the 1 s variant (3 s of load)
+    flushing = re.search(r"\| conduit, flush_interval 1 s +\| +([\d.]+) \|", out)
+    assert flushing and float(flushing.group(1)) > 0, out[-3000:]
 
 
 def quick_run(module: str) -> subprocess.CompletedProcess[str]:
