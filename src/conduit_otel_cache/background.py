@@ -8,7 +8,9 @@ of the cyclic garbage collector, which hold the lock for tens of milliseconds. W
 caller is inside :func:`quietly`, threads switch at least every :data:`PROMPT` seconds and
 the collector waits (what the work leaves is freed by reference counting; ``serve`` runs
 the collector between requests, see ``http.py``; an application's own allocations set it
-off as before, once the flush is over). The last caller to leave restores both.
+off as before, once the flush is over). The last caller to leave restores both: a change
+the application makes to either while a flush runs (``gc.disable()``, for one) is undone when
+the flush ends, since the interpreter cannot tell it from ours.
 """
 
 from __future__ import annotations
