@@ -45,12 +45,14 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
+from unittest import mock
 
 import redis
 from redis.cluster import RedisCluster
 from tests.servers import RedisClusterServers
 
 from conduit_otel_cache import setup
+from conduit_otel_cache import store as store_module
 from conduit_otel_cache.aggregate import Aggregator
 from conduit_otel_cache.config import Settings
 from conduit_otel_cache.embedded import RedisServer
@@ -509,6 +511,12 @@ def run(quick: bool = False) -> list[Target]:
     )
 
     worst = max(range(len(nodes)), key=lambda k: totals[k])
+    parts = where_it_goes(quick)
+    why = (
+        f"; one call per region x{parts['split'] / parts['standalone']:.2f}, a Redis Cluster "
+        f"x{parts['cluster-1'] / parts['split']:.2f}, spread over {MASTERS} primaries "
+        f"x{parts['cluster-3'] / parts['cluster-1']:.2f} (the layouts table)"
+    )
     label = f"{n:,} x {r}"
     targets = [
         Target(
@@ -518,7 +526,7 @@ def run(quick: bool = False) -> list[Target]:
             max(totals) <= MASTER_SHARE * alone_cpu,
             f"busiest {nodes[worst].label}: {totals[worst] / 1e4:,.1f} % of a core = "
             f"{totals[worst] / alone_cpu:.0%} of standalone's {alone_cpu / 1e4:,.1f} %; "
-            "primaries " + " / ".join(f"{t / 1e4:,.1f}" for t in totals) + " %",
+            "primaries " + " / ".join(f"{t / 1e4:,.1f}" for t in totals) + " %" + why,
         ),
         Target(
             f"the {{global}} slot is not the bottleneck at {label} (its own load below a "
@@ -541,6 +549,71 @@ def run(quick: bool = False) -> list[Target]:
             )
         )
     return judged("Fleet targets", targets, quick)
+
+
+class _ClusterCallsOnStandalone(store_module.RedisClusterTopology):
+    """The Redis Cluster's key layout and calls (a beat, then one call per region) on a
+    standalone Redis: what splitting a write costs, apart from spreading it."""
+
+    load = store_module.Standalone.load
+    read_hashes = store_module.Standalone.read_hashes
+
+
+@contextmanager
+def _layout(name: str, r: int) -> Iterator[tuple[str, Nodes]]:
+    """A fresh Redis of one of the layouts :func:`where_it_goes` compares: its URL and
+    primaries."""
+    if name in ("standalone", "split"):
+        with RedisServer() as server:
+            node = Node(server.port, name, r, True)
+            if name == "standalone":
+                yield server.url, Nodes([node])
+                return
+            with mock.patch.object(store_module, "Standalone", _ClusterCallsOnStandalone):
+                yield server.url, Nodes([node])
+        return
+    with RedisClusterServers(masters=1 if name == "cluster-1" else MASTERS, replicas=0) as rc:
+        ports = [server.port for server in rc.servers]
+        yield f"redis+cluster://127.0.0.1:{ports[0]}", Nodes([Node(p) for p in ports])
+
+
+#: the layouts :func:`where_it_goes` compares, and what each adds to the one before
+LAYOUTS = (
+    ("standalone", "standalone Redis: one flush.lua call per flush"),
+    ("split", "standalone Redis, the Redis Cluster's calls: beat.lua + one regions.lua per region"),
+    ("cluster-1", "Redis Cluster of 1 primary (every slot), same calls"),
+    ("cluster-3", f"Redis Cluster of {MASTERS} primaries, same calls"),
+)
+
+
+def where_it_goes(quick: bool) -> dict[str, float]:
+    """Redis CPU per flush of the same flushes (``SAMPLE_INSTANCES`` instances x 100
+    regions, ``CHANGED`` of them changed) in each of :data:`LAYOUTS`, summed over the
+    primaries: what splitting a write into one call per hash slot costs, and what
+    spreading the calls over primaries adds. Printed; ``{layout: µs per flush}``."""
+    r = 10 if quick else 100
+    cpu: dict[str, float] = {}
+    busiest: dict[str, float] = {}
+    for name, _ in LAYOUTS:
+        with _layout(name, r) as (url, nodes):
+            nodes.measure_idle(1.0, 3.0 if quick else 10.0)
+            used, count = sample_flushes(url, r, nodes, quick)
+            cpu[name] = sum(used.cpu) / count
+            busiest[name] = max(used.cpu) / count
+    alone = cpu["standalone"]
+    rows, before = [], alone
+    for name, label in LAYOUTS:
+        rows.append([label, f"{cpu[name]:,.0f}", f"{cpu[name] / alone:.2f}x",
+                     f"{cpu[name] / before:.2f}x", f"{busiest[name] / alone:.0%}"])  # fmt: skip
+        before = cpu[name]
+    show(
+        f"Fleet: where a Redis Cluster's CPU goes (the same flushes of {r} regions, "
+        f"{max(1, round(r * CHANGED))} changed, in each layout; Redis CPU summed over primaries)",
+        ["layout", "µs per flush", "x standalone", "x the row above",
+         "busiest primary / standalone"],
+        rows,
+    )  # fmt: skip
+    return cpu
 
 
 def main() -> None:

@@ -6,15 +6,18 @@ of the design: the OpenTelemetry SDK collecting the same instruments into an
 ``python -m benchmarks.flush_in_app [--quick]``
 
 The probe is a thread that sleeps 1 ms in a loop: how much later than 1 ms it wakes is how
-long it waited (for the interpreter lock, or the machine).
+long it waited (for the interpreter lock, or a core). Beside the flush it runs with
+pure-Python work of the flush's length in a thread. Redis runs on a core of its own.
 """
 
 from __future__ import annotations
 
+import os
 import statistics
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from opentelemetry.sdk.metrics import MeterProvider
@@ -33,21 +36,24 @@ CPU_RATIO = 1.5
 PROBE_BUDGET_S = 0.001
 
 
-def _cpu_per_call(step: Callable[[], object], calls: int) -> float:
-    """Median CPU seconds of ``step()`` in a thread of its own (not the main thread, as the
-    flush runs in the application: the reader's thread)."""
-    times: list[float] = []
+def _cpu_per_call(*steps: Callable[[], object], calls: int) -> list[float]:
+    """Median CPU seconds of each of ``steps``, called in turn ``calls`` times in a thread
+    of its own (not the main thread, as the flush runs in the application: the reader's
+    thread). Taken in turn, a slower or busier spell of the machine falls on all of them
+    alike, and their ratio stays."""
+    times: list[list[float]] = [[] for _ in steps]
 
     def loop() -> None:
         for _ in range(calls):
-            start = time.thread_time()
-            step()
-            times.append(time.thread_time() - start)
+            for step, spent in zip(steps, times):
+                start = time.thread_time()
+                step()
+                spent.append(time.thread_time() - start)
 
     worker = threading.Thread(target=loop)
     worker.start()
     worker.join()
-    return statistics.median(times)
+    return [statistics.median(spent) for spent in times]
 
 
 class Probe:
@@ -94,7 +100,7 @@ def _split(stats: Any, flush: Callable[[], object], calls: int) -> tuple[float, 
 
     exporter.export = timed("export", exporter.export)
     exporter.store.flush = timed("redis", exporter.store.flush)
-    total = _cpu_per_call(flush, calls)
+    (total,) = _cpu_per_call(flush, calls=calls)
     export, redis_call = (statistics.median(parts[n]) for n in ("export", "redis"))
     return total - export, export - redis_call, redis_call
 
@@ -112,6 +118,27 @@ def _busy_like(seconds: float) -> Callable[[], None]:
     return lambda: threading.Thread(target=work).start()
 
 
+@contextmanager
+def _apart(redis: RedisServer) -> Iterator[None]:
+    """Redis on one core, this thread and the threads it starts (the application's: the
+    flushes, the probe) on another, as in production Redis runs elsewhere and as the
+    end-to-end run pins the service and wrk: else the probe also waits behind Redis
+    running the write on the application's core."""
+    pinnable = hasattr(os, "sched_setaffinity") and redis.process is not None
+    if not pinnable or len(os.sched_getaffinity(0)) < 2:
+        yield
+        return
+    assert redis.process is not None
+    before = os.sched_getaffinity(0)
+    app, server = sorted(before)[:2]
+    os.sched_setaffinity(redis.process.pid, {server})
+    os.sched_setaffinity(0, {app})
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, before)
+
+
 def _probe(seconds: float, work: Callable[[], object] | None, every: float) -> Probe:
     with Probe() as probe:
         end = time.monotonic() + seconds
@@ -125,7 +152,7 @@ def _probe(seconds: float, work: Callable[[], object] | None, every: float) -> P
 def run(quick: bool = False) -> list[Target]:
     calls, probe_s = (20, 2.0) if quick else (200, 10.0)
     rows, ratios = [], []
-    with RedisServer() as server:
+    with RedisServer() as server, _apart(server):
         for regions in (10, 100):
             for changed in sorted({10, regions}):
                 stats = setup(
@@ -143,14 +170,13 @@ def run(quick: bool = False) -> list[Target]:
                         stats.record_miss(name, 0.002)
                     stats.flush()
 
-                ours = _cpu_per_call(flush, calls)
-                if (regions, changed) == (100, 10):
-                    split = _split(stats, flush, calls)
-                flush_s = ours  # the last: 100 regions, all changed, as the probe's flushes
                 reader = InMemoryMetricReader()
                 provider = MeterProvider(metric_readers=[reader])
                 register_cache_instruments(provider.get_meter(SCOPE), stats.recorder.snapshot)
-                floor = _cpu_per_call(reader.get_metrics_data, calls)
+                ours, floor = _cpu_per_call(flush, reader.get_metrics_data, calls=calls)
+                if (regions, changed) == (100, 10):
+                    split = _split(stats, flush, calls)
+                flush_s = ours  # the last: 100 regions, all changed, as the probe's flushes
                 provider.shutdown()
                 stats.shutdown()
                 ratios.append(ours / floor)

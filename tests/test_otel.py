@@ -86,6 +86,32 @@ def test_users_own_meter_provider(make_stats: MakeStats) -> None:
     assert stats.cluster_statistics("r").hit_count == 1
 
 
+def test_views_keep_no_exemplars_and_leave_other_instruments_alone() -> None:
+    """With every measurement offered to the reservoirs (always_on), conduit's instruments
+    keep no exemplar (an observable one has no span to point at) while the application's
+    own instruments on the same provider keep theirs."""
+    from opentelemetry.sdk.metrics import AlwaysOnExemplarFilter
+
+    reader = InMemoryMetricReader()
+    provider = MeterProvider(
+        metric_readers=[reader], views=views(), exemplar_filter=AlwaysOnExemplarFilter()
+    )
+    stats = setup(instance_id="x", set_global=False, meter_provider=provider)
+    stats.record_hit("r", 0.001)
+    provider.get_meter("app").create_counter("app.requests").add(1)
+    found = {
+        m.name: [p.exemplars for p in m.data.data_points]
+        for rm in reader.get_metrics_data().resource_metrics
+        for sm in rm.scope_metrics
+        for m in sm.metrics
+    }
+    assert found["conduit.cache.hits"] == [[]]
+    assert found["conduit.cache.response_time"] == [[]]
+    assert found["app.requests"] != [[]]  # the filter offers every measurement
+    stats.shutdown()
+    provider.shutdown()
+
+
 def _kinds() -> list[type]:
     from opentelemetry.sdk.metrics import ObservableCounter, ObservableGauge
 

@@ -8,7 +8,8 @@ of the cyclic garbage collector, which hold the lock for tens of milliseconds. W
 caller is inside :func:`quietly`, threads switch at least every :data:`PROMPT` seconds and
 the collector waits (what the work leaves is freed by reference counting; ``serve`` runs
 the collector between requests, see ``http.py``; an application's own allocations set it
-off as before, once the flush is over). The last caller to leave restores both: a change
+off as before, once the flush is over); and the work calls :func:`let_others_run` between
+its steps. The last caller to leave restores both: a change
 the application makes to either while a flush runs (``gc.disable()``, for one) is undone when
 the flush ends, since the interpreter cannot tell it from ours.
 """
@@ -19,6 +20,7 @@ import gc
 import os
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -41,6 +43,7 @@ def quietly() -> Iterator[None]:
             sys.setswitchinterval(min(_saved_interval, PROMPT))
             gc.disable()
         _inside += 1
+    let_others_run()  # a thread already waiting for the interpreter lock waits no longer
     try:
         yield
     finally:
@@ -50,6 +53,28 @@ def quietly() -> Iterator[None]:
                 sys.setswitchinterval(_saved_interval)
                 if _saved_gc:
                     gc.enable()
+
+
+def let_others_run(unless_within: float = 0.0) -> None:
+    """Between steps of background work: hand the interpreter lock and this core to a
+    thread that waits for either (unless the last hand-over was ``unless_within`` seconds
+    ago: for steps too short to pay a system call each). A thread woken on the core a flush
+    computes on (its sleep over, its socket readable) otherwise waits for the scheduler's
+    slice, about 3 ms, even with another core idle; so does a thread that began waiting for
+    the lock before :func:`quietly` shortened the switch interval."""
+    global _last_yield
+    now = time.perf_counter()
+    if now - _last_yield >= unless_within:
+        _last_yield = now
+        _sched_yield()
+
+
+#: the longest stretch of a flush without a hand-over (:func:`let_others_run`), seconds
+STEP = 0.0002
+_last_yield = 0.0
+
+
+_sched_yield = getattr(os, "sched_yield", lambda: None)
 
 
 def _restore_in_child() -> None:

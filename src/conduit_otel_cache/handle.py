@@ -16,7 +16,7 @@ from .aggregate import Aggregator, ClusterView
 from .cluster import ClusterReader, LocalReader
 from .config import Settings
 from .health import Health
-from .instruments import RESPONSE_TIME_INSTRUMENT, histogram_views
+from .instruments import views as instrument_views
 from .integrations.lookup import TimedLookup
 from .model import Statistics
 from .pipeline import NullPipeline, Pipeline
@@ -31,8 +31,9 @@ if TYPE_CHECKING:
 
 def views() -> list[object]:
     """Views to pass to your own ``MeterProvider`` so it can report the response-time
-    histogram (``MeterProvider(views=conduit_otel_cache.views(), ...)``)."""
-    return list(histogram_views(RESPONSE_TIME_INSTRUMENT))
+    histogram (``MeterProvider(views=conduit_otel_cache.views(), ...)``); they also spare
+    conduit's instruments the SDK's exemplar reservoirs, which keep nothing for them."""
+    return list(instrument_views())
 
 
 class RecordTimed(Protocol):

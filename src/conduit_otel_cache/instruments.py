@@ -16,8 +16,10 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Protocol
 
 from opentelemetry.metrics import CallbackOptions, Meter, Observation
+from opentelemetry.sdk.metrics import Exemplar, ExemplarReservoir
 from opentelemetry.sdk.metrics.view import View
 
+from .background import STEP, let_others_run
 from .model import Statistics
 from .sdk_hook import HistogramObservation, PreAggregatedHistogram
 
@@ -32,6 +34,12 @@ COUNTER_INSTRUMENTS = (
 )
 SIZE_INSTRUMENT = "conduit.cache.size"
 RESPONSE_TIME_INSTRUMENT = "conduit.cache.response_time"
+#: the instruments about the pipeline itself (:func:`register_self_instruments`)
+SELF_INSTRUMENTS = (
+    "conduit.cache.flush.errors",
+    "conduit.cache.rejected_values",
+    "conduit.cache.folded_events",
+)
 
 Snapshot = Callable[[], Mapping[str, Statistics]]
 
@@ -39,10 +47,15 @@ Snapshot = Callable[[], Mapping[str, Statistics]]
 def observe(
     snapshot: Snapshot, value: Callable[[Statistics], Any], key: str = "region"
 ) -> Callable[[CallbackOptions], Iterable[Observation]]:
-    """A callback that reports ``value(stats)`` for every region of ``snapshot()``."""
+    """A callback that reports ``value(stats)`` for every region of ``snapshot()`` (taken
+    when the SDK starts reading the observations)."""
 
     def callback(options: CallbackOptions) -> Iterable[Observation]:
-        return [Observation(value(stats), {key: name}) for name, stats in snapshot().items()]
+        # the SDK takes in each observation as it is produced: between them, the
+        # application's threads get their turn every STEP
+        for name, stats in snapshot().items():
+            let_others_run(unless_within=STEP)
+            yield Observation(value(stats), {key: name})
 
     return callback
 
@@ -126,20 +139,21 @@ def register_self_instruments(
             description=description,
         )
 
+    errors, rejected, folded = SELF_INSTRUMENTS
     counter(
-        "conduit.cache.flush.errors",
+        errors,
         "{error}",
         "Failed write-throughs to Redis",
         flush_errors,
     )
     counter(
-        "conduit.cache.rejected_values",
+        rejected,
         "{value}",
         "Invalid response times or sizes dropped",
         lambda: state.rejected_values,
     )
     meter.create_observable_counter(
-        "conduit.cache.folded_events",
+        folded,
         callbacks=[
             lambda options: [
                 Observation(state.invalid_events, {"reason": "invalid_region"}),
@@ -155,6 +169,44 @@ def _getter(attr: str) -> Callable[[Statistics], Any]:
     return lambda stats: getattr(stats, attr)
 
 
-def histogram_views(*names: str) -> list[View]:
-    """Views that report the named observable instruments as histograms."""
-    return [View(instrument_name=name, aggregation=PreAggregatedHistogram()) for name in names]
+class NoExemplars(ExemplarReservoir):
+    """The exemplar reservoir of conduit's instruments: none. They are observable, measured
+    in the collection's callbacks where no span is current, so a reservoir would keep
+    nothing and only cost time (about a tenth of a collection). The SDK asks it once per
+    data point as it assembles a collection, the longest stretch of a flush: there it
+    lets the application's threads run every :data:`~.background.STEP`."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        """Whatever the aggregation passes (bucket boundaries, a size) is not needed."""
+
+    def offer(self, value: Any, time_unix_nano: int, attributes: Any, context: Any) -> None:
+        """Kept nowhere."""
+
+    def collect(self, point_attributes: Any) -> list[Exemplar]:
+        """None."""
+        let_others_run(unless_within=STEP)
+        return []
+
+
+def views() -> list[View]:
+    """One view per conduit instrument (of the :data:`SCOPE` meter only): the response-time
+    histogram from pre-aggregated observations, and no exemplars."""
+    names = (
+        *(name for name, *_ in COUNTER_INSTRUMENTS),
+        SIZE_INSTRUMENT,
+        RESPONSE_TIME_INSTRUMENT,
+        *SELF_INSTRUMENTS,
+    )
+    return [
+        View(
+            instrument_name=name,
+            meter_name=SCOPE,
+            aggregation=PreAggregatedHistogram() if name == RESPONSE_TIME_INSTRUMENT else None,
+            exemplar_reservoir_factory=_no_exemplars,
+        )
+        for name in names
+    ]
+
+
+def _no_exemplars(aggregation: type) -> Callable[..., ExemplarReservoir]:
+    return NoExemplars

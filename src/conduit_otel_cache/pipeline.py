@@ -24,13 +24,7 @@ from . import lifecycle
 from .autoconfig import shared_write_through
 from .background import quietly
 from .config import PipelineSettings
-from .instruments import (
-    RESPONSE_TIME_INSTRUMENT,
-    SCOPE,
-    histogram_views,
-    register_cache_instruments,
-    register_self_instruments,
-)
+from .instruments import SCOPE, register_cache_instruments, register_self_instruments, views
 from .ratelimit import RateLimitedLog
 from .recorder import Recorder
 from .recovery import Recoverer
@@ -182,7 +176,7 @@ class Pipeline:
             return MeterProvider(
                 metric_readers=readers,
                 resource=resource,
-                views=histogram_views(RESPONSE_TIME_INSTRUMENT),
+                views=views(),
                 shutdown_on_exit=False,
             )
 
