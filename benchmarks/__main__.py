@@ -89,7 +89,7 @@ def main() -> None:
             measured[name] = module.run(quick=args.quick, **peer)
     targets = [t for ts in measured.values() for t in ts]
     if not args.quick:  # the figures README quotes (benchmarks/results.py)
-        results.save(measured, machine_line, command)
+        results.save(measured, machine_line, command, order=list(BENCHMARKS))
         results.write_readme(results.load())
     print("\n## Summary")
     show_targets("All targets", targets)

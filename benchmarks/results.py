@@ -35,11 +35,16 @@ def load(path: Path = RESULTS) -> dict[str, Any]:
 
 
 def save(
-    measured: Mapping[str, Sequence[Target]], machine: str, command: str, path: Path = RESULTS
+    measured: Mapping[str, Sequence[Target]],
+    machine: str,
+    command: str,
+    path: Path = RESULTS,
+    order: Sequence[str] = (),
 ) -> None:
     """Keep the targets of each benchmark in ``measured`` (judged, not quick) in the file, in
     place of that benchmark's earlier ones; those of other benchmarks stay, and runs no
-    target comes from any more are dropped."""
+    target comes from any more are dropped. Targets are kept in the ``order`` of their
+    benchmarks (README's table shows the end-to-end run first, whichever ran last)."""
     data = load(path)
     names = {t.name for ts in measured.values() for t in ts}
     runs = [*data["runs"], {"machine": machine, "command": command}]
@@ -51,6 +56,8 @@ def save(
         for bench, ts in measured.items()
         for t in ts
     ]
+    rank = {bench: n for n, bench in enumerate(order)}
+    saved.sort(key=lambda t: rank.get(t.get("bench", ""), len(rank)))
     used = sorted({t["run"] for t in saved})
     number = {old: new for new, old in enumerate(used)}
     data = {

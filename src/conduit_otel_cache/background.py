@@ -8,10 +8,13 @@ of the cyclic garbage collector, which hold the lock for tens of milliseconds. W
 caller is inside :func:`quietly`, threads switch at least every :data:`PROMPT` seconds and
 the collector waits (what the work leaves is freed by reference counting; ``serve`` runs
 the collector between requests, see ``http.py``; an application's own allocations set it
-off as before, once the flush is over); and the work calls :func:`let_others_run` between
-its steps. The last caller to leave restores both: a change
+off as before, once the flush is over). The last caller to leave restores both: a change
 the application makes to either while a flush runs (``gc.disable()``, for one) is undone when
 the flush ends, since the interpreter cannot tell it from ours.
+
+The kernel's scheduler makes a thread woken on the core that background work computes on
+wait for that work's slice, about 3 ms, whatever the switch interval: the work hands its
+core over between its steps (:func:`let_others_run`, at most every :data:`STEP`).
 """
 
 from __future__ import annotations
