@@ -46,7 +46,7 @@ def quietly() -> Iterator[None]:
             sys.setswitchinterval(min(_saved_interval, PROMPT))
             gc.disable()
         _inside += 1
-    let_others_run()  # a thread already waiting for the interpreter lock waits no longer
+    let_others_run(0)  # a thread already waiting for the interpreter lock waits no longer
     try:
         yield
     finally:
@@ -58,16 +58,16 @@ def quietly() -> Iterator[None]:
                     gc.enable()
 
 
-def let_others_run(unless_within: float = 0.0) -> None:
+def let_others_run(unless_within: float | None = None) -> None:
     """Between steps of background work: hand the interpreter lock and this core to a
-    thread that waits for either (unless the last hand-over was ``unless_within`` seconds
-    ago: for steps too short to pay a system call each). A thread woken on the core a flush
-    computes on (its sleep over, its socket readable) otherwise waits for the scheduler's
-    slice, about 3 ms, even with another core idle; so does a thread that began waiting for
-    the lock before :func:`quietly` shortened the switch interval."""
+    thread that waits for either, unless the last hand-over was ``unless_within`` seconds
+    (default :data:`STEP`) ago: steps too short to pay a system call each. A thread woken
+    on the core a flush computes on (its sleep over, its socket readable) otherwise waits
+    for the scheduler's slice, about 3 ms, even with another core idle; so does a thread
+    that began waiting for the lock before :func:`quietly` shortened the switch interval."""
     global _last_yield
     now = time.perf_counter()
-    if now - _last_yield >= unless_within:
+    if now - _last_yield >= (STEP if unless_within is None else unless_within):
         _last_yield = now
         _sched_yield()
 

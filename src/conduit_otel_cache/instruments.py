@@ -19,7 +19,7 @@ from opentelemetry.metrics import CallbackOptions, Meter, Observation
 from opentelemetry.sdk.metrics import Exemplar, ExemplarReservoir
 from opentelemetry.sdk.metrics.view import View
 
-from .background import STEP, let_others_run
+from .background import let_others_run
 from .model import Statistics
 from .sdk_hook import HistogramObservation, PreAggregatedHistogram
 
@@ -54,7 +54,7 @@ def observe(
         # the SDK takes in each observation as it is produced: between them, the
         # application's threads get their turn every STEP
         for name, stats in snapshot().items():
-            let_others_run(unless_within=STEP)
+            let_others_run()
             yield Observation(value(stats), {key: name})
 
     return callback
@@ -184,7 +184,7 @@ class NoExemplars(ExemplarReservoir):
 
     def collect(self, point_attributes: Any) -> list[Exemplar]:
         """None."""
-        let_others_run(unless_within=STEP)
+        let_others_run()
         return []
 
 

@@ -43,7 +43,7 @@ from opentelemetry.sdk.metrics.export import (
 )
 from opentelemetry.sdk.metrics.view import Aggregation
 
-from .background import STEP, let_others_run
+from .background import let_others_run
 from .config import WriteThroughSettings
 from .identity import Identity
 from .instruments import COUNTER_INSTRUMENTS, RESPONSE_TIME_INSTRUMENT, SCOPE, SIZE_INSTRUMENT
@@ -74,7 +74,7 @@ def points_to_fields(metrics_data: MetricsData) -> tuple[Fields, int]:
             if scope_metrics.scope.name != SCOPE:
                 continue
             for metric in scope_metrics.metrics:
-                let_others_run(unless_within=STEP)
+                let_others_run()
                 histogram = metric.name == RESPONSE_TIME_INSTRUMENT
                 field = _FIELDS.get(metric.name)
                 if not histogram and field is None:
@@ -206,7 +206,7 @@ class RedisMetricExporter(MetricExporter):
     ) -> MetricExportResult:
         """Write the collected points to Redis (one script call)."""
         self.exports += 1
-        let_others_run()  # the SDK's collection is over: the application's turn
+        let_others_run(0)  # the SDK's collection is over: the application's turn
         fields, order = points_to_fields(metrics_data)
         with self._lock:
             if self._closed:
@@ -337,7 +337,7 @@ class RedisMetricExporter(MetricExporter):
     ) -> FlushResult:
         self._seq += 1
         self._sending = entries
-        let_others_run()  # the entries are encoded: the application's turn
+        let_others_run(0)  # the entries are encoded: the application's turn
         result = self.store.flush(
             self._writer(),
             entries,
@@ -391,7 +391,7 @@ class RedisMetricExporter(MetricExporter):
         a check of every other region."""
         entries = {}
         for region, values in fields.items():
-            let_others_run(unless_within=STEP)
+            let_others_run()
             pending = self._samples_of(region)
             acked = self._acked.get(region)
             if full or acked is None:  # a new region (or a new id after moving aside): whole
