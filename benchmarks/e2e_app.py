@@ -73,15 +73,18 @@ _choose = random.Random(os.getpid()).choices
 
 def _threads() -> bytes:
     """``pid``, then ``name cpu_seconds`` of every thread of this worker (``/proc``): where
-    the worker's CPU went, the library's own threads apart from the request threads."""
+    the worker's CPU went, the library's own threads apart from the request threads. A task
+    that is no Python thread of ``threading`` (the main thread of a forked worker, whose
+    ``native_id`` is still its parent's) is ``main``."""
+    names = {thread.native_id: thread.name for thread in threading.enumerate()}
     lines = [str(os.getpid())]
-    for thread in threading.enumerate():
+    for task in os.listdir("/proc/self/task"):
         try:
-            with open(f"/proc/self/task/{thread.native_id}/schedstat") as stat:
+            with open(f"/proc/self/task/{task}/schedstat") as stat:
                 on_cpu_ns = int(stat.read().split()[0])  # time on a CPU, in ns
         except OSError:
             continue
-        lines.append(f"{thread.name} {on_cpu_ns / 1e9}")
+        lines.append(f"{names.get(int(task), 'main')} {on_cpu_ns / 1e9}")
     return "\n".join(lines).encode()
 
 

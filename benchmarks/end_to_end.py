@@ -1,9 +1,17 @@
 """What the application pays, end to end: the same WSGI service under gunicorn (2 ``gthread``
 workers of 4 threads, pinned to one core), loaded by ``wrk`` (pinned to the other core), in
-five variants measured in the same run, rounds interleaved, and no instrumentation once more
-in each round (A/A: how far two runs of the same service differ here, the noise a verdict
-must clear). In the conduit variants the workers report their threads' CPU
-(``/-/threads``): what the library's own threads (the flush, the heartbeat) take.
+five variants.
+
+- *One after another*, rounds interleaved, with no instrumentation once more in each round
+  (A/A): requests per second and latency percentiles. Here two runs of the same service
+  differ by up to 20 %, as much as what is measured.
+- *Side by side*: each variant and the uninstrumented service at once on the same core, a
+  ``wrk`` each; what the machine does meanwhile weighs on both alike. The ratio of their CPU
+  per request (whose inverse is the throughput of a saturated core) judges the throughput
+  target; the uninstrumented service beside itself is the A/A.
+
+The workers report their threads' CPU (``/-/threads``): the CPU per request served, and what
+the library's own threads (the flush, the heartbeat) take.
 
 ``python -m benchmarks.end_to_end [--quick]``
 
@@ -32,6 +40,8 @@ from .common import Target, arguments, judged, show
 
 HERE = Path(__file__).resolve().parent
 VARIANTS = ["none", "conduit", "conduit-1s", "prom-mp", "otel", "none-again"]
+#: each beside the uninstrumented service at the same moment ("none": A/A)
+PAIRED = ["none", "conduit", "conduit-1s", "prom-mp", "otel"]
 LABELS = {
     "none": "no instrumentation",
     "none-again": "no instrumentation, again (A/A)",
@@ -85,18 +95,45 @@ def _service(variant: str, redis_url: str, tmp: Path) -> Iterator[str]:
         proc.wait(30)
 
 
-def _wrk(url: str, seconds: int, script: Path) -> tuple[float, float, float, float]:
-    """req/s, p50, p99, p99.9 (ms)."""
-    out = subprocess.run(
+def _wrk_start(url: str, seconds: int, script: Path) -> subprocess.Popen[str]:
+    return subprocess.Popen(
         [*_pinned(1), "wrk", "-t1", "-c8", f"-d{seconds}s", "-s", str(script), url],
-        capture_output=True, text=True, check=True,
-    ).stdout  # fmt: skip
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+
+
+def _wrk_result(proc: subprocess.Popen[str]) -> tuple[float, float, float, float, int]:
+    """req/s, p50, p99, p99.9 (ms), requests."""
+    out = proc.communicate()[0]
     match = re.search(r"^E2E (\d+) ([\d.]+) (\d+) (\d+) (\d+)$", out, re.M)
-    if match is None:
+    if proc.returncode or match is None:
         raise RuntimeError(f"no summary from wrk:\n{out}")
     requests, duration, p50, p99, p999 = match.groups()
     return (int(requests) / float(duration), int(p50) / 1000, int(p99) / 1000,
-            int(p999) / 1000)  # fmt: skip
+            int(p999) / 1000, int(requests))  # fmt: skip
+
+
+def _wrk(url: str, seconds: int, script: Path) -> tuple[float, float, float, float, int]:
+    return _wrk_result(_wrk_start(url, seconds, script))
+
+
+def _side_by_side(variant: str, redis_url: str, tmp: Path, script: Path, seconds: int,
+                  none_first: bool) -> float:  # fmt: skip
+    """The workers' CPU per request of ``variant`` over that of the uninstrumented service,
+    both on one core and loaded at the same moment (by two ``wrk`` on the other core): what
+    the machine does meanwhile weighs on both alike."""
+    order = ["none", variant] if none_first else [variant, "none"]
+    with contextlib.ExitStack() as stack:
+        urls = [stack.enter_context(_service(v, redis_url, tmp)) for v in order]
+        for url in urls:
+            _wrk(url, 1, script)  # warm-up
+        before = [_threads(url) for url in urls]
+        loads = [_wrk_start(url, seconds, script) for url in urls]
+        served = [_wrk_result(load)[4] for load in loads]
+        cpu = [_library_share(b, _threads(url))[1] for b, url in zip(before, urls)]
+    per_request = [c / n for c, n in zip(cpu, served)]
+    none, other = per_request if none_first else per_request[::-1]
+    return other / none
 
 
 #: the library's own threads in a worker (by name): the SDK's periodic reader, which
@@ -140,8 +177,11 @@ def run(quick: bool = False) -> list[Target]:
         show("End to end: gunicorn gthread 2x4 under wrk", ["variant"], [["wrk not installed"]])
         return [Target("end-to-end overhead", None, "wrk not installed (apt-get install wrk)")]
     seconds, rounds = (3, 1) if quick else (12, 3)
-    results: dict[str, list[tuple[float, float, float, float]]] = {v: [] for v in VARIANTS}
-    spent: dict[str, list[tuple[float, float, float]]] = {"conduit": [], "conduit-1s": []}
+    pair_seconds, pair_rounds = (3, 1) if quick else (6, 6)
+    paired = PAIRED[:2] if quick else PAIRED
+    results: dict[str, list[tuple[float, float, float, float, int]]] = {v: [] for v in VARIANTS}
+    spent: dict[str, list[tuple[float, float, float]]] = {v: [] for v in VARIANTS}
+    ratios: dict[str, list[float]] = {v: [] for v in paired}
     with RedisServer() as server, tempfile.TemporaryDirectory() as tmp_dir:
         tmp = Path(tmp_dir)
         script = tmp / "summary.lua"
@@ -150,46 +190,73 @@ def run(quick: bool = False) -> list[Target]:
             for variant in VARIANTS:
                 with _service(variant, server.url, tmp) as url:
                     _wrk(url, 1, script)  # warm-up: caches filled, every region seen
-                    before = _threads(url) if variant in spent else {}
+                    before = _threads(url)
                     results[variant].append(_wrk(url, seconds, script))
-                    if variant in spent:
-                        library, total = _library_share(before, _threads(url))
-                        spent[variant].append((library, total, seconds))
+                    library, total = _library_share(before, _threads(url))
+                    spent[variant].append((library, total, seconds))
+        # side by side: each variant beside the uninstrumented service (which goes first in
+        # every other round)
+        for n in range(pair_rounds):
+            for variant in paired:
+                ratios[variant].append(
+                    _side_by_side(variant, server.url, tmp, script, pair_seconds, n % 2 == 0)
+                )
     median = {v: tuple(statistics.median(r[i] for r in rs) for i in range(4))
               for v, rs in results.items()}  # fmt: skip
+    # the workers' CPU (every thread, /proc schedstat) per request served: on a saturated
+    # core, throughput is its inverse
+    per_request = {v: statistics.median(s[1] / r[4] * 1e6 for s, r in zip(spent[v], results[v]))
+                   for v in VARIANTS}  # fmt: skip
+    busy = {v: sum(s[1] for s in spent[v]) / sum(s[2] for s in spent[v]) for v in VARIANTS}
     base_rps, _, base_p99, _ = median["none"]
     rows = []
     for variant in VARIANTS:
         rps, p50, p99, p999 = median[variant]
         low, high = min(r[0] for r in results[variant]), max(r[0] for r in results[variant])
         rows.append([LABELS[variant], f"{rps:,.0f} ({low:,.0f}-{high:,.0f})",
-                     f"{(rps / base_rps - 1) * 100:+.1f} %", f"{p50:.2f}", f"{p99:.2f}",
+                     f"{(rps / base_rps - 1) * 100:+.1f} %", f"{per_request[variant]:.1f}",
+                     f"{(per_request[variant] / per_request['none'] - 1) * 100:+.1f} %",
+                     f"{busy[variant]:.2f}", f"{p50:.2f}", f"{p99:.2f}",
                      f"{p99 - base_p99:+.2f}", f"{p999:.2f}"])  # fmt: skip
     show(f"End to end: gunicorn gthread 2x4 on one core, wrk -t1 -c8 on the other "
          f"({rounds} rounds of {seconds} s, median)",
-         ["variant", "req/s", "throughput", "p50 ms", "p99 ms", "p99 vs none", "p99.9 ms"],
+         ["variant", "req/s", "throughput", "workers' CPU µs per request", "vs none",
+          "workers' CPU s per s", "p50 ms", "p99 ms", "p99 vs none", "p99.9 ms"],
          rows)  # fmt: skip
     shares, where = {}, []
-    for variant, runs in spent.items():
-        library, total, wall = (sum(r[i] for r in runs) for i in range(3))
+    for variant in ("conduit", "conduit-1s"):
+        library, total, wall = (sum(r[i] for r in spent[variant]) for i in range(3))
         shares[variant] = library / total if total else 0.0
         where.append([LABELS[variant], f"{library / wall * 1000:.2f}", f"{total / wall:.2f}",
                       f"{shares[variant] * 100:.2f} %"])  # fmt: skip
     show("End to end: the library's own threads (the flush, the heartbeat) in the workers",
          ["variant", "their CPU ms per s", "the workers' CPU s per s", "share"], where)  # fmt: skip
+    ratio = {v: statistics.median(r) for v, r in ratios.items()}
+    show(f"End to end, side by side: each variant and the uninstrumented service on one core "
+         f"at once, a wrk -t1 -c8 each on the other ({pair_rounds} rounds of {pair_seconds} s)",
+         ["variant", "workers' CPU per request ÷ uninstrumented, median (range)",
+          "throughput of a saturated core"],
+         [[LABELS[v] + (" (A/A)" if v == "none" else ""),
+           f"{ratio[v]:.3f} ({min(ratios[v]):.3f}-{max(ratios[v]):.3f})",
+           f"{(1 / ratio[v] - 1) * 100:+.1f} %"] for v in paired])  # fmt: skip
+    # the throughput a saturated core loses to the extra CPU per request
+    cost = {v: 1 - 1 / ratio[v] for v in paired}
+    noise = abs(cost.pop("none"))
     overhead = {v: 1 - median[v][0] / base_rps for v in VARIANTS if v != "none"}
-    noise = abs(overhead.pop("none-again"))
-    ours = overhead["conduit"]
-    lightest = ours <= min(overhead[v] for v in ("prom-mp", "otel"))
+    seq_noise = abs(overhead.pop("none-again"))
+    lightest = all(cost["conduit"] <= o for v, o in cost.items() if v in ("prom-mp", "otel"))
     p99_cost = median["conduit"][2] - base_p99
     p99_noise = abs(median["none-again"][2] - base_p99)
     return judged(
         "End-to-end targets",
         [Target("conduit: the lowest overhead of the instrumented peers", lightest,
-                ", ".join(f"{LABELS[v]} {o * 100:.1f} %" for v, o in overhead.items())),
-         Target("conduit (defaults): at most 2 % of throughput", _beyond_noise(ours, 0.02, noise),
-                f"{ours * 100:.1f} %; A/A noise {noise * 100:.1f} %; the library's threads "
-                f"{shares['conduit'] * 100:.2f} % of the workers' CPU"),
+                "side by side: " + ", ".join(f"{LABELS[v]} {o * 100:.1f} %"
+                                             for v, o in cost.items())),
+         Target("conduit (defaults): at most 2 % of throughput",
+                _beyond_noise(cost["conduit"], 0.02, noise),
+                f"{cost['conduit'] * 100:.1f} % side by side (A/A {noise * 100:.1f} %); alone "
+                f"{overhead['conduit'] * 100:.1f} % (A/A {seq_noise * 100:.1f} %); the "
+                f"library's threads {shares['conduit'] * 100:.2f} % of the workers' CPU"),
          Target("conduit (defaults): at most +0.2 ms at p99",
                 _beyond_noise(p99_cost, 0.2, p99_noise),
                 f"{p99_cost:+.2f} ms; A/A noise {p99_noise:.2f} ms")],
@@ -197,11 +264,11 @@ def run(quick: bool = False) -> list[Target]:
     )  # fmt: skip
 
 
-if __name__ == "__main__":
-    run(quick=arguments(__doc__ or "").quick)
-
-
 def _beyond_noise(cost: float, limit: float, noise: float) -> bool | None:
     """A cost smaller than the A/A difference is not a measurement: met within ``limit``,
     missed beyond ``limit`` and the noise, else not judged (None)."""
     return True if cost <= limit else (None if cost <= limit + noise else False)
+
+
+if __name__ == "__main__":
+    run(quick=arguments(__doc__ or "").quick)

@@ -24,6 +24,7 @@ def test_benchmarks_quick_run() -> None:
     for header in (
         "### Hot path: ns per call",
         "### Hot path ratios",
+        "### Hot path with cold caches: ns per call right after a",
         "### Redis stopped: time per event and errors raised into the caller",
         "### Flush: us per flush, Redis round trips and Redis CPU per flush",
         "### Scrape (/metrics via ExporterService registry) and cluster totals",
@@ -43,6 +44,7 @@ def test_benchmarks_quick_run() -> None:
         "### Import time (fresh interpreter, median ms)",
         "### End to end: gunicorn gthread 2x4 on one core",
         "### End to end: the library's own threads (the flush, the heartbeat) in the workers",
+        "### End to end, side by side: each variant and the uninstrumented service",
         "### Flush inside the application: CPU us per flush",
         "### Probe thread (sleeps 1 ms in a loop)",
         "### Spool size of one instance (one thread; a record per thread and region)",
@@ -53,6 +55,9 @@ def test_benchmarks_quick_run() -> None:
     # the workers' thread accounting sees the flushes of the 1 s variant (3 s of load)
     flushing = re.search(r"\| conduit, flush_interval 1 s +\| +([\d.]+) \|", out)
     assert flushing and float(flushing.group(1)) > 0, out[-3000:]
+    # side by side: the uninstrumented service beside itself, and conduit beside it, measured
+    for label in (r"no instrumentation \(A/A\)", r"conduit, defaults"):
+        assert re.search(rf"\| {label} +\| +\d\.\d{{3}} \(", out), out[-3000:]
 
 
 def quick_run(module: str) -> subprocess.CompletedProcess[str]:
