@@ -8,7 +8,7 @@ import threading
 import pytest
 
 from conduit_otel_cache.config import DEFAULT_BUCKETS
-from conduit_otel_cache.recorder import INVALID_REGION, OVERFLOW_REGION, Recorder
+from conduit_otel_cache.recorder import FOLD_AT, INVALID_REGION, OVERFLOW_REGION, Recorder
 
 
 def test_eight_threads_lose_no_increment() -> None:
@@ -50,6 +50,26 @@ def test_snapshot_while_threads_record_is_monotonic_and_exact_at_end() -> None:
     final = rec.snapshot()["r"]
     assert final.miss_count == 200_000
     assert final.response_times.count == 200_000  # finished threads' tallies were folded
+
+
+def test_response_times_wait_at_most_fold_at_in_the_thread_and_every_reader_sees_them() -> None:
+    """The hot path only appends a response time to its tally; the thread puts them in its
+    histogram FOLD_AT at a time (so they never pile up), and a snapshot or a drain takes
+    those still waiting (so neither misses one)."""
+    rec = Recorder((0.001, 0.01), max_samples=5)
+    for n in range(1, 2 * FOLD_AT + 6):
+        rec.record_hit("r", 0.002)
+        (tally,) = rec._tls.slots.values()
+        assert len(tally[-1]) == n % FOLD_AT  # what still waits: at most FOLD_AT - 1
+    rec.record_miss("r", float("nan"))
+    s = rec.snapshot()["r"]
+    assert (s.hit_count, s.miss_count) == (2 * FOLD_AT + 5, 1)
+    assert s.response_times.counts == (0, 2 * FOLD_AT + 5, 0)  # the 5 waiting ones too
+    assert s.response_times.sum == pytest.approx(0.002 * (2 * FOLD_AT + 5))
+    assert rec.rejected_values == 1  # the NaN, once it was taken
+    rec.record_hit("r", 0.0005)
+    assert rec.drain_samples() == {"r": [0.002] * 4 + [0.0005]}  # the last 5, waiting one too
+    assert rec.snapshot()["r"].response_times.counts == (1, 2 * FOLD_AT + 5, 0)
 
 
 def test_counts_and_histogram() -> None:

@@ -5,6 +5,12 @@ taken on the hot path and no increment is lost; readers sum every tally. A finis
 thread's tallies are handed to the next thread that counts in their region, so their
 number is bounded by the live threads. A tally is a list, or with a spool
 (:mod:`.spool`) a record of floats in a file that outlives the process.
+
+A response time recorded in a list tally waits there (in its last item) until
+:data:`FOLD_AT` have come; the thread then puts them in its histogram and raw samples at
+once, and a reader takes those still waiting. With cold caches, as in a service, each
+object the hot path touches costs a cache miss: this keeps the histogram's bisect, sum and
+buckets off it.
 """
 
 from __future__ import annotations
@@ -31,6 +37,47 @@ HIT, MISS, SET, EVICT, RT_SUM, BUCKET0 = range(6)
 MAX_RESPONSE_TIME = 1e6
 #: Sizes above this are rejected (a Redis integer is 64-bit).
 MAX_SIZE_BYTES = 2**62
+#: response times a thread keeps pending before it puts them in its tally's histogram
+FOLD_AT = 256
+
+
+def _take(pending: deque[float]) -> list[float]:
+    """The values in ``pending`` now. The owner thread and a reader may both take: each
+    ``popleft`` is atomic, so each value is taken once, by one of them."""
+    taken: list[float] = []
+    try:
+        for _ in range(len(pending)):
+            taken.append(pending.popleft())
+    except IndexError:  # the other taker was quicker
+        pass
+    return taken
+
+
+def _counter(kind: int, event: str) -> Any:
+    """``record_hit`` or ``record_miss``: the same code, each its own function (with cold
+    caches, as in a service, every further call costs more than its work). A response time
+    waits in the thread's tally (its last item) until :meth:`Recorder._fold`; a spool's
+    record counts it at once, so that the file holds every event."""
+
+    def record(self: Recorder, region: str | None, response_time: float | None = None) -> None:
+        try:
+            slot = self._tls.slots[region]
+        except Exception:
+            slot = self._slot(region)
+        slot[kind] += 1
+        if response_time is not None:
+            if type(slot) is list:
+                pending = slot[-1]
+                pending.append(response_time)
+                if len(pending) >= FOLD_AT:
+                    self._fold(slot)
+            else:
+                self._time(slot, response_time)
+
+    record.__name__ = f"record_{event}"
+    record.__qualname__ = f"Recorder.record_{event}"
+    record.__doc__ = f"Count a cache {event} in ``region``, with its response time (seconds)."
+    return record
 
 
 class Recorder:
@@ -75,6 +122,7 @@ class Recorder:
         self._tallies: list[tuple[str, Any]] = []  # every tally: (region, tally)
         self._free: dict[str, list[Any]] = {}  # tallies of finished threads, per region
         self._samples: dict[int, deque[float]] = {}  # id(record) -> its raw samples (spool)
+        self._folded: dict[str, Any] = {}  # per region: pending response times a reader took
         #: Events folded into ``_invalid`` / ``_overflow``, and rejected values.
         self.invalid_events = 0
         self.overflow_events = 0
@@ -82,25 +130,8 @@ class Recorder:
 
     # -- the hot path -------------------------------------------------------------------
 
-    def record_hit(self, region: str | None, response_time: float | None = None) -> None:
-        """Count a cache hit in ``region``, with its response time in seconds if given."""
-        try:
-            slot = self._tls.slots[region]
-        except Exception:
-            slot = self._slot(region)
-        slot[HIT] += 1
-        if response_time is not None:
-            self._time(slot, response_time)
-
-    def record_miss(self, region: str | None, response_time: float | None = None) -> None:
-        """Count a cache miss in ``region``, with its response time in seconds if given."""
-        try:
-            slot = self._tls.slots[region]
-        except Exception:
-            slot = self._slot(region)
-        slot[MISS] += 1
-        if response_time is not None:
-            self._time(slot, response_time)
+    record_hit = _counter(HIT, "hit")
+    record_miss = _counter(MISS, "miss")
 
     def record_set(self, region: str | None) -> None:
         """Count a cache write in ``region``."""
@@ -128,13 +159,18 @@ class Recorder:
         else:
             self._reject("size_bytes", size_bytes)
 
+    def _fold(self, slot: list[Any]) -> None:
+        """The owner thread: its pending response times into its tally."""
+        for seconds in _take(slot[-1]):
+            self._time(slot, seconds)
+
     def _time(self, slot: Any, seconds: float) -> None:
         try:
             if 0.0 <= seconds <= MAX_RESPONSE_TIME:  # False for NaN
                 slot[RT_SUM] += seconds
                 slot[BUCKET0 + bisect_left(self._bounds, seconds)] += 1
                 if self._max_samples:
-                    (slot[-1] if type(slot) is list else self._samples[id(slot)]).append(seconds)
+                    (slot[-2] if type(slot) is list else self._samples[id(slot)]).append(seconds)
                 return
         except (TypeError, ValueError, OverflowError):
             pass
@@ -165,11 +201,11 @@ class Recorder:
                 slot = slots[name] = free.pop() if free else self._new_tally(name)
         return slot
 
-    def _new_tally(self, name: str) -> Any:
+    def _new_tally(self, name: str, own: bool = True) -> Any:
         """A zeroed tally (under the lock): a spool record, else (or when the spool
         cannot grow) a list with the last raw response times after the numbers."""
         slot: Any = None
-        if self.spool is not None:
+        if self.spool is not None and own:
             try:
                 slot = self.spool.record(name)
                 if self._max_samples:
@@ -187,6 +223,7 @@ class Recorder:
             slot[RT_SUM] = 0.0
             if self._max_samples:
                 slot.append(deque(maxlen=self._max_samples))
+            slot.append(deque())  # response times not yet in the tally (_fold)
         self._tallies.append((name, slot))
         return slot
 
@@ -235,6 +272,7 @@ class Recorder:
         totals: dict[str, list[Any]] = {}
         with self._lock:
             self._hand_on_finished()
+            self._take_pending()
             for name, slot in self._tallies:
                 acc = totals.get(name)
                 if acc is None:
@@ -261,6 +299,19 @@ class Recorder:
             )
         return result
 
+    def _take_pending(self) -> None:
+        """The response times the threads have not put in their tallies yet, into a
+        readers' tally of their region (under the lock)."""
+        for name, slot in list(self._tallies):
+            if type(slot) is list and slot[-1]:
+                taken = _take(slot[-1])
+                if taken:
+                    extra = self._folded.get(name)
+                    if extra is None:
+                        extra = self._folded[name] = self._new_tally(name, own=False)
+                    for seconds in taken:
+                        self._time(extra, seconds)
+
     def _hand_on_finished(self) -> None:
         """Hand the tallies of finished threads on to the threads that count next in their
         regions (under the lock)."""
@@ -281,8 +332,9 @@ class Recorder:
             return {}
         drained: dict[str, deque[float]] = {}
         with self._lock:
+            self._take_pending()
             sources = [
-                (name, slot[-1] if type(slot) is list else self._samples[id(slot)])
+                (name, slot[-2] if type(slot) is list else self._samples[id(slot)])
                 for name, slot in self._tallies
             ]
         for name, samples in sources:
