@@ -110,6 +110,10 @@ def run_demo(duration: float | None = None, port: int = 9464, instances: int = 3
                 worker.wait(10)
             except subprocess.TimeoutExpired:
                 worker.kill()
+                worker.wait()
+        ended = [worker.returncode for worker in workers]
+        if any(ended):  # a worker that did not stop cleanly cannot have deregistered
+            print(f"\nworkers' exit codes (-9: killed after 10 s): {ended}", flush=True)
         if service is not None:
             final = service.aggregator
             final.invalidate()
