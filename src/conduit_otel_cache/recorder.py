@@ -202,8 +202,9 @@ class Recorder:
         return slot
 
     def _new_tally(self, name: str, own: bool = True) -> Any:
-        """A zeroed tally (under the lock): a spool record, else (or when the spool
-        cannot grow) a list with the last raw response times after the numbers."""
+        """A zeroed tally (under the lock): a spool record, else (when the spool cannot
+        grow, or for a reader's tally: ``own=False``) a list of the numbers, then the last
+        raw response times, then the response times waiting to be folded in."""
         slot: Any = None
         if self.spool is not None and own:
             try:
