@@ -269,15 +269,19 @@ def fill(store: Store, raw: Any, n: int, r: int) -> tuple[float, float]:
     return seeded, time.perf_counter() - start
 
 
-def sample_flushes(url: str, r: int, nodes: Nodes, quick: bool) -> tuple[Usage, int]:
+def sample_flushes(
+    url: str, r: int, nodes: Nodes, quick: bool, prefix: str = "conduit:"
+) -> tuple[Usage, int]:
     """Real application instances flushing with ``CHANGED`` of their regions changed each
-    time; the primaries' usage over those flushes, and the number of flushes."""
+    time; the primaries' usage over those flushes, and the number of flushes. ``prefix``:
+    the instances' ``key_prefix``, ``{i}`` in it their number."""
     k, rounds = (4, 10) if quick else (SAMPLE_INSTANCES, ROUNDS)
     regions = [region_name(j) for j in range(r)]
     changed = max(1, round(r * CHANGED))
     instances = [
         setup(redis_url=url, instance_id=f"fleet-sample-{i:02d}", set_global=False,
-              flush_interval=None, max_regions=r, aggregation_cache_ttl=0)
+              flush_interval=None, max_regions=r, aggregation_cache_ttl=0,
+              key_prefix=prefix.format(i=i))
         for i in range(k)
     ]  # fmt: skip
     try:
@@ -559,6 +563,31 @@ class _ClusterCallsOnStandalone(store_module.RedisClusterTopology):
     read_hashes = store_module.Standalone.read_hashes
 
 
+class _OneCallPerInstance(store_module.Standalone):
+    """The standalone calls (one ``flush.lua`` call per write) on a Redis Cluster, every key
+    of an instance under one hash tag (:func:`_shard_keys`)."""
+
+    tagged = True
+    load = store_module.RedisClusterTopology.load
+
+
+def _shard_keys(client: RedisCluster) -> Any:
+    """A :class:`KeySchema` maker that puts every key of instance ``i`` (``key_prefix``
+    ``shard-<i>:``) under one hash tag, on primary ``i`` modulo the primaries."""
+    primaries = sorted(int(n.port) for n in client.get_primaries())
+    tags: dict[int, str] = {}
+    for n in range(10_000):
+        tags.setdefault(primaries.index(int(client.get_node_from_key(f"s{n}").port)), f"s{n}")
+        if len(tags) == len(primaries):
+            break
+
+    def keys(key_prefix: str, *, redis_cluster: bool = False) -> KeySchema:
+        i = int(key_prefix.split("-")[1].rstrip(":"))
+        return KeySchema(f"{{{tags[i % len(tags)]}}}:", redis_cluster=redis_cluster)
+
+    return keys
+
+
 @contextmanager
 def _layout(name: str, r: int) -> Iterator[tuple[str, Nodes]]:
     """A fresh Redis of one of the layouts :func:`where_it_goes` compares: its URL and
@@ -574,7 +603,19 @@ def _layout(name: str, r: int) -> Iterator[tuple[str, Nodes]]:
         return
     with RedisClusterServers(masters=1 if name == "cluster-1" else MASTERS, replicas=0) as rc:
         ports = [server.port for server in rc.servers]
-        yield f"redis+cluster://127.0.0.1:{ports[0]}", Nodes([Node(p) for p in ports])
+        url = f"redis+cluster://127.0.0.1:{ports[0]}"
+        if name != "sharded":
+            yield url, Nodes([Node(p) for p in ports])
+            return
+        client = RedisCluster(host="127.0.0.1", port=ports[0])
+        try:
+            with (
+                mock.patch.object(store_module, "RedisClusterTopology", _OneCallPerInstance),
+                mock.patch.object(store_module, "KeySchema", _shard_keys(client)),
+            ):
+                yield url, Nodes([Node(p) for p in ports])
+        finally:
+            client.close()
 
 
 #: the layouts :func:`where_it_goes` compares, and what each adds to the one before
@@ -583,7 +624,9 @@ LAYOUTS = (
     ("split", "standalone Redis, the Redis Cluster's calls: beat.lua + one regions.lua per region"),
     ("cluster-1", "Redis Cluster of 1 primary (every slot), same calls"),
     ("cluster-3", f"Redis Cluster of {MASTERS} primaries, same calls"),
-)
+    ("sharded", f"Redis Cluster of {MASTERS} primaries, one flush.lua call per flush: every "
+     "key of an instance under one hash tag (not yet the library's layout)"),
+)  # fmt: skip
 
 
 def where_it_goes(quick: bool) -> dict[str, float]:
@@ -597,7 +640,8 @@ def where_it_goes(quick: bool) -> dict[str, float]:
     for name, _ in LAYOUTS:
         with _layout(name, r) as (url, nodes):
             nodes.measure_idle(1.0, 3.0 if quick else 10.0)
-            used, count = sample_flushes(url, r, nodes, quick)
+            prefix = "shard-{i}:" if name == "sharded" else "conduit:"
+            used, count = sample_flushes(url, r, nodes, quick, prefix)
             cpu[name] = sum(used.cpu) / count
             busiest[name] = max(used.cpu) / count
     alone = cpu["standalone"]

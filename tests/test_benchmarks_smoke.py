@@ -35,6 +35,7 @@ def test_benchmarks_quick_run() -> None:
         "### Fleet: Redis CPU of a serve replica's reads",
         "### Fleet: the per-instance pass at",
         "### Fleet: Redis CPU at",
+        "### Fleet: where a Redis Cluster's CPU goes",
         "### Fleet targets",
         "### GET /metrics at 100 x 10: ms p50 / p99",
         "### Data age a scrape sees",
@@ -52,6 +53,10 @@ def test_benchmarks_quick_run() -> None:
     ):
         assert header in out, f"missing {header!r} in:\n{out[-3000:]}"
     assert re.search(r"1 EVALSHA \(1 round trip\) per flush in steady state\s*\|\s*met\s*\|", out)
+    # the cold-cache call is judged against prometheus_client's observe()
+    assert re.search(r"with cold caches <= 1\.0x Histogram\.observe\(\).*\| \d+\.\d\dx: ", out)
+    # the layout that would write an instance in one call: measured on a Redis Cluster
+    assert re.search(r"one flush\.lua call per flush: every key of an.*\|\s+[\d,]+ \|", out)
     # the workers' thread accounting sees the flushes of the 1 s variant (3 s of load)
     flushing = re.search(r"\| conduit, flush_interval 1 s +\| +([\d.]+) \|", out)
     assert flushing and float(flushing.group(1)) > 0, out[-3000:]
