@@ -59,15 +59,18 @@ KEYS = KeySchema()
 #: the job of the replica whose refresh never ends (its own job: its last view, which it
 #: keeps publishing, would otherwise stand beside the other replicas' cluster series)
 STUCK_JOB = "conduit-cache-stuck"
-#: seconds between two bytes of a reply to the stuck replica: within its socket timeout (1 s),
-#: and its Redis read's replies (some 2 KB) take minutes
+#: seconds between two bytes of a reply to the stuck replica, and its socket timeout: each
+#: byte comes well within it, even on a loaded machine (a read that times out ends the refresh
+#: and reports Redis down, which the stale alert rightly leaves to ConduitCacheRedisDown), and
+#: its Redis read's replies (some 2 KB) take minutes
 TRICKLE = 0.5
+STUCK_SOCKET_TIMEOUT = "10"
 
 
 class Replica:
     """A real `serve` process reading Redis through its own proxy."""
 
-    def __init__(self, name: str, redis_port: int) -> None:
+    def __init__(self, name: str, redis_port: int, **env: str) -> None:
         self.name = name
         self.proxy = TcpProxy(("127.0.0.1", redis_port))
         self.port = free_port()
@@ -75,7 +78,7 @@ class Replica:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "conduit_otel_cache.cli", "serve", "--redis-url",
              self.proxy.url(), "--port", str(self.port)],
-            stdout=subprocess.PIPE, text=True, env={**os.environ, **SERVE_ENV},
+            stdout=subprocess.PIPE, text=True, env={**os.environ, **SERVE_ENV, **env},
         )  # fmt: skip
         assert self.proc.stdout is not None and self.proc.stdout.readline().startswith("serving")
 
@@ -105,8 +108,11 @@ def application(
 def replicas(redis_server: RedisServer) -> Iterator[dict[str, Replica]]:
     started: dict[str, Replica] = {}
     try:
-        for name in "abcd":
+        for name in "abc":
             started[name] = Replica(name, redis_server.port)
+        started["d"] = Replica(
+            "d", redis_server.port, CONDUIT_CACHE_STATS_SOCKET_TIMEOUT=STUCK_SOCKET_TIMEOUT
+        )
         yield started
     finally:
         for replica in started.values():
