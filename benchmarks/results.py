@@ -42,14 +42,17 @@ def save(
     order: Sequence[str] = (),
 ) -> None:
     """Keep the targets of each benchmark in ``measured`` (judged, not quick) in the file, in
-    place of that benchmark's earlier ones; those of other benchmarks stay, and runs no
-    target comes from any more are dropped. Targets are kept in the ``order`` of their
-    benchmarks (README's table shows the end-to-end run first, whichever ran last)."""
+    place of that benchmark's earlier ones; those of other benchmarks stay, those saved
+    without a benchmark (retired) and runs no target comes from any more are dropped.
+    Targets are kept in the ``order`` of their benchmarks (README's table shows the
+    end-to-end run first, whichever ran last)."""
     data = load(path)
     names = {t.name for ts in measured.values() for t in ts}
     runs = [*data["runs"], {"machine": machine, "command": command}]
-    saved = [
-        t for t in data["targets"] if t.get("bench") not in measured and t["name"] not in names
+    saved = [  # a target of no benchmark (one retired since) is dropped
+        t
+        for t in data["targets"]
+        if t.get("bench") is not None and t["bench"] not in measured and t["name"] not in names
     ]
     saved += [
         dict(dataclasses.asdict(t), bench=bench, run=len(runs) - 1)

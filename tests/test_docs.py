@@ -330,6 +330,28 @@ def test_readme_quotes_the_saved_benchmark_results() -> None:
     assert results.readme_block(README.read_text()) == results.render(results.load())
 
 
+def test_a_run_replaces_its_benchmarks_targets_and_drops_retired_ones(tmp_path: Path) -> None:
+    """``--only`` keeps the other benchmarks' targets; a target saved without a benchmark
+    (retired since) and a run no target comes from any more are dropped."""
+    from benchmarks import results
+    from benchmarks.common import Target
+
+    path = tmp_path / "results.json"
+    path.write_text(
+        '{"runs": [{"machine": "m0", "command": "c0"}], "targets": '
+        '[{"name": "retired", "met": false, "detail": "x", "run": 0}]}'
+    )
+    results.save({"hot": [Target("a", True, "1")], "flush": [Target("b", None, "2")]}, "m1", "c1",
+                 path, order=["hot", "flush"])  # fmt: skip
+    results.save({"flush": [Target("b", False, "3")]}, "m2", "c2", path, order=["hot", "flush"])
+    data = results.load(path)
+    assert [(t["name"], t["detail"], t["run"]) for t in data["targets"]] == [
+        ("a", "1", 0),
+        ("b", "3", 1),
+    ]
+    assert [r["machine"] for r in data["runs"]] == ["m1", "m2"]
+
+
 def test_the_readme_module_table_names_every_module() -> None:
     """README's module table names every module of the package (``integrations/`` and
     ``lua/`` as folders) and nothing that is not there."""
