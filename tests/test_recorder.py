@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import bisect
 import logging
+import random
 import threading
+from decimal import Decimal
+from typing import Any
 
 import pytest
 
@@ -70,6 +74,36 @@ def test_response_times_wait_at_most_fold_at_in_the_thread_and_every_reader_sees
     rec.record_hit("r", 0.0005)
     assert rec.drain_samples() == {"r": [0.002] * 4 + [0.0005]}  # the last 5, waiting one too
     assert rec.snapshot()["r"].response_times.counts == (1, 2 * FOLD_AT + 5, 0)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_folded_response_times_equal_one_by_one_with_bad_ones_among_them(seed: int) -> None:
+    """Response times folded in batches (by the thread every FOLD_AT, by a reader the rest),
+    valid and bad mixed, give what counting them one at a time gives: each valid one in its
+    bucket, in the sum and in the raw samples; each bad one rejected."""
+    rng = random.Random(seed)
+    bad = [-1.0, float("nan"), float("inf"), 2e6, "slow", Decimal("0.5"), object()]
+    times: list[Any] = [
+        rng.choice(bad) if rng.random() < 0.02 else rng.choice([rng.random() / 10, 3])
+        for _ in range(2 * FOLD_AT + rng.randrange(FOLD_AT))
+    ]
+    bounds = (0.001, 0.01, 0.1, 1.0)
+    rec = Recorder(bounds, max_samples=3 * FOLD_AT)  # every one kept
+    for t in times:
+        rec.record_hit("r", t)
+    valid = [t for t in times if type(t) in (float, int) and 0.0 <= t <= 1e6]
+    counts = [0] * (len(bounds) + 1)
+    total = 0.0
+    for t in valid:
+        counts[bisect.bisect_left(bounds, t)] += 1
+        total += t
+    s = rec.snapshot()["r"]
+    assert s.hit_count == len(times)
+    assert s.response_times.counts == tuple(counts)
+    # the thread's tally and the reader's are summed apart: the last bits may differ
+    assert s.response_times.sum == pytest.approx(total, rel=1e-12)
+    assert rec.rejected_values == len(times) - len(valid)
+    assert rec.drain_samples() == {"r": valid}
 
 
 def test_counts_and_histogram() -> None:

@@ -18,7 +18,9 @@ from __future__ import annotations
 import logging
 import threading
 from bisect import bisect_left
-from collections import deque
+from collections import Counter, deque
+from functools import partial, reduce
+from operator import add
 from typing import Any
 
 from .config import valid_name
@@ -161,8 +163,27 @@ class Recorder:
 
     def _fold(self, slot: list[Any]) -> None:
         """The owner thread: its pending response times into its tally."""
-        for seconds in _take(slot[-1]):
-            self._time(slot, seconds)
+        self._time_all(slot, _take(slot[-1]))
+
+    def _time_all(self, slot: list[Any], times: list[Any]) -> None:
+        """:meth:`_time` of each of ``times`` in a list tally, as one batch: the sum added in
+        order, the buckets counted and the raw samples appended in C loops."""
+        try:
+            valid = [t for t in times if 0.0 <= t <= MAX_RESPONSE_TIME]  # False for NaN
+            total = reduce(add, valid, slot[RT_SUM])
+        except (TypeError, ValueError, OverflowError):  # a value of another type: one by one
+            for seconds in times:
+                self._time(slot, seconds)
+            return
+        slot[RT_SUM] = total
+        for bucket, n in Counter(map(partial(bisect_left, self._bounds), valid)).items():
+            slot[BUCKET0 + bucket] += n
+        if self._max_samples:
+            slot[-2].extend(valid)
+        if len(valid) < len(times):
+            for seconds in times:
+                if not 0.0 <= seconds <= MAX_RESPONSE_TIME:
+                    self._reject("response_time", seconds)
 
     def _time(self, slot: Any, seconds: float) -> None:
         try:
@@ -310,8 +331,7 @@ class Recorder:
                     extra = self._folded.get(name)
                     if extra is None:
                         extra = self._folded[name] = self._new_tally(name, own=False)
-                    for seconds in taken:
-                        self._time(extra, seconds)
+                    self._time_all(extra, taken)
 
     def _hand_on_finished(self) -> None:
         """Hand the tallies of finished threads on to the threads that count next in their
