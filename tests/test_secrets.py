@@ -205,7 +205,7 @@ def test_no_output_shows_the_password(locked_redis: RedisServer, password: str) 
 def test_well_formed_urls_log_in_and_pasted_ones_are_refused(locked_redis: RedisServer) -> None:
     """The forms above really carry the password: the encoded ones log in, a raw password
     with reserved characters is refused with the hint, masked."""
-    password = "Wr/ong+S3cret=#?@ x"
+    password = "Wr/ong+S3cret=#?@ x%60"  # %60: decoded once, not twice (redis-py 6.0)
     set_password(locked_redis, password)
     forms = url_forms(password, locked_redis.port)
     for form in ("userinfo", "password parameter", "password parameter among others"):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import inspect
 from typing import Any, TypeAlias
+from urllib.parse import parse_qsl
 
 import redis
 from redis.backoff import ExponentialBackoff
@@ -118,6 +119,24 @@ def _sentinel_client(settings: ConnectionSettings, tls: dict[str, Any]) -> redis
     return client
 
 
+def _query_credentials(url: str) -> tuple[str, dict[str, str]]:
+    """``url`` without its ``username`` and ``password`` query parameters, and those decoded
+    once: redis-py 6.0 decodes query parameters twice (a password holding ``%60`` would log
+    in as one holding a backquote), and its ``from_url`` lets the URL's win over keywords."""
+    base, _, rest = url.partition("?")
+    query, hash_mark, fragment = rest.partition("#")
+    kept, credentials = [], {}
+    for piece in query.split("&") if query else []:
+        pairs = parse_qsl(piece, keep_blank_values=True)
+        if pairs and pairs[0][0] in ("username", "password"):
+            credentials[pairs[0][0]] = pairs[0][1]
+        else:
+            kept.append(piece)
+    if not credentials:
+        return url, {}
+    return base + ("?" if kept else "") + "&".join(kept) + hash_mark + fragment, credentials
+
+
 def connect(settings: ConnectionSettings) -> Client:
     """A Redis client for ``settings.redis_url`` with the configured timeouts: a
     :class:`redis.cluster.RedisCluster` when the URL names a Redis Cluster, the current
@@ -151,8 +170,10 @@ def connect(settings: ConnectionSettings) -> Client:
             **_redis_cluster_options(),
             **_no_client_setinfo(),
         )
+    url, credentials = _query_credentials(settings.redis_url)
     return redis.Redis.from_url(
-        settings.redis_url,
+        url,
+        **credentials,
         decode_responses=True,
         encoding_errors="replace",  # foreign bytes become invalid names, reported, not raised
         socket_timeout=settings.socket_timeout,
