@@ -95,7 +95,8 @@ def _sentinel_client(settings: ConnectionSettings, tls: dict[str, Any]) -> redis
         **({"ssl": True, **tls} if address.tls else {}),
     }
     credentials = {"username": address.username, "password": address.password}
-    sentinel = Sentinel(  # type: ignore[no-untyped-call]
+    # redis-py < 8.2 leaves Sentinel untyped; 8.2 types it: the ignores hold for both
+    sentinel = Sentinel(  # type: ignore[no-untyped-call, unused-ignore]
         list(address.sentinels),
         sentinel_kwargs={
             **sockets,
@@ -104,10 +105,11 @@ def _sentinel_client(settings: ConnectionSettings, tls: dict[str, Any]) -> redis
         },
         **sockets,
     )
-    client: redis.Redis = sentinel.master_for(  # type: ignore[no-untyped-call]
+    client: redis.Redis = sentinel.master_for(  # type: ignore[no-untyped-call, unused-ignore]
         address.service,
         db=address.db,
-        **credentials,
+        username=address.username,
+        password=address.password,
         decode_responses=True,
         encoding_errors="replace",
         # a failover surfaces as ConnectionError (dropped, or "now a replica"): the retry
@@ -154,7 +156,7 @@ def connect(settings: ConnectionSettings) -> Client:
         address = redis_cluster_address(settings.redis_url)
         return RedisCluster(
             startup_nodes=[
-                ClusterNode(host, port)  # type: ignore[no-untyped-call]
+                ClusterNode(host, port)  # type: ignore[no-untyped-call, unused-ignore]
                 for host, port in address.nodes
             ],
             username=address.username,
