@@ -359,7 +359,11 @@ class Recorder:
                 for name, slot in self._tallies
             ]
         for name, samples in sources:
-            out = drained.setdefault(name, deque(maxlen=self._max_samples))
+            if not samples:
+                continue
+            out = drained.get(name)
+            if out is None:
+                out = drained[name] = deque(maxlen=self._max_samples)
             while samples:  # popleft is atomic: the owner thread may append meanwhile
                 out.append(samples.popleft())
         return {name: list(d) for name, d in drained.items() if d}
