@@ -83,11 +83,14 @@ def test_folded_response_times_equal_one_by_one_with_bad_ones_among_them(seed: i
     bucket, in the sum and in the raw samples; each bad one rejected."""
     rng = random.Random(seed)
     bad = [-1.0, float("nan"), float("inf"), 2e6, "slow", Decimal("0.5"), object()]
+    bounds = (0.001, 0.01, 0.1, 1.0)
+    edges = [0.0, *bounds, 1e6]  # a value equal to a bound is in that bound's bucket
     times: list[Any] = [
-        rng.choice(bad) if rng.random() < 0.02 else rng.choice([rng.random() / 10, 3])
+        rng.choice(bad)
+        if rng.random() < 0.02
+        else rng.choice([rng.random() / 10, rng.random() / 1000, 3, rng.choice(edges)])
         for _ in range(2 * FOLD_AT + rng.randrange(FOLD_AT))
     ]
-    bounds = (0.001, 0.01, 0.1, 1.0)
     rec = Recorder(bounds, max_samples=3 * FOLD_AT)  # every one kept
     for t in times:
         rec.record_hit("r", t)

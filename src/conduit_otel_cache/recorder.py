@@ -17,9 +17,9 @@ from __future__ import annotations
 
 import logging
 import threading
-from bisect import bisect_left
-from collections import Counter, deque
-from functools import partial, reduce
+from bisect import bisect_left, bisect_right
+from collections import deque
+from functools import reduce
 from operator import add
 from typing import Any
 
@@ -171,13 +171,24 @@ class Recorder:
         try:
             valid = [t for t in times if 0.0 <= t <= MAX_RESPONSE_TIME]  # False for NaN
             total = reduce(add, valid, slot[RT_SUM])
+            ordered = sorted(valid)
         except (TypeError, ValueError, OverflowError):  # a value of another type: one by one
             for seconds in times:
                 self._time(slot, seconds)
             return
         slot[RT_SUM] = total
-        for bucket, n in Counter(map(partial(bisect_left, self._bounds), valid)).items():
-            slot[BUCKET0 + bucket] += n
+        # bucket i holds bounds[i-1] < t <= bounds[i]: in sorted order, the values up to
+        # each bound, from the lowest until none is left (a third of the cost of bisecting
+        # each value)
+        below, bucket = 0, BUCKET0
+        for bound in self._bounds:
+            if below == len(ordered):
+                break
+            upto = bisect_right(ordered, bound, below)
+            slot[bucket] += upto - below
+            below, bucket = upto, bucket + 1
+        else:
+            slot[bucket] += len(ordered) - below
         if self._max_samples:
             slot[-2].extend(valid)
         if len(valid) < len(times):
