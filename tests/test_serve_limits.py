@@ -203,6 +203,9 @@ def test_accept_out_of_descriptors_is_logged_once_and_recovers(
         with urllib.request.urlopen(url + "/-/healthy", timeout=5) as reply:
             assert reply.status == 200
         kept = connect(service.port)  # an open keep-alive connection
+        # the server's end of the first connection closed (on a loaded machine it may close
+        # late: a descriptor freed while accept() is meant to fail), and kept accepted
+        wait_for(lambda: len(service.server.connections) == 1, timeout=10)
         # sockets that earlier tests left to the collector must not free a descriptor while
         # accept() is meant to fail
         gc.collect()
