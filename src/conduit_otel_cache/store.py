@@ -277,8 +277,8 @@ class Store:
             # it routes EVALSHA by its keys (which must share one hash slot). Text goes as
             # bytes, encoded as redis-py would: its encoder, a call per argument, costs about
             # as much again as the encoding (a flush of 10 regions has some 250 arguments)
-            wire = [a.encode(encoding, errors) if type(a) is str else a for a in call.keys]
-            wire += [a.encode(encoding, errors) if type(a) is str else a for a in call.args]
+            arguments = (*call.keys, *call.args)
+            wire = [a.encode(encoding, errors) if type(a) is str else a for a in arguments]
             sha = self._scripts[call.script].sha
             pipe.execute_command("EVALSHA", sha, len(call.keys), *wire)
         for read in reads:
