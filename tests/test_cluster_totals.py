@@ -365,6 +365,10 @@ def test_a_view_after_invalidate_reflects_earlier_flushes_while_a_read_is_under_
         def __getattr__(self, name: str) -> object:
             return getattr(store, name)
 
+        @property
+        def parts(self) -> list[object]:
+            return [self]
+
         def read_cluster(self, *args: object, **kwargs: object) -> object:
             data = store.read_cluster(*args, **kwargs)  # type: ignore[arg-type]
             if self.hold:

@@ -186,9 +186,10 @@ def test_every_key_has_a_ttl(make_stats: MakeStats, rc: RedisCluster) -> None:
         record(stats, region, 1, 1)
     assert stats.flush()
     keys = list(rc.scan_iter("conduit:*", target_nodes=RedisCluster.PRIMARIES))
-    # per region: stats hash, aggregated hash and the record of its writes, counts hash,
-    # response-time samples list
-    assert len(keys) == 4 + 5 * len(REGIONS)
+    # the layout, the instance's 4 keys; per region: stats hash, aggregated hash and the
+    # record of its writes, counts hash, response-time samples list
+    assert "conduit:cache:layout" in keys
+    assert len(keys) == 5 + 5 * len(REGIONS)
     for key in keys:
         assert 0 < rc.ttl(key) <= 3600, key
 

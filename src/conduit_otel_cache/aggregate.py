@@ -16,6 +16,7 @@ miss counts, which every flush and departure keeps in Redis (one read per region
 from __future__ import annotations
 
 import dataclasses
+import functools
 import heapq
 import logging
 import math
@@ -30,6 +31,7 @@ from .config import AggregationSettings
 from .continuity import Continuity, LossCount
 from .model import Statistics
 from .ratelimit import RateLimitedLog
+from .shards import Shards
 from .store import ClusterData, Heartbeats, Store, explain
 
 log = logging.getLogger(__name__)
@@ -107,7 +109,7 @@ class Aggregator:
     """
 
     def __init__(
-        self, store: Store, settings: AggregationSettings, *, background: bool = False
+        self, store: Store | Shards, settings: AggregationSettings, *, background: bool = False
     ) -> None:
         self.store = store
         self.settings = settings
@@ -127,11 +129,21 @@ class Aggregator:
         self._instance_errors: dict[str, tuple[str, ...]] = {}
         self._reported: dict[str, frozenset[str]] = {}  # the malformed entries of each read
         #: the counters stay monotonic across a Redis data loss, the same on every reader
-        self.continuity = Continuity(settings.response_time_buckets, share=self._share)
-        self.loss_count = LossCount()
+        #: (each shard's part of them: :mod:`.shards`)
+        self.continuity = [
+            Continuity(settings.response_time_buckets, share=functools.partial(self._share, part))
+            for part in store.parts
+        ]
+        self.loss_count = [LossCount() for _ in store.parts]
         self._errors = RateLimitedLog(log)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._layout_checked = False
+
+    def _read_cluster(self, reap: bool = False) -> list[ClusterData]:
+        """Each shard's cluster data (one store's: one)."""
+        timeout = self.settings.instance_timeout
+        return [part.read_cluster(timeout, reap=reap) for part in self.store.parts]
 
     def view(self, max_age: float | None = None) -> ClusterView:
         """The cached view, read again when older than ``max_age`` seconds (default
@@ -195,7 +207,10 @@ class Aggregator:
             # without the background pass, the pass's check of the heartbeats comes first,
             # so that the count of live instances this read returns leaves out strays
             strays = None if self.background else self._strays()
-            data = self.store.read_cluster(self.settings.instance_timeout, reap=True)
+            if not self._layout_checked:
+                self.store.check_layout(self.settings.statistics_ttl)
+                self._layout_checked = True
+            data = self._read_cluster(reap=True)
             memory, memory_error = self._memory()
             if strays is not None:
                 self.refresh_instances(data, strays)
@@ -223,15 +238,14 @@ class Aggregator:
         return self.store.remove_strays(self.settings.instance_timeout)
 
     def refresh_instances(
-        self, data: ClusterData | None = None, strays: list[str] | None = None
+        self, data: list[ClusterData] | None = None, strays: list[str] | None = None
     ) -> None:
         """Read every live instance's hit ratio per region (the per-instance series) now,
         and check every heartbeat (malformed members are removed and reported here;
         ``strays``: already checked, these were removed)."""
         errors: list[str] = self._strays() if strays is None else list(strays)
-        data = data or self.store.read_cluster(self.settings.instance_timeout)
-        rates = self._windowed_drift(sorted(data.aggregates), errors)
-        live = {region: _live_ratio(fields) for region, fields in data.aggregates.items()}
+        live = _live_ratios(data or self._read_cluster())
+        rates = self._windowed_drift(sorted(live), errors)
         # the farthest first, from a generator: a row not kept is freed at once (100,000 rows
         # kept to the end of the pass cost a full collection of the garbage collector)
         rows = heapq.nlargest(
@@ -275,7 +289,7 @@ class Aggregator:
                     if not (0 <= hits < 2**63 and 0 <= misses < 2**63):
                         raise ValueError("count out of range")
                 except ValueError as exc:
-                    key = self.store.keys.counts(region)
+                    key = self.store.of(instance_id).keys.counts(region)
                     errors.append(f"{key} (instance {instance_id[:40]!r}): {exc}")
                     continue
                 if hits + misses == 0:
@@ -319,8 +333,9 @@ class Aggregator:
         errors: list[str] = []
         raw = self.store.read_instances(sorted(beats.beats), [region])
         for (instance_id, _), entry in raw.items():
+            key = self.store.of(instance_id).keys.stats(instance_id, region)
             if isinstance(entry, Exception):
-                errors.append(f"{self.store.keys.stats(instance_id, region)}: {entry}")
+                errors.append(f"{key}: {entry}")
                 continue
             if not entry:
                 continue
@@ -333,7 +348,7 @@ class Aggregator:
                     live=instance_id in active and entry.get("live") == "1",
                 )
             except ValueError as exc:
-                errors.append(f"{self.store.keys.stats(instance_id, region)}: {exc}")
+                errors.append(f"{key}: {exc}")
         self._count(region, errors)
         self._instance_errors[region] = tuple(errors)  # reported until a clean read
         return result
@@ -348,11 +363,14 @@ class Aggregator:
         for error in new[:1]:
             self._errors.error("conduit-otel-cache: skipped malformed data: %s", error)
 
-    def _share(self, region: str, expected: str, record: dict[str, str]) -> dict[str, str]:
-        """Share what a data loss took from a region's totals with the other readers
-        (continuity.py); a failed write keeps it in this reader, to be written next read."""
+    def _share(
+        self, part: Store, region: str, expected: str, record: dict[str, str]
+    ) -> dict[str, str]:
+        """Share what a data loss took from a region's totals (in the shard ``part``) with
+        the other readers (continuity.py); a failed write keeps it in this reader, to be
+        written next read."""
         try:
-            return self.store.share_continuity(region, expected, record)
+            return part.share_continuity(region, expected, record)
         except redis.RedisError as exc:
             self._errors.error(
                 "conduit-otel-cache: could not share the counters carried over a data "
@@ -362,21 +380,82 @@ class Aggregator:
             )
             return record
 
-    def _build(self, data: ClusterData, memory: int, start: float) -> ClusterView:
-        errors = list(data.errors)
-        bounds = self.settings.response_time_buckets
+    def _build(self, data: list[ClusterData], memory: int, start: float) -> ClusterView:
+        """The view of each shard's data (one store's: one), each shard's counters kept
+        monotonic on their own, added up."""
+        errors = [e for part in data for e in part.errors]
         regions: dict[str, Statistics] = {}
         losses: dict[str, tuple[int, float, float]] = {}
         acknowledged: dict[str, int] = {}
-        for region, fields in data.aggregates.items():
+        published: dict[str, int] = {}
+        drops = sum(c.losses for c in self.continuity)
+        for part, read, continuity, loss_count in zip(
+            self.store.parts, data, self.continuity, self.loss_count
+        ):
+            parsed = self._parse(part, read, errors, losses, acknowledged)
+            for region, stats in continuity.apply(parsed, read.aggregates, read.continuity).items():
+                regions[region] = regions[region].merge(stats) if region in regions else stats
+            for region, n in loss_count.apply(parsed, read.aggregates).items():
+                published[region] = published.get(region, 0) + n
+        self._count("cluster", errors)
+        if sum(c.losses for c in self.continuity) > drops:
+            self._errors.error(
+                "conduit-otel-cache: Redis lost cluster counts (an empty restart or "
+                "a failover): the published counters continue from where they "
+                "were while the live instances write theirs again"
+            )
+        missing = {i: beat for read in data for i, beat in read.missing.items()}
+        flush_errors: dict[str, int] = {}
+        for read in data:
+            for kind, n in read.flush_errors.items():
+                flush_errors[kind] = flush_errors.get(kind, 0) + n
+        return ClusterView(
+            regions=regions,
+            drift={region: self._drift[region] for region in regions if region in self._drift},
+            instance_hit_ratios=self._instance_ratios,
+            live_hit_ratios={r: v for r, v in _live_ratios(data).items() if r in regions},
+            instance_series=self._instance_series,
+            active_count=sum(read.active for read in data),
+            missing_heartbeats=missing,
+            server_time=max(read.server_time for read in data),
+            redis_up=True,
+            aggregation_latency=time.perf_counter() - start,
+            redis_memory_bytes=memory,
+            reap_error=next((r.reap_error for r in data if r.reap_error), None),
+            last_successful_aggregation=time.time(),
+            data_errors=(*errors, *(e for es in list(self._instance_errors.values()) for e in es)),
+            data_losses=losses,
+            losses_acknowledged=acknowledged,
+            losses_published={region: published.get(region, 0) for region in regions},
+            instance_flush_errors=flush_errors,
+        )
+
+    def _parse(
+        self,
+        part: Store,
+        read: ClusterData,
+        errors: list[str],
+        losses: dict[str, tuple[int, float, float]],
+        acknowledged: dict[str, int],
+    ) -> dict[str, Statistics]:
+        """The statistics of one shard's aggregated hashes; their losses are added to
+        ``losses`` and ``acknowledged``, malformed ones to ``errors``."""
+        bounds = self.settings.response_time_buckets
+        regions: dict[str, Statistics] = {}
+        for region, fields in read.aggregates.items():
             if "lost_count" in fields:
                 try:
                     at = float(fields.get("lost_at", 0))
                     since = float(fields.get("lost_since", at))
-                    losses[region] = (int(fields["lost_count"]), since, at)
-                    acknowledged[region] = int(fields.get("lost_acknowledged", 0))
+                    n = int(fields["lost_count"])
+                    acknowledged[region] = acknowledged.get(region, 0) + int(
+                        fields.get("lost_acknowledged", 0)
+                    )
                 except ValueError:
                     errors.append(f"aggregate of region {region!r}: bad lost_count or lost_at")
+                else:
+                    before = losses.get(region, (0, since, at))
+                    losses[region] = (before[0] + n, min(before[1], since), max(before[2], at))
             try:
                 regions[region] = Statistics.from_fields(
                     fields,
@@ -385,35 +464,8 @@ class Aggregator:
                     last_updated=_timestamp(fields.get("last_aggregated")),
                 )
             except ValueError as exc:
-                errors.append(f"{self.store.keys.aggregate(region)}: {exc}")
-        self._count("cluster", errors)
-        drops = self.continuity.losses
-        regions = self.continuity.apply(regions, data.aggregates, data.continuity)
-        if self.continuity.losses > drops:
-            self._errors.error(
-                "conduit-otel-cache: Redis lost cluster counts (an empty restart or "
-                "a failover): the published counters continue from where they "
-                "were while the live instances write theirs again"
-            )
-        return ClusterView(
-            regions=regions,
-            drift={region: self._drift[region] for region in regions if region in self._drift},
-            instance_hit_ratios=self._instance_ratios,
-            live_hit_ratios={region: _live_ratio(data.aggregates[region]) for region in regions},
-            instance_series=self._instance_series,
-            active_count=data.active,
-            missing_heartbeats=data.missing,
-            server_time=data.server_time,
-            redis_up=True,
-            aggregation_latency=time.perf_counter() - start,
-            redis_memory_bytes=memory,
-            last_successful_aggregation=time.time(),
-            data_errors=(*errors, *(e for es in list(self._instance_errors.values()) for e in es)),
-            data_losses=losses,
-            losses_acknowledged=acknowledged,
-            losses_published=self.loss_count.apply(regions, data.aggregates),
-            instance_flush_errors=data.flush_errors,
-        )
+                errors.append(f"{part.keys.aggregate(region)}: {exc}")
+        return regions
 
 
 def _farthest(rates: Collection[float], live: float | None) -> float:
@@ -423,15 +475,23 @@ def _farthest(rates: Collection[float], live: float | None) -> float:
     return max(max(rates) - live, live - min(rates))
 
 
-def _live_ratio(fields: dict[str, str]) -> float:
-    """The hit ratio of a region's live instances together, from the live sums
-    that every flush and departure keep; 0 when malformed (reported by Statistics)."""
-    try:
-        hits = max(0, int(fields.get("live_hit_count", "0")))
-        requests = hits + max(0, int(fields.get("live_miss_count", "0")))
-    except ValueError:
-        return 0.0
-    return hits / requests if requests else 0.0
+def _live_ratios(data: list[ClusterData]) -> dict[str, float]:
+    """The hit ratio of each region's live instances together, from the live sums that
+    every flush and departure keep (of every shard); 0 when malformed (reported by
+    Statistics)."""
+    live: dict[str, tuple[int, int]] = {}
+    for read in data:
+        for region, fields in read.aggregates.items():
+            try:
+                hits = max(0, int(fields.get("live_hit_count", "0")))
+                misses = max(0, int(fields.get("live_miss_count", "0")))
+            except ValueError:
+                hits = misses = 0
+            before = live.get(region, (0, 0))
+            live[region] = (before[0] + hits, before[1] + misses)
+    return {
+        r: hits / (hits + misses) if hits + misses else 0.0 for r, (hits, misses) in live.items()
+    }
 
 
 def _timestamp(value: str | None) -> float | None:

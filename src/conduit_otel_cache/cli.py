@@ -13,12 +13,15 @@ import time
 from collections.abc import Sequence
 from typing import Any, NoReturn
 
+import redis
+
 from . import __version__
 from .aggregate import Aggregator, ClusterView
 from .config import ENV_PREFIX, ConfigError, Settings
 from .health import evaluate
 from .report import PerInstance, format_table, read_per_instance, view_json
-from .store import Store, explain
+from .shards import open_store
+from .store import explain
 
 log = logging.getLogger("conduit_otel_cache")
 
@@ -79,7 +82,7 @@ def _settings(args: argparse.Namespace, **extra: Any) -> Settings:
 
 def _read_view(args: argparse.Namespace) -> tuple[Settings, ClusterView, Aggregator]:
     settings = _settings(args, aggregation_cache_ttl=0)
-    aggregator = Aggregator(Store.from_settings(settings.connection), settings.aggregation)
+    aggregator = Aggregator(open_store(settings.connection), settings.aggregation)
     return settings, aggregator.view(), aggregator
 
 
@@ -144,11 +147,14 @@ def cmd_health(args: argparse.Namespace) -> int:
 def cmd_cleanup(args: argparse.Namespace) -> int:
     """Remove instances whose heartbeat is older than the retention period."""
     settings = _settings(args)
-    store = Store.from_settings(settings.connection)
+    store = open_store(settings.connection)
     try:
+        store.check_layout(settings.statistics_ttl)
         removed = store.cleanup(settings.retention_period)
         reaped = store.reap(settings.instance_timeout)
         acknowledged = store.acknowledge_losses() if args.acknowledge_losses else None
+    except ConfigError:
+        raise
     except Exception as exc:
         raise CommandError(f"cannot clean up {settings.safe_redis_url}: {explain(exc)}") from None
     print(
@@ -189,6 +195,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
         probes_without_auth=args.probes_without_auth,
         render_process=True,
     )
+    try:  # another layout under this key_prefix fails here, naming the option
+        service.store.check_layout(settings.statistics_ttl)
+    except redis.RedisError:
+        pass  # Redis is not reachable yet: the reader checks at its first read
+    except ConfigError:
+        service.stop()
+        raise
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())

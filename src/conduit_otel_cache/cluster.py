@@ -10,6 +10,7 @@ from .aggregate import Aggregator, ClusterView
 from .config import AggregationSettings, HealthSettings
 from .health import Flushes, Health, Recoveries, evaluate
 from .model import Statistics
+from .shards import Shards
 from .store import Store
 
 
@@ -19,7 +20,7 @@ class ClusterReader:
 
     def __init__(
         self,
-        store: Store,
+        store: Store | Shards,
         settings: AggregationSettings,
         health: HealthSettings,
         *,

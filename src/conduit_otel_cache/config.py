@@ -46,6 +46,8 @@ DEFAULT_BUCKETS: tuple[float, ...] = (
 REDIS_CLUSTER_SCHEMES = ("redis+cluster", "rediss+cluster")
 #: options of earlier releases under their new names: the old name is refused, naming the new
 RENAMED = {"cluster": "redis_cluster"}
+#: most shards of ``redis_cluster_shards`` (each reader reads every shard)
+MAX_SHARDS = 256
 #: ``redis+sentinel://[user:password@]host:port[,host:port...]/<service>[/<db>]``
 #: (``rediss+sentinel://`` with TLS) names the primary that Redis Sentinels monitor as
 #: ``<service>``; ``?sentinel_auth=true`` sends the credentials to the sentinels too.
@@ -149,6 +151,8 @@ class ConnectionSettings:
     key_prefix: str
     #: scripts per round trip (1 without ``enable_batching``)
     batch_size: int
+    #: a Redis Cluster's statistics in this many shards by instance (0: by region)
+    redis_cluster_shards: int = 0
 
     @property
     def safe_redis_url(self) -> str:
@@ -205,6 +209,8 @@ class AggregationSettings:
     aggregation_interval: float
     max_instance_series: int
     response_time_buckets: tuple[float, ...]
+    #: how long the layout a reader records lives (``Store.check_layout``)
+    statistics_ttl: float
 
 
 @dataclasses.dataclass(frozen=True)
@@ -299,6 +305,9 @@ class Settings:
     enabled: bool = True
     #: ``redis_url`` names a Redis Cluster (implied by ``redis+cluster://``/``rediss+cluster://``)
     redis_cluster: bool = False
+    #: the statistics on a Redis Cluster in this many shards by instance, each flush one
+    #: script call (:mod:`.shards`); 0: a region's keys in the slot ``{<region>}``
+    redis_cluster_shards: int = 0
     mode: str = ""  # "": "distributed" when redis_url is given, else "local"
     #: ``serve`` pushes the cluster view over OTLP/HTTP to this URL (:mod:`.serve.otlp`)
     otlp_endpoint: str | None = None
@@ -528,6 +537,15 @@ class Settings:
         ):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}: must be >= 1, got {getattr(self, name)}")
+        if not 0 <= self.redis_cluster_shards <= MAX_SHARDS:
+            raise ConfigError(
+                f"redis_cluster_shards: must be 0-{MAX_SHARDS}, got {self.redis_cluster_shards}"
+            )
+        if self.redis_cluster_shards and not self.is_redis_cluster:
+            raise ConfigError(
+                "redis_cluster_shards: needs a Redis Cluster (a redis+cluster:// URL or "
+                "redis_cluster=true)"
+            )
         if self.connect_retries < 0 or self.connect_retries > 10:
             raise ConfigError(f"connect_retries: must be 0-10, got {self.connect_retries}")
         if self.drift_min_requests < 0:

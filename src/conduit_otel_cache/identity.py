@@ -25,7 +25,7 @@ import os
 import re
 import socket
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 MAX_ID = 128
 
@@ -96,13 +96,22 @@ class Identity:
         self._new_incarnation()
         self.instance_id = _with_suffix(base, f"-{self.pid}")
 
-    def move_aside(self, *, displaced: bool = False) -> str:
+    def move_aside(
+        self, *, displaced: bool = False, home: Callable[[str], object] | None = None
+    ) -> str:
         """Another live process writes as this id: take ``<base>-<pid>`` (or a token
         suffix when that is the id already, or when ``displaced``: another incarnation,
-        maybe in this very process, took over the id this one wrote). Returns the new id."""
+        maybe in this very process, took over the id this one wrote), one that ``home``
+        puts where the old id is (a shard of :mod:`.shards`: the totals that hold what it
+        wrote). Returns the new id."""
+        old = self.instance_id
         candidate = _with_suffix(self.base, f"-{self.pid}")
-        if candidate == self.instance_id or displaced:
+        if candidate == old or displaced:
             candidate = _with_suffix(self.base, f"-{self.pid}-{self.token[:8]}")
+        n = 0
+        while home is not None and home(candidate) is not home(old):
+            n += 1
+            candidate = _with_suffix(self.base, f"-{self.pid}-{self.token[:8]}-{n}")
         self.instance_id = candidate
         self.token = uuid.uuid4().hex
         return candidate

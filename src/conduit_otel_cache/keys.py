@@ -18,6 +18,7 @@ Keys (``conduit:`` is ``key_prefix``)::
     conduit:cache:counts:<region>              hash  live instance id -> '<hit_count> <miss_count>'
                                                      (drift, per-instance hit ratios)
     conduit:cache:stats:<instance>:<region>:response_times  list  the last raw response times
+    conduit:cache:layout                       string  a Redis Cluster's layout (below)
 
 On a Redis Cluster every script must stay in one hash slot, so the keys carry hash tags:
 the instance-level keys share ``{global}`` and a region's keys share ``{<region>}``::
@@ -29,6 +30,12 @@ the instance-level keys share ``{global}`` and a region's keys share ``{<region>
     conduit:cache:{global}:instance:<instance>       conduit:cache:{<region>}:counts
     conduit:cache:{global}:instance:<instance>:regions
     conduit:cache:{global}:flush_errors
+
+With ``redis_cluster_shards`` S (a layout for large fleets), a Redis Cluster holds S shards
+instead: every key of an instance, and the partial totals of every region it writes to, live
+under its shard's hash tag, named as on a standalone Redis (:mod:`.shards`)::
+
+    conduit:cache:{s<k>.<n>}:instances    conduit:cache:{s<k>.<n>}:stats:aggregated:<region>   ...
 
 Every key a script writes is named here and passed to it in ``KEYS``, so that a Redis Cluster
 routes the call by all of them (a slot in migration answers ASK or TRYAGAIN). Only
@@ -42,12 +49,17 @@ from __future__ import annotations
 class KeySchema:
     """Key names under ``key_prefix``; hash-tagged on a Redis Cluster (the instance-level
     keys share ``{global}``, a region's keys ``{<region>}``; names cannot contain braces), so
-    that every script call stays in one hash slot. The layout is chosen once, here: the
-    methods below only fill it in."""
+    that every script call stays in one hash slot; or every key under one ``shard`` tag.
+    The layout is chosen once, here: the methods below only fill it in."""
 
-    def __init__(self, key_prefix: str = "conduit:", *, redis_cluster: bool = False) -> None:
-        self.prefix = prefix = key_prefix + "cache:"
-        if redis_cluster:  # a region's keys share the slot {<region>}, the others {global}
+    def __init__(
+        self, key_prefix: str = "conduit:", *, redis_cluster: bool = False, shard: str = ""
+    ) -> None:
+        #: which layout the statistics under ``key_prefix`` are in (checked by every writer
+        #: and reader of a Redis Cluster, so that none reads or writes another)
+        self.layout = key_prefix + "cache:layout"
+        self.prefix = prefix = key_prefix + "cache:" + (f"{{{shard}}}:" if shard else "")
+        if redis_cluster and not shard:  # a region's keys share {<region>}, the others {global}
             self._global = prefix + "{global}:"
             self._stats = "{{{region}}}:stats:{instance}"
             self._aggregate = "{{{region}}}:aggregated"

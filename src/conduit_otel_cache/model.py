@@ -143,6 +143,22 @@ class Statistics:
         n = self.response_times.count
         return self.response_times.sum / n if n else 0.0
 
+    def merge(self, other: Statistics) -> Statistics:
+        """The sum of two parts of one region (the shards of :mod:`.shards`): counters,
+        sizes, histograms and instance counts add up; the later update is kept."""
+        updated = [t for t in (self.last_updated, other.last_updated) if t is not None]
+        return Statistics(
+            hit_count=self.hit_count + other.hit_count,
+            miss_count=self.miss_count + other.miss_count,
+            set_count=self.set_count + other.set_count,
+            eviction_count=self.eviction_count + other.eviction_count,
+            size_bytes=self.size_bytes + other.size_bytes,
+            response_times=self.response_times.merge(other.response_times),
+            instance_count=self.instance_count + other.instance_count,
+            last_updated=max(updated) if updated else None,
+            live=self.live or other.live,
+        )
+
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready view (counts, hit ratio, latency quantiles)."""
         rt = self.response_times

@@ -27,6 +27,7 @@ from .identity import Identity
 from .model import ResponseTimes
 from .ratelimit import RateLimitedLog
 from .recorder import BUCKET0, EVICT, HIT, MISS, RT_SUM, SET
+from .shards import Shards
 from .spool import RECOVERED, RECOVERING, Claim, DeadSpool, claim_dead
 from .store import Store, explain
 from .writethrough import Fields, RedisMetricExporter
@@ -64,7 +65,7 @@ def spool_fields(spool: DeadSpool) -> Fields:
 class Recoverer:
     """Recovers the dead incarnations' spools of ``settings.spool_dir`` into ``store``."""
 
-    def __init__(self, settings: WriteThroughSettings, store: Store) -> None:
+    def __init__(self, settings: WriteThroughSettings, store: Store | Shards) -> None:
         assert settings.spool_dir is not None
         self.settings = settings
         self.directory = settings.spool_dir
@@ -122,7 +123,7 @@ class Recoverer:
         spool = claim.spool
         who: dict[str, Any] = spool.identity
         instance_id, token = who["instance_id"], who["token"]
-        held = self.store.client.hget(self.store.keys.meta(instance_id), "token")
+        held = self.store.client.hget(self.store.of(instance_id).keys.meta(instance_id), "token")
         known = who.get("confirmed") or spool.state == RECOVERING
         if held != token and (held is not None or known):
             events = sum(int(t[HIT] + t[MISS] + t[SET] + t[EVICT]) for t in spool.totals.values())

@@ -24,7 +24,7 @@ from redis.commands.core import Script
 from redis.exceptions import NoScriptError
 
 from . import protocol
-from .config import ConnectionSettings, valid_name
+from .config import ConfigError, ConnectionSettings, valid_name
 from .connection import Client, connect, pipeline
 from .keys import KeySchema
 from .protocol import Call, Entry, FlushResult, Writer
@@ -134,21 +134,30 @@ Counts = dict[str, dict[str, str]]
 class Store:
     """Every Redis operation of the library, on one key schema (standalone or Redis Cluster)."""
 
-    def __init__(self, client: Client, key_prefix: str = "conduit:", batch_size: int = 100) -> None:
+    def __init__(
+        self,
+        client: Client,
+        key_prefix: str = "conduit:",
+        batch_size: int = 100,
+        *,
+        shard: str = "",
+    ) -> None:
         self.client = client
         #: most regions one standalone flush script call updates (the rest follow in the
         #: same pipeline), so that no script holds Redis for long
         self.batch_size = batch_size
         #: what differs between a standalone Redis and a Redis Cluster (hash-tagged keys,
-        #: one script call per hash slot)
+        #: one script call per hash slot); a ``shard`` of a Redis Cluster (:mod:`.shards`)
+        #: holds every key under one tag, so it is written as a standalone Redis is
+        redis_cluster = isinstance(client, RedisCluster)
         self.topology: Topology = (
-            RedisClusterTopology() if isinstance(client, RedisCluster) else Standalone()
+            RedisClusterTopology() if redis_cluster and not shard else Standalone()
         )
         pool = getattr(client, "connection_pool", None)
         timeout = pool.connection_kwargs.get("socket_timeout") if pool is not None else None
         #: the per-instance pass's round trips take about this long (a quarter of the timeout)
         self.pass_round_trip = min(PASS_ROUND_TRIP, (timeout or PASS_ROUND_TRIP * 4) / 4)
-        self.keys = KeySchema(key_prefix, redis_cluster=self.topology.tagged)
+        self.keys = KeySchema(key_prefix, redis_cluster=redis_cluster, shard=shard)
         self._scripts = {
             name: client.register_script(_script_source(*names))
             for name, names in protocol.SCRIPTS.items()
@@ -158,8 +167,18 @@ class Store:
 
     @classmethod
     def from_settings(cls, settings: ConnectionSettings) -> Store:
-        """A store on a new client for ``settings``."""
+        """A store on a new client for ``settings`` (one key schema: see
+        :func:`.shards.open_store` for ``redis_cluster_shards``)."""
         return cls(connect(settings), settings.key_prefix, settings.batch_size)
+
+    @property
+    def parts(self) -> list[Store]:
+        """The key schemas readers read one by one: this one (see :class:`.shards.Shards`)."""
+        return [self]
+
+    def of(self, instance_id: str) -> Store:
+        """Where ``instance_id``'s keys are: here."""
+        return self
 
     # -- writes -------------------------------------------------------------------------
 
@@ -259,13 +278,44 @@ class Store:
         ]
         if refused:
             names = {calls[n].script for n in refused}
-            self.topology.load(self, [self._scripts[name] for name in names])
+            self._load([self._scripts[name] for name in names])
             for n, reply in zip(refused, self._pipeline_scripts([calls[n] for n in refused])):
                 replies[n] = reply
         for call, reply in zip(calls, replies):
             if isinstance(reply, Exception):
                 raise _named(reply, self._scripts[call.script])
         return replies
+
+    def check_layout(self, ttl: float, layout: str = "0") -> None:
+        """On a Redis Cluster: record ``layout`` (``redis_cluster_shards``: ``"0"`` for the
+        layout by region, S for S shards) for ``ttl`` seconds unless another is recorded,
+        and raise :class:`~conduit_otel_cache.config.ConfigError` naming the option when
+        one is (its writers and readers would miss each other's statistics). One round
+        trip, at a writer's first write and its renewals of TTLs, and at a reader's start."""
+        if not isinstance(self.client, RedisCluster):
+            return
+        key, seconds = self.keys.layout, max(1, math.ceil(ttl))
+        pipe = self.client.pipeline(transaction=False)  # type: ignore[no-untyped-call, unused-ignore]
+        pipe.set(key, layout, nx=True, ex=seconds)
+        pipe.get(key)
+        pipe.expire(key, seconds)
+        _, held, _ = pipe.execute()
+        if held is not None and str(held) != layout:
+            raise ConfigError(
+                f"redis_cluster_shards: {layout} here, but the statistics under this "
+                f"key_prefix are written with redis_cluster_shards {str(held)[:20]!r} "
+                f"(recorded at {key}); use the same everywhere, or another key_prefix"
+            )
+
+    def _load(self, scripts: list[Script]) -> None:
+        """Load ``scripts`` where a call found them missing (on a Redis Cluster, every
+        primary, with the node map read again first: a primary that lacks them is new or
+        promoted, or took a slot over, and redis-py (6.0) may hold it for a replica after a
+        slot migration)."""
+        if isinstance(self.client, RedisCluster):
+            self.client.nodes_manager.initialize()
+        for script in scripts:
+            self.client.script_load(script.script)
 
     def _pipeline_scripts(
         self, calls: Sequence[Call], reads: Sequence[tuple[str, ...]] = ()
@@ -563,8 +613,6 @@ class Store:
 class Topology(Protocol):
     """What differs between a standalone Redis and a Redis Cluster, chosen once per store."""
 
-    #: keys are hash-tagged (``{global}``, ``{<region>}``)
-    tagged: bool
     #: a write's region calls run beside its beat (so also when the beat refuses the write)
     regions_apart: bool
 
@@ -597,17 +645,11 @@ class Topology(Protocol):
         not raised."""
         ...
 
-    def load(self, store: Store, scripts: list[Script]) -> None:
-        """Load ``scripts`` where a call found them missing (on a Redis Cluster: every
-        primary)."""
-        ...
-
 
 class Standalone:
     """One Redis: a write is one ``lua/flush.lua`` call (more regions than ``batch_size``
     follow as ``lua/regions.lua`` calls), a departure one ``lua/depart.lua`` call."""
 
-    tagged = False
     regions_apart = False
 
     def write(
@@ -657,10 +699,6 @@ class Standalone:
             for ok, flat in chunk
         ]
 
-    def load(self, store: Store, scripts: list[Script]) -> None:
-        for script in scripts:
-            store.client.script_load(script.script)
-
 
 class RedisClusterTopology:
     """A Redis Cluster: every script call stays in one hash slot, so a write is a
@@ -668,7 +706,6 @@ class RedisClusterTopology:
     (slot ``{<region>}``) in one pipeline; a departure checks the instance, takes out each
     region, then marks or removes the instance (``lua/redis_cluster_depart.lua``)."""
 
-    tagged = True
     regions_apart = True
 
     def write(
@@ -717,11 +754,3 @@ class RedisClusterTopology:
         for key in keys:
             pipe.hgetall(key)
         return list(pipe.execute(raise_on_error=False))
-
-    def load(self, store: Store, scripts: list[Script]) -> None:
-        # the node map again first: a primary that lacks them is new or promoted, or took a
-        # slot over, and redis-py (6.0) may hold it for a replica after a slot migration
-        assert isinstance(store.client, RedisCluster)
-        store.client.nodes_manager.initialize()
-        for script in scripts:
-            store.client.script_load(script.script)  # on every primary

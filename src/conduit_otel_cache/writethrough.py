@@ -50,6 +50,7 @@ from .instruments import COUNTER_INSTRUMENTS, RESPONSE_TIME_INSTRUMENT, SCOPE, S
 from .model import ResponseTimes
 from .protocol import Entry, FlushResult, Writer
 from .ratelimit import RateLimitedLog
+from .shards import Shards, open_store
 from .spool import Spool
 from .store import Store, explain
 
@@ -119,7 +120,7 @@ class RedisMetricExporter(MetricExporter):
     def __init__(
         self,
         settings: WriteThroughSettings,
-        store: Store | None = None,
+        store: Store | Shards | None = None,
         *,
         identity: Identity | None = None,
         samples: Callable[[], dict[str, list[float]]] | None = None,
@@ -130,7 +131,7 @@ class RedisMetricExporter(MetricExporter):
             preferred_aggregation=preferred_aggregation,
         )
         self.settings = settings
-        self.store = store if store is not None else Store.from_settings(settings.connection)
+        self.store = store if store is not None else open_store(settings.connection)
         self.identity = identity if identity is not None else Identity(settings.instance_id)
         self.samples = samples
         self.exports = 0  # calls of export(): the SDK makes none when it collected nothing
@@ -335,6 +336,8 @@ class RedisMetricExporter(MetricExporter):
     def _send(
         self, entries: Mapping[str, Entry], refresh: bool, checks: bool = False
     ) -> FlushResult:
+        if refresh or not self._confirmed:  # at the first write and every TTL renewal
+            self.store.check_layout(self.settings.statistics_ttl)
         self._seq += 1
         self._sending = entries
         let_others_run(0)  # the entries are encoded: the application's turn
@@ -420,7 +423,7 @@ class RedisMetricExporter(MetricExporter):
         if self._recovering:
             raise RuntimeError(f"instance id {old!r} is written by another incarnation")
         self._acked_seq = {}
-        new = self.identity.move_aside(displaced=self._confirmed)
+        new = self.identity.move_aside(displaced=self._confirmed, home=self.store.of)
         self._confirmed = False
         if self.spool is not None:
             self.spool.set_identity(self.spool_identity(confirmed=False))

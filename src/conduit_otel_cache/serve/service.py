@@ -13,7 +13,7 @@ from ..config import Settings
 from ..health import Health, evaluate
 from ..model import Statistics
 from ..recovery import Recoverer
-from ..store import Store
+from ..shards import open_store
 from .exposition import Exposition
 from .http import make_app, make_http_server
 from .landing import landing_page
@@ -55,7 +55,7 @@ class ExporterService:
     ) -> None:
         self.settings = settings
         self.serve = serve = settings.serve
-        self.store = Store.from_settings(settings.connection)
+        self.store = open_store(settings.connection)
         self.aggregator = Aggregator(self.store, settings.aggregation, background=True)
         self.push = OtlpPush(serve) if serve.otlp_endpoint is not None else None
         self.exposition = Exposition(self.aggregator, serve)
