@@ -229,3 +229,37 @@ def test_replicas_publish_the_same_totals_after_a_loss_started_before_or_after_i
             assert hits(b) == 38
     finally:
         live.shutdown()
+
+
+def test_totals_lost_with_no_live_instance_to_rebuild_them_stay_published(
+    redis_url: str, r: redis.Redis
+) -> None:
+    """Every instance of a region departed, then Redis loses its totals (evicted, deleted):
+    nobody writes them again. The reader that saw them keeps publishing what it read, a
+    reader started afterwards publishes the same (the shared record), and a later write
+    continues from there."""
+    options: dict[str, Any] = {"redis_url": redis_url, "set_global": False,
+                               "flush_interval": None, "aggregation_cache_ttl": 0}  # fmt: skip
+    gone = setup(instance_id="api-0", **options)
+    first = setup(instance_id="reader-1", **options)
+    store = Store(r)
+    try:
+        for _ in range(30):
+            gone.record_hit(REGION)
+        assert gone.flush()
+        gone.shutdown()  # departs: its 30 hits are all the region's totals
+        assert first.cluster_view().regions[REGION].hit_count == 30
+        assert r.delete(store.keys.aggregate(REGION)) == 1
+        assert first.cluster_view().regions[REGION].hit_count == 30  # was: the region vanished
+        assert r.hget(store.keys.continuity(REGION), "hit_count") == "30"
+        late = setup(instance_id="reader-2", **options)
+        assert late.cluster_view().regions[REGION].hit_count == 30
+        again = setup(instance_id="api-1", **options)
+        for _ in range(4):
+            again.record_hit(REGION)
+        assert again.flush()
+        assert first.cluster_view().regions[REGION].hit_count == 34
+        assert late.cluster_view().regions[REGION].hit_count == 34
+    finally:
+        for handle in (first, gone):
+            handle.shutdown()

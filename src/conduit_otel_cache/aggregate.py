@@ -393,9 +393,10 @@ class Aggregator:
             self.store.parts, data, self.continuity, self.loss_count
         ):
             parsed = self._parse(part, read, errors, losses, acknowledged)
-            for region, stats in continuity.apply(parsed, read.aggregates, read.continuity).items():
+            kept = continuity.apply(parsed, read.aggregates, read.continuity)
+            for region, stats in kept.items():
                 regions[region] = regions[region].merge(stats) if region in regions else stats
-            for region, n in loss_count.apply(parsed, read.aggregates).items():
+            for region, n in loss_count.apply(kept, read.aggregates).items():
                 published[region] = published.get(region, 0) + n
         self._count("cluster", errors)
         if sum(c.losses for c in self.continuity) > drops:

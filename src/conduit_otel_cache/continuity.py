@@ -73,10 +73,14 @@ class Continuity:
     ) -> dict[str, Statistics]:
         """The statistics to publish for Redis's ``regions`` (parsed from ``aggregates``,
         the aggregated hashes they were read from), with the continuity ``records`` read
-        with them (``{}`` where a region has none)."""
+        with them (``{}`` where a region has none). A region this reader read before, or
+        that has a record, and whose totals Redis no longer holds (lost, and no live
+        instance to write them again) is a loss too: published, with what it took carried."""
         result = {}
         records = records or {}
-        for name, raw in regions.items():
+        gone = sorted({*self._regions, *records}.difference(regions))
+        for name in [*regions, *gone]:
+            raw = regions.get(name, Statistics())
             fields = aggregates.get(name, {})
             epoch, departed = fields.get("epoch", ""), _departed(raw, fields)
             record = records.get(name, {})

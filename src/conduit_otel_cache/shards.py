@@ -68,7 +68,6 @@ class Shards:
     ) -> None:
         self.client = client
         self.parts = [Store(client, key_prefix, batch_size, shard=t) for t in shard_tags(count)]
-        self.keys = self.parts[0].keys  # names of what is not an instance's (reports)
         self.topology: Topology = self.parts[0].topology
 
     def check_layout(self, ttl: float) -> None:

@@ -452,7 +452,7 @@ class Store:
                 aggregates[region] = reply
             if isinstance(record, Exception):  # written again by a reader that knows it
                 errors.append(f"{self.keys.continuity(region)}: {record}")
-            elif reply:
+            elif reply or record:  # a record without totals: what their loss took
                 continuity[region] = record
         return ClusterData(
             float(seconds) + int(micros) / 1e6,
