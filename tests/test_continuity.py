@@ -242,6 +242,7 @@ def test_totals_lost_with_no_live_instance_to_rebuild_them_stay_published(
                                "flush_interval": None, "aggregation_cache_ttl": 0}  # fmt: skip
     gone = setup(instance_id="api-0", **options)
     first = setup(instance_id="reader-1", **options)
+    handles = [gone, first]
     store = Store(r)
     try:
         for _ in range(30):
@@ -253,13 +254,15 @@ def test_totals_lost_with_no_live_instance_to_rebuild_them_stay_published(
         assert first.cluster_view().regions[REGION].hit_count == 30  # was: the region vanished
         assert r.hget(store.keys.continuity(REGION), "hit_count") == "30"
         late = setup(instance_id="reader-2", **options)
+        handles.append(late)
         assert late.cluster_view().regions[REGION].hit_count == 30
         again = setup(instance_id="api-1", **options)
+        handles.append(again)
         for _ in range(4):
             again.record_hit(REGION)
         assert again.flush()
         assert first.cluster_view().regions[REGION].hit_count == 34
         assert late.cluster_view().regions[REGION].hit_count == 34
     finally:
-        for handle in (first, gone):
+        for handle in handles:
             handle.shutdown()

@@ -7,7 +7,7 @@ keys) and a flush is one pipeline of one script call per hash slot; see store.py
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import pytest
@@ -272,11 +272,13 @@ def replica_of(redis_cluster: RedisClusterServers, port: int) -> int:
 
 
 class Traffic:
-    """Three instances that record in every region and flush, round after round, counting
-    what they recorded and how many flushes failed."""
+    """Instances (three by default) that record in every region and flush, round after
+    round, counting what they recorded and how many flushes failed."""
 
-    def __init__(self, make_stats: MakeStats) -> None:
-        self.handles = [make_stats(f"api-{n}") for n in range(3)]
+    def __init__(
+        self, make_stats: MakeStats, ids: Sequence[str] = ("api-0", "api-1", "api-2")
+    ) -> None:
+        self.handles = [make_stats(i) for i in ids]
         self.recorded = dict.fromkeys(REGIONS, 0)
         self.rounds = 0
         self.failed = 0
@@ -297,11 +299,11 @@ class Traffic:
         for region in REGIONS:
             totals = self.handles[0].cluster_statistics(region)
             assert totals.hit_count == self.recorded[region]  # nothing lost, nothing doubled
-            assert totals.miss_count == 3 * self.rounds
-            assert totals.instance_count == 3
+            assert totals.miss_count == len(self.handles) * self.rounds
+            assert totals.instance_count == len(self.handles)
             per = self.handles[0].per_instance_statistics(region)
             assert sum(s.hit_count for s in per.values()) == self.recorded[region]
-        assert self.failed < 3 * self.rounds  # a failed flush is resent by the next one
+        assert self.failed < len(self.handles) * self.rounds  # the next flush resends one
 
 
 @pytest.mark.usefixtures("private_redis_cluster")  # the roles stay swapped

@@ -22,9 +22,9 @@ from conduit_otel_cache.cli import main
 from conduit_otel_cache.config import ConfigError, Settings
 from conduit_otel_cache.shards import Shards, shard_tags
 
-from .conftest import MakeStats, scrape_once, wait_for
+from .conftest import MakeStats, scrape_once
 from .servers import RedisClusterServers
-from .test_redis_cluster import REGIONS, on_node, owner_port, record, replica_of
+from .test_redis_cluster import REGIONS, Traffic, on_node, owner_port, record, replica_of
 
 pytestmark = pytest.mark.redis_cluster
 
@@ -38,7 +38,8 @@ def url(redis_cluster: RedisClusterServers) -> str:
 
 
 @pytest.fixture
-def rc(redis_cluster: RedisClusterServers, url: str) -> Iterator[RedisCluster]:
+def rc(redis_cluster: RedisClusterServers) -> Iterator[RedisCluster]:
+    """A client of the Redis Cluster, emptied."""
     client = RedisCluster(
         host="127.0.0.1", port=redis_cluster.servers[0].port, decode_responses=True
     )
@@ -246,40 +247,11 @@ def test_the_option_is_checked() -> None:
     assert Settings.load(env).connection.redis_cluster_shards == 4
 
 
-class ShardedTraffic:
-    """Instances in every shard that record in every region and flush, round after round."""
-
-    def __init__(self, sharded: MakeStats) -> None:
-        self.handles = [sharded(i) for i in IDS]
-        self.recorded = dict.fromkeys(REGIONS, 0)
-        self.rounds = 0
-        self.failed = 0
-
-    def round(self) -> None:
-        for k, handle in enumerate(self.handles):
-            for region in REGIONS:
-                hits = 1 + (self.rounds + k) % 5
-                record(handle, region, hits, 1)
-                self.recorded[region] += hits
-            self.failed += not handle.flush()
-        self.rounds += 1
-
-    def check_exact(self) -> None:
-        for handle in self.handles:
-            assert wait_for(handle.flush, timeout=10)
-        for region in REGIONS:
-            totals = self.handles[0].cluster_statistics(region)
-            assert totals.hit_count == self.recorded[region]  # nothing lost, nothing doubled
-            assert totals.miss_count == len(self.handles) * self.rounds
-            assert totals.instance_count == len(self.handles)
-        assert self.failed < len(self.handles) * self.rounds
-
-
 @pytest.mark.usefixtures("private_redis_cluster")  # the roles stay swapped
 def test_failover_of_a_shard_loses_and_doubles_nothing(
     redis_cluster: RedisClusterServers, sharded: MakeStats, rc: RedisCluster
 ) -> None:
-    traffic = ShardedTraffic(sharded)
+    traffic = Traffic(sharded, IDS)
     for _ in range(3):
         traffic.round()
     key = store_of(traffic.handles[0]).of(IDS[0]).keys.instances
@@ -303,7 +275,7 @@ def test_a_shard_slot_migration_mid_run_loses_and_doubles_nothing(
     """A shard's slot (its instances' keys and its part of every region's totals) moves to
     another primary key by key while every instance flushes and the per-instance pass
     checks the heartbeats between the moves."""
-    traffic = ShardedTraffic(sharded)
+    traffic = Traffic(sharded, IDS)
     for _ in range(2):
         traffic.round()
     store = store_of(traffic.handles[0])
