@@ -249,7 +249,7 @@ def fill(store: Store | Shards, raw: Any, n: int, r: int) -> tuple[float, float]
     seeded = populate(store, seeds, r)
     ids = [f"inst-{i:04d}" for i in range(seeds)]  # scale.populate's ids
     start = time.perf_counter()
-    parts = store.parts
+    parts = getattr(store, "own", [store])  # the keyspaces written
     for k, part in enumerate(parts):
         own = [i for i in ids if store.of(i) is part]
         first = seeds + k * (n - seeds) // len(parts)
@@ -307,10 +307,11 @@ def sample_flushes(
     changed = max(1, round(r * CHANGED))
     options = settings(redis_url=url, redis_cluster_shards=shards)
     store = open_store(options.connection)
-    k = -(-k // len(store.parts)) * len(store.parts)  # as many in every shard
+    parts = getattr(store, "own", [store])  # the keyspaces written
+    k = -(-k // len(parts)) * len(parts)  # as many in every shard
     ids = [
         next(f"fleet-sample-{i:02d}-{n}" for n in range(10_000)
-             if store.of(f"fleet-sample-{i:02d}-{n}") is store.parts[i % len(store.parts)])
+             if store.of(f"fleet-sample-{i:02d}-{n}") is parts[i % len(parts)])
         for i in range(k)
     ]  # fmt: skip
     store.close()

@@ -188,7 +188,7 @@ def test_every_key_has_a_ttl(make_stats: MakeStats, rc: RedisCluster) -> None:
     keys = list(rc.scan_iter("conduit:*", target_nodes=RedisCluster.PRIMARIES))
     # the layout, the instance's 4 keys; per region: stats hash, aggregated hash and the
     # record of its writes, counts hash, response-time samples list
-    assert "conduit:cache:layout" in keys
+    assert "conduit:cache:layouts" in keys
     assert len(keys) == 5 + 5 * len(REGIONS)
     for key in keys:
         assert 0 < rc.ttl(key) <= 3600, key
@@ -458,7 +458,7 @@ def test_a_data_loss_is_carried_once_and_shared_on_a_redis_cluster(
     record(live, "R", 5, 5)
     assert live.flush()
     assert first.cluster_view().regions["R"].hit_count == 35
-    keys = live.exporter.store.keys
+    keys = live.exporter.store.of("api-1").keys
     rc.delete(keys.aggregate("R"))  # lost: the live instance rebuilds its part
     record(live, "R", 2, 0)
     assert live.flush()

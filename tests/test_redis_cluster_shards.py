@@ -111,7 +111,7 @@ def test_each_flush_is_one_call_in_its_shard_and_readers_add_the_shards_up(
         owners.add(port)
     assert len(owners) == SHARDS
     assert rc.exists("conduit:cache:{global}:instances", "conduit:cache:instances") == 0
-    assert rc.get("conduit:cache:layout") == str(SHARDS)
+    assert rc.zrange("conduit:cache:layouts", 0, -1) == [str(SHARDS)]
     reader = sharded("reader")
     view = reader.cluster_view()
     assert view.active_count == len(IDS)
@@ -174,7 +174,7 @@ def test_a_data_loss_in_one_shard_is_carried_for_that_shard_alone(
 
 def in_shard(shards: Shards, k: int, name: str) -> str:
     """The first instance id ``<name>-<n>`` of shard ``k``."""
-    return next(i for i in (f"{name}-{n}" for n in range(1000)) if shards.of(i) is shards.parts[k])
+    return next(i for i in (f"{name}-{n}" for n in range(1000)) if shards.of(i) is shards.own[k])
 
 
 def make_late_reader(sharded: MakeStats) -> CacheStatistics:
@@ -207,33 +207,41 @@ def test_lost_keys_and_a_duplicate_id_stay_exact_in_a_shard(
         second.shutdown()
 
 
-def test_another_layout_under_the_prefix_fails_naming_the_option(
-    make_stats: MakeStats,
-    sharded: MakeStats,
-    rc: RedisCluster,
-    url: str,
-    capsys: pytest.CaptureFixture[str],
+def test_layouts_in_use_add_up_during_a_rolling_change_of_the_option(
+    make_stats: MakeStats, rc: RedisCluster, url: str
 ) -> None:
-    by_region = make_stats("api-1")
-    record(by_region, "R", 3, 0)
-    assert by_region.flush()
-    assert rc.get("conduit:cache:layout") == "0"
-    other = sharded("api-2")
-    record(other, "R", 4, 0)
-    assert not other.flush()  # refused before any write, its tallies kept
-    assert other.exporter is not None and "redis_cluster_shards" in (
-        other.exporter.last_error or ""
-    )
-    view = other.cluster_view()
-    assert not view.redis_up and "redis_cluster_shards" in (view.redis_error or "")
-    assert by_region.cluster_statistics("R").hit_count == 3  # nothing of api-2 written
-    rc.delete("conduit:cache:layout")  # (an operator moved the by-region instances away)
-    rc.flushall(target_nodes=RedisCluster.PRIMARIES)
-    assert other.flush()
-    assert sharded("reader").cluster_statistics("R").hit_count == 4
-    # the command line names it too, and exits with a configuration error
-    assert main(["cleanup", "--redis-url", url]) == 64
-    assert "redis_cluster_shards: 0 here" in capsys.readouterr().err
+    """Instances by region (the default) and in 3 and 6 shards under one key_prefix, as in a
+    rolling change of redis_cluster_shards: one instance restarts from by region into shards
+    under the same id. Readers of every layout read every layout in use and publish the same
+    exact totals; per-instance reads find each instance where it is."""
+    old, gone = make_stats("api-1"), make_stats("api-2")
+    record(old, "R", 3, 1)
+    record(gone, "R", 5, 0)
+    assert old.flush() and gone.flush()
+    gone.shutdown()
+    old.shutdown()  # restarts with the new option, under the same id
+    new = make_stats("api-1", redis_cluster_shards=3)
+    third = make_stats("api-3", redis_cluster_shards=3)
+    sixth = make_stats("api-4", redis_cluster_shards=6)
+    for handle, hits in ((new, 7), (third, 11), (sixth, 13)):
+        record(handle, "R", hits, 0)
+        assert handle.flush()
+    assert sorted(rc.zrange("conduit:cache:layouts", 0, -1)) == ["0", "3", "6"]
+    total = 3 + 5 + 7 + 11 + 13
+    for options in ({}, {"redis_cluster_shards": 3}, {"redis_cluster_shards": 6}):
+        reader = make_stats(f"reader-{len(options)}-{options.get('redis_cluster_shards', 0)}",
+                            **options)  # fmt: skip
+        view = reader.cluster_view()
+        assert view.regions["R"].hit_count == total, options
+        assert view.regions["R"].miss_count == 1
+        assert view.active_count == 3  # api-1 counts once: its old incarnation departed
+        per = reader.per_instance_statistics("R")
+        assert {i: s.hit_count for i, s in per.items()} == {"api-1": 7, "api-3": 11, "api-4": 13}
+    text = scrape_once(redis_url=url)  # serve with the default layout
+    hits = [s.value for f in text_string_to_metric_families(text) for s in f.samples
+            if s.name == "conduit_cache_hits_total" and s.labels["region"] == "R"]  # fmt: skip
+    assert hits == [total]
+    assert main(["cleanup", "--redis-url", url]) == 0
 
 
 def test_the_option_is_checked() -> None:
@@ -314,13 +322,15 @@ def test_read_errors_of_one_shard_are_reported_and_the_others_still_add_up(
         record(handle, "R", 2, 0)
         assert handle.flush()
     store = store_of(handles[0])
-    bad = store.parts[1].keys.aggregate("R")
+    bad = store.own[1].keys.aggregate("R")
     rc.delete(bad)
     rc.set(bad, "not a hash")
+    rc.zadd("conduit:cache:layouts", {"999999": time.time(), "-1": time.time()})
     view = sharded("reader").cluster_view()
     assert view.redis_up
     assert any(bad in e for e in view.data_errors)
-    in_bad = sum(1 for i in IDS if store.of(i) is store.parts[1])
+    assert sum("invalid layout" in e for e in view.data_errors) == 2
+    in_bad = sum(1 for i in IDS if store.of(i) is store.own[1])
     assert view.regions["R"].hit_count == 2 * (len(IDS) - in_bad)
     with pytest.raises(redis.ResponseError):
         rc.hgetall(bad)

@@ -61,8 +61,8 @@ class ShardedCluster(RuleBasedStateMachine):
         self.crashed: set[str] = set()  # ids whose last incarnation crashed, not replaced
         self.reader = self._handle("reader")
         self.shards = self.reader.aggregator.store
-        assert isinstance(self.shards, Shards) and len(self.shards.parts) == SHARDS
-        parts = self.shards.parts
+        assert isinstance(self.shards, Shards) and len(self.shards.own) == SHARDS
+        parts = self.shards.own
         assert [parts.index(self.shards.of(i)) for i in "abgc"] == [0, 2, 1, 0]
         for instance_id in ("a", "b", "g"):
             self.start(instance_id)
@@ -139,7 +139,7 @@ class ShardedCluster(RuleBasedStateMachine):
         instances write theirs again, the reader carries its departed instances' part. A
         crashed instance of that shard (not departed, not live: Redis's only record of its
         counts) is a documented loss, left out here."""
-        part = self.shards.parts[shard]
+        part = self.shards.own[shard]
         if any(self.shards.of(i) is part for i in self.crashed):
             return
         if self.rc.delete(part.keys.aggregate(region)):

@@ -129,16 +129,12 @@ class Aggregator:
         self._instance_errors: dict[str, tuple[str, ...]] = {}
         self._reported: dict[str, frozenset[str]] = {}  # the malformed entries of each read
         #: the counters stay monotonic across a Redis data loss, the same on every reader
-        #: (each shard's part of them: :mod:`.shards`)
-        self.continuity = [
-            Continuity(settings.response_time_buckets, share=functools.partial(self._share, part))
-            for part in store.parts
-        ]
-        self.loss_count = [LossCount() for _ in store.parts]
+        #: (each keyspace's part of them, by its key prefix: :mod:`.shards`)
+        self.continuity: dict[str, Continuity] = {}
+        self.loss_count: dict[str, LossCount] = {}
         self._errors = RateLimitedLog(log)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self._layout_checked = False
 
     def _read_cluster(self, reap: bool = False) -> list[ClusterData]:
         """Each shard's cluster data (one store's: one)."""
@@ -207,9 +203,8 @@ class Aggregator:
             # without the background pass, the pass's check of the heartbeats comes first,
             # so that the count of live instances this read returns leaves out strays
             strays = None if self.background else self._strays()
-            if not self._layout_checked:
-                self.store.check_layout(self.settings.statistics_ttl)
-                self._layout_checked = True
+            layouts = self.store.discover()  # the keyspaces in use (Redis Cluster)
+            self._instance_errors[":layouts"] = tuple(layouts)  # no region's name
             data = self._read_cluster(reap=True)
             memory, memory_error = self._memory()
             if strays is not None:
@@ -289,7 +284,7 @@ class Aggregator:
                     if not (0 <= hits < 2**63 and 0 <= misses < 2**63):
                         raise ValueError("count out of range")
                 except ValueError as exc:
-                    key = self.store.of(instance_id).keys.counts(region)
+                    key = self.store.home(instance_id).keys.counts(region)
                     errors.append(f"{key} (instance {instance_id[:40]!r}): {exc}")
                     continue
                 if hits + misses == 0:
@@ -333,7 +328,7 @@ class Aggregator:
         errors: list[str] = []
         raw = self.store.read_instances(sorted(beats.beats), [region])
         for (instance_id, _), entry in raw.items():
-            key = self.store.of(instance_id).keys.stats(instance_id, region)
+            key = self.store.home(instance_id).keys.stats(instance_id, region)
             if isinstance(entry, Exception):
                 errors.append(f"{key}: {entry}")
                 continue
@@ -388,10 +383,9 @@ class Aggregator:
         losses: dict[str, tuple[int, float, float]] = {}
         acknowledged: dict[str, int] = {}
         published: dict[str, int] = {}
-        drops = sum(c.losses for c in self.continuity)
-        for part, read, continuity, loss_count in zip(
-            self.store.parts, data, self.continuity, self.loss_count
-        ):
+        drops = sum(c.losses for c in self.continuity.values())
+        for part, read in zip(self.store.parts, data):
+            continuity, loss_count = self._continuity(part)
             parsed = self._parse(part, read, errors, losses, acknowledged)
             kept = continuity.apply(parsed, read.aggregates, read.continuity)
             for region, stats in kept.items():
@@ -399,7 +393,7 @@ class Aggregator:
             for region, n in loss_count.apply(kept, read.aggregates).items():
                 published[region] = published.get(region, 0) + n
         self._count("cluster", errors)
-        if sum(c.losses for c in self.continuity) > drops:
+        if sum(c.losses for c in self.continuity.values()) > drops:
             self._errors.error(
                 "conduit-otel-cache: Redis lost cluster counts (an empty restart or "
                 "a failover): the published counters continue from where they "
@@ -430,6 +424,15 @@ class Aggregator:
             losses_published={region: published.get(region, 0) for region in regions},
             instance_flush_errors=flush_errors,
         )
+
+    def _continuity(self, part: Store) -> tuple[Continuity, LossCount]:
+        """What keeps one keyspace's counters monotonic, made at its first read."""
+        name = part.keys.prefix
+        if name not in self.continuity:
+            share = functools.partial(self._share, part)
+            self.continuity[name] = Continuity(self.settings.response_time_buckets, share=share)
+            self.loss_count[name] = LossCount()
+        return self.continuity[name], self.loss_count[name]
 
     def _parse(
         self,

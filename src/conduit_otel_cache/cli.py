@@ -13,8 +13,6 @@ import time
 from collections.abc import Sequence
 from typing import Any, NoReturn
 
-import redis
-
 from . import __version__
 from .aggregate import Aggregator, ClusterView
 from .config import ENV_PREFIX, ConfigError, Settings
@@ -149,12 +147,9 @@ def cmd_cleanup(args: argparse.Namespace) -> int:
     settings = _settings(args)
     store = open_store(settings.connection)
     try:
-        store.check_layout(settings.statistics_ttl)
         removed = store.cleanup(settings.retention_period)
         reaped = store.reap(settings.instance_timeout)
         acknowledged = store.acknowledge_losses() if args.acknowledge_losses else None
-    except ConfigError:
-        raise
     except Exception as exc:
         raise CommandError(f"cannot clean up {settings.safe_redis_url}: {explain(exc)}") from None
     print(
@@ -195,13 +190,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
         probes_without_auth=args.probes_without_auth,
         render_process=True,
     )
-    try:  # another layout under this key_prefix fails here, naming the option
-        service.store.check_layout(settings.statistics_ttl)
-    except redis.RedisError:
-        pass  # Redis is not reachable yet: the reader checks at its first read
-    except ConfigError:
-        service.stop()
-        raise
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())

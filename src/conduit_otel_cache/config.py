@@ -153,6 +153,8 @@ class ConnectionSettings:
     batch_size: int
     #: a Redis Cluster's statistics in this many shards by instance (0: by region)
     redis_cluster_shards: int = 0
+    #: how long a layout written stays read (:mod:`.shards`)
+    statistics_ttl: float = 86_400.0
 
     @property
     def safe_redis_url(self) -> str:
@@ -209,8 +211,6 @@ class AggregationSettings:
     aggregation_interval: float
     max_instance_series: int
     response_time_buckets: tuple[float, ...]
-    #: how long the layout a reader records lives (``Store.check_layout``)
-    statistics_ttl: float
 
 
 @dataclasses.dataclass(frozen=True)

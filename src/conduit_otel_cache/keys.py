@@ -18,7 +18,8 @@ Keys (``conduit:`` is ``key_prefix``)::
     conduit:cache:counts:<region>              hash  live instance id -> '<hit_count> <miss_count>'
                                                      (drift, per-instance hit ratios)
     conduit:cache:stats:<instance>:<region>:response_times  list  the last raw response times
-    conduit:cache:layout                       string  a Redis Cluster's layout (below)
+    conduit:cache:layouts                      zset  a Redis Cluster's layouts written (below)
+                                                     -> when last recorded
 
 On a Redis Cluster every script must stay in one hash slot, so the keys carry hash tags:
 the instance-level keys share ``{global}`` and a region's keys share ``{<region>}``::
@@ -55,9 +56,9 @@ class KeySchema:
     def __init__(
         self, key_prefix: str = "conduit:", *, redis_cluster: bool = False, shard: str = ""
     ) -> None:
-        #: which layout the statistics under ``key_prefix`` are in (checked by every writer
-        #: and reader of a Redis Cluster, so that none reads or writes another)
-        self.layout = key_prefix + "cache:layout"
+        #: the layouts written on a Redis Cluster (``redis_cluster_shards``: 0 by region,
+        #: else S) -> when last recorded: readers read every one in use (:mod:`.shards`)
+        self.layouts = key_prefix + "cache:layouts"
         self.prefix = prefix = key_prefix + "cache:" + (f"{{{shard}}}:" if shard else "")
         if redis_cluster and not shard:  # a region's keys share {<region>}, the others {global}
             self._global = prefix + "{global}:"

@@ -24,7 +24,7 @@ from redis.commands.core import Script
 from redis.exceptions import NoScriptError
 
 from . import protocol
-from .config import ConfigError, ConnectionSettings, valid_name
+from .config import ConnectionSettings, valid_name
 from .connection import Client, connect, pipeline
 from .keys import KeySchema
 from .protocol import Call, Entry, FlushResult, Writer
@@ -177,8 +177,17 @@ class Store:
         return [self]
 
     def of(self, instance_id: str) -> Store:
-        """Where ``instance_id``'s keys are: here."""
+        """Where ``instance_id``'s keys are written: here."""
         return self
+
+    home = of  # where they are read (see :meth:`.shards.Shards.home`)
+
+    def discover(self) -> list[str]:
+        """One keyspace: nothing to find (see :meth:`.shards.Shards.discover`)."""
+        return []
+
+    def record_layout(self) -> None:
+        """One keyspace: nothing to record (see :meth:`.shards.Shards.record_layout`)."""
 
     # -- writes -------------------------------------------------------------------------
 
@@ -285,27 +294,6 @@ class Store:
             if isinstance(reply, Exception):
                 raise _named(reply, self._scripts[call.script])
         return replies
-
-    def check_layout(self, ttl: float, layout: str = "0") -> None:
-        """On a Redis Cluster: record ``layout`` (``redis_cluster_shards``: ``"0"`` for the
-        layout by region, S for S shards) for ``ttl`` seconds unless another is recorded,
-        and raise :class:`~conduit_otel_cache.config.ConfigError` naming the option when
-        one is (its writers and readers would miss each other's statistics). One round
-        trip, at a writer's first write and its renewals of TTLs, and at a reader's start."""
-        if not isinstance(self.client, RedisCluster):
-            return
-        key, seconds = self.keys.layout, max(1, math.ceil(ttl))
-        pipe = self.client.pipeline(transaction=False)  # type: ignore[no-untyped-call, unused-ignore]
-        pipe.set(key, layout, nx=True, ex=seconds)
-        pipe.get(key)
-        pipe.expire(key, seconds)
-        _, held, _ = pipe.execute()
-        if held is not None and str(held) != layout:
-            raise ConfigError(
-                f"redis_cluster_shards: {layout} here, but the statistics under this "
-                f"key_prefix are written with redis_cluster_shards {str(held)[:20]!r} "
-                f"(recorded at {key}); use the same everywhere, or another key_prefix"
-            )
 
     def _load(self, scripts: list[Script]) -> None:
         """Load ``scripts`` where a call found them missing (on a Redis Cluster, every

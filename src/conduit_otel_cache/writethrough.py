@@ -337,7 +337,7 @@ class RedisMetricExporter(MetricExporter):
         self, entries: Mapping[str, Entry], refresh: bool, checks: bool = False
     ) -> FlushResult:
         if refresh or not self._confirmed:  # at the first write and every TTL renewal
-            self.store.check_layout(self.settings.statistics_ttl)
+            self.store.record_layout()
         self._seq += 1
         self._sending = entries
         let_others_run(0)  # the entries are encoded: the application's turn
