@@ -382,12 +382,12 @@ def reads(url: str, nodes: Nodes, r: int, quick: bool, shards: int = 0) -> Reads
         with nodes.usage() as t_used:
             totals = measure(lambda: agg.view(max_age=0), reps, budget)
         k = r if quick else min(r, PASS_REGIONS)
-        sample = [
-            dataclasses.replace(data, aggregates={
+        sample = {
+            part: dataclasses.replace(data, aggregates={
                 region: data.aggregates[region] for region in sorted(data.aggregates)[:k]
             })
-            for data in (part.read_cluster(s.instance_timeout) for part in store.parts)
-        ]  # fmt: skip
+            for part, data in ((p, p.read_cluster(s.instance_timeout)) for p in store.parts)
+        }  # fmt: skip
         with nodes.usage() as p_used:  # twice if the first is quick
             passes = measure(lambda: agg.refresh_instances(sample), 2, 1.0 if quick else 10.0)
         pairs = sum(len(v) for v in agg.view(max_age=0).instance_hit_ratios.values())

@@ -22,7 +22,7 @@ import logging
 import math
 import threading
 import time
-from collections.abc import Collection
+from collections.abc import Collection, Iterable
 
 import redis
 
@@ -136,10 +136,11 @@ class Aggregator:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
-    def _read_cluster(self, reap: bool = False) -> list[ClusterData]:
-        """Each shard's cluster data (one store's: one)."""
+    def _read_cluster(self, reap: bool = False) -> dict[Store, ClusterData]:
+        """Each keyspace's cluster data (one store's: one), by keyspace (the parts as they
+        were when the read began: :meth:`.shards.Shards.discover` may change them)."""
         timeout = self.settings.instance_timeout
-        return [part.read_cluster(timeout, reap=reap) for part in self.store.parts]
+        return {part: part.read_cluster(timeout, reap=reap) for part in self.store.parts}
 
     def view(self, max_age: float | None = None) -> ClusterView:
         """The cached view, read again when older than ``max_age`` seconds (default
@@ -233,13 +234,13 @@ class Aggregator:
         return self.store.remove_strays(self.settings.instance_timeout)
 
     def refresh_instances(
-        self, data: list[ClusterData] | None = None, strays: list[str] | None = None
+        self, data: dict[Store, ClusterData] | None = None, strays: list[str] | None = None
     ) -> None:
         """Read every live instance's hit ratio per region (the per-instance series) now,
         and check every heartbeat (malformed members are removed and reported here;
         ``strays``: already checked, these were removed)."""
         errors: list[str] = self._strays() if strays is None else list(strays)
-        live = _live_ratios(data or self._read_cluster())
+        live = _live_ratios((data or self._read_cluster()).values())
         rates = self._windowed_drift(sorted(live), errors)
         # the farthest first, from a generator: a row not kept is freed at once (100,000 rows
         # kept to the end of the pass cost a full collection of the garbage collector)
@@ -375,16 +376,17 @@ class Aggregator:
             )
             return record
 
-    def _build(self, data: list[ClusterData], memory: int, start: float) -> ClusterView:
+    def _build(self, reads: dict[Store, ClusterData], memory: int, start: float) -> ClusterView:
         """The view of each shard's data (one store's: one), each shard's counters kept
         monotonic on their own, added up."""
+        data = list(reads.values())
         errors = [e for part in data for e in part.errors]
         regions: dict[str, Statistics] = {}
         losses: dict[str, tuple[int, float, float]] = {}
         acknowledged: dict[str, int] = {}
         published: dict[str, int] = {}
         drops = sum(c.losses for c in self.continuity.values())
-        for part, read in zip(self.store.parts, data):
+        for part, read in reads.items():
             continuity, loss_count = self._continuity(part)
             parsed = self._parse(part, read, errors, losses, acknowledged)
             kept = continuity.apply(parsed, read.aggregates, read.continuity)
@@ -479,7 +481,7 @@ def _farthest(rates: Collection[float], live: float | None) -> float:
     return max(max(rates) - live, live - min(rates))
 
 
-def _live_ratios(data: list[ClusterData]) -> dict[str, float]:
+def _live_ratios(data: Iterable[ClusterData]) -> dict[str, float]:
     """The hit ratio of each region's live instances together, from the live sums that
     every flush and departure keep (of every shard); 0 when malformed (reported by
     Statistics)."""
