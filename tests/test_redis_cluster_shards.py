@@ -326,10 +326,15 @@ def test_read_errors_of_one_shard_are_reported_and_the_others_still_add_up(
     rc.delete(bad)
     rc.set(bad, "not a hash")
     rc.zadd("conduit:cache:layouts", {"999999": time.time(), "-1": time.time()})
-    view = sharded("reader").cluster_view()
+    reader = sharded("reader")
+    view = reader.cluster_view()
     assert view.redis_up
     assert any(bad in e for e in view.data_errors)
     assert sum("invalid layout" in e for e in view.data_errors) == 2
+    assert reader.aggregator.errors_total >= 3  # counted once each
+    before = reader.aggregator.errors_total
+    reader.cluster_view()
+    assert reader.aggregator.errors_total == before  # not again while they stay
     in_bad = sum(1 for i in IDS if store.of(i) is store.own[1])
     assert view.regions["R"].hit_count == 2 * (len(IDS) - in_bad)
     with pytest.raises(redis.ResponseError):

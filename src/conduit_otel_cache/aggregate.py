@@ -205,7 +205,8 @@ class Aggregator:
             # so that the count of live instances this read returns leaves out strays
             strays = None if self.background else self._strays()
             layouts = self.store.discover()  # the keyspaces in use (Redis Cluster)
-            self._instance_errors[":layouts"] = tuple(layouts)  # no region's name
+            self._count(":layouts", layouts)  # ":layouts" is no region's name
+            self._instance_errors[":layouts"] = tuple(layouts)
             data = self._read_cluster(reap=True)
             memory, memory_error = self._memory()
             if strays is not None:
