@@ -255,6 +255,7 @@ def test_the_option_is_checked() -> None:
     assert Settings.load(env).connection.redis_cluster_shards == 4
 
 
+@pytest.mark.slow  # a fault scenario on a cluster of its own (by region: test_redis_cluster.py)
 @pytest.mark.usefixtures("private_redis_cluster")  # the roles stay swapped
 def test_failover_of_a_shard_loses_and_doubles_nothing(
     redis_cluster: RedisClusterServers, sharded: MakeStats, rc: RedisCluster
@@ -276,6 +277,7 @@ def test_failover_of_a_shard_loses_and_doubles_nothing(
     traffic.check_exact()
 
 
+@pytest.mark.slow  # a fault scenario on a cluster of its own (by region: test_redis_cluster.py)
 @pytest.mark.usefixtures("private_redis_cluster")  # the slot stays moved
 def test_a_shard_slot_migration_mid_run_loses_and_doubles_nothing(
     redis_cluster: RedisClusterServers, sharded: MakeStats, rc: RedisCluster
