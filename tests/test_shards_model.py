@@ -187,7 +187,10 @@ def test_shards_model(redis_cluster: RedisClusterServers, rc: RedisCluster) -> N
     ShardedCluster.url = f"redis+cluster://127.0.0.1:{redis_cluster.servers[0].port}"
     ShardedCluster.rc = rc
     run_state_machine_as_test(
-        ShardedCluster, settings=settings(max_examples=50, stateful_step_count=30, deadline=None)
+        ShardedCluster,
+        settings=settings(
+            max_examples=50, stateful_step_count=30, deadline=None, derandomize=True
+        ),  # the same draws every run, so that what it exercised is known
     )
     print(dict(ShardedCluster.seen))
     assert min(ShardedCluster.seen[k] for k in ("second writer", "totals lost", "crash")) > 0
