@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from typing import ClassVar
 
 import pytest
-from hypothesis import event, settings
+from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule, run_state_machine_as_test
 from redis.cluster import RedisCluster
@@ -130,7 +130,6 @@ class ShardedCluster(RuleBasedStateMachine):
         dup.recorded[region] += hits
         self.extra.append(dup)
         assert dup.handle.flush() and inc.handle.flush()  # the displaced one moves aside
-        event("a second writer under one id")
         ShardedCluster.seen["second writer"] += 1
 
     @rule(region=REGIONS, shard=st.integers(0, SHARDS - 1))
@@ -143,7 +142,6 @@ class ShardedCluster(RuleBasedStateMachine):
         if any(self.shards.of(i) is part for i in self.crashed):
             return
         if self.rc.delete(part.keys.aggregate(region)):
-            event("a shard's totals lost")
             ShardedCluster.seen["totals lost"] += 1
 
     @rule(instance_id=IDS, region=REGIONS, what=st.sampled_from(["stats", "heartbeat"]))
@@ -192,5 +190,36 @@ def test_shards_model(redis_cluster: RedisClusterServers, rc: RedisCluster) -> N
             max_examples=50, stateful_step_count=30, deadline=None, derandomize=True
         ),  # the same draws every run, so that what it exercised is known
     )
-    print(dict(ShardedCluster.seen))
-    assert min(ShardedCluster.seen[k] for k in ("second writer", "totals lost", "crash")) > 0
+    print(dict(ShardedCluster.seen))  # what the random walks exercised
+
+
+def test_shards_model_walk_through_every_rule(
+    redis_cluster: RedisClusterServers, rc: RedisCluster
+) -> None:
+    """One fixed walk that takes every rule at least once (the random walks may miss one),
+    with the model's check after each step."""
+    ShardedCluster.url = f"redis+cluster://127.0.0.1:{redis_cluster.servers[0].port}"
+    ShardedCluster.rc = rc
+    ShardedCluster.seen.clear()
+    m = ShardedCluster()
+    try:
+        steps = [
+            lambda: m.record("a", "R1", 3, True),
+            lambda: m.record("b", "R2", 2, True),
+            lambda: m.second_writer_under_one_id("g", "R1", 2),
+            lambda: m.stop("b"),
+            lambda: m.redis_loses_a_shards_totals("R2", 2),  # b's shard: its departed part
+            lambda: m.crash("a"),
+            lambda: m.start("a"),
+            lambda: m.record("a", "R1", 1, True),  # restarted in place
+            lambda: m.redis_loses_an_instance_key("g", "R1", "stats"),
+            lambda: m.redis_loses_an_instance_key("g", "R1", "heartbeat"),
+            lambda: m.stop("g"),
+        ]
+        for step in steps:
+            step()
+            m.the_reader_publishes_what_was_recorded()
+        assert ShardedCluster.seen["totals lost"] and ShardedCluster.seen["crash"]
+        assert ShardedCluster.seen["second writer"]
+    finally:
+        m.teardown()
