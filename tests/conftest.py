@@ -18,6 +18,7 @@ from typing import Any
 
 import pytest
 import redis
+from redis.cluster import RedisCluster
 
 from conduit_otel_cache import CacheStatistics, setup
 from conduit_otel_cache.embedded import RedisServer
@@ -76,6 +77,17 @@ def redis_cluster(request: pytest.FixtureRequest) -> RedisClusterServers:
     servers, baselines = request.getfixturevalue("shared_redis_cluster")
     servers.reset(baselines)
     return servers
+
+
+@pytest.fixture
+def rc(redis_cluster: RedisClusterServers) -> Iterator[RedisCluster]:
+    """A client of the test's Redis Cluster, emptied first."""
+    client = RedisCluster(
+        host="127.0.0.1", port=redis_cluster.servers[0].port, decode_responses=True
+    )
+    client.flushall(target_nodes=RedisCluster.PRIMARIES)
+    yield client
+    client.close()
 
 
 @pytest.fixture

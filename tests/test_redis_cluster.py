@@ -7,7 +7,7 @@ keys) and a flush is one pipeline of one script call per hash slot; see store.py
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import pytest
@@ -32,16 +32,6 @@ REGION = "ProviderResponses"
 @pytest.fixture
 def url(redis_cluster: RedisClusterServers) -> str:
     return f"redis+cluster://127.0.0.1:{redis_cluster.servers[0].port}"
-
-
-@pytest.fixture
-def rc(redis_cluster: RedisClusterServers, url: str) -> Iterator[RedisCluster]:
-    client = RedisCluster(
-        host="127.0.0.1", port=redis_cluster.servers[0].port, decode_responses=True
-    )
-    client.flushall(target_nodes=RedisCluster.PRIMARIES)
-    yield client
-    client.close()
 
 
 @pytest.fixture

@@ -8,7 +8,6 @@ shard's hash tag: a flush is one script call, in one slot. Readers add the shard
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -35,17 +34,6 @@ IDS = [f"api-{n}" for n in range(6)]
 @pytest.fixture
 def url(redis_cluster: RedisClusterServers) -> str:
     return f"redis+cluster://127.0.0.1:{redis_cluster.servers[0].port}"
-
-
-@pytest.fixture
-def rc(redis_cluster: RedisClusterServers) -> Iterator[RedisCluster]:
-    """A client of the Redis Cluster, emptied."""
-    client = RedisCluster(
-        host="127.0.0.1", port=redis_cluster.servers[0].port, decode_responses=True
-    )
-    client.flushall(target_nodes=RedisCluster.PRIMARIES)
-    yield client
-    client.close()
 
 
 @pytest.fixture
