@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
@@ -184,19 +185,31 @@ def instance_keys(keys: KeySchema, instance_id: str) -> list[str]:
 # -- ARGV of the write scripts -------------------------------------------------------------
 
 
-def entry_args(entries: Iterable[tuple[str, Entry]]) -> list[Any]:
-    """Region entries after the header (``entries()`` in ``lua/lib.lua``): region, full,
-    after, epoch, field count and pairs, base count and pairs, samples csv."""
-    args: list[Any] = []
-    for region, entry in entries:
-        args += [region, "1" if entry.full else "0", entry.after, entry.epoch, len(entry.fields)]
-        for name, value in entry.fields.items():
-            args += [name, value]
-        args.append(len(entry.base))
-        for name, value in entry.base.items():
-            args += [name, value]
-        args.append(",".join(repr(float(x)) for x in entry.samples))
-    return args
+def entry_args(entries: Iterable[tuple[str, Entry]]) -> list[str]:
+    """The region entries after the header (``entries()`` in ``lua/lib.lua``): one argument,
+    a JSON array of ``[region, full, after, epoch, fields, base, samples]`` (fields and base
+    objects of field -> value, base ``null`` when empty, samples csv). One argument
+    whatever the entries: redis-py encodes arguments one by one in Python (some 0.8 us
+    each), and Redis decodes JSON in C."""
+    return [
+        _json(
+            [
+                [
+                    region,
+                    "1" if entry.full else "0",
+                    entry.after,
+                    entry.epoch,
+                    entry.fields,
+                    entry.base or None,
+                    ",".join(repr(float(x)) for x in entry.samples),
+                ]
+                for region, entry in entries
+            ]
+        )
+    ]
+
+
+_json = json.JSONEncoder(separators=(",", ":")).encode
 
 
 # -- one encoder per script ----------------------------------------------------------------

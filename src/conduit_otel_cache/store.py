@@ -314,7 +314,7 @@ class Store:
             # queued as a plain command: redis-py's Redis Cluster pipeline has no evalsha(), yet
             # it routes EVALSHA by its keys (which must share one hash slot). Text goes as
             # bytes, encoded as redis-py would: its encoder, a call per argument, costs about
-            # as much again as the encoding (a flush of 10 regions has some 250 arguments)
+            # as much again as the encoding (a flush of 10 regions has some 80: 65 keys)
             arguments = (*call.keys, *call.args)
             wire = [a.encode(encoding, errors) if type(a) is str else a for a in arguments]
             sha = self._scripts[call.script].sha

@@ -55,14 +55,15 @@ local function server_time_s() return string.format('%.6f', server_time()) end
 --               (a continuing writer: another token under its id means it was displaced),
 --               the incarnation's failed flushes so far by kind ('Kind=n,...', '' none) and
 --               the kind of the last one (carried by the next write Redis accepts)
---   then per region: region, full ('1': every field; '0': changed fields only), after
---               (the number of the last write of the region the writer knows Redis
---               applied; 0: none), epoch (of the totals that hold the writer's last
---               acknowledged write of the region; '' none), field count n, n pairs of
---               field and cumulative value, base count m, m pairs of field and the value
---               Redis acknowledged (a full entry of a writer that had written the region;
---               field 'live' = '1' when its live gauges are still in the totals), raw
---               samples csv. A '0' entry with no field and no sample is a check.
+--   ARGV[13]    the region entries, a JSON array of [region, full ('1': every field;
+--               '0': changed fields only), after (the number of the last write of the
+--               region the writer knows Redis applied; 0: none), epoch (of the totals
+--               that hold the writer's last acknowledged write of the region; '' none),
+--               fields (an object of field -> cumulative value), base (the same of the
+--               values Redis acknowledged, null none: a full entry of a writer that had
+--               written the region; field 'live' = '1' when its live gauges are still in
+--               the totals), raw samples csv]. A '0' entry with no field and no sample is
+--               a check.
 local HEADER = 12
 
 local function header()
@@ -73,28 +74,16 @@ local function header()
 end
 
 local function entries()
-  -- The region entries after the header, in order.
-  local out, a = {}, HEADER + 1
-  while a <= #ARGV do
-    local n = tonumber(ARGV[a + 4])
-    local fields = {}
-    for j = a + 5, a + 4 + 2 * n, 2 do fields[ARGV[j]] = ARGV[j + 1] end
-    local b = a + 5 + 2 * n
-    local m = tonumber(ARGV[b])
-    local base = nil
-    if m > 0 then
-      base = {}
-      for j = b + 1, b + 2 * m, 2 do base[ARGV[j]] = ARGV[j + 1] end
-    end
-    out[#out + 1] = {region = ARGV[a], full = ARGV[a + 1] == '1', after = tonumber(ARGV[a + 2]),
-                     epoch = ARGV[a + 3], fields = fields, n = n, base = base,
-                     samples = ARGV[b + 1 + 2 * m]}
-    a = b + 2 + 2 * m
+  -- The region entries (ARGV[HEADER + 1]), in order.
+  local out = {}
+  for i, e in ipairs(cjson.decode(ARGV[HEADER + 1])) do
+    out[i] = {region = e[1], full = e[2] == '1', after = e[3], epoch = e[4], fields = e[5],
+              base = e[6] ~= cjson.null and e[6] or nil, samples = e[7]}
   end
   return out
 end
 
-local function is_check(e) return not e.full and e.n == 0 and e.samples == '' end
+local function is_check(e) return not e.full and next(e.fields) == nil and e.samples == '' end
 
 local function listed_regions(es, h)
   -- The names of the full entries; of every entry when the write checks regions (every
