@@ -6,13 +6,15 @@ import bisect
 import logging
 import random
 import threading
+from collections import deque
 from decimal import Decimal
+from itertools import repeat
 from typing import Any
 
 import pytest
 
 from conduit_otel_cache.config import DEFAULT_BUCKETS
-from conduit_otel_cache.recorder import FOLD_AT, INVALID_REGION, OVERFLOW_REGION, Recorder
+from conduit_otel_cache.recorder import FOLD_AT, INVALID_REGION, OVERFLOW_REGION, Recorder, _take
 
 
 def test_eight_threads_lose_no_increment() -> None:
@@ -54,6 +56,33 @@ def test_snapshot_while_threads_record_is_monotonic_and_exact_at_end() -> None:
     final = rec.snapshot()["r"]
     assert final.miss_count == 200_000
     assert final.response_times.count == 200_000  # finished threads' tallies were folded
+
+
+def test_two_takers_of_waiting_response_times_take_each_once() -> None:
+    """The owner thread and a reader both take waiting response times (``_take``); when the
+    other was quicker, what one took before finding the deque empty is kept (list.extend
+    keeps the items it took before an error, which ``_take`` relies on)."""
+    partial: list[int] = []
+    with pytest.raises(IndexError):
+        partial.extend(map(deque.popleft, repeat(deque([1, 2, 3]), 5)))
+    assert partial == [1, 2, 3]
+    pending: deque[float] = deque()
+    taken: list[list[float]] = [[], []]
+    done = threading.Event()
+
+    def take(into: list[float]) -> None:
+        while not done.is_set() or pending:
+            into.extend(_take(pending))
+
+    takers = [threading.Thread(target=take, args=(into,)) for into in taken]
+    for t in takers:
+        t.start()
+    for i in range(200_000):
+        pending.append(float(i))
+    done.set()
+    for t in takers:
+        t.join()
+    assert sorted(taken[0] + taken[1]) == [float(i) for i in range(200_000)]
 
 
 def test_response_times_wait_at_most_fold_at_in_the_thread_and_every_reader_sees_them() -> None:
