@@ -277,17 +277,26 @@ class Pipeline:
         # collected is added to the next one), nor may this thread hold the write's locks
         # when the handler shuts down: the flush runs in a thread, this one waits for it.
         result: list[bool] = []
-        worker = lifecycle.start_thread(
-            lambda: result.append(self._flush_in_place()), "conduit-flush"
-        )
-        if worker is None:  # the interpreter is ending (an ``atexit`` handler): no signal
-            return self._flush_in_place()  # handler can interrupt the flush any more
+        done = threading.Event()
+
+        def flush() -> None:
+            try:
+                result.append(self._flush_in_place())
+            finally:
+                done.set()
+
+        # This thread keeps no reference to the worker, so that it is freed in its own
+        # thread: the weakref callback that frees a Thread runs Python code, and a signal
+        # handler's exception (SystemExit) raised inside a callback is not raised but
+        # printed ("Exception ignored in"), which would leave the process running.
+        if lifecycle.start_thread(flush, "conduit-flush") is None:  # the interpreter is
+            return self._flush_in_place()  # ending (an ``atexit`` handler): no signal
+            # handler can interrupt the flush any more
         # A flush ends within its Redis calls' timeouts; something else of the collection
         # (an observable callback of the application's on a shared provider, a finalizer the
         # collector runs in that thread) can block it for ever: the caller does not wait.
         bound = self.settings.batch_timeout + 2 * self.settings.flush_timeout
-        worker.join(bound)
-        if worker.is_alive():
+        if not done.wait(bound):
             self._slow.error(
                 "conduit-otel-cache: a flush of instance %s did not end within %.1f s "
                 "(batch_timeout + 4 x socket_timeout); it goes on in the background",
