@@ -189,9 +189,8 @@ def entry_args(entries: Iterable[tuple[str, Entry]]) -> list[str]:
     """The region entries after the header (``entries()`` in ``lua/lib.lua``): one argument,
     a JSON array of ``[region, full, after, epoch, fields, base, samples]`` (fields and base
     objects of field -> value, base ``null`` when empty, samples csv: seconds to the
-    nanosecond). One argument
-    whatever the entries: redis-py encodes arguments one by one in Python (some 0.8 us
-    each), and Redis decodes JSON in C."""
+    nanosecond). One argument whatever the entries: redis-py encodes arguments one by one
+    in Python (some 0.8 us each), and Redis decodes JSON in C."""
     return [
         _json(
             [
