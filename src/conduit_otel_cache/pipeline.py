@@ -286,9 +286,10 @@ class Pipeline:
                 done.set()
 
         # This thread keeps no reference to the worker, so that it is freed in its own
-        # thread: the weakref callback that frees a Thread runs Python code, and a signal
-        # handler's exception (SystemExit) raised inside a callback is not raised but
-        # printed ("Exception ignored in"), which would leave the process running.
+        # thread (nearly always: CPython now and then drops a finished thread's last
+        # reference elsewhere): the weakref callback that frees a Thread runs Python code,
+        # and a signal handler's exception (SystemExit) raised inside a callback is not
+        # raised but printed ("Exception ignored in"), which would leave the process running.
         if lifecycle.start_thread(flush, "conduit-flush") is None:  # the interpreter is
             return self._flush_in_place()  # ending (an ``atexit`` handler): no signal
             # handler can interrupt the flush any more
