@@ -374,9 +374,7 @@ class Recorder:
             out = drained.get(name)
             if out is None:
                 out = drained[name] = deque(maxlen=self._max_samples)
-            # popleft is atomic, and only this (the write lock's holder) takes from it: the
-            # owner thread may append meanwhile, which never shortens it
-            out.extend(map(deque.popleft, repeat(samples, len(samples))))
+            out.extend(_take(samples))  # the owner thread may append meanwhile
         return {name: list(d) for name, d in drained.items() if d}
 
 
