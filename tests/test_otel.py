@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 
 import pytest
 from opentelemetry.metrics import Observation
@@ -14,7 +15,7 @@ from opentelemetry.sdk.metrics.export import (
     InMemoryMetricReader,
 )
 
-from conduit_otel_cache import setup, views
+from conduit_otel_cache import lifecycle, setup, views
 
 from .conftest import MakeStats
 
@@ -148,6 +149,34 @@ def test_own_instruments_reach_a_reader_beside_the_write_through(make_stats: Mak
     p = points(reader)
     assert p["conduit.cache.flush.errors"][""].value == 0
     assert p["conduit.cache.folded_events"]["max_regions"].value == 0
+
+
+def test_main_thread_flushes_run_in_one_worker_that_lives_as_long_as_the_handle(
+    make_stats: MakeStats, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The main thread's flushes run in a worker thread (a signal handler may interrupt the
+    main thread anywhere), and it is one worker, not a Thread per flush: a finished Thread
+    is freed by a weakref callback that may run on the main thread, where a signal
+    handler's SystemExit is printed ("Exception ignored in") instead of ending the process.
+    The worker ends with the handle."""
+    workers: list[threading.Thread] = []
+    start_thread = lifecycle.start_thread
+
+    def counted(target: Callable[[], object], name: str) -> threading.Thread | None:
+        thread = start_thread(target, name)
+        if name == "conduit-flush" and thread is not None:
+            workers.append(thread)
+        return thread
+
+    monkeypatch.setattr(lifecycle, "start_thread", counted)
+    stats = make_stats("main-flusher")
+    for n in range(1, 21):
+        stats.record_hit("r", 0.001)
+        assert stats.flush() and stats.cluster_totals("r").hit_count == n
+    assert len(workers) == 1 and workers[0].is_alive()
+    stats.shutdown()
+    workers[0].join(5)
+    assert not workers[0].is_alive()
 
 
 def test_a_flush_blocked_by_the_collection_does_not_block_its_caller(

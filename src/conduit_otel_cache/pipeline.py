@@ -5,8 +5,10 @@ With ``enabled=false`` a :class:`NullPipeline`: no provider, no thread, no Redis
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import math
+import queue
 import sys
 import threading
 import time
@@ -40,6 +42,13 @@ def _beat_until(exporter: RedisMetricExporter, every: float, stop: threading.Eve
     # a module function: the thread holds the exporter, not the pipeline
     while not stop.wait(every):
         exporter.heartbeat()
+
+
+def _serve(jobs: queue.SimpleQueue[Callable[[], None] | None]) -> None:
+    # a module function: between flushes the thread holds its queue, not the pipeline
+    while (job := jobs.get()) is not None:
+        job()
+        job = None
 
 
 def _promptly(collect: Callable[..., None]) -> Callable[..., None]:
@@ -195,6 +204,10 @@ class Pipeline:
         self._flushing = False
         self._flush_started = -math.inf
         self._flush_result = False
+        # the threads that run the main thread's flushes, started when none is idle
+        self._jobs: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
+        self._idle = threading.Semaphore(0)
+        self._workers = 0
 
     def _start_beats(self) -> None:
         self._stop_beats = threading.Event()
@@ -275,24 +288,31 @@ class Pipeline:
         # A signal handler may raise (SystemExit, KeyboardInterrupt) anywhere on the main
         # thread. The SDK's collection must not stop half way (a measurement taken but not
         # collected is added to the next one), nor may this thread hold the write's locks
-        # when the handler shuts down: the flush runs in a thread, this one waits for it.
+        # when the handler shuts down: the flush runs in a worker, this thread waits for it.
         result: list[bool] = []
         done = threading.Event()
 
         def flush() -> None:
             try:
                 result.append(self._flush_in_place())
+            except Exception:  # the SDK's collection (an application's callback)
+                log.exception("conduit-otel-cache: a flush of instance %s failed", self.instance_id)
             finally:
+                self._idle.release()  # this worker takes the next flush
                 done.set()
 
-        # This thread keeps no reference to the worker, so that it is freed in its own
-        # thread (nearly always: CPython now and then drops a finished thread's last
-        # reference elsewhere): the weakref callback that frees a Thread runs Python code,
-        # and a signal handler's exception (SystemExit) raised inside a callback is not
-        # raised but printed ("Exception ignored in"), which would leave the process running.
-        if lifecycle.start_thread(flush, "conduit-flush") is None:  # the interpreter is
-            return self._flush_in_place()  # ending (an ``atexit`` handler): no signal
-            # handler can interrupt the flush any more
+        # The workers live as long as the handle: a finished Thread is freed by a weakref
+        # callback (Python code), which may run on the main thread, and a signal handler's
+        # exception (SystemExit) raised inside a callback is printed ("Exception ignored
+        # in"), not raised, which would leave the process running. A new worker only when
+        # none is idle (a flush blocked by an application's callback keeps its own).
+        if not self._idle.acquire(blocking=False):
+            worker = functools.partial(_serve, self._jobs)
+            if lifecycle.start_thread(worker, "conduit-flush") is None:
+                return self._flush_in_place()  # the interpreter is ending (an ``atexit``
+                # handler): no signal handler can interrupt the flush any more
+            self._workers += 1
+        self._jobs.put(flush)
         # A flush ends within its Redis calls' timeouts; something else of the collection
         # (an observable callback of the application's on a shared provider, a finalizer the
         # collector runs in that thread) can block it for ever: the caller does not wait.
@@ -414,6 +434,8 @@ class Pipeline:
                 self.spool.remove()
         for provider in self._owned:  # the write-through reader is always on an owned one
             provider.shutdown()
+        for _ in range(self._workers):
+            self._jobs.put(None)  # the flush workers end
         lifecycle.forget(self)
 
 
