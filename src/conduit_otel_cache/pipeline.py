@@ -92,7 +92,7 @@ class Pipeline:
         self.closed = False
         self._timeout_logged = False
         self._close_started = 0.0
-        self._slow = RateLimitedLog(log)  # flushes the caller stopped waiting for
+        self._slow = RateLimitedLog(log)  # main-thread flushes: failed, or not waited for
         self._reset_locks()
         self._reader: PeriodicExportingMetricReader | None = None
         write = settings.write_through
@@ -295,8 +295,12 @@ class Pipeline:
         def flush() -> None:
             try:
                 result.append(self._flush_in_place())
-            except Exception:  # the SDK's collection (an application's callback)
-                log.exception("conduit-otel-cache: a flush of instance %s failed", self.instance_id)
+            except Exception as exc:  # the SDK's collection (a slow callback), not Redis
+                self._slow.error(
+                    "conduit-otel-cache: a flush of instance %s failed (%s)",
+                    self.settings.instance_id,
+                    explain(exc),
+                )
             finally:
                 self._idle.release()  # this worker takes the next flush
                 done.set()
