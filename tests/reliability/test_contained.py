@@ -75,20 +75,27 @@ def test_a_missing_required_permission_is_named(
         stats.shutdown()
 
 
-def test_a_collection_that_times_out_at_shutdown_still_deregisters(
-    make_stats: MakeStats, r: redis.Redis, caplog: pytest.LogCaptureFixture
-) -> None:
-    stats = make_stats("slow-callback", socket_timeout=0.1)  # collections time out at 0.2 s
+def slow_collection(stats: CacheStatistics, seconds: float) -> threading.Event:
+    """An application's callback on the handle's provider that takes ``seconds`` while the
+    returned event is set (longer than the collection's timeout: 2 x ``socket_timeout``)."""
     slow = threading.Event()
 
     def observe(options: object) -> list[object]:
         if slow.is_set():
-            time.sleep(0.3)  # the fault: an application's callback slower than the timeout
+            time.sleep(seconds)  # the fault: an application's callback slower than the timeout
         return []
 
     meter = stats.meter_provider.get_meter("app")
     meter.create_observable_gauge("app.slow", [observe])
     meter.create_observable_gauge("app.next", [lambda options: []])  # the SDK checks here
+    return slow
+
+
+def test_a_collection_that_times_out_at_shutdown_still_deregisters(
+    make_stats: MakeStats, r: redis.Redis, caplog: pytest.LogCaptureFixture
+) -> None:
+    stats = make_stats("slow-callback", socket_timeout=0.1)  # collections time out at 0.2 s
+    slow = slow_collection(stats, 0.3)
     stats.record_hit("R")
     assert stats.flush()
     assert r.zscore("conduit:cache:instances", "slow-callback") is not None
@@ -101,29 +108,13 @@ def test_a_collection_that_times_out_at_shutdown_still_deregisters(
     assert stats.cluster_statistics("R").hit_count == 1
 
 
-def slow_collection(stats: CacheStatistics) -> threading.Event:
-    """An application's callback on the handle's provider, slower than the collection's
-    timeout (1 s at ``socket_timeout`` 0.5 s) while the returned event is set."""
-    slow = threading.Event()
-
-    def observe(options: object) -> list[object]:
-        if slow.is_set():
-            time.sleep(1.2)  # the fault: an application's callback slower than the timeout
-        return []
-
-    meter = stats.meter_provider.get_meter("app")
-    meter.create_observable_gauge("app.slow", [observe])
-    meter.create_observable_gauge("app.next", [lambda options: []])  # the SDK checks here
-    return slow
-
-
 def test_main_thread_flushes_whose_collection_times_out_fail_and_log_at_a_bounded_rate(
     make_stats: MakeStats, caplog: pytest.LogCaptureFixture
 ) -> None:
     """The SDK's collection raises in the worker of a main-thread flush: each flush returns
     False, and the failure is logged once, not with every flush."""
     stats = make_stats("slow-main", socket_timeout=0.5)
-    slow_collection(stats).set()
+    slow_collection(stats, 1.2).set()
     stats.record_hit("R")
     with caplog.at_level(logging.ERROR, logger="conduit_otel_cache"):
         assert stats.flush() is False
@@ -138,7 +129,7 @@ def test_main_thread_flushes_whose_collection_times_out_fail_and_log_at_a_bounde
 )
 def test_a_collection_that_timed_out_over_counts_nothing(make_stats: MakeStats) -> None:
     stats = make_stats("slow-exact", socket_timeout=0.5)
-    slow = slow_collection(stats)
+    slow = slow_collection(stats, 1.2)
     slow.set()
     stats.record_hit("R")
     assert stats.flush() is False
