@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import threading
-import time
 from collections.abc import Callable
 
 import pytest
-from opentelemetry.metrics import Observation
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import (
     AggregationTemporality,
@@ -177,32 +175,3 @@ def test_main_thread_flushes_run_in_one_worker_that_lives_as_long_as_the_handle(
     stats.shutdown()
     workers[0].join(5)
     assert not workers[0].is_alive()
-
-
-def test_a_flush_blocked_by_the_collection_does_not_block_its_caller(
-    make_stats: MakeStats,
-) -> None:
-    """An observable callback of the application's, on the provider the write-through reads,
-    that blocks: the main thread's flush() returns False after batch_timeout + 4 x
-    socket_timeout, and the flush ends (and writes) once the callback returns."""
-    stats = make_stats("blocked-1", socket_timeout=0.25)
-    release = threading.Event()
-
-    def blocking(options: object) -> list[Observation]:
-        release.wait(30)
-        return [Observation(1)]
-
-    stats.meter_provider.get_meter("app").create_observable_gauge("app.queue", [blocking])
-    stats.record_hit("r")
-    start = time.monotonic()
-    try:
-        assert stats.flush() is False
-        assert time.monotonic() - start < stats.settings.batch_timeout + 4 * 0.25 + 0.5
-    finally:
-        release.set()
-    deadline = time.monotonic() + 10
-    while stats.cluster_totals("r").hit_count != 1 and time.monotonic() < deadline:
-        time.sleep(0.01)  # the blocked flush ends in its own thread; nothing to force
-    assert stats.cluster_totals("r").hit_count == 1
-    stats.record_hit("r")
-    assert stats.flush() and stats.cluster_totals("r").hit_count == 2

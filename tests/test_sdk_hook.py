@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import subprocess
 import sys
 from importlib.metadata import version
@@ -16,15 +17,14 @@ from opentelemetry.sdk.metrics.export import (
     PeriodicExportingMetricReader,
 )
 
-from conduit_otel_cache import sdk_hook, setup
+from conduit_otel_cache import Settings, sdk_hook, setup
+from conduit_otel_cache.autoconfig import ConduitRedisMetricExporter
 from conduit_otel_cache.sdk_hook import (
     SdkCompatibilityError,
     check_histogram_hook,
     collecting_readers,
     exporter_of,
 )
-
-from .conftest import MakeStats
 
 SDK = f"opentelemetry-sdk {version('opentelemetry-sdk')}"
 
@@ -87,15 +87,18 @@ def test_setup_fails_at_start_when_the_sdk_changed(monkeypatch: pytest.MonkeyPat
         setup(instance_id="x", set_global=False)
 
 
-def test_readers_and_exporters_of_a_provider(make_stats: MakeStats) -> None:
+def test_readers_and_exporters_of_a_provider(redis_url: str) -> None:
     memory = InMemoryMetricReader()
-    stats = make_stats("a", metric_readers=[memory])
-    assert stats.exporter is not None
-    readers = collecting_readers(stats.meter_provider)
-    assert memory in readers and len(readers) == 2
-    assert exporter_of(memory) is None
-    (periodic,) = [r for r in readers if isinstance(r, PeriodicExportingMetricReader)]
-    assert exporter_of(periodic) is stats.exporter
+    settings = Settings.load(redis_url=redis_url, instance_id="a", flush_interval=None)
+    exporter = ConduitRedisMetricExporter(settings)
+    periodic = PeriodicExportingMetricReader(exporter, export_interval_millis=math.inf)
+    provider = MeterProvider(metric_readers=[memory, periodic], shutdown_on_exit=False)
+    try:
+        assert set(collecting_readers(provider)) == {memory, periodic}
+        assert exporter_of(memory) is None
+        assert exporter_of(periodic) is exporter
+    finally:
+        provider.shutdown()
     assert collecting_readers(object()) == ()  # not the SDK's provider: it holds none of ours
 
 

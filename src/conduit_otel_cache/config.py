@@ -188,7 +188,7 @@ class PipelineSettings:
     set_global: bool
     flush_interval: float | None
     heartbeat_interval: float | None
-    #: how long one collection and write may take (twice ``socket_timeout``)
+    #: how long one flush's write may take (twice ``socket_timeout``)
     flush_timeout: float
     #: how long a flush waits to share one in progress (``batch_timeout``; 0 without
     #: ``enable_batching``)

@@ -51,17 +51,27 @@ def _serve(jobs: queue.SimpleQueue[Callable[[], None] | None]) -> None:
         job = None
 
 
-def _promptly(collect: Callable[..., None]) -> Callable[..., None]:
-    """``collect`` run :func:`~.background.quietly`: a flush (the SDK's collection and the
-    write) is milliseconds of pure Python, during which the application's threads would
-    otherwise wait up to ``sys.getswitchinterval()`` for the interpreter lock at each step,
-    and full collections that its short-lived objects set off would stop them all."""
+def _to_the_end(collect: Callable[..., None], *, promptly: bool) -> Callable[..., None]:
+    """``collect`` without the SDK's timeout: a collection the SDK cuts short leaves the
+    measurements it took in its aggregation, which adds them to the next collection's (an
+    observable counter then reports its cumulative count twice). The timeout never stopped a
+    callback that hangs (the SDK checks it between callbacks), and a flush's caller waits a
+    bounded time anyway (:meth:`Pipeline.flush`).
 
-    def collect_promptly(*args: Any, **kwargs: Any) -> None:
+    ``promptly``: run :func:`~.background.quietly` too; a flush of the conduit instruments
+    alone (the SDK's collection and the write) is milliseconds of pure Python, during which
+    the application's threads would otherwise wait up to ``sys.getswitchinterval()`` for
+    the interpreter lock at each step, and full collections that its short-lived objects set
+    off would stop them all."""
+
+    @functools.wraps(collect)
+    def collect_to_the_end(timeout_millis: float = math.inf, **kwargs: Any) -> None:
+        if not promptly:
+            return collect(timeout_millis=math.inf, **kwargs)
         with quietly():
-            collect(*args, **kwargs)
+            return collect(timeout_millis=math.inf, **kwargs)
 
-    return collect_promptly
+    return collect_to_the_end
 
 
 class Pipeline:
@@ -105,15 +115,16 @@ class Pipeline:
         if shared is not None:  # the conduit_redis exporter writes through already
             self._reader, self.exporter = shared
             self.exporter.samples = recorder.drain_samples
+            if not hasattr(self._reader.collect, "__wrapped__"):  # not by an earlier handle
+                self._reader.collect = _to_the_end(self._reader.collect, promptly=False)  # type: ignore[method-assign,misc]
         elif write is not None:
             self.exporter = RedisMetricExporter(write, samples=recorder.drain_samples)
             interval = settings.flush_interval
             self._reader = PeriodicExportingMetricReader(
                 self.exporter,
                 export_interval_millis=math.inf if interval is None else interval * 1000,
-                export_timeout_millis=max(settings.flush_timeout * 1000, 1000),
             )
-            self._reader.collect = _promptly(self._reader.collect)  # type: ignore[method-assign,misc]
+            self._reader.collect = _to_the_end(self._reader.collect, promptly=True)  # type: ignore[method-assign,misc]
         self.recoverer: Recoverer | None = None
         self.meter_provider: APIMeterProvider
         self.meter_provider, self._owned = self._providers(meter_provider, metric_readers, shared)
@@ -189,13 +200,16 @@ class Pipeline:
                 shutdown_on_exit=False,
             )
 
+        # The write-through reads a provider of its own, with only the conduit.cache.*
+        # instruments: an application's callback that times out cannot abort its collection
+        # after the SDK took our cumulative measurements (it would add them to the next one).
+        written = [provider(private)] if private else []
         if meter_provider is None:
-            own = provider([*metric_readers, *private])
+            own = provider(list(metric_readers))
             if self.settings.set_global:
                 metrics.set_meter_provider(own)
-            return own, [own]
-        # The user's provider gets the instruments; the write-through gets its own.
-        return meter_provider, [provider(private)] if private else []
+            return own, [own, *written]
+        return meter_provider, written
 
     def _reset_locks(self) -> None:
         self._close_lock = threading.Lock()
@@ -295,7 +309,7 @@ class Pipeline:
         def flush() -> None:
             try:
                 result.append(self._flush_in_place())
-            except Exception as exc:  # the SDK's collection (a slow callback), not Redis
+            except Exception as exc:  # the SDK's collection, not Redis: the worker lives on
                 self._slow.error(
                     "conduit-otel-cache: a flush of instance %s failed (%s)",
                     self.settings.instance_id,
@@ -352,7 +366,7 @@ class Pipeline:
         ok = False
         try:
             exports = self.exporter.exports
-            self._reader.force_flush(timeout_millis=self.settings.flush_timeout * 1000)
+            self._reader.force_flush()  # collects to the end (_to_the_end)
             # no export: the SDK collected nothing (nothing recorded), so nothing to write
             ok = self.exporter.last_ok or self.exporter.exports == exports
         finally:
@@ -415,7 +429,7 @@ class Pipeline:
         if self._reader is not None and self.exporter is not None:
             try:
                 depart = written = self._flush()
-            except Exception as exc:  # the SDK's collection (a slow callback), not Redis
+            except Exception as exc:  # the SDK's collection, not Redis: deregister still
                 log.warning(
                     "conduit-otel-cache: the final collection of instance %s failed (%s); "
                     "what its last flush wrote stands",
