@@ -132,6 +132,28 @@ def test_demo_runs_and_stops_cleanly() -> None:
     assert "Traceback" not in proc.stderr
 
 
+def test_a_stop_signal_landing_anywhere_in_the_wait_ends_it() -> None:
+    # threading.Event.set() in the handler deadlocked when the signal landed while the main
+    # thread held the event's lock: these 100 rounds hung every time (a demo worker did once)
+    code = (
+        "import os, signal, threading\n"
+        "from conduit_otel_cache.stopsignals import StopSignals\n"
+        "for n in range(100):\n"
+        "    stop = StopSignals()\n"
+        "    threading.Timer(0.002, os.kill, (os.getpid(), signal.SIGTERM)).start()\n"
+        "    while not stop.wait(0):\n"
+        "        pass\n"
+        "    assert stop.received == signal.SIGTERM\n"
+        "print('stopped 100 times')\n"
+    )
+    try:
+        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                              timeout=30)  # fmt: skip
+    except subprocess.TimeoutExpired:  # run() kills the child
+        pytest.fail("a stop signal left the wait hanging")
+    assert proc.stdout == "stopped 100 times\n", proc.stderr
+
+
 def test_stats_watch_refreshes_until_interrupted(make_stats: MakeStats, redis_url: str) -> None:
     import signal
 

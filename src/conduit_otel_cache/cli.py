@@ -8,7 +8,6 @@ import json
 import logging
 import signal
 import sys
-import threading
 import time
 from collections.abc import Sequence
 from typing import Any, NoReturn
@@ -19,6 +18,7 @@ from .config import ENV_PREFIX, ConfigError, Settings
 from .health import evaluate
 from .report import PerInstance, format_table, read_per_instance, view_json
 from .shards import open_store
+from .stopsignals import StopSignals
 from .store import explain
 
 log = logging.getLogger("conduit_otel_cache")
@@ -88,10 +88,7 @@ def cmd_stats(args: argparse.Namespace) -> int:
     """Print the cluster and per-instance table (or JSON); with ``--watch``, again and
     again until interrupted."""
     settings, view, aggregator = _read_view(args)
-    stop = threading.Event()
-    if args.watch:
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, lambda *_: stop.set())
+    stop = StopSignals() if args.watch else None
     while True:
         if not view.redis_up:
             raise CommandError(f"cannot read {settings.safe_redis_url}: {view.redis_error}")
@@ -112,7 +109,7 @@ def cmd_stats(args: argparse.Namespace) -> int:
             else format_table(view, instances),
             flush=True,
         )
-        if not args.watch or stop.wait(args.watch):
+        if stop is None or stop.wait(args.watch):
             return 0
         view = aggregator.view()
 
@@ -190,9 +187,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         probes_without_auth=args.probes_without_auth,
         render_process=True,
     )
-    stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
+    stop = StopSignals()
     signal.signal(signal.SIGHUP, lambda *_: service.reload_web_config())
     service.start(freeze=True)
     scheme = "https" if service.tls else "http"

@@ -5,16 +5,15 @@ from __future__ import annotations
 
 import argparse
 import random
-import signal
 import subprocess
 import sys
-import threading
 import time
 
 from .config import Settings
 from .embedded import RedisServer, free_port
 from .report import format_table, read_per_instance
 from .serve.service import ExporterService
+from .stopsignals import StopSignals
 
 HIT_RATIOS = (0.9, 0.75, 0.6, 0.85, 0.5)
 REGIONS = ("ProviderResponses", "ModelCatalog", "Embeddings")
@@ -24,9 +23,7 @@ def run_worker(redis_url: str, instance_id: str, hit_ratio: float, rate: float) 
     """Simulate one application instance until SIGTERM/SIGINT, then shut down cleanly."""
     from . import setup
 
-    stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
+    stop = StopSignals()
     stats = setup(
         redis_url=redis_url,
         instance_id=instance_id,
@@ -54,9 +51,7 @@ def run_worker(redis_url: str, instance_id: str, hit_ratio: float, rate: float) 
 
 def run_demo(duration: float | None = None, port: int = 9464, instances: int = 3) -> int:
     """Run everything until Ctrl-C or ``duration`` seconds; returns the exit code."""
-    stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
+    stop = StopSignals()
     redis_server = RedisServer().start()
     workers: list[subprocess.Popen[bytes]] = []
     service = None
