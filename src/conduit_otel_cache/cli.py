@@ -206,6 +206,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         flush=True,
     )
     stop.wait()
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)  # its handler sets an event stop() sets too
     service.stop()
     print("stopped", flush=True)
     return 0
