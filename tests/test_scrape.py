@@ -150,7 +150,9 @@ def test_concurrent_scrapes_each_see_one_view(
         try:
             while not stop.is_set():
                 bodies.append(samples(*get(service, **PROMETHEUS)))
-                if len(bodies) >= 60:
+                # 60 scrapes across 5 views at least: under load the writer's flushes (and
+                # with a TTL the refreshes) come slower than the scrapes
+                if len(bodies) >= 60 and len({hits(found, "R00") for found in bodies}) >= 5:
                     enough.set()
         except BaseException as exc:
             errors.append(exc)
@@ -164,7 +166,7 @@ def test_concurrent_scrapes_each_see_one_view(
     try:
         for t in threads:
             t.start()
-        enough.wait(15)  # 60 scrapes, or an error
+        enough.wait(30)  # 60 scrapes of 5 views, or an error
     finally:
         stop.set()
         sys.setswitchinterval(switch)
