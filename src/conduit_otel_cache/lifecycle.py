@@ -60,6 +60,9 @@ F = TypeVar("F", bound=Callable[..., Any])
 class Handle(Protocol):
     """What the lifecycle needs of a handle."""
 
+    @property
+    def shutdown_timeout(self) -> float: ...
+
     def _flush_in_place(self) -> bool: ...
 
     def shutdown(self) -> None: ...
@@ -74,9 +77,11 @@ class Handle(Protocol):
 _handles: weakref.WeakSet[Any] = weakref.WeakSet()
 
 # -- where a signal handler may interrupt this thread ------------------------------------
-# The write path takes locks a final flush needs (the recorder's, the SDK's collection);
-# the exit path is a final flush under way. The main thread runs ``flush()`` itself in a
-# thread (see ``CacheStatistics.flush``), so these are all it can hold.
+# The write path takes locks a final flush needs (the recorder's, the SDK's collection),
+# and so does the ``logging`` module (a handler's lock, the module's): a final flush that
+# logs (Redis down, a timeout) waits for them; the exit path is a final flush under way.
+# The main thread runs ``flush()`` itself in a thread (see ``CacheStatistics.flush``), so
+# these are all it can hold.
 
 _write_path: set[CodeType] = set()
 _exit_path: set[CodeType] = set()
@@ -96,14 +101,15 @@ def exit_path(function: F) -> F:
 
 
 def inside_write_path(frame: FrameType | None) -> bool:
-    """True when ``frame`` (an interrupted frame, or a caller's) runs inside the write path:
-    a final flush started now would wait for locks that only this thread can release."""
-    return _on_stack(_write_path, frame)
+    """True when ``frame`` (an interrupted frame, or a caller's) runs inside the write path
+    or the ``logging`` module: a final flush started now would wait for locks that only this
+    thread can release."""
+    return _on_stack(_write_path, frame, logging.__file__)
 
 
-def _on_stack(codes: set[CodeType], frame: FrameType | None) -> bool:
+def _on_stack(codes: set[CodeType], frame: FrameType | None, module: str = "") -> bool:
     while frame is not None:
-        if frame.f_code in codes:
+        if frame.f_code in codes or frame.f_code.co_filename == module:
             return True
         frame = frame.f_back
     return False
@@ -263,7 +269,9 @@ def _on_sigterm(signum: int, frame: FrameType | None) -> None:
     write path: it then goes on, to release the locks the flush needs, until the flush is
     done and the signal comes again; or inside a final flush already (``os._exit``,
     ``atexit``, ``shutdown()``): that one goes on and ends the process when done. A second
-    signal waits for the flush."""
+    signal waits for the flush. The wait is bounded by the handles' ``shutdown_timeout``s: a
+    lock this thread holds that the flush takes too, of a logging library of its own, would
+    hold it for ever; the thread then goes on, as from inside the write path."""
     global _ending, _ending_signal, _deferred
     if not _handles or _flushed:
         _end_by(signum)
@@ -282,8 +290,9 @@ def _on_sigterm(signum: int, frame: FrameType | None) -> None:
             shutdown_all()
         _end_by(signum)
     if not inside_write_path(frame):
-        _ending.join()
-        _end_by(signum)
+        _ending.join(sum(handle.shutdown_timeout for handle in list(_handles)) + _END_WAIT)
+        if not _ending.is_alive():
+            _end_by(signum)
 
 
 def _final_flush() -> None:

@@ -150,6 +150,11 @@ class Pipeline:
         return self.settings.instance_id
 
     @property
+    def shutdown_timeout(self) -> float:
+        """How long the final flush and deregistration may take."""
+        return self.settings.shutdown_timeout
+
+    @property
     def flush_errors(self) -> int:
         """Failed write-throughs so far."""
         return self.exporter.flush_errors if self.exporter is not None else 0

@@ -1,0 +1,37 @@
+"""A service whose main thread logs in a loop (``python -m tests.exit_apps.logging_loop
+MODE``), so that a SIGTERM lands on it inside a ``logging`` handler, holding the handler's
+lock, while the final flush logs too: Redis is stopped after ``ready``, so the final flush
+fails and says so. MODE ``own-handler``: the application's own SIGTERM handler calls
+``stats.shutdown()`` and ``sys.exit(0)``; ``default``: the library's stand-in."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+from typing import Any
+
+from conduit_otel_cache import setup
+
+from ..prefork_support import REGION
+
+mode = sys.argv[1]
+logging.basicConfig(level=logging.INFO, stream=open(os.devnull, "w"))  # noqa: SIM115
+log = logging.getLogger("app")
+stats = setup()
+stats.record_hit(REGION, 0.001)
+assert stats.flush()
+stats.record_hit(REGION, 0.001)  # what the final flush tries to write
+
+
+def own_handler(signum: int, frame: Any) -> None:
+    stats.shutdown()
+    sys.exit(0)
+
+
+if mode == "own-handler":
+    signal.signal(signal.SIGTERM, own_handler)
+print("ready", flush=True)
+while True:
+    log.info("served %s", "a request")
