@@ -155,3 +155,20 @@ def test_sigterm_while_the_main_thread_logs_and_the_final_flush_logs_too(mode: s
         assert proc.returncode == (0 if mode == "own-handler" else -signal.SIGTERM), err
         assert "Traceback" not in err, err
         assert took < SHUTDOWN_TIMEOUT / 2, f"attempt {attempt}: stopped after {took:.2f}s"
+
+
+def test_sigterm_while_the_main_thread_holds_a_lock_the_final_flush_needs() -> None:
+    """A lock out of the library's sight (a logging library's own): the main thread waits
+    for the final flush at most the handles' ``shutdown_timeout`` and 2 s, then goes on and
+    releases it; the flush then ends the process by the signal (it hung until killed)."""
+    with RedisServer() as server:
+        proc, _ = start(server.url, "logging_loop", "own-lock")
+    sent = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    try:
+        _, err = proc.communicate(timeout=SHUTDOWN_TIMEOUT + 10)
+    except subprocess.TimeoutExpired:
+        pytest.fail("the process did not end")
+    took = time.monotonic() - sent
+    assert proc.returncode == -signal.SIGTERM, err
+    assert took < SHUTDOWN_TIMEOUT + 2 + 2, f"stopped after {took:.2f}s"

@@ -2,7 +2,9 @@
 MODE``), so that a SIGTERM lands on it inside a ``logging`` handler, holding the handler's
 lock, while the final flush logs too: Redis is stopped after ``ready``, so the final flush
 fails and says so. MODE ``own-handler``: the application's own SIGTERM handler calls
-``stats.shutdown()`` and ``sys.exit(0)``; ``default``: the library's stand-in."""
+``stats.shutdown()`` and ``sys.exit(0)``; ``default``: the library's stand-in;
+``own-lock``: as ``default``, but the lock is a logging library's own, held by the main
+thread outside ``logging`` (out of the library's sight)."""
 
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ import logging
 import os
 import signal
 import sys
+import threading
 from typing import Any
 
 from conduit_otel_cache import setup
@@ -17,8 +20,21 @@ from conduit_otel_cache import setup
 from ..prefork_support import REGION
 
 mode = sys.argv[1]
+LOCK = threading.Lock()
+
+
+class LockingHandler(logging.Handler):
+    """A handler of a logging library with a lock of its own."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        with LOCK:
+            pass
+
+
 logging.basicConfig(level=logging.INFO, stream=open(os.devnull, "w"))  # noqa: SIM115
 log = logging.getLogger("app")
+if mode == "own-lock":
+    logging.getLogger().addHandler(LockingHandler())
 stats = setup()
 stats.record_hit(REGION, 0.001)
 assert stats.flush()
@@ -34,4 +50,8 @@ if mode == "own-handler":
     signal.signal(signal.SIGTERM, own_handler)
 print("ready", flush=True)
 while True:
-    log.info("served %s", "a request")
+    if mode == "own-lock":
+        with LOCK:
+            sum(range(10_000))
+    else:
+        log.info("served %s", "a request")
