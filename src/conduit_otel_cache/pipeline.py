@@ -309,7 +309,11 @@ class Pipeline:
         # collected is added to the next one), nor may this thread hold the write's locks
         # when the handler shuts down: the flush runs in a worker, this thread waits for it.
         result: list[bool] = []
-        done = threading.Event()
+        # a lock, not an Event: an exception a handler raises inside ``Event.wait`` can leave
+        # the event's condition unlocked ("release unlocked lock" instead of SystemExit); a
+        # lock's acquire is one call that either takes it or raises
+        done = threading.Lock()
+        done.acquire()
 
         def flush() -> None:
             try:
@@ -322,7 +326,7 @@ class Pipeline:
                 )
             finally:
                 self._idle.release()  # this worker takes the next flush
-                done.set()
+                done.release()
 
         # The workers live as long as the handle: a finished Thread is freed by a weakref
         # callback (Python code), which may run on the main thread, and a signal handler's
@@ -340,7 +344,7 @@ class Pipeline:
         # (an observable callback of the application's on a shared provider, a finalizer the
         # collector runs in that thread) can block it for ever: the caller does not wait.
         bound = self.settings.batch_timeout + 2 * self.settings.flush_timeout
-        if not done.wait(bound):
+        if not done.acquire(timeout=bound):
             self._slow.error(
                 "conduit-otel-cache: a flush of instance %s did not end within %.1f s "
                 "(batch_timeout + 4 x socket_timeout); it goes on in the background",
