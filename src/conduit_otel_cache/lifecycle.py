@@ -77,11 +77,11 @@ class Handle(Protocol):
 _handles: weakref.WeakSet[Any] = weakref.WeakSet()
 
 # -- where a signal handler may interrupt this thread ------------------------------------
-# The write path takes locks a final flush needs (the recorder's, the SDK's collection),
-# and so does the ``logging`` module (a handler's lock, the module's): a final flush that
-# logs (Redis down, a timeout) waits for them; the exit path is a final flush under way.
-# The main thread runs ``flush()`` itself in a thread (see ``CacheStatistics.flush``), so
-# these are all it can hold.
+# The write path takes locks a final flush needs (the recorder's, the SDK's collection);
+# so does the ``logging`` module (a handler's lock, the module's: reentrant, so only a
+# final flush in another thread, one that logs, waits for them); the exit path is a final
+# flush under way. The main thread runs ``flush()`` itself in a thread (see
+# ``CacheStatistics.flush``), so these are all it can hold.
 
 _write_path: set[CodeType] = set()
 _exit_path: set[CodeType] = set()
@@ -101,10 +101,15 @@ def exit_path(function: F) -> F:
 
 
 def inside_write_path(frame: FrameType | None) -> bool:
-    """True when ``frame`` (an interrupted frame, or a caller's) runs inside the write path
-    or the ``logging`` module: a final flush started now would wait for locks that only this
-    thread can release."""
-    return _on_stack(_write_path, frame, logging.__file__)
+    """True when ``frame`` (an interrupted frame, or a caller's) runs inside the write path:
+    a final flush started now would wait for locks that only this thread can release."""
+    return _on_stack(_write_path, frame)
+
+
+def inside_logging(frame: FrameType | None) -> bool:
+    """True when ``frame`` runs inside the ``logging`` module: a final flush started now in
+    another thread would wait for this thread to release its locks, if it logs."""
+    return _on_stack(set(), frame, logging.__file__)
 
 
 def _on_stack(codes: set[CodeType], frame: FrameType | None, module: str = "") -> bool:
@@ -266,8 +271,8 @@ def _on_sigterm(signum: int, frame: FrameType | None) -> None:
     """SIGTERM with the default disposition: the final flush, then the process ends by the
     signal as it would have. The main thread waits here for the flush (so the application
     makes no progress the flush would miss), unless the signal interrupted it inside the
-    write path: it then goes on, to release the locks the flush needs, until the flush is
-    done and the signal comes again; or inside a final flush already (``os._exit``,
+    write path or ``logging``: it then goes on, to release the locks the flush needs, until
+    the flush is done and the signal comes again; or inside a final flush already (``os._exit``,
     ``atexit``, ``shutdown()``): that one goes on and ends the process when done. A second
     signal waits for the flush. The wait is bounded by the handles' ``shutdown_timeout``s: a
     lock this thread holds that the flush takes too, of a logging library of its own, would
@@ -289,7 +294,7 @@ def _on_sigterm(signum: int, frame: FrameType | None) -> None:
         if not inside_write_path(frame):
             shutdown_all()
         _end_by(signum)
-    if not inside_write_path(frame):
+    if not inside_write_path(frame) and not inside_logging(frame):
         _ending.join(sum(handle.shutdown_timeout for handle in list(_handles)) + _END_WAIT)
         if not _ending.is_alive():
             _end_by(signum)

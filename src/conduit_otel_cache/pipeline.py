@@ -392,16 +392,18 @@ class Pipeline:
     def shutdown(self) -> None:
         """Final flush, then deregister from the heartbeat set; the whole of it bounded by
         ``shutdown_timeout``. Safe to call twice, and from a signal handler that
-        interrupted a flush (it then returns at once and the flush finishes when the
-        interrupted code goes on: at ``sys.exit``, for example).
+        interrupted a flush or ``logging`` (it then returns at once and the flush finishes
+        when the interrupted code goes on: at ``sys.exit``, for example).
 
         The close runs in a thread of its own, so that ``shutdown_timeout`` bounds it. In
         ``atexit`` handlers of Python 3.12.0 and 3.12.1, which start no thread, it runs on
         the exiting thread instead: a hung Redis then holds the exit for its
         ``socket_timeout`` (each write gives up after it), not for ``shutdown_timeout``."""
         # a signal handler that interrupted the write path: the close waits for locks this
-        # thread holds, so the interrupted code must go on first
-        interrupted = lifecycle.inside_write_path(sys._getframe(1))
+        # thread holds, so the interrupted code must go on first; so does a close in the
+        # closer's thread that logs, for ``logging``'s
+        caller = sys._getframe(1)
+        interrupted = lifecycle.inside_write_path(caller)
         with self._close_lock:
             if self._closer is None:
                 if self.closed:  # closed in the parent before a fork, or on the exiting thread
@@ -418,7 +420,7 @@ class Pipeline:
             self._close()
             lifecycle.end_if_signalled()
             return
-        if interrupted:
+        if interrupted or lifecycle.inside_logging(caller):
             return
         budget = self._close_started + self.settings.shutdown_timeout - time.monotonic()
         closer.join(max(0.0, budget))
