@@ -157,12 +157,15 @@ def test_sigterm_while_the_main_thread_logs_and_the_final_flush_logs_too(mode: s
         assert took < SHUTDOWN_TIMEOUT / 2, f"attempt {attempt}: stopped after {took:.2f}s"
 
 
-def test_sigterm_while_the_main_thread_holds_a_lock_the_final_flush_needs() -> None:
+@pytest.mark.parametrize("mode", ["own-lock", "held-lock"])
+def test_sigterm_while_the_main_thread_holds_a_lock_the_final_flush_needs(mode: str) -> None:
     """A lock out of the library's sight (a logging library's own): the main thread waits
     for the final flush at most the handles' ``shutdown_timeout`` and 2 s, then goes on and
-    releases it; the flush then ends the process by the signal (it hung until killed)."""
+    releases it; the flush then ends the process by the signal (it hung until killed), or,
+    where the main thread takes the lock again first (it took 10.6 s on Python 3.12) or never
+    releases it, the deadline 2 s later does (without it: hung until killed)."""
     with RedisServer() as server:
-        proc, _ = start(server.url, "logging_loop", "own-lock")
+        proc, _ = start(server.url, "logging_loop", mode)
     sent = time.monotonic()
     proc.send_signal(signal.SIGTERM)
     try:
@@ -171,4 +174,4 @@ def test_sigterm_while_the_main_thread_holds_a_lock_the_final_flush_needs() -> N
         pytest.fail("the process did not end")
     took = time.monotonic() - sent
     assert proc.returncode == -signal.SIGTERM, err
-    assert took < SHUTDOWN_TIMEOUT + 2 + 2, f"stopped after {took:.2f}s"
+    assert took < SHUTDOWN_TIMEOUT + 2 + 2 + 1, f"stopped after {took:.2f}s"

@@ -49,6 +49,7 @@ import threading
 import time
 import weakref
 from collections.abc import Callable
+from functools import partial
 from types import CodeType, FrameType
 from typing import Any, NoReturn, Protocol, TypeVar
 
@@ -229,6 +230,7 @@ _real_getsignal = signal.getsignal
 #: the final flush started by SIGTERM, and the signal
 _ending: threading.Thread | None = None
 _ending_signal: int = signal.SIGTERM
+#: the final flush is over: done, or given up at its deadline (``_deadline``)
 _flushed = False
 #: a SIGTERM that arrived while this thread ran a final flush
 _deferred: int | None = None
@@ -276,7 +278,8 @@ def _on_sigterm(signum: int, frame: FrameType | None) -> None:
     ``atexit``, ``shutdown()``): that one goes on and ends the process when done. A second
     signal waits for the flush. The wait is bounded by the handles' ``shutdown_timeout``s: a
     lock this thread holds that the flush takes too, of a logging library of its own, would
-    hold it for ever; the thread then goes on, as from inside the write path."""
+    hold it for ever; the thread then goes on, as from inside the write path. The process ends
+    by the signal at the latest ``_END_WAIT`` later (``_deadline``), flushed or not."""
     global _ending, _ending_signal, _deferred
     if not _handles or _flushed:
         _end_by(signum)
@@ -294,10 +297,26 @@ def _on_sigterm(signum: int, frame: FrameType | None) -> None:
         if not inside_write_path(frame):
             shutdown_all()
         _end_by(signum)
+    bound = sum(handle.shutdown_timeout for handle in list(_handles)) + _END_WAIT
+    start_thread(partial(_deadline, bound + _END_WAIT), "conduit-sigterm-deadline")
     if not inside_write_path(frame) and not inside_logging(frame):
-        _ending.join(sum(handle.shutdown_timeout for handle in list(_handles)) + _END_WAIT)
+        _ending.join(bound)
         if not _ending.is_alive():
             _end_by(signum)
+
+
+def _deadline(after: float) -> None:
+    """The process ends by the signal ``after`` seconds after it, flushed or not: the final
+    flush may wait for a lock that the main thread, going on, takes again and again (an
+    unfair lock of the application's or of a logging library's) until killed."""
+    global _flushed
+    time.sleep(after)
+    if _ending is None or not _ending.is_alive():
+        return
+    _flushed = True  # given up: the handler, run again, ends the process
+    os.kill(os.getpid(), _ending_signal)
+    time.sleep(_END_WAIT)  # the main thread runs no Python code (stuck in C code)
+    _real_exit(128 + _ending_signal)
 
 
 def _final_flush() -> None:

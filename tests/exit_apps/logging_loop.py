@@ -4,7 +4,8 @@ lock, while the final flush logs too: Redis is stopped after ``ready``, so the f
 fails and says so. MODE ``own-handler``: the application's own SIGTERM handler calls
 ``stats.shutdown()`` and ``sys.exit(0)``; ``default``: the library's stand-in;
 ``own-lock``: as ``default``, but the lock is a logging library's own, held by the main
-thread outside ``logging`` (out of the library's sight)."""
+thread outside ``logging`` (out of the library's sight); ``held-lock``: that lock held by
+the main thread for ever."""
 
 from __future__ import annotations
 
@@ -33,7 +34,7 @@ class LockingHandler(logging.Handler):
 
 logging.basicConfig(level=logging.INFO, stream=open(os.devnull, "w"))  # noqa: SIM115
 log = logging.getLogger("app")
-if mode == "own-lock":
+if mode in ("own-lock", "held-lock"):
     logging.getLogger().addHandler(LockingHandler())
 stats = setup()
 stats.record_hit(REGION, 0.001)
@@ -49,9 +50,13 @@ def own_handler(signum: int, frame: Any) -> None:
 if mode == "own-handler":
     signal.signal(signal.SIGTERM, own_handler)
 print("ready", flush=True)
+if mode == "held-lock":
+    LOCK.acquire()
 while True:
     if mode == "own-lock":
         with LOCK:
             sum(range(10_000))
+    elif mode == "held-lock":
+        sum(range(10_000))
     else:
         log.info("served %s", "a request")
