@@ -174,4 +174,5 @@ def test_sigterm_while_the_main_thread_holds_a_lock_the_final_flush_needs(mode: 
         pytest.fail("the process did not end")
     took = time.monotonic() - sent
     assert proc.returncode == -signal.SIGTERM, err
-    assert took < SHUTDOWN_TIMEOUT + 2 + 2 + 1, f"stopped after {took:.2f}s"
+    # the deadline: shutdown_timeout + 4 s (9.3-9.5 s on a quiet machine), with room for load
+    assert took < SHUTDOWN_TIMEOUT + 2 + 2 + 3, f"stopped after {took:.2f}s"
