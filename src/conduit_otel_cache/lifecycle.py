@@ -314,18 +314,20 @@ def _deadline(after: float) -> None:
     if _ending is None or not _ending.is_alive():
         return
     _flushed = True  # given up: the handler, run again, ends the process
-    os.kill(os.getpid(), _ending_signal)
-    time.sleep(_END_WAIT)  # the main thread runs no Python code (stuck in C code)
-    _real_exit(128 + _ending_signal)
+    _signal_again()
 
 
 def _final_flush() -> None:
     global _flushed
     shutdown_all()
     _flushed = True
-    # The main thread ends the process as soon as it runs Python code again (it waits for
-    # this thread, or runs the handler again); in case it runs none (stuck in C code), end
-    # as the signal would.
+    _signal_again()
+
+
+def _signal_again() -> NoReturn:
+    """The main thread ends the process as soon as it runs Python code again (it waits for
+    the final flush, or runs the handler again); in case it runs none (stuck in C code), end
+    as the signal would."""
     os.kill(os.getpid(), _ending_signal)
     time.sleep(_END_WAIT)
     _real_exit(128 + _ending_signal)
