@@ -8,7 +8,11 @@ five variants.
 - *Side by side*: each variant and the uninstrumented service at once on the same core, a
   ``wrk`` each; what the machine does meanwhile weighs on both alike. The ratio of their CPU
   per request (whose inverse is the throughput of a saturated core) judges the throughput
-  target; the uninstrumented service beside itself is the A/A.
+  target; the uninstrumented service beside itself is the A/A. Here each service has one
+  ``gthread`` worker of 4 threads: with two, how ``wrk``'s 8 connections split between the
+  workers (set anew at each start of ``wrk``) moves the CPU per request by up to ±10 % a
+  measurement, far more than the library costs; with one, by about ±1 %. A pair of services
+  is measured in several windows, and the median of every window is the figure.
 
 The workers report their threads' CPU (``/-/threads``): the CPU per request served, and what
 the library's own threads (the flush, the heartbeat) take.
@@ -64,7 +68,7 @@ def _pinned(core: int) -> list[str]:
 
 
 @contextlib.contextmanager
-def _service(variant: str, redis_url: str, tmp: Path) -> Iterator[str]:
+def _service(variant: str, redis_url: str, tmp: Path, workers: int = 2) -> Iterator[str]:
     port = free_port()
     env = {**os.environ, "E2E_VARIANT": variant, "E2E_REDIS_URL": redis_url,
            "PYTHONPATH": str(HERE.parent)}  # fmt: skip
@@ -74,7 +78,7 @@ def _service(variant: str, redis_url: str, tmp: Path) -> Iterator[str]:
         shutil.rmtree(directory, ignore_errors=True)
         directory.mkdir()
         env["PROMETHEUS_MULTIPROC_DIR"] = str(directory)
-    argv = [*_pinned(0), sys.executable, "-m", "gunicorn", "-k", "gthread", "-w", "2",
+    argv = [*_pinned(0), sys.executable, "-m", "gunicorn", "-k", "gthread", "-w", str(workers),
             "--threads", "4", "-b", f"127.0.0.1:{port}",
             "benchmarks.e2e_app:application"]  # fmt: skip
     proc = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -118,22 +122,25 @@ def _wrk(url: str, seconds: int, script: Path) -> tuple[float, float, float, flo
 
 
 def _side_by_side(variant: str, redis_url: str, tmp: Path, script: Path, seconds: int,
-                  none_first: bool) -> float:  # fmt: skip
-    """The workers' CPU per request of ``variant`` over that of the uninstrumented service,
-    both on one core and loaded at the same moment (by two ``wrk`` on the other core): what
-    the machine does meanwhile weighs on both alike."""
+                  windows: int, none_first: bool) -> list[float]:  # fmt: skip
+    """The CPU per request of ``variant`` over that of the uninstrumented service, in each of
+    ``windows`` measurements: both on one core (one worker each) and loaded at the same
+    moment (by two ``wrk`` on the other core), so that what the machine does meanwhile
+    weighs on both alike."""
     order = ["none", variant] if none_first else [variant, "none"]
+    ratios = []
     with contextlib.ExitStack() as stack:
-        urls = [stack.enter_context(_service(v, redis_url, tmp)) for v in order]
+        urls = [stack.enter_context(_service(v, redis_url, tmp, workers=1)) for v in order]
         for url in urls:
             _wrk(url, 1, script)  # warm-up
-        before = [_threads(url) for url in urls]
-        loads = [_wrk_start(url, seconds, script) for url in urls]
-        served = [_wrk_result(load)[4] for load in loads]
-        cpu = [_library_share(b, _threads(url))[1] for b, url in zip(before, urls)]
-    per_request = [c / n for c, n in zip(cpu, served)]
-    none, other = per_request if none_first else per_request[::-1]
-    return other / none
+        for _ in range(windows):
+            before = [_threads(url, 1) for url in urls]
+            loads = [_wrk_start(url, seconds, script) for url in urls]
+            served = [_wrk_result(load)[4] for load in loads]
+            cpu = [_library_share(b, _threads(url, 1))[1] for b, url in zip(before, urls)]
+            none, other = [c / n for c, n in zip(cpu, served)][:: 1 if none_first else -1]
+            ratios.append(other / none)
+    return ratios
 
 
 #: the library's own threads in a worker (by name): the SDK's periodic reader, which
@@ -143,8 +150,8 @@ LIBRARY_THREADS = ("OtelPeriodicExportingMetricReader", "conduit-")
 Threads = dict[str, dict[str, float]]
 
 
-def _threads(url: str) -> Threads:
-    """``{worker pid: {thread name: CPU seconds}}`` of both workers (asked until both
+def _threads(url: str, workers: int = 2) -> Threads:
+    """``{worker pid: {thread name: CPU seconds}}`` of every worker (asked until each
     answered: each request goes to whichever worker accepts it)."""
     seen: Threads = {}
     for _ in range(200):
@@ -155,7 +162,7 @@ def _threads(url: str) -> Threads:
             name, _, seconds = line.rpartition(" ")
             cpu[name] = cpu.get(name, 0.0) + float(seconds)
         seen[pid] = cpu
-        if len(seen) == 2:
+        if len(seen) == workers:
             break
     return seen
 
@@ -177,7 +184,8 @@ def run(quick: bool = False) -> list[Target]:
         show("End to end: gunicorn gthread 2x4 under wrk", ["variant"], [["wrk not installed"]])
         return [Target("end-to-end overhead", None, "wrk not installed (apt-get install wrk)")]
     seconds, rounds = (3, 1) if quick else (12, 3)
-    pair_seconds, pair_rounds = (3, 1) if quick else (6, 6)
+    # side by side: pairs of services, each measured in windows
+    pair_seconds, pairs, windows = (2, 1, 2) if quick else (3, 2, 8)
     paired = PAIRED[:2] if quick else PAIRED
     results: dict[str, list[tuple[float, float, float, float, int]]] = {v: [] for v in VARIANTS}
     spent: dict[str, list[tuple[float, float, float]]] = {v: [] for v in VARIANTS}
@@ -196,10 +204,10 @@ def run(quick: bool = False) -> list[Target]:
                     spent[variant].append((library, total, seconds))
         # side by side: each variant beside the uninstrumented service (which goes first in
         # every other round)
-        for n in range(pair_rounds):
+        for n in range(pairs):
             for variant in paired:
-                ratios[variant].append(
-                    _side_by_side(variant, server.url, tmp, script, pair_seconds, n % 2 == 0)
+                ratios[variant] += _side_by_side(
+                    variant, server.url, tmp, script, pair_seconds, windows, n % 2 == 0
                 )
     median = {v: tuple(statistics.median(r[i] for r in rs) for i in range(4))
               for v, rs in results.items()}  # fmt: skip
@@ -232,8 +240,9 @@ def run(quick: bool = False) -> list[Target]:
     show("End to end: the library's own threads (the flush, the heartbeat) in the workers",
          ["variant", "their CPU ms per s", "the workers' CPU s per s", "share"], where)  # fmt: skip
     ratio = {v: statistics.median(r) for v, r in ratios.items()}
-    show(f"End to end, side by side: each variant and the uninstrumented service on one core "
-         f"at once, a wrk -t1 -c8 each on the other ({pair_rounds} rounds of {pair_seconds} s)",
+    show(f"End to end, side by side: each variant and the uninstrumented service (one gthread "
+         f"worker of 4 threads each) on one core at once, a wrk -t1 -c8 each on the other "
+         f"({pairs} pairs of services x {windows} windows of {pair_seconds} s)",
          ["variant", "workers' CPU per request ÷ uninstrumented, median (range)",
           "throughput of a saturated core"],
          [[LABELS[v] + (" (A/A)" if v == "none" else ""),

@@ -20,7 +20,7 @@ from .instruments import views as instrument_views
 from .integrations.lookup import TimedLookup
 from .model import Statistics
 from .pipeline import NullPipeline, Pipeline
-from .recorder import NullRecorder, Recorder
+from .recorder import NullRecorder, Recorder, RecordTimed
 from .spool import Spool
 from .strategies import AggregationStrategy, strategy_named
 from .writethrough import RedisMetricExporter
@@ -34,10 +34,6 @@ def views() -> list[object]:
     histogram (``MeterProvider(views=conduit_otel_cache.views(), ...)``); they also spare
     conduit's instruments the SDK's exemplar reservoirs, which keep nothing for them."""
     return list(instrument_views())
-
-
-class RecordTimed(Protocol):
-    def __call__(self, region: str | None, response_time: float | None = None) -> None: ...
 
 
 class RecordEvent(Protocol):
@@ -124,6 +120,9 @@ class CacheStatistics:
         self.reader.invalidate()
 
     def _forked(self, instance_id: str) -> None:
+        # with or without a spool now (its own, or none if it could not be made)
+        self.record_hit = self.recorder.record_hit
+        self.record_miss = self.recorder.record_miss
         self.reader.after_fork()
         self.settings = dataclasses.replace(self.settings, instance_id=instance_id)
 

@@ -1,16 +1,18 @@
-"""The hot path: ``record_*`` into per-thread tallies, exact under threads, no I/O.
+"""The hot path: ``record_*`` into tallies, exact under threads, no I/O.
 
-Each thread owns one tally per region and is the only writer of it, so no lock is
-taken on the hot path and no increment is lost; readers sum every tally. A finished
-thread's tallies are handed to the next thread that counts in their region, so their
-number is bounded by the live threads. A tally is a list, or with a spool
-(:mod:`.spool`) a record of floats in a file that outlives the process.
+A hit or a miss is one ``deque.append`` (atomic) to its region's queue, shared by every
+thread: with cold caches, as in a service, each object the hot path touches costs a cache
+miss, and shared queues are few and stay warm. Whoever finds :data:`FOLD_AT` waiting puts
+them in the region's tally (counts, histogram, raw samples) at once, if it gets the lock
+without waiting; a reader takes the rest under that lock. So no event is counted twice or
+lost, and the hot path never waits.
 
-A response time recorded in a list tally waits there (in its last item) until
-:data:`FOLD_AT` have come; the thread then puts them in its histogram and raw samples at
-once, and a reader takes those still waiting. With cold caches, as in a service, each
-object the hot path touches costs a cache miss: this keeps the histogram's bisect, sum and
-buckets off it.
+Writes and evictions, and every event with a spool (:mod:`.spool`, whose file must hold
+each event at once), go to per-thread tallies instead: each thread owns one tally per
+region and is the only writer of it, and readers sum every tally. A finished thread's
+tallies are handed to the next thread that counts in their region, so their number is
+bounded by the live threads. A tally is a list, or with a spool a record of floats in a
+file that outlives the process.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from contextlib import suppress
 from functools import reduce
 from itertools import repeat
 from operator import add
-from typing import Any
+from typing import Any, Protocol
 
 from .config import valid_name
 from .lifecycle import write_path
@@ -36,6 +38,14 @@ INVALID_REGION = "_invalid"
 OVERFLOW_REGION = "_overflow"
 
 HIT, MISS, SET, EVICT, RT_SUM, BUCKET0 = range(6)
+
+
+class RecordTimed(Protocol):
+    """``record_hit`` and ``record_miss``."""
+
+    def __call__(self, region: str | None, response_time: float | None = None) -> None: ...
+
+
 #: Response times above this many seconds (or not finite, or negative) are rejected, so a
 #: region's sum of response times stays finite.
 MAX_RESPONSE_TIME = 1e6
@@ -54,11 +64,28 @@ def _take(pending: deque[float]) -> list[float]:
     return taken
 
 
-def _counter(kind: int, event: str) -> Any:
-    """``record_hit`` or ``record_miss``: the same code, each its own function (with cold
-    caches, as in a service, every further call costs more than its work). A response time
-    waits in the thread's tally (its last item) until :meth:`Recorder._fold`; a spool's
-    record counts it at once, so that the file holds every event."""
+def _queued(recorder: Recorder, queues: dict[str, deque[Any]], kind: int, event: str) -> Any:
+    """``record_hit`` or ``record_miss`` of ``recorder``: an append to the region's queue in
+    ``queues`` (of ``kind``), shared by every thread; each its own function over its own
+    dict (with cold caches, as in a service, every further object touched costs more than
+    the work). An event without a response time waits as None."""
+
+    def record(region: str | None, response_time: float | None = None) -> None:
+        try:
+            pending = queues[region]  # type: ignore[index]
+        except Exception:
+            pending = recorder._queue(region, kind)
+        pending.append(response_time)
+        if len(pending) >= FOLD_AT:
+            recorder._fold_queue(pending)
+
+    return _named(record, event)
+
+
+def _spooled(kind: int, event: str) -> Any:
+    """``record_hit`` or ``record_miss`` with a spool: into the thread's tally of the region,
+    whose record in the spool counts it at once (a tally the spool could not hold keeps
+    the response time waiting, its last item, until :meth:`Recorder._fold`)."""
 
     def record(self: Recorder, region: str | None, response_time: float | None = None) -> None:
         try:
@@ -75,6 +102,10 @@ def _counter(kind: int, event: str) -> Any:
             else:
                 self._time(slot, response_time)
 
+    return _named(record, event)
+
+
+def _named(record: Any, event: str) -> Any:
     record.__name__ = f"record_{event}"
     record.__qualname__ = f"Recorder.record_{event}"
     record.__doc__ = f"Count a cache {event} in ``region``, with its response time (seconds)."
@@ -104,6 +135,12 @@ class Recorder:
         self._regions: set[str] = set()
         self._sizes: dict[str, int] = {}
         self._warned: set[str] = set()
+        # per region, the queues of hits and misses that every thread appends to (cleared,
+        # never replaced: ``record_hit`` and ``record_miss`` hold them)
+        self._hits: dict[str, deque[Any]] = {}
+        self._misses: dict[str, deque[Any]] = {}
+        self._queued_hit = _queued(self, self._hits, HIT, "hit")
+        self._queued_miss = _queued(self, self._misses, MISS, "miss")
         self.reset(spool)
 
     @property
@@ -117,13 +154,20 @@ class Recorder:
         may have held the lock."""
         self.spool = spool
         self._lock = threading.Lock()
+        self._hits.clear()
+        self._misses.clear()
+        self._queues: dict[int, tuple[deque[Any], list[Any], int]] = {}  # id: queue, tally, kind
+        # a reference taken before a reset (a fork) still counts, in the queues
+        self.record_hit = self._queued_hit if spool is None else self._spooled_hit
+        self.record_miss = self._queued_miss if spool is None else self._spooled_miss
         self._tls = threading.local()
         self._threads: list[tuple[threading.Thread, dict[str, Any]]] = []
         self._prune_at = 64  # hand on finished threads' tallies when this many registered
         self._tallies: list[tuple[str, Any]] = []  # every tally: (region, tally)
         self._free: dict[str, list[Any]] = {}  # tallies of finished threads, per region
         self._samples: dict[int, deque[float]] = {}  # id(record) -> its raw samples (spool)
-        self._folded: dict[str, Any] = {}  # per region: pending response times a reader took
+        #: per region: the tally of its queues, and of what a reader took from threads' tallies
+        self._folded: dict[str, Any] = {}
         #: Events folded into ``_invalid`` / ``_overflow``, and rejected values.
         self.invalid_events = 0
         self.overflow_events = 0
@@ -131,8 +175,10 @@ class Recorder:
 
     # -- the hot path -------------------------------------------------------------------
 
-    record_hit = _counter(HIT, "hit")
-    record_miss = _counter(MISS, "miss")
+    record_hit: RecordTimed
+    record_miss: RecordTimed
+    _spooled_hit = _spooled(HIT, "hit")
+    _spooled_miss = _spooled(MISS, "miss")
 
     def record_set(self, region: str | None) -> None:
         """Count a cache write in ``region``."""
@@ -164,16 +210,39 @@ class Recorder:
         """The owner thread: its pending response times into its tally."""
         self._time_all(slot, _take(slot[-1]))
 
+    @write_path
+    def _fold_queue(self, pending: deque[Any]) -> None:
+        """A thread found :data:`FOLD_AT` waiting in a queue: into its tally, unless another
+        thread or a reader holds the lock (then the next event tries again)."""
+        if self._lock.acquire(blocking=False):
+            try:
+                queued = self._queues.get(id(pending))
+                if queued is not None and queued[0] is pending:
+                    self._drain(*queued)
+            finally:
+                self._lock.release()
+
+    def _drain(self, pending: deque[Any], slot: list[Any], kind: int) -> None:
+        """What waits in a queue, into its tally (under the lock)."""
+        taken = _take(pending)
+        slot[kind] += len(taken)
+        self._time_all(slot, taken)
+
     def _time_all(self, slot: list[Any], times: list[Any]) -> None:
-        """:meth:`_time` of each of ``times`` in a list tally, as one batch: the sum added in
-        order, the buckets counted and the raw samples appended in C loops."""
+        """:meth:`_time` of each of ``times`` (None: none) in a list tally, as one batch: the
+        sum added in order, the buckets counted and the raw samples appended in C loops."""
+        if not times:
+            return
         try:
-            valid = [t for t in times if 0.0 <= t <= MAX_RESPONSE_TIME]  # False for NaN
-            total = reduce(add, valid, slot[RT_SUM])
-            ordered = sorted(valid)
-        except (TypeError, ValueError, OverflowError):  # a value of another type: one by one
+            ordered = sorted(times)
+            total = reduce(add, times, slot[RT_SUM])
+            valid = total == total and ordered[0] >= 0.0 and ordered[-1] <= MAX_RESPONSE_TIME
+        except (TypeError, ValueError, ArithmeticError):  # None, another type, Decimal NaN
+            valid = False
+        if not valid:  # NaN (then the total is NaN), out of range, None: one by one
             for seconds in times:
-                self._time(slot, seconds)
+                if seconds is not None:
+                    self._time(slot, seconds)
             return
         slot[RT_SUM] = total
         # bucket i holds bounds[i-1] < t <= bounds[i]: in sorted order, the values up to
@@ -189,11 +258,7 @@ class Recorder:
         else:
             slot[bucket] += len(ordered) - below
         if self._max_samples:
-            slot[-2].extend(valid)
-        if len(valid) < len(times):
-            for seconds in times:
-                if not 0.0 <= seconds <= MAX_RESPONSE_TIME:
-                    self._reject("response_time", seconds)
+            slot[-2].extend(times)
 
     def _time(self, slot: Any, seconds: float) -> None:
         try:
@@ -203,7 +268,7 @@ class Recorder:
                 if self._max_samples:
                     (slot[-2] if type(slot) is list else self._samples[id(slot)]).append(seconds)
                 return
-        except (TypeError, ValueError, OverflowError):
+        except (TypeError, ValueError, ArithmeticError):  # ArithmeticError: Decimal NaN
             pass
         self._reject("response_time", seconds)
 
@@ -231,6 +296,27 @@ class Recorder:
                 free = self._free.get(name)
                 slot = slots[name] = free.pop() if free else self._new_tally(name)
         return slot
+
+    @write_path
+    def _queue(self, region: Any, kind: int) -> deque[Any]:
+        """The queue of ``kind`` of ``region`` (created with its tally on first use)."""
+        if region is None:  # no region given: the default region
+            region = self._default_region
+        name = self._admit(region)  # a canonical name: bad or folded ones cannot grow the dicts
+        with self._lock:
+            if name not in self._hits:
+                slot = self._shared_tally(name)
+                for queues, of in ((self._hits, HIT), (self._misses, MISS)):
+                    pending = queues[name] = deque()
+                    self._queues[id(pending)] = (pending, slot, of)
+            return (self._hits if kind == HIT else self._misses)[name]
+
+    def _shared_tally(self, name: str) -> list[Any]:
+        """The region's tally of its queues and of what readers take (under the lock)."""
+        slot = self._folded.get(name)
+        if slot is None:
+            slot = self._folded[name] = self._new_tally(name, own=False)
+        return slot  # type: ignore[no-any-return]
 
     def _new_tally(self, name: str, own: bool = True) -> Any:
         """A zeroed tally (under the lock): a spool record, else (when the spool cannot
@@ -332,16 +418,16 @@ class Recorder:
         return result
 
     def _take_pending(self) -> None:
-        """The response times the threads have not put in their tallies yet, into a
-        readers' tally of their region (under the lock)."""
+        """What waits in the queues, and the response times the threads have not put in
+        their tallies yet, into their region's shared tally (under the lock)."""
+        for pending, slot, kind in list(self._queues.values()):
+            if pending:
+                self._drain(pending, slot, kind)
         for name, slot in list(self._tallies):
             if type(slot) is list and slot[-1]:
                 taken = _take(slot[-1])
                 if taken:
-                    extra = self._folded.get(name)
-                    if extra is None:
-                        extra = self._folded[name] = self._new_tally(name, own=False)
-                    self._time_all(extra, taken)
+                    self._time_all(self._shared_tally(name), taken)
 
     def _hand_on_finished(self) -> None:
         """Hand the tallies of finished threads on to the threads that count next in their
