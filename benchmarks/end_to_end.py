@@ -10,9 +10,9 @@ five variants.
   per request (whose inverse is the throughput of a saturated core) judges the throughput
   target; the uninstrumented service beside itself is the A/A. Here each service has one
   ``gthread`` worker of 4 threads: with two, how ``wrk``'s 8 connections split between the
-  workers (set anew at each start of ``wrk``) moves the CPU per request by up to ±10 % a
-  measurement, far more than the library costs; with one, by about ±1 %. A pair of services
-  is measured in several windows, and the median of every window is the figure.
+  workers (anew at each start of ``wrk``) moved a measurement's CPU per request by more than
+  the library costs. A pair of services is measured in several windows, and the median of
+  every window is the figure.
 
 The workers report their threads' CPU (``/-/threads``): the CPU per request served, and what
 the library's own threads (the flush, the heartbeat) take.
