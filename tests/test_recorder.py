@@ -106,13 +106,23 @@ def test_response_times_wait_at_most_fold_at_in_the_thread_and_every_reader_sees
     assert rec.snapshot()["r"].response_times.counts == (1, 2 * FOLD_AT + 5, 0)
 
 
+class Unorderable:
+    """A response time whose comparisons raise."""
+
+    def __lt__(self, other: object) -> bool:
+        raise RuntimeError("no order")
+
+    __gt__ = __le__ = __ge__ = __lt__
+
+
 @pytest.mark.parametrize("seed", range(5))
 def test_folded_response_times_equal_one_by_one_with_bad_ones_among_them(seed: int) -> None:
     """Response times folded in batches (by the thread every FOLD_AT, by a reader the rest),
     valid and bad mixed, give what counting them one at a time gives: each valid one in its
     bucket, in the sum and in the raw samples; each bad one rejected."""
     rng = random.Random(seed)
-    bad = [-1.0, float("nan"), float("inf"), 2e6, "slow", Decimal("0.5"), Decimal("NaN"), object()]
+    bad = [-1.0, float("nan"), float("inf"), 2e6, "slow", Decimal("0.5"), Decimal("NaN"), object(),
+           Unorderable()]  # fmt: skip
     bounds = (0.001, 0.01, 0.1, 1.0)
     edges = [0.0, *bounds, 1e6]  # a value equal to a bound is in that bound's bucket
     times: list[Any] = [

@@ -237,7 +237,7 @@ class Recorder:
             ordered = sorted(times)
             total = reduce(add, times, slot[RT_SUM])
             valid = total == total and ordered[0] >= 0.0 and ordered[-1] <= MAX_RESPONSE_TIME
-        except (TypeError, ValueError, ArithmeticError):  # None, another type, Decimal NaN
+        except Exception:  # None, another type, a Decimal NaN, a comparison that raises
             valid = False
         if not valid:  # NaN (then the total is NaN), out of range, None: one by one
             for seconds in times:
@@ -268,7 +268,7 @@ class Recorder:
                 if self._max_samples:
                     (slot[-2] if type(slot) is list else self._samples[id(slot)]).append(seconds)
                 return
-        except (TypeError, ValueError, ArithmeticError):  # ArithmeticError: Decimal NaN
+        except Exception:  # bad data is rejected, never raised into the application
             pass
         self._reject("response_time", seconds)
 
