@@ -137,11 +137,14 @@ def test_sigterm_interrupting_a_flush(mode: str, redis_url: str) -> None:
             reader.close()
 
 
-@pytest.mark.parametrize("mode", ["own-handler", "default"])
+@pytest.mark.parametrize("mode", ["own-handler", "default", "leaked-lock"])
 def test_sigterm_while_the_main_thread_logs_and_the_final_flush_logs_too(mode: str) -> None:
     """The signal lands inside a ``logging`` handler (its lock held), and the final flush
     fails (Redis is stopped) and logs: the main thread goes on to release the lock, and the
-    process ends at once by the signal (without: it hung until killed in 1 to 3 of 4)."""
+    process ends at once by the signal (without: it hung until killed in 1 to 3 of 4). A
+    handler's lock that the main thread left held (``leaked-lock``: an application's handler
+    that ends the process between a lock's acquire and its ``try``, as Python 3.12 ran it
+    once in CI) is released at exit (without: the exit waited all of ``shutdown_timeout``)."""
     for attempt in range(5):  # where the signal lands varies: it hung in 1 to 3 of 4
         with RedisServer() as server:
             proc, _ = start(server.url, "logging_loop", mode)
@@ -152,7 +155,7 @@ def test_sigterm_while_the_main_thread_logs_and_the_final_flush_logs_too(mode: s
         except subprocess.TimeoutExpired:
             pytest.fail(f"attempt {attempt}: the process did not end")
         took = time.monotonic() - sent
-        assert proc.returncode == (0 if mode == "own-handler" else -signal.SIGTERM), err
+        assert proc.returncode == (0 if mode != "default" else -signal.SIGTERM), err
         assert "Traceback" not in err, err
         assert took < SHUTDOWN_TIMEOUT / 2, f"attempt {attempt}: stopped after {took:.2f}s"
 

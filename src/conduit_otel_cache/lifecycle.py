@@ -180,11 +180,27 @@ def _install_once() -> None:
     if _installed:
         return
     _installed = True
-    atexit.register(shutdown_all)
+    atexit.register(_at_exit)
     os.register_at_fork(
         before=_before_fork, after_in_parent=_release_fork_locks, after_in_child=_after_fork
     )
     os._exit = _exit_after_final_flush
+
+
+def _at_exit() -> None:
+    """``atexit``: the final flush of every handle, after releasing the locks of ``logging``
+    that this thread still holds. Its frames are gone by now, so such a lock was left held
+    by an exception that a signal handler raised between its acquire and its ``try`` (the
+    application's handler calling ``sys.exit``; Python runs handlers there), and the final
+    flush, which logs from another thread, would wait for it until ``shutdown_timeout``."""
+    loggers = [logging.getLogger(), *logging.Logger.manager.loggerDict.values()]
+    locks = [getattr(logging, "_lock", None)]
+    locks += [h.lock for logger in loggers for h in getattr(logger, "handlers", ())]
+    for lock in locks:
+        owned = getattr(lock, "_is_owned", None)  # an RLock's (threading.Condition uses it)
+        while owned is not None and owned():
+            lock.release()  # type: ignore[union-attr]
+    shutdown_all()
 
 
 def _exit_after_final_flush(status: int) -> NoReturn:

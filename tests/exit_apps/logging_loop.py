@@ -2,7 +2,9 @@
 MODE``), so that a SIGTERM lands on it inside a ``logging`` handler, holding the handler's
 lock, while the final flush logs too: Redis is stopped after ``ready``, so the final flush
 fails and says so. MODE ``own-handler``: the application's own SIGTERM handler calls
-``stats.shutdown()`` and ``sys.exit(0)``; ``default``: the library's stand-in;
+``stats.shutdown()`` and ``sys.exit(0)``; ``leaked-lock``: as ``own-handler``, with the
+handler's lock left held by the main thread, as a signal that lands between its acquire and
+its ``try`` leaves it; ``default``: the library's stand-in;
 ``own-lock``: as ``default``, but the lock is a logging library's own, held by the main
 thread outside ``logging`` (out of the library's sight); ``held-lock``: that lock held by
 the main thread for ever."""
@@ -47,8 +49,10 @@ def own_handler(signum: int, frame: Any) -> None:
     sys.exit(0)
 
 
-if mode == "own-handler":
+if mode in ("own-handler", "leaked-lock"):
     signal.signal(signal.SIGTERM, own_handler)
+if mode == "leaked-lock":
+    logging.getLogger().handlers[0].acquire()
 print("ready", flush=True)
 if mode == "held-lock":
     LOCK.acquire()
