@@ -1,7 +1,8 @@
 """The service of ``benchmarks.end_to_end``: a WSGI app whose every request looks a key up in
 an in-process cache of one of 100 regions (Zipf-like), counts a hit or a miss (a miss
 stores the value) with its response time. ``E2E_VARIANT`` says how it is instrumented:
-``none``, ``conduit`` (defaults), ``conduit-1s`` (``flush_interval`` 1 s), ``prom-mp``
+``none``, ``deps`` (none, but the library's dependencies imported: redis-py and the OTel
+SDK), ``conduit`` (defaults), ``conduit-1s`` (``flush_interval`` 1 s), ``prom-mp``
 (prometheus_client multiprocess mode) or ``otel`` (the OTel SDK with a
 ``PrometheusMetricReader`` in each process)."""
 
@@ -63,6 +64,9 @@ def _recorder() -> Record:
             histogram.record(seconds, attributes)
 
         return otel
+    if VARIANT == "deps":  # what importing them costs a process, whatever uses them
+        import opentelemetry.sdk.metrics  # noqa: F401
+        import redis  # noqa: F401
     return lambda region, hit, seconds: None
 
 
