@@ -108,6 +108,22 @@ def test_the_end_of_the_main_module(redis_url: str, reader: ClusterReader) -> No
     assert pages(reader) == State(1, 1, 0, 0, frozenset())  # every event, and departed
 
 
+@pytest.mark.parametrize(("how", "code"), [("os-exit", 3), ("atexit", 0)])
+def test_a_handler_that_raises_inside_the_final_flush_does_not_cut_it_short(
+    how: str, code: int, redis_url: str, reader: ClusterReader
+) -> None:
+    """billiard's pool processes (Celery) end by ``os._exit`` after telling their pool, which
+    SIGTERMs them; billiard's handler raises ``SystemExit``. Landing while the final flush
+    waits for Redis, it cut the flush short (the process ended with the events unwritten and
+    live, or waited out ``shutdown_timeout``); the flush now ends first, then the process
+    ends as it would have."""
+    proc, _ = start(redis_url, "raising_handler", how, "7")
+    _, err = proc.communicate(timeout=SHUTDOWN_TIMEOUT + 10)
+    assert proc.returncode == code, err
+    assert "shutdown_timeout" not in err, err
+    assert pages(reader) == State(7, 0, 0, 0, frozenset())  # every event, and departed
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("mode", ["own-handler", "default"])
 def test_sigterm_interrupting_a_flush(mode: str, redis_url: str) -> None:

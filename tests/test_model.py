@@ -408,7 +408,7 @@ class Cluster(RuleBasedStateMachine):
 
     def teardown(self) -> None:
         for handle in reversed(self.opened):
-            if handle.pipeline._closer is None:  # crashed: never shut down
+            if not handle.pipeline._close_done:  # crashed: never shut down
                 handle.pipeline.closed = False
             handle.shutdown()
         self.r.close()

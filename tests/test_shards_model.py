@@ -102,7 +102,8 @@ class ShardedCluster(RuleBasedStateMachine):
         if inc is not None:
             inc.handle.shutdown()
             self.ended.append(inc)
-            self.crashed.discard(instance_id)
+            if inc.recorded:  # it wrote as the id: its crashed incarnation's gauges left
+                self.crashed.discard(instance_id)
 
     @rule(instance_id=IDS)
     def crash(self, instance_id: str) -> None:
@@ -176,7 +177,7 @@ class ShardedCluster(RuleBasedStateMachine):
 
     def teardown(self) -> None:
         for handle in reversed(self.opened):
-            if handle.pipeline._closer is None:  # crashed: never shut down
+            if not handle.pipeline._close_done:  # crashed: never shut down
                 handle.pipeline.closed = False
             handle.shutdown()
 

@@ -205,10 +205,13 @@ def _at_exit() -> None:
 
 def _exit_after_final_flush(status: int) -> NoReturn:
     """``os._exit`` (pre-fork pools and work horses end their processes with it, past
-    ``atexit``): the final flush first."""
-    if _handles:
-        shutdown_all()
-    _real_exit(status)
+    ``atexit``): the final flush first, then the process ends with ``status``, also when a
+    signal handler raised meanwhile (billiard's, at the SIGTERM its pool sends)."""
+    try:
+        if _handles:
+            shutdown_all()
+    finally:
+        _real_exit(status)
 
 
 # -- fork ---------------------------------------------------------------------------------

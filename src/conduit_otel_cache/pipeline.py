@@ -218,7 +218,8 @@ class Pipeline:
 
     def _reset_locks(self) -> None:
         self._close_lock = threading.Lock()
-        self._closer: threading.Thread | None = None
+        self._closing = threading.Lock()  # held while the close runs
+        self._close_done = self.closed  # a child of a parent that closed closes nothing
         self._flushes = threading.Condition()  # batches concurrent flush() calls
         self._flushing = False
         self._flush_started = -math.inf
@@ -404,27 +405,46 @@ class Pipeline:
         # closer's thread that logs, for ``logging``'s
         caller = sys._getframe(1)
         interrupted = lifecycle.inside_write_path(caller)
+        inline = False
         with self._close_lock:
-            if self._closer is None:
-                if self.closed:  # closed in the parent before a fork, or on the exiting thread
-                    return
+            if self._close_done or (self.closed and not self._close_started):
+                return  # closed, or in the parent before a fork
+            if not self.closed:
                 self.closed = True
                 self._close_started = time.monotonic()
-                self._closer = lifecycle.start_thread(self._close, "conduit-shutdown")
-                if self._closer is None and interrupted:
-                    self.closed = False  # nothing can wait for the locks: a later call closes
-                    return
+                self._closing.acquire()  # released when the close is done
+                if lifecycle.start_thread(self._close, "conduit-shutdown") is None:
+                    if interrupted:  # nothing can wait for the locks: a later call closes
+                        self.closed = False
+                        self._closing.release()
+                        return
+                    inline = True
                 self._stop_beats.set()
-            closer = self._closer
-        if closer is None:
+        if inline:
             self._close()
             lifecycle.end_if_signalled()
             return
         if interrupted or lifecycle.inside_logging(caller):
             return
-        budget = self._close_started + self.settings.shutdown_timeout - time.monotonic()
-        closer.join(max(0.0, budget))
-        if closer.is_alive() and not self._timeout_logged:
+        self._await_close()
+
+    def _await_close(self) -> None:
+        """Wait for the close until ``shutdown_timeout`` is spent. An exception that a signal
+        handler raises meanwhile is raised when the wait is over, not in it: billiard's pool
+        processes (Celery) end by ``os._exit`` after telling their pool, which SIGTERMs them,
+        and billiard's handler raises ``SystemExit``; it must not cut the final flush short.
+        The wait is a lock's acquire, not ``Thread.join``, which such an exception leaves
+        believing a live thread ended (Python 3.11)."""
+        raised: BaseException | None = None
+        while not self._close_done:
+            budget = self._close_started + self.settings.shutdown_timeout - time.monotonic()
+            try:
+                if self._closing.acquire(timeout=max(0.0, budget)):
+                    self._closing.release()
+                break
+            except BaseException as exc:  # a signal handler's
+                raised = exc
+        if not self._close_done and not self._timeout_logged:
             self._timeout_logged = True
             log.warning(
                 "conduit-otel-cache: shutdown of instance %s took longer than "
@@ -433,8 +453,17 @@ class Pipeline:
                 self.settings.shutdown_timeout,
             )
         lifecycle.end_if_signalled()
+        if raised is not None:
+            raise raised
 
     def _close(self) -> None:
+        try:
+            self._final_flush_and_depart()
+        finally:
+            self._close_done = True
+            self._closing.release()
+
+    def _final_flush_and_depart(self) -> None:
         # deregister unless the final write failed: a hung Redis costs one timeout, not three
         depart = written = False
         if self._reader is not None and self.exporter is not None:
