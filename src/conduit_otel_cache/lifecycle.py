@@ -47,6 +47,7 @@ import signal
 import sys
 import threading
 import time
+import traceback
 import weakref
 from collections.abc import Callable
 from functools import partial
@@ -134,6 +135,18 @@ def start_thread(target: Callable[[], object], name: str) -> threading.Thread | 
     except RuntimeError:
         return None
     return thread
+
+
+def whereabouts(thread: threading.Thread | None) -> str:
+    """Where ``thread`` runs now (its innermost calls, no values): what a final flush that
+    outran ``shutdown_timeout`` waited for."""
+    frame = sys._current_frames().get(thread.ident or 0) if thread is not None else None
+    if frame is None:
+        return "not running"
+    calls = traceback.extract_stack(frame, limit=3)
+    return " < ".join(
+        f"{'/'.join(c.filename.split(os.sep)[-2:])}:{c.lineno} {c.name}" for c in reversed(calls)
+    )
 
 
 def register(handle: Handle, *, handle_signals: bool, flush_interval: float | None) -> None:

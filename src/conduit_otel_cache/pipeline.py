@@ -219,6 +219,7 @@ class Pipeline:
     def _reset_locks(self) -> None:
         self._close_lock = threading.Lock()
         self._closing = threading.Lock()  # held while the close runs
+        self._closer: threading.Thread | None = None
         self._close_done = self.closed  # a child of a parent that closed closes nothing
         self._flushes = threading.Condition()  # batches concurrent flush() calls
         self._flushing = False
@@ -413,7 +414,8 @@ class Pipeline:
                 self.closed = True
                 self._close_started = time.monotonic()
                 self._closing.acquire()  # released when the close is done
-                if lifecycle.start_thread(self._close, "conduit-shutdown") is None:
+                self._closer = lifecycle.start_thread(self._close, "conduit-shutdown")
+                if self._closer is None:
                     if interrupted:  # nothing can wait for the locks: a later call closes
                         self.closed = False
                         self._closing.release()
@@ -448,9 +450,11 @@ class Pipeline:
             self._timeout_logged = True
             log.warning(
                 "conduit-otel-cache: shutdown of instance %s took longer than "
-                "shutdown_timeout=%gs; giving up (it expires after instance_timeout)",
+                "shutdown_timeout=%gs; giving up (it expires after instance_timeout); "
+                "it was at %s",
                 self.settings.instance_id,
                 self.settings.shutdown_timeout,
+                lifecycle.whereabouts(self._closer),
             )
         lifecycle.end_if_signalled()
         if raised is not None:

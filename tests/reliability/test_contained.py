@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 import subprocess
 import sys
 import threading
@@ -211,10 +212,13 @@ def test_exit_with_a_hung_redis_takes_one_shutdown_timeout(redis_url: str, r: re
         proc.stdin.write("\n")
         proc.stdin.flush()
         leaving = float(proc.stdout.readline())  # interpreter exit (atexit) starts here
-        proc.wait(timeout=30)
+        _, err = proc.communicate(timeout=30)
         elapsed = time.monotonic() - leaving
     finally:
         proc.kill()  # the pause ends by itself (UNPAUSE would wait behind it)
+    if threads_at_exit:  # the warning says where the final flush waited: for Redis's reply
+        assert "took longer than shutdown_timeout=1.5s" in err, err
+        assert re.search(r"it was at \S+\.py:\d+ \w+ < .*read_response", err), err
     # was 15.3 s with the defaults (final flush, the SDK's own final collection, deregister);
     # one budget and the interpreter's teardown, never two budgets (2.50 s seen under load 9)
     assert elapsed < (2 * budget if threads_at_exit else socket_timeout + budget), elapsed
