@@ -108,7 +108,24 @@ def test_the_end_of_the_main_module(redis_url: str, reader: ClusterReader) -> No
     assert pages(reader) == State(1, 1, 0, 0, frozenset())  # every event, and departed
 
 
-@pytest.mark.parametrize(("how", "code"), [("os-exit", 3), ("atexit", 0)])
+NO_THREADS_AT_EXIT = (3, 12, 0) <= sys.version_info[:3] < (3, 12, 2)
+
+
+@pytest.mark.parametrize(
+    ("how", "code"),
+    [
+        ("os-exit", 3),
+        pytest.param(
+            "atexit",
+            0,
+            marks=pytest.mark.xfail(
+                NO_THREADS_AT_EXIT,
+                strict=True,
+                reason="README: the final flush runs on the exiting thread there",
+            ),
+        ),
+    ],
+)
 def test_a_handler_that_raises_inside_the_final_flush_does_not_cut_it_short(
     how: str, code: int, redis_url: str, reader: ClusterReader
 ) -> None:
