@@ -141,6 +141,24 @@ def test_a_handler_that_raises_inside_the_final_flush_does_not_cut_it_short(
     assert pages(reader) == State(7, 0, 0, 0, frozenset())  # every event, and departed
 
 
+def test_sigterm_inside_the_interpreters_thread_shutdown(
+    redis_url: str, reader: ClusterReader
+) -> None:
+    """The handler runs while the main thread holds ``threading``'s lock for starting
+    non-daemon threads (a ``Pool.terminate()`` worker): the final flush still runs, and the
+    process ends by the signal (it hung: the flush's thread waited for that lock)."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tests.exit_apps.sigterm_in_thread_shutdown"], cwd=REPO,
+        env=env(redis_url), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    STARTED.append(proc)
+    out, err = proc.communicate(timeout=SHUTDOWN_TIMEOUT + 10)
+    if out.strip() == "no such line":
+        pytest.skip("threading._shutdown takes no such lock on this Python (3.13+)")
+    assert proc.returncode == -signal.SIGTERM, err
+    assert pages(reader) == State(1, 0, 0, 0, frozenset())  # flushed, and departed
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("mode", ["own-handler", "default"])
 def test_sigterm_interrupting_a_flush(mode: str, redis_url: str) -> None:

@@ -321,7 +321,12 @@ def _on_sigterm(signum: int, frame: FrameType | None) -> None:
     if _ending is not None:
         return
     _ending_signal = signum
-    _ending = threading.Thread(target=_final_flush, name="conduit-sigterm")  # not a daemon
+    # not a daemon, unless the main thread is in ``threading._shutdown`` (the end of the
+    # program or of a ``multiprocessing`` child: a pool worker that ``Pool.terminate()``
+    # signals as it leaves), which may hold the lock a non-daemon thread takes to start (up to
+    # Python 3.12): that thread would never start; this thread waits for it below
+    daemon = _on_stack(_THREADING_SHUTDOWN, frame)
+    _ending = threading.Thread(target=_final_flush, name="conduit-sigterm", daemon=daemon)
     try:
         _ending.start()
     except RuntimeError:  # in an ``atexit`` handler of Python 3.12.0 or 3.12.1 (no thread)
@@ -335,6 +340,9 @@ def _on_sigterm(signum: int, frame: FrameType | None) -> None:
         _ending.join(bound)
         if not _ending.is_alive():
             _end_by(signum)
+
+
+_THREADING_SHUTDOWN = {f.__code__ for f in [getattr(threading, "_shutdown", None)] if f}
 
 
 def _deadline(after: float) -> None:
