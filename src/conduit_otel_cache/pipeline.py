@@ -409,7 +409,7 @@ class Pipeline:
         inline = False
         with self._close_lock:
             if self._close_done or (self.closed and not self._close_started):
-                return  # closed, or in the parent before a fork
+                return  # done (here or in the parent before a fork), or none to wait for
             if not self.closed:
                 self.closed = True
                 self._close_started = time.monotonic()
