@@ -109,9 +109,22 @@ def inside_write_path(frame: FrameType | None) -> bool:
 
 
 def inside_logging(frame: FrameType | None) -> bool:
-    """True when ``frame`` runs inside the ``logging`` module: a final flush started now in
-    another thread would wait for this thread to release its locks, if it logs."""
-    return _on_stack(set(), frame, logging.__file__)
+    """True when ``frame`` runs inside the ``logging`` module, or this thread holds one of
+    its locks (see :func:`_at_exit`): a final flush started now in another thread would wait
+    for this thread to release them, if it logs."""
+    return _on_stack(set(), frame, logging.__file__) or any(map(_owned, _logging_locks()))
+
+
+def _logging_locks() -> list[Any]:
+    loggers = [logging.getLogger(), *logging.Logger.manager.loggerDict.values()]
+    locks = [getattr(logging, "_lock", None)]
+    return locks + [h.lock for logger in loggers for h in getattr(logger, "handlers", ())]
+
+
+def _owned(lock: Any) -> bool:
+    """Held by this thread (an ``RLock``'s; ``threading.Condition`` relies on it too)."""
+    owned = getattr(lock, "_is_owned", None)
+    return owned is not None and bool(owned())
 
 
 def _on_stack(codes: set[CodeType], frame: FrameType | None, module: str = "") -> bool:
@@ -206,13 +219,9 @@ def _at_exit() -> None:
     by an exception that a signal handler raised between its acquire and its ``try`` (the
     application's handler calling ``sys.exit``; Python runs handlers there), and the final
     flush, which logs from another thread, would wait for it until ``shutdown_timeout``."""
-    loggers = [logging.getLogger(), *logging.Logger.manager.loggerDict.values()]
-    locks = [getattr(logging, "_lock", None)]
-    locks += [h.lock for logger in loggers for h in getattr(logger, "handlers", ())]
-    for lock in locks:
-        owned = getattr(lock, "_is_owned", None)  # an RLock's (threading.Condition uses it)
-        while owned is not None and owned():
-            lock.release()  # type: ignore[union-attr]
+    for lock in _logging_locks():
+        while _owned(lock):
+            lock.release()
     shutdown_all()
 
 

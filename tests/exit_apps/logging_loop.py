@@ -4,7 +4,8 @@ lock, while the final flush logs too: Redis is stopped after ``ready``, so the f
 fails and says so. MODE ``own-handler``: the application's own SIGTERM handler calls
 ``stats.shutdown()`` and ``sys.exit(0)``; ``leaked-lock``: as ``own-handler``, with the
 handler's lock left held by the main thread, as a signal that lands between its acquire and
-its ``try`` leaves it; ``default``: the library's stand-in;
+its ``try`` leaves it; ``leaked-lock-outside``: as ``leaked-lock``, the main thread busy
+outside ``logging`` (the signal lands there); ``default``: the library's stand-in;
 ``own-lock``: as ``default``, but the lock is a logging library's own, held by the main
 thread outside ``logging`` (out of the library's sight); ``held-lock``: that lock held by
 the main thread for ever."""
@@ -49,9 +50,9 @@ def own_handler(signum: int, frame: Any) -> None:
     sys.exit(0)
 
 
-if mode in ("own-handler", "leaked-lock"):
+if mode in ("own-handler", "leaked-lock", "leaked-lock-outside"):
     signal.signal(signal.SIGTERM, own_handler)
-if mode == "leaked-lock":
+if mode.startswith("leaked-lock"):
     logging.getLogger().handlers[0].acquire()
 print("ready", flush=True)
 if mode == "held-lock":
@@ -60,7 +61,7 @@ while True:
     if mode == "own-lock":
         with LOCK:
             sum(range(10_000))
-    elif mode == "held-lock":
+    elif mode in ("held-lock", "leaked-lock-outside"):
         sum(range(10_000))
     else:
         log.info("served %s", "a request")
