@@ -282,3 +282,48 @@ def test_a_fork_during_a_flush_never_leaves_the_child_a_held_lock(redis_url: str
         assert hung == 0
     finally:
         stats.shutdown()
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_a_fork_as_the_flush_timer_wakes_leaves_the_child_a_timer(
+    make_stats: MakeStats, r: redis.Redis
+) -> None:
+    """The SDK's flush thread holds its event's lock at each wake-up, and starts again in a
+    forked child on the same event: forked at that instant, the child never flushed on its
+    timer and its shutdown hung in ``Event.set`` (a Celery pool recycling a worker)."""
+    parent = make_stats("web", flush_interval=0.05)
+    wake_up = parent.pipeline._reader._shutdown_event._cond  # type: ignore[union-attr]
+    held = threading.Event()
+
+    def wake() -> None:  # the flush thread's instant, stretched
+        with wake_up:
+            held.set()
+            time.sleep(0.3)
+
+    threading.Thread(target=wake).start()
+    held.wait()
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child
+        try:
+            child = parent.settings.instance_id
+            parent.record_hit("Forked")
+            deadline = time.monotonic() + 5
+            while time.monotonic() < deadline and not r.hget(
+                "conduit:cache:stats:aggregated:Forked", "hit_count"
+            ):
+                time.sleep(0.01)  # its timer's flush, the behaviour under test
+            on_timer = r.hget("conduit:cache:stats:aggregated:Forked", "hit_count")
+            parent.record_hit("Forked")
+            began = time.monotonic()
+            parent.shutdown()
+            os.write(write, f"{child} {on_timer} {time.monotonic() - began:.2f}".encode())
+        finally:
+            os._exit(0)
+    os.close(write)
+    child, on_timer, took = os.read(read, 200).decode().split()
+    os.waitpid(pid, 0)
+    assert (child, on_timer) == (f"web-{pid}", "1")
+    assert float(took) < parent.settings.shutdown_timeout
+    totals = r.hgetall("conduit:cache:stats:aggregated:Forked")
+    assert (totals["hit_count"], totals["instance_count"]) == ("2", "0")

@@ -30,7 +30,7 @@ from .instruments import SCOPE, register_cache_instruments, register_self_instru
 from .ratelimit import RateLimitedLog
 from .recorder import Recorder
 from .recovery import Recoverer
-from .sdk_hook import collection_lock, export_lock, stop_reader_thread
+from .sdk_hook import collection_lock, export_lock, stop_reader_thread, ticker_lock
 from .spool import Spool
 from .store import explain
 from .writethrough import RedisMetricExporter
@@ -261,6 +261,8 @@ class Pipeline:
         locks = [export_lock(self._reader)] if self._reader is not None else []
         locks.append(self.exporter.write_lock)
         locks += [collection_lock(provider) for provider in self._owned]  # taken alone
+        if self._reader is not None:  # held alone, for an instant
+            locks.append(ticker_lock(self._reader))
         return [lock for lock in locks if lock is not None]
 
     def _stop_threads(self) -> None:

@@ -55,6 +55,8 @@ __all__ = [
     "export_lock",
     "exporter_of",
     "histogram_point",
+    "stop_reader_thread",
+    "ticker_lock",
 ]
 
 
@@ -368,6 +370,16 @@ def export_lock(reader: MetricReader) -> Any:
     fork, a child would inherit it locked and hang at its first flush); None if absent."""
     lock = getattr(reader, "_export_lock", None)
     return lock if hasattr(lock, "acquire") and hasattr(lock, "release") else None
+
+
+def ticker_lock(reader: MetricReader) -> Any:
+    """The lock of the event a ``PeriodicExportingMetricReader``'s thread waits on between
+    exports, which that thread holds at each wake-up; None if absent. The SDK starts the
+    thread again in a forked child but keeps the event: inherited locked, the child's thread
+    never exports, and its shutdown waits for ever in ``Event.set``."""
+    event = getattr(reader, "_shutdown_event", None)
+    condition = getattr(event, "_cond", None) if isinstance(event, threading.Event) else None
+    return condition if isinstance(condition, threading.Condition) else None
 
 
 def stop_reader_thread(reader: MetricReader) -> None:
