@@ -13,6 +13,7 @@ from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics._internal.aggregation import _ExplicitBucketHistogramAggregation
 from opentelemetry.sdk.metrics.export import (
     AggregationTemporality,
+    ConsoleMetricExporter,
     InMemoryMetricReader,
     PeriodicExportingMetricReader,
 )
@@ -24,6 +25,7 @@ from conduit_otel_cache.sdk_hook import (
     check_histogram_hook,
     collecting_readers,
     exporter_of,
+    reader_locks,
 )
 
 SDK = f"opentelemetry-sdk {version('opentelemetry-sdk')}"
@@ -107,6 +109,20 @@ def test_a_provider_whose_readers_cannot_be_seen_is_refused() -> None:
     provider._measurement_consumer = object()  # as if the SDK had moved its readers
     with pytest.raises(SdkCompatibilityError, match="_reader_storages"):
         collecting_readers(provider)
+
+
+def test_a_reader_whose_fork_locks_cannot_be_seen_is_refused() -> None:
+    reader = PeriodicExportingMetricReader(ConsoleMetricExporter(), export_interval_millis=math.inf)
+    export, ticker = reader_locks(reader)  # the installed SDK's: real locks
+    assert export.acquire(blocking=False) and ticker.acquire(blocking=False)
+    export.release()
+    ticker.release()
+    reader._shutdown_event = object()  # type: ignore[assignment]  # as if the SDK changed
+    with pytest.raises(SdkCompatibilityError, match=f"{SDK}.*_shutdown_event"):
+        reader_locks(reader)
+    del reader._export_lock
+    with pytest.raises(SdkCompatibilityError, match="_export_lock"):
+        reader_locks(reader)
 
 
 def test_the_library_loads_nothing_of_serve() -> None:

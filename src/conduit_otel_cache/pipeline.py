@@ -30,7 +30,7 @@ from .instruments import SCOPE, register_cache_instruments, register_self_instru
 from .ratelimit import RateLimitedLog
 from .recorder import Recorder
 from .recovery import Recoverer
-from .sdk_hook import collection_lock, export_lock, stop_reader_thread, ticker_lock
+from .sdk_hook import collection_lock, reader_locks, stop_reader_thread
 from .spool import Spool
 from .store import explain
 from .writethrough import RedisMetricExporter
@@ -105,6 +105,7 @@ class Pipeline:
         self._slow = RateLimitedLog(log)  # main-thread flushes: failed, or not waited for
         self._reset_locks()
         self._reader: PeriodicExportingMetricReader | None = None
+        self._reader_locks: tuple[Any, Any] = (None, None)  # held across a fork
         write = settings.write_through
         shared = (
             shared_write_through(meter_provider, write)
@@ -125,6 +126,7 @@ class Pipeline:
                 export_interval_millis=math.inf if interval is None else interval * 1000,
             )
             self._reader.collect = _to_the_end(self._reader.collect, promptly=True)  # type: ignore[method-assign,misc]
+            self._reader_locks = reader_locks(self._reader)
         self.recoverer: Recoverer | None = None
         self.meter_provider: APIMeterProvider
         self.meter_provider, self._owned = self._providers(meter_provider, metric_readers, shared)
@@ -258,11 +260,10 @@ class Pipeline:
         """The locks a write holds, in the order it takes them (held across a fork)."""
         if self.exporter is None or self.closed or not self._owns_exporter:
             return []
-        locks = [export_lock(self._reader)] if self._reader is not None else []
-        locks.append(self.exporter.write_lock)
+        export, ticker = self._reader_locks
+        locks = [export, self.exporter.write_lock]
         locks += [collection_lock(provider) for provider in self._owned]  # taken alone
-        if self._reader is not None:  # held alone, for an instant
-            locks.append(ticker_lock(self._reader))
+        locks.append(ticker)  # held alone, for an instant
         return [lock for lock in locks if lock is not None]
 
     def _stop_threads(self) -> None:

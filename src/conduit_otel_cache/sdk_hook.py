@@ -8,6 +8,8 @@ Nothing public does these jobs:
   (:class:`PreAggregatedHistogramFor` chooses it for one instrument on a reader).
 - :func:`collecting_readers` and :func:`exporter_of` tell which exporter a ``MeterProvider``
   already drives (``MeterProvider`` lists no readers publicly).
+- :func:`reader_locks` gives the locks of a ``PeriodicExportingMetricReader`` that a fork
+  must not find taken (the SDK keeps them in a forked child).
 
 Each hook verifies, on first use, the signatures and attributes it relies on, and the
 histogram hook runs an end-to-end self-test through a real ``MeterProvider``. A mismatch
@@ -52,11 +54,10 @@ __all__ = [
     "check_histogram_hook",
     "collecting_readers",
     "collection_lock",
-    "export_lock",
     "exporter_of",
     "histogram_point",
+    "reader_locks",
     "stop_reader_thread",
-    "ticker_lock",
 ]
 
 
@@ -365,21 +366,20 @@ def exporter_of(reader: MetricReader) -> MetricExporter | None:
     return exporter
 
 
-def export_lock(reader: MetricReader) -> Any:
-    """The lock a ``PeriodicExportingMetricReader`` holds while it exports (held across a
-    fork, a child would inherit it locked and hang at its first flush); None if absent."""
+def reader_locks(reader: PeriodicExportingMetricReader) -> tuple[Any, Any]:
+    """The locks of ``reader`` that a fork must not find taken, in the order to take them:
+    the lock it holds while it exports, and the lock of the event its thread waits on
+    between exports, which that thread holds at each wake-up. The SDK starts the thread again
+    in a forked child but keeps both: inherited taken, the child's thread never exports and
+    its shutdown waits for ever (in ``Event.set``)."""
     lock = getattr(reader, "_export_lock", None)
-    return lock if hasattr(lock, "acquire") and hasattr(lock, "release") else None
-
-
-def ticker_lock(reader: MetricReader) -> Any:
-    """The lock of the event a ``PeriodicExportingMetricReader``'s thread waits on between
-    exports, which that thread holds at each wake-up; None if absent. The SDK starts the
-    thread again in a forked child but keeps the event: inherited locked, the child's thread
-    never exports, and its shutdown waits for ever in ``Event.set``."""
     event = getattr(reader, "_shutdown_event", None)
     condition = getattr(event, "_cond", None) if isinstance(event, threading.Event) else None
-    return condition if isinstance(condition, threading.Condition) else None
+    if not (hasattr(lock, "acquire") and hasattr(lock, "release")):
+        raise _incompatible("PeriodicExportingMetricReader._export_lock is not a lock")
+    if not isinstance(condition, threading.Condition):
+        raise _incompatible("PeriodicExportingMetricReader._shutdown_event is not an Event")
+    return lock, condition
 
 
 def stop_reader_thread(reader: MetricReader) -> None:
