@@ -374,12 +374,13 @@ def reader_locks(reader: PeriodicExportingMetricReader) -> tuple[Any, Any]:
     its shutdown waits for ever (in ``Event.set``)."""
     lock = getattr(reader, "_export_lock", None)
     event = getattr(reader, "_shutdown_event", None)
-    condition = getattr(event, "_cond", None) if isinstance(event, threading.Event) else None
     if not (hasattr(lock, "acquire") and hasattr(lock, "release")):
         raise _incompatible("PeriodicExportingMetricReader._export_lock is not a lock")
-    if not isinstance(condition, threading.Condition):
+    if not (hasattr(event, "set") and hasattr(event, "wait")):
         raise _incompatible("PeriodicExportingMetricReader._shutdown_event is not an Event")
-    return lock, condition
+    # ``threading``'s Event waits on a Condition; gevent's (monkey-patched) takes no lock
+    condition = getattr(event, "_cond", None)
+    return lock, condition if isinstance(condition, threading.Condition) else None
 
 
 def stop_reader_thread(reader: MetricReader) -> None:
