@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 import threading
 
 import pytest
@@ -10,7 +11,7 @@ import redis
 
 from conduit_otel_cache.cli import main
 from conduit_otel_cache.config import DEFAULT_BUCKETS
-from conduit_otel_cache.recorder import Recorder
+from conduit_otel_cache.recorder import FOLD_AT, Recorder
 
 from .conftest import MakeStats
 
@@ -33,6 +34,21 @@ def test_recorder_keeps_the_latest_samples_of_every_thread() -> None:
     assert rec.drain_samples()[REGION] == [0.007, 0.008, 0.009, 0.010]  # capped: the latest
     rec.record_set(REGION)  # events without a response time keep no sample
     assert rec.drain_samples() == {}
+
+
+def test_a_regions_samples_keep_no_response_time_object_alive() -> None:
+    """A region's raw samples keep the values of its response times, not the objects the
+    application passed: once folded, those are freed (a float object kept for each event,
+    until the next flush, would scatter the heap the application allocates from)."""
+    rec = Recorder(DEFAULT_BUCKETS, max_samples=1000)
+    seconds = float("0.0123")  # an object of its own
+    held = sys.getrefcount(seconds)
+    for _ in range(FOLD_AT + 3):  # FOLD_AT folded by the last recording thread, 3 waiting
+        rec.record_hit(REGION, seconds)
+    assert sys.getrefcount(seconds) == held + 3
+    rec.snapshot()  # a reader folds the rest
+    assert sys.getrefcount(seconds) == held
+    assert rec.drain_samples()[REGION] == [seconds] * (FOLD_AT + 3)
 
 
 def test_flush_appends_capped_samples(make_stats: MakeStats, r: redis.Redis) -> None:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from array import array
 from bisect import bisect_left, bisect_right
 from collections import deque
 from contextlib import suppress
@@ -62,6 +63,17 @@ def _take(pending: deque[float]) -> list[float]:
     with suppress(IndexError):  # the other taker was quicker: list.extend keeps what it took
         taken.extend(map(deque.popleft, repeat(pending, len(pending))))  # (in C)
     return taken
+
+
+def _keep(samples: deque[float] | array[float], times: Any, most: int) -> None:
+    """Add ``times`` to a tally's raw samples, keeping about the last ``most``: a thread's
+    own tally keeps them in a bounded ``deque``; a region's shared tally, touched only under
+    the lock, keeps their values in an ``array`` (no float object stays alive for each: the
+    objects the queues held are freed at once, and the heap the application allocates from
+    stays compact), cut back to the last ``most`` when it holds twice as many."""
+    samples.extend(times)
+    if type(samples) is array and len(samples) >= 2 * most:
+        del samples[:-most]
 
 
 def _queued(recorder: Recorder, queues: dict[str, deque[Any]], kind: int, event: str) -> Any:
@@ -237,6 +249,7 @@ class Recorder:
             ordered = sorted(times)
             total = reduce(add, times, slot[RT_SUM])
             valid = total == total and ordered[0] >= 0.0 and ordered[-1] <= MAX_RESPONSE_TIME
+            values = array("d", times) if self._max_samples else times  # raises if not numbers
         except Exception:  # None, another type, a Decimal NaN, a comparison that raises
             valid = False
         if not valid:  # NaN (then the total is NaN), out of range, None: one by one
@@ -258,15 +271,17 @@ class Recorder:
         else:
             slot[bucket] += len(ordered) - below
         if self._max_samples:
-            slot[-2].extend(times)
+            _keep(slot[-2], values, self._max_samples)
 
     def _time(self, slot: Any, seconds: float) -> None:
         try:
             if 0.0 <= seconds <= MAX_RESPONSE_TIME:  # False for NaN
-                slot[RT_SUM] += seconds
+                total, value = slot[RT_SUM] + seconds, float(seconds)  # each may raise
+                slot[RT_SUM] = total
                 slot[BUCKET0 + bisect_left(self._bounds, seconds)] += 1
                 if self._max_samples:
-                    (slot[-2] if type(slot) is list else self._samples[id(slot)]).append(seconds)
+                    samples = slot[-2] if type(slot) is list else self._samples[id(slot)]
+                    _keep(samples, (value,), self._max_samples)
                 return
         except Exception:  # bad data is rejected, never raised into the application
             pass
@@ -339,8 +354,8 @@ class Recorder:
         if slot is None:
             slot = [0] * self._width
             slot[RT_SUM] = 0.0
-            if self._max_samples:
-                slot.append(deque(maxlen=self._max_samples))
+            if self._max_samples:  # a reader's tally: touched only under the lock
+                slot.append(array("d") if not own else deque(maxlen=self._max_samples))
             slot.append(deque())  # response times not yet in the tally (_fold)
         self._tallies.append((name, slot))
         return slot
@@ -448,19 +463,24 @@ class Recorder:
         if not self._max_samples:
             return {}
         drained: dict[str, deque[float]] = {}
+        sources: list[tuple[str, Any]] = []
         with self._lock:
             self._take_pending()
-            sources = [
-                (name, slot[-2] if type(slot) is list else self._samples[id(slot)])
-                for name, slot in self._tallies
-            ]
+            for name, slot in self._tallies:
+                samples = slot[-2] if type(slot) is list else self._samples[id(slot)]
+                if type(samples) is array:  # a reader's tally: under the lock
+                    sources.append((name, samples.tolist()))
+                    del samples[:]
+                else:
+                    sources.append((name, samples))
         for name, samples in sources:
             if not samples:
                 continue
             out = drained.get(name)
             if out is None:
                 out = drained[name] = deque(maxlen=self._max_samples)
-            out.extend(_take(samples))  # the owner thread may append meanwhile
+            # a thread's own tally: its thread may append meanwhile
+            out.extend(samples if type(samples) is list else _take(samples))
         return {name: list(d) for name, d in drained.items() if d}
 
 
