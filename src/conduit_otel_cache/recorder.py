@@ -354,8 +354,8 @@ class Recorder:
         if slot is None:
             slot = [0] * self._width
             slot[RT_SUM] = 0.0
-            if self._max_samples:  # a reader's tally: touched only under the lock
-                slot.append(array("d") if not own else deque(maxlen=self._max_samples))
+            if self._max_samples:  # (a shared tally is touched only under the lock: _keep)
+                slot.append(deque(maxlen=self._max_samples) if own else array("d"))
             slot.append(deque())  # response times not yet in the tally (_fold)
         self._tallies.append((name, slot))
         return slot
