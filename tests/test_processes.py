@@ -147,6 +147,31 @@ def test_request_flood_costs_one_aggregation(make_stats, redis_url: str) -> None
     assert service.aggregator.aggregations == 1
 
 
+def test_first_background_refresh_shares_the_fresh_view(make_stats, redis_url: str) -> None:
+    """The background refresh a first scrape starts takes the view read moments before (as
+    ``serve``'s start-up reads one) instead of reading Redis again: the race behind a rare
+    second read in the flood above, made certain (the background thread refreshes first)."""
+    from prometheus_client.exposition import choose_encoder
+
+    from conduit_otel_cache.config import Settings
+    from conduit_otel_cache.serve.service import ExporterService
+
+    stats = make_stats("api-1")
+    stats.record_hit("ProviderResponses")
+    stats.flush()
+    service = ExporterService(Settings.load(redis_url=redis_url, aggregation_cache_ttl=30), port=0)
+    try:
+        view = service.aggregator.view()  # what serve's start-up reads
+        renderings = service.exposition.renderings
+        encoder, content_type = choose_encoder("")
+        renderings.want((content_type, False), encoder)  # no scrape takes the lock first
+        wait_for(lambda: renderings.current is not None)
+        assert renderings.current is not None and renderings.current.view is view
+    finally:
+        service.stop()
+    assert service.aggregator.aggregations == 1
+
+
 DOCS = HERE.parent / "docs"
 
 

@@ -344,8 +344,8 @@ class Renderings:
                 return  # a scrape refreshed meanwhile
             unless = None if current is None else current.view
             self._patience = _PATIENCE
-            with quietly():
-                rendering = self._refresh(variants, read_now=True, unless=unless)
+            with quietly():  # the first one takes a view still fresh (read at start-up)
+                rendering = self._refresh(variants, read_now=current is not None, unless=unless)
             if rendering is None:
                 self._stop.wait(_RETRY)  # another reader is refreshing the view
                 return
