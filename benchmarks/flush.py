@@ -8,10 +8,15 @@ beats the heartbeat and applies the change to the cluster totals. Both run with 
 2 ms of other work before each flush (``OTHER_WORK_S``); the seed back to back, as this
 benchmark measured it before, is printed beside. So is the least an exact write can cost
 (``FLOOR_LUA``): what a script must do to keep totals exact, and nothing else.
+
+A busy instance is measured too: :data:`BUSY_LOOKUPS` hits and misses with their response
+times between flushes, where the raw samples (``max_response_time_samples`` per region) are
+most of what a flush sends and Redis stores.
 """
 
 from __future__ import annotations
 
+import random
 import statistics
 import time
 from collections.abc import Callable, Mapping
@@ -37,6 +42,9 @@ RT = 0.0012
 #: design, so that neither is measured with caches its previous flush left warm
 OTHER_WORK_S = 0.002
 _OTHER = list(range(200_000))
+#: lookups a busy instance records between two flushes (5,000 a second, a flush every
+#: 10 s), in 100 regions weighted 1/(i+1) as the end-to-end service's
+BUSY_LOOKUPS = 50_000
 
 
 def other_work(i: int = 0) -> None:
@@ -240,6 +248,7 @@ def run(quick: bool = False) -> list[Target]:
             )  # fmt: skip
             seed_client.close()
             stats.shutdown()
+        busy = _busy(cmds, server.url, quick)
         client.close()
     show(
         "Flush: us per flush, Redis round trips and Redis CPU per flush",
@@ -278,8 +287,64 @@ def run(quick: bool = False) -> list[Target]:
             f"{share:.1f} % of a core; one Redis core at 50 % carries {per_core:,.0f} instances",
         )
     )
+    targets.append(busy)
     show_targets("Flush targets", targets)
     return targets
+
+
+def _busy(cmds: ServerCommands, url: str, quick: bool) -> Target:
+    """Redis CPU and the application's CPU per flush of a busy instance, with the raw
+    samples of the defaults, with fewer and with none."""
+    lookups, reps = (5_000, 2) if quick else (BUSY_LOOKUPS, 10)
+    regions = [f"busy{j:03d}" for j in range(100)]
+    weights = [1 / (j + 1) for j in range(100)]
+    choose = random.Random(1)
+    variants: dict[str, dict[str, Any]] = {
+        "raw samples (defaults)": {},
+        "max_response_time_samples 100": {"max_response_time_samples": 100},
+        "no raw samples (enable_response_time_tracking off)": {
+            "enable_response_time_tracking": False
+        },
+    }
+    rows: list[list[object]] = []
+    figures: list[tuple[float, float, float]] = []
+    for n, (label, options) in enumerate(variants.items()):
+        stats = setup(redis_url=url, instance_id=f"bench-busy-{n}", set_global=False,
+                      flush_interval=None, aggregation_cache_ttl=0, **options)  # fmt: skip
+
+        def load(_stats: Any = stats) -> None:
+            for region in choose.choices(regions, weights, k=lookups):
+                record = _stats.record_hit if choose.random() < 0.8 else _stats.record_miss
+                record(region, choose.expovariate(1 / RT))
+
+        load()
+        stats.flush()  # every region written whole once: then the steady state
+        app: list[float] = []
+        with cmds.counting() as used:
+            for _ in range(reps):
+                load()
+                start = time.process_time()  # every thread: the flush runs in a worker
+                stats.flush()
+                app.append(time.process_time() - start)
+        stats.shutdown()
+        redis_ms, app_ms = used["cpu_us"] / reps / 1000, statistics.median(app) * 1000
+        carried = 0.5 * 10 / (redis_ms / 1000)
+        figures.append((redis_ms, app_ms, carried))
+        rows.append([label, f"{app_ms:,.1f}", f"{redis_ms:,.1f}", f"{carried:,.0f}"])
+    show(f"Flush of a busy instance: {lookups:,} lookups in 100 regions between flushes "
+         f"({reps} flushes per case)",
+         ["raw samples", "application CPU ms per flush", "Redis CPU ms per flush",
+          "such instances one Redis core at 50 % carries (a flush every 10 s)"],
+         rows)  # fmt: skip
+    (r0, a0, c0), (r1, a1, c1), (r2, a2, c2) = figures
+    return Target(
+        f"Redis CPU per flush of a busy instance ({BUSY_LOOKUPS:,} lookups in 100 regions "
+        "between flushes): raw samples as the defaults keep, at most 100, none",
+        None,
+        f"{r0:,.1f} / {r1:,.1f} / {r2:,.1f} ms (in the application {a0:,.1f} / {a1:,.1f} / "
+        f"{a2:,.1f} ms); one Redis core at 50 % carries {c0:,.0f} / {c1:,.0f} / {c2:,.0f} "
+        "such instances flushing every 10 s",
+    )
 
 
 def main() -> None:
