@@ -155,6 +155,5 @@ def test_concurrent_flushes_are_batched(batching: bool, make_stats: MakeStats, r
     assert stats.cluster_statistics("ProviderResponses").hit_count == 801  # nothing lost
     if batching:
         assert 1 <= calls < 8  # flushes that began after a call carried its events
-    else:  # every flush writes, unless a newer collection was written before it
-        assert stats.exporter is not None
-        assert calls + stats.exporter.stale_collections == 8
+    else:  # every flush writes (the latest values of every region, whichever carried them)
+        assert calls == 8

@@ -9,10 +9,17 @@ import time
 
 import pytest
 import redis
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import (
+    InMemoryMetricReader,
+    MetricExportResult,
+    MetricsData,
+)
 
-from conduit_otel_cache import setup
+from conduit_otel_cache import setup, views
 from conduit_otel_cache.aggregate import Aggregator
 from conduit_otel_cache.health import evaluate
+from conduit_otel_cache.instruments import SCOPE, register_cache_instruments
 from conduit_otel_cache.store import Entry, Store, Writer
 from conduit_otel_cache.writethrough import CHECK_EVERY
 
@@ -49,6 +56,90 @@ def test_concurrent_flushes_stay_exact(make_stats: MakeStats, r: redis.Redis) ->
     histogram = sum(int(v) for k, v in fields.items() if k.startswith("le:"))
     assert histogram == 2 * total
     assert stats.exporter is not None and stats.exporter.flush_count > 0
+
+
+def region_points(data: MetricsData | None) -> list[tuple[str, str]]:
+    """``(metric name, region)`` of every point of a region in ``data``."""
+    return [
+        (metric.name, str(point.attributes["region"]))
+        for resource in (data.resource_metrics if data is not None else [])
+        for scope in resource.scope_metrics
+        for metric in scope.metrics
+        for point in metric.data.data_points
+        if point.attributes and "region" in point.attributes
+    ]
+
+
+def test_a_flush_collects_only_what_changed_and_still_writes(
+    make_stats: MakeStats, r: redis.Redis
+) -> None:
+    """The write-through's own collections report only what changed since the last one;
+    every region stays whole in Redis, and a flush with nothing new still writes (the
+    heartbeat)."""
+    stats = make_stats("api-1")
+    exporter = stats.exporter
+    assert exporter is not None
+    received: list[list[tuple[str, str]]] = []
+    export = exporter.export
+
+    def seen(data: MetricsData, *args: object, **kwargs: object) -> MetricExportResult:
+        received.append(region_points(data))
+        return export(data)
+
+    exporter.export = seen  # type: ignore[method-assign]
+    regions = [f"r{i}" for i in range(20)]
+    for region in regions:
+        stats.record_hit(region, 0.001)
+        stats.set_size_bytes(region, 100)
+    assert stats.flush()
+    assert len(received[-1]) == 6 * len(regions)  # every instrument of every region, once
+    stats.record_hit("r3")
+    assert stats.flush()
+    assert received[-1] == [("conduit.cache.hits", "r3")]
+    before = (exporter.flush_count, r.zscore("conduit:cache:instances", "api-1"))
+    assert stats.flush()  # nothing new
+    assert received[-1] == []
+    assert exporter.flush_count == before[0] + 1
+    assert r.zscore("conduit:cache:instances", "api-1") > before[1]
+    for region in regions:
+        stats_hash = r.hgetall(f"conduit:cache:stats:api-1:{region}")
+        assert int(stats_hash["hit_count"]) == (2 if region == "r3" else 1)
+        assert stats_hash["size_bytes"] == "100"
+
+
+def test_a_late_collection_counts_only_where_the_newer_one_had_nothing(
+    make_stats: MakeStats,
+) -> None:
+    """Collections the write-through's own kind (only what changed) delivered out of
+    order: the older one adds the regions the newer one left out as unchanged, and takes
+    nothing back where the newer one had a value (a gauge that moved on, too)."""
+    stats = make_stats("api-1")
+    exporter = stats.exporter
+    assert exporter is not None
+    reader = InMemoryMetricReader()
+    provider = MeterProvider(metric_readers=[reader], views=views())
+    register_cache_instruments(
+        provider.get_meter(SCOPE), stats.recorder.snapshot, changed=exporter.observed
+    )
+    stats.record_hit("a")
+    stats.set_size_bytes("a", 100)
+    stats.record_hit("b")
+    first = reader.get_metrics_data()
+    stats.record_hit("b")
+    second = reader.get_metrics_data()
+    assert {region for _, region in region_points(second)} == {"b"}  # a: unchanged
+    assert exporter.export(second) is MetricExportResult.SUCCESS
+    assert exporter.export(first) is MetricExportResult.SUCCESS  # late
+    a, b = stats.cluster_statistics("a"), stats.cluster_statistics("b")
+    assert (a.hit_count, a.size_bytes, b.hit_count) == (1, 100, 2)
+    stats.set_size_bytes("a", 50)
+    smaller = reader.get_metrics_data()
+    stats.set_size_bytes("a", 70)
+    larger = reader.get_metrics_data()
+    for data in (larger, smaller):  # the older one late
+        assert exporter.export(data) is MetricExportResult.SUCCESS
+    assert stats.cluster_statistics("a").size_bytes == 70
+    provider.shutdown()
 
 
 def writer(token: str = "t1", instance_id: str = "p") -> Writer:

@@ -42,20 +42,36 @@ SELF_INSTRUMENTS = (
 )
 
 Snapshot = Callable[[], Mapping[str, Statistics]]
+#: ``{(instrument name, region): value}`` last observed by the write-through's collections
+Observed = dict[tuple[str, str], Any]
 
 
 def observe(
-    snapshot: Snapshot, value: Callable[[Statistics], Any], key: str = "region"
+    snapshot: Snapshot,
+    value: Callable[[Statistics], Any],
+    key: str = "region",
+    *,
+    changed: Observed | None = None,
+    name: str = "",
 ) -> Callable[[CallbackOptions], Iterable[Observation]]:
     """A callback that reports ``value(stats)`` for every region of ``snapshot()`` (taken
-    when the SDK starts reading the observations)."""
+    when the SDK starts reading the observations). With ``changed`` (the write-through's
+    own provider), only the regions whose value of instrument ``name`` differs from what
+    ``changed`` holds, noted there once the SDK took the observation in: the exporter keeps
+    the others (:class:`~.writethrough.RedisMetricExporter`), so that a flush does not make
+    the SDK collect what did not change."""
 
     def callback(options: CallbackOptions) -> Iterable[Observation]:
         # the SDK takes in each observation as it is produced: between them, the
         # application's threads get their turn every STEP
-        for name, stats in snapshot().items():
+        for region, stats in snapshot().items():
             let_others_run()
-            yield Observation(value(stats), {key: name})
+            observed = value(stats)
+            if changed is None:
+                yield Observation(observed, {key: region})
+            elif changed.get((name, region)) != observed:  # a histogram's: its count
+                yield Observation(observed, {key: region})
+                changed[(name, region)] = observed  # taken in: the SDK asked for the next
 
     return callback
 
@@ -87,27 +103,36 @@ class OncePerCollection:
         return read
 
 
-def register_cache_instruments(meter: Meter, snapshot: Snapshot) -> None:
+def register_cache_instruments(
+    meter: Meter, snapshot: Snapshot, *, changed: Observed | None = None
+) -> None:
     """Create the ``conduit.cache.*`` instruments on ``meter``, reading ``snapshot()`` once
-    per collection."""
+    per collection; with ``changed``, reporting only what changed (:func:`observe`)."""
     once = OncePerCollection(snapshot)
     for name, unit, description, attr in COUNTER_INSTRUMENTS:
         meter.create_observable_counter(
             name,
-            callbacks=[observe(once.reader(), _getter(attr))],
+            callbacks=[observe(once.reader(), _getter(attr), changed=changed, name=name)],
             unit=unit,
             description=description,
         )
     meter.create_observable_gauge(
         SIZE_INSTRUMENT,
-        callbacks=[observe(once.reader(), _getter("size_bytes"))],
+        callbacks=[
+            observe(once.reader(), _getter("size_bytes"), changed=changed, name=SIZE_INSTRUMENT)
+        ],
         unit="By",
         description="Cache size",
     )
     meter.create_observable_gauge(
         RESPONSE_TIME_INSTRUMENT,
         callbacks=[
-            observe(once.reader(), lambda stats: HistogramObservation(stats.response_times))
+            observe(
+                once.reader(),
+                lambda stats: HistogramObservation(stats.response_times),
+                changed=changed,
+                name=RESPONSE_TIME_INSTRUMENT,
+            )
         ],
         unit="s",
         description="Cache lookup response time",

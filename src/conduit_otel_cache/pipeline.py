@@ -131,7 +131,15 @@ class Pipeline:
         self.meter_provider: APIMeterProvider
         self.meter_provider, self._owned = self._providers(meter_provider, metric_readers, shared)
         for provider in self._owned:
-            register_cache_instruments(provider.get_meter(SCOPE), recorder.snapshot)
+            meter = provider.get_meter(SCOPE)
+            if provider is self._written and self.exporter is not None:
+                # the write-through's own: only what changed since its last collection (the
+                # exporter keeps the rest), and its own instruments, which every collection
+                # reports, so that each flush writes (the heartbeat) even with nothing new
+                register_cache_instruments(meter, recorder.snapshot, changed=self.exporter.observed)
+                register_self_instruments(meter, recorder, lambda: self.flush_errors)
+            else:
+                register_cache_instruments(meter, recorder.snapshot)
         if meter_provider is not None:
             register_cache_instruments(meter_provider.get_meter(SCOPE), recorder.snapshot)
         if meter_provider is not None or metric_readers:  # read by more than the flush
@@ -211,6 +219,7 @@ class Pipeline:
         # instruments: an application's callback that times out cannot abort its collection
         # after the SDK took our cumulative measurements (it would add them to the next one).
         written = [provider(private)] if private else []
+        self._written = written[0] if written else None
         if meter_provider is None:
             own = provider(list(metric_readers))
             if self.settings.set_global:

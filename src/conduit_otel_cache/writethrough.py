@@ -11,8 +11,11 @@ The write protocol (what Redis applies is in ``lua/region.lua``):
   up to its last acknowledged write. A region Redis no longer holds (an empty restart, an
   evicted key, a failover that lost writes) is resent whole at once, so lost data is
   rebuilt within that many flushes; TTLs are renewed every quarter of the shortest TTL;
-- a collection older than one already written (two collections racing to the exporter)
-  is dropped, since the newer one carries everything it had;
+- the write-through's own collections report only what changed since the last one
+  (``instruments.observe``); the exporter keeps every region's latest values, whichever
+  collection carried them (of two collections racing to it, the older one's values are
+  kept only where the newer one had none), and each write starts from all of them, so no
+  write goes back to older values;
 - the first write of an incarnation checks that no other live process writes as its
   instance id; if one does, this process moves to another id (:meth:`Identity.move_aside`)
   and carries on from what it had written, so totals stay exact.
@@ -46,7 +49,13 @@ from opentelemetry.sdk.metrics.view import Aggregation
 from .background import let_others_run
 from .config import WriteThroughSettings
 from .identity import Identity
-from .instruments import COUNTER_INSTRUMENTS, RESPONSE_TIME_INSTRUMENT, SCOPE, SIZE_INSTRUMENT
+from .instruments import (
+    COUNTER_INSTRUMENTS,
+    RESPONSE_TIME_INSTRUMENT,
+    SCOPE,
+    SIZE_INSTRUMENT,
+    Observed,
+)
 from .model import ResponseTimes
 from .protocol import Entry, FlushResult, Writer
 from .ratelimit import RateLimitedLog
@@ -59,17 +68,21 @@ log = logging.getLogger(__name__)
 _FIELDS = {name: attr for name, _, _, attr in COUNTER_INSTRUMENTS} | {SIZE_INSTRUMENT: "size_bytes"}
 #: every this many writes, Redis confirms it holds every unchanged region
 CHECK_EVERY = 10
-#: a collection this much older than the last one written is a clock step, not a race
+#: a point this much older than one merged already is a clock step, not a race
 _CLOCK_STEP_NS = 1_000_000_000
 
 Fields = dict[str, dict[str, str]]
 
 
-def points_to_fields(metrics_data: MetricsData) -> tuple[Fields, int]:
-    """``{region: {hash field: cumulative value}}`` from the ``conduit.cache.*`` metrics, and
-    the collection time (ns) of the newest point."""
-    regions: Fields = {}
-    newest = 0
+def points_to_fields(
+    metrics_data: MetricsData, latest: Fields, at: dict[tuple[str, str], int]
+) -> None:
+    """Merge the ``conduit.cache.*`` points into ``latest`` (``{region: {hash field:
+    cumulative value}}``), each unless ``at`` (``{(region, metric name): collection time
+    in ns}``) holds a newer one of its region and metric (a collection that raced a newer
+    one to the exporter); a region's dict is replaced, not changed, so that entries of an
+    earlier write keep theirs."""
+    merged: set[str] = set()
     for resource_metrics in metrics_data.resource_metrics:
         for scope_metrics in resource_metrics.scope_metrics:
             if scope_metrics.scope.name != SCOPE:
@@ -84,11 +97,15 @@ def points_to_fields(metrics_data: MetricsData) -> tuple[Fields, int]:
                     region = point.attributes.get("region") if point.attributes else None
                     if not region:
                         continue
-                    if point.time_unix_nano > newest:
-                        newest = point.time_unix_nano
-                    fields = regions.get(str(region))
-                    if fields is None:
-                        fields = regions[str(region)] = {"size_bytes": "0"}
+                    region, when = str(region), point.time_unix_nano
+                    before = at.get((region, metric.name), 0)
+                    if when < before and before - when < _CLOCK_STEP_NS:
+                        continue  # a newer collection's point was merged already
+                    at[(region, metric.name)] = when
+                    if region not in merged:
+                        merged.add(region)
+                        latest[region] = dict(latest.get(region) or {"size_bytes": "0"})
+                    fields = latest[region]
                     if field is not None and isinstance(point, NumberDataPoint):
                         fields[field] = str(int(point.value))
                     elif histogram and isinstance(point, HistogramDataPoint):
@@ -97,7 +114,6 @@ def points_to_fields(metrics_data: MetricsData) -> tuple[Fields, int]:
                                 tuple(point.explicit_bounds), tuple(point.bucket_counts), point.sum
                             )
                         )
-    return regions, newest
 
 
 @functools.lru_cache(maxsize=4096)
@@ -137,7 +153,6 @@ class RedisMetricExporter(MetricExporter):
         self.exports = 0  # calls of export(): the SDK makes none when it collected nothing
         self.flush_count = 0
         self.flush_errors = 0
-        self.stale_collections = 0
         self.last_error: str | None = None
         self.error_kinds: dict[str, int] = {}  # failed flushes by kind, carried to Redis
         self._last_kind = ""
@@ -147,6 +162,9 @@ class RedisMetricExporter(MetricExporter):
         #: this incarnation's spool (:mod:`.spool`), told its identity and acknowledgement
         self.spool: Spool | None = None
         self._recovering = False  # writing for a dead incarnation: never move aside
+        #: what the write-through's own collections observed last (instruments.observe):
+        #: they report only what changed since, this exporter keeps the rest
+        self.observed: Observed = {}
         self._reset()
 
     def _reset(self) -> None:
@@ -165,10 +183,12 @@ class RedisMetricExporter(MetricExporter):
         self._sending: Mapping[str, Entry] = {}  # the entries of the write in flight
         self._seq = 0  # the number of the last write sent (every attempt has its own)
         self._refreshed = -math.inf  # time.monotonic() of the last TTL refresh
-        self._acked_order = 0
         self._writes = 0
         self._confirmed = False  # Redis knows this incarnation as the id's writer
         self._pending: dict[str, deque[float]] = {}
+        self._latest: Fields = {}  # per region: its latest values, of whichever collection
+        self._latest_at: dict[tuple[str, str], int] = {}  # their collections' times (ns)
+        self.observed.clear()  # a new incarnation's collections report every region anew
 
     @property
     def write_lock(self) -> threading.Lock:
@@ -178,7 +198,7 @@ class RedisMetricExporter(MetricExporter):
     def after_fork(self, settings: WriteThroughSettings) -> None:
         """In a forked child: a new incarnation with nothing written."""
         self.settings = settings
-        self.flush_count = self.flush_errors = self.stale_collections = 0
+        self.flush_count = self.flush_errors = 0
         self.error_kinds, self._last_kind = {}, ""
         self.last_ok, self.last_error, self.last_success = False, None, None
         self._reset()
@@ -208,16 +228,16 @@ class RedisMetricExporter(MetricExporter):
         """Write the collected points to Redis (one script call)."""
         self.exports += 1
         let_others_run(0)  # the SDK's collection is over: the application's turn
-        fields, order = points_to_fields(metrics_data)
         with self._lock:
             if self._closed:
                 return MetricExportResult.FAILURE
+            # every region's latest values, whether this collection carried them or (the
+            # write-through's own provider reports only what changed) an earlier one
+            points_to_fields(metrics_data, self._latest, self._latest_at)
+            fields = self._latest
             if not fields and not self._confirmed:
                 self.last_ok = True  # nothing recorded yet: no write (and no lock held on I/O
                 return MetricExportResult.SUCCESS  # in a pre-fork master while it forks)
-            if 0 < order < self._acked_order and self._acked_order - order < _CLOCK_STEP_NS:
-                self.stale_collections += 1  # a newer collection was written already
-                return MetricExportResult.SUCCESS
             try:
                 self._write(fields)
             except Exception as exc:
@@ -233,7 +253,6 @@ class RedisMetricExporter(MetricExporter):
                     self.last_error,
                 )
                 return MetricExportResult.FAILURE
-            self._acked_order = max(order, self._acked_order) if order else self._acked_order
             self.flush_count += 1
             self.last_ok = True
             return MetricExportResult.SUCCESS
