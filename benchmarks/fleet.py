@@ -24,6 +24,9 @@ the fill;
   application's flush path), each with R regions, flushing ``ROUNDS`` times with 10 % of
   their regions changed (a different tenth each round, so every region is written equally
   often and each instance's every-10th-write check of the unchanged regions is included);
+  every topology is filled and alive at once, and ``PHASES`` such phases of each alternate
+  between them (the median phase of each is the figure), so that the machine's drift
+  weighs on each alike;
 - *reads*: what a ``serve`` replica does against Redis: the totals
   (``Aggregator.view()`` with the pass in the background: ``lua/liveness.lua``, the
   aggregated hashes, ``INFO memory``) and the per-instance pass
@@ -44,7 +47,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from typing import Any
 from unittest import mock
 
@@ -83,6 +86,10 @@ REPLICAS = 2  # serve replicas reading
 SEED_INSTANCES = 100  # written through Store.flush(), then copied inside Redis
 SAMPLE_INSTANCES = 20  # real application instances flushing while Redis CPU is measured
 ROUNDS = 20  # flushes of each (covers two every-10th-write checks)
+#: flush phases per topology, alternated between the topologies (all filled and alive at
+#: once): on a shared machine the same flushes cost a Redis process up to 60 % more from one
+#: minute to the next, so topologies measured minutes apart did not compare
+PHASES = 3
 RT = 0.0012
 #: a replica's reads: totals every aggregation_cache_ttl, the pass every aggregation_interval
 TOTALS_EVERY = Settings().aggregation_cache_ttl
@@ -421,22 +428,43 @@ class Run:
                 for t, p in zip(rd.totals_cpu, rd.pass_cpu)]  # fmt: skip
 
 
-def one_topology(layout: str, n: int, r: int, quick: bool) -> Run:
-    shards = SHARDS if layout == "shards" else 0
+@dataclasses.dataclass
+class Filled:
+    """A topology filled to the fleet's size, alive until its context ends."""
+
+    layout: str
+    url: str
+    nodes: Nodes
+    seeded_s: float
+    cloned_s: float
+    used_memory: int
+
+    @property
+    def shards(self) -> int:
+        return SHARDS if self.layout == "shards" else 0
+
+
+@contextmanager
+def filled(layout: str, n: int, r: int) -> Iterator[Filled]:
+    """:func:`topology` ``layout``, filled to ``n`` x ``r``."""
     with topology(layout, r) as (url, raw, nodes):
         s = settings(redis_url=url, aggregation_cache_ttl=0, instance_timeout=3600,
-                     retention_period=7200, redis_cluster_shards=shards)  # fmt: skip
+                     retention_period=7200,
+                     redis_cluster_shards=SHARDS if layout == "shards" else 0)  # fmt: skip
         store = open_store(s.connection)
         try:
             mem0 = store.used_memory()
             seeded, cloned = fill(store, raw, n, r)
             used_memory = store.used_memory() - mem0
-            nodes.measure_idle(1.0, 3.0 if quick else 15.0)
-            flushes, count = sample_flushes(url, r, nodes, quick, shards)
-            rd = reads(url, nodes, r, quick, shards)
         finally:
             store.close()
-        return Run(TOPOLOGIES[layout], nodes, seeded, cloned, used_memory, flushes, count, rd)
+        yield Filled(layout, url, nodes, seeded, cloned, used_memory)
+
+
+def _median_phase(phases: list[tuple[Usage, int]]) -> tuple[Usage, int]:
+    """Of the flush phases of one topology, the one of median Redis CPU per flush (summed
+    over its primaries)."""
+    return sorted(phases, key=lambda phase: sum(phase[0].cpu) / phase[1])[len(phases) // 2]
 
 
 def pct(us_per_s: float) -> str:
@@ -454,18 +482,41 @@ def run(quick: bool = False) -> list[Target]:
         flush=True,
     )
     runs: list[Run] = []
-    for layout in TOPOLOGIES:
-        started = time.perf_counter()
-        one = one_topology(layout, n, r, quick)
-        runs.append(one)
-        print(
-            f"  {one.label}: {min(SEED_INSTANCES, n)} instances written through Store.flush() "
-            f"in {one.seeded_s:.1f} s, copied to {n:,} in {one.cloned_s:.1f} s "
-            f"({one.used_memory / (n * r):,.0f} B per instance per region); "
-            f"{one.reads.live:,} live instances and {one.reads.pairs:,} instance x region "
-            f"pairs read back; measured in {time.perf_counter() - started:.0f} s",
-            flush=True,
-        )
+    phases = 1 if quick else PHASES
+    with ExitStack() as stack:
+        tops = []
+        for layout in TOPOLOGIES:
+            started = time.perf_counter()
+            top = stack.enter_context(filled(layout, n, r))
+            tops.append(top)
+            print(
+                f"  {TOPOLOGIES[layout]}: {min(SEED_INSTANCES, n)} instances written through "
+                f"Store.flush() in {top.seeded_s:.1f} s, copied to {n:,} in "
+                f"{top.cloned_s:.1f} s ({top.used_memory / (n * r):,.0f} B per instance per "
+                f"region); filled in {time.perf_counter() - started:.0f} s",
+                flush=True,
+            )
+        # every topology filled and alive: their flush phases alternate, so that what the
+        # machine does meanwhile weighs on each alike
+        measured: dict[str, list[tuple[Usage, int]]] = {top.layout: [] for top in tops}
+        for _ in range(phases):
+            for top in tops:
+                top.nodes.measure_idle(1.0, 3.0 if quick else 15.0)
+                measured[top.layout].append(
+                    sample_flushes(top.url, r, top.nodes, quick, top.shards)
+                )
+        for top in tops:
+            rd = reads(top.url, top.nodes, r, quick, top.shards)
+            used, count = _median_phase(measured[top.layout])
+            runs.append(Run(TOPOLOGIES[top.layout], top.nodes, top.seeded_s, top.cloned_s,
+                            top.used_memory, used, count, rd))  # fmt: skip
+            print(
+                f"  {TOPOLOGIES[top.layout]}: {rd.live:,} live instances and {rd.pairs:,} "
+                f"instance x region pairs read back; flushes per phase (Redis CPU µs per "
+                f"flush, all primaries): "
+                + " / ".join(f"{sum(u.cpu) / c:,.0f}" for u, c in measured[top.layout]),
+                flush=True,
+            )
     alone, rc, sharded = runs
     alone_cpu = alone.flush_cpu()[0] * rate + alone.read_cpu()[0]
 
@@ -481,7 +532,8 @@ def run(quick: bool = False) -> list[Target]:
                          f"{sum(one.flush_cpu()):,.0f}", pct(sum(one.nodes.idle))])  # fmt: skip
     show(
         f"Fleet: Redis CPU per flush, measured ({alone.n_flushes} real flushes of "
-        f"{r} regions with {changed} changed, per topology)",
+        f"{r} regions with {changed} changed, per topology; the median of {phases} such "
+        f"phases, alternated between the topologies)",
         ["primary", "regions (shards) on it", "EVALSHA per flush", "Redis CPU µs per flush",
          "idle (subtracted), % of a core"],
         rows,
