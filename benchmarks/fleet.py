@@ -438,19 +438,16 @@ class Filled:
     seeded_s: float
     cloned_s: float
     used_memory: int
-
-    @property
-    def shards(self) -> int:
-        return SHARDS if self.layout == "shards" else 0
+    shards: int  # redis_cluster_shards
 
 
 @contextmanager
 def filled(layout: str, n: int, r: int) -> Iterator[Filled]:
     """:func:`topology` ``layout``, filled to ``n`` x ``r``."""
+    shards = SHARDS if layout == "shards" else 0
     with topology(layout, r) as (url, raw, nodes):
         s = settings(redis_url=url, aggregation_cache_ttl=0, instance_timeout=3600,
-                     retention_period=7200,
-                     redis_cluster_shards=SHARDS if layout == "shards" else 0)  # fmt: skip
+                     retention_period=7200, redis_cluster_shards=shards)  # fmt: skip
         store = open_store(s.connection)
         try:
             mem0 = store.used_memory()
@@ -458,7 +455,7 @@ def filled(layout: str, n: int, r: int) -> Iterator[Filled]:
             used_memory = store.used_memory() - mem0
         finally:
             store.close()
-        yield Filled(layout, url, nodes, seeded, cloned, used_memory)
+        yield Filled(layout, url, nodes, seeded, cloned, used_memory, shards)
 
 
 def _median_phase(phases: list[tuple[Usage, int]]) -> tuple[Usage, int]:
