@@ -458,10 +458,15 @@ def filled(layout: str, n: int, r: int) -> Iterator[Filled]:
         yield Filled(layout, url, nodes, seeded, cloned, used_memory, shards)
 
 
+def _per_flush(phase: tuple[Usage, int]) -> float:
+    """Redis CPU µs per flush of a flush phase, summed over its primaries."""
+    used, count = phase
+    return sum(used.cpu) / count
+
+
 def _median_phase(phases: list[tuple[Usage, int]]) -> tuple[Usage, int]:
-    """Of the flush phases of one topology, the one of median Redis CPU per flush (summed
-    over its primaries)."""
-    return sorted(phases, key=lambda phase: sum(phase[0].cpu) / phase[1])[len(phases) // 2]
+    """Of the flush phases of one topology, the one of median Redis CPU per flush."""
+    return sorted(phases, key=_per_flush)[len(phases) // 2]
 
 
 def pct(us_per_s: float) -> str:
@@ -511,7 +516,7 @@ def run(quick: bool = False) -> list[Target]:
                 f"  {TOPOLOGIES[top.layout]}: {rd.live:,} live instances and {rd.pairs:,} "
                 f"instance x region pairs read back; flushes per phase (Redis CPU µs per "
                 f"flush, all primaries): "
-                + " / ".join(f"{sum(u.cpu) / c:,.0f}" for u, c in measured[top.layout]),
+                + " / ".join(f"{_per_flush(phase):,.0f}" for phase in measured[top.layout]),
                 flush=True,
             )
     alone, rc, sharded = runs
